@@ -1,0 +1,95 @@
+#include "harness.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <string>
+
+#include "mdl/core/threads.h"
+
+namespace mdl::bench {
+namespace {
+std::vector<std::pair<std::string, std::function<void(const Settings&, Report&)>>>& registry() {
+  static std::vector<std::pair<std::string, std::function<void(const Settings&, Report&)>>> r;
+  return r;
+}
+}  // namespace
+
+void Report::add(Row row) {
+  std::printf("  %-12s %-52s %12.2f %-10s %s\n", row.group.c_str(), row.name.c_str(), row.value, row.unit.c_str(),
+              row.note.c_str());
+  std::fflush(stdout);
+  rows_.push_back(std::move(row));
+}
+
+bool register_benchmark(const std::string& name, std::function<void(const Settings&, Report&)> fn) {
+  registry().emplace_back(name, std::move(fn));
+  return true;
+}
+
+double time_it(const std::function<void()>& fn, const Settings& settings) {
+  using clock = std::chrono::steady_clock;
+  fn();  // warm-up
+  std::vector<double> times;
+  double total = 0;
+  while (times.size() < 3 || total < settings.min_seconds) {
+    auto t0 = clock::now();
+    fn();
+    double s = std::chrono::duration<double>(clock::now() - t0).count();
+    times.push_back(s);
+    total += s;
+    if (times.size() >= 200) break;
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+long peak_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6)) * 1024;
+  return 0;
+}
+
+}  // namespace mdl::bench
+
+int main(int argc, char** argv) {
+  mdl::bench::Settings settings;
+  std::string filter;
+  int threads = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--quick") settings.quick = true, settings.min_seconds = 0.05;
+    else if (a.rfind("--filter=", 0) == 0) filter = a.substr(9);
+    else if (a.rfind("--threads=", 0) == 0) threads = std::stoi(a.substr(10));
+    else if (a == "--help" || a == "-h") {
+      std::printf("usage: mdl_bench [--quick] [--filter=SUBSTRING] [--threads=N]\nbenchmarks:");
+      for (auto& [name, fn] : mdl::bench::registry()) std::printf(" %s", name.c_str());
+      std::printf("\n");
+      return 0;
+    } else {
+      std::fprintf(stderr, "mdl_bench: unknown argument '%s' (try --help)\n", a.c_str());
+      return 2;
+    }
+  }
+  auto t = mdl::configure_threads(threads);
+  std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d)%s\n", t.budget, t.torch_threads, t.blas_threads,
+              settings.quick ? ", quick" : "");
+  std::printf("  %-12s %-52s %12s %-10s %s\n", "group", "measurement", "value", "unit", "ratio / note");
+  mdl::bench::Report report;
+  int failures = 0;
+  for (auto& [name, fn] : mdl::bench::registry()) {
+    if (!filter.empty() && name.find(filter) == std::string::npos) continue;
+    try {
+      fn(settings, report);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "benchmark %s failed: %s\n", name.c_str(), e.what());
+      ++failures;
+    }
+  }
+  return failures ? 1 : 0;
+}

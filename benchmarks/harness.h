@@ -1,0 +1,48 @@
+// A small benchmark harness: benchmarks register a function that measures and reports rows; `mdl_bench`
+// runs them all (or those matching a filter) and prints one table of figures and ratios measured in the
+// same run, so a ratio never compares numbers from different machines or days.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace mdl::bench {
+
+/// One line of the report.
+struct Row {
+  std::string group;   ///< the benchmark family, e.g. "backbone"
+  std::string name;    ///< what was measured
+  double value = 0;    ///< the figure
+  std::string unit;    ///< its unit
+  std::string note;    ///< a ratio against the baseline measured in the same run, or context
+};
+
+/// Receives rows as a benchmark produces them.
+class Report {
+ public:
+  void add(Row row);
+  const std::vector<Row>& rows() const { return rows_; }
+
+ private:
+  std::vector<Row> rows_;
+};
+
+/// Settings every benchmark sees.
+struct Settings {
+  bool quick = false;         ///< fewer repetitions and smaller sizes (smoke runs)
+  double min_seconds = 0.5;   ///< repeat each measurement until it took at least this long
+};
+
+/// Registers a benchmark; returns true so it can initialise a static.
+bool register_benchmark(const std::string& name, std::function<void(const Settings&, Report&)> fn);
+
+/// Median seconds per call of `fn` (one warm-up call, then repeated until `min_seconds` and >= 3 runs).
+double time_it(const std::function<void()>& fn, const Settings& settings);
+
+/// Peak resident memory of this process so far, in bytes (from /proc/self/status VmHWM).
+long peak_rss_bytes();
+
+}  // namespace mdl::bench
+
+#define MDL_BENCHMARK(name, fn) static bool mdl_bench_##name = ::mdl::bench::register_benchmark(#name, fn)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs every Debian package mdl needs to build, test and run. Idempotent: installs only what is
+# missing, so it is cheap to call before every build. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential cmake pkg-config ccache ninja-build
+  libtorch-dev libopenblas0-pthread libopenblas-dev
+  nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
+  libre2-dev libutf8proc-dev zlib1g-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libgloo-dev libcpp-httplib-dev
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  echo "[setup] installing: ${missing[*]}"
+  SUDO=""
+  if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# OpenBLAS must be the selected libblas.so.3, or torch's matmuls fall back to the reference BLAS.
+blas_alt=$(update-alternatives --query libblas.so.3-x86_64-linux-gnu 2>/dev/null | awk '/^Value:/ {print $2}')
+if [[ -n "$blas_alt" && "$blas_alt" != *openblas* ]]; then
+  openblas=$(update-alternatives --list libblas.so.3-x86_64-linux-gnu | grep openblas | head -1 || true)
+  if [[ -n "$openblas" ]]; then
+    SUDO=""; if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+    $SUDO update-alternatives --set libblas.so.3-x86_64-linux-gnu "$openblas"
+  fi
+fi

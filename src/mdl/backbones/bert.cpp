@@ -1,0 +1,93 @@
+// BERT (BertModel, BertForSequenceClassification, BertForTokenClassification): word + position +
+// token-type embeddings, post-LayerNorm encoder blocks, padding masks, a tanh pooler on the first token.
+#include "mdl/backbones/bert.h"
+
+#include <ATen/ATen.h>
+
+#include "mdl/backbones/functional.h"
+#include "mdl/core/error.h"
+
+namespace mdl {
+namespace {
+
+class BertImpl : public ModelImpl {
+ public:
+  explicit BertImpl(const ModelConfig& c) : ModelImpl(c) {
+    const int64_t C = c.hidden_size, I = c.intermediate_size;
+    auto body = add_container(*this, "bert");
+    auto emb = add_container(*body, "embeddings");
+    word_ = emb->register_module("word_embeddings", Embedding(c.vocab_size, C));
+    position_ = emb->register_module("position_embeddings", Embedding(c.max_position, C));
+    token_type_ = emb->register_module("token_type_embeddings", Embedding(c.type_vocab_size, C));
+    emb_norm_ = emb->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+    embed_site_ = add_site({"bert.embeddings.word_embeddings", SiteKind::embedding, C, C, -1});
+    auto encoder = add_container(*body, "encoder");
+    auto layer = add_container(*encoder, "layer");
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string p = "bert.encoder.layer." + std::to_string(l);
+      auto block = add_container(*layer, std::to_string(l));
+      Layer L;
+      auto attention = add_container(*block, "attention");
+      auto self = add_container(*attention, "self");
+      L.query = add_linear(*self, "query", p + ".attention.self.query", C, C, true, l);
+      L.key = add_linear(*self, "key", p + ".attention.self.key", C, C, true, l);
+      L.value = add_linear(*self, "value", p + ".attention.self.value", C, C, true, l);
+      auto attn_out = add_container(*attention, "output");
+      L.attn_dense = add_linear(*attn_out, "dense", p + ".attention.output.dense", C, C, true, l);
+      L.attn_norm = attn_out->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      auto inter = add_container(*block, "intermediate");
+      L.inter = add_linear(*inter, "dense", p + ".intermediate.dense", C, I, true, l);
+      auto out = add_container(*block, "output");
+      L.out_dense = add_linear(*out, "dense", p + ".output.dense", I, C, true, l);
+      L.out_norm = out->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.out = add_site({p, SiteKind::hidden, C, C, l});
+      layers_.push_back(L);
+    }
+    build_head(word_);
+  }
+
+  at::Tensor hidden_states(const ModelInput& in) override {
+    const at::Tensor& ids = in.input_ids;  // (B, T)
+    MDL_CHECK(in.cache == nullptr, "[bert] an encoder has no KV cache; pass the whole sequence");
+    const int64_t B = ids.size(0), T = ids.size(1), C = config_.hidden_size, H = config_.n_head;
+    const int64_t D = C / H;
+    MDL_CHECK(T <= config_.max_position, "[bert] sequence of ", T, " tokens exceeds max_position_embeddings ",
+              config_.max_position);
+    auto long_opts = ids.options().dtype(at::kLong);
+    at::Tensor pos = in.position_ids.defined() ? in.position_ids : at::arange(T, long_opts).expand({B, T});
+    at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, T}, long_opts);
+    at::Tensor x = embed_site_->apply(ids, word_(ids)) + position_(pos) + token_type_(types);
+    x = emb_norm_(x);  // (B, T, C)
+    at::Tensor bias;
+    if (in.attention_mask.defined())
+      bias = fn::attention_bias(in.attention_mask, B, T, 0, false, 0, x.scalar_type(), x.device());
+    for (auto& L : layers_) {
+      at::Tensor input = x;
+      at::Tensor q = L.query(x).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
+      at::Tensor k = L.key(x).view({B, T, H, D}).transpose(1, 2);
+      at::Tensor v = L.value(x).view({B, T, H, D}).transpose(1, 2);
+      at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
+      x = L.attn_norm(x + L.attn_dense(ctx));
+      x = L.out_norm(x + L.out_dense(fn::activation(L.inter(x), config_.activation)));
+      x = L.out->apply(input, x);
+    }
+    return x;
+  }
+
+ private:
+  struct Layer {
+    SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
+    Norm attn_norm{nullptr}, out_norm{nullptr};
+    std::shared_ptr<Site> out;
+  };
+  Embedding word_{nullptr}, position_{nullptr}, token_type_{nullptr};
+  Norm emb_norm_{nullptr};
+  std::shared_ptr<Site> embed_site_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+Model create_bert(const ModelConfig& config) { return std::make_shared<BertImpl>(config); }
+
+}  // namespace mdl

@@ -1,0 +1,11 @@
+// BERT backbone, composed from the shared layers under Hugging Face's module names.
+#pragma once
+
+#include "mdl/backbones/model.h"
+
+namespace mdl {
+
+/// A BERT model (zero weights) for `config`, with the head its architecture names.
+Model create_bert(const ModelConfig& config);
+
+}  // namespace mdl

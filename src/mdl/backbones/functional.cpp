@@ -1,0 +1,92 @@
+#include "mdl/backbones/functional.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <limits>
+
+#include "mdl/core/error.h"
+
+namespace mdl::fn {
+
+std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64_t head_dim, double theta) {
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(positions.device());
+  at::Tensor inv_freq = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, f32) / static_cast<double>(head_dim));
+  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (B, T, D/2)
+  at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);            // (B, 1, T, D)
+  return {emb.cos(), emb.sin()};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor x1 = x.narrow(-1, 0, half);
+  at::Tensor x2 = x.narrow(-1, half, half);
+  at::Tensor rotated = at::cat({-x2, x1}, -1);  // (B, H, T, D)
+  return (x * cos.to(x.scalar_type())) + (rotated * sin.to(x.scalar_type()));
+}
+
+at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t query_len, int64_t past, bool causal,
+                          int64_t sliding_window, c10::ScalarType dtype, c10::Device device) {
+  const int64_t keys = past + query_len;
+  auto opts = at::TensorOptions().device(device);
+  at::Tensor allowed = at::ones({batch, 1, query_len, keys}, opts.dtype(at::kBool));  // (B, 1, T, S)
+  if (causal || sliding_window > 0) {
+    at::Tensor q_pos = at::arange(past, keys, opts.dtype(at::kLong)).unsqueeze(1);  // (T, 1)
+    at::Tensor k_pos = at::arange(0, keys, opts.dtype(at::kLong)).unsqueeze(0);     // (1, S)
+    at::Tensor ok = at::ones({query_len, keys}, opts.dtype(at::kBool));
+    if (causal) ok = ok.logical_and(k_pos <= q_pos);
+    if (sliding_window > 0) ok = ok.logical_and(q_pos - k_pos < sliding_window);
+    allowed = allowed.logical_and(ok);
+  }
+  if (key_mask.defined()) {
+    MDL_CHECK(key_mask.dim() == 2 && key_mask.size(0) == batch && key_mask.size(1) == keys,
+              "[attention] attention_mask must be (batch, cached + new tokens) = (", batch, ", ", keys,
+              "), got ", key_mask.sizes());
+    allowed = allowed.logical_and(key_mask.to(device).to(at::kBool).view({batch, 1, 1, keys}));
+  }
+  // A query that may see no key at all (a padding position) attends to itself: its output is ignored, and
+  // this keeps it finite, so it cannot poison later layers through 0 * NaN.
+  at::Tensor none = allowed.any(-1, /*keepdim=*/true).logical_not();                   // (B, 1, T, 1)
+  at::Tensor self = at::arange(0, keys, opts.dtype(at::kLong)).unsqueeze(0) ==
+                    at::arange(past, keys, opts.dtype(at::kLong)).unsqueeze(1);          // (T, S)
+  allowed = allowed.logical_or(none.logical_and(self));
+  at::Tensor bias = at::zeros({batch, 1, query_len, keys}, opts.dtype(dtype));
+  // -inf is safe: every row keeps at least one key (above), so no softmax row is all -inf.
+  return bias.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias) {
+  const int64_t heads = q.size(1), kv_heads = k.size(1);
+  MDL_CHECK(heads % kv_heads == 0, "[attention] ", heads, " query heads are not a multiple of ", kv_heads,
+            " key/value heads");
+  at::Tensor kk = k, vv = v;
+  if (kv_heads != heads) {
+    // (B, Hkv, S, D) -> (B, H, S, D): each key/value head serves H / Hkv query heads.
+    kk = k.repeat_interleave(heads / kv_heads, 1);
+    vv = v.repeat_interleave(heads / kv_heads, 1);
+  }
+  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(q.size(-1))));
+  if (bias.defined()) scores = scores + bias;                              // (B, H, T, S)
+  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  return at::matmul(probs, vv);                                            // (B, H, T, D)
+}
+
+at::Tensor activation(const at::Tensor& x, const std::string& name) {
+  if (name == "gelu") return at::gelu(x);
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_fast") return at::gelu(x, "tanh");
+  if (name == "silu" || name == "swish") return at::silu(x);
+  if (name == "relu") return at::relu(x);
+  MDL_FAIL("[activation] unknown activation '", name, "'");
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  return at::layer_norm(x, {x.size(-1)}, weight, bias, eps);
+}
+
+}  // namespace mdl::fn

@@ -1,0 +1,90 @@
+// GPT-2 (GPT2LMHeadModel): learned positions, pre-LayerNorm blocks, fused q/k/v projection, GELU MLP.
+// Its Conv1D weights are stored (in, out) on disk; they are registered as conv1d so the loader transposes.
+#include "mdl/backbones/gpt2.h"
+
+#include <ATen/ATen.h>
+
+#include "mdl/backbones/functional.h"
+#include "mdl/core/error.h"
+
+namespace mdl {
+namespace {
+
+class Gpt2Impl : public ModelImpl {
+ public:
+  explicit Gpt2Impl(const ModelConfig& c) : ModelImpl(c) {
+    const int64_t C = c.hidden_size;
+    auto body = add_container(*this, "transformer");
+    wte_ = body->register_module("wte", Embedding(c.vocab_size, C));
+    wpe_ = body->register_module("wpe", Embedding(c.max_position, C));
+    embed_site_ = add_site({"transformer.wte", SiteKind::embedding, C, C, -1});
+    auto h = add_container(*body, "h");
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string p = "transformer.h." + std::to_string(l);
+      auto block = add_container(*h, std::to_string(l));
+      Layer L;
+      L.ln_1 = block->register_module("ln_1", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      auto attn = add_container(*block, "attn");
+      L.c_attn = add_linear(*attn, "c_attn", p + ".attn.c_attn", C, 3 * C, true, l, /*conv1d=*/true);
+      L.attn_proj = add_linear(*attn, "c_proj", p + ".attn.c_proj", C, C, true, l, true);
+      L.ln_2 = block->register_module("ln_2", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      auto mlp = add_container(*block, "mlp");
+      L.c_fc = add_linear(*mlp, "c_fc", p + ".mlp.c_fc", C, c.intermediate_size, true, l, true);
+      L.mlp_proj = add_linear(*mlp, "c_proj", p + ".mlp.c_proj", c.intermediate_size, C, true, l, true);
+      L.out = add_site({p, SiteKind::hidden, C, C, l});
+      residual_projections_.insert(p + ".attn.c_proj.weight");
+      residual_projections_.insert(p + ".mlp.c_proj.weight");
+      layers_.push_back(L);
+    }
+    ln_f_ = body->register_module("ln_f", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+    build_head(wte_);
+  }
+
+  at::Tensor hidden_states(const ModelInput& in) override {
+    const at::Tensor& ids = in.input_ids;  // (B, T)
+    const int64_t B = ids.size(0), T = ids.size(1), C = config_.hidden_size, H = config_.n_head;
+    const int64_t D = C / H;
+    const int64_t past = in.cache ? in.cache->length() : 0;
+    MDL_CHECK(past + T <= config_.max_position, "[gpt2] ", past + T, " positions exceed n_positions ",
+              config_.max_position, "; shorten the prompt or max tokens");
+    at::Tensor pos = in.position_ids.defined()
+                         ? in.position_ids
+                         : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
+    at::Tensor x = embed_site_->apply(ids, wte_(ids)) + wpe_(pos);  // (B, T, C)
+    at::Tensor bias;
+    if (in.attention_mask.defined() || T > 1)
+      bias = fn::attention_bias(in.attention_mask, B, T, past, true, 0, x.scalar_type(), x.device());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      Layer& L = layers_[l];
+      at::Tensor input = x;
+      at::Tensor qkv = L.c_attn(L.ln_1(x));  // (B, T, 3C)
+      auto parts = qkv.split(C, -1);
+      at::Tensor q = parts[0].view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
+      at::Tensor k = parts[1].view({B, T, H, D}).transpose(1, 2);
+      at::Tensor v = parts[2].view({B, T, H, D}).transpose(1, 2);
+      if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
+      at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
+      x = x + L.attn_proj(o);
+      x = x + L.mlp_proj(fn::activation(L.c_fc(L.ln_2(x)), config_.activation));
+      x = L.out->apply(input, x);
+    }
+    return ln_f_(x);
+  }
+
+ private:
+  struct Layer {
+    Norm ln_1{nullptr}, ln_2{nullptr};
+    SiteLinear c_attn{nullptr}, attn_proj{nullptr}, c_fc{nullptr}, mlp_proj{nullptr};
+    std::shared_ptr<Site> out;
+  };
+  Embedding wte_{nullptr}, wpe_{nullptr};
+  Norm ln_f_{nullptr};
+  std::shared_ptr<Site> embed_site_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+Model create_gpt2(const ModelConfig& config) { return std::make_shared<Gpt2Impl>(config); }
+
+}  // namespace mdl

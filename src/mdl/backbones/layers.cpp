@@ -1,0 +1,48 @@
+#include "mdl/backbones/layers.h"
+
+#include <ATen/ATen.h>
+
+#include "mdl/backbones/functional.h"
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+SiteLinearImpl::SiteLinearImpl(SiteInfo info, bool with_bias, at::Tensor tied_weight)
+    : site_(std::make_shared<Site>(info)) {
+  if (tied_weight.defined()) {
+    weight = tied_weight;  // owned and registered by the embedding
+  } else {
+    weight = register_parameter("weight", at::zeros({info.out_features, info.in_features}));
+  }
+  if (with_bias) bias = register_parameter("bias", at::zeros({info.out_features}));
+}
+
+at::Tensor SiteLinearImpl::forward_base(const at::Tensor& x) {
+  MDL_CHECK(x.size(-1) == weight.size(1), "[", site_->name(), "] input has ", x.size(-1),
+            " features, the projection expects ", weight.size(1));
+  return at::linear(x, weight, bias);
+}
+
+at::Tensor SiteLinearImpl::forward(const at::Tensor& x) { return site_->apply(x, forward_base(x)); }
+
+NormImpl::NormImpl(Kind kind_, int64_t dim, double eps_) : kind(kind_), eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}));
+  if (kind == Kind::layer_norm) bias = register_parameter("bias", at::zeros({dim}));
+}
+
+at::Tensor NormImpl::forward(const at::Tensor& x) {
+  return kind == Kind::rms_norm ? fn::rms_norm(x, weight, eps) : fn::layer_norm(x, weight, bias, eps);
+}
+
+EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) { weight = register_parameter("weight", at::zeros({num, dim})); }
+
+at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    MDL_CHECK(lo >= 0 && hi < weight.size(0), "[embedding] token ids must be in [0, ", weight.size(0),
+              "), found ", lo < 0 ? lo : hi, "; a tokenizer from another model?");
+  }
+  return at::embedding(weight, ids);
+}
+
+}  // namespace mdl

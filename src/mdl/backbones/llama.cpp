@@ -1,0 +1,93 @@
+// Llama (LlamaForCausalLM), and with the same code Mistral and Qwen2: RMSNorm, rotary positions with
+// rope_theta, grouped-query attention, SwiGLU MLP, optional q/k/v biases (Qwen2), optional sliding window
+// (Mistral), tied or untied embeddings.
+#include "mdl/backbones/llama.h"
+
+#include <ATen/ATen.h>
+
+#include "mdl/backbones/functional.h"
+
+namespace mdl {
+namespace {
+
+class LlamaImpl : public ModelImpl {
+ public:
+  explicit LlamaImpl(const ModelConfig& c) : ModelImpl(c) {
+    const int64_t C = c.hidden_size, D = c.head_dim, I = c.intermediate_size;
+    auto body = add_container(*this, "model");
+    embed_ = body->register_module("embed_tokens", Embedding(c.vocab_size, C));
+    embed_site_ = add_site({"model.embed_tokens", SiteKind::embedding, C, C, -1});
+    auto layers = add_container(*body, "layers");
+    for (int l = 0; l < c.n_layer; ++l) {
+      const std::string p = "model.layers." + std::to_string(l);
+      auto block = add_container(*layers, std::to_string(l));
+      Layer L;
+      L.input_norm = block->register_module("input_layernorm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+      auto attn = add_container(*block, "self_attn");
+      L.q = add_linear(*attn, "q_proj", p + ".self_attn.q_proj", C, c.n_head * D, c.qkv_bias, l);
+      L.k = add_linear(*attn, "k_proj", p + ".self_attn.k_proj", C, c.n_kv_head * D, c.qkv_bias, l);
+      L.v = add_linear(*attn, "v_proj", p + ".self_attn.v_proj", C, c.n_kv_head * D, c.qkv_bias, l);
+      L.o = add_linear(*attn, "o_proj", p + ".self_attn.o_proj", c.n_head * D, C, c.o_bias, l);
+      L.post_norm =
+          block->register_module("post_attention_layernorm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+      auto mlp = add_container(*block, "mlp");
+      L.gate = add_linear(*mlp, "gate_proj", p + ".mlp.gate_proj", C, I, c.mlp_bias, l);
+      L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
+      L.down = add_linear(*mlp, "down_proj", p + ".mlp.down_proj", I, C, c.mlp_bias, l);
+      L.out = add_site({p, SiteKind::hidden, C, C, l});
+      layers_.push_back(L);
+    }
+    norm_ = body->register_module("norm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+    build_head(embed_);
+  }
+
+  at::Tensor hidden_states(const ModelInput& in) override {
+    const at::Tensor& ids = in.input_ids;  // (B, T)
+    const int64_t B = ids.size(0), T = ids.size(1);
+    const int64_t H = config_.n_head, Hkv = config_.n_kv_head, D = config_.head_dim;
+    const int64_t past = in.cache ? in.cache->length() : 0;
+    at::Tensor pos = in.position_ids.defined()
+                         ? in.position_ids
+                         : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
+    at::Tensor x = embed_site_->apply(ids, embed_(ids));  // (B, T, C)
+    auto [cos, sin] = fn::rope_tables(pos.to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
+    at::Tensor bias;
+    if (in.attention_mask.defined() || T > 1 || config_.sliding_window > 0)
+      bias = fn::attention_bias(in.attention_mask, B, T, past, true, config_.sliding_window, x.scalar_type(),
+                                x.device());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      Layer& L = layers_[l];
+      at::Tensor input = x;
+      at::Tensor a = L.input_norm(x);
+      at::Tensor q = L.q(a).view({B, T, H, D}).transpose(1, 2);    // (B, H, T, D)
+      at::Tensor k = L.k(a).view({B, T, Hkv, D}).transpose(1, 2);  // (B, Hkv, T, D)
+      at::Tensor v = L.v(a).view({B, T, Hkv, D}).transpose(1, 2);
+      q = fn::apply_rope(q, cos, sin);
+      k = fn::apply_rope(k, cos, sin);
+      if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
+      at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, H * D});
+      x = x + L.o(o);
+      at::Tensor m = L.post_norm(x);
+      x = x + L.down(fn::activation(L.gate(m), config_.activation) * L.up(m));
+      x = L.out->apply(input, x);
+    }
+    return norm_(x);
+  }
+
+ private:
+  struct Layer {
+    Norm input_norm{nullptr}, post_norm{nullptr};
+    SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
+    std::shared_ptr<Site> out;
+  };
+  Embedding embed_{nullptr};
+  Norm norm_{nullptr};
+  std::shared_ptr<Site> embed_site_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+Model create_llama(const ModelConfig& config) { return std::make_shared<LlamaImpl>(config); }
+
+}  // namespace mdl

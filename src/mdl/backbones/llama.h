@@ -1,0 +1,11 @@
+// Llama backbone, composed from the shared layers under Hugging Face's module names.
+#pragma once
+
+#include "mdl/backbones/model.h"
+
+namespace mdl {
+
+/// A Llama model (zero weights) for `config`, with the head its architecture names.
+Model create_llama(const ModelConfig& config);
+
+}  // namespace mdl

@@ -1,0 +1,275 @@
+#include "mdl/backbones/model.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/irange.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "mdl/backbones/bert.h"
+#include "mdl/backbones/gpt2.h"
+#include "mdl/backbones/llama.h"
+#include "mdl/core/error.h"
+#include "mdl/core/log.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/checkpoint.h"
+
+namespace mdl {
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+// Tensors HF checkpoints carry that are buffers, not parameters.
+bool is_known_buffer(const std::string& name) {
+  return ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias") ||
+         ends_with(name, "rotary_emb.inv_freq") || ends_with(name, "embeddings.position_ids");
+}
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> KVCache::append(int layer, const at::Tensor& new_k, const at::Tensor& new_v) {
+  if (static_cast<int>(k.size()) <= layer) k.resize(layer + 1), v.resize(layer + 1);
+  if (!k[layer].defined()) {
+    k[layer] = new_k;
+    v[layer] = new_v;
+  } else {
+    k[layer] = at::cat({k[layer], new_k}, 2);  // (B, Hkv, S, D)
+    v[layer] = at::cat({v[layer], new_v}, 2);
+  }
+  return {k[layer], v[layer]};
+}
+
+ModelImpl::ModelImpl(ModelConfig config) : config_(std::move(config)) {}
+
+std::shared_ptr<torch::nn::Module> ModelImpl::add_container(torch::nn::Module& parent, const std::string& name) {
+  return parent.register_module(name, std::make_shared<torch::nn::Module>(name));
+}
+
+SiteLinear ModelImpl::add_linear(torch::nn::Module& parent, const std::string& local, const std::string& full,
+                                 int64_t in, int64_t out, bool bias, int layer, bool conv1d) {
+  SiteLinear linear(SiteInfo{full, SiteKind::linear, in, out, layer}, bias);
+  parent.register_module(local, linear);
+  sites_.push_back(linear->site());
+  if (conv1d) conv1d_.insert(full + ".weight");
+  return linear;
+}
+
+std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
+  sites_.push_back(std::make_shared<Site>(std::move(info)));
+  return sites_.back();
+}
+
+void ModelImpl::build_head(const Embedding& token_embedding) {
+  const int64_t C = config_.hidden_size;
+  const bool bert = config_.arch == Arch::bert;
+  switch (config_.head) {
+    case HeadKind::causal_lm: {
+      at::Tensor tied = config_.tie_word_embeddings ? token_embedding->weight : at::Tensor();
+      lm_head_ = SiteLinear(SiteInfo{"lm_head", SiteKind::linear, C, config_.vocab_size, -1}, false, tied);
+      register_module("lm_head", lm_head_);
+      sites_.push_back(lm_head_->site());
+      break;
+    }
+    case HeadKind::sequence_classification:
+      if (bert) {
+        auto body = named_children()[config_.body_prefix()];
+        auto pooler = add_container(*body, "pooler");
+        pooler_ = add_linear(*pooler, "dense", "bert.pooler.dense", C, C, true, -1);
+        classifier_ = add_linear(*this, "classifier", "classifier", C, config_.num_labels, true, -1);
+      } else {
+        classifier_ = add_linear(*this, "score", "score", C, config_.num_labels, false, -1);
+      }
+      break;
+    case HeadKind::token_classification: {
+      const std::string name = config_.arch == Arch::llama ? "score" : "classifier";
+      classifier_ = add_linear(*this, name, name, C, config_.num_labels, true, -1);
+      break;
+    }
+    case HeadKind::none:
+      if (bert) {
+        auto body = named_children()[config_.body_prefix()];
+        auto pooler = add_container(*body, "pooler");
+        pooler_ = add_linear(*pooler, "dense", "bert.pooler.dense", C, C, true, -1);
+      }
+      break;
+  }
+}
+
+Site& ModelImpl::site(const std::string& name) const {
+  for (const auto& s : sites_)
+    if (s->name() == name) return *s;
+  std::string some;
+  for (size_t i = 0; i < sites_.size() && i < 4; ++i) some += (i ? ", " : "") + sites_[i]->name();
+  MDL_FAIL("[model] no site '", name, "' in this ", config_.architecture, "; sites are named like ", some);
+}
+
+at::Tensor ModelImpl::forward(const ModelInput& in) { return head(hidden_states(in), in); }
+
+at::Tensor ModelImpl::head(const at::Tensor& hidden, const ModelInput& in) {
+  switch (config_.head) {
+    case HeadKind::causal_lm:
+      return lm_head_(hidden);  // (B, T, V)
+    case HeadKind::token_classification:
+      return classifier_(hidden);  // (B, T, L)
+    case HeadKind::sequence_classification: {
+      if (pooler_) {
+        at::Tensor pooled = at::tanh(pooler_(hidden.select(1, 0)));  // (B, C) from the first token
+        return classifier_(pooled);                                   // (B, L)
+      }
+      const int64_t B = hidden.size(0), T = hidden.size(1);
+      at::Tensor last;  // (B) index of the last real token
+      if (in.attention_mask.defined()) {
+        at::Tensor mask = in.attention_mask.narrow(1, in.attention_mask.size(1) - T, T).to(hidden.device());
+        at::Tensor pos = at::arange(T, at::TensorOptions().dtype(at::kLong).device(hidden.device()));
+        last = (mask.to(at::kLong) * (pos + 1)).argmax(1);
+      } else {
+        last = at::full({B}, T - 1, at::TensorOptions().dtype(at::kLong).device(hidden.device()));
+      }
+      at::Tensor picked = hidden.gather(1, last.view({B, 1, 1}).expand({B, 1, hidden.size(2)})).squeeze(1);
+      return classifier_(picked);  // (B, L)
+    }
+    case HeadKind::none:
+      return hidden;
+  }
+  return hidden;
+}
+
+void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& options) {
+  const std::string prefix = config_.body_prefix() + ".";
+  std::set<std::string> used;
+  auto resolve = [&](const std::string& name) -> std::string {
+    if (reader.contains(name)) return name;
+    if (starts_with(name, prefix) && reader.contains(name.substr(prefix.size()))) return name.substr(prefix.size());
+    for (const auto& [now, old] : {std::pair<std::string, std::string>{"LayerNorm.weight", "LayerNorm.gamma"},
+                                   {"LayerNorm.bias", "LayerNorm.beta"}}) {
+      if (ends_with(name, now)) {
+        std::string legacy = name.substr(0, name.size() - now.size()) + old;
+        if (reader.contains(legacy)) return legacy;
+        if (starts_with(legacy, prefix) && reader.contains(legacy.substr(prefix.size())))
+          return legacy.substr(prefix.size());
+      }
+    }
+    return "";
+  };
+  auto is_head = [&](const std::string& name) {
+    return starts_with(name, "lm_head.") || starts_with(name, "score.") || starts_with(name, "classifier.") ||
+           starts_with(name, "bert.pooler.");
+  };
+  torch::NoGradGuard no_grad;
+  std::vector<std::string> initialised;
+  at::Generator gen = at::detail::createCPUGenerator(options.seed);
+  for (auto& item : named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    at::Tensor& param = item.value();
+    const std::string disk = resolve(name);
+    if (disk.empty()) {
+      MDL_CHECK(is_head(name) && options.init_missing_head, "[load] '", reader.path(), "' has no tensor '", name,
+                "' (expected shape ", param.sizes(), "); maybe the wrong base model or config.json?");
+      at::Tensor init = at::zeros(param.sizes());
+      if (param.dim() == 2) init.normal_(0.0, config_.initializer_range, gen);
+      param.set_data(init);
+      initialised.push_back(name);
+      continue;
+    }
+    used.insert(disk);
+    at::Tensor t = reader.tensor(disk);
+    MDL_CHECK(at::isFloatingType(t.scalar_type()), "[load] tensor '", disk, "' in '", reader.file_of(disk),
+              "' has dtype ", reader.dtype(disk), "; model weights must be floating point");
+    if (conv1d_.count(name)) t = t.t();  // Conv1D stores (in, out)
+    MDL_CHECK(t.sizes() == param.sizes(), "[load] tensor '", disk, "' in '", reader.file_of(disk), "' has shape ",
+              t.sizes(), " but ", config_.architecture, " with this config.json expects ", param.sizes(),
+              "; maybe the wrong base model?");
+    param.set_data(t);  // zero-copy view of the mapping until `to` converts it
+  }
+  if (!initialised.empty()) {
+    std::string names;
+    for (const auto& n : initialised) names += (names.empty() ? "" : ", ") + n;
+    log_warn("[load] '" + reader.path() + "' has no " + head_name(config_.head) + " head; newly initialised: " + names);
+  }
+  std::vector<std::string> unused;
+  for (const auto& name : reader.names()) {
+    if (used.count(name) || is_known_buffer(name)) continue;
+    if (name == "lm_head.weight" && config_.tie_word_embeddings) continue;
+    unused.push_back(name);
+  }
+  if (!unused.empty()) {
+    std::string list;
+    for (size_t i = 0; i < unused.size() && i < 5; ++i) list += (i ? ", " : "") + unused[i];
+    log_warn("[load] " + std::to_string(unused.size()) + " tensor(s) of '" + reader.path() +
+             "' are not used by " + config_.architecture + ": " + list + (unused.size() > 5 ? ", ..." : ""));
+  }
+  to(options.device, options.dtype);
+}
+
+std::map<std::string, at::Tensor> ModelImpl::hf_tensors() const {
+  const std::string prefix = config_.body_prefix() + ".";
+  std::map<std::string, at::Tensor> out;
+  for (const auto& item : named_parameters(/*recurse=*/true)) {
+    std::string name = item.key();
+    at::Tensor t = item.value().detach();
+    if (conv1d_.count(name)) t = t.t().contiguous();
+    if (config_.head == HeadKind::none && starts_with(name, prefix)) name = name.substr(prefix.size());
+    out.emplace(name, t);
+  }
+  return out;
+}
+
+void ModelImpl::init_weights(uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  at::Generator gen = at::detail::createCPUGenerator(seed);
+  const double std = config_.initializer_range;
+  for (auto& item : named_parameters(/*recurse=*/true)) {
+    const std::string& name = item.key();
+    at::Tensor& param = item.value();
+    at::Tensor init = at::zeros(param.sizes());  // CPU float32, then converted: same values on every device
+    if (ends_with(name, ".bias")) {
+      // zeros
+    } else if (param.dim() == 1) {
+      init.fill_(1.0);  // norm scales
+    } else {
+      double s = std;
+      if (residual_projections_.count(name)) s /= std::sqrt(2.0 * static_cast<double>(config_.n_layer));
+      init.normal_(0.0, s, gen);
+    }
+    param.copy_(init.to(param.device(), param.scalar_type()));
+  }
+}
+
+int64_t ModelImpl::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+c10::Device ModelImpl::device() const { return parameters().front().device(); }
+c10::ScalarType ModelImpl::dtype() const { return parameters().front().scalar_type(); }
+
+Model create_model(const ModelConfig& config) {
+  switch (config.arch) {
+    case Arch::gpt2: return create_gpt2(config);
+    case Arch::llama: return create_llama(config);
+    case Arch::bert: return create_bert(config);
+  }
+  MDL_FAIL("[model] unknown architecture");
+}
+
+Model load_model(const std::string& dir, const LoadOptions& options) {
+  ModelConfig config = load_model_config(dir);
+  Model model = create_model(config);
+  io::CheckpointReader reader(dir);
+  model->load(reader, options);
+  model->eval();
+  return model;
+}
+
+void save_model(const ModelImpl& model, const std::string& dir, int64_t max_shard_bytes) {
+  std::filesystem::create_directories(dir);
+  io::save_checkpoint_tensors(dir, model.hf_tensors(), {{"format", "pt"}}, max_shard_bytes);
+  io::write_text_atomic((std::filesystem::path(dir) / "config.json").string(), model_config_to_json(model.config()));
+}
+
+}  // namespace mdl

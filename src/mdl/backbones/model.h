@@ -1,0 +1,115 @@
+// A Transformer backbone with its head, loaded from and saved to the Hugging Face layout. Parameters are
+// registered under the checkpoint's own tensor names (`model.layers.0.self_attn.q_proj.weight`), so
+// loading is a lookup by name. Architectures (gpt2.cpp, llama.cpp, bert.cpp) compose the shared layers
+// and expose their sites; this class owns what they share: heads, loading, saving, initialisation.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "mdl/backbones/layers.h"
+#include "mdl/core/site.h"
+#include "mdl/io/model_config.h"
+
+namespace mdl {
+
+namespace io {
+class CheckpointReader;
+}
+
+/// Keys and values of earlier positions, per layer, each (B, Hkv, S, D).
+struct KVCache {
+  std::vector<at::Tensor> k, v;
+  /// Number of cached positions.
+  int64_t length() const { return k.empty() || !k[0].defined() ? 0 : k[0].size(2); }
+  void clear() { k.clear(), v.clear(); }
+  /// Appends the new keys/values (B, Hkv, T, D) of `layer` and returns all of them (B, Hkv, S, D).
+  std::pair<at::Tensor, at::Tensor> append(int layer, const at::Tensor& new_k, const at::Tensor& new_v);
+};
+
+/// One forward pass's inputs.
+struct ModelInput {
+  at::Tensor input_ids;       ///< (B, T) int64
+  at::Tensor attention_mask;  ///< (B, S) 1 = real token, 0 = padding, S = cached + T; optional
+  at::Tensor token_type_ids;  ///< (B, T) BERT segment ids; optional (zeros)
+  at::Tensor position_ids;    ///< (B, T); optional (cached + 0..T-1)
+  KVCache* cache = nullptr;   ///< decoders: read and extended in place
+};
+
+/// How to load a checkpoint (the per-run settings, apart from the checkpoint's own hyper-parameters).
+struct LoadOptions {
+  c10::Device device = c10::Device(c10::kCPU);  ///< where the weights live
+  c10::ScalarType dtype = c10::kFloat;          ///< floating weights are converted to this
+  bool init_missing_head = true;                ///< a head absent from the checkpoint is initialised (warned)
+  uint64_t seed = 0;                            ///< seed for such a head
+};
+
+/// A backbone plus head. Frozen or trainable is the caller's choice (requires_grad).
+class ModelImpl : public torch::nn::Module {
+ public:
+  ~ModelImpl() override = default;
+  const ModelConfig& config() const { return config_; }
+
+  /// Final hidden states (B, T, C), after the final norm for pre-norm models.
+  virtual at::Tensor hidden_states(const ModelInput& in) = 0;
+  /// The head's output: causal LM (B, T, V); sequence classification (B, L), read at the last real token
+  /// for decoders and through the pooler at the first token for BERT; token classification (B, T, L);
+  /// no head: the hidden states (B, T, C).
+  at::Tensor forward(const ModelInput& in);
+  /// Applies the head to hidden states (B, T, C).
+  at::Tensor head(const at::Tensor& hidden, const ModelInput& in);
+
+  /// Every site, in forward order.
+  const std::vector<std::shared_ptr<Site>>& sites() const { return sites_; }
+  /// The site called `name`; throws listing a few names if absent.
+  Site& site(const std::string& name) const;
+
+  /// Copies weights from a checkpoint by their HF names (Conv1D transposed, prefixes with or without the
+  /// body name, tied heads); every shape is checked.
+  void load(const io::CheckpointReader& reader, const LoadOptions& options);
+  /// Tensors as the HF checkpoint stores them (Conv1D transposed back, tied copies dropped).
+  std::map<std::string, at::Tensor> hf_tensors() const;
+  /// HF-style random initialisation: normal(0, initializer_range) for projections and embeddings, ones and
+  /// zeros for norms and biases; GPT-2's residual projections scaled by 1/sqrt(2 n_layer).
+  void init_weights(uint64_t seed);
+  /// Number of parameters (tied weights counted once).
+  int64_t num_parameters() const;
+  c10::Device device() const;
+  c10::ScalarType dtype() const;
+
+ protected:
+  explicit ModelImpl(ModelConfig config);
+  /// A linear site registered as `local` under `parent`; `full` is its HF module path.
+  SiteLinear add_linear(torch::nn::Module& parent, const std::string& local, const std::string& full,
+                        int64_t in, int64_t out, bool bias, int layer, bool conv1d = false);
+  /// A hidden-state or embedding site (no weights of its own).
+  std::shared_ptr<Site> add_site(SiteInfo info);
+  /// Creates the head modules; architectures call it last, with their token embedding (for tying).
+  void build_head(const Embedding& token_embedding);
+  /// A plain container module registered as `name` under `parent` (for HF's module nesting).
+  static std::shared_ptr<torch::nn::Module> add_container(torch::nn::Module& parent, const std::string& name);
+
+  ModelConfig config_;
+  std::vector<std::shared_ptr<Site>> sites_;
+  std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
+  std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
+  SiteLinear lm_head_{nullptr};
+  SiteLinear classifier_{nullptr};                ///< score / classifier
+  SiteLinear pooler_{nullptr};                    ///< BERT pooler dense
+};
+
+using Model = std::shared_ptr<ModelImpl>;
+
+/// A model of `config`'s architecture with zero weights (call init_weights or load).
+Model create_model(const ModelConfig& config);
+/// Loads `DIR/config.json` and the checkpoint's tensors.
+Model load_model(const std::string& dir, const LoadOptions& options = {});
+/// Writes config.json and the tensors (sharded above `max_shard_bytes` if > 0) in the HF layout.
+void save_model(const ModelImpl& model, const std::string& dir, int64_t max_shard_bytes = 0);
+
+}  // namespace mdl

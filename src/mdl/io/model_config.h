@@ -1,0 +1,70 @@
+// Hugging Face `config.json` parsed into typed hyper-parameters. Fields keep their HF names on disk;
+// unknown fields are kept verbatim and written back.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mdl {
+
+/// Architecture families; `llama` also covers Mistral and Qwen2 checkpoints.
+enum class Arch { gpt2, llama, bert };
+
+/// What sits on top of the backbone's hidden states.
+enum class HeadKind { none, causal_lm, sequence_classification, token_classification };
+
+/// Fixed model hyper-parameters (llama.cpp's hparams): what a checkpoint is, not how it is run.
+struct ModelConfig {
+  Arch arch = Arch::llama;
+  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "bert"
+  std::string architecture;      ///< architectures[0], e.g. "LlamaForCausalLM"
+  HeadKind head = HeadKind::causal_lm;
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t n_layer = 0;
+  int64_t n_head = 0;
+  int64_t n_kv_head = 0;         ///< grouped-query attention; == n_head for multi-head attention
+  int64_t head_dim = 0;
+  int64_t intermediate_size = 0;
+  int64_t max_position = 0;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;   ///< llama family only
+  int64_t sliding_window = 0;    ///< Mistral; 0 = none
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;         ///< Qwen2 and GPT-2/BERT have q/k/v biases
+  bool o_bias = false;
+  bool mlp_bias = false;
+  std::string activation;        ///< "gelu", "gelu_new", "silu", "relu"
+  int64_t type_vocab_size = 0;   ///< BERT token types
+  int64_t num_labels = 0;        ///< classification heads
+  int64_t pad_token_id = -1;
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;
+  double initializer_range = 0.02;
+  std::string raw_json;          ///< the original file, unknown fields included
+
+  /// Body prefix of the full model's tensor names: "transformer", "model" or "bert".
+  std::string body_prefix() const;
+  bool is_decoder() const { return arch != Arch::bert; }
+};
+
+/// Parses config.json text; `source` names the file in errors. A missing required field is an error
+/// naming it.
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source = "config.json");
+
+/// Reads `DIR/config.json` (or a config file path).
+ModelConfig load_model_config(const std::string& path);
+
+/// Serialises to HF's config.json layout, keeping unknown fields of `raw_json`.
+std::string model_config_to_json(const ModelConfig& config);
+
+/// The HF architecture class name for a family and head, e.g. (llama, causal_lm) -> "LlamaForCausalLM".
+std::string architecture_name(Arch arch, HeadKind head);
+
+/// Parses "gpt2|llama|mistral|qwen2|bert".
+Arch parse_arch(const std::string& name);
+std::string arch_name(Arch arch);
+std::string head_name(HeadKind head);
+
+}  // namespace mdl

@@ -1,0 +1,34 @@
+// Byte-pair encoding (tokenizer.json model type "BPE"): merges applied by rank, optional byte fallback
+// (<0xXX> tokens, SentencePiece style), unknown token fusing, ignore_merges (Llama 3).
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <map>
+
+#include "mdl/tokenizers/token_model.h"
+
+namespace mdl {
+
+/// BPE model.
+class Bpe : public TokenModel {
+ public:
+  /// From tokenizer.json's "model" object; merges as "a b" strings or ["a", "b"] pairs.
+  explicit Bpe(const nlohmann::json& j);
+  void tokenize(const std::string& piece, std::vector<int64_t>& ids) const override;
+
+ private:
+  struct Merge {
+    int rank;
+    int64_t id;
+  };
+  std::map<std::pair<int64_t, int64_t>, Merge> merges_;
+  std::optional<int64_t> unk_;
+  bool byte_fallback_ = false;
+  bool fuse_unk_ = false;
+  bool ignore_merges_ = false;
+  std::string continuing_prefix_;
+  std::string end_suffix_;
+};
+
+}  // namespace mdl

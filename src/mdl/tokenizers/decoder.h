@@ -1,0 +1,23 @@
+// Decoders of tokenizer.json ("decoder"): ByteLevel, WordPiece, Metaspace, Replace, ByteFallback, Fuse,
+// Strip, BPEDecoder and Sequence. Each rewrites the list of token strings (HF's decode_chain).
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mdl {
+
+/// Turns token strings back into text pieces.
+class Decoder {
+ public:
+  virtual ~Decoder() = default;
+  virtual void decode_chain(std::vector<std::string>& tokens) const = 0;
+};
+
+/// Builds the decoder described by `j` (null: none, tokens are concatenated).
+std::unique_ptr<Decoder> make_decoder(const nlohmann::json& j);
+
+}  // namespace mdl

@@ -1,0 +1,132 @@
+// Loading Hugging Face checkpoints in their variants, saving them back, and the errors of a wrong base.
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "backbones/fixtures.h"
+#include "mdl/backbones/model.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/checkpoint.h"
+#include "mdl/io/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace mdl {
+namespace {
+
+at::Tensor logits_of(const std::string& dir, const LoadOptions& o = {}) {
+  Model m = load_model(dir, o);
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::arange(3, 12, at::kLong).view({1, -1}).to(m->device());
+  return m->forward(in).to(at::kCPU, at::kFloat);
+}
+
+// A copy of `src` whose tensors and config.json are edited.
+std::string variant(const test::TempDir& root, const std::string& name, const std::string& src,
+                    const std::function<void(std::map<std::string, at::Tensor>&)>& edit_tensors,
+                    const std::function<void(nlohmann::json&)>& edit_config = {}) {
+  const std::string dir = root / name;
+  fs::create_directories(dir);
+  auto tensors = io::load_safetensors(src + "/model.safetensors");
+  std::map<std::string, at::Tensor> owned;
+  for (auto& [k, v] : tensors) owned[k] = v.clone();
+  edit_tensors(owned);
+  io::save_safetensors(dir + "/model.safetensors", owned);
+  auto config = nlohmann::json::parse(io::read_text(src + "/config.json"));
+  if (edit_config) edit_config(config);
+  io::write_text_atomic(dir + "/config.json", config.dump());
+  return dir;
+}
+
+TEST(Load, Gpt2WithoutPrefixAndWithAnUntiedHead) {
+  const std::string src = test::tiny_checkpoint("gpt2");
+  test::TempDir root;
+  at::Tensor want = logits_of(src);
+  // GPT2Model-style names ("h.0...", "wte.weight") load into the LM model too.
+  std::string bare = variant(root, "bare", src, [](auto& t) {
+    std::map<std::string, at::Tensor> out;
+    for (auto& [k, v] : t) out[k.rfind("transformer.", 0) == 0 ? k.substr(12) : k] = v;
+    t = out;
+  });
+  EXPECT_TRUE(at::equal(logits_of(bare), want));
+  // A separate lm_head.weight is used when the config unties it.
+  std::string untied = variant(
+      root, "untied", src, [](auto& t) { t["lm_head.weight"] = t.at("transformer.wte.weight") * 2; },
+      [](auto& c) { c["tie_word_embeddings"] = false; });
+  EXPECT_TRUE(at::allclose(logits_of(untied), want * 2, 1e-5, 1e-5));
+  // ...and ignored when tied (HF's behaviour).
+  std::string tied_extra = variant(root, "tied-extra", src, [](auto& t) { t["lm_head.weight"] = t.at("transformer.wte.weight") * 2; });
+  EXPECT_TRUE(at::equal(logits_of(tied_extra), want));
+}
+
+TEST(Load, ShardedSavedAndReloadedAreIdentical) {
+  const std::string src = test::tiny_checkpoint("llama");
+  test::TempDir root;
+  Model m = load_model(src);
+  save_model(*m, root / "sharded", /*max_shard_bytes=*/100000);
+  EXPECT_TRUE(fs::exists(root / "sharded/model.safetensors.index.json"));
+  EXPECT_GT(io::CheckpointReader(root / "sharded").files().size(), 1u);
+  EXPECT_TRUE(at::equal(logits_of(root / "sharded"), logits_of(src)));
+  // Saving writes the same tensors as the original (Conv1D transposed back for GPT-2 too).
+  for (const std::string arch : {"gpt2", "bert"}) {
+    const std::string dir = test::tiny_checkpoint(arch);
+    save_model(*load_model(dir), root / ("resaved-" + arch));
+    auto a = io::load_safetensors(dir + "/model.safetensors");
+    auto b = io::load_safetensors(root / ("resaved-" + arch) + "/model.safetensors");
+    ASSERT_EQ(a.size(), b.size()) << arch;
+    for (auto& [k, v] : a) EXPECT_TRUE(at::equal(v, b.at(k))) << arch << " " << k;
+  }
+}
+
+TEST(Load, Bf16AndDeviceOptions) {
+  const std::string src = test::tiny_checkpoint("llama");
+  LoadOptions o;
+  o.dtype = at::kBFloat16;
+  Model m = load_model(src, o);
+  EXPECT_EQ(m->dtype(), at::kBFloat16);
+  at::Tensor lo = logits_of(src, o), hi = logits_of(src);
+  EXPECT_LT((lo - hi).abs().max().item<double>(), 0.1 * hi.abs().max().item<double>() + 0.05);
+}
+
+TEST(Load, WrongBaseModelsAreRefusedWithNamesAndShapes) {
+  const std::string src = test::tiny_checkpoint("gpt2");
+  test::TempDir root;
+  std::string wrong = variant(root, "wrong-shape", src,
+                              [](auto& t) { t["transformer.h.1.mlp.c_fc.weight"] = at::zeros({64, 100}); });
+  EXPECT_THROW_WITH(load_model(wrong), "transformer.h.1.mlp.c_fc.weight", "[100, 64]", "[256, 64]",
+                    "maybe the wrong base model");
+  std::string missing = variant(root, "missing", src, [](auto& t) { t.erase("transformer.h.0.ln_2.bias"); });
+  EXPECT_THROW_WITH(load_model(missing), "no tensor 'transformer.h.0.ln_2.bias'", "expected shape [64]");
+  std::string ints = variant(root, "ints", src,
+                             [](auto& t) { t["transformer.ln_f.weight"] = at::ones({64}, at::kInt); });
+  EXPECT_THROW_WITH(load_model(ints), "transformer.ln_f.weight", "floating point");
+  std::string arch = variant(root, "other-arch", src, [](auto&) {}, [](auto& c) {
+    c = {{"model_type", "llama"}, {"vocab_size", 384}, {"hidden_size", 64}, {"intermediate_size", 128},
+         {"num_hidden_layers", 2}, {"num_attention_heads", 4}};
+  });
+  EXPECT_THROW_WITH(load_model(arch), "no tensor 'model.embed_tokens.weight'", "wrong base model");
+}
+
+TEST(Load, AMissingHeadIsInitialisedNotInvented) {
+  const std::string src = test::tiny_checkpoint("bert");
+  test::TempDir root;
+  std::string base = variant(root, "no-head", src, [](auto& t) {
+    t.erase("classifier.weight");
+    t.erase("classifier.bias");
+  });
+  Model m = load_model(base);
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::arange(5, 10, at::kLong).view({1, -1});
+  EXPECT_EQ(m->forward(in).sizes(), (std::vector<int64_t>{1, 2}));
+  EXPECT_TRUE(at::equal(m->named_parameters()["classifier.bias"], at::zeros({2})));
+  LoadOptions strict;
+  strict.init_missing_head = false;
+  EXPECT_THROW_WITH(load_model(base, strict), "no tensor 'classifier.weight'");
+}
+
+}  // namespace
+}  // namespace mdl

@@ -1,0 +1,158 @@
+// Drives the real `mdl` binary (path in $MDL_BIN, set by CTest) as a user would.
+#include <ATen/ATen.h>
+#include <sys/wait.h>
+#include <torch/utils.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <nlohmann/json.hpp>
+
+#include "mdl/backbones/generate.h"
+#include "mdl/backbones/model.h"
+#include "mdl/io/safetensors.h"
+#include "mdl/tokenizers/tokenizer.h"
+#include "test_util.h"
+
+namespace mdl {
+namespace {
+
+struct Result {
+  int code;
+  std::string out, err;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+Result mdl(const std::string& args) {
+  const char* bin = std::getenv("MDL_BIN");
+  EXPECT_NE(bin, nullptr) << "MDL_BIN is not set (run through ctest)";
+  static test::TempDir scratch;
+  const std::string err_file = scratch / "stderr.txt";
+  const std::string cmd = std::string(bin ? bin : "mdl") + " " + args + " 2>" + err_file;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out, test::read_file(err_file)};
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    for (const std::string arch : {"gpt2", "llama", "bert"}) {
+      Result r = mdl("init-model --arch " + arch + " --preset tiny --seed 3 --out " + quote(*dir_ / arch));
+      ASSERT_EQ(r.code, 0) << r.err;
+      EXPECT_NE(r.out.find("created"), std::string::npos);
+    }
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string model(const std::string& arch) { return *dir_ / arch; }
+  static test::TempDir* dir_;
+};
+test::TempDir* Cli::dir_ = nullptr;
+
+TEST_F(Cli, InitModelWritesTheHuggingFaceLayout) {
+  for (const std::string arch : {"gpt2", "llama", "bert"})
+    for (const char* f : {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"})
+      EXPECT_TRUE(std::filesystem::exists(model(arch) + "/" + f)) << arch << " " << f;
+  auto config = nlohmann::json::parse(test::read_file(model("llama") + "/config.json"));
+  EXPECT_EQ(config["architectures"][0], "LlamaForCausalLM");
+  EXPECT_EQ(config["model_type"], "llama");
+  // Same seed, same bytes.
+  test::TempDir again;
+  ASSERT_EQ(mdl("init-model --arch llama --preset tiny --seed 3 --out " + quote(again / "m")).code, 0);
+  EXPECT_EQ(test::read_file(again / "m/model.safetensors"), test::read_file(model("llama") + "/model.safetensors"));
+}
+
+TEST_F(Cli, InspectListsTensors) {
+  Result r = mdl("inspect " + quote(model("gpt2")));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("GPT2LMHeadModel"), std::string::npos);
+  EXPECT_NE(r.out.find("transformer.h.0.attn.c_attn.weight  F32    [64, 192]"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("28 tensors in 1 file(s)"), std::string::npos) << r.out;
+}
+
+TEST_F(Cli, TokenizeMatchesTheLibrary) {
+  const std::string text = "Hello, modular world!";
+  Result r = mdl("tokenize --model " + quote(model("llama")) + " --text " + quote(text));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto ids = nlohmann::json::parse(r.out).get<std::vector<int64_t>>();
+  EXPECT_EQ(ids, Tokenizer::from_file(model("llama")).encode(text));
+  EXPECT_EQ(ids.front(), 1);  // <s>
+}
+
+TEST_F(Cli, ForwardWritesTheLogitsOfTheLibrary) {
+  test::TempDir out;
+  Result r = mdl("forward --model " + quote(model("gpt2")) + " --ids 5,6,7,8 --out " + quote(out / "l.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  at::Tensor logits = io::load_safetensors(out / "l.safetensors").at("logits");
+  Model m = load_model(model("gpt2"));
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::tensor(std::vector<int64_t>{5, 6, 7, 8}).view({1, -1});
+  EXPECT_TRUE(at::allclose(logits, m->forward(in)[0]));
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{4, m->config().vocab_size}));
+  r = mdl("forward --model " + quote(model("bert")) + " --text 'a test' --out " + quote(out / "b.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(io::load_safetensors(out / "b.safetensors").at("logits").sizes(), (std::vector<int64_t>{2}));
+}
+
+TEST_F(Cli, GenerateIsDeterministicAndMatchesTheLibrary) {
+  const std::string args = "generate --model " + quote(model("llama")) + " --prompt 'The quick' --max-tokens 10";
+  Result a = mdl(args + " --temperature 0.9 --seed 4"), b = mdl(args + " --temperature 0.9 --seed 4");
+  ASSERT_EQ(a.code, 0) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_EQ(a.out.rfind("The quick", 0), 0u);
+  EXPECT_NE(a.err.find("tokens/s"), std::string::npos);
+  Result greedy = mdl(args);
+  Tokenizer tok = Tokenizer::from_file(model("llama"));
+  Model m = load_model(model("llama"));
+  GenerateOptions o;
+  o.max_tokens = 10;
+  auto r = generate(*m, tok.encode("The quick"), o);
+  std::vector<int64_t> visible = r.tokens;
+  if (r.finish_reason == "stop") visible.pop_back();
+  EXPECT_EQ(greedy.out, "The quick" + tok.decode(visible) + "\n");
+}
+
+TEST_F(Cli, ErrorsAreOneLineAndNonZero) {
+  Result r = mdl("forward --model /nonexistent --ids 1 --out /tmp/x.safetensors");
+  EXPECT_NE(r.code, 0);
+  EXPECT_EQ(r.err.rfind("mdl: error: ", 0), 0u) << r.err;
+  EXPECT_NE(r.err.find("/nonexistent"), std::string::npos);
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  r = mdl("generate --model " + quote(model("gpt2")) + " --prompt hi --top-p 0");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("top_p must be in (0, 1]"), std::string::npos) << r.err;
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1,x --out /tmp/x.safetensors");
+  EXPECT_NE(r.err.find("'x' is not an integer"), std::string::npos) << r.err;
+  r = mdl("generate --model " + quote(model("bert")) + " --prompt hi");
+  EXPECT_NE(r.err.find("no causal LM head"), std::string::npos) << r.err;
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1,99999 --out /tmp/x.safetensors");
+  EXPECT_NE(r.err.find("token ids must be in [0, 384)"), std::string::npos) << r.err;
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --device cuda");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("cuda"), std::string::npos) << r.err;
+  r = mdl("init-model --arch t5 --out /tmp/nope");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("t5"), std::string::npos) << r.err;
+  EXPECT_NE(mdl("frobnicate").code, 0);
+}
+
+TEST_F(Cli, EveryCommandHasHelp) {
+  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate"}) {
+    Result r = mdl(std::string(cmd) + " --help");
+    EXPECT_EQ(r.code, 0) << cmd;
+    EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
+  }
+}
+
+}  // namespace
+}  // namespace mdl

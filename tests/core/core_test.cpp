@@ -1,0 +1,44 @@
+#include <ATen/Parallel.h>
+
+#include "mdl/core/device.h"
+#include "mdl/core/threads.h"
+#include "mdl/io/atomic_file.h"
+#include "test_util.h"
+
+namespace mdl {
+namespace {
+
+TEST(Threads, TheProductNeverExceedsTheBudget) {
+  ThreadConfig t = configure_threads(2);
+  EXPECT_EQ(t.budget, 2);
+  EXPECT_EQ(t.torch_threads, 1);
+  EXPECT_EQ(at::get_num_threads(), 1);
+  EXPECT_LE(t.torch_threads * std::max(1, t.blas_threads), t.budget);
+  ThreadConfig all = configure_threads(0);
+  EXPECT_EQ(all.budget, available_cores());
+}
+
+TEST(Device, ParsesNamesAndRefusesWhatIsMissing) {
+  EXPECT_EQ(parse_device("cpu").type(), c10::kCPU);
+  EXPECT_THROW_WITH(parse_device("tpu"), "unknown device 'tpu'");
+  EXPECT_EQ(parse_dtype("bf16"), c10::kBFloat16);
+  EXPECT_EQ(parse_dtype("f32"), c10::kFloat);
+  EXPECT_THROW_WITH(parse_dtype("int3"), "unknown dtype 'int3'");
+  EXPECT_EQ(dtype_name(c10::kBFloat16), "bf16");
+}
+
+TEST(AtomicFile, UncommittedWritesLeaveNothing) {
+  test::TempDir dir;
+  {
+    io::AtomicFile f(dir / "x.txt");
+    f.write("partial");
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "x.txt"));
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path()));
+  io::write_text_atomic(dir / "x.txt", "done");
+  EXPECT_EQ(io::read_text(dir / "x.txt"), "done");
+  EXPECT_THROW_WITH(io::read_text(dir / "nope"), "nope");
+}
+
+}  // namespace
+}  // namespace mdl
