@@ -110,6 +110,19 @@ TEST(Load, WrongBaseModelsAreRefusedWithNamesAndShapes) {
   EXPECT_THROW_WITH(load_model(arch), "no tensor 'model.embed_tokens.weight'", "wrong base model");
 }
 
+TEST(Load, BertModelWithoutHeadSavesHuggingFaceNames) {
+  const std::string dir = test::tiny_checkpoint("bert", "none");
+  auto names = io::load_safetensors(dir + "/model.safetensors");
+  EXPECT_TRUE(names.count("embeddings.word_embeddings.weight"));  // BertModel has no "bert." prefix
+  EXPECT_TRUE(names.count("pooler.dense.weight"));
+  Model m = load_model(dir);
+  EXPECT_EQ(m->config().architecture, "BertModel");
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::arange(5, 10, at::kLong).view({1, -1});
+  EXPECT_EQ(m->forward(in).sizes(), (std::vector<int64_t>{1, 5, m->config().hidden_size}));
+}
+
 TEST(Load, AMissingHeadIsInitialisedNotInvented) {
   const std::string src = test::tiny_checkpoint("bert");
   test::TempDir root;

@@ -41,8 +41,12 @@ TEST_P(LlamaFamily, LogitsMatch) {
   Model m = load_model(dir);
   auto w = reference::load(dir, "model.");
   const ModelConfig& c = m->config();
-  if (GetParam() == "qwen2") EXPECT_TRUE(c.qkv_bias && c.tie_word_embeddings);
-  if (GetParam() == "llama") EXPECT_LT(c.n_kv_head, c.n_head);  // grouped-query attention
+  if (GetParam() == "qwen2") {
+    EXPECT_TRUE(c.qkv_bias && c.tie_word_embeddings);
+  }
+  if (GetParam() == "llama") {
+    EXPECT_LT(c.n_kv_head, c.n_head);  // grouped-query attention
+  }
   // Mistral: longer than its window, so the window matters.
   const int64_t T = GetParam() == "mistral" ? c.sliding_window + 16 : 13;
   torch::NoGradGuard g;

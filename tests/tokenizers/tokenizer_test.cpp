@@ -45,6 +45,25 @@ TEST(Tokenizer, ByteLevelBpeAppliesMergesByRank) {
   EXPECT_TRUE(tok.is_special(300));
 }
 
+TEST(Tokenizer, Llama3LayoutSplitThenByteLevelWithIgnoreMerges) {
+  json j = json::parse(byte_level_fixture());
+  const std::string G = "\xC4\xA0";
+  j["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"},
+         {"pattern", {{"Regex", R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}}},
+         {"behavior", "Isolated"},
+         {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  j["model"]["ignore_merges"] = true;
+  j["model"]["vocab"][G + "hello"] = 260;  // reachable only as a whole word: no merge chain builds it
+  Tokenizer tok = Tokenizer::from_json(j.dump());
+  EXPECT_EQ(tok.pre_tokenize("I'M 12345"), (std::vector<std::string>{"I", "'M", G, "123", "45"}));
+  EXPECT_EQ(tok.encode("a hello the"), (Ids{97, 260, 258}));
+  for (const std::string text : {"Numbers 1234567 and\n\n  spaces", "x  y"}) EXPECT_EQ(tok.decode(tok.encode(text)), text);
+}
+
 TEST(Tokenizer, MetaspaceBpeWithByteFallback) {
   json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}};
   char name[8];

@@ -30,7 +30,7 @@ TEST_P(Trained, RoundTripsAndLearnsFrequentWords) {
     EXPECT_EQ(tok.decode(tok.encode(sample)), "the dog sat, and then 3 birds flew away!");
     EXPECT_EQ(tok.encode(sample).front(), *tok.token_to_id("[CLS]"));
   } else {
-    for (const std::string s : {sample, std::string("Unseen: Ωμέγα, 漢字, 🙂 and  double  spaces")})
+    for (const std::string& s : {sample, std::string("Unseen: Ωμέγα, 漢字, 🙂 and  double  spaces")})
       EXPECT_EQ(tok.decode(tok.encode(s)), s);
   }
 }
