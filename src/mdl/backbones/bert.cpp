@@ -40,6 +40,8 @@ class BertImpl : public ModelImpl {
       auto out = add_container(*block, "output");
       L.out_dense = add_linear(*out, "dense", p + ".output.dense", I, C, true, l);
       L.out_norm = out->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.attn_site = add_site({p + ".attention", SiteKind::sublayer, C, C, l});
+      L.mlp_site = add_site({p + ".output", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
     }
@@ -67,8 +69,8 @@ class BertImpl : public ModelImpl {
       at::Tensor k = L.key(x).view({B, T, H, D}).transpose(1, 2);
       at::Tensor v = L.value(x).view({B, T, H, D}).transpose(1, 2);
       at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
-      x = L.attn_norm(x + L.attn_dense(ctx));
-      x = L.out_norm(x + L.out_dense(fn::activation(L.inter(x), config_.activation)));
+      x = L.attn_norm(x + L.attn_site->apply(x, L.attn_dense(ctx)));
+      x = L.out_norm(x + L.mlp_site->apply(x, L.out_dense(fn::activation(L.inter(x), config_.activation))));
       x = L.out->apply(input, x);
     }
     return x;
@@ -78,7 +80,7 @@ class BertImpl : public ModelImpl {
   struct Layer {
     SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
     Norm attn_norm{nullptr}, out_norm{nullptr};
-    std::shared_ptr<Site> out;
+    std::shared_ptr<Site> attn_site, mlp_site, out;
   };
   Embedding word_{nullptr}, position_{nullptr}, token_type_{nullptr};
   Norm emb_norm_{nullptr};

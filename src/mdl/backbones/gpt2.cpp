@@ -31,6 +31,8 @@ class Gpt2Impl : public ModelImpl {
       auto mlp = add_container(*block, "mlp");
       L.c_fc = add_linear(*mlp, "c_fc", p + ".mlp.c_fc", C, c.intermediate_size, true, l, true);
       L.mlp_proj = add_linear(*mlp, "c_proj", p + ".mlp.c_proj", c.intermediate_size, C, true, l, true);
+      L.attn_site = add_site({p + ".attn", SiteKind::sublayer, C, C, l});
+      L.mlp_site = add_site({p + ".mlp", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       residual_projections_.insert(p + ".attn.c_proj.weight");
       residual_projections_.insert(p + ".mlp.c_proj.weight");
@@ -57,15 +59,17 @@ class Gpt2Impl : public ModelImpl {
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
       at::Tensor input = x;
-      at::Tensor qkv = L.c_attn(L.ln_1(x));  // (B, T, 3C)
+      at::Tensor a = L.ln_1(x);
+      at::Tensor qkv = L.c_attn(a);  // (B, T, 3C)
       auto parts = qkv.split(C, -1);
       at::Tensor q = parts[0].view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
       at::Tensor k = parts[1].view({B, T, H, D}).transpose(1, 2);
       at::Tensor v = parts[2].view({B, T, H, D}).transpose(1, 2);
       if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
       at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
-      x = x + L.attn_proj(o);
-      x = x + L.mlp_proj(fn::activation(L.c_fc(L.ln_2(x)), config_.activation));
+      x = x + L.attn_site->apply(a, L.attn_proj(o));
+      at::Tensor m = L.ln_2(x);
+      x = x + L.mlp_site->apply(m, L.mlp_proj(fn::activation(L.c_fc(m), config_.activation)));
       x = L.out->apply(input, x);
     }
     return ln_f_(x);
@@ -75,7 +79,7 @@ class Gpt2Impl : public ModelImpl {
   struct Layer {
     Norm ln_1{nullptr}, ln_2{nullptr};
     SiteLinear c_attn{nullptr}, attn_proj{nullptr}, c_fc{nullptr}, mlp_proj{nullptr};
-    std::shared_ptr<Site> out;
+    std::shared_ptr<Site> attn_site, mlp_site, out;
   };
   Embedding wte_{nullptr}, wpe_{nullptr};
   Norm ln_f_{nullptr};

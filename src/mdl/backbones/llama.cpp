@@ -34,6 +34,8 @@ class LlamaImpl : public ModelImpl {
       L.gate = add_linear(*mlp, "gate_proj", p + ".mlp.gate_proj", C, I, c.mlp_bias, l);
       L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
       L.down = add_linear(*mlp, "down_proj", p + ".mlp.down_proj", I, C, c.mlp_bias, l);
+      L.attn_site = add_site({p + ".self_attn", SiteKind::sublayer, C, C, l});
+      L.mlp_site = add_site({p + ".mlp", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
     }
@@ -66,9 +68,9 @@ class LlamaImpl : public ModelImpl {
       k = fn::apply_rope(k, cos, sin);
       if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
       at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, H * D});
-      x = x + L.o(o);
+      x = x + L.attn_site->apply(a, L.o(o));
       at::Tensor m = L.post_norm(x);
-      x = x + L.down(fn::activation(L.gate(m), config_.activation) * L.up(m));
+      x = x + L.mlp_site->apply(m, L.down(fn::activation(L.gate(m), config_.activation) * L.up(m)));
       x = L.out->apply(input, x);
     }
     return norm_(x);
@@ -78,7 +80,7 @@ class LlamaImpl : public ModelImpl {
   struct Layer {
     Norm input_norm{nullptr}, post_norm{nullptr};
     SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
-    std::shared_ptr<Site> out;
+    std::shared_ptr<Site> attn_site, mlp_site, out;
   };
   Embedding embed_{nullptr};
   Norm norm_{nullptr};

@@ -54,6 +54,7 @@ SiteLinear ModelImpl::add_linear(torch::nn::Module& parent, const std::string& l
   SiteLinear linear(SiteInfo{full, SiteKind::linear, in, out, layer}, bias);
   parent.register_module(local, linear);
   sites_.push_back(linear->site());
+  linears_[full] = linear.get();
   if (conv1d) conv1d_.insert(full + ".weight");
   return linear;
 }
@@ -72,6 +73,7 @@ void ModelImpl::build_head(const Embedding& token_embedding) {
       lm_head_ = SiteLinear(SiteInfo{"lm_head", SiteKind::linear, C, config_.vocab_size, -1}, false, tied);
       register_module("lm_head", lm_head_);
       sites_.push_back(lm_head_->site());
+      linears_["lm_head"] = lm_head_.get();
       break;
     }
     case HeadKind::sequence_classification:
@@ -105,6 +107,15 @@ Site& ModelImpl::site(const std::string& name) const {
   std::string some;
   for (size_t i = 0; i < sites_.size() && i < 4; ++i) some += (i ? ", " : "") + sites_[i]->name();
   MDL_FAIL("[model] no site '", name, "' in this ", config_.architecture, "; sites are named like ", some);
+}
+
+SiteLinearImpl& ModelImpl::linear(const std::string& name) const {
+  auto it = linears_.find(name);
+  if (it == linears_.end()) {
+    site(name);  // throws "no site" with examples if the name is unknown
+    MDL_FAIL("[model] site '", name, "' is not a linear projection");
+  }
+  return *it->second;
 }
 
 at::Tensor ModelImpl::forward(const ModelInput& in) { return head(hidden_states(in), in); }

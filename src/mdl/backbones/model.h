@@ -68,6 +68,8 @@ class ModelImpl : public torch::nn::Module {
   const std::vector<std::shared_ptr<Site>>& sites() const { return sites_; }
   /// The site called `name`; throws listing a few names if absent.
   Site& site(const std::string& name) const;
+  /// The projection of a linear site (to merge weights into); throws if `name` is not a linear site.
+  SiteLinearImpl& linear(const std::string& name) const;
 
   /// Copies weights from a checkpoint by their HF names (Conv1D transposed, prefixes with or without the
   /// body name, tied heads); every shape is checked.
@@ -96,6 +98,7 @@ class ModelImpl : public torch::nn::Module {
 
   ModelConfig config_;
   std::vector<std::shared_ptr<Site>> sites_;
+  std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
   std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
   std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};

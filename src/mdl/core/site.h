@@ -15,6 +15,7 @@ namespace mdl {
 /// What a site computes, so attachable functions can check they fit.
 enum class SiteKind {
   linear,     ///< y = W x + b; input (..., in), output (..., out)
+  sublayer,   ///< an attention or MLP sublayer: input its (normed) input, output its result before the residual
   hidden,     ///< a block's output hidden state (B, T, C)
   embedding,  ///< token embeddings (B, T, C)
 };

@@ -1,0 +1,83 @@
+#include "mdl/modules/bottleneck_adapter.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "mdl/backbones/functional.h"
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+void to_json(nlohmann::json& j, const AdapterOptions& o) {
+  j = {{"config", o.config}, {"reduction_factor", o.reduction_factor}, {"non_linearity", o.non_linearity},
+       {"residual", o.residual}, {"layer_norm", o.layer_norm}, {"scaling", o.scaling}};
+}
+
+void from_json(const nlohmann::json& j, AdapterOptions& o) {
+  o = AdapterOptions();
+  o.config = j.value("config", o.config);
+  o.reduction_factor = j.value("reduction_factor", o.reduction_factor);
+  o.non_linearity = j.value("non_linearity", o.non_linearity);
+  o.residual = j.value("residual", o.residual);
+  o.layer_norm = j.value("layer_norm", o.layer_norm);
+  o.scaling = j.value("scaling", o.scaling);
+  MDL_CHECK(o.config == "pfeiffer" || o.config == "houlsby" || o.config == "parallel", "[adapter] config '", o.config,
+            "' is unknown; expected pfeiffer, houlsby or parallel");
+  MDL_CHECK(o.reduction_factor > 0, "[adapter] reduction_factor must be > 0, got ", o.reduction_factor);
+  MDL_CHECK(o.non_linearity == "relu" || o.non_linearity == "gelu" || o.non_linearity == "silu" ||
+                o.non_linearity == "tanh",
+            "[adapter] non_linearity '", o.non_linearity, "' is unknown; expected relu, gelu, silu or tanh");
+}
+
+BottleneckAdapterImpl::BottleneckAdapterImpl(const SiteInfo& site, const AdapterOptions& o, uint64_t seed,
+                                             c10::TensorOptions dtype)
+    : options(o) {
+  MDL_CHECK(site.kind == SiteKind::sublayer, "[adapter] '", site.name, "' is not an attention or MLP sublayer site");
+  const int64_t C = site.out_features;
+  bottleneck = std::max<int64_t>(1, C / o.reduction_factor);
+  auto gen = at::detail::createCPUGenerator(seed);
+  const double bound = 1.0 / std::sqrt(static_cast<double>(C));
+  auto down = register_module("adapter_down", std::make_shared<torch::nn::Module>("adapter_down"));
+  auto linear0 = down->register_module("0", std::make_shared<torch::nn::Module>("0"));
+  down_w = linear0->register_parameter("weight", at::empty({bottleneck, C}).uniform_(-bound, bound, gen).to(dtype));
+  down_b = linear0->register_parameter("bias", at::zeros({bottleneck}, dtype));
+  auto up = register_module("adapter_up", std::make_shared<torch::nn::Module>("adapter_up"));
+  up_w = up->register_parameter("weight", at::zeros({C, bottleneck}, dtype));
+  up_b = up->register_parameter("bias", at::zeros({C}, dtype));
+  if (o.layer_norm) {
+    auto norm = register_module("adapter_norm_before", std::make_shared<torch::nn::Module>("adapter_norm_before"));
+    norm_w = norm->register_parameter("weight", at::ones({C}, dtype));
+    norm_b = norm->register_parameter("bias", at::zeros({C}, dtype));
+  }
+}
+
+at::Tensor BottleneckAdapterImpl::forward(const at::Tensor& input, const at::Tensor& current) {
+  const bool parallel = options.config == "parallel";
+  at::Tensor h = parallel ? input : current;  // (B, T, C)
+  if (norm_w.defined()) h = fn::layer_norm(h, norm_w, norm_b, 1e-5);
+  at::Tensor z = at::linear(h, down_w, down_b);  // (B, T, bottleneck)
+  z = options.non_linearity == "tanh" ? at::tanh(z) : fn::activation(z, options.non_linearity);
+  at::Tensor a = at::linear(z, up_w, up_b);  // (B, T, C)
+  if (parallel) return current + options.scaling * a;
+  return options.residual ? current + a : a;
+}
+
+BiasDeltaImpl::BiasDeltaImpl(SiteLinearImpl& base) : has_base_bias_(base.bias.defined()) {
+  bias = register_parameter("bias", at::zeros({base.site()->info().out_features}, base.weight.options()));
+}
+
+void BiasDeltaImpl::merge(SiteLinearImpl& base) {
+  torch::NoGradGuard g;
+  MDL_CHECK(base.bias.defined(), "[bitfit] '", base.site()->name(), "' has no bias to merge into");
+  base.bias.add_(bias);
+}
+
+void BiasDeltaImpl::unmerge(SiteLinearImpl& base) {
+  torch::NoGradGuard g;
+  base.bias.sub_(bias);
+}
+
+}  // namespace mdl

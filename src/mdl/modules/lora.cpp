@@ -1,0 +1,130 @@
+#include "mdl/modules/lora.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <re2/re2.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+void to_json(nlohmann::json& j, const LoraOptions& o) {
+  j = {{"r", o.r}, {"lora_alpha", o.alpha}, {"lora_dropout", o.dropout}, {"use_rslora", o.use_rslora},
+       {"use_dora", o.use_dora}, {"init_lora_weights", o.init}, {"lora_bias", o.bias},
+       {"rank_pattern", o.rank_pattern}, {"alpha_pattern", o.alpha_pattern}};
+}
+
+void from_json(const nlohmann::json& j, LoraOptions& o) {
+  o = LoraOptions();
+  o.r = j.value("r", o.r);
+  o.alpha = j.value("lora_alpha", o.alpha);
+  o.dropout = j.value("lora_dropout", o.dropout);
+  o.use_rslora = j.value("use_rslora", o.use_rslora);
+  o.use_dora = j.value("use_dora", o.use_dora);
+  if (j.contains("init_lora_weights")) {
+    const auto& init = j["init_lora_weights"];
+    o.init = init.is_boolean() ? (init.get<bool>() ? "kaiming" : "random") : init.get<std::string>();
+  }
+  o.bias = j.value("lora_bias", o.bias);
+  if (j.contains("rank_pattern") && j["rank_pattern"].is_object()) o.rank_pattern = j["rank_pattern"].get<std::map<std::string, int64_t>>();
+  if (j.contains("alpha_pattern") && j["alpha_pattern"].is_object()) o.alpha_pattern = j["alpha_pattern"].get<std::map<std::string, double>>();
+  MDL_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
+  MDL_CHECK(o.dropout >= 0 && o.dropout < 1, "[lora] lora_dropout must be in [0, 1), got ", o.dropout);
+  MDL_CHECK(!(o.use_dora && o.bias), "[lora] use_dora with lora_bias is not supported (as in PEFT)");
+  MDL_CHECK(o.init == "kaiming" || o.init == "gaussian" || o.init == "random", "[lora] init_lora_weights '", o.init,
+            "' is unknown; expected true (kaiming), \"gaussian\" or false (random B, for tests)");
+}
+
+// PEFT matches pattern keys as a regex against the end of the module name (after a '.').
+static bool pattern_matches(const std::string& pattern, const std::string& site) {
+  return RE2::FullMatch(site, "(.*\\.)?(?:" + pattern + ")");
+}
+
+std::pair<int64_t, double> LoraOptions::rank_alpha_for(const std::string& site) const {
+  int64_t rank = r;
+  double a = alpha;
+  for (const auto& [p, v] : rank_pattern)
+    if (pattern_matches(p, site)) rank = v;
+  for (const auto& [p, v] : alpha_pattern)
+    if (pattern_matches(p, site)) a = v;
+  return {rank, a};
+}
+
+double LoraOptions::scaling(int64_t rank, double alpha_value) const {
+  return use_rslora ? alpha_value / std::sqrt(static_cast<double>(rank)) : alpha_value / static_cast<double>(rank);
+}
+
+LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
+    : options(o), base_weight_(base.weight), base_bias_(base.bias) {
+  const SiteInfo& info = base.site()->info();
+  MDL_CHECK(info.kind == SiteKind::linear, "[lora] '", info.name, "' is not a linear site");
+  std::tie(rank, alpha) = o.rank_alpha_for(info.name);
+  MDL_CHECK(rank > 0, "[lora] rank for '", info.name, "' must be > 0, got ", rank);
+  scaling = o.scaling(rank, alpha);
+  const int64_t in = info.in_features, out = info.out_features;
+  auto gen = at::detail::createCPUGenerator(seed);
+  at::Tensor a = at::empty({rank, in});
+  if (o.init == "gaussian") {
+    a.normal_(0.0, 1.0 / static_cast<double>(rank), gen);
+  } else {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));  // kaiming_uniform(a=sqrt(5)), as nn.Linear
+    a.uniform_(-bound, bound, gen);
+  }
+  at::Tensor b = at::zeros({out, rank});
+  if (o.init == "random") b.uniform_(-0.1, 0.1, gen);  // non-zero B: only for tests of the equations
+  const auto opts = base.weight.options();
+  A = register_parameter("lora_A", a.to(opts));
+  B = register_parameter("lora_B", b.to(opts));
+  if (o.bias) lora_bias = register_parameter("lora_bias", at::zeros({out}, opts));
+  if (o.use_dora) {
+    magnitude = register_parameter("lora_magnitude_vector", base.weight.detach().norm(2, {1}).to(opts));  // (out)
+  }
+}
+
+at::Tensor LoraImpl::delta_weight() const { return scaling * at::matmul(B, A); }  // (out, in)
+
+at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
+  at::Tensor x = input;
+  if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);
+  at::Tensor lora = at::linear(at::linear(x, A), B, lora_bias) * scaling;  // (..., out), bias scaled as in PEFT
+  if (!magnitude.defined()) return current + lora;
+  // DoRA: y = f * (W x + s B A x) + b with f = m / ||W + s B A||_row, written as PEFT does on top of the
+  // current output W x + b.
+  at::Tensor f = magnitude / (base_weight_ + delta_weight()).norm(2, {1}).detach();  // (out)
+  at::Tensor wx = base_bias_.defined() ? current - base_bias_ : current;
+  return current + (f - 1) * wx + f * lora;
+}
+
+void LoraImpl::merge(SiteLinearImpl& base) {
+  torch::NoGradGuard g;
+  at::Tensor delta = delta_weight().to(base.weight.scalar_type());
+  if (lora_bias.defined()) {
+    MDL_CHECK(base.bias.defined(), "[lora] cannot merge lora_bias into '", base.site()->name(), "', which has no bias");
+    base.bias.add_(scaling * lora_bias);
+  }
+  if (magnitude.defined()) {
+    at::Tensor combined = base.weight + delta;
+    merged_scale_ = (magnitude / combined.norm(2, {1})).detach();  // (out)
+    base.weight.copy_(combined * merged_scale_.unsqueeze(1));
+  } else {
+    base.weight.add_(delta);
+  }
+}
+
+void LoraImpl::unmerge(SiteLinearImpl& base) {
+  torch::NoGradGuard g;
+  at::Tensor delta = delta_weight().to(base.weight.scalar_type());
+  if (magnitude.defined()) {
+    MDL_CHECK(merged_scale_.defined(), "[lora] DoRA at '", base.site()->name(), "' was not merged");
+    base.weight.copy_(base.weight / merged_scale_.unsqueeze(1) - delta);
+    merged_scale_ = at::Tensor();
+  } else {
+    base.weight.sub_(delta);
+  }
+  if (lora_bias.defined()) base.bias.sub_(scaling * lora_bias);
+}
+
+}  // namespace mdl

@@ -1,0 +1,359 @@
+#include "mdl/modules/module_set.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "mdl/core/error.h"
+#include "mdl/core/log.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/safetensors.h"
+#include "mdl/modules/peft_format.h"
+
+namespace fs = std::filesystem;
+
+namespace mdl {
+
+void to_json(nlohmann::json& j, const ModuleConfig& c) {
+  j = {{"type", c.type}, {"targets", c.targets}, {"seed", c.seed}};
+  if (c.type == "lora") j["options"] = c.lora;
+  else if (c.type == "ia3") j["options"] = c.ia3;
+  else if (c.type == "adapter") j["options"] = c.adapter;
+  else j["options"] = nlohmann::json::object();
+}
+
+void from_json(const nlohmann::json& j, ModuleConfig& c) {
+  c = ModuleConfig();
+  MDL_CHECK(j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
+  c.type = j["type"].get<std::string>();
+  const nlohmann::json options = j.value("options", nlohmann::json::object());
+  if (c.type == "lora") c.lora = options.get<LoraOptions>();
+  else if (c.type == "ia3") c.ia3 = options.get<Ia3Options>();
+  else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
+  else MDL_CHECK(c.type == "bitfit", "[module] unknown module type '", c.type, "'; expected lora, ia3, adapter or bitfit");
+  if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
+  c.seed = j.value("seed", static_cast<uint64_t>(0));
+}
+
+bool BaseFingerprint::operator==(const BaseFingerprint& o) const {
+  return architecture == o.architecture && hidden_size == o.hidden_size && n_layer == o.n_layer &&
+         vocab_size == o.vocab_size && shapes_hash == o.shapes_hash;
+}
+
+std::string ParameterSummary::to_string() const {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "trainable params: %lld || all params: %lld || trainable%%: %.4f",
+                static_cast<long long>(trainable), static_cast<long long>(total), percent());
+  return buf;
+}
+
+TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config) {
+  TargetOptions t;
+  if (type == "lora") {
+    t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn"}
+                       : arch == Arch::bert ? std::vector<std::string>{"query", "value"}
+                                            : std::vector<std::string>{"q_proj", "v_proj"};
+  } else if (type == "ia3") {
+    t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn", "mlp.c_proj"}
+                       : arch == Arch::bert ? std::vector<std::string>{"key", "value", "output.dense"}
+                                            : std::vector<std::string>{"k_proj", "v_proj", "down_proj"};
+    if (arch == Arch::bert) t.exclude_modules = {"attention.output.dense"};
+  } else if (type == "adapter") {
+    // Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output").
+    if (adapter_config == "houlsby") t.target_regex = R"(.*\.(attn|self_attn|attention|mlp|output))";
+    else t.target_regex = R"(.*\.(mlp|output))";
+  } else if (type == "bitfit") {
+    t.target_modules = {"all-linear"};
+  }
+  return t;
+}
+
+std::pair<std::string, double> parse_module_arg(const std::string& arg) {
+  const size_t colon = arg.rfind(':');
+  if (colon != std::string::npos && colon + 1 < arg.size()) {
+    try {
+      size_t used = 0;
+      double scale = std::stod(arg.substr(colon + 1), &used);
+      if (used == arg.size() - colon - 1) return {arg.substr(0, colon), scale};
+    } catch (const std::exception&) {
+    }
+  }
+  return {arg, 1.0};
+}
+
+ModuleSet::ModuleSet(Model model) : model_(std::move(model)) {}
+
+const ModuleSet::Named& ModuleSet::get(const std::string& name) const {
+  auto it = modules_.find(name);
+  if (it == modules_.end()) {
+    std::string known;
+    for (const auto& n : order_) known += (known.empty() ? "" : ", ") + n;
+    MDL_FAIL("[modules] no module named '", name, "'", known.empty() ? "; none is loaded" : "; loaded: " + known);
+  }
+  return it->second;
+}
+
+AttachedModules& ModuleSet::attached(const std::string& site_name) {
+  Site& site = model_->site(site_name);
+  if (site.empty()) site.attach(std::make_shared<AttachedModules>());
+  auto attached = std::dynamic_pointer_cast<AttachedModules>(site.function());
+  MDL_CHECK(attached != nullptr, "[modules] site '", site_name, "' already holds a function that is not a module list");
+  return *attached;
+}
+
+void ModuleSet::add(const std::string& name, const ModuleConfig& config_in) {
+  MDL_CHECK(!name.empty() && name.find('/') == std::string::npos, "[modules] invalid module name '", name, "'");
+  MDL_CHECK(!contains(name), "[modules] a module named '", name, "' already exists; remove it first or pick another name");
+  ModuleConfig config = config_in;
+  const bool no_targets = config.targets.target_modules.empty() && config.targets.target_regex.empty();
+  if (no_targets) {
+    TargetOptions defaults = default_targets(config.type, model_->config().arch, config.adapter.config);
+    defaults.layers_to_transform = config.targets.layers_to_transform;
+    defaults.exclude_modules.insert(defaults.exclude_modules.end(), config.targets.exclude_modules.begin(),
+                                    config.targets.exclude_modules.end());
+    config.targets = defaults;
+  }
+  const SiteKind kind = config.type == "adapter" ? SiteKind::sublayer : SiteKind::linear;
+  Named named;
+  named.config = config;
+  uint64_t seed = config.seed;
+  const auto dtype = at::TensorOptions().dtype(model_->dtype()).device(model_->device());
+  for (const auto& site : match_sites(*model_, config.targets, kind)) {
+    std::shared_ptr<SiteModule> m;
+    if (config.type == "lora") m = std::make_shared<LoraImpl>(model_->linear(site->name()), config.lora, seed++);
+    else if (config.type == "ia3") m = std::make_shared<Ia3Impl>(model_->linear(site->name()), config.ia3, seed++);
+    else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
+    else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter or bitfit");
+    named.parts.push_back({site->name(), m});
+  }
+  for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
+  modules_[name] = std::move(named);
+  order_.push_back(name);
+}
+
+void ModuleSet::remove(const std::string& name) {
+  Named& n = const_cast<Named&>(get(name));
+  if (n.merged) unmerge(name);
+  for (const auto& p : n.parts) {
+    auto& entries = attached(p.site).entries();
+    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const auto& e) { return e.name == name; }),
+                  entries.end());
+    if (entries.empty()) model_->site(p.site).attach(nullptr);
+  }
+  modules_.erase(name);
+  order_.erase(std::remove(order_.begin(), order_.end(), name), order_.end());
+}
+
+std::vector<std::string> ModuleSet::names() const { return order_; }
+const ModuleConfig& ModuleSet::config(const std::string& name) const { return get(name).config; }
+
+std::vector<std::string> ModuleSet::sites(const std::string& name) const {
+  std::vector<std::string> out;
+  for (const auto& p : get(name).parts) out.push_back(p.site);
+  return out;
+}
+
+void ModuleSet::set_active(const std::string& name, bool active) {
+  for (const auto& p : get(name).parts) attached(p.site).find(name)->active = active;
+}
+
+void ModuleSet::set_scale(const std::string& name, double scale) {
+  MDL_CHECK(!get(name).merged, "[modules] '", name, "' is merged into the base weights; unmerge it before rescaling");
+  for (const auto& p : get(name).parts) attached(p.site).find(name)->scale = scale;
+}
+
+std::map<std::string, at::Tensor> ModuleSet::tensors(const std::string& name) const {
+  std::map<std::string, at::Tensor> out;
+  for (const auto& p : get(name).parts)
+    for (const auto& item : p.module->named_parameters(/*recurse=*/true)) out[p.site + "." + item.key()] = item.value();
+  return out;
+}
+
+void ModuleSet::load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors,
+                             const std::string& source) {
+  torch::NoGradGuard g;
+  auto mine = this->tensors(name);
+  for (auto& [key, param] : mine) {
+    auto it = tensors.find(key);
+    MDL_CHECK(it != tensors.end(), "[modules] '", source, "' has no tensor for '", key, "' (expected shape ",
+              param.sizes(), ")");
+    MDL_CHECK(it->second.sizes() == param.sizes(), "[modules] '", source, "': tensor '", key, "' has shape ",
+              it->second.sizes(), " but the site in this model needs ", param.sizes(), "; a module for another base model?");
+    param.copy_(it->second);
+  }
+  for (const auto& [key, t] : tensors)
+    MDL_CHECK(mine.count(key), "[modules] '", source, "': tensor '", key, "' belongs to no site of module '", name,
+              "'; a module for another base model?");
+}
+
+std::vector<at::Tensor> ModuleSet::parameters(const std::vector<std::string>& names) const {
+  std::vector<at::Tensor> out;
+  for (const auto& n : names.empty() ? order_ : names)
+    for (const auto& p : get(n).parts)
+      for (const auto& t : p.module->parameters()) out.push_back(t);
+  return out;
+}
+
+void ModuleSet::freeze_base(const std::vector<std::string>& trainable) {
+  for (auto& p : model_->parameters()) p.set_requires_grad(false);
+  for (const auto& n : order_)
+    for (const auto& p : get(n).parts)
+      for (auto& t : p.module->parameters()) t.set_requires_grad(false);
+  for (auto& t : parameters(trainable)) t.set_requires_grad(true);
+}
+
+ParameterSummary ModuleSet::summary() const {
+  ParameterSummary s;
+  for (const auto& p : model_->parameters()) {
+    s.total += p.numel();
+    if (p.requires_grad()) s.trainable += p.numel();
+  }
+  for (const auto& t : parameters()) {
+    s.total += t.numel();
+    if (t.requires_grad()) s.trainable += t.numel();
+  }
+  return s;
+}
+
+void ModuleSet::merge(const std::string& name) {
+  Named& n = const_cast<Named&>(get(name));
+  MDL_CHECK(!n.merged, "[modules] '", name, "' is already merged");
+  for (const auto& p : n.parts) {
+    auto* e = attached(p.site).find(name);
+    MDL_CHECK(e->scale == 1.0, "[modules] '", name, "' has scale ", e->scale, "; merge works on scale 1");
+    p.module->merge(model_->linear(p.site));
+    e->merged = true;
+  }
+  n.merged = true;
+}
+
+void ModuleSet::unmerge(const std::string& name) {
+  Named& n = const_cast<Named&>(get(name));
+  MDL_CHECK(n.merged, "[modules] '", name, "' is not merged");
+  for (auto it = n.parts.rbegin(); it != n.parts.rend(); ++it) {
+    it->module->unmerge(model_->linear(it->site));
+    attached(it->site).find(name)->merged = false;
+  }
+  n.merged = false;
+}
+
+bool ModuleSet::merged(const std::string& name) const { return get(name).merged; }
+
+BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
+  const ModelConfig& c = model_->config();
+  BaseFingerprint f{c.architecture, c.hidden_size, c.n_layer, c.vocab_size, ""};
+  uint64_t h = 1469598103934665603ull;  // FNV-1a over "site:in:out;"
+  for (const auto& p : get(name).parts) {
+    const SiteInfo& info = model_->site(p.site).info();
+    for (char ch : info.name + ":" + std::to_string(info.in_features) + ":" + std::to_string(info.out_features) + ";")
+      h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
+  }
+  char buf[20];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  f.shapes_hash = buf;
+  return f;
+}
+
+void ModuleSet::save(const std::string& name, const std::string& dir) const {
+  const Named& n = get(name);
+  fs::create_directories(dir);
+  BaseFingerprint f = fingerprint(name);
+  int64_t count = 0;
+  auto tensors = this->tensors(name);
+  for (const auto& [k, t] : tensors) count += t.numel();
+  nlohmann::json j = {{"format", "mdl-module"},
+                      {"version", 1},
+                      {"name", name},
+                      {"type", n.config.type},
+                      {"config", n.config},
+                      {"sites", sites(name)},
+                      {"parameters", count},
+                      {"base", {{"architecture", f.architecture}, {"hidden_size", f.hidden_size}, {"n_layer", f.n_layer},
+                                {"vocab_size", f.vocab_size}, {"shapes_hash", f.shapes_hash}}}};
+  io::save_safetensors((fs::path(dir) / "module.safetensors").string(), tensors, {{"format", "mdl-module"}});
+  io::write_text_atomic((fs::path(dir) / "module.json").string(), j.dump(2) + "\n");
+}
+
+std::string ModuleSet::load(const std::string& dir, const std::string& name_in, bool force) {
+  const fs::path path(dir);
+  std::string name = name_in.empty() ? fs::path(dir).lexically_normal().filename().string() : name_in;
+  if (name.empty()) name = fs::path(dir).lexically_normal().parent_path().filename().string();
+  MDL_CHECK(fs::is_directory(path), "[modules] '", dir, "' is not a directory");
+  if (fs::exists(path / "adapter_config.json") && !fs::exists(path / "module.json")) {
+    PeftModule peft = read_peft(dir, *model_);
+    add_exact(name, peft.config, peft.sites);
+    try {
+      load_tensors(name, peft.tensors, dir);
+    } catch (...) {
+      remove(name);
+      throw;
+    }
+    return name;
+  }
+  const fs::path meta = path / "module.json";
+  MDL_CHECK(fs::exists(meta), "[modules] '", dir, "' has neither module.json (mdl) nor adapter_config.json (PEFT)");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(io::read_text(meta.string()));
+  } catch (const nlohmann::json::exception& e) {
+    MDL_FAIL("[modules] '", meta.string(), "' is not valid JSON: ", e.what());
+  }
+  MDL_CHECK(j.value("format", std::string()) == "mdl-module", "[modules] '", meta.string(),
+            "' is not an mdl module (field 'format' must be \"mdl-module\")");
+  ModuleConfig config;
+  try {
+    config = j.at("config").get<ModuleConfig>();
+  } catch (const nlohmann::json::exception& e) {
+    MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
+  }
+  std::vector<std::string> site_names = j.at("sites").get<std::vector<std::string>>();
+  add_exact(name, config, site_names);
+  try {
+    load_tensors(name, io::load_safetensors((path / "module.safetensors").string()), (path / "module.safetensors").string());
+  } catch (...) {
+    remove(name);
+    throw;
+  }
+  const BaseFingerprint mine = fingerprint(name);
+  const auto& b = j.value("base", nlohmann::json::object());
+  BaseFingerprint theirs{b.value("architecture", std::string()), b.value("hidden_size", int64_t(0)),
+                         b.value("n_layer", int64_t(0)), b.value("vocab_size", int64_t(0)),
+                         b.value("shapes_hash", std::string())};
+  if (!(mine == theirs) && !force)
+    log_warn("[modules] '" + dir + "' was made for " + theirs.architecture + " (hidden " +
+             std::to_string(theirs.hidden_size) + ", " + std::to_string(theirs.n_layer) + " layers, vocab " +
+             std::to_string(theirs.vocab_size) + "), this model is " + mine.architecture + " (hidden " +
+             std::to_string(mine.hidden_size) + ", " + std::to_string(mine.n_layer) + " layers, vocab " +
+             std::to_string(mine.vocab_size) + "); shapes fit, so it is loaded (--force silences this)");
+  return name;
+}
+
+void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names) {
+  MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
+  const SiteKind kind = config_in.type == "adapter" ? SiteKind::sublayer : SiteKind::linear;
+  for (const auto& s : site_names) {
+    bool found = false;
+    for (const auto& site : model_->sites()) found = found || site->name() == s;
+    MDL_CHECK(found, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
+              " does not have; a module for another base model?");
+    MDL_CHECK(model_->site(s).info().kind == kind, "[modules] module '", name, "': site '", s,
+              "' is not of the kind a ", config_in.type, " module attaches to");
+  }
+  ModuleConfig config = config_in;
+  // Exact sites: a regex of their names, so add() selects exactly these.
+  std::string regex;
+  for (const auto& s : site_names) {
+    std::string escaped;
+    for (char ch : s) escaped += (ch == '.' ? std::string("\\.") : std::string(1, ch));
+    regex += (regex.empty() ? "" : "|") + escaped;
+  }
+  config.targets = TargetOptions();
+  config.targets.target_regex = "(?:" + regex + ")";
+  add(name, config);
+  modules_[name].config.targets = config_in.targets;  // keep what the user wrote
+}
+
+}  // namespace mdl

@@ -1,0 +1,120 @@
+// The named modules attached to one backbone. A module (e.g. a task's LoRA) spans many sites; each site
+// gets its part, held in the site's AttachedModules. Modules are added, activated, scaled, merged and
+// saved by name; the backbone's own parameters are frozen and never modified except by an explicit merge.
+//
+// Native files: `module.json` (type, options, targets, the sites it covers, a fingerprint of the base
+// model) + `module.safetensors` ("<site>.<parameter>" -> tensor).
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mdl/backbones/model.h"
+#include "mdl/modules/bottleneck_adapter.h"
+#include "mdl/modules/ia3.h"
+#include "mdl/modules/lora.h"
+#include "mdl/modules/targets.h"
+
+namespace mdl {
+
+/// Everything that defines a module before training: its type, its type's options and where it goes.
+struct ModuleConfig {
+  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit
+  LoraOptions lora;
+  Ia3Options ia3;
+  AdapterOptions adapter;
+  TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
+  uint64_t seed = 0;          ///< initialisation seed
+};
+void to_json(nlohmann::json& j, const ModuleConfig& c);
+void from_json(const nlohmann::json& j, ModuleConfig& c);
+
+/// Which base model a module was made for.
+struct BaseFingerprint {
+  std::string architecture;
+  int64_t hidden_size = 0, n_layer = 0, vocab_size = 0;
+  std::string shapes_hash;  ///< hash of the targeted sites' names and shapes
+  bool operator==(const BaseFingerprint& o) const;
+};
+
+/// Trainable parameter summary.
+struct ParameterSummary {
+  int64_t trainable = 0;
+  int64_t total = 0;  ///< backbone + all modules
+  double percent() const { return total ? 100.0 * trainable / total : 0.0; }
+  std::string to_string() const;
+};
+
+/// Named modules on one model.
+class ModuleSet {
+ public:
+  explicit ModuleSet(Model model);
+  Model model() const { return model_; }
+
+  /// Creates module `name` at the sites its targets select; throws if the name is taken.
+  void add(const std::string& name, const ModuleConfig& config);
+  void remove(const std::string& name);
+  bool contains(const std::string& name) const { return modules_.count(name) > 0; }
+  std::vector<std::string> names() const;
+  const ModuleConfig& config(const std::string& name) const;
+  /// Sites module `name` covers, in forward order.
+  std::vector<std::string> sites(const std::string& name) const;
+
+  /// Turns a module on or off for every later forward.
+  void set_active(const std::string& name, bool active);
+  /// Scales a module's effect (1 = as trained).
+  void set_scale(const std::string& name, double scale);
+
+  /// Parameters of `name` as "<site>.<param>" -> tensor (shared with the module, not copies).
+  std::map<std::string, at::Tensor> tensors(const std::string& name) const;
+  /// Copies tensors into module `name`, checking every name and shape.
+  void load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors, const std::string& source);
+  /// Parameters to optimise for `names` (empty: every module).
+  std::vector<at::Tensor> parameters(const std::vector<std::string>& names = {}) const;
+  /// Freezes the backbone and makes the named modules (empty: all) trainable, the others frozen.
+  void freeze_base(const std::vector<std::string>& trainable = {});
+  /// Trainable / total parameters right now.
+  ParameterSummary summary() const;
+
+  /// Folds `name` into the base weights (LoRA, DoRA, (IA)^3, BitFit); reversible with unmerge.
+  void merge(const std::string& name);
+  void unmerge(const std::string& name);
+  bool merged(const std::string& name) const;
+
+  /// The fingerprint of this model for the sites `name` covers.
+  BaseFingerprint fingerprint(const std::string& name) const;
+  /// Writes `name` in the native format to `dir` (atomically, file by file).
+  void save(const std::string& name, const std::string& dir) const;
+  /// Loads a module directory (native, or PEFT `adapter_config.json`) as `name` (default: the directory's
+  /// name). A module for another base model is refused naming the site and shapes; a fingerprint mismatch
+  /// with matching shapes is a warning, or an error unless `force`.
+  std::string load(const std::string& dir, const std::string& name = "", bool force = false);
+
+ private:
+  struct Part {
+    std::string site;
+    std::shared_ptr<SiteModule> module;
+  };
+  struct Named {
+    ModuleConfig config;
+    std::vector<Part> parts;
+    bool merged = false;
+  };
+  const Named& get(const std::string& name) const;
+  /// add() at exactly these sites (from a file), each checked to exist and to be of the right kind.
+  void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites);
+  AttachedModules& attached(const std::string& site);
+  Model model_;
+  std::map<std::string, Named> modules_;
+  std::vector<std::string> order_;
+};
+
+/// "DIR:SCALE" -> (DIR, SCALE); a plain path has scale 1.
+std::pair<std::string, double> parse_module_arg(const std::string& arg);
+
+/// Default targets of a module type for an architecture (PEFT's defaults: q and v projections for LoRA).
+TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config);
+
+}  // namespace mdl

@@ -1,0 +1,168 @@
+#include "mdl/modules/peft_format.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "mdl/core/error.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/safetensors.h"
+
+namespace fs = std::filesystem;
+
+namespace mdl {
+namespace {
+
+const std::string kPrefix = "base_model.model.";
+
+// PEFT tensor suffix -> mdl parameter name.
+const std::vector<std::pair<std::string, std::string>> kLoraNames = {
+    {".lora_A.weight", "lora_A"},
+    {".lora_B.weight", "lora_B"},
+    {".lora_B.bias", "lora_bias"},
+    {".lora_magnitude_vector.weight", "lora_magnitude_vector"},
+    {".lora_magnitude_vector", "lora_magnitude_vector"},
+};
+const std::vector<std::pair<std::string, std::string>> kIa3Names = {{".ia3_l.weight", "ia3_l"}, {".ia3_l", "ia3_l"}};
+
+bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+std::string task_type(HeadKind head) {
+  switch (head) {
+    case HeadKind::causal_lm: return "CAUSAL_LM";
+    case HeadKind::sequence_classification: return "SEQ_CLS";
+    case HeadKind::token_classification: return "TOKEN_CLS";
+    case HeadKind::none: return "FEATURE_EXTRACTION";
+  }
+  return "";
+}
+
+}  // namespace
+
+PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
+  const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(io::read_text(config_path));
+  } catch (const nlohmann::json::exception& e) {
+    MDL_FAIL("[peft] '", config_path, "' is not valid JSON: ", e.what());
+  }
+  MDL_CHECK(j.is_object() && j.contains("peft_type") && j["peft_type"].is_string(), "[peft] '", config_path,
+            "' has no string field 'peft_type' (the only required field)");
+  const std::string type = j["peft_type"].get<std::string>();
+  PeftModule out;
+  if (type == "LORA") {
+    out.config.type = "lora";
+    out.config.lora = j.get<LoraOptions>();
+    MDL_CHECK(j.value("bias", std::string("none")) == "none", "[peft] '", config_path, "': bias='",
+              j.value("bias", std::string()), "' trains the base model's biases; only bias=\"none\" is supported");
+  } else if (type == "IA3") {
+    out.config.type = "ia3";
+    out.config.ia3 = j.get<Ia3Options>();
+  } else {
+    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3");
+  }
+  out.config.targets = j.get<TargetOptions>();
+
+  std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors",
+            fs::exists(fs::path(dir) / "adapter_model.bin") ? " (only adapter_model.bin, a pickle mdl does not read)" : "");
+  const auto& names = type == "LORA" ? kLoraNames : kIa3Names;
+  const std::string body = model.config().body_prefix() + ".";
+  std::set<std::string> seen;
+  for (auto& [key, tensor] : io::load_safetensors(weights)) {
+    MDL_CHECK(key.rfind(kPrefix, 0) == 0, "[peft] '", weights, "': tensor '", key, "' does not start with '", kPrefix, "'");
+    std::string rest = key.substr(kPrefix.size()), param;
+    for (const auto& [suffix, mine] : names) {
+      if (ends_with(rest, suffix)) {
+        rest = rest.substr(0, rest.size() - suffix.size());
+        param = mine;
+        break;
+      }
+    }
+    MDL_CHECK(!param.empty(), "[peft] '", weights, "': tensor '", key, "' is not a ", type, " tensor mdl knows");
+    // BertModel / GPT2Model / LlamaModel checkpoints name modules without the body prefix.
+    std::string site = rest;
+    bool known = false;
+    for (const auto& s : model.sites()) known = known || s->name() == site;
+    if (!known)
+      for (const auto& s : model.sites()) if (s->name() == body + rest) site = body + rest, known = true;
+    MDL_CHECK(known, "[peft] '", weights, "': tensor '", key, "' targets '", rest, "', which ",
+              model.config().architecture, " does not have; an adapter for another base model?");
+    if (seen.insert(site).second) out.sites.push_back(site);
+    out.tensors[site + "." + param] = tensor;
+  }
+  MDL_CHECK(!out.sites.empty(), "[peft] '", weights, "' holds no tensors");
+  // Per-site ranks come from the tensors; PEFT's rank_pattern says the same thing, but a file saved by an
+  // old version may lack it.
+  if (out.config.type == "lora")
+    for (const auto& site : out.sites) {
+      const int64_t r = out.tensors.at(site + ".lora_A").size(0);
+      if (out.config.lora.rank_alpha_for(site).first != r) {
+        std::string escaped;
+        for (char ch : site) escaped += ch == '.' ? std::string("\\.") : std::string(1, ch);
+        out.config.lora.rank_pattern[escaped] = r;
+      }
+    }
+  return out;
+}
+
+void write_peft(const ModuleSet& set, const std::string& name, const std::string& dir) {
+  const ModuleConfig& c = set.config(name);
+  MDL_CHECK(c.type == "lora" || c.type == "ia3", "[peft] module '", name, "' is a ", c.type,
+            " module; PEFT files hold LoRA or (IA)^3 here (use the native format)");
+  const ModelConfig& mc = set.model()->config();
+  nlohmann::json j;
+  std::vector<std::string> targets;
+  for (const auto& s : set.sites(name)) {
+    const std::string last = s.substr(s.rfind('.') + 1);
+    if (std::find(targets.begin(), targets.end(), last) == targets.end()) targets.push_back(last);
+  }
+  if (c.type == "lora") {
+    j = c.lora;
+    j["peft_type"] = "LORA";
+    j["init_lora_weights"] = c.lora.init == "gaussian" ? nlohmann::json("gaussian") : nlohmann::json(true);
+    j["bias"] = "none";
+    j["fan_in_fan_out"] = mc.arch == Arch::gpt2;  // GPT-2's Conv1D
+  } else {
+    j = c.ia3;
+    j["peft_type"] = "IA3";
+    j["fan_in_fan_out"] = mc.arch == Arch::gpt2;
+  }
+  // Exact module list as a regex over full names, so the file targets exactly the sites it holds.
+  std::string regex;
+  for (const auto& s : set.sites(name)) {
+    std::string escaped;
+    for (char ch : s) escaped += ch == '.' ? std::string("\\.") : std::string(1, ch);
+    regex += (regex.empty() ? "" : "|") + escaped;
+  }
+  j["target_modules"] = "(?:" + regex + ")";
+  j["task_type"] = task_type(mc.head);
+  j["base_model_name_or_path"] = mc.model_type;
+  j["inference_mode"] = true;
+  j["modules_to_save"] = nullptr;
+  if (!c.targets.layers_to_transform.empty()) j["layers_to_transform"] = c.targets.layers_to_transform;
+
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [key, t] : set.tensors(name)) {
+    const size_t dot = key.rfind('.');
+    const std::string site = key.substr(0, dot), param = key.substr(dot + 1);
+    std::string suffix;
+    if (param == "lora_A") suffix = ".lora_A.weight";
+    else if (param == "lora_B") suffix = ".lora_B.weight";
+    else if (param == "lora_bias") suffix = ".lora_B.bias";
+    else if (param == "lora_magnitude_vector") suffix = ".lora_magnitude_vector";
+    else if (param == "ia3_l") suffix = ".ia3_l";
+    else MDL_FAIL("[peft] parameter '", key, "' has no PEFT name");
+    out[kPrefix + site + suffix] = t.detach();
+  }
+  fs::create_directories(dir);
+  io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), out, {{"format", "pt"}});
+  io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
+}
+
+}  // namespace mdl

@@ -1,0 +1,31 @@
+#include "mdl/modules/site_module.h"
+
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+void SiteModule::merge(SiteLinearImpl& base) {
+  MDL_FAIL("[merge] a ", type(), " module at '", base.site()->name(),
+           "' cannot be merged into the base weights; only LoRA (incl. DoRA), (IA)^3 and sparse diffs can");
+}
+void SiteModule::unmerge(SiteLinearImpl& base) {
+  MDL_FAIL("[unmerge] a ", type(), " module at '", base.site()->name(), "' is never merged");
+}
+
+at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
+  at::Tensor out = base;
+  for (auto& e : entries_) {
+    if (!e.active || e.merged || e.scale == 0.0) continue;
+    at::Tensor next = e.module->forward(input, out);
+    out = e.scale == 1.0 ? next : out + e.scale * (next - out);
+  }
+  return out;
+}
+
+AttachedModules::Entry* AttachedModules::find(const std::string& name) {
+  for (auto& e : entries_)
+    if (e.name == name) return &e;
+  return nullptr;
+}
+
+}  // namespace mdl

@@ -1,0 +1,51 @@
+// A module: a computation function with parameters of its own, attached at one site of a frozen backbone
+// (the survey's f_phi). The backbone's weights are never changed by a module's forward; merging them
+// into the base weights is an explicit, reversible call.
+#pragma once
+
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mdl/backbones/layers.h"
+#include "mdl/core/site.h"
+
+namespace mdl {
+
+/// One module's part at one site.
+class SiteModule : public torch::nn::Module {
+ public:
+  /// The site's new output from its input and the current output (base, or what earlier modules made of it).
+  virtual at::Tensor forward(const at::Tensor& input, const at::Tensor& current) = 0;
+  /// The module type ("lora", "ia3", "adapter").
+  virtual std::string type() const = 0;
+  /// Whether merge() can fold this module into the base projection.
+  virtual bool can_merge() const { return false; }
+  /// Folds the module into `base` (merge) or takes it out again (unmerge). Throws if unsupported.
+  virtual void merge(SiteLinearImpl& base);
+  virtual void unmerge(SiteLinearImpl& base);
+};
+
+/// The modules attached at one site, applied in attachment order. Each active module maps the current
+/// output to a new one, so additive modules (LoRA) sum their deltas and adapters stack. `scale` scales a
+/// module's change to the output (scale 0 = off, 1 = as trained).
+class AttachedModules : public SiteFunction {
+ public:
+  struct Entry {
+    std::string name;
+    std::shared_ptr<SiteModule> module;
+    bool active = true;
+    bool merged = false;  ///< folded into the base weights: skipped in forward
+    double scale = 1.0;
+  };
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& base) override;
+  std::vector<Entry>& entries() { return entries_; }
+  Entry* find(const std::string& name);
+
+ private:
+  std::vector<Entry> entries_;
+};
+
+}  // namespace mdl

@@ -1,0 +1,85 @@
+#include "mdl/modules/targets.h"
+
+#include <re2/re2.h>
+
+#include <algorithm>
+#include <nlohmann/json.hpp>
+
+#include "mdl/backbones/model.h"
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+void to_json(nlohmann::json& j, const TargetOptions& o) {
+  j = {{"target_modules", o.target_modules}, {"exclude_modules", o.exclude_modules},
+       {"layers_to_transform", o.layers_to_transform}};
+  if (!o.target_regex.empty()) j["target_regex"] = o.target_regex;
+}
+
+void from_json(const nlohmann::json& j, TargetOptions& o) {
+  o = TargetOptions();
+  if (j.contains("target_modules")) {
+    const auto& t = j["target_modules"];
+    if (t.is_string()) {
+      const std::string s = t.get<std::string>();
+      if (s == "all-linear") o.target_modules = {s};
+      else o.target_regex = s;  // PEFT: a string is a regex over the full name
+    } else if (t.is_array()) {
+      o.target_modules = t.get<std::vector<std::string>>();
+    }
+  }
+  if (j.contains("target_regex") && j["target_regex"].is_string()) o.target_regex = j["target_regex"].get<std::string>();
+  if (j.contains("exclude_modules") && j["exclude_modules"].is_array())
+    o.exclude_modules = j["exclude_modules"].get<std::vector<std::string>>();
+  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
+    if (j["layers_to_transform"].is_number_integer()) o.layers_to_transform = {j["layers_to_transform"].get<int>()};
+    else o.layers_to_transform = j["layers_to_transform"].get<std::vector<int>>();
+  }
+}
+
+bool name_matches_suffix(const std::string& name, const std::string& suffix) {
+  return name == suffix || (name.size() > suffix.size() &&
+                            name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&
+                            name[name.size() - suffix.size() - 1] == '.');
+}
+
+std::vector<std::shared_ptr<Site>> match_sites(const ModelImpl& model, const TargetOptions& t, SiteKind kind) {
+  std::unique_ptr<RE2> regex;
+  if (!t.target_regex.empty()) {
+    regex = std::make_unique<RE2>(t.target_regex, RE2::Quiet);
+    MDL_CHECK(regex->ok(), "[targets] target_modules regex '", t.target_regex, "' does not compile: ", regex->error());
+  }
+  const bool all_linear =
+      std::find(t.target_modules.begin(), t.target_modules.end(), "all-linear") != t.target_modules.end();
+  std::vector<std::shared_ptr<Site>> out;
+  for (const auto& site : model.sites()) {
+    const SiteInfo& info = site->info();
+    if (info.kind != kind) continue;
+    bool hit = false;
+    if (regex) hit = RE2::FullMatch(info.name, *regex);
+    else if (all_linear) hit = kind == SiteKind::linear && info.layer >= 0;
+    else
+      for (const auto& s : t.target_modules) hit = hit || name_matches_suffix(info.name, s);
+    if (!hit) continue;
+    bool excluded = false;
+    for (const auto& s : t.exclude_modules) excluded = excluded || name_matches_suffix(info.name, s);
+    if (excluded) continue;
+    if (!t.layers_to_transform.empty() &&
+        std::find(t.layers_to_transform.begin(), t.layers_to_transform.end(), info.layer) == t.layers_to_transform.end())
+      continue;
+    out.push_back(site);
+  }
+  if (out.empty()) {
+    std::string some;
+    int n = 0;
+    for (const auto& s : model.sites())
+      if (s->info().kind == kind && n++ < 6) some += (some.empty() ? "" : ", ") + s->name();
+    std::string wanted = regex ? "regex '" + t.target_regex + "'" : "";
+    for (const auto& s : t.target_modules) wanted += (wanted.empty() ? "" : ", ") + s;
+    MDL_FAIL("[targets] no site of ", model.config().architecture, " matches ", wanted.empty() ? "(nothing given)" : wanted,
+             "; sites of this kind look like: ", some);
+  }
+  return out;
+}
+
+}  // namespace mdl
