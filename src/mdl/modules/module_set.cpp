@@ -221,6 +221,10 @@ ParameterSummary ModuleSet::summary() const {
 void ModuleSet::merge(const std::string& name) {
   Named& n = const_cast<Named&>(get(name));
   MDL_CHECK(!n.merged, "[modules] '", name, "' is already merged");
+  for (const auto& p : n.parts)  // all or nothing: check every part first
+    MDL_CHECK(p.module->can_merge(), "[merge] module '", name, "' (", p.module->type(), ") at '", p.site,
+              "' cannot be merged into the base weights; only LoRA (incl. DoRA), (IA)^3 and BitFit on biased "
+              "projections can");
   for (const auto& p : n.parts) {
     auto* e = attached(p.site).find(name);
     MDL_CHECK(e->scale == 1.0, "[modules] '", name, "' has scale ", e->scale, "; merge works on scale 1");

@@ -1,0 +1,199 @@
+// Every module type: a new module leaves the logits unchanged, an optimiser step changes only module
+// parameters, native save/load is bit-exact, the trainable count equals its closed form.
+#include <ATen/ATen.h>
+#include <torch/optim/sgd.h>
+#include <torch/utils.h>
+
+#include <nlohmann/json.hpp>
+
+#include "backbones/fixtures.h"
+#include "mdl/io/safetensors.h"
+#include "mdl/modules/module_set.h"
+
+namespace mdl {
+namespace {
+
+struct Case {
+  std::string label;
+  std::string arch;
+  nlohmann::json config;
+};
+
+std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.label; }
+
+at::Tensor logits(ModelImpl& m) {
+  ModelInput in;
+  in.input_ids = at::arange(3, 15, at::kLong).view({2, 6});
+  return m.forward(in);
+}
+
+// The closed-form count of trainable parameters a module should have on `model`.
+int64_t closed_form(const ModuleSet& set, const std::string& name) {
+  const ModuleConfig& c = set.config(name);
+  int64_t n = 0;
+  for (const auto& s : set.sites(name)) {
+    const SiteInfo& info = set.model()->site(s).info();
+    const int64_t in = info.in_features, out = info.out_features;
+    if (c.type == "lora") {
+      const int64_t r = c.lora.rank_alpha_for(s).first;
+      n += r * (in + out) + (c.lora.bias ? out : 0) + (c.lora.use_dora ? out : 0);
+    } else if (c.type == "ia3") {
+      n += c.ia3.is_feedforward(s) ? in : out;
+    } else if (c.type == "adapter") {
+      const int64_t b = std::max<int64_t>(1, out / c.adapter.reduction_factor);
+      n += out * b + b + b * out + out + (c.adapter.layer_norm ? 2 * out : 0);
+    } else if (c.type == "bitfit") {
+      n += out;
+    }
+  }
+  return n;
+}
+
+class ModuleZoo : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ModuleZoo, NewModuleIsIdentityStepTouchesOnlyModuleSaveLoadIsExact) {
+  const Case& tc = GetParam();
+  const std::string dir = test::tiny_checkpoint(tc.arch);
+  ModuleSet set(load_model(dir));
+  ModuleConfig config = tc.config.get<ModuleConfig>();
+  at::Tensor base;
+  {
+    torch::NoGradGuard g;
+    base = logits(*set.model());
+  }
+  set.add("m", config);
+  set.freeze_base({"m"});
+  {
+    torch::NoGradGuard g;
+    EXPECT_TRUE(at::equal(logits(*set.model()), base)) << "a new module must leave the logits unchanged";
+  }
+  const ParameterSummary summary = set.summary();
+  EXPECT_EQ(summary.trainable, closed_form(set, "m")) << summary.to_string();
+  EXPECT_EQ(summary.total, set.model()->num_parameters() + closed_form(set, "m"));
+
+  // One optimiser step.
+  std::map<std::string, at::Tensor> base_before;
+  for (const auto& item : set.model()->named_parameters()) base_before[item.key()] = item.value().detach().clone();
+  std::map<std::string, at::Tensor> module_before;
+  for (const auto& [k, t] : set.tensors("m")) module_before[k] = t.detach().clone();
+  torch::optim::SGD opt(set.parameters({"m"}), torch::optim::SGDOptions(0.5));
+  set.model()->train();
+  at::Tensor loss = logits(*set.model()).pow(2).mean();
+  loss.backward();
+  opt.step();
+  set.model()->eval();
+  for (const auto& item : set.model()->named_parameters()) {
+    EXPECT_FALSE(item.value().grad().defined()) << "frozen " << item.key() << " received a gradient";
+    EXPECT_TRUE(at::equal(item.value(), base_before.at(item.key()))) << item.key() << " changed";
+  }
+  int changed = 0;
+  for (const auto& [k, t] : set.tensors("m")) changed += !at::equal(t, module_before.at(k));
+  EXPECT_GT(changed, 0) << "no module parameter changed";
+
+  // Native save and load: bit-exact tensors and logits.
+  test::TempDir tmp;
+  set.save("m", tmp / "m");
+  ModuleSet other(load_model(dir));
+  EXPECT_EQ(other.load(tmp / "m"), "m");
+  for (const auto& [k, t] : set.tensors("m")) EXPECT_TRUE(at::equal(t, other.tensors("m").at(k))) << k;
+  torch::NoGradGuard g;
+  EXPECT_TRUE(at::equal(logits(*set.model()), logits(*other.model())));
+  EXPECT_FALSE(at::equal(logits(*other.model()), base));
+}
+
+std::vector<Case> cases() {
+  using nlohmann::json;
+  return {
+      {"lora_llama", "llama", {{"type", "lora"}}},
+      {"lora_gpt2_all_linear_rslora", "gpt2",
+       {{"type", "lora"}, {"options", {{"r", 4}, {"lora_alpha", 16}, {"use_rslora", true}}},
+        {"targets", {{"target_modules", "all-linear"}}}}},
+      {"lora_bert_gaussian_patterns", "bert",
+       {{"type", "lora"},
+        {"options", {{"r", 2}, {"init_lora_weights", "gaussian"}, {"rank_pattern", {{"value", 6}}}, {"alpha_pattern", {{"query", 3.0}}}}}}},
+      {"lora_bias", "llama", {{"type", "lora"}, {"options", {{"lora_bias", true}}}}},
+      {"dora", "llama", {{"type", "lora"}, {"options", {{"use_dora", true}, {"r", 4}}}, {"targets", {{"target_modules", {"q_proj", "o_proj", "down_proj"}}}}}},
+      {"ia3_llama", "llama", {{"type", "ia3"}}},
+      {"ia3_gpt2", "gpt2", {{"type", "ia3"}}},
+      {"adapter_pfeiffer", "llama", {{"type", "adapter"}, {"options", {{"reduction_factor", 8}}}}},
+      {"adapter_houlsby_bert", "bert", {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"non_linearity", "gelu"}}}}},
+      {"adapter_parallel_ln", "gpt2", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
+      {"bitfit", "gpt2", {{"type", "bitfit"}}},
+  };
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return info.param.label; });
+
+TEST(ModuleSet, TargetsActivationScalesAndErrors) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleConfig c;
+  c.targets.target_modules = {"q_proj", "self_attn.v_proj"};
+  c.targets.layers_to_transform = {1};
+  c.lora.init = "random";
+  set.add("a", c);
+  EXPECT_EQ(set.sites("a"), (std::vector<std::string>{"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
+  ModuleConfig all;
+  all.targets.target_modules = {"all-linear"};
+  all.targets.exclude_modules = {"mlp.up_proj"};
+  all.lora.init = "random";
+  all.seed = 5;
+  set.add("b", all);
+  EXPECT_EQ(set.sites("b").size(), 2u * 6);  // 7 projections per layer minus up_proj; lm_head excluded
+  ModuleConfig regex;
+  regex.targets.target_regex = R"(model\.layers\.0\.mlp\.(gate|down)_proj)";
+  set.add("c", regex);
+  EXPECT_EQ(set.sites("c").size(), 2u);
+
+  torch::NoGradGuard g;
+  set.set_active("a", false), set.set_active("b", false), set.set_active("c", false);
+  at::Tensor base = logits(*set.model());
+  set.set_active("a", true);
+  at::Tensor with_a = logits(*set.model());
+  EXPECT_FALSE(at::equal(with_a, base));
+  set.set_scale("a", 0.0);
+  EXPECT_TRUE(at::equal(logits(*set.model()), base));
+  set.set_scale("a", 1.0);
+  set.set_active("b", true);
+  EXPECT_FALSE(at::equal(logits(*set.model()), with_a));
+  set.remove("b");
+  EXPECT_TRUE(at::allclose(logits(*set.model()), with_a));
+  EXPECT_EQ(set.names(), (std::vector<std::string>{"a", "c"}));
+
+  EXPECT_THROW_WITH(set.add("a", c), "already exists");
+  ModuleConfig none;
+  none.targets.target_modules = {"nonexistent_proj"};
+  EXPECT_THROW_WITH(set.add("d", none), "no site of LlamaForCausalLM matches nonexistent_proj", "model.layers.0.self_attn.q_proj");
+  EXPECT_THROW_WITH(set.set_active("zzz", true), "no module named 'zzz'", "loaded: a, c");
+  EXPECT_THROW_WITH(nlohmann::json({{"type", "lora"}, {"options", {{"r", 0}}}}).get<ModuleConfig>(), "r must be > 0");
+  EXPECT_THROW_WITH(nlohmann::json({{"type", "magic"}}).get<ModuleConfig>(), "unknown module type 'magic'");
+  ModuleConfig adapter;
+  adapter.type = "adapter";
+  set.add("ad", adapter);
+  EXPECT_THROW_WITH(set.merge("ad"), "cannot be merged");
+}
+
+TEST(ModuleSet, WrongBaseModelIsRefusedAndFingerprintMismatchOnlyWarns) {
+  ModuleSet llama(load_model(test::tiny_checkpoint("llama")));
+  llama.add("m", ModuleConfig());
+  test::TempDir tmp;
+  llama.save("m", tmp / "m");
+  ModuleSet gpt2(load_model(test::tiny_checkpoint("gpt2")));
+  EXPECT_THROW_WITH(gpt2.load(tmp / "m"), "needs site 'model.layers.0.self_attn.q_proj'", "GPT2LMHeadModel",
+                    "another base model");
+  EXPECT_TRUE(gpt2.names().empty());
+  // Qwen2 tiny has the same q/v shapes: loads, with a warning.
+  ModuleSet qwen(load_model(test::tiny_checkpoint("qwen2")));
+  EXPECT_EQ(qwen.load(tmp / "m", "x"), "x");
+  EXPECT_EQ(qwen.load(tmp / "m", "y", /*force=*/true), "y");
+  // A tensor of the wrong shape names the tensor and both shapes.
+  auto tensors = io::load_safetensors(tmp / "m/module.safetensors");
+  tensors["model.layers.0.self_attn.q_proj.lora_A"] = at::zeros({8, 99});
+  io::save_safetensors(tmp / "m/module.safetensors", tensors);
+  EXPECT_THROW_WITH(llama.load(tmp / "m", "z"), "model.layers.0.self_attn.q_proj.lora_A", "[8, 99]", "[8, 64]");
+  EXPECT_FALSE(llama.contains("z"));
+  EXPECT_THROW_WITH(llama.load(tmp.path() + "/nothing"), "is not a directory");
+}
+
+}  // namespace
+}  // namespace mdl
