@@ -10,6 +10,7 @@
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/model.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/module_set.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "test_util.h"
 
@@ -146,8 +147,64 @@ TEST_F(Cli, ErrorsAreOneLineAndNonZero) {
   EXPECT_NE(mdl("frobnicate").code, 0);
 }
 
+TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
+  test::TempDir out;
+  const std::string cfg = R"('{"type":"lora","options":{"init_lora_weights":false,"r":4},"targets":{"target_modules":"all-linear"}}')";
+  Result r = mdl("init-module --model " + quote(model("llama")) + " --config " + cfg + " --out " + quote(out / "lora1"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("trainable params:"), std::string::npos) << r.out;
+  r = mdl("init-module --model " + quote(model("llama")) + " --type ia3 --format peft --out " + quote(out / "ia3peft"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::exists(out / "ia3peft/adapter_config.json"));
+
+  r = mdl("inspect " + quote(out / "lora1"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("type lora"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rank: 4 (14 sites)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("base: LlamaForCausalLM"), std::string::npos) << r.out;
+  r = mdl("inspect " + quote(out / "ia3peft"));
+  EXPECT_NE(r.out.find("peft_type IA3"), std::string::npos) << r.out;
+
+  auto run_forward = [&](const std::string& extra, const std::string& file, const std::string& which = "llama") {
+    Result f = mdl("forward --model " + quote(model(which)) + " --ids 5,6,7,8 --out " + quote(out / file) + " " + extra);
+    EXPECT_EQ(f.code, 0) << f.err;
+    return io::load_safetensors(out / file).at("logits").clone();
+  };
+  at::Tensor base = run_forward("", "base.safetensors");
+  at::Tensor with = run_forward("--modules " + quote(out / "lora1"), "with.safetensors");
+  at::Tensor zero = run_forward("--modules " + quote(out / "lora1") + ":0", "zero.safetensors");
+  at::Tensor both = run_forward("--modules " + quote(out / "lora1") + "," + quote(out / "ia3peft"), "both.safetensors");
+  EXPECT_FALSE(at::equal(with, base));
+  EXPECT_TRUE(at::equal(zero, base));
+  EXPECT_TRUE(at::allclose(both, with, 1e-5, 1e-5));  // (IA)^3 starts at ones
+  {
+    ModuleSet set(load_model(model("llama")));
+    set.load(out / "lora1");
+    torch::NoGradGuard g;
+    ModelInput in;
+    in.input_ids = at::tensor(std::vector<int64_t>{5, 6, 7, 8}).view({1, -1});
+    EXPECT_TRUE(at::allclose(with, set.model()->forward(in)[0]));
+  }
+  r = mdl("merge-into-base --model " + quote(model("llama")) + " --modules " + quote(out / "lora1") + " --out " +
+          quote(out / "merged"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::exists(out / "merged/tokenizer.json"));
+  r = mdl("forward --model " + quote(out / "merged") + " --ids 5,6,7,8 --out " + quote(out / "m.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  at::Tensor merged = io::load_safetensors(out / "m.safetensors").at("logits");
+  EXPECT_LE((merged - with).abs().max().item<double>(), 1e-5 * std::max(1.0, with.abs().max().item<double>()));
+
+  r = mdl("generate --model " + quote(model("llama")) + " --prompt hi --max-tokens 4 --modules " + quote(out / "lora1"));
+  EXPECT_EQ(r.code, 0) << r.err;
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --modules " + quote(out / "lora1"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("another base model"), std::string::npos) << r.err;
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --modules /nonexistent/mod");
+  EXPECT_NE(r.err.find("/nonexistent/mod"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate"}) {
+  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

@@ -41,6 +41,7 @@ TEST(Tokenizer, ByteLevelBpeAppliesMergesByRank) {
   for (const std::string text : {"a the hello", "Grüße, мир! 🙂 \n\n  tabs\tand   spaces", ""})
     EXPECT_EQ(tok.decode(tok.encode(text)), text);
   EXPECT_EQ(tok.vocab_size(), 301);
+  EXPECT_EQ(tok.decode({97, 5000, 98}), "ab");  // ids past the tokenizer (padded model vocabularies) vanish
   EXPECT_EQ(*tok.token_to_id("<|endoftext|>"), 300);
   EXPECT_TRUE(tok.is_special(300));
 }

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
 
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
@@ -17,8 +19,11 @@
 #include "mdl/core/error.h"
 #include "mdl/core/log.h"
 #include "mdl/core/threads.h"
+#include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/tokenizer.h"
 
 namespace fs = std::filesystem;
@@ -48,6 +53,34 @@ LoadOptions load_options(const RunOptions& r) {
   o.device = parse_device(r.device);
   o.dtype = parse_dtype(r.dtype);
   return o;
+}
+
+struct ModuleArgs {
+  std::string modules;  // "PATH[:SCALE],..."
+  bool force = false;
+};
+
+void add_module_options(CLI::App* cmd, ModuleArgs& m) {
+  cmd->add_option("--modules", m.modules,
+                  "module directories (mdl or PEFT), comma-separated, each optionally with :SCALE");
+  cmd->add_flag("--force", m.force, "load modules made for a different base model when their shapes fit");
+}
+
+// Loads every module of `arg` onto `model`; returns the set (empty when none).
+std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& args) {
+  auto set = std::make_unique<ModuleSet>(model);
+  if (args.modules.empty()) return set;
+  std::stringstream in(args.modules);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    if (item.empty()) continue;
+    auto [path, scale] = parse_module_arg(item);
+    const std::string name = set->load(path, "", args.force);
+    if (scale != 1.0) set->set_scale(name, scale);
+    log_info("[modules] " + name + " (" + set->config(name).type + ", " + std::to_string(set->sites(name).size()) +
+             " sites" + (scale != 1.0 ? ", scale " + std::to_string(scale) : "") + ")");
+  }
+  return set;
 }
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -105,6 +138,64 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// Describes a module directory: type, targets, rank, parameter count, base fingerprint.
+void inspect_module(const std::string& dir) {
+  const fs::path p(dir);
+  const bool native = fs::exists(p / "module.json");
+  const std::string meta_file = (p / (native ? "module.json" : "adapter_config.json")).string();
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(io::read_text(meta_file));
+  } catch (const nlohmann::json::exception& e) {
+    MDL_FAIL("[inspect] '", meta_file, "' is not valid JSON: ", e.what());
+  }
+  const std::string weights = (p / (native ? "module.safetensors" : "adapter_model.safetensors")).string();
+  io::SafetensorsFile file(weights);
+  int64_t params = 0;
+  std::set<std::string> sites;
+  std::map<int64_t, int> ranks;
+  for (const auto& n : file.names()) {
+    int64_t numel = 1;
+    for (auto d : file.entry(n).shape) numel *= d;
+    params += numel;
+    const size_t a = n.find(".lora_A");
+    if (a != std::string::npos) ranks[file.entry(n).shape[0]]++;
+    std::string site = n;
+    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l", ".adapter_", ".bias"}) {
+      size_t at = site.find(suffix);
+      if (at != std::string::npos) {
+        site = site.substr(0, at);
+        break;
+      }
+    }
+    sites.insert(site);
+  }
+  if (native) {
+    std::printf("module: %s (mdl native), type %s\n", meta.value("name", std::string("?")).c_str(),
+                meta.value("type", std::string("?")).c_str());
+    std::printf("options: %s\n", meta["config"].value("options", nlohmann::json::object()).dump().c_str());
+    std::printf("targets: %s\n", meta["config"].value("targets", nlohmann::json::object()).dump().c_str());
+    const auto& b = meta.value("base", nlohmann::json::object());
+    std::printf("base: %s, hidden %lld, %lld layers, vocab %lld, shapes hash %s\n",
+                b.value("architecture", std::string("?")).c_str(), (long long)b.value("hidden_size", 0LL),
+                (long long)b.value("n_layer", 0LL), (long long)b.value("vocab_size", 0LL),
+                b.value("shapes_hash", std::string("?")).c_str());
+  } else {
+    std::printf("module: %s (Hugging Face PEFT), peft_type %s\n", p.filename().c_str(),
+                meta.value("peft_type", std::string("?")).c_str());
+    nlohmann::json options = meta;
+    options.erase("target_modules");
+    std::printf("options: %s\n", options.dump().c_str());
+    std::printf("targets: %s\n", meta.value("target_modules", nlohmann::json()).dump().c_str());
+    std::printf("base: %s\n", meta.value("base_model_name_or_path", std::string("(not recorded)")).c_str());
+  }
+  std::string rank_text;
+  for (const auto& [r, n] : ranks) rank_text += (rank_text.empty() ? "" : ", ") + std::to_string(r) + " (" + std::to_string(n) + " sites)";
+  if (!rank_text.empty()) std::printf("rank: %s\n", rank_text.c_str());
+  std::printf("%zu sites, %zu tensors, %s parameters (%lld)\n", sites.size(), file.names().size(), human(params).c_str(),
+              (long long)params);
+}
+
 // ---- inspect ----------------------------------------------------------------------------------------
 void register_inspect(CLI::App& app, GlobalOptions& g) {
   auto path = std::make_shared<std::string>();
@@ -114,6 +205,11 @@ void register_inspect(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--limit", *limit, "print at most this many tensors (0: all)");
   cmd->callback([path, limit, &g] {
     apply(g);
+    const fs::path p(*path);
+    if (fs::is_directory(p) && (fs::exists(p / "module.json") || fs::exists(p / "adapter_config.json"))) {
+      inspect_module(*path);
+      return;
+    }
     if (fs::is_directory(*path) && fs::exists(fs::path(*path) / "config.json")) {
       ModelConfig c = load_model_config(*path);
       std::printf("model: %s (%s), %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, context %lld\n",
@@ -170,6 +266,7 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
   auto ids = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   auto run = std::make_shared<RunOptions>();
+  auto mods = std::make_shared<ModuleArgs>();
   CLI::App* cmd = app.add_subcommand("forward", "run one forward pass and write the logits (tensor 'logits') to safetensors");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   auto* t = cmd->add_option("--text", *text, "text to encode with the checkpoint's tokenizer");
@@ -177,12 +274,14 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
   t->excludes(i);
   cmd->add_option("--out", *out, "output .safetensors file")->required();
   add_run_options(cmd, *run);
+  add_module_options(cmd, *mods);
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!text->empty() || !ids->empty(), "[forward] give --text or --ids");
     std::vector<int64_t> tokens = ids->empty() ? Tokenizer::from_file(*model).encode(*text) : parse_ids(*ids);
     MDL_CHECK(!tokens.empty(), "[forward] the text encodes to no tokens");
     Model m = load_model(*model, load_options(*run));
+    auto modules = attach_modules(m, *mods);
     torch::NoGradGuard no_grad;
     ModelInput in;
     in.input_ids = at::tensor(tokens, at::kLong).view({1, -1}).to(m->device());
@@ -201,6 +300,7 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
   auto gen = std::make_shared<GenerateOptions>();
   auto run = std::make_shared<RunOptions>();
   auto no_cache = std::make_shared<bool>(false);
+  auto mods = std::make_shared<ModuleArgs>();
   CLI::App* cmd = app.add_subcommand("generate", "generate text with a causal LM checkpoint");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   cmd->add_option("--prompt", *prompt, "prompt text")->required();
@@ -212,12 +312,14 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--stop-id", gen->stop_token_ids, "token id(s) that end generation (default: the config's EOS)");
   cmd->add_flag("--no-cache", *no_cache, "recompute the whole sequence each step (reference path)");
   add_run_options(cmd, *run);
+  add_module_options(cmd, *mods);
   cmd->callback([=, &g] {
     apply(g);
     validate(*gen);
     gen->use_cache = !*no_cache;
     Tokenizer tok = Tokenizer::from_file(*model);
     Model m = load_model(*model, load_options(*run));
+    auto modules = attach_modules(m, *mods);
     std::vector<int64_t> ids = tok.encode(*prompt);
     if (ids.empty() && m->config().bos_token_id >= 0) ids.push_back(m->config().bos_token_id);
     std::printf("%s", prompt->c_str());
@@ -246,9 +348,84 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- init-module ------------------------------------------------------------------------------------
+void register_init_module(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto type = std::make_shared<std::string>("lora");
+  auto config_json = std::make_shared<std::string>();
+  auto targets = std::make_shared<std::vector<std::string>>();
+  auto format = std::make_shared<std::string>("native");
+  auto r = std::make_shared<int64_t>(8);
+  auto alpha = std::make_shared<double>(0);
+  auto seed = std::make_shared<uint64_t>(0);
+  CLI::App* cmd = app.add_subcommand("init-module", "create a new (untrained) module for a checkpoint");
+  cmd->add_option("--model", *model, "checkpoint directory")->required();
+  cmd->add_option("--type", *type, "lora | ia3 | adapter | bitfit")->check(CLI::IsMember({"lora", "ia3", "adapter", "bitfit"}))->capture_default_str();
+  cmd->add_option("--r", *r, "LoRA rank")->capture_default_str();
+  cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r)");
+  cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
+  cmd->add_option("--config", *config_json, "the whole module config as JSON: {\"type\", \"options\", \"targets\"}");
+  cmd->add_option("--seed", *seed, "initialisation seed")->capture_default_str();
+  cmd->add_option("--format", *format, "native | peft")->check(CLI::IsMember({"native", "peft"}))->capture_default_str();
+  cmd->add_option("--out", *out, "output directory")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    ModuleConfig config;
+    if (!config_json->empty()) {
+      try {
+        config = nlohmann::json::parse(*config_json).get<ModuleConfig>();
+      } catch (const nlohmann::json::exception& e) {
+        MDL_FAIL("[--config] not a valid module config: ", e.what());
+      }
+    } else {
+      config.type = *type;
+      config.lora.r = *r;
+      config.lora.alpha = *alpha > 0 ? *alpha : static_cast<double>(*r);
+      config.targets.target_modules = *targets;
+    }
+    config.seed = *seed;
+    ModuleSet set(load_model(*model));
+    const std::string name = fs::path(*out).lexically_normal().filename().string();
+    set.add(name, config);
+    set.freeze_base({name});
+    if (*format == "peft") write_peft(set, name, *out);
+    else set.save(name, *out);
+    std::printf("created %s module '%s' at %zu sites in %s (%s)\n%s\n", config.type.c_str(), name.c_str(),
+                set.sites(name).size(), out->c_str(), format->c_str(), set.summary().to_string().c_str());
+  });
+}
+
+// ---- merge-into-base --------------------------------------------------------------------------------
+void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto mods = std::make_shared<ModuleArgs>();
+  CLI::App* cmd = app.add_subcommand("merge-into-base", "fold modules into the base weights and write a checkpoint");
+  cmd->add_option("--model", *model, "checkpoint directory")->required();
+  add_module_options(cmd, *mods);
+  cmd->add_option("--out", *out, "output checkpoint directory (Hugging Face layout)")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(!mods->modules.empty(), "[merge-into-base] give --modules");
+    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[merge-into-base] --out must differ from --model");
+    Model m = load_model(*model);
+    auto set = attach_modules(m, *mods);
+    // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
+    for (const auto& name : set->names()) set->merge(name);
+    save_model(*m, *out);
+    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
+      if (fs::exists(fs::path(*model) / f))
+        io::write_text_atomic((fs::path(*out) / f).string(), io::read_text((fs::path(*model) / f).string()));
+    std::printf("merged %zu module(s) into %s\n", set->names().size(), out->c_str());
+  });
+}
+
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_init_module(app, globals);
+  register_merge_into_base(app, globals);
   register_init_model(app, globals);
   register_inspect(app, globals);
   register_tokenize(app, globals);

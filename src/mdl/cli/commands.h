@@ -16,7 +16,7 @@ struct GlobalOptions {
   std::string log_level = "info";  ///< debug | info | warn | error | off
 };
 
-/// Adds init-model, inspect, tokenize, forward and generate to `app`.
+/// Adds init-model, inspect, tokenize, forward, generate, init-module and merge-into-base to `app`.
 void register_commands(CLI::App& app, GlobalOptions& globals);
 
 }  // namespace mdl::cli

@@ -218,10 +218,10 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special
       out += a->content;
       continue;
     }
+    // An id with no token (a model's vocabulary is often padded beyond the tokenizer's) decodes to
+    // nothing, as in HF tokenizers.
     std::string token = impl_->model->id_to_token(id);
-    MDL_CHECK(!token.empty() || (id >= 0 && id < vocab_size()), "[tokenizer] id ", id,
-              " is outside the vocabulary of ", vocab_size(), " tokens");
-    run.push_back(token);
+    if (!token.empty()) run.push_back(token);
   }
   flush();
   return out;

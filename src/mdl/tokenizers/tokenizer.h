@@ -22,7 +22,7 @@ class Tokenizer {
 
   /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. [CLS] ... [SEP], <s>).
   std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
-  /// Text of `ids`; special tokens are dropped when `skip_special_tokens`.
+  /// Text of `ids`; special tokens are dropped when `skip_special_tokens`; ids without a token decode to nothing.
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const;
   /// The pieces the model part sees (after added-token splitting, normalisation and pre-tokenisation).
   std::vector<std::string> pre_tokenize(const std::string& text) const;
