@@ -7,7 +7,9 @@
 #include <fstream>
 #include <map>
 #include <string>
+#include <unistd.h>
 
+#include "mdl/core/cpu_allocator.h"
 #include "mdl/core/threads.h"
 
 namespace mdl::bench {
@@ -47,6 +49,45 @@ double time_it(const std::function<void()>& fn, const Settings& settings) {
   return times[times.size() / 2];
 }
 
+namespace {
+std::map<std::string, std::function<double(const Settings&)>>& children() {
+  static std::map<std::string, std::function<double(const Settings&)>> c;
+  return c;
+}
+long g_baseline = 0;
+long current_rss_bytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6)) * 1024;
+  return 0;
+}
+int g_threads = 0;
+}  // namespace
+
+bool register_child(const std::string& name, std::function<double(const Settings&)> fn) {
+  children()[name] = std::move(fn);
+  return true;
+}
+
+void mark_baseline() { g_baseline = current_rss_bytes(); }
+
+ChildResult run_child(const std::string& name, const Settings& settings) {
+  std::string cmd = "/proc/" + std::to_string(getpid()) + "/exe --child=" + name +
+                    (settings.quick ? " --quick" : "") + " --threads=" + std::to_string(g_threads);
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (!pipe) throw std::runtime_error("cannot start child " + name);
+  char buf[512];
+  std::string out;
+  while (fgets(buf, sizeof(buf), pipe)) out += buf;
+  int status = pclose(pipe);
+  ChildResult r;
+  const size_t at = out.find("CHILD ");
+  if (status != 0 || at == std::string::npos) throw std::runtime_error("child " + name + " failed: " + out);
+  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss);
+  return r;
+}
+
 long peak_rss_bytes() {
   std::ifstream in("/proc/self/status");
   std::string line;
@@ -59,13 +100,14 @@ long peak_rss_bytes() {
 
 int main(int argc, char** argv) {
   mdl::bench::Settings settings;
-  std::string filter;
+  std::string filter, child;
   int threads = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--quick") settings.quick = true, settings.min_seconds = 0.05;
     else if (a.rfind("--filter=", 0) == 0) filter = a.substr(9);
     else if (a.rfind("--threads=", 0) == 0) threads = std::stoi(a.substr(10));
+    else if (a.rfind("--child=", 0) == 0) child = a.substr(8);
     else if (a == "--help" || a == "-h") {
       std::printf("usage: mdl_bench [--quick] [--filter=SUBSTRING] [--threads=N]\nbenchmarks:");
       for (auto& [name, fn] : mdl::bench::registry()) std::printf(" %s", name.c_str());
@@ -77,6 +119,15 @@ int main(int argc, char** argv) {
     }
   }
   auto t = mdl::configure_threads(threads);
+  mdl::install_cpu_allocator();
+  mdl::bench::g_threads = threads;
+  if (!child.empty()) {
+    auto it = mdl::bench::children().find(child);
+    if (it == mdl::bench::children().end()) return 2;
+    double s = it->second(settings);
+    std::printf("CHILD %.9f %ld %ld\n", s, mdl::bench::peak_rss_bytes(), mdl::bench::g_baseline);
+    return 0;
+  }
   std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d)%s\n", t.budget, t.torch_threads, t.blas_threads,
               settings.quick ? ", quick" : "");
   std::printf("  %-12s %-52s %12s %-10s %s\n", "group", "measurement", "value", "unit", "ratio / note");

@@ -46,3 +46,25 @@ long peak_rss_bytes();
 }  // namespace mdl::bench
 
 #define MDL_BENCHMARK(name, fn) static bool mdl_bench_##name = ::mdl::bench::register_benchmark(#name, fn)
+
+namespace mdl::bench {
+
+/// A measurement run in a fresh child process (so its peak memory is its own): returns seconds per call.
+bool register_child(const std::string& name, std::function<double(const Settings&)> fn);
+
+/// Result of a child run.
+struct ChildResult {
+  double seconds = 0;     ///< what the child's function returned
+  long peak_rss = 0;      ///< the child's peak resident memory (bytes)
+  long baseline_rss = 0;  ///< its resident memory when the function called mark_baseline()
+};
+
+/// Runs child measurement `name` in a new process of this executable.
+ChildResult run_child(const std::string& name, const Settings& settings);
+
+/// Inside a child: records the current resident memory as the baseline (e.g. after loading the model).
+void mark_baseline();
+
+}  // namespace mdl::bench
+
+#define MDL_BENCHMARK_CHILD(name, fn) static bool mdl_child_##name = ::mdl::bench::register_child(#name, fn)

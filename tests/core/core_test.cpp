@@ -1,5 +1,7 @@
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
@@ -25,6 +27,22 @@ TEST(Device, ParsesNamesAndRefusesWhatIsMissing) {
   EXPECT_EQ(parse_dtype("f32"), c10::kFloat);
   EXPECT_THROW_WITH(parse_dtype("int3"), "unknown dtype 'int3'");
   EXPECT_EQ(dtype_name(c10::kBFloat16), "bf16");
+}
+
+TEST(CpuAllocator, ReusesLargeBlocksAndKeepsDataIntact) {
+  install_cpu_allocator(int64_t(256) << 20);
+  ASSERT_TRUE(cpu_allocator_installed());
+  const CpuAllocatorStats before = cpu_allocator_stats();
+  for (int i = 0; i < 4; ++i) {
+    at::Tensor t = at::full({2048, 1024}, static_cast<float>(i));  // 8 MiB: the cached path
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data_ptr()) % (2 << 20), 0u);
+    EXPECT_EQ(t.sum().item<double>(), 2048.0 * 1024 * i);
+  }
+  const CpuAllocatorStats after = cpu_allocator_stats();
+  EXPECT_GE(after.large_hits - before.large_hits, 3);  // the first may miss, the others reuse it
+  EXPECT_LE(after.cached_bytes, after.limit_bytes);
+  at::Tensor small = at::arange(10, at::kFloat);  // the small path
+  EXPECT_EQ(small[9].item<float>(), 9.0f);
 }
 
 TEST(AtomicFile, UncommittedWritesLeaveNothing) {

@@ -15,6 +15,7 @@
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
 #include "mdl/backbones/model.h"
+#include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
 #include "mdl/core/error.h"
 #include "mdl/core/log.h"
@@ -33,6 +34,7 @@ namespace {
 
 void apply(const GlobalOptions& g) {
   set_log_level(parse_log_level(g.log_level));
+  install_cpu_allocator();
   ThreadConfig t = configure_threads(g.threads);
   log_debug("[threads] budget " + std::to_string(t.budget) + ": torch " + std::to_string(t.torch_threads) +
             ", OpenBLAS " + std::to_string(t.blas_threads));

@@ -1,0 +1,113 @@
+// Modules issue benchmarks, on the small preset with LoRA r=16 on every attention and MLP projection:
+// forward unmerged vs merged (batch 1 and 32), and a LoRA training step vs a full fine-tuning step (time,
+// and peak memory measured in separate child processes).
+#include <ATen/ATen.h>
+#include <torch/optim/adamw.h>
+#include <torch/utils.h>
+
+#include <cstdio>
+
+#include "harness.h"
+#include "mdl/backbones/init_model.h"
+#include "mdl/modules/module_set.h"
+
+namespace mdl::bench {
+namespace {
+
+Model small_model(const std::string& arch) {
+  Model m = create_model(preset_config(arch, "small", 8192, HeadKind::causal_lm, 2));
+  m->init_weights(0);
+  return m;
+}
+
+ModuleConfig lora16() {
+  ModuleConfig c;
+  c.lora.r = 16;
+  c.lora.alpha = 32;
+  c.lora.init = "random";  // non-zero B: the real cost of an unmerged, trained LoRA
+  c.targets.target_modules = {"all-linear"};
+  return c;
+}
+
+void lora_forward(const Settings& s, Report& r) {
+  torch::NoGradGuard no_grad;
+  for (const std::string arch : {"llama", "gpt2"}) {
+    ModuleSet set(small_model(arch));
+    set.model()->eval();
+    set.add("lora", lora16());
+    for (int64_t batch : {1, 32}) {
+      const int64_t T = s.quick ? 32 : 128;
+      ModelInput in;
+      in.input_ids = at::randint(0, 8192, {batch, T}, at::kLong);
+      const double unmerged = time_it([&] { set.model()->forward(in); }, s);
+      set.merge("lora");
+      const double merged = time_it([&] { set.model()->forward(in); }, s);
+      set.unmerge("lora");
+      const std::string what = arch + "-small batch " + std::to_string(batch) + " x " + std::to_string(T);
+      char note[96];
+      std::snprintf(note, sizeof(note), "%.3fx merged time%s", unmerged / merged,
+                    batch == 32 ? " (target <= 1.15x)" : "");
+      r.add({"lora", "forward unmerged r=16 all-linear, " + what, batch * T / unmerged, "tokens/s", note});
+      r.add({"lora", "forward merged, " + what, batch * T / merged, "tokens/s", "baseline"});
+    }
+  }
+}
+
+// One AdamW step of causal-LM training on the small Llama; `lora` trains only a LoRA r=16.
+double train_step(const Settings& s, bool lora) {
+  Model model = small_model("llama");
+  ModuleSet set(model);
+  std::vector<at::Tensor> params;
+  if (lora) {
+    ModuleConfig c = lora16();
+    c.lora.init = "kaiming";
+    set.add("lora", c);
+    set.freeze_base({"lora"});
+    params = set.parameters({"lora"});
+  } else {
+    params = model->parameters();
+  }
+  model->train();
+  const int64_t B = s.quick ? 2 : 8, T = s.quick ? 32 : 128;
+  at::Tensor ids = at::randint(0, 8192, {B, T + 1}, at::kLong);
+  ModelInput in;
+  in.input_ids = ids.narrow(1, 0, T);
+  at::Tensor targets = ids.narrow(1, 1, T).reshape({-1});
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
+  mark_baseline();
+  return time_it(
+      [&] {
+        opt.zero_grad();
+        at::Tensor logits = model->forward(in);  // (B, T, V)
+        at::Tensor loss = at::cross_entropy_loss(logits.reshape({B * T, -1}), targets);
+        loss.backward();
+        opt.step();
+      },
+      s);
+}
+
+void train_compare(const Settings& s, Report& r) {
+  ChildResult full = run_child("step_full", s), lora = run_child("step_lora", s);
+  const int64_t tokens = s.quick ? 64 : 1024;
+  char note[96];
+  std::snprintf(note, sizeof(note), "%.3fx full fine-tuning time (target <= 0.75x)", lora.seconds / full.seconds);
+  r.add({"lora", "train step llama-small, LoRA r=16 all-linear", tokens / lora.seconds, "tokens/s", note});
+  r.add({"lora", "train step llama-small, full fine-tuning", tokens / full.seconds, "tokens/s", "baseline"});
+  const double mb = 1024.0 * 1024.0;
+  std::snprintf(note, sizeof(note), "%.3fx full fine-tuning peak (target <= 0.5x)", double(lora.peak_rss) / full.peak_rss);
+  r.add({"lora", "train peak memory (process), LoRA", lora.peak_rss / mb, "MiB", note});
+  r.add({"lora", "train peak memory (process), full fine-tuning", full.peak_rss / mb, "MiB", "baseline"});
+  const double lora_extra = double(lora.peak_rss - lora.baseline_rss), full_extra = double(full.peak_rss - full.baseline_rss);
+  std::snprintf(note, sizeof(note), "%.3fx full fine-tuning (memory above the loaded model)", lora_extra / full_extra);
+  r.add({"lora", "train memory above the model, LoRA", lora_extra / mb, "MiB", note});
+  r.add({"lora", "train memory above the model, full fine-tuning", full_extra / mb, "MiB", "baseline"});
+}
+
+}  // namespace
+
+MDL_BENCHMARK(lora_forward, lora_forward);
+MDL_BENCHMARK(lora_train, train_compare);
+MDL_BENCHMARK_CHILD(step_full, [](const Settings& s) { return train_step(s, false); });
+MDL_BENCHMARK_CHILD(step_lora, [](const Settings& s) { return train_step(s, true); });
+
+}  // namespace mdl::bench
