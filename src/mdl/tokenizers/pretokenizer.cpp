@@ -153,46 +153,28 @@ class Metaspace : public PreTokenizer {
   }
 };
 
-// Splits on whitespace (dropped) and isolates each punctuation character (BERT).
-class BertPre : public PreTokenizer {
+// Splits on whitespace (dropped); with `isolate_punctuation` each punctuation character becomes a piece
+// of its own (BERT's pre-tokenizer), without it this is WhitespaceSplit.
+class WhitespacePunctuation : public PreTokenizer {
  public:
+  explicit WhitespacePunctuation(bool isolate_punctuation) : isolate_(isolate_punctuation) {}
   void pre_tokenize(std::vector<std::string>& pieces, bool) const override {
     std::vector<std::string> out;
     for (const auto& p : pieces) {
       std::string current;
       for (char32_t cp : unicode::decode(p)) {
-        if (unicode::is_whitespace(cp)) {
-          if (!current.empty()) out.push_back(current), current.clear();
-        } else if (unicode::is_punctuation(cp)) {
-          if (!current.empty()) out.push_back(current), current.clear();
-          out.push_back(unicode::encode(cp));
-        } else {
-          current += unicode::encode(cp);
-        }
+        const bool space = unicode::is_whitespace(cp), punct = isolate_ && unicode::is_punctuation(cp);
+        if ((space || punct) && !current.empty()) out.push_back(current), current.clear();
+        if (punct) out.push_back(unicode::encode(cp));
+        else if (!space) current += unicode::encode(cp);
       }
       if (!current.empty()) out.push_back(current);
     }
     pieces = std::move(out);
   }
-};
 
-class WhitespaceSplit : public PreTokenizer {
- public:
-  void pre_tokenize(std::vector<std::string>& pieces, bool) const override {
-    std::vector<std::string> out;
-    for (const auto& p : pieces) {
-      std::string current;
-      for (char32_t cp : unicode::decode(p)) {
-        if (unicode::is_whitespace(cp)) {
-          if (!current.empty()) out.push_back(current), current.clear();
-        } else {
-          current += unicode::encode(cp);
-        }
-      }
-      if (!current.empty()) out.push_back(current);
-    }
-    pieces = std::move(out);
-  }
+ private:
+  bool isolate_;
 };
 
 // Keeps the matches of `\w+|[^\w\s]+` (HF's Whitespace pre-tokenizer).
@@ -282,9 +264,9 @@ std::unique_ptr<PreTokenizer> make_pretokenizer(const json& j) {
     m->split = j.value("split", true);
     return m;
   }
-  if (type == "BertPreTokenizer") return std::make_unique<BertPre>();
+  if (type == "BertPreTokenizer") return std::make_unique<WhitespacePunctuation>(true);
   if (type == "Whitespace") return std::make_unique<Whitespace>();
-  if (type == "WhitespaceSplit") return std::make_unique<WhitespaceSplit>();
+  if (type == "WhitespaceSplit") return std::make_unique<WhitespacePunctuation>(false);
   if (type == "Digits") {
     auto d = std::make_unique<Digits>();
     d->individual = j.value("individual_digits", false);
