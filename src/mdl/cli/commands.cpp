@@ -163,7 +163,7 @@ void inspect_module(const std::string& dir) {
     const size_t a = n.find(".lora_A");
     if (a != std::string::npos) ranks[file.entry(n).shape[0]]++;
     std::string site = n;
-    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l", ".adapter_", ".bias"}) {
+    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l", ".adapter_", ".indices", ".values", ".bias"}) {
       size_t at = site.find(suffix);
       if (at != std::string::npos) {
         site = site.substr(0, at);

@@ -21,6 +21,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   if (c.type == "lora") j["options"] = c.lora;
   else if (c.type == "ia3") j["options"] = c.ia3;
   else if (c.type == "adapter") j["options"] = c.adapter;
+  else if (c.type == "sparse") j["options"] = c.sparse;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -32,7 +33,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   if (c.type == "lora") c.lora = options.get<LoraOptions>();
   else if (c.type == "ia3") c.ia3 = options.get<Ia3Options>();
   else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
-  else MDL_CHECK(c.type == "bitfit", "[module] unknown module type '", c.type, "'; expected lora, ia3, adapter or bitfit");
+  else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
+  else MDL_CHECK(c.type == "bitfit", "[module] unknown module type '", c.type,
+                 "'; expected lora, ia3, adapter, bitfit or sparse");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -64,7 +67,7 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
     // Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output").
     if (adapter_config == "houlsby") t.target_regex = R"(.*\.(attn|self_attn|attention|mlp|output))";
     else t.target_regex = R"(.*\.(mlp|output))";
-  } else if (type == "bitfit") {
+  } else if (type == "bitfit" || type == "sparse") {
     t.target_modules = {"all-linear"};
   }
   return t;
@@ -103,7 +106,7 @@ AttachedModules& ModuleSet::attached(const std::string& site_name) {
   return *attached;
 }
 
-void ModuleSet::add(const std::string& name, const ModuleConfig& config_in) {
+void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!name.empty() && name.find('/') == std::string::npos, "[modules] invalid module name '", name, "'");
   MDL_CHECK(!contains(name), "[modules] a module named '", name, "' already exists; remove it first or pick another name");
   ModuleConfig config = config_in;
@@ -126,7 +129,15 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in) {
     else if (config.type == "ia3") m = std::make_shared<Ia3Impl>(model_->linear(site->name()), config.ia3, seed++);
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter or bitfit");
+    else if (config.type == "sparse") {
+      at::Tensor indices;
+      if (auto it = init.find(site->name() + ".indices"); it != init.end()) indices = it->second;
+      else if (auto sc = init.find(site->name()); sc != init.end()) indices = select_top_indices(sc->second, config.sparse.density);
+      else MDL_FAIL("[modules] sparse module '", name, "' has no selection for '", site->name(),
+                    "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
+      m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
+    }
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit or sparse");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -167,8 +178,10 @@ void ModuleSet::set_scale(const std::string& name, double scale) {
 
 std::map<std::string, at::Tensor> ModuleSet::tensors(const std::string& name) const {
   std::map<std::string, at::Tensor> out;
-  for (const auto& p : get(name).parts)
+  for (const auto& p : get(name).parts) {
     for (const auto& item : p.module->named_parameters(/*recurse=*/true)) out[p.site + "." + item.key()] = item.value();
+    for (const auto& item : p.module->named_buffers(/*recurse=*/true)) out[p.site + "." + item.key()] = item.value();
+  }
   return out;
 }
 
@@ -314,9 +327,10 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
     MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
   }
   std::vector<std::string> site_names = j.at("sites").get<std::vector<std::string>>();
-  add_exact(name, config, site_names);
+  const auto file_tensors = io::load_safetensors((path / "module.safetensors").string());
+  add_exact(name, config, site_names, file_tensors);
   try {
-    load_tensors(name, io::load_safetensors((path / "module.safetensors").string()), (path / "module.safetensors").string());
+    load_tensors(name, file_tensors, (path / "module.safetensors").string());
   } catch (...) {
     remove(name);
     throw;
@@ -335,7 +349,8 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
   return name;
 }
 
-void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names) {
+void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names,
+                          const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
   const SiteKind kind = config_in.type == "adapter" ? SiteKind::sublayer : SiteKind::linear;
   for (const auto& s : site_names) {
@@ -356,7 +371,7 @@ void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in
   }
   config.targets = TargetOptions();
   config.targets.target_regex = "(?:" + regex + ")";
-  add(name, config);
+  add(name, config, init);
   modules_[name].config.targets = config_in.targets;  // keep what the user wrote
 }
 

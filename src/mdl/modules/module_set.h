@@ -15,16 +15,18 @@
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
+#include "mdl/modules/sparse_diff.h"
 #include "mdl/modules/targets.h"
 
 namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit
+  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | sparse
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
+  SparseOptions sparse;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };
@@ -53,8 +55,10 @@ class ModuleSet {
   explicit ModuleSet(Model model);
   Model model() const { return model_; }
 
-  /// Creates module `name` at the sites its targets select; throws if the name is taken.
-  void add(const std::string& name, const ModuleConfig& config);
+  /// Creates module `name` at the sites its targets select; throws if the name is taken. A sparse module
+  /// takes, per site, either "<site>.indices" or selection scores "<site>" (change_scores, fisher_scores)
+  /// from `init`.
+  void add(const std::string& name, const ModuleConfig& config, const std::map<std::string, at::Tensor>& init = {});
   void remove(const std::string& name);
   bool contains(const std::string& name) const { return modules_.count(name) > 0; }
   std::vector<std::string> names() const;
@@ -67,7 +71,7 @@ class ModuleSet {
   /// Scales a module's effect (1 = as trained).
   void set_scale(const std::string& name, double scale);
 
-  /// Parameters of `name` as "<site>.<param>" -> tensor (shared with the module, not copies).
+  /// Parameters and buffers of `name` as "<site>.<param>" -> tensor (shared with the module, not copies).
   std::map<std::string, at::Tensor> tensors(const std::string& name) const;
   /// Copies tensors into module `name`, checking every name and shape.
   void load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors, const std::string& source);
@@ -104,7 +108,8 @@ class ModuleSet {
   };
   const Named& get(const std::string& name) const;
   /// add() at exactly these sites (from a file), each checked to exist and to be of the right kind.
-  void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites);
+  void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites,
+                 const std::map<std::string, at::Tensor>& init = {});
   AttachedModules& attached(const std::string& site);
   Model model_;
   std::map<std::string, Named> modules_;
