@@ -64,7 +64,8 @@ INSTANTIATE_TEST_SUITE_P(
                       std::make_pair(std::string("llama"), json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"use_dora", true}, {"use_rslora", true}}}}),
                       std::make_pair(std::string("llama"), json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
                       std::make_pair(std::string("bert"), json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
-                      std::make_pair(std::string("gpt2"), json{{"type", "bitfit"}})));
+                      std::make_pair(std::string("gpt2"), json{{"type", "bitfit"}}),
+                      std::make_pair(std::string("gpt2"), json{{"type", "layernorm"}})));
 
 }  // namespace
 }  // namespace mdl

@@ -44,6 +44,8 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
       n += out * b + b + b * out + out + (c.adapter.layer_norm ? 2 * out : 0);
     } else if (c.type == "bitfit") {
       n += out;
+    } else if (c.type == "layernorm") {
+      n += set.model()->norm(s).bias.defined() ? 2 * out : out;
     }
   }
   return n;
@@ -119,6 +121,8 @@ std::vector<Case> cases() {
       {"adapter_houlsby_bert", "bert", {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"non_linearity", "gelu"}}}}},
       {"adapter_parallel_ln", "gpt2", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
       {"bitfit", "gpt2", {{"type", "bitfit"}}},
+      {"layernorm_bert", "bert", {{"type", "layernorm"}}},
+      {"layernorm_llama_rms", "llama", {{"type", "layernorm"}}},
   };
 }
 

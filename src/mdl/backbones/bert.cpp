@@ -19,7 +19,7 @@ class BertImpl : public ModelImpl {
     word_ = emb->register_module("word_embeddings", Embedding(c.vocab_size, C));
     position_ = emb->register_module("position_embeddings", Embedding(c.max_position, C));
     token_type_ = emb->register_module("token_type_embeddings", Embedding(c.type_vocab_size, C));
-    emb_norm_ = emb->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+    emb_norm_ = add_norm(*emb, "LayerNorm", "bert.embeddings.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, -1);
     embed_site_ = add_site({"bert.embeddings.word_embeddings", SiteKind::embedding, C, C, -1});
     auto encoder = add_container(*body, "encoder");
     auto layer = add_container(*encoder, "layer");
@@ -34,12 +34,13 @@ class BertImpl : public ModelImpl {
       L.value = add_linear(*self, "value", p + ".attention.self.value", C, C, true, l);
       auto attn_out = add_container(*attention, "output");
       L.attn_dense = add_linear(*attn_out, "dense", p + ".attention.output.dense", C, C, true, l);
-      L.attn_norm = attn_out->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.attn_norm = add_norm(*attn_out, "LayerNorm", p + ".attention.output.LayerNorm", NormImpl::Kind::layer_norm, C,
+                             c.norm_eps, l);
       auto inter = add_container(*block, "intermediate");
       L.inter = add_linear(*inter, "dense", p + ".intermediate.dense", C, I, true, l);
       auto out = add_container(*block, "output");
       L.out_dense = add_linear(*out, "dense", p + ".output.dense", I, C, true, l);
-      L.out_norm = out->register_module("LayerNorm", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.out_norm = add_norm(*out, "LayerNorm", p + ".output.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       L.attn_site = add_site({p + ".attention", SiteKind::sublayer, C, C, l});
       L.mlp_site = add_site({p + ".output", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});

@@ -23,11 +23,11 @@ class Gpt2Impl : public ModelImpl {
       const std::string p = "transformer.h." + std::to_string(l);
       auto block = add_container(*h, std::to_string(l));
       Layer L;
-      L.ln_1 = block->register_module("ln_1", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.ln_1 = add_norm(*block, "ln_1", p + ".ln_1", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       auto attn = add_container(*block, "attn");
       L.c_attn = add_linear(*attn, "c_attn", p + ".attn.c_attn", C, 3 * C, true, l, /*conv1d=*/true);
       L.attn_proj = add_linear(*attn, "c_proj", p + ".attn.c_proj", C, C, true, l, true);
-      L.ln_2 = block->register_module("ln_2", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+      L.ln_2 = add_norm(*block, "ln_2", p + ".ln_2", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       auto mlp = add_container(*block, "mlp");
       L.c_fc = add_linear(*mlp, "c_fc", p + ".mlp.c_fc", C, c.intermediate_size, true, l, true);
       L.mlp_proj = add_linear(*mlp, "c_proj", p + ".mlp.c_proj", c.intermediate_size, C, true, l, true);
@@ -38,7 +38,7 @@ class Gpt2Impl : public ModelImpl {
       residual_projections_.insert(p + ".mlp.c_proj.weight");
       layers_.push_back(L);
     }
-    ln_f_ = body->register_module("ln_f", Norm(NormImpl::Kind::layer_norm, C, c.norm_eps));
+    ln_f_ = add_norm(*body, "ln_f", "transformer.ln_f", NormImpl::Kind::layer_norm, C, c.norm_eps, -1);
     build_head(wte_);
   }
 

@@ -25,13 +25,20 @@ at::Tensor SiteLinearImpl::forward_base(const at::Tensor& x) {
 
 at::Tensor SiteLinearImpl::forward(const at::Tensor& x) { return site_->apply(x, forward_base(x)); }
 
-NormImpl::NormImpl(Kind kind_, int64_t dim, double eps_) : kind(kind_), eps(eps_) {
+NormImpl::NormImpl(Kind kind_, int64_t dim, double eps_, SiteInfo info) : kind(kind_), eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));
   if (kind == Kind::layer_norm) bias = register_parameter("bias", at::zeros({dim}));
+  if (!info.name.empty()) site_ = std::make_shared<Site>(std::move(info));
 }
 
 at::Tensor NormImpl::forward(const at::Tensor& x) {
-  return kind == Kind::rms_norm ? fn::rms_norm(x, weight, eps) : fn::layer_norm(x, weight, bias, eps);
+  at::Tensor y = kind == Kind::rms_norm ? fn::rms_norm(x, weight, eps) : fn::layer_norm(x, weight, bias, eps);
+  return site_ ? site_->apply(x, y) : y;
+}
+
+at::Tensor NormImpl::normalize(const at::Tensor& x) const {
+  if (kind == Kind::rms_norm) return fn::rms_norm(x, at::ones_like(weight), eps);
+  return at::layer_norm(x, {x.size(-1)}, {}, {}, eps);
 }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) { weight = register_parameter("weight", at::zeros({num, dim})); }

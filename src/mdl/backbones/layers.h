@@ -30,16 +30,22 @@ class SiteLinearImpl : public torch::nn::Module {
 };
 TORCH_MODULE(SiteLinear);
 
-/// LayerNorm (weight and bias) or RMSNorm (weight only).
+/// LayerNorm (weight and bias) or RMSNorm (weight only), a site when given one.
 class NormImpl : public torch::nn::Module {
  public:
   enum class Kind { layer_norm, rms_norm };
-  NormImpl(Kind kind, int64_t dim, double eps);
+  NormImpl(Kind kind, int64_t dim, double eps, SiteInfo info = {});
   at::Tensor forward(const at::Tensor& x);
+  /// The normalisation without the learned scale and shift (what LayerNorm tuning modules scale).
+  at::Tensor normalize(const at::Tensor& x) const;
+  const std::shared_ptr<Site>& site() const { return site_; }
   Kind kind;
   double eps;
   at::Tensor weight;
   at::Tensor bias;
+
+ private:
+  std::shared_ptr<Site> site_;  // null when the norm is not a site
 };
 TORCH_MODULE(Norm);
 

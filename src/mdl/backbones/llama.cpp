@@ -22,14 +22,14 @@ class LlamaImpl : public ModelImpl {
       const std::string p = "model.layers." + std::to_string(l);
       auto block = add_container(*layers, std::to_string(l));
       Layer L;
-      L.input_norm = block->register_module("input_layernorm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+      L.input_norm = add_norm(*block, "input_layernorm", p + ".input_layernorm", NormImpl::Kind::rms_norm, C, c.norm_eps, l);
       auto attn = add_container(*block, "self_attn");
       L.q = add_linear(*attn, "q_proj", p + ".self_attn.q_proj", C, c.n_head * D, c.qkv_bias, l);
       L.k = add_linear(*attn, "k_proj", p + ".self_attn.k_proj", C, c.n_kv_head * D, c.qkv_bias, l);
       L.v = add_linear(*attn, "v_proj", p + ".self_attn.v_proj", C, c.n_kv_head * D, c.qkv_bias, l);
       L.o = add_linear(*attn, "o_proj", p + ".self_attn.o_proj", c.n_head * D, C, c.o_bias, l);
-      L.post_norm =
-          block->register_module("post_attention_layernorm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+      L.post_norm = add_norm(*block, "post_attention_layernorm", p + ".post_attention_layernorm",
+                             NormImpl::Kind::rms_norm, C, c.norm_eps, l);
       auto mlp = add_container(*block, "mlp");
       L.gate = add_linear(*mlp, "gate_proj", p + ".mlp.gate_proj", C, I, c.mlp_bias, l);
       L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
@@ -39,7 +39,7 @@ class LlamaImpl : public ModelImpl {
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
     }
-    norm_ = body->register_module("norm", Norm(NormImpl::Kind::rms_norm, C, c.norm_eps));
+    norm_ = add_norm(*body, "norm", "model.norm", NormImpl::Kind::rms_norm, C, c.norm_eps, -1);
     build_head(embed_);
   }
 

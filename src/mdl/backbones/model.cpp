@@ -59,6 +59,24 @@ SiteLinear ModelImpl::add_linear(torch::nn::Module& parent, const std::string& l
   return linear;
 }
 
+Norm ModelImpl::add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full,
+                        NormImpl::Kind kind, int64_t dim, double eps, int layer) {
+  Norm norm(kind, dim, eps, SiteInfo{full, SiteKind::norm, dim, dim, layer});
+  parent.register_module(local, norm);
+  sites_.push_back(norm->site());
+  norms_[full] = norm.get();
+  return norm;
+}
+
+NormImpl& ModelImpl::norm(const std::string& name) const {
+  auto it = norms_.find(name);
+  if (it == norms_.end()) {
+    site(name);
+    MDL_FAIL("[model] site '", name, "' is not a norm");
+  }
+  return *it->second;
+}
+
 std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
   sites_.push_back(std::make_shared<Site>(std::move(info)));
   return sites_.back();

@@ -70,6 +70,8 @@ class ModelImpl : public torch::nn::Module {
   Site& site(const std::string& name) const;
   /// The projection of a linear site (to merge weights into); throws if `name` is not a linear site.
   SiteLinearImpl& linear(const std::string& name) const;
+  /// The norm layer of a norm site; throws if `name` is not one.
+  NormImpl& norm(const std::string& name) const;
 
   /// Copies weights from a checkpoint by their HF names (Conv1D transposed, prefixes with or without the
   /// body name, tied heads); every shape is checked.
@@ -89,6 +91,9 @@ class ModelImpl : public torch::nn::Module {
   /// A linear site registered as `local` under `parent`; `full` is its HF module path.
   SiteLinear add_linear(torch::nn::Module& parent, const std::string& local, const std::string& full,
                         int64_t in, int64_t out, bool bias, int layer, bool conv1d = false);
+  /// A norm registered as `local` under `parent` and exposed as a site named `full`.
+  Norm add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full, NormImpl::Kind kind,
+                int64_t dim, double eps, int layer);
   /// A hidden-state or embedding site (no weights of its own).
   std::shared_ptr<Site> add_site(SiteInfo info);
   /// Creates the head modules; architectures call it last, with their token embedding (for tying).
@@ -99,6 +104,7 @@ class ModelImpl : public torch::nn::Module {
   ModelConfig config_;
   std::vector<std::shared_ptr<Site>> sites_;
   std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
+  std::map<std::string, NormImpl*> norms_;          ///< norm sites' layers
   std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
   std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};

@@ -18,6 +18,7 @@ enum class SiteKind {
   sublayer,   ///< an attention or MLP sublayer: input its (normed) input, output its result before the residual
   hidden,     ///< a block's output hidden state (B, T, C)
   embedding,  ///< token embeddings (B, T, C)
+  norm,       ///< a LayerNorm / RMSNorm: input its input, output its normalised and scaled result
 };
 
 /// Name and shape of a site. Names are the Hugging Face module paths

@@ -10,6 +10,7 @@
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/layernorm_tuning.h"
 #include "mdl/modules/peft_format.h"
 
 namespace fs = std::filesystem;
@@ -34,8 +35,8 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "ia3") c.ia3 = options.get<Ia3Options>();
   else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
   else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
-  else MDL_CHECK(c.type == "bitfit", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, bitfit or sparse");
+  else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
+                 "'; expected lora, ia3, adapter, bitfit, layernorm or sparse");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -69,8 +70,16 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
     else t.target_regex = R"(.*\.(mlp|output))";
   } else if (type == "bitfit" || type == "sparse") {
     t.target_modules = {"all-linear"};
+  } else if (type == "layernorm") {
+    t.target_regex = ".*";  // every norm site
   }
   return t;
+}
+
+SiteKind site_kind_of(const std::string& type) {
+  if (type == "adapter") return SiteKind::sublayer;
+  if (type == "layernorm") return SiteKind::norm;
+  return SiteKind::linear;
 }
 
 std::pair<std::string, double> parse_module_arg(const std::string& arg) {
@@ -118,7 +127,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                                     config.targets.exclude_modules.end());
     config.targets = defaults;
   }
-  const SiteKind kind = config.type == "adapter" ? SiteKind::sublayer : SiteKind::linear;
+  const SiteKind kind = site_kind_of(config.type);
   Named named;
   named.config = config;
   uint64_t seed = config.seed;
@@ -129,6 +138,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     else if (config.type == "ia3") m = std::make_shared<Ia3Impl>(model_->linear(site->name()), config.ia3, seed++);
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
+    else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
     else if (config.type == "sparse") {
       at::Tensor indices;
       if (auto it = init.find(site->name() + ".indices"); it != init.end()) indices = it->second;
@@ -137,7 +147,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit or sparse");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm or sparse");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -241,7 +251,8 @@ void ModuleSet::merge(const std::string& name) {
   for (const auto& p : n.parts) {
     auto* e = attached(p.site).find(name);
     MDL_CHECK(e->scale == 1.0, "[modules] '", name, "' has scale ", e->scale, "; merge works on scale 1");
-    p.module->merge(model_->linear(p.site));
+    if (auto* ln = dynamic_cast<LayerNormTuningImpl*>(p.module.get())) ln->merge_norm(model_->norm(p.site));
+    else p.module->merge(model_->linear(p.site));
     e->merged = true;
   }
   n.merged = true;
@@ -251,7 +262,8 @@ void ModuleSet::unmerge(const std::string& name) {
   Named& n = const_cast<Named&>(get(name));
   MDL_CHECK(n.merged, "[modules] '", name, "' is not merged");
   for (auto it = n.parts.rbegin(); it != n.parts.rend(); ++it) {
-    it->module->unmerge(model_->linear(it->site));
+    if (auto* ln = dynamic_cast<LayerNormTuningImpl*>(it->module.get())) ln->unmerge_norm(model_->norm(it->site));
+    else it->module->unmerge(model_->linear(it->site));
     attached(it->site).find(name)->merged = false;
   }
   n.merged = false;
@@ -352,7 +364,7 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
 void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names,
                           const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
-  const SiteKind kind = config_in.type == "adapter" ? SiteKind::sublayer : SiteKind::linear;
+  const SiteKind kind = site_kind_of(config_in.type);
   for (const auto& s : site_names) {
     bool found = false;
     for (const auto& site : model_->sites()) found = found || site->name() == s;

@@ -22,7 +22,7 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | sparse
+  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
@@ -115,6 +115,9 @@ class ModuleSet {
   std::map<std::string, Named> modules_;
   std::vector<std::string> order_;
 };
+
+/// The kind of site a module type attaches to.
+SiteKind site_kind_of(const std::string& type);
 
 /// "DIR:SCALE" -> (DIR, SCALE); a plain path has scale 1.
 std::pair<std::string, double> parse_module_arg(const std::string& arg);
