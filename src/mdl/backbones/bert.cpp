@@ -49,32 +49,36 @@ class BertImpl : public ModelImpl {
     build_head(word_);
   }
 
-  at::Tensor hidden_states(const ModelInput& in) override {
-    const at::Tensor& ids = in.input_ids;  // (B, T)
-    MDL_CHECK(in.cache == nullptr, "[bert] an encoder has no KV cache; pass the whole sequence");
-    const int64_t B = ids.size(0), T = ids.size(1), C = config_.hidden_size, H = config_.n_head;
+  at::Tensor hidden_states(const ModelInput& input) override {
+    const at::Tensor& ids = input.input_ids;  // (B, T)
+    MDL_CHECK(input.cache == nullptr, "[bert] an encoder has no KV cache; pass the whole sequence");
+    const int64_t B = ids.size(0), C = config_.hidden_size, H = config_.n_head;
     const int64_t D = C / H;
+    auto long_opts = ids.options().dtype(at::kLong);
+    ModelInput in = input;
+    int64_t n_virtual = 0;
+    at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, word_(ids), in, n_virtual);  // (B, T, C)
+    const int64_t T = x.size(1);
     MDL_CHECK(T <= config_.max_position, "[bert] sequence of ", T, " tokens exceeds max_position_embeddings ",
               config_.max_position);
-    auto long_opts = ids.options().dtype(at::kLong);
     at::Tensor pos = in.position_ids.defined() ? in.position_ids : at::arange(T, long_opts).expand({B, T});
-    at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, T}, long_opts);
-    at::Tensor x = embed_site_->apply(ids, word_(ids)) + position_(pos) + token_type_(types);
-    x = emb_norm_(x);  // (B, T, C)
+    at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, ids.size(1)}, long_opts);
+    if (n_virtual > 0) types = at::cat({at::zeros({B, n_virtual}, long_opts), types}, 1);
+    x = emb_norm_(x + position_(pos) + token_type_(types));
     at::Tensor bias;
     if (in.attention_mask.defined())
       bias = fn::attention_bias(in.attention_mask, B, T, 0, false, 0, x.scalar_type(), x.device());
     for (auto& L : layers_) {
-      at::Tensor input = x;
+      at::Tensor block_input = x;
       at::Tensor q = L.query(x).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
       at::Tensor k = L.key(x).view({B, T, H, D}).transpose(1, 2);
       at::Tensor v = L.value(x).view({B, T, H, D}).transpose(1, 2);
       at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
       x = L.attn_norm(x + L.attn_site->apply(x, L.attn_dense(ctx)));
       x = L.out_norm(x + L.mlp_site->apply(x, L.out_dense(fn::activation(L.inter(x), config_.activation))));
-      x = L.out->apply(input, x);
+      x = L.out->apply(block_input, x);
     }
-    return x;
+    return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;
   }
 
  private:

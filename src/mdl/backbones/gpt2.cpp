@@ -42,23 +42,27 @@ class Gpt2Impl : public ModelImpl {
     build_head(wte_);
   }
 
-  at::Tensor hidden_states(const ModelInput& in) override {
-    const at::Tensor& ids = in.input_ids;  // (B, T)
-    const int64_t B = ids.size(0), T = ids.size(1), C = config_.hidden_size, H = config_.n_head;
+  at::Tensor hidden_states(const ModelInput& input) override {
+    const at::Tensor& ids = input.input_ids;  // (B, T)
+    const int64_t B = ids.size(0), C = config_.hidden_size, H = config_.n_head;
     const int64_t D = C / H;
-    const int64_t past = in.cache ? in.cache->length() : 0;
+    const int64_t past = input.cache ? input.cache->length() : 0;
+    ModelInput in = input;
+    int64_t n_virtual = 0;
+    at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, wte_(ids), in, n_virtual);  // (B, T, C)
+    const int64_t T = x.size(1);
     MDL_CHECK(past + T <= config_.max_position, "[gpt2] ", past + T, " positions exceed n_positions ",
               config_.max_position, "; shorten the prompt or max tokens");
     at::Tensor pos = in.position_ids.defined()
                          ? in.position_ids
                          : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
-    at::Tensor x = embed_site_->apply(ids, wte_(ids)) + wpe_(pos);  // (B, T, C)
+    x = x + wpe_(pos);
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1)
       bias = fn::attention_bias(in.attention_mask, B, T, past, true, 0, x.scalar_type(), x.device());
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
-      at::Tensor input = x;
+      at::Tensor block_input = x;
       at::Tensor a = L.ln_1(x);
       at::Tensor qkv = L.c_attn(a);  // (B, T, 3C)
       auto parts = qkv.split(C, -1);
@@ -70,9 +74,10 @@ class Gpt2Impl : public ModelImpl {
       x = x + L.attn_site->apply(a, L.attn_proj(o));
       at::Tensor m = L.ln_2(x);
       x = x + L.mlp_site->apply(m, L.mlp_proj(fn::activation(L.c_fc(m), config_.activation)));
-      x = L.out->apply(input, x);
+      x = L.out->apply(block_input, x);
     }
-    return ln_f_(x);
+    x = ln_f_(x);
+    return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;
   }
 
  private:

@@ -43,15 +43,18 @@ class LlamaImpl : public ModelImpl {
     build_head(embed_);
   }
 
-  at::Tensor hidden_states(const ModelInput& in) override {
-    const at::Tensor& ids = in.input_ids;  // (B, T)
-    const int64_t B = ids.size(0), T = ids.size(1);
+  at::Tensor hidden_states(const ModelInput& input) override {
+    const at::Tensor& ids = input.input_ids;  // (B, T)
+    const int64_t B = ids.size(0);
     const int64_t H = config_.n_head, Hkv = config_.n_kv_head, D = config_.head_dim;
-    const int64_t past = in.cache ? in.cache->length() : 0;
+    const int64_t past = input.cache ? input.cache->length() : 0;
+    ModelInput in = input;
+    int64_t n_virtual = 0;
+    at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, embed_(ids), in, n_virtual);  // (B, T, C)
+    const int64_t T = x.size(1);
     at::Tensor pos = in.position_ids.defined()
                          ? in.position_ids
                          : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
-    at::Tensor x = embed_site_->apply(ids, embed_(ids));  // (B, T, C)
     auto [cos, sin] = fn::rope_tables(pos.to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1 || config_.sliding_window > 0)
@@ -59,7 +62,7 @@ class LlamaImpl : public ModelImpl {
                                 x.device());
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer& L = layers_[l];
-      at::Tensor input = x;
+      at::Tensor block_input = x;
       at::Tensor a = L.input_norm(x);
       at::Tensor q = L.q(a).view({B, T, H, D}).transpose(1, 2);    // (B, H, T, D)
       at::Tensor k = L.k(a).view({B, T, Hkv, D}).transpose(1, 2);  // (B, Hkv, T, D)
@@ -71,9 +74,10 @@ class LlamaImpl : public ModelImpl {
       x = x + L.attn_site->apply(a, L.o(o));
       at::Tensor m = L.post_norm(x);
       x = x + L.mlp_site->apply(m, L.down(fn::activation(L.gate(m), config_.activation) * L.up(m)));
-      x = L.out->apply(input, x);
+      x = L.out->apply(block_input, x);
     }
-    return norm_(x);
+    x = norm_(x);
+    return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;
   }
 
  private:

@@ -11,6 +11,7 @@
 #include "mdl/backbones/gpt2.h"
 #include "mdl/backbones/llama.h"
 #include "mdl/core/error.h"
+#include "mdl/core/forward_context.h"
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
@@ -83,6 +84,7 @@ std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
 }
 
 void ModelImpl::build_head(const Embedding& token_embedding) {
+  token_embeddings_ = token_embedding->weight;
   const int64_t C = config_.hidden_size;
   const bool bert = config_.arch == Arch::bert;
   switch (config_.head) {
@@ -136,7 +138,38 @@ SiteLinearImpl& ModelImpl::linear(const std::string& name) const {
   return *it->second;
 }
 
-at::Tensor ModelImpl::forward(const ModelInput& in) { return head(hidden_states(in), in); }
+at::Tensor ModelImpl::forward(const ModelInput& in) {
+  ForwardContext context;
+  context.past = in.cache ? in.cache->length() : 0;
+  ForwardContextGuard guard(context);
+  return head(hidden_states(in), in);
+}
+
+at::Tensor ModelImpl::embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,
+                                                ModelInput& in, int64_t& virtual_tokens) const {
+  at::Tensor x = site.apply(ids, embeddings);  // (B, T + n, C): n virtual tokens prepended by input composition
+  virtual_tokens = x.size(1) - ids.size(1);
+  MDL_CHECK(virtual_tokens >= 0 && x.size(0) == ids.size(0) && x.size(2) == embeddings.size(2), "[model] the function at '",
+            site.name(), "' returned ", x.sizes(), " for embeddings ", embeddings.sizes(),
+            "; it may only prepend positions");
+  if (virtual_tokens > 0) {
+    const int64_t B = ids.size(0);
+    auto long_opts = ids.options().dtype(at::kLong);
+    if (in.position_ids.defined())  // the real tokens' positions move up by n, the virtual ones come first
+      in.position_ids = at::cat({at::arange(virtual_tokens, long_opts).expand({B, virtual_tokens}),
+                                 in.position_ids + virtual_tokens}, 1);
+    if (in.attention_mask.defined())
+      in.attention_mask = at::cat({at::ones({B, virtual_tokens}, in.attention_mask.options()), in.attention_mask}, 1);
+  }
+  // Cached passes after a prompt: a mask that lacks the virtual positions sees them (always visible).
+  if (in.attention_mask.defined() && in.cache) {
+    const int64_t want = in.cache->length() + x.size(1);
+    if (in.attention_mask.size(1) < want)
+      in.attention_mask = at::cat({at::ones({x.size(0), want - in.attention_mask.size(1)}, in.attention_mask.options()),
+                                   in.attention_mask}, 1);
+  }
+  return x;
+}
 
 at::Tensor ModelImpl::head(const at::Tensor& hidden, const ModelInput& in) {
   switch (config_.head) {

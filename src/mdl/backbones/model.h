@@ -72,6 +72,8 @@ class ModelImpl : public torch::nn::Module {
   SiteLinearImpl& linear(const std::string& name) const;
   /// The norm layer of a norm site; throws if `name` is not one.
   NormImpl& norm(const std::string& name) const;
+  /// The token embedding table (V, C).
+  const at::Tensor& token_embeddings() const { return token_embeddings_; }
 
   /// Copies weights from a checkpoint by their HF names (Conv1D transposed, prefixes with or without the
   /// body name, tied heads); every shape is checked.
@@ -94,6 +96,11 @@ class ModelImpl : public torch::nn::Module {
   /// A norm registered as `local` under `parent` and exposed as a site named `full`.
   Norm add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full, NormImpl::Kind kind,
                 int64_t dim, double eps, int layer);
+  /// Applies the embedding site. A function there may prepend n virtual tokens (prompt tuning); then
+  /// `in`'s mask and positions are extended to cover them and `virtual_tokens` is set to n (the
+  /// architecture drops them from its final hidden states, so outputs align with the input tokens).
+  at::Tensor embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,
+                                       ModelInput& in, int64_t& virtual_tokens) const;
   /// A hidden-state or embedding site (no weights of its own).
   std::shared_ptr<Site> add_site(SiteInfo info);
   /// Creates the head modules; architectures call it last, with their token embedding (for tying).
@@ -105,6 +112,7 @@ class ModelImpl : public torch::nn::Module {
   std::vector<std::shared_ptr<Site>> sites_;
   std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
   std::map<std::string, NormImpl*> norms_;          ///< norm sites' layers
+  at::Tensor token_embeddings_;                      ///< set by build_head
   std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
   std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};

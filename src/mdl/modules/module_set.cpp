@@ -23,6 +23,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "ia3") j["options"] = c.ia3;
   else if (c.type == "adapter") j["options"] = c.adapter;
   else if (c.type == "sparse") j["options"] = c.sparse;
+  else if (c.type == "prompt") j["options"] = c.prompt;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -35,8 +36,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "ia3") c.ia3 = options.get<Ia3Options>();
   else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
   else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
+  else if (c.type == "prompt") c.prompt = options.get<PromptTuningOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, bitfit, layernorm or sparse");
+                 "'; expected lora, ia3, adapter, bitfit, layernorm, sparse or prompt");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -70,8 +72,8 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
     else t.target_regex = R"(.*\.(mlp|output))";
   } else if (type == "bitfit" || type == "sparse") {
     t.target_modules = {"all-linear"};
-  } else if (type == "layernorm") {
-    t.target_regex = ".*";  // every norm site
+  } else if (type == "layernorm" || type == "prompt") {
+    t.target_regex = ".*";  // every norm site / the embedding site
   }
   return t;
 }
@@ -79,6 +81,7 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
 SiteKind site_kind_of(const std::string& type) {
   if (type == "adapter") return SiteKind::sublayer;
   if (type == "layernorm") return SiteKind::norm;
+  if (type == "prompt") return SiteKind::embedding;
   return SiteKind::linear;
 }
 
@@ -139,6 +142,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
     else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
+    else if (config.type == "prompt")
+      m = std::make_shared<PromptTuningImpl>(site->info(), config.prompt, model_->token_embeddings(), seed++);
     else if (config.type == "sparse") {
       at::Tensor indices;
       if (auto it = init.find(site->name() + ".indices"); it != init.end()) indices = it->second;
@@ -147,7 +152,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm or sparse");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm, sparse or prompt");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});

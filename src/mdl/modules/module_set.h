@@ -15,6 +15,7 @@
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
+#include "mdl/modules/prompt_tuning.h"
 #include "mdl/modules/sparse_diff.h"
 #include "mdl/modules/targets.h"
 
@@ -22,11 +23,12 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse
+  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse | prompt
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
   SparseOptions sparse;
+  PromptTuningOptions prompt;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };

@@ -41,6 +41,36 @@ std::string task_type(HeadKind head) {
   return "";
 }
 
+std::string embedding_site(const ModelImpl& model) {
+  for (const auto& s : model.sites())
+    if (s->info().kind == SiteKind::embedding) return s->name();
+  MDL_FAIL("[peft] ", model.config().architecture, " has no embedding site");
+}
+
+// PEFT prompt tuning: {"prompt_embeddings": (n, C)} and num_virtual_tokens / token_dim in the config.
+PeftModule read_peft_prompt(const std::string& dir, const nlohmann::json& j, const ModelImpl& model) {
+  PeftModule out;
+  out.config.type = "prompt";
+  out.config.prompt.num_virtual_tokens = j.value("num_virtual_tokens", int64_t(0));
+  MDL_CHECK(j.value("num_transformer_submodules", 1) == 1, "[peft] '", dir,
+            "': prompts for encoder-decoder models (num_transformer_submodules = 2) are not supported");
+  const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors");
+  auto tensors = io::load_safetensors(weights);
+  MDL_CHECK(tensors.count("prompt_embeddings"), "[peft] '", weights, "' has no tensor 'prompt_embeddings'");
+  at::Tensor p = tensors.at("prompt_embeddings");
+  const int64_t C = model.config().hidden_size;
+  MDL_CHECK(p.dim() == 2 && p.size(1) == C, "[peft] '", weights, "': prompt_embeddings has shape ", p.sizes(),
+            ", this model needs (num_virtual_tokens, ", C, "); a prompt for another base model?");
+  if (out.config.prompt.num_virtual_tokens == 0) out.config.prompt.num_virtual_tokens = p.size(0);
+  MDL_CHECK(p.size(0) == out.config.prompt.num_virtual_tokens, "[peft] '", weights, "': ", p.size(0),
+            " prompt vectors but num_virtual_tokens is ", out.config.prompt.num_virtual_tokens);
+  const std::string site = embedding_site(model);
+  out.sites = {site};
+  out.tensors[site + ".prompt_embeddings"] = p;
+  return out;
+}
+
 }  // namespace
 
 PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
@@ -63,8 +93,10 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   } else if (type == "IA3") {
     out.config.type = "ia3";
     out.config.ia3 = j.get<Ia3Options>();
+  } else if (type == "PROMPT_TUNING") {
+    return read_peft_prompt(dir, j, model);
   } else {
-    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3");
+    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING");
   }
   out.config.targets = j.get<TargetOptions>();
 
@@ -113,9 +145,21 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
 
 void write_peft(const ModuleSet& set, const std::string& name, const std::string& dir) {
   const ModuleConfig& c = set.config(name);
-  MDL_CHECK(c.type == "lora" || c.type == "ia3", "[peft] module '", name, "' is a ", c.type,
-            " module; PEFT files hold LoRA or (IA)^3 here (use the native format)");
+  MDL_CHECK(c.type == "lora" || c.type == "ia3" || c.type == "prompt", "[peft] module '", name, "' is a ", c.type,
+            " module; PEFT files hold LoRA, (IA)^3 or prompt tuning here (use the native format)");
   const ModelConfig& mc = set.model()->config();
+  if (c.type == "prompt") {
+    const at::Tensor p = set.tensors(name).begin()->second.detach();
+    nlohmann::json pj = {{"peft_type", "PROMPT_TUNING"}, {"num_virtual_tokens", p.size(0)}, {"token_dim", p.size(1)},
+                         {"num_transformer_submodules", 1}, {"num_attention_heads", mc.n_head},
+                         {"num_layers", mc.n_layer}, {"prompt_tuning_init", "RANDOM"}, {"task_type", task_type(mc.head)},
+                         {"base_model_name_or_path", mc.model_type}, {"inference_mode", true}};
+    fs::create_directories(dir);
+    io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
+                         {{"format", "pt"}});
+    io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    return;
+  }
   nlohmann::json j;
   std::vector<std::string> targets;
   for (const auto& s : set.sites(name)) {

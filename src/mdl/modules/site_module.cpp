@@ -17,7 +17,8 @@ at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& b
   for (auto& e : entries_) {
     if (!e.active || e.merged || e.scale == 0.0) continue;
     at::Tensor next = e.module->forward(input, out);
-    out = e.scale == 1.0 ? next : out + e.scale * (next - out);
+    // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
+    out = e.scale == 1.0 || next.sizes() != out.sizes() ? next : out + e.scale * (next - out);
   }
   return out;
 }
