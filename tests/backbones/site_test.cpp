@@ -24,8 +24,9 @@ class AddConstant : public SiteFunction {
 TEST(Sites, NamedAsHuggingFaceModulePaths) {
   Model m = load_model(test::tiny_checkpoint("llama"));
   const ModelConfig& c = m->config();
-  // 7 projections, 2 sublayers, 2 norms and 1 block output per layer; embeddings, final norm, LM head.
-  EXPECT_EQ(m->sites().size(), static_cast<size_t>(c.n_layer * 12 + 3));
+  // 7 projections, 2 sublayers, 2 norms, keys/values and the block output per layer; embeddings, final
+  // norm, LM head.
+  EXPECT_EQ(m->sites().size(), static_cast<size_t>(c.n_layer * 13 + 3));
   EXPECT_EQ(m->site("model.layers.1.post_attention_layernorm").info().kind, SiteKind::norm);
   EXPECT_EQ(m->site("model.norm").info().kind, SiteKind::norm);
   const SiteInfo& q = m->site("model.layers.1.self_attn.q_proj").info();

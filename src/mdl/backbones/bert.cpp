@@ -42,6 +42,7 @@ class BertImpl : public ModelImpl {
       L.out_dense = add_linear(*out, "dense", p + ".output.dense", I, C, true, l);
       L.out_norm = add_norm(*out, "LayerNorm", p + ".output.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       L.attn_site = add_site({p + ".attention", SiteKind::sublayer, C, C, l});
+      L.kv_site = add_site({p + ".attention.kv", SiteKind::attention_kv, C, C, l});
       L.mlp_site = add_site({p + ".output", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
@@ -61,7 +62,11 @@ class BertImpl : public ModelImpl {
     const int64_t T = x.size(1);
     MDL_CHECK(T <= config_.max_position, "[bert] sequence of ", T, " tokens exceeds max_position_embeddings ",
               config_.max_position);
-    at::Tensor pos = in.position_ids.defined() ? in.position_ids : at::arange(T, long_opts).expand({B, T});
+    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
+    MDL_CHECK(shift + T <= config_.max_position, "[bert] ", shift + T, " positions exceed max_position_embeddings ",
+              config_.max_position);
+    at::Tensor pos = in.position_ids.defined() ? in.position_ids + shift
+                                               : at::arange(shift, shift + T, long_opts).expand({B, T});
     at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, ids.size(1)}, long_opts);
     if (n_virtual > 0) types = at::cat({at::zeros({B, n_virtual}, long_opts), types}, 1);
     x = emb_norm_(x + position_(pos) + token_type_(types));
@@ -73,7 +78,9 @@ class BertImpl : public ModelImpl {
       at::Tensor q = L.query(x).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
       at::Tensor k = L.key(x).view({B, T, H, D}).transpose(1, 2);
       at::Tensor v = L.value(x).view({B, T, H, D}).transpose(1, 2);
-      at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
+      at::Tensor layer_bias = bias;
+      apply_kv_site(*L.kv_site, k, v, layer_bias);
+      at::Tensor ctx = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
       x = L.attn_norm(x + L.attn_site->apply(x, L.attn_dense(ctx)));
       x = L.out_norm(x + L.mlp_site->apply(x, L.out_dense(fn::activation(L.inter(x), config_.activation))));
       x = L.out->apply(block_input, x);
@@ -85,7 +92,7 @@ class BertImpl : public ModelImpl {
   struct Layer {
     SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
     Norm attn_norm{nullptr}, out_norm{nullptr};
-    std::shared_ptr<Site> attn_site, mlp_site, out;
+    std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
   Embedding word_{nullptr}, position_{nullptr}, token_type_{nullptr};
   Norm emb_norm_{nullptr};

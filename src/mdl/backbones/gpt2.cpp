@@ -32,6 +32,7 @@ class Gpt2Impl : public ModelImpl {
       L.c_fc = add_linear(*mlp, "c_fc", p + ".mlp.c_fc", C, c.intermediate_size, true, l, true);
       L.mlp_proj = add_linear(*mlp, "c_proj", p + ".mlp.c_proj", c.intermediate_size, C, true, l, true);
       L.attn_site = add_site({p + ".attn", SiteKind::sublayer, C, C, l});
+      L.kv_site = add_site({p + ".attn.kv", SiteKind::attention_kv, C, C, l});
       L.mlp_site = add_site({p + ".mlp", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       residual_projections_.insert(p + ".attn.c_proj.weight");
@@ -51,11 +52,12 @@ class Gpt2Impl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, wte_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
-    MDL_CHECK(past + T <= config_.max_position, "[gpt2] ", past + T, " positions exceed n_positions ",
+    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
+    MDL_CHECK(shift + past + T <= config_.max_position, "[gpt2] ", shift + past + T, " positions exceed n_positions ",
               config_.max_position, "; shorten the prompt or max tokens");
     at::Tensor pos = in.position_ids.defined()
-                         ? in.position_ids
-                         : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
+                         ? in.position_ids + shift
+                         : at::arange(shift + past, shift + past + T, ids.options().dtype(at::kLong)).expand({B, T});
     x = x + wpe_(pos);
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1)
@@ -70,7 +72,9 @@ class Gpt2Impl : public ModelImpl {
       at::Tensor k = parts[1].view({B, T, H, D}).transpose(1, 2);
       at::Tensor v = parts[2].view({B, T, H, D}).transpose(1, 2);
       if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
-      at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
+      at::Tensor layer_bias = bias;
+      apply_kv_site(*L.kv_site, k, v, layer_bias);
+      at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
       x = x + L.attn_site->apply(a, L.attn_proj(o));
       at::Tensor m = L.ln_2(x);
       x = x + L.mlp_site->apply(m, L.mlp_proj(fn::activation(L.c_fc(m), config_.activation)));
@@ -84,7 +88,7 @@ class Gpt2Impl : public ModelImpl {
   struct Layer {
     Norm ln_1{nullptr}, ln_2{nullptr};
     SiteLinear c_attn{nullptr}, attn_proj{nullptr}, c_fc{nullptr}, mlp_proj{nullptr};
-    std::shared_ptr<Site> attn_site, mlp_site, out;
+    std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
   Embedding wte_{nullptr}, wpe_{nullptr};
   Norm ln_f_{nullptr};

@@ -35,6 +35,7 @@ class LlamaImpl : public ModelImpl {
       L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
       L.down = add_linear(*mlp, "down_proj", p + ".mlp.down_proj", I, C, c.mlp_bias, l);
       L.attn_site = add_site({p + ".self_attn", SiteKind::sublayer, C, C, l});
+      L.kv_site = add_site({p + ".self_attn.kv", SiteKind::attention_kv, C, c.n_kv_head * D, l});
       L.mlp_site = add_site({p + ".mlp", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
@@ -52,9 +53,10 @@ class LlamaImpl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, embed_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
+    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
     at::Tensor pos = in.position_ids.defined()
-                         ? in.position_ids
-                         : at::arange(past, past + T, ids.options().dtype(at::kLong)).expand({B, T});
+                         ? in.position_ids + shift
+                         : at::arange(shift + past, shift + past + T, ids.options().dtype(at::kLong)).expand({B, T});
     auto [cos, sin] = fn::rope_tables(pos.to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1 || config_.sliding_window > 0)
@@ -70,7 +72,9 @@ class LlamaImpl : public ModelImpl {
       q = fn::apply_rope(q, cos, sin);
       k = fn::apply_rope(k, cos, sin);
       if (in.cache) std::tie(k, v) = in.cache->append(static_cast<int>(l), k, v);
-      at::Tensor o = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, H * D});
+      at::Tensor layer_bias = bias;
+      apply_kv_site(*L.kv_site, k, v, layer_bias);
+      at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, H * D});
       x = x + L.attn_site->apply(a, L.o(o));
       at::Tensor m = L.post_norm(x);
       x = x + L.mlp_site->apply(m, L.down(fn::activation(L.gate(m), config_.activation) * L.up(m)));
@@ -84,7 +88,7 @@ class LlamaImpl : public ModelImpl {
   struct Layer {
     Norm input_norm{nullptr}, post_norm{nullptr};
     SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
-    std::shared_ptr<Site> attn_site, mlp_site, out;
+    std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
   Embedding embed_{nullptr};
   Norm norm_{nullptr};

@@ -78,6 +78,28 @@ NormImpl& ModelImpl::norm(const std::string& name) const {
   return *it->second;
 }
 
+int64_t ModelImpl::kv_prefix_positions() const {
+  for (const auto& s : sites_)
+    if (s->info().kind == SiteKind::attention_kv) return s->prefix_positions();
+  return 0;
+}
+
+int64_t ModelImpl::apply_kv_site(const Site& site, at::Tensor& k, at::Tensor& v, at::Tensor& bias) const {
+  if (site.empty()) return 0;
+  at::Tensor kv = site.apply(k, at::stack({k, v}));  // (2, B, Hkv, n + S, D)
+  const int64_t n = kv.size(3) - k.size(2);
+  MDL_CHECK(n >= 0 && kv.size(0) == 2, "[model] the function at '", site.name(), "' returned ", kv.sizes(),
+            " for keys ", k.sizes(), "; it may only prepend positions");
+  k = kv[0];
+  v = kv[1];
+  if (n > 0 && bias.defined()) {  // prefix positions are visible to every query
+    auto sizes = bias.sizes().vec();
+    sizes.back() = n;
+    bias = at::cat({at::zeros(sizes, bias.options()), bias}, -1);
+  }
+  return n;
+}
+
 std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
   sites_.push_back(std::make_shared<Site>(std::move(info)));
   return sites_.back();

@@ -101,6 +101,11 @@ class ModelImpl : public torch::nn::Module {
   /// architecture drops them from its final hidden states, so outputs align with the input tokens).
   at::Tensor embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,
                                        ModelInput& in, int64_t& virtual_tokens) const;
+  /// Positions that attention_kv functions prepend (the same at every layer; 0 without prefix tuning).
+  int64_t kv_prefix_positions() const;
+  /// Applies an attention_kv site to the keys and values (B, Hkv, S, D); returns how many positions it
+  /// prepended, and extends `bias` (B, 1, T, S) with visible columns for them.
+  int64_t apply_kv_site(const Site& site, at::Tensor& k, at::Tensor& v, at::Tensor& bias) const;
   /// A hidden-state or embedding site (no weights of its own).
   std::shared_ptr<Site> add_site(SiteInfo info);
   /// Creates the head modules; architectures call it last, with their token embedding (for tying).

@@ -19,6 +19,7 @@ enum class SiteKind {
   hidden,     ///< a block's output hidden state (B, T, C)
   embedding,  ///< token embeddings (B, T, C)
   norm,       ///< a LayerNorm / RMSNorm: input its input, output its normalised and scaled result
+  attention_kv,  ///< an attention's keys and values: output stack(k, v) (2, B, Hkv, S, D); may prepend positions
 };
 
 /// Name and shape of a site. Names are the Hugging Face module paths
@@ -37,6 +38,9 @@ class SiteFunction {
  public:
   virtual ~SiteFunction() = default;
   virtual at::Tensor forward(const at::Tensor& input, const at::Tensor& base) = 0;
+  /// Positions this function places before the sequence at an attention_kv site (prefix tuning); the
+  /// backbone shifts the real tokens' positions by this many, as Hugging Face does for a prefix cache.
+  virtual int64_t prefix_positions() const { return 0; }
 };
 
 /// A site of a backbone.
@@ -56,6 +60,8 @@ class Site {
   at::Tensor apply(const at::Tensor& input, const at::Tensor& base) const {
     return function_ ? function_->forward(input, base) : base;
   }
+  /// See SiteFunction::prefix_positions.
+  int64_t prefix_positions() const { return function_ ? function_->prefix_positions() : 0; }
 
  private:
   SiteInfo info_;

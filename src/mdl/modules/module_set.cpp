@@ -24,6 +24,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "adapter") j["options"] = c.adapter;
   else if (c.type == "sparse") j["options"] = c.sparse;
   else if (c.type == "prompt") j["options"] = c.prompt;
+  else if (c.type == "prefix") j["options"] = c.prefix;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -37,8 +38,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
   else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
   else if (c.type == "prompt") c.prompt = options.get<PromptTuningOptions>();
+  else if (c.type == "prefix") c.prefix = options.get<PrefixTuningOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, bitfit, layernorm, sparse or prompt");
+                 "'; expected lora, ia3, adapter, bitfit, layernorm, sparse, prompt or prefix");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -72,7 +74,7 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
     else t.target_regex = R"(.*\.(mlp|output))";
   } else if (type == "bitfit" || type == "sparse") {
     t.target_modules = {"all-linear"};
-  } else if (type == "layernorm" || type == "prompt") {
+  } else if (type == "layernorm" || type == "prompt" || type == "prefix") {
     t.target_regex = ".*";  // every norm site / the embedding site
   }
   return t;
@@ -82,6 +84,7 @@ SiteKind site_kind_of(const std::string& type) {
   if (type == "adapter") return SiteKind::sublayer;
   if (type == "layernorm") return SiteKind::norm;
   if (type == "prompt") return SiteKind::embedding;
+  if (type == "prefix") return SiteKind::attention_kv;
   return SiteKind::linear;
 }
 
@@ -135,6 +138,11 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
   named.config = config;
   uint64_t seed = config.seed;
   const auto dtype = at::TensorOptions().dtype(model_->dtype()).device(model_->device());
+  const ModelConfig& mc = model_->config();
+  std::shared_ptr<PrefixEncoderImpl> prefix_encoder;
+  if (config.type == "prefix")
+    prefix_encoder = std::make_shared<PrefixEncoderImpl>(config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
+                                                         mc.n_kv_head * mc.head_dim, config.prefix, seed, dtype);
   for (const auto& site : match_sites(*model_, config.targets, kind)) {
     std::shared_ptr<SiteModule> m;
     if (config.type == "lora") m = std::make_shared<LoraImpl>(model_->linear(site->name()), config.lora, seed++);
@@ -142,6 +150,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
     else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
+    else if (config.type == "prefix")
+      m = std::make_shared<PrefixTuningImpl>(site->info(), mc.head_dim, prefix_encoder, named.parts.empty());
     else if (config.type == "prompt")
       m = std::make_shared<PromptTuningImpl>(site->info(), config.prompt, model_->token_embeddings(), seed++);
     else if (config.type == "sparse") {
@@ -152,7 +162,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm, sparse or prompt");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm, sparse, prompt or prefix");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -175,6 +185,12 @@ void ModuleSet::remove(const std::string& name) {
 
 std::vector<std::string> ModuleSet::names() const { return order_; }
 const ModuleConfig& ModuleSet::config(const std::string& name) const { return get(name).config; }
+
+std::shared_ptr<SiteModule> ModuleSet::module_at(const std::string& name, const std::string& site) const {
+  for (const auto& p : get(name).parts)
+    if (p.site == site) return p.module;
+  MDL_FAIL("[modules] module '", name, "' has no part at '", site, "'");
+}
 
 std::vector<std::string> ModuleSet::sites(const std::string& name) const {
   std::vector<std::string> out;
@@ -275,6 +291,26 @@ void ModuleSet::unmerge(const std::string& name) {
 }
 
 bool ModuleSet::merged(const std::string& name) const { return get(name).merged; }
+
+void ModuleSet::fold(const std::string& name) {
+  Named& n = const_cast<Named&>(get(name));
+  MDL_CHECK(n.config.type == "prefix", "[modules] '", name, "' is a ", n.config.type,
+            " module; only prefix tuning has a reparameterisation to fold");
+  auto first = std::dynamic_pointer_cast<PrefixTuningImpl>(n.parts.front().module);
+  const auto& old = first->encoder();
+  if (!old->projection) return;
+  PrefixTuningOptions o = n.config.prefix;
+  o.prefix_projection = false;
+  auto folded = std::make_shared<PrefixEncoderImpl>(old->n, old->n_layer, model_->config().hidden_size, old->kv_dim, o,
+                                                    0, old->embedding.options());
+  {
+    torch::NoGradGuard g;
+    folded->embedding.copy_(old->all());
+  }
+  folded->embedding.set_requires_grad(old->embedding.requires_grad());
+  for (auto& p : n.parts) std::dynamic_pointer_cast<PrefixTuningImpl>(p.module)->set_encoder(folded);
+  n.config.prefix = o;
+}
 
 BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   const ModelConfig& c = model_->config();

@@ -15,6 +15,7 @@
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
+#include "mdl/modules/prefix_tuning.h"
 #include "mdl/modules/prompt_tuning.h"
 #include "mdl/modules/sparse_diff.h"
 #include "mdl/modules/targets.h"
@@ -23,12 +24,13 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse | prompt
+  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse | prompt | prefix
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
   SparseOptions sparse;
   PromptTuningOptions prompt;
+  PrefixTuningOptions prefix;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };
@@ -65,6 +67,8 @@ class ModuleSet {
   bool contains(const std::string& name) const { return modules_.count(name) > 0; }
   std::vector<std::string> names() const;
   const ModuleConfig& config(const std::string& name) const;
+  /// Module `name`'s part at `site`.
+  std::shared_ptr<SiteModule> module_at(const std::string& name, const std::string& site) const;
   /// Sites module `name` covers, in forward order.
   std::vector<std::string> sites(const std::string& name) const;
 
@@ -88,6 +92,8 @@ class ModuleSet {
   void merge(const std::string& name);
   void unmerge(const std::string& name);
   bool merged(const std::string& name) const;
+  /// Folds a training-time reparameterisation away (prefix tuning's MLP): same outputs, fewer parameters.
+  void fold(const std::string& name);
 
   /// The fingerprint of this model for the sites `name` covers.
   BaseFingerprint fingerprint(const std::string& name) const;

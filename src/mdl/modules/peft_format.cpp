@@ -71,6 +71,29 @@ PeftModule read_peft_prompt(const std::string& dir, const nlohmann::json& j, con
   return out;
 }
 
+// PEFT prefix tuning, saved folded: {"prompt_embeddings": (n, num_layers * 2 * token_dim)}.
+PeftModule read_peft_prefix(const std::string& dir, const nlohmann::json& j, const ModelImpl& model) {
+  const ModelConfig& mc = model.config();
+  const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
+  MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors");
+  auto tensors = io::load_safetensors(weights);
+  MDL_CHECK(tensors.count("prompt_embeddings"), "[peft] '", weights, "' has no tensor 'prompt_embeddings'");
+  at::Tensor p = tensors.at("prompt_embeddings");
+  const int64_t kv = mc.n_kv_head * mc.head_dim;
+  MDL_CHECK(p.dim() == 2 && p.size(1) == mc.n_layer * 2 * kv, "[peft] '", weights, "': prompt_embeddings has shape ",
+            p.sizes(), ", this model needs (num_virtual_tokens, ", mc.n_layer * 2 * kv, ") = (n, layers x 2 x ", kv,
+            "); a prefix for another base model?");
+  PeftModule out;
+  out.config.type = "prefix";
+  out.config.prefix.num_virtual_tokens = p.size(0);
+  out.config.prefix.prefix_projection = false;  // PEFT saves the projection's output
+  for (const auto& s : model.sites())
+    if (s->info().kind == SiteKind::attention_kv) out.sites.push_back(s->name());
+  out.tensors[out.sites.front() + ".encoder.embedding.weight"] = p;
+  (void)j;
+  return out;
+}
+
 }  // namespace
 
 PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
@@ -95,8 +118,10 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
     out.config.ia3 = j.get<Ia3Options>();
   } else if (type == "PROMPT_TUNING") {
     return read_peft_prompt(dir, j, model);
+  } else if (type == "PREFIX_TUNING") {
+    return read_peft_prefix(dir, j, model);
   } else {
-    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING");
+    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
   }
   out.config.targets = j.get<TargetOptions>();
 
@@ -145,9 +170,24 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
 
 void write_peft(const ModuleSet& set, const std::string& name, const std::string& dir) {
   const ModuleConfig& c = set.config(name);
-  MDL_CHECK(c.type == "lora" || c.type == "ia3" || c.type == "prompt", "[peft] module '", name, "' is a ", c.type,
-            " module; PEFT files hold LoRA, (IA)^3 or prompt tuning here (use the native format)");
+  MDL_CHECK(c.type == "lora" || c.type == "ia3" || c.type == "prompt" || c.type == "prefix", "[peft] module '", name,
+            "' is a ", c.type, " module; PEFT files hold LoRA, (IA)^3, prompt or prefix tuning here (use the native format)");
   const ModelConfig& mc = set.model()->config();
+  if (c.type == "prefix") {
+    auto part = std::dynamic_pointer_cast<PrefixTuningImpl>(set.module_at(name, set.sites(name).front()));
+    const at::Tensor p = part->encoder()->all().detach().contiguous();  // folded, as PEFT saves it
+    nlohmann::json pj = {{"peft_type", "PREFIX_TUNING"}, {"num_virtual_tokens", p.size(0)},
+                         {"token_dim", mc.n_kv_head * mc.head_dim}, {"num_transformer_submodules", 1},
+                         {"num_attention_heads", mc.n_kv_head}, {"num_layers", mc.n_layer},
+                         {"prefix_projection", false}, {"encoder_hidden_size", mc.hidden_size},
+                         {"task_type", task_type(mc.head)}, {"base_model_name_or_path", mc.model_type},
+                         {"inference_mode", true}};
+    fs::create_directories(dir);
+    io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
+                         {{"format", "pt"}});
+    io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    return;
+  }
   if (c.type == "prompt") {
     const at::Tensor p = set.tensors(name).begin()->second.detach();
     nlohmann::json pj = {{"peft_type", "PROMPT_TUNING"}, {"num_virtual_tokens", p.size(0)}, {"token_dim", p.size(1)},

@@ -23,6 +23,13 @@ at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& b
   return out;
 }
 
+int64_t AttachedModules::prefix_positions() const {
+  int64_t n = 0;
+  for (const auto& e : entries_)
+    if (e.active && !e.merged && e.scale != 0.0) n += e.module->prefix_positions();
+  return n;
+}
+
 AttachedModules::Entry* AttachedModules::find(const std::string& name) {
   for (auto& e : entries_)
     if (e.name == name) return &e;

@@ -21,6 +21,8 @@ class SiteModule : public torch::nn::Module {
   virtual at::Tensor forward(const at::Tensor& input, const at::Tensor& current) = 0;
   /// The module type ("lora", "ia3", "adapter").
   virtual std::string type() const = 0;
+  /// Positions prepended at an attention_kv site (prefix tuning); 0 otherwise.
+  virtual int64_t prefix_positions() const { return 0; }
   /// Whether merge() can fold this module into the base projection.
   virtual bool can_merge() const { return false; }
   /// Folds the module into `base` (merge) or takes it out again (unmerge). Throws if unsupported.
@@ -41,6 +43,7 @@ class AttachedModules : public SiteFunction {
     double scale = 1.0;
   };
   at::Tensor forward(const at::Tensor& input, const at::Tensor& base) override;
+  int64_t prefix_positions() const override;
   std::vector<Entry>& entries() { return entries_; }
   Entry* find(const std::string& name);
 
