@@ -46,8 +46,13 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
       n += out;
     } else if (c.type == "layernorm") {
       n += set.model()->norm(s).bias.defined() ? 2 * out : out;
+    } else if (c.type == "compacter") {
+      const int64_t k = c.compacter.phm_dim, r = c.compacter.phm_rank;
+      const int64_t b = std::max<int64_t>(k, (out / c.compacter.reduction_factor) / k * k);
+      n += k * (out / k) * r + k * r * (b / k) + b + k * (b / k) * r + k * r * (out / k) + out;
     }
   }
+  if (c.type == "compacter") n += 2 * c.compacter.phm_dim * c.compacter.phm_dim * c.compacter.phm_dim;  // shared rules
   return n;
 }
 
@@ -122,12 +127,25 @@ std::vector<Case> cases() {
       {"adapter_parallel_ln", "gpt2", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
       {"bitfit", "gpt2", {{"type", "bitfit"}}},
       {"layernorm_bert", "bert", {{"type", "layernorm"}}},
+      {"compacter_pp_llama", "llama", {{"type", "compacter"}, {"options", {{"reduction_factor", 8}}}}},
+      {"compacter_houlsby_gpt2", "gpt2",
+       {{"type", "compacter"}, {"options", {{"config", "houlsby"}, {"phm_dim", 8}, {"phm_rank", 2}, {"reduction_factor", 4}}}}},
       {"layernorm_llama_rms", "llama", {{"type", "layernorm"}}},
   };
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.label; });
+
+TEST(Compacter, PhmWeightIsASumOfKroneckerProducts) {
+  auto gen = at::detail::createCPUGenerator(4);
+  at::Tensor rule = at::randn({4, 4, 4}, gen), left = at::randn({4, 6, 2}, gen), right = at::randn({4, 2, 3}, gen);
+  at::Tensor want = at::zeros({24, 12});
+  for (int i = 0; i < 4; ++i) want += at::kron(rule[i], left[i].mm(right[i]));
+  EXPECT_LE((phm_weight(rule, left, right) - want).abs().max().item<double>(), 1e-5);
+  EXPECT_THROW_WITH(nlohmann::json({{"type", "compacter"}, {"options", {{"config", "lstm"}}}}).get<ModuleConfig>(),
+                    "config 'lstm' is unknown");
+}
 
 TEST(ModuleSet, TargetsActivationScalesAndErrors) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));

@@ -25,6 +25,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "sparse") j["options"] = c.sparse;
   else if (c.type == "prompt") j["options"] = c.prompt;
   else if (c.type == "prefix") j["options"] = c.prefix;
+  else if (c.type == "compacter") j["options"] = c.compacter;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -39,8 +40,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
   else if (c.type == "prompt") c.prompt = options.get<PromptTuningOptions>();
   else if (c.type == "prefix") c.prefix = options.get<PrefixTuningOptions>();
+  else if (c.type == "compacter") c.compacter = options.get<CompacterOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, bitfit, layernorm, sparse, prompt or prefix");
+                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt or prefix");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -68,7 +70,7 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
                        : arch == Arch::bert ? std::vector<std::string>{"key", "value", "output.dense"}
                                             : std::vector<std::string>{"k_proj", "v_proj", "down_proj"};
     if (arch == Arch::bert) t.exclude_modules = {"attention.output.dense"};
-  } else if (type == "adapter") {
+  } else if (type == "adapter" || type == "compacter") {
     // Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output").
     if (adapter_config == "houlsby") t.target_regex = R"(.*\.(attn|self_attn|attention|mlp|output))";
     else t.target_regex = R"(.*\.(mlp|output))";
@@ -81,7 +83,7 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
 }
 
 SiteKind site_kind_of(const std::string& type) {
-  if (type == "adapter") return SiteKind::sublayer;
+  if (type == "adapter" || type == "compacter") return SiteKind::sublayer;
   if (type == "layernorm") return SiteKind::norm;
   if (type == "prompt") return SiteKind::embedding;
   if (type == "prefix") return SiteKind::attention_kv;
@@ -127,7 +129,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
   ModuleConfig config = config_in;
   const bool no_targets = config.targets.target_modules.empty() && config.targets.target_regex.empty();
   if (no_targets) {
-    TargetOptions defaults = default_targets(config.type, model_->config().arch, config.adapter.config);
+    TargetOptions defaults = default_targets(config.type, model_->config().arch,
+                                             config.type == "compacter" ? config.compacter.config : config.adapter.config);
     defaults.layers_to_transform = config.targets.layers_to_transform;
     defaults.exclude_modules.insert(defaults.exclude_modules.end(), config.targets.exclude_modules.begin(),
                                     config.targets.exclude_modules.end());
@@ -140,6 +143,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
   const auto dtype = at::TensorOptions().dtype(model_->dtype()).device(model_->device());
   const ModelConfig& mc = model_->config();
   std::shared_ptr<PrefixEncoderImpl> prefix_encoder;
+  std::shared_ptr<PhmRulesImpl> phm_rules;
+  if (config.type == "compacter") phm_rules = std::make_shared<PhmRulesImpl>(config.compacter.phm_dim, seed, dtype);
   if (config.type == "prefix")
     prefix_encoder = std::make_shared<PrefixEncoderImpl>(config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
                                                          mc.n_kv_head * mc.head_dim, config.prefix, seed, dtype);
@@ -150,6 +155,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
     else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
+    else if (config.type == "compacter")
+      m = std::make_shared<CompacterImpl>(site->info(), config.compacter, phm_rules, named.parts.empty(), seed++, dtype);
     else if (config.type == "prefix")
       m = std::make_shared<PrefixTuningImpl>(site->info(), mc.head_dim, prefix_encoder, named.parts.empty());
     else if (config.type == "prompt")
@@ -162,7 +169,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, bitfit, layernorm, sparse, prompt or prefix");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt or prefix");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});

@@ -13,6 +13,7 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/modules/bottleneck_adapter.h"
+#include "mdl/modules/compacter.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
 #include "mdl/modules/prefix_tuning.h"
@@ -24,13 +25,14 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | bitfit | layernorm | sparse | prompt | prefix
+  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
   SparseOptions sparse;
   PromptTuningOptions prompt;
   PrefixTuningOptions prefix;
+  CompacterOptions compacter;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };
