@@ -5,6 +5,7 @@
 #include <torch/utils.h>
 
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "backbones/fixtures.h"
 #include "mdl/io/safetensors.h"
@@ -53,6 +54,16 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
     }
   }
   if (c.type == "compacter") n += 2 * c.compacter.phm_dim * c.compacter.phm_dim * c.compacter.phm_dim;  // shared rules
+  if (c.type == "hyper_lora") {  // one shared generator
+    const HyperLoraOptions& h = c.hyper;
+    const int64_t sites = static_cast<int64_t>(set.sites(name).size());
+    n += h.num_tasks * h.task_embedding_dim + sites * h.site_embedding_dim +
+         h.hidden * (h.task_embedding_dim + h.site_embedding_dim) + h.hidden;
+    std::set<std::pair<int64_t, int64_t>> shapes;
+    for (const auto& s : set.sites(name))
+      shapes.insert({set.model()->site(s).info().in_features, set.model()->site(s).info().out_features});
+    for (auto [in, out] : shapes) n += (h.r * in) * (h.hidden + 1) + (out * h.r) * (h.hidden + 1);
+  }
   return n;
 }
 
@@ -127,6 +138,7 @@ std::vector<Case> cases() {
       {"adapter_parallel_ln", "gpt2", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
       {"bitfit", "gpt2", {{"type", "bitfit"}}},
       {"layernorm_bert", "bert", {{"type", "layernorm"}}},
+      {"hyper_lora_llama", "llama", {{"type", "hyper_lora"}, {"options", {{"num_tasks", 3}, {"r", 2}}}}},
       {"compacter_pp_llama", "llama", {{"type", "compacter"}, {"options", {{"reduction_factor", 8}}}}},
       {"compacter_houlsby_gpt2", "gpt2",
        {{"type", "compacter"}, {"options", {{"config", "houlsby"}, {"phm_dim", 8}, {"phm_rank", 2}, {"reduction_factor", 4}}}}},
@@ -136,6 +148,38 @@ std::vector<Case> cases() {
 
 INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.label; });
+
+TEST(HyperLora, TasksMaterializeAndNewTasksFromAnEmbedding) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleConfig c = nlohmann::json{{"type", "hyper_lora"}, {"options", {{"num_tasks", 2}, {"r", 2}}}}.get<ModuleConfig>();
+  set.add("h", c);
+  set.freeze_base({"h"});
+  torch::optim::SGD opt(set.parameters({"h"}), torch::optim::SGDOptions(0.5));
+  for (int task : {0, 1}) {
+    set.set_task("h", task);
+    opt.zero_grad();
+    ((logits(*set.model()) - task).pow(2).mean()).backward();
+    opt.step();
+  }
+  torch::NoGradGuard g;
+  set.set_task("h", 0);
+  at::Tensor t0 = logits(*set.model());
+  set.set_task("h", 1);
+  at::Tensor t1 = logits(*set.model());
+  EXPECT_FALSE(at::allclose(t0, t1));
+  set.materialize("h", "task1");  // a plain LoRA with what the generator makes for task 1
+  EXPECT_EQ(set.config("task1").type, "lora");
+  set.set_active("h", false);
+  EXPECT_LE((logits(*set.model()) - t1).abs().max().item<double>(), 1e-6);
+  set.set_active("task1", false);
+  set.set_active("h", true);
+  set.set_task_embedding("h", at::randn({16}, at::detail::createCPUGenerator(3)));  // a new task, no training
+  at::Tensor fresh = logits(*set.model());
+  EXPECT_FALSE(at::allclose(fresh, t0));
+  EXPECT_THROW_WITH(set.set_task("h", 5), "task 5 is not in [0, 2)");
+  EXPECT_THROW_WITH(set.set_task_embedding("h", at::zeros({3})), "16 values");
+  EXPECT_THROW_WITH(set.set_task("task1", 0), "not a hypernetwork");
+}
 
 TEST(Compacter, PhmWeightIsASumOfKroneckerProducts) {
   auto gen = at::detail::createCPUGenerator(4);

@@ -363,7 +363,7 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
   auto seed = std::make_shared<uint64_t>(0);
   CLI::App* cmd = app.add_subcommand("init-module", "create a new (untrained) module for a checkpoint");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
-  cmd->add_option("--type", *type, "lora | ia3 | adapter | compacter | bitfit | layernorm | prompt | prefix")->check(CLI::IsMember({"lora", "ia3", "adapter", "compacter", "bitfit", "layernorm", "prompt", "prefix"}))->capture_default_str();
+  cmd->add_option("--type", *type, "lora | ia3 | adapter | compacter | bitfit | layernorm | prompt | prefix | hyper_lora")->check(CLI::IsMember({"lora", "ia3", "adapter", "compacter", "bitfit", "layernorm", "prompt", "prefix", "hyper_lora"}))->capture_default_str();
   cmd->add_option("--r", *r, "LoRA rank")->capture_default_str();
   cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r)");
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");

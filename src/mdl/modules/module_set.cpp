@@ -26,6 +26,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "prompt") j["options"] = c.prompt;
   else if (c.type == "prefix") j["options"] = c.prefix;
   else if (c.type == "compacter") j["options"] = c.compacter;
+  else if (c.type == "hyper_lora") j["options"] = c.hyper;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -41,8 +42,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "prompt") c.prompt = options.get<PromptTuningOptions>();
   else if (c.type == "prefix") c.prefix = options.get<PrefixTuningOptions>();
   else if (c.type == "compacter") c.compacter = options.get<CompacterOptions>();
+  else if (c.type == "hyper_lora") c.hyper = options.get<HyperLoraOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt or prefix");
+                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix or hyper_lora");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -61,7 +63,7 @@ std::string ParameterSummary::to_string() const {
 
 TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config) {
   TargetOptions t;
-  if (type == "lora") {
+  if (type == "lora" || type == "hyper_lora") {
     t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn"}
                        : arch == Arch::bert ? std::vector<std::string>{"query", "value"}
                                             : std::vector<std::string>{"q_proj", "v_proj"};
@@ -144,17 +146,26 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
   const ModelConfig& mc = model_->config();
   std::shared_ptr<PrefixEncoderImpl> prefix_encoder;
   std::shared_ptr<PhmRulesImpl> phm_rules;
+  std::shared_ptr<HyperGeneratorImpl> hyper;
+  const auto selected = match_sites(*model_, config.targets, kind);
+  if (config.type == "hyper_lora") {
+    std::vector<SiteInfo> infos;
+    for (const auto& site : selected) infos.push_back(site->info());
+    hyper = std::make_shared<HyperGeneratorImpl>(config.hyper, infos, seed, dtype);
+  }
   if (config.type == "compacter") phm_rules = std::make_shared<PhmRulesImpl>(config.compacter.phm_dim, seed, dtype);
   if (config.type == "prefix")
     prefix_encoder = std::make_shared<PrefixEncoderImpl>(config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
                                                          mc.n_kv_head * mc.head_dim, config.prefix, seed, dtype);
-  for (const auto& site : match_sites(*model_, config.targets, kind)) {
+  for (const auto& site : selected) {
     std::shared_ptr<SiteModule> m;
     if (config.type == "lora") m = std::make_shared<LoraImpl>(model_->linear(site->name()), config.lora, seed++);
     else if (config.type == "ia3") m = std::make_shared<Ia3Impl>(model_->linear(site->name()), config.ia3, seed++);
     else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
     else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
     else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
+    else if (config.type == "hyper_lora")
+      m = std::make_shared<HyperLoraImpl>(site->info(), static_cast<int64_t>(named.parts.size()), hyper, named.parts.empty());
     else if (config.type == "compacter")
       m = std::make_shared<CompacterImpl>(site->info(), config.compacter, phm_rules, named.parts.empty(), seed++, dtype);
     else if (config.type == "prefix")
@@ -169,7 +180,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt or prefix");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix or hyper_lora");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -298,6 +309,42 @@ void ModuleSet::unmerge(const std::string& name) {
 }
 
 bool ModuleSet::merged(const std::string& name) const { return get(name).merged; }
+
+static std::shared_ptr<HyperGeneratorImpl> hyper_of(const std::string& name, const std::vector<std::shared_ptr<SiteModule>>& parts) {
+  auto h = parts.empty() ? nullptr : std::dynamic_pointer_cast<HyperLoraImpl>(parts.front());
+  MDL_CHECK(h != nullptr, "[modules] '", name, "' is not a hypernetwork (hyper_lora) module");
+  return h->generator();
+}
+
+void ModuleSet::set_task(const std::string& name, int64_t task) {
+  hyper_of(name, {get(name).parts.front().module})->set_task(task);
+}
+
+void ModuleSet::set_task_embedding(const std::string& name, const at::Tensor& embedding) {
+  hyper_of(name, {get(name).parts.front().module})->set_task_embedding(embedding);
+}
+
+void ModuleSet::materialize(const std::string& name, const std::string& lora_name) {
+  const Named& n = get(name);
+  auto generator = hyper_of(name, {n.parts.front().module});
+  ModuleConfig lora;
+  lora.type = "lora";
+  lora.lora.r = n.config.hyper.r;
+  lora.lora.alpha = n.config.hyper.alpha;
+  std::vector<std::string> site_names;
+  std::map<std::string, at::Tensor> tensors;
+  torch::NoGradGuard g;
+  const at::Tensor task = generator->current_task();
+  for (const auto& p : n.parts) {
+    auto part = std::dynamic_pointer_cast<HyperLoraImpl>(p.module);
+    auto [A, B] = generator->generate(task, part->index());
+    site_names.push_back(p.site);
+    tensors[p.site + ".lora_A"] = A.detach().clone();
+    tensors[p.site + ".lora_B"] = B.detach().clone();
+  }
+  add_exact(lora_name, lora, site_names);
+  load_tensors(lora_name, tensors, "hypernetwork '" + name + "'");
+}
 
 void ModuleSet::fold(const std::string& name) {
   Named& n = const_cast<Named&>(get(name));

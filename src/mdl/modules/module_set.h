@@ -14,6 +14,7 @@
 #include "mdl/backbones/model.h"
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/compacter.h"
+#include "mdl/modules/hyper_lora.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
 #include "mdl/modules/prefix_tuning.h"
@@ -25,7 +26,7 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix
+  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
@@ -33,6 +34,7 @@ struct ModuleConfig {
   PromptTuningOptions prompt;
   PrefixTuningOptions prefix;
   CompacterOptions compacter;
+  HyperLoraOptions hyper;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };
@@ -96,6 +98,11 @@ class ModuleSet {
   bool merged(const std::string& name) const;
   /// Folds a training-time reparameterisation away (prefix tuning's MLP): same outputs, fewer parameters.
   void fold(const std::string& name);
+  /// Hypernetwork modules: use learned task `task`, or an explicit task embedding (a new task).
+  void set_task(const std::string& name, int64_t task);
+  void set_task_embedding(const std::string& name, const at::Tensor& embedding);
+  /// Writes what hypernetwork module `name` generates for its current task as a plain LoRA module `lora_name`.
+  void materialize(const std::string& name, const std::string& lora_name);
 
   /// The fingerprint of this model for the sites `name` covers.
   BaseFingerprint fingerprint(const std::string& name) const;
