@@ -70,6 +70,8 @@ class ModelImpl : public torch::nn::Module {
   Site& site(const std::string& name) const;
   /// The projection of a linear site (to merge weights into); throws if `name` is not a linear site.
   SiteLinearImpl& linear(const std::string& name) const;
+  /// True if `name` is a linear site.
+  bool linear_exists(const std::string& name) const { return linears_.count(name) > 0; }
   /// The norm layer of a norm site; throws if `name` is not one.
   NormImpl& norm(const std::string& name) const;
   /// The token embedding table (V, C).

@@ -23,6 +23,7 @@
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/tokenizer.h"
@@ -369,7 +370,9 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
   cmd->add_option("--config", *config_json, "the whole module config as JSON: {\"type\", \"options\", \"targets\"}");
   cmd->add_option("--seed", *seed, "initialisation seed")->capture_default_str();
-  cmd->add_option("--format", *format, "native | peft")->check(CLI::IsMember({"native", "peft"}))->capture_default_str();
+  cmd->add_option("--format", *format, "native | peft | adapterhub")
+      ->check(CLI::IsMember({"native", "peft", "adapterhub"}))
+      ->capture_default_str();
   cmd->add_option("--out", *out, "output directory")->required();
   cmd->callback([=, &g] {
     apply(g);
@@ -392,6 +395,7 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
     set.add(name, config);
     set.freeze_base({name});
     if (*format == "peft") write_peft(set, name, *out);
+    else if (*format == "adapterhub") write_adapterhub(set, name, *out);
     else set.save(name, *out);
     std::printf("created %s module '%s' at %zu sites in %s (%s)\n%s\n", config.type.c_str(), name.c_str(),
                 set.sites(name).size(), out->c_str(), format->c_str(), set.summary().to_string().c_str());

@@ -10,6 +10,7 @@
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/layernorm_tuning.h"
 #include "mdl/modules/peft_format.h"
 
@@ -407,7 +408,7 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
   if (name.empty()) name = fs::path(dir).lexically_normal().parent_path().filename().string();
   MDL_CHECK(fs::is_directory(path), "[modules] '", dir, "' is not a directory");
   if (fs::exists(path / "adapter_config.json") && !fs::exists(path / "module.json")) {
-    PeftModule peft = read_peft(dir, *model_);
+    PeftModule peft = is_adapterhub_dir(dir) ? read_adapterhub(dir, *model_) : read_peft(dir, *model_);
     add_exact(name, peft.config, peft.sites);
     try {
       load_tensors(name, peft.tensors, dir);
@@ -418,7 +419,8 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
     return name;
   }
   const fs::path meta = path / "module.json";
-  MDL_CHECK(fs::exists(meta), "[modules] '", dir, "' has neither module.json (mdl) nor adapter_config.json (PEFT)");
+  MDL_CHECK(fs::exists(meta), "[modules] '", dir,
+            "' has neither module.json (mdl) nor adapter_config.json (PEFT or AdapterHub)");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(io::read_text(meta.string()));
