@@ -472,14 +472,8 @@ void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in
   }
   ModuleConfig config = config_in;
   // Exact sites: a regex of their names, so add() selects exactly these.
-  std::string regex;
-  for (const auto& s : site_names) {
-    std::string escaped;
-    for (char ch : s) escaped += (ch == '.' ? std::string("\\.") : std::string(1, ch));
-    regex += (regex.empty() ? "" : "|") + escaped;
-  }
   config.targets = TargetOptions();
-  config.targets.target_regex = "(?:" + regex + ")";
+  config.targets.target_regex = exact_sites_regex(site_names);
   add(name, config, init);
   modules_[name].config.targets = config_in.targets;  // keep what the user wrote
 }

@@ -159,11 +159,7 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   if (out.config.type == "lora")
     for (const auto& site : out.sites) {
       const int64_t r = out.tensors.at(site + ".lora_A").size(0);
-      if (out.config.lora.rank_alpha_for(site).first != r) {
-        std::string escaped;
-        for (char ch : site) escaped += ch == '.' ? std::string("\\.") : std::string(1, ch);
-        out.config.lora.rank_pattern[escaped] = r;
-      }
+      if (out.config.lora.rank_alpha_for(site).first != r) out.config.lora.rank_pattern[exact_sites_regex({site})] = r;
     }
   return out;
 }
@@ -218,13 +214,7 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
     j["fan_in_fan_out"] = mc.arch == Arch::gpt2;
   }
   // Exact module list as a regex over full names, so the file targets exactly the sites it holds.
-  std::string regex;
-  for (const auto& s : set.sites(name)) {
-    std::string escaped;
-    for (char ch : s) escaped += ch == '.' ? std::string("\\.") : std::string(1, ch);
-    regex += (regex.empty() ? "" : "|") + escaped;
-  }
-  j["target_modules"] = "(?:" + regex + ")";
+  j["target_modules"] = exact_sites_regex(set.sites(name));
   j["task_type"] = task_type(mc.head);
   j["base_model_name_or_path"] = mc.model_type;
   j["inference_mode"] = true;

@@ -37,6 +37,12 @@ void from_json(const nlohmann::json& j, TargetOptions& o) {
   }
 }
 
+std::string exact_sites_regex(const std::vector<std::string>& sites) {
+  std::string regex;
+  for (const auto& s : sites) regex += (regex.empty() ? "" : "|") + RE2::QuoteMeta(s);
+  return "(?:" + regex + ")";
+}
+
 bool name_matches_suffix(const std::string& name, const std::string& suffix) {
   return name == suffix || (name.size() > suffix.size() &&
                             name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0 &&

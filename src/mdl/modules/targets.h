@@ -25,6 +25,9 @@ struct TargetOptions {
 void to_json(nlohmann::json& j, const TargetOptions& o);
 void from_json(const nlohmann::json& j, TargetOptions& o);
 
+/// A regex that matches exactly these site names (dots escaped), "(?:a|b|...)".
+std::string exact_sites_regex(const std::vector<std::string>& sites);
+
 /// True if `name` equals `suffix` or ends with "." + suffix.
 bool name_matches_suffix(const std::string& name, const std::string& suffix);
 
