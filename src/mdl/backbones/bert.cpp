@@ -60,13 +60,9 @@ class BertImpl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, word_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
-    MDL_CHECK(T <= config_.max_position, "[bert] sequence of ", T, " tokens exceeds max_position_embeddings ",
-              config_.max_position);
-    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
-    MDL_CHECK(shift + T <= config_.max_position, "[bert] ", shift + T, " positions exceed max_position_embeddings ",
-              config_.max_position);
-    at::Tensor pos = in.position_ids.defined() ? in.position_ids + shift
-                                               : at::arange(shift, shift + T, long_opts).expand({B, T});
+    MDL_CHECK(kv_prefix_positions() + T <= config_.max_position, "[bert] ", kv_prefix_positions() + T,
+              " positions exceed max_position_embeddings ", config_.max_position);
+    at::Tensor pos = positions(in, B, 0, T);
     at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, ids.size(1)}, long_opts);
     if (n_virtual > 0) types = at::cat({at::zeros({B, n_virtual}, long_opts), types}, 1);
     x = emb_norm_(x + position_(pos) + token_type_(types));

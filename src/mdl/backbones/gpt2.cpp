@@ -52,13 +52,10 @@ class Gpt2Impl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, wte_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
-    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
-    MDL_CHECK(shift + past + T <= config_.max_position, "[gpt2] ", shift + past + T, " positions exceed n_positions ",
-              config_.max_position, "; shorten the prompt or max tokens");
-    at::Tensor pos = in.position_ids.defined()
-                         ? in.position_ids + shift
-                         : at::arange(shift + past, shift + past + T, ids.options().dtype(at::kLong)).expand({B, T});
-    x = x + wpe_(pos);
+    const int64_t last = kv_prefix_positions() + past + T;
+    MDL_CHECK(last <= config_.max_position, "[gpt2] ", last, " positions exceed n_positions ", config_.max_position,
+              "; shorten the prompt or max tokens");
+    x = x + wpe_(positions(in, B, past, T));
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1)
       bias = fn::attention_bias(in.attention_mask, B, T, past, true, 0, x.scalar_type(), x.device());

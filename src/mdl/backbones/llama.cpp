@@ -53,11 +53,7 @@ class LlamaImpl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, embed_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
-    const int64_t shift = kv_prefix_positions();  // prefix tuning: real tokens start after the prefix
-    at::Tensor pos = in.position_ids.defined()
-                         ? in.position_ids + shift
-                         : at::arange(shift + past, shift + past + T, ids.options().dtype(at::kLong)).expand({B, T});
-    auto [cos, sin] = fn::rope_tables(pos.to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
+    auto [cos, sin] = fn::rope_tables(positions(in, B, past, T).to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1 || config_.sliding_window > 0)
       bias = fn::attention_bias(in.attention_mask, B, T, past, true, config_.sliding_window, x.scalar_type(),

@@ -78,6 +78,13 @@ NormImpl& ModelImpl::norm(const std::string& name) const {
   return *it->second;
 }
 
+at::Tensor ModelImpl::positions(const ModelInput& in, int64_t batch, int64_t past, int64_t length) const {
+  const int64_t shift = kv_prefix_positions();
+  if (in.position_ids.defined()) return shift ? in.position_ids + shift : in.position_ids;
+  auto opts = in.input_ids.options().dtype(at::kLong);
+  return at::arange(shift + past, shift + past + length, opts).expand({batch, length});  // (B, T)
+}
+
 int64_t ModelImpl::kv_prefix_positions() const {
   for (const auto& s : sites_)
     if (s->info().kind == SiteKind::attention_kv) return s->prefix_positions();

@@ -103,6 +103,9 @@ class ModelImpl : public torch::nn::Module {
   /// architecture drops them from its final hidden states, so outputs align with the input tokens).
   at::Tensor embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,
                                        ModelInput& in, int64_t& virtual_tokens) const;
+  /// Position ids (B, T) of the tokens of a pass: `in.position_ids` or past..past+T-1, shifted by the
+  /// prefix-tuning positions (real tokens start after the prefix, as Hugging Face counts them).
+  at::Tensor positions(const ModelInput& in, int64_t batch, int64_t past, int64_t length) const;
   /// Positions that attention_kv functions prepend (the same at every layer; 0 without prefix tuning).
   int64_t kv_prefix_positions() const;
   /// Applies an attention_kv site to the keys and values (B, Hkv, S, D); returns how many positions it
