@@ -55,11 +55,13 @@ std::map<std::string, std::function<double(const Settings&)>>& children() {
   return c;
 }
 long g_baseline = 0;
-long current_rss_bytes() {
+// A "Vm...:  N kB" line of /proc/self/status, in bytes (0 if absent).
+long status_bytes(const char* field) {
   std::ifstream in("/proc/self/status");
   std::string line;
+  const std::string key = std::string(field) + ":";
   while (std::getline(in, line))
-    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6)) * 1024;
+    if (line.rfind(key, 0) == 0) return std::stol(line.substr(key.size())) * 1024;
   return 0;
 }
 int g_threads = 0;
@@ -70,7 +72,7 @@ bool register_child(const std::string& name, std::function<double(const Settings
   return true;
 }
 
-void mark_baseline() { g_baseline = current_rss_bytes(); }
+void mark_baseline() { g_baseline = status_bytes("VmRSS"); }
 
 ChildResult run_child(const std::string& name, const Settings& settings) {
   std::string cmd = "/proc/" + std::to_string(getpid()) + "/exe --child=" + name +
@@ -88,13 +90,7 @@ ChildResult run_child(const std::string& name, const Settings& settings) {
   return r;
 }
 
-long peak_rss_bytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6)) * 1024;
-  return 0;
-}
+long peak_rss_bytes() { return status_bytes("VmHWM"); }
 
 }  // namespace mdl::bench
 

@@ -43,8 +43,14 @@ TEST_P(Prompt, EqualsTypingThePromptTokens) {
   ModelInput typed;
   typed.input_ids = at::cat({at::tensor(prompt_ids).view({1, -1}), ids}, 1);
   at::Tensor reference = set.model()->forward(typed);
-  if (arch == "bert") {  // sequence classification: one output per sequence, read at [CLS]... of the real input
+  if (arch == "bert") {
+    // The classifier reads one position, so compare what every real token sees: the hidden states.
     EXPECT_EQ(with_prompt.sizes(), (std::vector<int64_t>{1, 2}));
+    at::Tensor typed_hidden = set.model()->hidden_states(typed);  // prompt inactive: the tokens typed
+    set.set_active("p", true);
+    at::Tensor prompted_hidden = set.model()->hidden_states(in);  // (1, 7, C), virtual tokens dropped
+    ASSERT_EQ(prompted_hidden.sizes(), (std::vector<int64_t>{1, 7, set.model()->config().hidden_size}));
+    EXPECT_LE((prompted_hidden - typed_hidden.narrow(1, 5, 7)).abs().max().item<double>(), 1e-5);
     return;
   }
   ASSERT_EQ(with_prompt.sizes(), (std::vector<int64_t>{1, 7, set.model()->config().vocab_size}));

@@ -54,7 +54,7 @@ SiteLinear ModelImpl::add_linear(torch::nn::Module& parent, const std::string& l
                                  int64_t in, int64_t out, bool bias, int layer, bool conv1d) {
   SiteLinear linear(SiteInfo{full, SiteKind::linear, in, out, layer}, bias);
   parent.register_module(local, linear);
-  sites_.push_back(linear->site());
+  register_site(linear->site());
   linears_[full] = linear.get();
   if (conv1d) conv1d_.insert(full + ".weight");
   return linear;
@@ -64,7 +64,7 @@ Norm ModelImpl::add_norm(torch::nn::Module& parent, const std::string& local, co
                         NormImpl::Kind kind, int64_t dim, double eps, int layer) {
   Norm norm(kind, dim, eps, SiteInfo{full, SiteKind::norm, dim, dim, layer});
   parent.register_module(local, norm);
-  sites_.push_back(norm->site());
+  register_site(norm->site());
   norms_[full] = norm.get();
   return norm;
 }
@@ -108,8 +108,13 @@ int64_t ModelImpl::apply_kv_site(const Site& site, at::Tensor& k, at::Tensor& v,
 }
 
 std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
-  sites_.push_back(std::make_shared<Site>(std::move(info)));
+  register_site(std::make_shared<Site>(std::move(info)));
   return sites_.back();
+}
+
+void ModelImpl::register_site(std::shared_ptr<Site> site) {
+  MDL_CHECK(site_index_.emplace(site->name(), site.get()).second, "[model] two sites named '", site->name(), "'");
+  sites_.push_back(std::move(site));
 }
 
 void ModelImpl::build_head(const Embedding& token_embedding) {
@@ -121,7 +126,7 @@ void ModelImpl::build_head(const Embedding& token_embedding) {
       at::Tensor tied = config_.tie_word_embeddings ? token_embedding->weight : at::Tensor();
       lm_head_ = SiteLinear(SiteInfo{"lm_head", SiteKind::linear, C, config_.vocab_size, -1}, false, tied);
       register_module("lm_head", lm_head_);
-      sites_.push_back(lm_head_->site());
+      register_site(lm_head_->site());
       linears_["lm_head"] = lm_head_.get();
       break;
     }
@@ -150,9 +155,13 @@ void ModelImpl::build_head(const Embedding& token_embedding) {
   }
 }
 
+Site* ModelImpl::find_site(const std::string& name) const {
+  auto it = site_index_.find(name);
+  return it == site_index_.end() ? nullptr : it->second;
+}
+
 Site& ModelImpl::site(const std::string& name) const {
-  for (const auto& s : sites_)
-    if (s->name() == name) return *s;
+  if (Site* s = find_site(name)) return *s;
   std::string some;
   for (size_t i = 0; i < sites_.size() && i < 4; ++i) some += (i ? ", " : "") + sites_[i]->name();
   MDL_FAIL("[model] no site '", name, "' in this ", config_.architecture, "; sites are named like ", some);

@@ -68,6 +68,8 @@ class ModelImpl : public torch::nn::Module {
   const std::vector<std::shared_ptr<Site>>& sites() const { return sites_; }
   /// The site called `name`; throws listing a few names if absent.
   Site& site(const std::string& name) const;
+  /// The site called `name`, or nullptr.
+  Site* find_site(const std::string& name) const;
   /// The projection of a linear site (to merge weights into); throws if `name` is not a linear site.
   SiteLinearImpl& linear(const std::string& name) const;
   /// True if `name` is a linear site.
@@ -113,6 +115,8 @@ class ModelImpl : public torch::nn::Module {
   int64_t apply_kv_site(const Site& site, at::Tensor& k, at::Tensor& v, at::Tensor& bias) const;
   /// A hidden-state or embedding site (no weights of its own).
   std::shared_ptr<Site> add_site(SiteInfo info);
+  /// Records a site (every add_* goes through here): forward order and the name index.
+  void register_site(std::shared_ptr<Site> site);
   /// Creates the head modules; architectures call it last, with their token embedding (for tying).
   void build_head(const Embedding& token_embedding);
   /// A plain container module registered as `name` under `parent` (for HF's module nesting).
@@ -120,6 +124,7 @@ class ModelImpl : public torch::nn::Module {
 
   ModelConfig config_;
   std::vector<std::shared_ptr<Site>> sites_;
+  std::map<std::string, Site*> site_index_;
   std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
   std::map<std::string, NormImpl*> norms_;          ///< norm sites' layers
   at::Tensor token_embeddings_;                      ///< set by build_head

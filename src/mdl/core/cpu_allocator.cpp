@@ -43,11 +43,9 @@ class CachingCpuAllocator final : public c10::Allocator {
  private:
   c10::DataPtr allocate_impl(size_t n) const {
     void* p = nullptr;
-    if (n < kLarge) {
+    if (n < kLarge) {  // small: straight to the system, no bookkeeping on this hot path
       if (posix_memalign(&p, kSmallAlign, std::max<size_t>(n, 1)) != 0) throw std::bad_alloc();
-      std::lock_guard<std::mutex> lock(mutex_);
-      sizes_[p] = 0;  // small: freed to the system
-      return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+      return {p, p, &std::free, c10::Device(c10::DeviceType::CPU)};
     }
     const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
     {
@@ -79,7 +77,7 @@ class CachingCpuAllocator final : public c10::Allocator {
       if (it != sizes_.end()) {
         const size_t size = it->second;
         sizes_.erase(it);
-        if (size > 0 && cached_ + static_cast<int64_t>(size) <= limit_) {
+        if (cached_ + static_cast<int64_t>(size) <= limit_) {
           free_[size].push_back(p);
           cached_ += static_cast<int64_t>(size);
           return;

@@ -79,8 +79,7 @@ PeftModule read_adapterhub(const std::string& dir, const ModelImpl& model) {
       std::string site = key.substr(0, at);
       const std::string param = key.substr(key.rfind('.') + 1);
       MDL_CHECK(param == "lora_A" || param == "lora_B", where, "tensor '", key, "' is not lora_A or lora_B");
-      bool known = false;
-      for (const auto& s : model.sites()) known = known || (s->name() == site && s->info().kind == SiteKind::linear);
+      bool known = model.linear_exists(site);
       if (!known && model.linear_exists(model.config().body_prefix() + "." + site)) site = model.config().body_prefix() + "." + site, known = true;
       MDL_CHECK(known, where, "tensor '", key, "' targets '", site, "', which ", model.config().architecture,
                 " does not have as a projection (AdapterHub's merged GPT-2 c_attn LoRA is not supported)");

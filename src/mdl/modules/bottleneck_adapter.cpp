@@ -65,19 +65,19 @@ at::Tensor BottleneckAdapterImpl::forward(const at::Tensor& input, const at::Ten
   return options.residual ? current + a : a;
 }
 
-BiasDeltaImpl::BiasDeltaImpl(SiteLinearImpl& base) : has_base_bias_(base.bias.defined()) {
+BiasDeltaImpl::BiasDeltaImpl(SiteLinearImpl& base) : base_(&base) {
   bias = register_parameter("bias", at::zeros({base.site()->info().out_features}, base.weight.options()));
 }
 
-void BiasDeltaImpl::merge(SiteLinearImpl& base) {
+void BiasDeltaImpl::merge() {
   torch::NoGradGuard g;
-  MDL_CHECK(base.bias.defined(), "[bitfit] '", base.site()->name(), "' has no bias to merge into");
-  base.bias.add_(bias);
+  MDL_CHECK(base_->bias.defined(), "[bitfit] '", base_->site()->name(), "' has no bias to merge into");
+  base_->bias.add_(bias);
 }
 
-void BiasDeltaImpl::unmerge(SiteLinearImpl& base) {
+void BiasDeltaImpl::unmerge() {
   torch::NoGradGuard g;
-  base.bias.sub_(bias);
+  base_->bias.sub_(bias);
 }
 
 }  // namespace mdl

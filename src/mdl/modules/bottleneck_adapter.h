@@ -44,13 +44,13 @@ class BiasDeltaImpl : public SiteModule {
   BiasDeltaImpl(SiteLinearImpl& base);
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override { return current + bias; }
   std::string type() const override { return "bitfit"; }
-  bool can_merge() const override { return has_base_bias_; }
-  void merge(SiteLinearImpl& base) override;
-  void unmerge(SiteLinearImpl& base) override;
+  bool can_merge() const override { return base_->bias.defined(); }
+  void merge() override;
+  void unmerge() override;
   at::Tensor bias;  // (out)
 
  private:
-  bool has_base_bias_;
+  SiteLinearImpl* base_;  // owned by the model
 };
 TORCH_MODULE(BiasDelta);
 

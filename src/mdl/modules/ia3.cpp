@@ -28,7 +28,7 @@ bool Ia3Options::is_feedforward(const std::string& site) const {
   return false;
 }
 
-Ia3Impl::Ia3Impl(SiteLinearImpl& base, const Ia3Options& o, uint64_t seed) : base_weight_(base.weight) {
+Ia3Impl::Ia3Impl(SiteLinearImpl& base, const Ia3Options& o, uint64_t seed) : base_(&base) {
   const SiteInfo& info = base.site()->info();
   MDL_CHECK(info.kind == SiteKind::linear, "[ia3] '", info.name, "' is not a linear site");
   feedforward = o.is_feedforward(info.name);
@@ -40,12 +40,13 @@ Ia3Impl::Ia3Impl(SiteLinearImpl& base, const Ia3Options& o, uint64_t seed) : bas
 }
 
 at::Tensor Ia3Impl::forward(const at::Tensor& input, const at::Tensor& current) {
-  if (feedforward) return current + at::linear(input * (ia3_l.view(-1) - 1), base_weight_);  // W (l x) + b
+  if (feedforward) return current + at::linear(input * (ia3_l.view(-1) - 1), base_->weight);  // W (l x) + b
   return current * ia3_l.view(-1);                                                            // (W x + b) l
 }
 
-void Ia3Impl::merge(SiteLinearImpl& base) {
+void Ia3Impl::merge() {
   torch::NoGradGuard g;
+  SiteLinearImpl& base = *base_;
   if (feedforward) {
     base.weight.mul_(ia3_l);  // scales columns (in)
   } else {
@@ -54,8 +55,9 @@ void Ia3Impl::merge(SiteLinearImpl& base) {
   }
 }
 
-void Ia3Impl::unmerge(SiteLinearImpl& base) {
+void Ia3Impl::unmerge() {
   torch::NoGradGuard g;
+  SiteLinearImpl& base = *base_;
   MDL_CHECK(ia3_l.abs().min().item<double>() > 1e-8, "[ia3] cannot unmerge at '", base.site()->name(),
             "': a scaling entry is zero");
   base.weight.div_(ia3_l);

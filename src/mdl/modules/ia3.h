@@ -28,13 +28,13 @@ class Ia3Impl : public SiteModule {
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "ia3"; }
   bool can_merge() const override { return true; }
-  void merge(SiteLinearImpl& base) override;
-  void unmerge(SiteLinearImpl& base) override;
+  void merge() override;
+  void unmerge() override;
   bool feedforward;
   at::Tensor ia3_l;
 
  private:
-  at::Tensor base_weight_;
+  SiteLinearImpl* base_;  // owned by the model
 };
 TORCH_MODULE(Ia3);
 

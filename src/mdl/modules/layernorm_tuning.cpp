@@ -17,16 +17,16 @@ at::Tensor LayerNormTuningImpl::forward(const at::Tensor& input, const at::Tenso
   return bias.defined() ? out + bias : out;
 }
 
-void LayerNormTuningImpl::merge_norm(NormImpl& base) {
+void LayerNormTuningImpl::merge() {
   torch::NoGradGuard g;
-  base.weight.add_(weight);
-  if (bias.defined()) base.bias.add_(bias);
+  base_->weight.add_(weight);
+  if (bias.defined()) base_->bias.add_(bias);
 }
 
-void LayerNormTuningImpl::unmerge_norm(NormImpl& base) {
+void LayerNormTuningImpl::unmerge() {
   torch::NoGradGuard g;
-  base.weight.sub_(weight);
-  if (bias.defined()) base.bias.sub_(bias);
+  base_->weight.sub_(weight);
+  if (bias.defined()) base_->bias.sub_(bias);
 }
 
 }  // namespace mdl

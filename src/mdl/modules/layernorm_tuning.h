@@ -14,9 +14,8 @@ class LayerNormTuningImpl : public SiteModule {
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "layernorm"; }
   bool can_merge() const override { return true; }
-  /// Norm sites merge through these (SiteModule::merge takes a projection).
-  void merge_norm(NormImpl& base);
-  void unmerge_norm(NormImpl& base);
+  void merge() override;
+  void unmerge() override;
   at::Tensor weight;  // (C) delta of the scale
   at::Tensor bias;    // (C) delta of the shift, LayerNorm only
 

@@ -58,7 +58,7 @@ double LoraOptions::scaling(int64_t rank, double alpha_value) const {
 }
 
 LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
-    : options(o), base_weight_(base.weight), base_bias_(base.bias) {
+    : options(o), base_(&base) {
   const SiteInfo& info = base.site()->info();
   MDL_CHECK(info.kind == SiteKind::linear, "[lora] '", info.name, "' is not a linear site");
   std::tie(rank, alpha) = o.rank_alpha_for(info.name);
@@ -99,13 +99,14 @@ at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current)
   if (!magnitude.defined()) return current + lora;
   // DoRA: y = f * (W x + s B A x) + b with f = m / ||W + s B A||_row, written as PEFT does on top of the
   // current output W x + b.
-  at::Tensor f = magnitude / (base_weight_ + delta_weight()).norm(2, {1}).detach();  // (out)
-  at::Tensor wx = base_bias_.defined() ? current - base_bias_ : current;
+  at::Tensor f = magnitude / (base_->weight + delta_weight()).norm(2, {1}).detach();  // (out)
+  at::Tensor wx = base_->bias.defined() ? current - base_->bias : current;
   return current + (f - 1) * wx + f * lora;
 }
 
-void LoraImpl::merge(SiteLinearImpl& base) {
+void LoraImpl::merge() {
   torch::NoGradGuard g;
+  SiteLinearImpl& base = *base_;
   at::Tensor delta = delta_weight().to(base.weight.scalar_type());
   if (lora_bias.defined()) {
     MDL_CHECK(base.bias.defined(), "[lora] cannot merge lora_bias into '", base.site()->name(), "', which has no bias");
@@ -120,8 +121,9 @@ void LoraImpl::merge(SiteLinearImpl& base) {
   }
 }
 
-void LoraImpl::unmerge(SiteLinearImpl& base) {
+void LoraImpl::unmerge() {
   torch::NoGradGuard g;
+  SiteLinearImpl& base = *base_;
   at::Tensor delta = delta_weight().to(base.weight.scalar_type());
   if (magnitude.defined()) {
     MDL_CHECK(merged_scale_.defined(), "[lora] DoRA at '", base.site()->name(), "' was not merged");

@@ -39,8 +39,8 @@ class LoraImpl : public SiteModule {
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "lora"; }
   bool can_merge() const override { return true; }
-  void merge(SiteLinearImpl& base) override;
-  void unmerge(SiteLinearImpl& base) override;
+  void merge() override;
+  void unmerge() override;
   /// s B A (out, in), the dense weight delta.
   at::Tensor delta_weight() const;
 
@@ -54,7 +54,7 @@ class LoraImpl : public SiteModule {
   at::Tensor magnitude;  // (out) DoRA or undefined
 
  private:
-  at::Tensor base_weight_, base_bias_;  // the site's parameters (for DoRA), not owned
+  SiteLinearImpl* base_;                // the site's projection, owned by the model
   at::Tensor merged_scale_;             // DoRA: m / ||W + sBA|| at merge time, to unmerge exactly
 };
 TORCH_MODULE(Lora);

@@ -108,6 +108,10 @@ std::pair<std::string, double> parse_module_arg(const std::string& arg) {
 
 ModuleSet::ModuleSet(Model model) : model_(std::move(model)) {}
 
+ModuleSet::Named& ModuleSet::get_mutable(const std::string& name) {
+  return const_cast<Named&>(static_cast<const ModuleSet*>(this)->get(name));
+}
+
 const ModuleSet::Named& ModuleSet::get(const std::string& name) const {
   auto it = modules_.find(name);
   if (it == modules_.end()) {
@@ -190,7 +194,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
 }
 
 void ModuleSet::remove(const std::string& name) {
-  Named& n = const_cast<Named&>(get(name));
+  Named& n = get_mutable(name);
   if (n.merged) unmerge(name);
   for (const auto& p : n.parts) {
     auto& entries = attached(p.site).entries();
@@ -282,7 +286,7 @@ ParameterSummary ModuleSet::summary() const {
 }
 
 void ModuleSet::merge(const std::string& name) {
-  Named& n = const_cast<Named&>(get(name));
+  Named& n = get_mutable(name);
   MDL_CHECK(!n.merged, "[modules] '", name, "' is already merged");
   for (const auto& p : n.parts)  // all or nothing: check every part first
     MDL_CHECK(p.module->can_merge(), "[merge] module '", name, "' (", p.module->type(), ") at '", p.site,
@@ -291,19 +295,17 @@ void ModuleSet::merge(const std::string& name) {
   for (const auto& p : n.parts) {
     auto* e = attached(p.site).find(name);
     MDL_CHECK(e->scale == 1.0, "[modules] '", name, "' has scale ", e->scale, "; merge works on scale 1");
-    if (auto* ln = dynamic_cast<LayerNormTuningImpl*>(p.module.get())) ln->merge_norm(model_->norm(p.site));
-    else p.module->merge(model_->linear(p.site));
+    p.module->merge();
     e->merged = true;
   }
   n.merged = true;
 }
 
 void ModuleSet::unmerge(const std::string& name) {
-  Named& n = const_cast<Named&>(get(name));
+  Named& n = get_mutable(name);
   MDL_CHECK(n.merged, "[modules] '", name, "' is not merged");
   for (auto it = n.parts.rbegin(); it != n.parts.rend(); ++it) {
-    if (auto* ln = dynamic_cast<LayerNormTuningImpl*>(it->module.get())) ln->unmerge_norm(model_->norm(it->site));
-    else it->module->unmerge(model_->linear(it->site));
+    it->module->unmerge();
     attached(it->site).find(name)->merged = false;
   }
   n.merged = false;
@@ -311,23 +313,23 @@ void ModuleSet::unmerge(const std::string& name) {
 
 bool ModuleSet::merged(const std::string& name) const { return get(name).merged; }
 
-static std::shared_ptr<HyperGeneratorImpl> hyper_of(const std::string& name, const std::vector<std::shared_ptr<SiteModule>>& parts) {
-  auto h = parts.empty() ? nullptr : std::dynamic_pointer_cast<HyperLoraImpl>(parts.front());
+std::shared_ptr<HyperGeneratorImpl> ModuleSet::hyper_generator(const std::string& name) const {
+  auto h = std::dynamic_pointer_cast<HyperLoraImpl>(get(name).parts.front().module);
   MDL_CHECK(h != nullptr, "[modules] '", name, "' is not a hypernetwork (hyper_lora) module");
   return h->generator();
 }
 
 void ModuleSet::set_task(const std::string& name, int64_t task) {
-  hyper_of(name, {get(name).parts.front().module})->set_task(task);
+  hyper_generator(name)->set_task(task);
 }
 
 void ModuleSet::set_task_embedding(const std::string& name, const at::Tensor& embedding) {
-  hyper_of(name, {get(name).parts.front().module})->set_task_embedding(embedding);
+  hyper_generator(name)->set_task_embedding(embedding);
 }
 
 void ModuleSet::materialize(const std::string& name, const std::string& lora_name) {
   const Named& n = get(name);
-  auto generator = hyper_of(name, {n.parts.front().module});
+  auto generator = hyper_generator(name);
   ModuleConfig lora;
   lora.type = "lora";
   lora.lora.r = n.config.hyper.r;
@@ -348,7 +350,7 @@ void ModuleSet::materialize(const std::string& name, const std::string& lora_nam
 }
 
 void ModuleSet::fold(const std::string& name) {
-  Named& n = const_cast<Named&>(get(name));
+  Named& n = get_mutable(name);
   MDL_CHECK(n.config.type == "prefix", "[modules] '", name, "' is a ", n.config.type,
             " module; only prefix tuning has a reparameterisation to fold");
   auto first = std::dynamic_pointer_cast<PrefixTuningImpl>(n.parts.front().module);
@@ -463,9 +465,7 @@ void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
   const SiteKind kind = site_kind_of(config_in.type);
   for (const auto& s : site_names) {
-    bool found = false;
-    for (const auto& site : model_->sites()) found = found || site->name() == s;
-    MDL_CHECK(found, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
+    MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
               " does not have; a module for another base model?");
     MDL_CHECK(model_->site(s).info().kind == kind, "[modules] module '", name, "': site '", s,
               "' is not of the kind a ", config_in.type, " module attaches to");

@@ -124,6 +124,8 @@ class ModuleSet {
     bool merged = false;
   };
   const Named& get(const std::string& name) const;
+  Named& get_mutable(const std::string& name);
+  std::shared_ptr<HyperGeneratorImpl> hyper_generator(const std::string& name) const;
   /// add() at exactly these sites (from a file), each checked to exist and to be of the right kind.
   void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites,
                  const std::map<std::string, at::Tensor>& init = {});

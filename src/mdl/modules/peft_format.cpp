@@ -72,7 +72,7 @@ PeftModule read_peft_prompt(const std::string& dir, const nlohmann::json& j, con
 }
 
 // PEFT prefix tuning, saved folded: {"prompt_embeddings": (n, num_layers * 2 * token_dim)}.
-PeftModule read_peft_prefix(const std::string& dir, const nlohmann::json& j, const ModelImpl& model) {
+PeftModule read_peft_prefix(const std::string& dir, const ModelImpl& model) {
   const ModelConfig& mc = model.config();
   const std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
   MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors");
@@ -90,7 +90,6 @@ PeftModule read_peft_prefix(const std::string& dir, const nlohmann::json& j, con
   for (const auto& s : model.sites())
     if (s->info().kind == SiteKind::attention_kv) out.sites.push_back(s->name());
   out.tensors[out.sites.front() + ".encoder.embedding.weight"] = p;
-  (void)j;
   return out;
 }
 
@@ -119,7 +118,7 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   } else if (type == "PROMPT_TUNING") {
     return read_peft_prompt(dir, j, model);
   } else if (type == "PREFIX_TUNING") {
-    return read_peft_prefix(dir, j, model);
+    return read_peft_prefix(dir, model);
   } else {
     MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
   }
@@ -144,10 +143,8 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
     MDL_CHECK(!param.empty(), "[peft] '", weights, "': tensor '", key, "' is not a ", type, " tensor mdl knows");
     // BertModel / GPT2Model / LlamaModel checkpoints name modules without the body prefix.
     std::string site = rest;
-    bool known = false;
-    for (const auto& s : model.sites()) known = known || s->name() == site;
-    if (!known)
-      for (const auto& s : model.sites()) if (s->name() == body + rest) site = body + rest, known = true;
+    bool known = model.find_site(site) != nullptr;
+    if (!known && model.find_site(body + rest)) site = body + rest, known = true;
     MDL_CHECK(known, "[peft] '", weights, "': tensor '", key, "' targets '", rest, "', which ",
               model.config().architecture, " does not have; an adapter for another base model?");
     if (seen.insert(site).second) out.sites.push_back(site);

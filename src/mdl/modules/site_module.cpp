@@ -4,13 +4,11 @@
 
 namespace mdl {
 
-void SiteModule::merge(SiteLinearImpl& base) {
-  MDL_FAIL("[merge] a ", type(), " module at '", base.site()->name(),
-           "' cannot be merged into the base weights; only LoRA (incl. DoRA), (IA)^3 and sparse diffs can");
+void SiteModule::merge() {
+  MDL_FAIL("[merge] a ", type(), " module cannot be merged into the base weights; LoRA (incl. DoRA), (IA)^3, ",
+           "sparse diffs, BitFit and LayerNorm tuning can");
 }
-void SiteModule::unmerge(SiteLinearImpl& base) {
-  MDL_FAIL("[unmerge] a ", type(), " module at '", base.site()->name(), "' is never merged");
-}
+void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never merged"); }
 
 at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
   at::Tensor out = base;

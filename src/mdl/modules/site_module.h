@@ -25,9 +25,10 @@ class SiteModule : public torch::nn::Module {
   virtual int64_t prefix_positions() const { return 0; }
   /// Whether merge() can fold this module into the base projection.
   virtual bool can_merge() const { return false; }
-  /// Folds the module into `base` (merge) or takes it out again (unmerge). Throws if unsupported.
-  virtual void merge(SiteLinearImpl& base);
-  virtual void unmerge(SiteLinearImpl& base);
+  /// Folds the module into the base layer it was created for (merge) or takes it out again (unmerge).
+  /// Throws if unsupported.
+  virtual void merge();
+  virtual void unmerge();
 };
 
 /// The modules attached at one site, applied in attachment order. Each active module maps the current

@@ -19,7 +19,7 @@ void from_json(const nlohmann::json& j, SparseOptions& o) {
 }
 
 SparseDiffImpl::SparseDiffImpl(SiteLinearImpl& base, at::Tensor idx)
-    : out_(base.weight.size(0)), in_(base.weight.size(1)) {
+    : base_(&base), out_(base.weight.size(0)), in_(base.weight.size(1)) {
   const std::string& site = base.site()->name();
   MDL_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "[sparse] indices for '", site,
             "' must be a 1-D int64 tensor, got ", idx.sizes(), " ", c10::toString(idx.scalar_type()));
@@ -40,14 +40,14 @@ at::Tensor SparseDiffImpl::forward(const at::Tensor& input, const at::Tensor& cu
   return current + at::linear(input, delta_weight());
 }
 
-void SparseDiffImpl::merge(SiteLinearImpl& base) {
+void SparseDiffImpl::merge() {
   torch::NoGradGuard g;
-  base.weight.view({-1}).index_add_(0, indices, values.to(base.weight.scalar_type()));
+  base_->weight.view({-1}).index_add_(0, indices, values.to(base_->weight.scalar_type()));
 }
 
-void SparseDiffImpl::unmerge(SiteLinearImpl& base) {
+void SparseDiffImpl::unmerge() {
   torch::NoGradGuard g;
-  base.weight.view({-1}).index_add_(0, indices, -values.to(base.weight.scalar_type()));
+  base_->weight.view({-1}).index_add_(0, indices, -values.to(base_->weight.scalar_type()));
 }
 
 at::Tensor select_top_indices(const at::Tensor& scores, double density) {

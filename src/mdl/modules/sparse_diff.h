@@ -31,14 +31,15 @@ class SparseDiffImpl : public SiteModule {
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "sparse"; }
   bool can_merge() const override { return true; }
-  void merge(SiteLinearImpl& base) override;
-  void unmerge(SiteLinearImpl& base) override;
+  void merge() override;
+  void unmerge() override;
   /// The dense (out, in) difference.
   at::Tensor delta_weight() const;
   at::Tensor indices;  // (K) int64 buffer
   at::Tensor values;   // (K) trainable
 
  private:
+  SiteLinearImpl* base_;  // owned by the model
   int64_t out_, in_;
 };
 TORCH_MODULE(SparseDiff);

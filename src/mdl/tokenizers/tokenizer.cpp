@@ -1,6 +1,7 @@
 #include "mdl/tokenizers/tokenizer.h"
 
 #include <filesystem>
+#include <unordered_map>
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
@@ -28,6 +29,8 @@ struct AddedToken {
 struct Tokenizer::Impl {
   std::string text;
   std::vector<AddedToken> added;  // longest content first, for matching
+  std::unordered_map<int64_t, size_t> added_index;  // id -> position in `added`
+  bool starts_added[256] = {};                      // first bytes of added tokens: cheap rejection
   std::unique_ptr<Normalizer> normalizer;
   std::unique_ptr<PreTokenizer> pre_tokenizer;
   std::unique_ptr<TokenModel> model;
@@ -35,9 +38,8 @@ struct Tokenizer::Impl {
   std::vector<int64_t> prefix, suffix;  // post-processor for a single sequence
 
   const AddedToken* added_by_id(int64_t id) const {
-    for (const auto& a : added)
-      if (a.id == id) return &a;
-    return nullptr;
+    auto it = added_index.find(id);
+    return it == added_index.end() ? nullptr : &added[it->second];
   }
 
   // Splits text into (segment, added token or null) around added tokens.
@@ -47,11 +49,14 @@ struct Tokenizer::Impl {
     size_t pos = 0;
     while (pos < text.size()) {
       const AddedToken* hit = nullptr;
-      for (const auto& a : added)
-        if (!a.content.empty() && text.compare(pos, a.content.size(), a.content) == 0) {
-          hit = &a;
-          break;
+      if (starts_added[static_cast<unsigned char>(text[pos])]) {
+        for (const auto& a : added) {
+          if (!a.content.empty() && text.compare(pos, a.content.size(), a.content) == 0) {
+            hit = &a;
+            break;
+          }
         }
+      }
       if (!hit) {
         current += text[pos++];
         continue;
@@ -150,6 +155,10 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     }
     std::stable_sort(impl->added.begin(), impl->added.end(),
                      [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+    for (size_t i = 0; i < impl->added.size(); ++i) {
+      impl->added_index.emplace(impl->added[i].id, i);
+      if (!impl->added[i].content.empty()) impl->starts_added[static_cast<unsigned char>(impl->added[i].content[0])] = true;
+    }
     parse_post_processor(j.value("post_processor", json()), *impl, source);
   } catch (const json::exception& e) {
     MDL_FAIL("[tokenizer] '", source, "': unexpected structure: ", e.what());
@@ -234,7 +243,7 @@ int64_t Tokenizer::vocab_size() const {
 }
 
 std::optional<int64_t> Tokenizer::token_to_id(const std::string& token) const {
-  for (const auto& a : impl_->added)
+  for (const auto& a : impl_->added)  // a handful; looked up rarely (special tokens)
     if (a.content == token) return a.id;
   return impl_->model->token_to_id(token);
 }
