@@ -5,7 +5,9 @@
 #include <torch/optim/adamw.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include "harness.h"
 #include "mdl/backbones/init_model.h"
@@ -13,6 +15,11 @@
 
 namespace mdl::bench {
 namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
 
 Model small_model(const std::string& arch) {
   Model m = create_model(preset_config(arch, "small", 8192, HeadKind::causal_lm, 2));
@@ -39,10 +46,18 @@ void lora_forward(const Settings& s, Report& r) {
       const int64_t T = s.quick ? 32 : 128;
       ModelInput in;
       in.input_ids = at::randint(0, 8192, {batch, T}, at::kLong);
-      const double unmerged = time_it([&] { set.model()->forward(in); }, s);
-      set.merge("lora");
-      const double merged = time_it([&] { set.model()->forward(in); }, s);
-      set.unmerge("lora");
+      // Alternate the two paths for several rounds and compare medians, so drift of a shared machine
+      // during the measurement does not land in the ratio.
+      std::vector<double> unmerged_runs, merged_runs;
+      Settings round = s;
+      round.min_seconds = s.min_seconds / 2;
+      for (int r = 0; r < (s.quick ? 1 : 5); ++r) {
+        unmerged_runs.push_back(time_it([&] { set.model()->forward(in); }, round));
+        set.merge("lora");
+        merged_runs.push_back(time_it([&] { set.model()->forward(in); }, round));
+        set.unmerge("lora");
+      }
+      const double unmerged = median(unmerged_runs), merged = median(merged_runs);
       const std::string what = arch + "-small batch " + std::to_string(batch) + " x " + std::to_string(T);
       char note[96];
       std::snprintf(note, sizeof(note), "%.3fx merged time%s", unmerged / merged,
