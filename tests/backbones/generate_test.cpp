@@ -49,7 +49,7 @@ TEST_P(Decoders, GreedyGenerationWithAndWithoutCacheAgree) {
   EXPECT_EQ(cached.finish_reason, "length");
 }
 
-INSTANTIATE_TEST_SUITE_P(Archs, Decoders, ::testing::Values("gpt2", "llama", "mistral"));
+INSTANTIATE_TEST_SUITE_P(Archs, Decoders, ::testing::Values("gpt2", "llama", "mistral", "mixtral"));
 
 TEST(Generate, SeedsTopKAndStops) {
   Model m = load_model(test::tiny_checkpoint("gpt2"));

@@ -6,7 +6,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 #include <map>
 #include <string>
 
@@ -130,8 +132,28 @@ inline at::Tensor llama_hidden(const Weights& w, const ModelConfig& c, const at:
     }
     h = h + linear(at::cat(heads, 1), p + "self_attn.o_proj", c.o_bias);
     at::Tensor m = rms_norm(h, w(p + "post_attention_layernorm.weight"), c.norm_eps);
-    h = h + linear(silu_ref(linear(m, p + "mlp.gate_proj", false)) * linear(m, p + "mlp.up_proj", false), p + "mlp.down_proj",
-                   false);
+    if (c.num_experts == 0) {
+      h = h + linear(silu_ref(linear(m, p + "mlp.gate_proj", false)) * linear(m, p + "mlp.up_proj", false), p + "mlp.down_proj",
+                     false);
+      continue;
+    }
+    // Mixtral: token by token, softmax over the router logits, the k largest renormalised.
+    at::Tensor out = at::zeros_like(m);
+    for (int64_t t = 0; t < T; ++t) {
+      at::Tensor x = m.narrow(0, t, 1);
+      at::Tensor probs = softmax_rows(linear(x, p + "block_sparse_moe.gate", false))[0];
+      std::vector<std::pair<double, int64_t>> ranked;
+      for (int64_t e = 0; e < c.num_experts; ++e) ranked.push_back({probs[e].item<double>(), e});
+      std::sort(ranked.begin(), ranked.end(), [](auto a, auto b) { return a.first > b.first; });
+      double total = 0;
+      for (int64_t j = 0; j < c.experts_per_token; ++j) total += ranked[j].first;
+      for (int64_t j = 0; j < c.experts_per_token; ++j) {
+        const std::string e = p + "block_sparse_moe.experts." + std::to_string(ranked[j].second) + ".";
+        at::Tensor y = linear(silu_ref(linear(x, e + "w1", false)) * linear(x, e + "w3", false), e + "w2", false);
+        out[t] += (ranked[j].first / total) * y[0];
+      }
+    }
+    h = h + out;
   }
   return rms_norm(h, w("norm.weight"), c.norm_eps);
 }

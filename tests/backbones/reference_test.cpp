@@ -60,7 +60,7 @@ TEST_P(LlamaFamily, LogitsMatch) {
   EXPECT_LE(d, 1e-4);
 }
 
-INSTANTIATE_TEST_SUITE_P(Archs, LlamaFamily, ::testing::Values("llama", "mistral", "qwen2"));
+INSTANTIATE_TEST_SUITE_P(Archs, LlamaFamily, ::testing::Values("llama", "mistral", "qwen2", "mixtral"));
 
 TEST(Reference, LeftPaddedBatchMatchesEachSequenceAlone) {
   const std::string dir = test::tiny_checkpoint("llama");

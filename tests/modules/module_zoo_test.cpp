@@ -43,6 +43,9 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
     } else if (c.type == "adapter") {
       const int64_t b = std::max<int64_t>(1, out / c.adapter.reduction_factor);
       n += out * b + b + b * out + out + (c.adapter.layer_norm ? 2 * out : 0);
+    } else if (c.type == "lora_moe") {
+      const LoraMixtureOptions& m = c.lora_moe;
+      n += m.experts * m.r * (in + out) + m.experts * in + (m.router.level == "task" ? m.num_tasks * m.experts : 0);
     } else if (c.type == "bitfit") {
       n += out;
     } else if (c.type == "layernorm") {
@@ -143,6 +146,11 @@ std::vector<Case> cases() {
       {"compacter_houlsby_gpt2", "gpt2",
        {{"type", "compacter"}, {"options", {{"config", "houlsby"}, {"phm_dim", 8}, {"phm_rank", 2}, {"reduction_factor", 4}}}}},
       {"layernorm_llama_rms", "llama", {{"type", "layernorm"}}},
+      {"lora_moe_top2", "llama", {{"type", "lora_moe"}, {"options", {{"experts", 4}, {"r", 2}}}}},
+      {"lora_moe_switch_gpt2", "gpt2",
+       {{"type", "lora_moe"}, {"options", {{"experts", 3}, {"r", 2}, {"router", {{"kind", "switch"}}}}}}},
+      {"lora_moe_smear", "llama",
+       {{"type", "lora_moe"}, {"options", {{"experts", 3}, {"smear", true}, {"router", {{"kind", "softmax"}, {"level", "example"}}}}}}},
   };
 }
 

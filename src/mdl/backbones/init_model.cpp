@@ -53,6 +53,7 @@ ModelConfig preset_config(const std::string& arch_name_in, const std::string& pr
   c.architecture = architecture_name(c.arch, head);
   if (arch_name_in == "mistral" && head == HeadKind::causal_lm) c.architecture = "MistralForCausalLM";
   if (arch_name_in == "qwen2" && head == HeadKind::causal_lm) c.architecture = "Qwen2ForCausalLM";
+  if (arch_name_in == "mixtral" && head == HeadKind::causal_lm) c.architecture = "MixtralForCausalLM";
   c.vocab_size = vocab_size;
   c.num_labels = num_labels;
   c.hidden_size = tiny ? 64 : 384;
@@ -78,6 +79,12 @@ ModelConfig preset_config(const std::string& arch_name_in, const std::string& pr
       c.tie_word_embeddings = arch_name_in == "qwen2";
       c.qkv_bias = arch_name_in == "qwen2";
       if (arch_name_in == "mistral") c.sliding_window = c.max_position / 4;
+      if (arch_name_in == "mixtral") {  // top-2 of 8 experts, each a quarter of the dense MLP's width
+        c.num_experts = 8;
+        c.experts_per_token = 2;
+        c.intermediate_size /= 4;
+        c.router_aux_loss_coef = 0.02;
+      }
       break;
     case Arch::bert:
       c.intermediate_size = 4 * c.hidden_size;

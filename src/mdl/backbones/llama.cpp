@@ -1,11 +1,16 @@
 // Llama (LlamaForCausalLM), and with the same code Mistral and Qwen2: RMSNorm, rotary positions with
 // rope_theta, grouped-query attention, SwiGLU MLP, optional q/k/v biases (Qwen2), optional sliding window
-// (Mistral), tied or untied embeddings.
+// (Mistral), tied or untied embeddings; Mixtral when the config has experts: every MLP is a sparse
+// mixture of SwiGLU experts (`block_sparse_moe.gate`, `block_sparse_moe.experts.N.w1/w2/w3`) behind a
+// router (top-2 renormalised by default; any RouterOptions via `set_router` or the config's `mdl_router`).
 #include "mdl/backbones/llama.h"
 
 #include <ATen/ATen.h>
 
 #include "mdl/backbones/functional.h"
+#include "mdl/core/error.h"
+#include "mdl/routing/mixture.h"
+#include <nlohmann/json.hpp>
 
 namespace mdl {
 namespace {
@@ -30,19 +35,48 @@ class LlamaImpl : public ModelImpl {
       L.o = add_linear(*attn, "o_proj", p + ".self_attn.o_proj", c.n_head * D, C, c.o_bias, l);
       L.post_norm = add_norm(*block, "post_attention_layernorm", p + ".post_attention_layernorm",
                              NormImpl::Kind::rms_norm, C, c.norm_eps, l);
-      auto mlp = add_container(*block, "mlp");
-      L.gate = add_linear(*mlp, "gate_proj", p + ".mlp.gate_proj", C, I, c.mlp_bias, l);
-      L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
-      L.down = add_linear(*mlp, "down_proj", p + ".mlp.down_proj", I, C, c.mlp_bias, l);
+      if (c.num_experts > 0) {
+        auto moe = add_container(*block, "block_sparse_moe");
+        L.router_gate = add_linear(*moe, "gate", p + ".block_sparse_moe.gate", C, c.num_experts, false, l);
+        auto experts = add_container(*moe, "experts");
+        for (int64_t e = 0; e < c.num_experts; ++e) {
+          const std::string ep = p + ".block_sparse_moe.experts." + std::to_string(e);
+          auto expert = add_container(*experts, std::to_string(e));
+          L.experts.push_back({add_linear(*expert, "w1", ep + ".w1", C, I, false, l),
+                               add_linear(*expert, "w2", ep + ".w2", I, C, false, l),
+                               add_linear(*expert, "w3", ep + ".w3", C, I, false, l)});
+        }
+      } else {
+        auto mlp = add_container(*block, "mlp");
+        L.gate = add_linear(*mlp, "gate_proj", p + ".mlp.gate_proj", C, I, c.mlp_bias, l);
+        L.up = add_linear(*mlp, "up_proj", p + ".mlp.up_proj", C, I, c.mlp_bias, l);
+        L.down = add_linear(*mlp, "down_proj", p + ".mlp.down_proj", I, C, c.mlp_bias, l);
+      }
       L.attn_site = add_site({p + ".self_attn", SiteKind::sublayer, C, C, l});
       L.kv_site = add_site({p + ".self_attn.kv", SiteKind::attention_kv, C, c.n_kv_head * D, l});
-      L.mlp_site = add_site({p + ".mlp", SiteKind::sublayer, C, C, l});
+      L.mlp_site = add_site({p + (c.num_experts > 0 ? ".block_sparse_moe" : ".mlp"), SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       layers_.push_back(L);
     }
     norm_ = add_norm(*body, "norm", "model.norm", NormImpl::Kind::rms_norm, C, c.norm_eps, -1);
     build_head(embed_);
+    if (c.num_experts > 0) {
+      RouterOptions router;
+      router.kind = "top_k";
+      router.k = c.experts_per_token;
+      router.load_balancing_coef = c.router_aux_loss_coef;
+      if (!c.router_json.empty()) router = nlohmann::json::parse(c.router_json).get<RouterOptions>();
+      set_router(router);
+    }
   }
+
+  void set_router(const RouterOptions& options) override {
+    if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
+    MDL_CHECK(options.level != "task", "[model] ", config_.architecture, "'s expert gates score tokens; task-level "
+              "routing needs per-task logits (use a poly_lora or lora_moe module)");
+    router_ = make_router(options);
+  }
+  const Router* router() const override { return router_.get(); }
 
   at::Tensor hidden_states(const ModelInput& input) override {
     const at::Tensor& ids = input.input_ids;  // (B, T)
@@ -73,7 +107,8 @@ class LlamaImpl : public ModelImpl {
       at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, H * D});
       x = x + L.attn_site->apply(a, L.o(o));
       at::Tensor m = L.post_norm(x);
-      x = x + L.mlp_site->apply(m, L.down(fn::activation(L.gate(m), config_.activation) * L.up(m)));
+      x = x + L.mlp_site->apply(m, L.experts.empty() ? L.down(fn::activation(L.gate(m), config_.activation) * L.up(m))
+                                                     : mixture_mlp(L, m));
       x = L.out->apply(block_input, x);
     }
     x = norm_(x);
@@ -81,15 +116,34 @@ class LlamaImpl : public ModelImpl {
   }
 
  private:
+  struct Expert {
+    SiteLinear w1, w2, w3;  // gate (C, I), down (I, C), up (C, I)
+  };
   struct Layer {
     Norm input_norm{nullptr}, post_norm{nullptr};
     SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
+    SiteLinear router_gate{nullptr};  // Mixtral: (C -> E) router logits
+    std::vector<Expert> experts;
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
+
+  /// Mixtral's sparse MLP: route each token, run every expert once on its tokens, sum weighted outputs.
+  at::Tensor mixture_mlp(Layer& L, const at::Tensor& m) {  // m (B, T, C)
+    const int64_t B = m.size(0), T = m.size(1), C = m.size(2);
+    const int64_t E = static_cast<int64_t>(L.experts.size());
+    Routing r = route_tokens(*router_, L.mlp_site->name(), "model.block_sparse_moe", m, E,
+                             [&](const at::Tensor& rows) { return L.router_gate(rows); }, at::Tensor(), is_training());
+    at::Tensor y = dispatch(m.reshape({B * T, C}), r, C, [&](int64_t e, const at::Tensor& rows) {
+      Expert& X = L.experts[static_cast<size_t>(e)];
+      return X.w2(fn::activation(X.w1(rows), config_.activation) * X.w3(rows));
+    });
+    return y.view({B, T, C});
+  }
   Embedding embed_{nullptr};
   Norm norm_{nullptr};
   std::shared_ptr<Site> embed_site_;
   std::vector<Layer> layers_;
+  std::shared_ptr<Router> router_;
 };
 
 }  // namespace

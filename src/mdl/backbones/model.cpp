@@ -176,9 +176,18 @@ SiteLinearImpl& ModelImpl::linear(const std::string& name) const {
   return *it->second;
 }
 
+void ModelImpl::set_router(const RouterOptions&) {
+  MDL_FAIL("[model] ", config_.architecture, " is dense: it has no mixture-of-experts layers to route; upcycle it "
+           "first (mdl upcycle) or attach lora_moe modules");
+}
+
 at::Tensor ModelImpl::forward(const ModelInput& in) {
   ForwardContext context;
   context.past = in.cache ? in.cache->length() : 0;
+  context.causal = config_.is_decoder();
+  context.input_ids = &in.input_ids;
+  context.routing = in.routing;
+  context.routing_log = in.routing_log;
   ForwardContextGuard guard(context);
   return head(hidden_states(in), in);
 }

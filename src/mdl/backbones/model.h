@@ -13,8 +13,10 @@
 #include <vector>
 
 #include "mdl/backbones/layers.h"
+#include "mdl/core/forward_context.h"
 #include "mdl/core/site.h"
 #include "mdl/io/model_config.h"
+#include "mdl/routing/router.h"
 
 namespace mdl {
 
@@ -39,6 +41,8 @@ struct ModelInput {
   at::Tensor token_type_ids;  ///< (B, T) BERT segment ids; optional (zeros)
   at::Tensor position_ids;    ///< (B, T); optional (cached + 0..T-1)
   KVCache* cache = nullptr;   ///< decoders: read and extended in place
+  const RoutingContext* routing = nullptr;  ///< task/language ids, per-example modules (see routing/); optional
+  RoutingLog* routing_log = nullptr;        ///< receives routers' statistics and auxiliary losses; optional
 };
 
 /// How to load a checkpoint (the per-run settings, apart from the checkpoint's own hyper-parameters).
@@ -76,6 +80,11 @@ class ModelImpl : public torch::nn::Module {
   bool linear_exists(const std::string& name) const { return linears_.count(name) > 0; }
   /// The norm layer of a norm site; throws if `name` is not one.
   NormImpl& norm(const std::string& name) const;
+  /// Replaces the router of every mixture-of-experts layer (Mixtral, upcycled, MoEfied models); throws
+  /// for a dense model.
+  virtual void set_router(const RouterOptions& options);
+  /// The mixture-of-experts layers' router, or nullptr for a dense model.
+  virtual const Router* router() const { return nullptr; }
   /// The token embedding table (V, C).
   const at::Tensor& token_embeddings() const { return token_embeddings_; }
 

@@ -117,8 +117,8 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
   auto out = std::make_shared<std::string>();
   auto shard_mb = std::make_shared<double>(0);
   CLI::App* cmd = app.add_subcommand("init-model", "create a randomly initialised checkpoint in the Hugging Face layout");
-  cmd->add_option("--arch", opts->arch, "gpt2 | llama | mistral | qwen2 | bert")
-      ->check(CLI::IsMember({"gpt2", "llama", "mistral", "qwen2", "bert"}))
+  cmd->add_option("--arch", opts->arch, "gpt2 | llama | mistral | qwen2 | mixtral | bert")
+      ->check(CLI::IsMember({"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"}))
       ->capture_default_str();
   cmd->add_option("--preset", opts->preset, "tiny | small")->check(CLI::IsMember({"tiny", "small"}))->capture_default_str();
   cmd->add_option("--out", *out, "output directory")->required();

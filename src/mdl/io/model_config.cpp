@@ -69,9 +69,9 @@ HeadKind head_from_architecture(const std::string& a) {
 
 Arch parse_arch(const std::string& name) {
   if (name == "gpt2") return Arch::gpt2;
-  if (name == "llama" || name == "mistral" || name == "qwen2") return Arch::llama;
+  if (name == "llama" || name == "mistral" || name == "qwen2" || name == "mixtral") return Arch::llama;
   if (name == "bert") return Arch::bert;
-  MDL_FAIL("[config] unknown architecture '", name, "'; expected gpt2, llama, mistral, qwen2 or bert");
+  MDL_FAIL("[config] unknown architecture '", name, "'; expected gpt2, llama, mistral, qwen2, mixtral or bert");
 }
 
 std::string arch_name(Arch arch) {
@@ -168,8 +168,20 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.qkv_bias = qwen2 ? true : r.bool_or("attention_bias", false);
       c.o_bias = qwen2 ? false : c.qkv_bias;
       c.mlp_bias = r.bool_or("mlp_bias", false);
-      if (c.model_type == "mistral" || (qwen2 && r.bool_or("use_sliding_window", false)))
+      if (c.model_type == "mistral" || c.model_type == "mixtral" || (qwen2 && r.bool_or("use_sliding_window", false)))
         c.sliding_window = r.int_or("sliding_window", 0);
+      if (c.model_type == "mixtral") {
+        c.num_experts = r.required_int("num_local_experts");
+        c.experts_per_token = r.int_or("num_experts_per_tok", 2);
+        c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
+        MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '",
+                  source, "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (",
+                  c.num_experts, ")");
+        if (r.has("mdl_router")) {
+          MDL_CHECK(j["mdl_router"].is_object(), "[config] '", source, "': 'mdl_router' must be an object");
+          c.router_json = j["mdl_router"].dump();
+        }
+      }
       MDL_CHECK(!r.has("rope_scaling"), "[config] '", source, "': field 'rope_scaling' (", j["rope_scaling"].dump(),
                 ") is not supported yet; remove it only if the checkpoint was trained without it");
       c.bos_token_id = r.int_or("bos_token_id", 1);
@@ -260,6 +272,14 @@ std::string model_config_to_json(const ModelConfig& c) {
       if (c.model_type != "qwen2") j["attention_bias"] = c.qkv_bias;
       j["mlp_bias"] = c.mlp_bias;
       if (c.sliding_window > 0) j["sliding_window"] = c.sliding_window;
+      if (c.num_experts > 0) {
+        j["num_local_experts"] = c.num_experts;
+        j["num_experts_per_tok"] = c.experts_per_token;
+        j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+        j["output_router_logits"] = false;
+        if (!c.router_json.empty()) j["mdl_router"] = json::parse(c.router_json);
+        else j.erase("mdl_router");
+      }
       break;
     case Arch::bert:
       j["hidden_size"] = c.hidden_size;

@@ -8,7 +8,7 @@
 
 namespace mdl {
 
-/// Architecture families; `llama` also covers Mistral and Qwen2 checkpoints.
+/// Architecture families; `llama` also covers Mistral, Qwen2 and Mixtral (a Llama with MoE MLPs) checkpoints.
 enum class Arch { gpt2, llama, bert };
 
 /// What sits on top of the backbone's hidden states.
@@ -17,7 +17,7 @@ enum class HeadKind { none, causal_lm, sequence_classification, token_classifica
 /// Fixed model hyper-parameters (llama.cpp's hparams): what a checkpoint is, not how it is run.
 struct ModelConfig {
   Arch arch = Arch::llama;
-  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "bert"
+  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"
   std::string architecture;      ///< architectures[0], e.g. "LlamaForCausalLM"
   HeadKind head = HeadKind::causal_lm;
   int64_t vocab_size = 0;
@@ -42,6 +42,10 @@ struct ModelConfig {
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   double initializer_range = 0.02;
+  int64_t num_experts = 0;       ///< Mixtral `num_local_experts`: > 0 makes every MLP a sparse mixture of experts
+  int64_t experts_per_token = 2; ///< Mixtral `num_experts_per_tok` (top-k, weights renormalised)
+  double router_aux_loss_coef = 0.0;  ///< Mixtral's load-balancing loss weight in training
+  std::string router_json;       ///< mdl's `mdl_router` field: RouterOptions replacing the top-k default (upcycled, MoEfied)
   std::string raw_json;          ///< the original file, unknown fields included
 
   /// Body prefix of the full model's tensor names: "transformer", "model" or "bert".
@@ -62,7 +66,7 @@ std::string model_config_to_json(const ModelConfig& config);
 /// The HF architecture class name for a family and head, e.g. (llama, causal_lm) -> "LlamaForCausalLM".
 std::string architecture_name(Arch arch, HeadKind head);
 
-/// Parses "gpt2|llama|mistral|qwen2|bert".
+/// Parses "gpt2|llama|mistral|qwen2|mixtral|bert".
 Arch parse_arch(const std::string& name);
 std::string arch_name(Arch arch);
 std::string head_name(HeadKind head);

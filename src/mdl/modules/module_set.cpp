@@ -28,6 +28,8 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "prefix") j["options"] = c.prefix;
   else if (c.type == "compacter") j["options"] = c.compacter;
   else if (c.type == "hyper_lora") j["options"] = c.hyper;
+  else if (c.type == "lora_moe") j["options"] = c.lora_moe;
+  else if (c.type == "poly_lora") j["options"] = c.poly;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -44,8 +46,10 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "prefix") c.prefix = options.get<PrefixTuningOptions>();
   else if (c.type == "compacter") c.compacter = options.get<CompacterOptions>();
   else if (c.type == "hyper_lora") c.hyper = options.get<HyperLoraOptions>();
+  else if (c.type == "lora_moe") c.lora_moe = options.get<LoraMixtureOptions>();
+  else if (c.type == "poly_lora") c.poly = options.get<PolyLoraOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix or hyper_lora");
+                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe or poly_lora");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -64,7 +68,7 @@ std::string ParameterSummary::to_string() const {
 
 TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config) {
   TargetOptions t;
-  if (type == "lora" || type == "hyper_lora") {
+  if (type == "lora" || type == "hyper_lora" || type == "lora_moe" || type == "poly_lora") {
     t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn"}
                        : arch == Arch::bert ? std::vector<std::string>{"query", "value"}
                                             : std::vector<std::string>{"q_proj", "v_proj"};
@@ -158,6 +162,9 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     for (const auto& site : selected) infos.push_back(site->info());
     hyper = std::make_shared<HyperGeneratorImpl>(config.hyper, infos, seed, dtype);
   }
+  std::shared_ptr<SkillAllocationImpl> allocation;
+  if (config.type == "poly_lora" && config.poly.shared_allocation)
+    allocation = std::make_shared<SkillAllocationImpl>(config.poly, seed++, dtype);
   if (config.type == "compacter") phm_rules = std::make_shared<PhmRulesImpl>(config.compacter.phm_dim, seed, dtype);
   if (config.type == "prefix")
     prefix_encoder = std::make_shared<PrefixEncoderImpl>(config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
@@ -175,6 +182,13 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
       m = std::make_shared<CompacterImpl>(site->info(), config.compacter, phm_rules, named.parts.empty(), seed++, dtype);
     else if (config.type == "prefix")
       m = std::make_shared<PrefixTuningImpl>(site->info(), mc.head_dim, prefix_encoder, named.parts.empty());
+    else if (config.type == "lora_moe")
+      m = std::make_shared<LoraMixtureImpl>(site->info(), config.lora_moe, seed++, dtype);
+    else if (config.type == "poly_lora") {
+      const bool shared = allocation != nullptr;
+      auto alloc = shared ? allocation : std::make_shared<SkillAllocationImpl>(config.poly, seed++, dtype);
+      m = std::make_shared<PolyLoraImpl>(site->info(), config.poly, alloc, !shared || named.parts.empty(), seed++, dtype);
+    }
     else if (config.type == "prompt")
       m = std::make_shared<PromptTuningImpl>(site->info(), config.prompt, model_->token_embeddings(), seed++);
     else if (config.type == "sparse") {
@@ -185,7 +199,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix or hyper_lora");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe or poly_lora");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});

@@ -17,6 +17,8 @@
 #include "mdl/modules/hyper_lora.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
+#include "mdl/modules/lora_mixture.h"
+#include "mdl/modules/poly_lora.h"
 #include "mdl/modules/prefix_tuning.h"
 #include "mdl/modules/prompt_tuning.h"
 #include "mdl/modules/sparse_diff.h"
@@ -26,7 +28,7 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora
+  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora | lora_moe | poly_lora
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
@@ -35,6 +37,8 @@ struct ModuleConfig {
   PrefixTuningOptions prefix;
   CompacterOptions compacter;
   HyperLoraOptions hyper;
+  LoraMixtureOptions lora_moe;
+  PolyLoraOptions poly;
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };

@@ -1,6 +1,10 @@
 #include "mdl/modules/site_module.h"
 
+#include <ATen/ATen.h>
+
 #include "mdl/core/error.h"
+#include "mdl/core/forward_context.h"
+#include "mdl/routing/routing_context.h"
 
 namespace mdl {
 
@@ -11,12 +15,56 @@ void SiteModule::merge() {
 void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never merged"); }
 
 at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
+  const ForwardContext& ctx = ForwardContext::current();
+  if (ctx.routing && !ctx.routing->modules.empty()) return forward_per_example(input, base, ctx.routing->modules);
   at::Tensor out = base;
   for (auto& e : entries_) {
     if (!e.active || e.merged || e.scale == 0.0) continue;
     at::Tensor next = e.module->forward(input, out);
     // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
     out = e.scale == 1.0 || next.sizes() != out.sizes() ? next : out + e.scale * (next - out);
+  }
+  return out;
+}
+
+at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const at::Tensor& base,
+                                                const std::vector<std::vector<ModuleChoice>>& choices) {
+  const int64_t B = base.size(0);
+  MDL_CHECK(static_cast<int64_t>(choices.size()) == B, "[routing] the routing context names modules for ",
+            choices.size(), " examples but the batch has ", B);
+  at::Tensor out = base;
+  for (auto& e : entries_) {
+    std::vector<int64_t> rows;
+    std::vector<double> scales;
+    for (int64_t b = 0; b < B; ++b)
+      for (const auto& c : choices[static_cast<size_t>(b)])
+        if (c.name == e.name && c.scale != 0.0) rows.push_back(b), scales.push_back(c.scale);
+    MDL_CHECK(!e.merged, "[routing] module '", e.name, "' is merged into the base weights, so every example uses it; ",
+              "unmerge it to choose modules per example");
+    if (rows.empty()) continue;
+    MDL_CHECK(e.module->prefix_positions() == 0, "[routing] module '", e.name, "' is a prefix: it lengthens every ",
+              "example's keys and values, so it cannot be chosen per example; give such requests a batch of their own");
+    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(base.device());
+    if (static_cast<int64_t>(rows.size()) == B) {  // every example: no gather
+      at::Tensor next = e.module->forward(input, out);
+      MDL_CHECK(next.sizes() == out.sizes(), "[routing] module '", e.name, "' changes the sequence length (a prompt); ",
+                "per-example routing needs modules that keep shapes");
+      at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
+      std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
+      view[0] = B;
+      out = out + s.view(view) * (next - out);
+      continue;
+    }
+    at::Tensor idx = at::tensor(rows, long_opts.device(at::kCPU)).to(base.device());
+    at::Tensor sub_in = input.index_select(0, idx);
+    at::Tensor sub = out.index_select(0, idx);
+    at::Tensor next = e.module->forward(sub_in, sub);
+    MDL_CHECK(next.sizes() == sub.sizes(), "[routing] module '", e.name, "' changes the sequence length (a prompt); ",
+              "per-example routing needs modules that keep shapes");
+    std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
+    view[0] = static_cast<int64_t>(rows.size());
+    at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
+    out = out.index_add(0, idx, s.view(view) * (next - sub));
   }
   return out;
 }

@@ -11,6 +11,7 @@
 
 #include "mdl/backbones/layers.h"
 #include "mdl/core/site.h"
+#include "mdl/routing/routing_context.h"
 
 namespace mdl {
 
@@ -34,6 +35,10 @@ class SiteModule : public torch::nn::Module {
 /// The modules attached at one site, applied in attachment order. Each active module maps the current
 /// output to a new one, so additive modules (LoRA) sum their deltas and adapters stack. `scale` scales a
 /// module's change to the output (scale 0 = off, 1 = as trained).
+///
+/// Fixed routing: when the forward's routing context names modules per example, each example uses
+/// exactly its modules (active flags aside) with its scales: every module runs once, on the rows of the
+/// examples that chose it, so one batch mixes examples with different modules.
 class AttachedModules : public SiteFunction {
  public:
   struct Entry {
@@ -49,6 +54,8 @@ class AttachedModules : public SiteFunction {
   Entry* find(const std::string& name);
 
  private:
+  at::Tensor forward_per_example(const at::Tensor& input, const at::Tensor& base,
+                                 const std::vector<std::vector<ModuleChoice>>& choices);
   std::vector<Entry> entries_;
 };
 

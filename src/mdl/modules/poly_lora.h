@@ -1,0 +1,66 @@
+// Polytropon (Ponti et al., 2023) and multi-head routing, MHR (Caccia et al., 2023): an inventory of S
+// skill LoRAs at each linear site and a task-by-skill allocation matrix of logits. In training the
+// allocation is sampled with a relaxed Bernoulli (Gumbel-sigmoid), at evaluation it is sigmoid(logits);
+// each row is normalised to sum to one, and the task's LoRA is the weighted average of the skills' A and B
+// (parameter aggregation, then one low-rank product per example). MHR splits A's input dimension and B's
+// output dimension into h heads, each with its own allocation (h = 1 is Polytropon). Task ids come from
+// the forward's routing context.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <memory>
+#include <string>
+
+#include "mdl/modules/site_module.h"
+
+namespace mdl {
+
+/// Polytropon / MHR settings.
+struct PolyLoraOptions {
+  int64_t num_tasks = 1;
+  int64_t num_skills = 4;
+  int64_t r = 4;                 ///< rank of every skill
+  double alpha = 8;              ///< scaling alpha / r
+  int64_t heads = 1;             ///< MHR heads (1 = Polytropon)
+  double temperature = 1.0;      ///< Gumbel-sigmoid relaxation temperature (training)
+  bool shared_allocation = false;  ///< one allocation matrix for all sites (default: one per site, as Polytropon)
+};
+void to_json(nlohmann::json& j, const PolyLoraOptions& o);
+void from_json(const nlohmann::json& j, PolyLoraOptions& o);
+
+/// The task-by-skill allocation logits (tasks, heads, skills).
+class SkillAllocationImpl : public torch::nn::Module {
+ public:
+  SkillAllocationImpl(const PolyLoraOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  /// Normalised skill weights (B, heads, skills) for task ids (B): relaxed-Bernoulli samples in training.
+  at::Tensor weights(const at::Tensor& task_ids, bool training) const;
+  PolyLoraOptions options;
+  at::Tensor logits;  // (tasks, heads, skills)
+};
+TORCH_MODULE(SkillAllocation);
+
+/// One site's skill inventory.
+class PolyLoraImpl : public SiteModule {
+ public:
+  /// `owner`: this part registers `allocation` as its parameter (the first site, or every site when not shared).
+  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options, std::shared_ptr<SkillAllocationImpl> allocation,
+               bool owner, uint64_t seed, c10::TensorOptions dtype);
+  at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
+  std::string type() const override { return "poly_lora"; }
+  /// The task's averaged factors for skill weights (B, heads, S): A (B, r, in), B (B, out, r).
+  std::pair<at::Tensor, at::Tensor> task_factors(const at::Tensor& weights) const;
+  const std::shared_ptr<SkillAllocationImpl>& allocation() const { return allocation_; }
+
+  PolyLoraOptions options;
+  double scaling;
+  at::Tensor A;  // (S, r, in)
+  at::Tensor B;  // (S, out, r)
+
+ private:
+  SiteInfo site_;
+  std::shared_ptr<SkillAllocationImpl> allocation_;
+};
+TORCH_MODULE(PolyLora);
+
+}  // namespace mdl

@@ -1,0 +1,25 @@
+#include "mdl/routing/routing_context.h"
+
+#include <ATen/ATen.h>
+
+#include "mdl/core/error.h"
+
+namespace mdl {
+
+RoutingContext RoutingContext::by_id(const at::Tensor& ids, const std::vector<std::vector<ModuleChoice>>& table,
+                                     bool language) {
+  MDL_CHECK(ids.dim() == 1, "[routing] ", language ? "language" : "task", " ids must be (B), got ", ids.sizes());
+  RoutingContext c;
+  (language ? c.language_ids : c.task_ids) = ids;
+  at::Tensor cpu = ids.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* p = cpu.data_ptr<int64_t>();
+  for (int64_t b = 0; b < cpu.numel(); ++b) {
+    MDL_CHECK(p[b] >= 0 && p[b] < static_cast<int64_t>(table.size()), "[routing] example ", b, " has ",
+              language ? "language" : "task", " id ", p[b], " but the routing table has ", table.size(),
+              " entries (ids 0..", static_cast<int64_t>(table.size()) - 1, ")");
+    c.modules.push_back(table[p[b]]);
+  }
+  return c;
+}
+
+}  // namespace mdl

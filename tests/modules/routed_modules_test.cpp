@@ -1,0 +1,231 @@
+// Modules with routing inside: Polytropon / MHR skill LoRAs (gradients reach the allocation; a one-hot
+// allocation equals a plain LoRA of that skill), a mixture of LoRAs and SMEAR against brute force, and
+// fixed routing by per-example module names (a mixed batch equals each example run alone).
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <cmath>
+#include <limits>
+#include <nlohmann/json.hpp>
+
+#include "backbones/fixtures.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/routing/routing_context.h"
+#include "mdl/routing/routing_log.h"
+
+namespace mdl {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+at::Tensor ids_batch() { return at::arange(3, 27, at::kLong).view({3, 8}) % 50 + 3; }
+
+at::Tensor run(ModelImpl& m, const at::Tensor& ids, const RoutingContext* rc = nullptr, RoutingLog* log = nullptr) {
+  ModelInput in;
+  in.input_ids = ids;
+  in.routing = rc;
+  in.routing_log = log;
+  return m.forward(in);
+}
+
+void randomize(ModuleSet& set, const std::string& name, uint64_t seed) {
+  torch::NoGradGuard g;
+  at::manual_seed(static_cast<int64_t>(seed));
+  for (auto& [k, t] : set.tensors(name))
+    if (k.find("allocation") == std::string::npos) t.copy_(at::randn_like(t) * 0.2);
+}
+
+ModuleConfig poly_config(int64_t tasks, int64_t skills, int64_t heads) {
+  ModuleConfig c;
+  c.type = "poly_lora";
+  c.poly.num_tasks = tasks;
+  c.poly.num_skills = skills;
+  c.poly.heads = heads;
+  c.poly.r = 2;
+  c.poly.alpha = 4;
+  c.targets.target_modules = {"q_proj", "v_proj", "down_proj"};
+  return c;
+}
+
+TEST(PolyLora, GradientsReachTheAllocation) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  set.add("poly", poly_config(3, 4, 1));
+  randomize(set, "poly", 1);
+  set.freeze_base({"poly"});
+  set.model()->train();
+  RoutingContext rc;
+  rc.task_ids = at::tensor({0, 2, 1}, at::kLong);
+  RoutingLog log;
+  run(*set.model(), ids_batch(), &rc, &log).pow(2).mean().backward();
+  int with_grad = 0;
+  for (const auto& [k, t] : set.tensors("poly"))
+    if (k.find("allocation") != std::string::npos) {
+      ASSERT_TRUE(t.grad().defined()) << k;
+      with_grad += t.grad().abs().sum().item<double>() > 0;
+    }
+  EXPECT_EQ(with_grad, 3 * 2);  // one allocation per site: 2 layers x 3 targets
+  EXPECT_EQ(log.stats().size(), 6u);
+}
+
+TEST(PolyLora, OneHotAllocationEqualsThatSkillsLora) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  set.add("poly", poly_config(2, 3, 1));
+  randomize(set, "poly", 2);
+  set.model()->eval();
+  const int64_t task = 1, skill = 2;
+  ModuleConfig lora;
+  lora.lora.r = 2;
+  lora.lora.alpha = 4;
+  lora.targets = set.config("poly").targets;
+  ModuleSet ref(load_model(test::tiny_checkpoint("llama")));
+  ref.add("lora", lora);
+  {
+    torch::NoGradGuard g;
+    auto poly = set.tensors("poly");
+    for (const auto& site : set.sites("poly")) {
+      at::Tensor alloc = poly.at(site + ".allocation.allocation");  // (tasks, heads, skills)
+      alloc.fill_(-kInf);
+      alloc[task][0][skill] = kInf;
+      auto t = ref.tensors("lora");
+      t.at(site + ".lora_A").copy_(poly.at(site + ".lora_A")[skill]);
+      t.at(site + ".lora_B").copy_(poly.at(site + ".lora_B")[skill]);
+    }
+  }
+  torch::NoGradGuard g;
+  RoutingContext rc;
+  rc.task_ids = at::full({3}, task, at::kLong);
+  at::Tensor got = run(*set.model(), ids_batch(), &rc);
+  at::Tensor want = run(*ref.model(), ids_batch());
+  EXPECT_TRUE(at::allclose(got, want, 1e-5, 1e-5)) << (got - want).abs().max();
+  set.set_active("poly", false);
+  EXPECT_FALSE(at::allclose(got, run(*set.model(), ids_batch()), 1e-5, 1e-5)) << "the skill must change the output";
+}
+
+TEST(PolyLora, MhrHeadsTakeTheirColumnsFromTheirSkill) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  set.add("mhr", poly_config(1, 2, 2));
+  randomize(set, "mhr", 3);
+  const std::string site = set.sites("mhr")[0];
+  auto part = std::dynamic_pointer_cast<PolyLoraImpl>(set.module_at("mhr", site));
+  at::Tensor w = at::zeros({1, 2, 2});
+  w[0][0][0] = 1, w[0][1][1] = 1;  // head 0 -> skill 0, head 1 -> skill 1
+  auto [a, b] = part->task_factors(w);
+  const int64_t in = part->A.size(2), out = part->B.size(1);
+  EXPECT_TRUE(at::equal(a[0].narrow(1, 0, in / 2), part->A[0].narrow(1, 0, in / 2)));
+  EXPECT_TRUE(at::equal(a[0].narrow(1, in / 2, in / 2), part->A[1].narrow(1, in / 2, in / 2)));
+  EXPECT_TRUE(at::equal(b[0].narrow(0, 0, out / 2), part->B[0].narrow(0, 0, out / 2)));
+  EXPECT_TRUE(at::equal(b[0].narrow(0, out / 2, out / 2), part->B[1].narrow(0, out / 2, out / 2)));
+  // Training samples a relaxed Bernoulli; rows still sum to one per head.
+  at::Tensor sampled = part->allocation()->weights(at::zeros({4}, at::kLong), true);
+  EXPECT_TRUE(at::allclose(sampled.sum(-1), at::ones({4, 2}), 1e-5));
+}
+
+TEST(PolyLora, NeedsTaskIdsAndSharesAllocationWhenAsked) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleConfig c = poly_config(2, 2, 1);
+  c.poly.shared_allocation = true;
+  set.add("poly", c);
+  int allocations = 0;
+  for (const auto& [k, t] : set.tensors("poly")) allocations += k.find("allocation") != std::string::npos;
+  EXPECT_EQ(allocations, 1);
+  torch::NoGradGuard g;
+  EXPECT_THROW_WITH(run(*set.model(), ids_batch()), "[poly_lora]", "routes by task: pass task ids");
+  RoutingContext rc;
+  rc.task_ids = at::tensor({0, 5, 1}, at::kLong);
+  EXPECT_THROW_WITH(run(*set.model(), ids_batch(), &rc), "task id 5 out of range", "2 tasks");
+}
+
+// Brute force: per token, the router's top-2 over softmax(gate x), sum of w_e s B_e A_e x.
+TEST(LoraMixture, EqualsPerTokenBruteForce) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleConfig c = nlohmann::json({{"type", "lora_moe"},
+                                   {"options", {{"experts", 4}, {"r", 3}, {"lora_alpha", 6}}},
+                                   {"targets", {{"target_modules", {"q_proj"}}, {"layers_to_transform", {0}}}}})
+                       .get<ModuleConfig>();
+  set.add("mix", c);
+  randomize(set, "mix", 4);
+  auto part = std::dynamic_pointer_cast<LoraMixtureImpl>(set.module_at("mix", set.sites("mix")[0]));
+  torch::NoGradGuard g;
+  at::Tensor x = at::randn({2, 5, part->A.size(2)});
+  at::Tensor got = part->forward(x, at::zeros({2, 5, part->B.size(1)}));
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t t = 0; t < 5; ++t) {
+      at::Tensor xt = x[b][t];
+      at::Tensor p = at::softmax(at::mv(part->gate, xt), 0);
+      auto [w, idx] = p.topk(2);
+      w = w / w.sum();
+      at::Tensor want = at::zeros({part->B.size(1)});
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t e = idx[j].item<int64_t>();
+        want += w[j] * 2.0 * at::mv(part->B[e], at::mv(part->A[e], xt));
+      }
+      EXPECT_TRUE(at::allclose(got[b][t], want, 1e-5, 1e-6)) << b << "," << t;
+    }
+}
+
+TEST(LoraMixture, SmearAveragesParametersPerExample) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleConfig c = nlohmann::json({{"type", "lora_moe"},
+                                   {"options", {{"experts", 3}, {"r", 2}, {"lora_alpha", 2}, {"smear", true},
+                                                {"router", {{"kind", "softmax"}, {"level", "example"}}}}},
+                                   {"targets", {{"target_modules", {"v_proj"}}, {"layers_to_transform", {1}}}}})
+                       .get<ModuleConfig>();
+  set.add("smear", c);
+  randomize(set, "smear", 5);
+  auto part = std::dynamic_pointer_cast<LoraMixtureImpl>(set.module_at("smear", set.sites("smear")[0]));
+  torch::NoGradGuard g;
+  at::Tensor x = at::randn({2, 4, part->A.size(2)});
+  at::Tensor got = part->forward(x, at::zeros({2, 4, part->B.size(1)}));
+  for (int64_t b = 0; b < 2; ++b) {
+    at::Tensor p = at::softmax(at::mv(part->gate, x[b].mean(0)), 0);
+    at::Tensor A = (p.view({3, 1, 1}) * part->A).sum(0), B = (p.view({3, 1, 1}) * part->B).sum(0);
+    at::Tensor want = at::matmul(at::matmul(x[b], A.t()), B.t());
+    EXPECT_TRUE(at::allclose(got[b], want, 1e-5, 1e-6));
+  }
+  c.lora_moe.router.level = "token";
+  EXPECT_THROW_WITH(nlohmann::json(c).get<ModuleConfig>(), "smear averages parameters per example");
+}
+
+ModuleConfig lora_on(std::vector<std::string> targets) {
+  ModuleConfig c;
+  c.lora.r = 2;
+  c.lora.init = "random";
+  c.targets.target_modules = std::move(targets);
+  return c;
+}
+
+// One batch whose examples use different modules equals each example run alone with its modules.
+TEST(FixedRouting, MixedBatchEqualsPerExampleRuns) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  set.add("a", lora_on({"q_proj", "v_proj"}));
+  set.add("b", lora_on({"v_proj", "o_proj"}));
+  ModuleConfig adapter;
+  adapter.type = "adapter";
+  set.add("c", adapter);
+  randomize(set, "c", 6);
+  set.model()->eval();
+  torch::NoGradGuard g;
+  const std::vector<std::vector<ModuleChoice>> choices = {{{"a", 1.0}}, {{"b", 0.5}, {"c", 1.0}}, {}};
+  RoutingContext rc;
+  rc.modules = choices;
+  at::Tensor ids = ids_batch();
+  at::Tensor mixed = run(*set.model(), ids, &rc);
+  for (int64_t b = 0; b < 3; ++b) {
+    for (const auto& n : set.names()) set.set_active(n, false), set.set_scale(n, 1.0);
+    for (const auto& c : choices[b]) set.set_active(c.name, true), set.set_scale(c.name, c.scale);
+    at::Tensor alone = run(*set.model(), ids.narrow(0, b, 1));
+    EXPECT_TRUE(at::allclose(mixed.narrow(0, b, 1), alone, 1e-5, 1e-5)) << "example " << b;
+  }
+  // By task id through a table, the same thing.
+  RoutingContext by_task = RoutingContext::by_id(at::tensor({0, 1, 2}, at::kLong), choices);
+  EXPECT_TRUE(at::allclose(run(*set.model(), ids, &by_task), mixed));
+  EXPECT_THROW_WITH(RoutingContext::by_id(at::tensor({3}, at::kLong), choices), "task id 3", "3 entries");
+  rc.modules.pop_back();
+  EXPECT_THROW_WITH(run(*set.model(), ids, &rc), "names modules for 2 examples but the batch has 3");
+  rc.modules = choices;
+  set.merge("a");
+  EXPECT_THROW_WITH(run(*set.model(), ids, &rc), "module 'a' is merged", "unmerge it");
+}
+
+}  // namespace
+}  // namespace mdl
