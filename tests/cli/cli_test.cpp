@@ -203,8 +203,40 @@ TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
   EXPECT_NE(r.err.find("/nonexistent/mod"), std::string::npos) << r.err;
 }
 
+TEST_F(Cli, MixtureOfExpertsCommands) {
+  test::TempDir tmp;
+  Result r = mdl("init-model --arch mixtral --preset tiny --out " + quote(tmp / "mixtral"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto config = nlohmann::json::parse(test::read_file(tmp / "mixtral/config.json"));
+  EXPECT_EQ(config["architectures"][0], "MixtralForCausalLM");
+  EXPECT_EQ(config["num_local_experts"], 8);
+  EXPECT_EQ(config["num_experts_per_tok"], 2);
+  r = mdl("forward --model " + quote(tmp / "mixtral") + " --text 'the cat' --out " + quote(tmp / "l.safetensors") +
+          " --routing-stats --router '{\"kind\":\"switch\",\"capacity_factor\":1.0}'");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("model.layers.1.block_sparse_moe"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("dropped"), std::string::npos) << r.out;
+  r = mdl("upcycle --model " + quote(model("llama")) + " --experts 4 --top-k 2 --out " + quote(tmp / "up"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::exists(tmp / "up/tokenizer.json"));
+  // Identical experts, normalised top-2: the dense model's logits.
+  ASSERT_EQ(mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --out " + quote(tmp / "a.safetensors")).code, 0);
+  ASSERT_EQ(mdl("forward --model " + quote(tmp / "up") + " --ids 5,6,7 --out " + quote(tmp / "b.safetensors")).code, 0);
+  auto a = io::load_safetensors(tmp / "a.safetensors").at("logits"), b = io::load_safetensors(tmp / "b.safetensors").at("logits");
+  EXPECT_TRUE(at::allclose(a, b, 1e-4, 1e-4));
+  r = mdl("moefy --model " + quote(model("llama")) + " --experts 4 --top-k 2 --method activations --out " + quote(tmp / "mf"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("layer 1: top-2 keeps"), std::string::npos) << r.out;
+  r = mdl("upcycle --model " + quote(model("gpt2")) + " --out " + quote(tmp / "x"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("needs a dense Llama-family model"), std::string::npos) << r.err;
+  r = mdl("forward --model " + quote(model("llama")) + " --ids 1 --out " + quote(tmp / "c.safetensors") + " --router '{\"kind\":\"hash\"}'");
+  EXPECT_NE(r.err.find("is dense"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base"}) {
+  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
+                          "upcycle", "moefy"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

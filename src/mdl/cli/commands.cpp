@@ -14,6 +14,8 @@
 
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
+#include "mdl/backbones/moe_convert.h"
+#include "mdl/routing/routing_log.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
@@ -109,6 +111,22 @@ std::string human(int64_t n) {
   else if (n >= 1000) std::snprintf(buf, sizeof(buf), "%.1fK", n / 1e3);
   else std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(n));
   return buf;
+}
+
+/// Copies the tokenizer and generation files of checkpoint `from` next to a checkpoint written to `to`.
+void copy_tokenizer_files(const std::string& from, const std::string& to) {
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
+    if (fs::exists(fs::path(from) / f))
+      io::write_text_atomic((fs::path(to) / f).string(), io::read_text((fs::path(from) / f).string()));
+}
+
+/// `--router JSON` (RouterOptions) for models with mixture-of-experts layers.
+RouterOptions parse_router(const std::string& text) {
+  try {
+    return nlohmann::json::parse(text).get<RouterOptions>();
+  } catch (const nlohmann::json::exception& e) {
+    MDL_FAIL("[--router] '", text, "' is not a router JSON object (e.g. {\"kind\":\"top_k\",\"k\":2}): ", e.what());
+  }
 }
 
 // ---- init-model -------------------------------------------------------------------------------------
@@ -276,6 +294,10 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
   auto* i = cmd->add_option("--ids", *ids, "comma-separated token ids");
   t->excludes(i);
   cmd->add_option("--out", *out, "output .safetensors file")->required();
+  auto router = std::make_shared<std::string>();
+  auto stats = std::make_shared<bool>(false);
+  cmd->add_option("--router", *router, "router of the mixture-of-experts layers as JSON, e.g. {\"kind\":\"switch\"}");
+  cmd->add_flag("--routing-stats", *stats, "print per-layer routing statistics (load, entropy, dropped, losses)");
   add_run_options(cmd, *run);
   add_module_options(cmd, *mods);
   cmd->callback([=, &g] {
@@ -285,10 +307,14 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
     MDL_CHECK(!tokens.empty(), "[forward] the text encodes to no tokens");
     Model m = load_model(*model, load_options(*run));
     auto modules = attach_modules(m, *mods);
+    if (!router->empty()) m->set_router(parse_router(*router));
     torch::NoGradGuard no_grad;
     ModelInput in;
     in.input_ids = at::tensor(tokens, at::kLong).view({1, -1}).to(m->device());
+    RoutingLog log;
+    in.routing_log = &log;
     at::Tensor logits = m->forward(in).squeeze(0).to(at::kCPU, at::kFloat);  // (T, V) or (L)
+    if (*stats) std::printf("%s", log.stats().empty() ? "no routed sites\n" : log.to_string().c_str());
     io::save_safetensors(*out, {{"logits", logits}, {"input_ids", at::tensor(tokens, at::kLong)}},
                          {{"model", *model}, {"architecture", m->config().architecture}});
     std::printf("wrote %s: logits %s for %zu tokens\n", out->c_str(), shape_str(logits.sizes().vec()).c_str(),
@@ -364,7 +390,10 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
   auto seed = std::make_shared<uint64_t>(0);
   CLI::App* cmd = app.add_subcommand("init-module", "create a new (untrained) module for a checkpoint");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
-  cmd->add_option("--type", *type, "lora | ia3 | adapter | compacter | bitfit | layernorm | prompt | prefix | hyper_lora")->check(CLI::IsMember({"lora", "ia3", "adapter", "compacter", "bitfit", "layernorm", "prompt", "prefix", "hyper_lora"}))->capture_default_str();
+  cmd->add_option("--type", *type, "lora | ia3 | adapter | compacter | bitfit | layernorm | prompt | prefix | hyper_lora | lora_moe | poly_lora")
+      ->check(CLI::IsMember({"lora", "ia3", "adapter", "compacter", "bitfit", "layernorm", "prompt", "prefix", "hyper_lora",
+                             "lora_moe", "poly_lora"}))
+      ->capture_default_str();
   cmd->add_option("--r", *r, "LoRA rank")->capture_default_str();
   cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r)");
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
@@ -420,16 +449,81 @@ void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
     // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
     for (const auto& name : set->names()) set->merge(name);
     save_model(*m, *out);
-    for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
-      if (fs::exists(fs::path(*model) / f))
-        io::write_text_atomic((fs::path(*out) / f).string(), io::read_text((fs::path(*model) / f).string()));
+    copy_tokenizer_files(*model, *out);
     std::printf("merged %zu module(s) into %s\n", set->names().size(), out->c_str());
+  });
+}
+
+// ---- upcycle / moefy ----------------------------------------------------------------------------------
+void register_upcycle(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto o = std::make_shared<UpcycleOptions>();
+  CLI::App* cmd = app.add_subcommand("upcycle", "sparse upcycling: a dense Llama-family checkpoint -> a Mixtral "
+                                                "checkpoint whose experts are copies of the MLP");
+  cmd->add_option("--model", *model, "dense checkpoint directory")->required();
+  cmd->add_option("--experts", o->experts, "experts per layer")->capture_default_str();
+  cmd->add_option("--top-k", o->top_k, "experts per token")->capture_default_str();
+  cmd->add_option("--noise", o->noise, "relative noise added to each copy")->capture_default_str();
+  cmd->add_option("--router", o->router_json, "router as JSON (stored in config.json as mdl_router)");
+  cmd->add_option("--seed", o->seed, "router initialisation seed")->capture_default_str();
+  cmd->add_option("--out", *out, "output checkpoint directory")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[upcycle] --out must differ from --model");
+    if (!o->router_json.empty()) o->router_json = nlohmann::json(parse_router(o->router_json)).dump();
+    Model dense = load_model(*model);
+    Model moe = upcycle(*dense, *o);
+    save_model(*moe, *out);
+    copy_tokenizer_files(*model, *out);
+    std::printf("upcycled %s (%s parameters) to %s: %lld experts, top-%lld, %s parameters\n", model->c_str(),
+                human(dense->num_parameters()).c_str(), out->c_str(), (long long)o->experts, (long long)o->top_k,
+                human(moe->num_parameters()).c_str());
+  });
+}
+
+void register_moefy(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto text = std::make_shared<std::string>();
+  auto o = std::make_shared<MoefyOptions>();
+  CLI::App* cmd = app.add_subcommand("moefy", "MoEfication: split a dense Llama-family MLP's neurons into experts "
+                                              "(Mixtral layout) and report what top-k keeps");
+  cmd->add_option("--model", *model, "dense checkpoint directory")->required();
+  cmd->add_option("--experts", o->experts, "expert groups per layer (must divide the MLP width)")->capture_default_str();
+  cmd->add_option("--top-k", o->top_k, "groups per token")->capture_default_str();
+  cmd->add_option("--method", o->method, "weights | activations (co-activations on --text)")
+      ->check(CLI::IsMember({"weights", "activations"}))->capture_default_str();
+  cmd->add_option("--text", *text, "sample text for co-activations and the report (default: the built-in corpus)");
+  cmd->add_option("--seed", o->seed, "k-means seed")->capture_default_str();
+  cmd->add_option("--out", *out, "output checkpoint directory")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[moefy] --out must differ from --model");
+    Tokenizer tok = Tokenizer::from_file(*model);
+    std::string sample = *text;
+    if (sample.empty())
+      for (const auto& line : builtin_corpus()) sample += line + " ";
+    std::vector<int64_t> ids = tok.encode(sample);
+    Model dense = load_model(*model);
+    ids.resize(std::min<size_t>(ids.size(), static_cast<size_t>(dense->config().max_position)));
+    MoefyReport report;
+    Model moe = moefy(*dense, *o, at::tensor(ids, at::kLong).view({1, -1}), &report);
+    save_model(*moe, *out);
+    copy_tokenizer_files(*model, *out);
+    std::printf("moefied %s to %s: %lld experts of %lld neurons, top-%lld\n", model->c_str(), out->c_str(),
+                (long long)o->experts, (long long)moe->config().intermediate_size, (long long)o->top_k);
+    for (size_t l = 0; l < report.kept.size(); ++l)
+      std::printf("  layer %zu: top-%lld keeps %.1f%% of the dense MLP output (%zu sample tokens)\n", l,
+                  (long long)o->top_k, 100.0 * report.kept[l], ids.size());
   });
 }
 
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_upcycle(app, globals);
+  register_moefy(app, globals);
   register_init_module(app, globals);
   register_merge_into_base(app, globals);
   register_init_model(app, globals);

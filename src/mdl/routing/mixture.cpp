@@ -70,16 +70,18 @@ at::Tensor dispatch(const at::Tensor& x, const Routing& r, int64_t out_features,
   at::Tensor weights = r.weight.index_select(0, order).to(x.scalar_type());  // (M)
   at::Tensor counts = at::bincount(r.expert, {}, r.experts).to(at::kCPU);
   at::Tensor xs = x.index_select(0, rows);                                    // (M, C), grouped by expert
+  // One split (its backward is one cat) rather than a narrow per expert (each narrow's backward would
+  // write a zero-filled (M, C) gradient).
+  std::vector<int64_t> sizes(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + r.experts);
+  std::vector<at::Tensor> blocks = xs.split_with_sizes(sizes, 0);
   std::vector<at::Tensor> ys;
-  int64_t offset = 0;
-  const int64_t* n = counts.data_ptr<int64_t>();
   for (int64_t e = 0; e < r.experts; ++e) {
-    if (n[e] == 0) continue;
-    at::Tensor y = expert(e, xs.narrow(0, offset, n[e]));
-    MDL_CHECK(y.dim() == 2 && y.size(0) == n[e] && y.size(1) == out_features, "[dispatch] expert ", e, " returned ",
-              y.sizes(), " for ", n[e], " rows; expected (", n[e], ", ", out_features, ")");
+    const int64_t n = sizes[static_cast<size_t>(e)];
+    if (n == 0) continue;
+    at::Tensor y = expert(e, blocks[static_cast<size_t>(e)]);
+    MDL_CHECK(y.dim() == 2 && y.size(0) == n && y.size(1) == out_features, "[dispatch] expert ", e, " returned ",
+              y.sizes(), " for ", n, " rows; expected (", n, ", ", out_features, ")");
     ys.push_back(y);
-    offset += n[e];
   }
   at::Tensor y = ys.size() == 1 ? ys[0] : at::cat(ys, 0);                    // (M, out)
   return out.index_add(0, rows, y * weights.unsqueeze(1));
