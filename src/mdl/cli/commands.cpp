@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 
+#include "mdl/aggregation/merge.h"
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
 #include "mdl/backbones/moe_convert.h"
@@ -519,9 +520,71 @@ void register_moefy(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- merge -------------------------------------------------------------------------------------------
+void register_merge(CLI::App& app, GlobalOptions& g) {
+  auto inputs = std::make_shared<std::vector<std::string>>();
+  auto weights = std::make_shared<std::vector<double>>();
+  auto base = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto convention = std::make_shared<std::string>("mergekit");
+  auto o = std::make_shared<MergeOptions>();
+  CLI::App* cmd = app.add_subcommand("merge", "merge checkpoints or modules (linear, task arithmetic, TIES, DARE, "
+                                              "magnitude pruning, SLERP; LoRA: cat, svd)");
+  cmd->add_option("--method", o->method, "linear | task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune | "
+                                         "slerp | cat | svd")->capture_default_str();
+  cmd->add_option("--inputs", *inputs, "checkpoint or module directories")->required()->expected(1, -1);
+  cmd->add_option("--base", *base, "checkpoints: the base the task vectors are taken against; modules: the base "
+                                   "model they were made for (required)");
+  cmd->add_option("--weights", *weights, "one weight per input (negative negates a task)")->expected(1, -1);
+  cmd->add_option("--density", o->density, "fraction of entries kept (ties, dare_*, magnitude_prune)")->capture_default_str();
+  cmd->add_option("--lambda", o->lambda, "scale of the merged task vector")->capture_default_str();
+  cmd->add_option("--t", o->t, "slerp position")->capture_default_str();
+  cmd->add_option("--rank", o->rank, "LoRA output rank for non-cat methods (0: largest input rank)")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "DARE seed")->capture_default_str();
+  cmd->add_option("--convention", *convention, "mergekit (TIES divisor = agreeing weights, DARE keeps L1) | peft "
+                                               "(divisor = agreeing count, DARE 1/density)")
+      ->check(CLI::IsMember({"mergekit", "peft"}))->capture_default_str();
+  cmd->add_flag("!--no-normalize", o->normalize, "linear: weighted sum instead of weighted average");
+  cmd->add_option("--out", *out, "output directory (the inputs' format)")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    MergeOptions opts = *o;
+    opts.weights = *weights;
+    opts.convention = *convention == "peft" ? MergeConvention::peft : MergeConvention::mergekit;
+    for (const auto& in : *inputs) {
+      MDL_CHECK(fs::exists(in), "[merge] input '", in, "' does not exist");
+      MDL_CHECK(fs::absolute(in) != fs::absolute(*out), "[merge] --out must differ from the input '", in, "'");
+    }
+    const auto start = std::chrono::steady_clock::now();
+    const bool modules = is_module_dir(inputs->front());
+    for (const auto& in : *inputs)
+      MDL_CHECK(is_module_dir(in) == modules, "[merge] '", in, "' is a ", is_module_dir(in) ? "module" : "checkpoint",
+                " but '", inputs->front(), "' is a ", modules ? "module" : "checkpoint", "; merge one kind");
+    MergeReport r;
+    if (modules) {
+      MDL_CHECK(!base->empty(), "[merge] merging modules needs --base: the checkpoint they were made for");
+      r = merge_modules(*base, *inputs, opts, *out);
+    } else {
+      r = merge_checkpoints(*inputs, *base, opts, *out);
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::printf("merged %zu %s with %s into %s (%s): %lld tensors, %.1f MB, %.2f s\n", inputs->size(),
+                modules ? "modules" : "checkpoints", opts.method.c_str(), out->c_str(), r.format.c_str(),
+                (long long)r.tensors, r.output_bytes / 1e6, secs);
+    if (modules && r.rank > 0) {
+      std::printf("LoRA rank %lld", (long long)r.rank);
+      if (opts.method != "cat")
+        std::printf("; SVD discarded at most %.4g%% of the energy (largest error %.4g)", 100.0 * r.max_discarded_energy,
+                    r.max_svd_error);
+      std::printf("\n");
+    }
+  });
+}
+
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_merge(app, globals);
   register_upcycle(app, globals);
   register_moefy(app, globals);
   register_init_module(app, globals);

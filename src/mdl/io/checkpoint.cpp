@@ -68,6 +68,8 @@ const std::string& CheckpointReader::file_of(const std::string& name) const {
   return it->second;
 }
 
+at::Tensor CheckpointReader::read(const std::string& name) const { return open(file_of(name)).read(name); }
+
 at::Tensor CheckpointReader::tensor(const std::string& name) const {
   const SafetensorsFile& f = open(file_of(name));
   MDL_CHECK(f.contains(name), "[checkpoint] index of '", path_, "' maps '", name, "' to '", f.path(),

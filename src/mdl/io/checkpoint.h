@@ -27,6 +27,8 @@ class CheckpointReader {
   bool contains(const std::string& name) const { return file_of_.count(name) > 0; }
   /// The tensor (zero-copy view of its shard's mapping).
   at::Tensor tensor(const std::string& name) const;
+  /// A copy of the tensor whose mapped pages are released afterwards (streaming with bounded memory).
+  at::Tensor read(const std::string& name) const;
   /// Shape and safetensors dtype name without touching the data.
   std::vector<int64_t> shape(const std::string& name) const;
   std::string dtype(const std::string& name) const;

@@ -186,6 +186,17 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   return at::from_blob(ptr, e.shape, [keep](void*) {}, options);
 }
 
+at::Tensor SafetensorsFile::read(const std::string& name) const {
+  at::Tensor t = tensor(name).clone();
+  const TensorEntry& e = entry(name);
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  auto* base = static_cast<uint8_t*>(mapping_->data);
+  const uintptr_t from = (reinterpret_cast<uintptr_t>(base + data_start_ + e.begin) + page - 1) / page * page;
+  const uintptr_t to = reinterpret_cast<uintptr_t>(base + data_start_ + e.end) / page * page;
+  if (to > from) madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);  // clean pages: re-read if touched again
+  return t;
+}
+
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   SafetensorsFile file(path);
   std::map<std::string, at::Tensor> out;
@@ -193,37 +204,74 @@ std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
   return out;
 }
 
-void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
-  // Larger elements first keeps every tensor aligned to its element size (as the reference writer does).
-  std::vector<std::pair<std::string, at::Tensor>> order;
-  for (const auto& [name, t] : tensors) {
-    MDL_CHECK(name != "__metadata__", "[safetensors] '", path, "': '__metadata__' is not a valid tensor name");
-    MDL_CHECK(t.defined(), "[safetensors] '", path, "': tensor '", name, "' is undefined");
-    order.emplace_back(name, t.detach().to(at::kCPU).contiguous());
-  }
-  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
-    return a.second.element_size() > b.second.element_size();
-  });
+struct SafetensorsWriter::Impl {
+  explicit Impl(const std::string& path) : file(path) {}
+  AtomicFile file;
+  std::vector<TensorEntry> entries;
+  size_t next = 0;
+};
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<TensorEntry> entries,
+                                     const std::map<std::string, std::string>& metadata)
+    : impl_(std::make_unique<Impl>(path)) {
   nlohmann::json header = nlohmann::json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
-  for (const auto& [name, t] : order) {
-    uint64_t n = static_cast<uint64_t>(t.numel()) * t.element_size();
-    header[name] = {{"dtype", safetensors_dtype_name(t.scalar_type())},
-                    {"shape", t.sizes().vec()},
-                    {"data_offsets", {offset, offset + n}}};
+  for (auto& e : entries) {
+    MDL_CHECK(e.name != "__metadata__", "[safetensors] '", path, "': '__metadata__' is not a valid tensor name");
+    uint64_t n = static_cast<uint64_t>(find_dtype(e.dtype)->size);
+    for (int64_t d : e.shape) n *= static_cast<uint64_t>(d);
+    e.begin = offset, e.end = offset + n;
+    header[e.name] = {{"dtype", e.dtype}, {"shape", e.shape}, {"data_offsets", {e.begin, e.end}}};
     offset += n;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(static_cast<uint64_t>(text.size()) >> (8 * i));
-  AtomicFile file(path);
-  file.write(len, 8);
-  file.write(text);
-  for (const auto& [name, t] : order) file.write(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
-  file.commit();
+  impl_->file.write(len, 8);
+  impl_->file.write(text);
+  impl_->entries = std::move(entries);
+}
+
+SafetensorsWriter::~SafetensorsWriter() = default;
+
+void SafetensorsWriter::write(const at::Tensor& tensor) {
+  const std::string& path = impl_->file.path();
+  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path, "': more tensors written than declared (",
+            impl_->entries.size(), ")");
+  const TensorEntry& e = impl_->entries[impl_->next];
+  at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+  MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && t.sizes().vec() == e.shape, "[safetensors] '", path,
+            "': tensor '", e.name, "' declared ", e.dtype, " ", shape_str(e.shape), ", written ",
+            safetensors_dtype_name(t.scalar_type()), " ", shape_str(t.sizes().vec()));
+  impl_->file.write(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
+  ++impl_->next;
+}
+
+void SafetensorsWriter::commit() {
+  MDL_CHECK(impl_->next == impl_->entries.size(), "[safetensors] '", impl_->file.path(), "': ", impl_->next, " of ",
+            impl_->entries.size(), " declared tensors written");
+  impl_->file.commit();
+}
+
+void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  // Larger elements first keeps every tensor aligned to its element size (as the reference writer does).
+  std::vector<std::pair<std::string, at::Tensor>> order;
+  for (const auto& [name, t] : tensors) {
+    MDL_CHECK(t.defined(), "[safetensors] '", path, "': tensor '", name, "' is undefined");
+    order.emplace_back(name, t);
+  }
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    return a.second.element_size() > b.second.element_size();
+  });
+  std::vector<TensorEntry> entries;
+  for (const auto& [name, t] : order)
+    entries.push_back({name, safetensors_dtype_name(t.scalar_type()), t.sizes().vec(), 0, 0});
+  SafetensorsWriter writer(path, std::move(entries), metadata);
+  for (const auto& [name, t] : order) writer.write(t);
+  writer.commit();
 }
 
 }  // namespace mdl::io

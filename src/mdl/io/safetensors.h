@@ -37,6 +37,9 @@ class SafetensorsFile {
   const TensorEntry& entry(const std::string& name) const;
   /// The tensor, aliasing the mapping (zero-copy) when its data is aligned, else a copy.
   at::Tensor tensor(const std::string& name) const;
+  /// A copy of the tensor; the mapped pages it touched are released afterwards, so streaming through
+  /// files larger than memory keeps the resident set at about one tensor.
+  at::Tensor read(const std::string& name) const;
   /// The `__metadata__` map (empty if absent).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
@@ -52,6 +55,23 @@ class SafetensorsFile {
 
 /// Loads every tensor of a file (zero-copy views of one mapping).
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path);
+
+/// Writes a file tensor by tensor (bounded memory): the header is fixed up front from the entries'
+/// names, dtypes and shapes (offsets are computed), then each tensor is written in that order.
+class SafetensorsWriter {
+ public:
+  SafetensorsWriter(const std::string& path, std::vector<TensorEntry> entries,
+                    const std::map<std::string, std::string>& metadata = {});
+  /// Writes the next tensor; its dtype and shape must match the next entry.
+  void write(const at::Tensor& tensor);
+  /// Checks every tensor was written and makes the file visible (atomic rename).
+  void commit();
+  ~SafetensorsWriter();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 /// Writes tensors (any device, any layout: made contiguous on the CPU) atomically.
 void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,
