@@ -12,6 +12,7 @@
 #include <set>
 #include <sstream>
 
+#include "mdl/aggregation/composition.h"
 #include "mdl/aggregation/merge.h"
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
@@ -62,30 +63,29 @@ LoadOptions load_options(const RunOptions& r) {
 }
 
 struct ModuleArgs {
-  std::string modules;  // "PATH[:SCALE],..."
+  std::string modules;      // a composition expression: "a,b:0.5", "stack(lang/de, task/nli)", "ties(a, b; density=0.5)"
+  std::string modules_dir;  // names resolve here
   bool force = false;
 };
 
 void add_module_options(CLI::App* cmd, ModuleArgs& m) {
   cmd->add_option("--modules", m.modules,
-                  "module directories (mdl or PEFT), comma-separated, each optionally with :SCALE");
+                  "modules to use: a list PATH[:SCALE],... or a composition such as stack(lang/de, task/nli), "
+                  "avg(a:0.7, b:0.3), a:0.5 + b:0.5, ties(a, b; density=0.5)");
+  cmd->add_option("--modules-dir", m.modules_dir, "directory the names in --modules resolve in");
   cmd->add_flag("--force", m.force, "load modules made for a different base model when their shapes fit");
 }
 
-// Loads every module of `arg` onto `model`; returns the set (empty when none).
-std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& args) {
+// Loads and configures the modules of `args` on `model` (for checkpoint `model_dir`); empty set without any.
+std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& args, const std::string& model_dir = "") {
   auto set = std::make_unique<ModuleSet>(model);
   if (args.modules.empty()) return set;
-  std::stringstream in(args.modules);
-  std::string item;
-  while (std::getline(in, item, ',')) {
-    if (item.empty()) continue;
-    auto [path, scale] = parse_module_arg(item);
-    const std::string name = set->load(path, "", args.force);
-    if (scale != 1.0) set->set_scale(name, scale);
-    log_info("[modules] " + name + " (" + set->config(name).type + ", " + std::to_string(set->sites(name).size()) +
-             " sites" + (scale != 1.0 ? ", scale " + std::to_string(scale) : "") + ")");
-  }
+  ComposeOptions o;
+  o.model_dir = model_dir;
+  o.modules_dir = args.modules_dir;
+  o.force = args.force;
+  for (const auto& name : compose(*set, parse_composition(args.modules), o))
+    log_info("[modules] " + name + " (" + set->config(name).type + ", " + std::to_string(set->sites(name).size()) + " sites)");
   return set;
 }
 
@@ -307,7 +307,7 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
     std::vector<int64_t> tokens = ids->empty() ? Tokenizer::from_file(*model).encode(*text) : parse_ids(*ids);
     MDL_CHECK(!tokens.empty(), "[forward] the text encodes to no tokens");
     Model m = load_model(*model, load_options(*run));
-    auto modules = attach_modules(m, *mods);
+    auto modules = attach_modules(m, *mods, *model);
     if (!router->empty()) m->set_router(parse_router(*router));
     torch::NoGradGuard no_grad;
     ModelInput in;
@@ -349,7 +349,7 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
     gen->use_cache = !*no_cache;
     Tokenizer tok = Tokenizer::from_file(*model);
     Model m = load_model(*model, load_options(*run));
-    auto modules = attach_modules(m, *mods);
+    auto modules = attach_modules(m, *mods, *model);
     std::vector<int64_t> ids = tok.encode(*prompt);
     if (ids.empty() && m->config().bos_token_id >= 0) ids.push_back(m->config().bos_token_id);
     std::printf("%s", prompt->c_str());
@@ -446,7 +446,7 @@ void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
     MDL_CHECK(!mods->modules.empty(), "[merge-into-base] give --modules");
     MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[merge-into-base] --out must differ from --model");
     Model m = load_model(*model);
-    auto set = attach_modules(m, *mods);
+    auto set = attach_modules(m, *mods, *model);
     // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
     for (const auto& name : set->names()) set->merge(name);
     save_model(*m, *out);

@@ -1,0 +1,292 @@
+#include "mdl/aggregation/composition.h"
+
+#include <cctype>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <set>
+
+#include "mdl/aggregation/merge.h"
+#include "mdl/core/error.h"
+#include "mdl/modules/module_set.h"
+
+namespace mdl {
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::set<std::string>& merge_methods() {
+  static const std::set<std::string> m = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+                                          "magnitude_prune", "slerp", "cat", "svd"};
+  return m;
+}
+
+class Parser {
+ public:
+  explicit Parser(const std::string& text) : s_(text) {}
+
+  Composition parse() {
+    skip();
+    if (pos_ == s_.size()) fail("empty expression; expected a module name or a function like stack(a, b)");
+    Composition c = list();
+    skip();
+    if (pos_ != s_.size()) fail(std::string("unexpected '") + s_[pos_] + "' after a complete expression");
+    return c;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    MDL_FAIL("[compose] column ", pos_ + 1, ": ", what, "\n  ", s_, "\n  ", std::string(pos_, ' '), "^");
+  }
+  void skip() {
+    while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
+  }
+  bool eat(char c) {
+    skip();
+    if (pos_ < s_.size() && s_[pos_] == c) return ++pos_, true;
+    return false;
+  }
+  static bool name_char(char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '/' || c == '~';
+  }
+  // expr (',' expr)*: a top-level list applies its items in order (the CLI's "a,b:0.5" lists).
+  Composition list() {
+    const int col = static_cast<int>(pos_) + 1;
+    std::vector<Composition> items = {sum()};
+    while (eat(',')) items.push_back(sum());
+    if (items.size() == 1) return items[0];
+    Composition c;
+    c.kind = Composition::Kind::stack;
+    c.children = std::move(items);
+    c.column = col;
+    return c;
+  }
+  Composition sum() {
+    const int col = static_cast<int>(pos_) + 1;
+    std::vector<Composition> items = {term()};
+    while (eat('+')) items.push_back(term());
+    if (items.size() == 1) return items[0];
+    Composition c;
+    c.kind = Composition::Kind::sum;
+    c.children = std::move(items);
+    c.column = col;
+    return c;
+  }
+  double number() {
+    skip();
+    const size_t start = pos_;
+    while (pos_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '.' || s_[pos_] == '-' ||
+                                s_[pos_] == '+' || s_[pos_] == 'e' || s_[pos_] == 'E'))
+      ++pos_;
+    const std::string text = s_.substr(start, pos_ - start);
+    try {
+      size_t used = 0;
+      double v = std::stod(text, &used);
+      if (used == text.size()) return v;
+    } catch (const std::exception&) {
+    }
+    pos_ = start;
+    fail("expected a number, found '" + (text.empty() ? std::string(1, pos_ < s_.size() ? s_[pos_] : ' ') : text) + "'");
+  }
+  Composition term() {
+    skip();
+    Composition c;
+    c.column = static_cast<int>(pos_) + 1;
+    const size_t start = pos_;
+    while (pos_ < s_.size() && name_char(s_[pos_])) ++pos_;
+    const std::string word = s_.substr(start, pos_ - start);
+    if (word.empty()) fail(pos_ < s_.size() ? std::string("expected a module name, found '") + s_[pos_] + "'"
+                                            : "expected a module name, found the end");
+    if (eat('(')) {
+      if (word == "stack") c.kind = Composition::Kind::stack;
+      else if (word == "avg") c.kind = Composition::Kind::avg;
+      else if (word == "sum") c.kind = Composition::Kind::sum;
+      else if (word == "fuse") c.kind = Composition::Kind::fuse;
+      else if (merge_methods().count(word)) c.kind = Composition::Kind::merge;
+      else {
+        pos_ = start;
+        fail("unknown function '" + word + "'; expected stack, avg, sum, fuse, or a merge: linear, task_arithmetic, "
+             "ties, dare_linear, dare_ties, magnitude_prune, slerp, cat, svd");
+      }
+      c.name = word;
+      c.children.push_back(sum());
+      while (eat(',')) c.children.push_back(sum());
+      if (eat(';')) {
+        if (c.kind != Composition::Kind::merge) {
+          --pos_;  // point at the ';'
+          fail("only merges take parameters after ';'");
+        }
+        do {
+          skip();
+          const size_t k = pos_;
+          while (pos_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '_')) ++pos_;
+          const std::string key = s_.substr(k, pos_ - k);
+          static const std::set<std::string> keys = {"density", "rank", "t", "lambda", "seed"};
+          if (!keys.count(key)) {
+            pos_ = k;
+            fail("unknown parameter '" + key + "'; expected density, rank, t, lambda or seed");
+          }
+          if (!eat('=')) fail("expected '=' after '" + key + "'");
+          c.params[key] = number();
+        } while (eat(','));
+      }
+      if (!eat(')')) fail(pos_ < s_.size() ? std::string("expected ',' or ')', found '") + s_[pos_] + "'"
+                                           : "expected ')' to close '" + word + "(', found the end");
+    } else {
+      c.kind = Composition::Kind::module;
+      c.name = word;
+    }
+    if (eat(':')) c.scale = number();
+    return c;
+  }
+
+  std::string s_;
+  size_t pos_ = 0;
+};
+
+std::string number_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+}  // namespace
+
+std::string Composition::to_string() const {
+  std::string out;
+  if (kind == Kind::module) {
+    out = name;
+  } else {
+    out = kind == Kind::sum ? "sum" : kind == Kind::avg ? "avg" : kind == Kind::stack ? "stack" : kind == Kind::fuse ? "fuse" : name;
+    out += "(";
+    for (size_t i = 0; i < children.size(); ++i) out += (i ? ", " : "") + children[i].to_string();
+    if (!params.empty()) {
+      out += "; ";
+      bool first = true;
+      for (const auto& [k, v] : params) out += (first ? "" : ", ") + k + "=" + number_text(v), first = false;
+    }
+    out += ")";
+  }
+  if (scale != 1.0) out += ":" + number_text(scale);
+  return out;
+}
+
+Composition parse_composition(const std::string& text) { return Parser(text).parse(); }
+
+namespace {
+
+bool additive(const std::string& type) {
+  return type == "lora" || type == "sparse" || type == "bitfit" || type == "hyper_lora" || type == "lora_moe" ||
+         type == "poly_lora";
+}
+
+std::string resolve(const std::string& name, const ComposeOptions& o, int column) {
+  if (!o.modules_dir.empty() && fs::exists(fs::path(o.modules_dir) / name)) return (fs::path(o.modules_dir) / name).string();
+  if (fs::exists(name)) return name;
+  MDL_FAIL("[compose] column ", column, ": unknown module '", name, "'",
+           o.modules_dir.empty() ? std::string("; no such directory") : "; not in the modules directory '" + o.modules_dir + "'");
+}
+
+struct Composer {
+  ModuleSet& set;
+  const ComposeOptions& o;
+  std::vector<std::string> used;
+
+  // A leaf or merge: loads it, applies `scale`, returns its name.
+  std::string leaf(const Composition& c, double scale) {
+    std::string dir;
+    if (c.kind == Composition::Kind::merge) {
+      MDL_CHECK(!o.model_dir.empty(), "[compose] column ", c.column, ": merging needs the base model directory");
+      std::vector<std::string> inputs;
+      MergeOptions m;
+      m.method = c.name;
+      for (const auto& child : c.children) {
+        MDL_CHECK(child.kind == Composition::Kind::module, "[compose] column ", child.column, ": ", c.name,
+                  "(...) merges module directories; '", child.to_string(), "' is not one");
+        inputs.push_back(resolve(child.name, o, child.column));
+        m.weights.push_back(child.scale);
+      }
+      for (const auto& [k, v] : c.params) {
+        if (k == "density") m.density = v;
+        else if (k == "rank") m.rank = static_cast<int64_t>(v);
+        else if (k == "t") m.t = v;
+        else if (k == "lambda") m.lambda = v;
+        else if (k == "seed") m.seed = static_cast<uint64_t>(v);
+      }
+      Composition key = c;
+      key.scale = 1.0;
+      const std::string cache = !o.cache_dir.empty() ? o.cache_dir
+                                : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) / ".mdl-merged").string();
+      dir = (fs::path(cache) / std::to_string(std::hash<std::string>()(key.to_string() + "|" + o.model_dir))).string();
+      if (!fs::exists(fs::path(dir) / "module.json") && !fs::exists(fs::path(dir) / "adapter_config.json"))
+        merge_modules(o.model_dir, inputs, m, dir);
+    } else {
+      dir = resolve(c.name, o, c.column);
+    }
+    std::string name = fs::path(dir).filename().string();
+    if (set.contains(name)) name += "_" + std::to_string(used.size());
+    set.load(dir, name, o.force);
+    if (scale != 1.0) set.set_scale(name, scale);
+    used.push_back(name);
+    return name;
+  }
+
+  void check_additive(const Composition& parent, const std::string& name, int column) {
+    const std::string& type = set.config(name).type;
+    MDL_CHECK(additive(type), "[compose] column ", column, ": ",
+              parent.kind == Composition::Kind::avg ? "avg" : "a sum", " combines additive modules (LoRA, sparse, "
+              "BitFit...); '", name, "' is a ", type, " module, which composes by function: use stack(...)");
+  }
+
+  void apply(const Composition& c, double scale) {
+    switch (c.kind) {
+      case Composition::Kind::module:
+      case Composition::Kind::merge:
+        leaf(c, scale * c.scale);
+        return;
+      case Composition::Kind::stack:
+        for (const auto& child : c.children) apply(child, scale * c.scale);  // load order = application order
+        return;
+      case Composition::Kind::sum:
+      case Composition::Kind::avg: {
+        double total = 0;
+        for (const auto& child : c.children) total += child.scale;
+        MDL_CHECK(c.kind == Composition::Kind::sum || std::abs(total) > 1e-12, "[compose] column ", c.column,
+                  ": avg weights sum to 0");
+        for (const auto& child : c.children) {
+          MDL_CHECK(child.kind == Composition::Kind::module || child.kind == Composition::Kind::merge, "[compose] column ",
+                    child.column, ": ", c.kind == Composition::Kind::avg ? "avg" : "a sum", " takes modules or merges, not '",
+                    child.to_string(), "'");
+          const double w = c.kind == Composition::Kind::avg ? child.scale / total : child.scale;
+          Composition leaf_c = child;
+          leaf_c.scale = 1.0;
+          const std::string name = leaf(leaf_c, scale * c.scale * w);
+          check_additive(c, name, child.column);
+        }
+        return;
+      }
+      case Composition::Kind::fuse: {
+        for (const auto& child : c.children) {
+          if (child.kind != Composition::Kind::module) continue;
+          const std::string name = leaf(child, 1.0);
+          const std::string& type = set.config(name).type;
+          MDL_CHECK(type != "prompt" && type != "prefix", "[compose] column ", child.column, ": cannot fuse '", name,
+                    "', a ", type, " module: it prepends positions and has no output for fusion to attend over; "
+                    "list prompt modules to concatenate them instead");
+        }
+        MDL_FAIL("[compose] column ", c.column, ": fuse(...) (AdapterFusion) is not available in this build; use "
+                 "avg(...) for a fixed weighting of additive modules or stack(...) for adapters");
+      }
+    }
+  }
+};
+
+}  // namespace
+
+std::vector<std::string> compose(ModuleSet& set, const Composition& c, const ComposeOptions& o) {
+  Composer composer{set, o, {}};
+  composer.apply(c, 1.0);
+  return composer.used;
+}
+
+}  // namespace mdl
