@@ -84,6 +84,22 @@ TEST(MergeMethods, DareIsReproducibleAndUnbiased) {
   EXPECT_FALSE(at::equal(merge_tensors({tau, tau}, {}, o, "w"), merge_tensors({tau, tau}, {}, o, "v")));
 }
 
+// Large tensors merge block by block with a bisected trim threshold: the same result as the whole-tensor
+// path (a (1, N) view takes that path).
+TEST(MergeMethods, BlockedMergeEqualsWholeTensorMerge) {
+  auto gen = at::detail::createCPUGenerator(3);
+  const at::Tensor base = at::randn({700, 600}, gen);
+  std::vector<at::Tensor> in = {base + at::randn({700, 600}, gen), base + at::randn({700, 600}, gen), base - 0.5 * at::randn({700, 600}, gen)};
+  for (const std::string method : {"ties", "magnitude_prune", "task_arithmetic"}) {
+    MergeOptions o = opts(method, {1, 0.5, 2}, 0.2);
+    at::Tensor blocked = merge_tensors(in, base, o, "w");
+    std::vector<at::Tensor> flat;
+    for (const auto& t : in) flat.push_back(t.reshape({1, -1}));
+    at::Tensor whole = merge_tensors(flat, base.reshape({1, -1}), o, "w").view({700, 600});
+    EXPECT_TRUE(at::allclose(blocked, whole, 1e-5, 1e-6)) << method << " " << (blocked - whole).abs().max();
+  }
+}
+
 TEST(MergeMethods, Slerp) {
   MergeOptions o = opts("slerp");
   expect_near(merge_tensors({vec({1, 0}), vec({0, 1})}, {}, o, "x"), {std::sqrt(0.5), std::sqrt(0.5)});

@@ -234,9 +234,40 @@ TEST_F(Cli, MixtureOfExpertsCommands) {
   EXPECT_NE(r.err.find("is dense"), std::string::npos) << r.err;
 }
 
+TEST_F(Cli, MergeAndCompositionExpressions) {
+  test::TempDir tmp;
+  for (const char* name : {"a", "b"}) {
+    Result r = mdl("init-module --model " + quote(model("llama")) + " --type lora --seed " +
+                   std::string(name[0] == 'a' ? "1" : "2") + " --config '{\"type\":\"lora\",\"options\":{\"init_lora_weights\":false}}' --out " +
+                   quote(tmp / name));
+    ASSERT_EQ(r.code, 0) << r.err;
+  }
+  Result r = mdl("merge --method cat --inputs " + quote(tmp / "a") + " " + quote(tmp / "b") + " --weights 0.5 0.5 --base " +
+                 quote(model("llama")) + " --out " + quote(tmp / "cat"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("LoRA rank 16"), std::string::npos) << r.out;
+  // The merged module equals the expression a:0.5 + b:0.5 on forward.
+  ASSERT_EQ(mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --modules cat --modules-dir " + quote(tmp.path()) +
+                " --out " + quote(tmp / "x.safetensors")).code, 0);
+  r = mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --modules 'a:0.5 + b:0.5' --modules-dir " +
+          quote(tmp.path()) + " --out " + quote(tmp / "y.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(at::allclose(io::load_safetensors(tmp / "x.safetensors").at("logits"),
+                           io::load_safetensors(tmp / "y.safetensors").at("logits"), 1e-4, 1e-4));
+  r = mdl("forward --model " + quote(model("llama")) + " --ids 5 --modules 'stack(a, b' --out " + quote(tmp / "z.safetensors"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("[compose] column 11: expected ')' to close 'stack('"), std::string::npos) << r.err;
+  r = mdl("merge --method ties --inputs " + quote(model("llama")) + " " + quote(model("llama")) + " --density 0.5 --out " +
+          quote(tmp / "ck"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::exists(tmp / "ck/config.json"));
+  r = mdl("merge --method average --inputs " + quote(tmp / "a") + " --base " + quote(model("llama")) + " --out " + quote(tmp / "e"));
+  EXPECT_NE(r.err.find("unknown method 'average'"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, EveryCommandHasHelp) {
   for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
-                          "upcycle", "moefy"}) {
+                          "upcycle", "moefy", "merge"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

@@ -54,11 +54,13 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
   io::SafetensorsWriter writer((fs::path(out) / "model.safetensors").string(), entries,
                                {{"format", "pt"}, {"merged_by", "mdl merge " + o.method}});
   for (const auto& name : names) {  // one tensor at a time: bounded memory
-    std::vector<at::Tensor> values;
-    for (const auto& r : readers) values.push_back(r->read(name));
-    at::Tensor b = base_reader ? base_reader->read(name) : at::Tensor();
+    std::vector<at::Tensor> values;  // zero-copy views of the mappings, released after use
+    for (const auto& r : readers) values.push_back(r->tensor(name));
+    at::Tensor b = base_reader ? base_reader->tensor(name) : at::Tensor();
     at::Tensor merged = merge_tensors(values, b, o, name);
     writer.write(merged);
+    for (const auto& r : readers) r->release(name);
+    if (base_reader) base_reader->release(name);
     report.output_bytes += merged.numel() * merged.element_size();
     ++report.tensors;
   }

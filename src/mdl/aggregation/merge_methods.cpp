@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <functional>
+#include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
@@ -37,13 +39,22 @@ void validate(const MergeOptions& o, size_t n) {
   }
 }
 
+double magnitude_threshold(const at::Tensor& tau, double density) {
+  if (density >= 1.0) return 0.0;
+  const int64_t n = tau.numel(), keep = static_cast<int64_t>(std::ceil(density * n));
+  if (keep == 0) return std::numeric_limits<double>::infinity();
+  // The keep-th largest magnitude = the (n - keep + 1)-th smallest.
+  return std::get<0>(tau.reshape({-1}).abs().kthvalue(n - keep + 1)).item<double>();
+}
+
 at::Tensor trim_to_density(const at::Tensor& tau, double density) {
   if (density >= 1.0) return tau;
-  const int64_t n = tau.numel(), keep = static_cast<int64_t>(std::ceil(density * n));
-  if (keep == 0) return at::zeros_like(tau);
-  at::Tensor flat = tau.reshape({-1});
-  at::Tensor idx = std::get<1>(flat.abs().topk(keep));
-  return at::zeros_like(flat).index_copy(0, idx, flat.index_select(0, idx)).view(tau.sizes());
+  return trim_below(tau, magnitude_threshold(tau, density));
+}
+
+at::Tensor trim_below(const at::Tensor& tau, double threshold) {
+  if (threshold <= 0) return tau;
+  return tau * (tau.abs() >= threshold).to(tau.scalar_type());
 }
 
 at::Tensor dare(const at::Tensor& tau, double density, MergeConvention convention, uint64_t seed) {
@@ -91,6 +102,70 @@ at::Tensor disjoint_merge(const std::vector<at::Tensor>& taus, const MergeOption
 
 }  // namespace
 
+namespace {
+
+// One block of rows of every input (the whole tensor when small): taus against the base, per-input trim
+// thresholds computed on the whole tensor beforehand, DARE masks seeded per block.
+at::Tensor merge_block(const std::vector<at::Tensor>& x, const at::Tensor& b, const MergeOptions& o,
+                       const std::vector<double>& thresholds, uint64_t seed) {
+  std::vector<at::Tensor> taus;
+  for (const auto& t : x) taus.push_back(b.defined() ? t - b : t);
+  at::Tensor merged;
+  if (o.method == "task_arithmetic" || o.method == "magnitude_prune" || o.method == "dare_linear") {
+    merged = at::zeros_like(taus[0]);
+    for (size_t i = 0; i < taus.size(); ++i) {
+      at::Tensor tau = taus[i];
+      if (o.method == "magnitude_prune") tau = trim_below(tau, thresholds[i]);
+      if (o.method == "dare_linear") tau = dare(tau, o.density, o.convention, seed + i);
+      merged += weight(o, i) * tau;
+    }
+  } else if (o.method == "ties" || o.method == "dare_ties") {
+    for (size_t i = 0; i < taus.size(); ++i)
+      taus[i] = o.method == "ties" ? trim_below(taus[i], thresholds[i]) : dare(taus[i], o.density, o.convention, seed + i);
+    merged = disjoint_merge(taus, o);
+  } else {
+    MDL_FAIL("[merge] method '", o.method, "' works on LoRA modules (factors), not on single tensors");
+  }
+  at::Tensor out = o.lambda * merged;
+  return b.defined() ? b + out : out;
+}
+
+constexpr int64_t kBlockElements = 1 << 18;  // temporaries stay about a MiB whatever the tensor's size
+
+// magnitude_threshold without materialising |tau| for the whole tensor: a bisection over the float bit
+// patterns of the threshold (non-negative floats order as their bits), counting block by block. Exact.
+double blocked_threshold(const at::Tensor& input, const at::Tensor& base, double density, int64_t step) {
+  const int64_t rows = input.size(0), n = input.numel();
+  const int64_t keep = static_cast<int64_t>(std::ceil(density * n));
+  if (density >= 1.0) return 0.0;
+  if (keep == 0) return std::numeric_limits<double>::infinity();
+  auto block = [&](int64_t r, int64_t m) {
+    at::Tensor t = input.narrow(0, r, m).to(at::kFloat);
+    return (base.defined() ? t - base.narrow(0, r, m).to(at::kFloat) : t).abs();
+  };
+  float max_abs = 0;
+  for (int64_t r = 0; r < rows; r += step) max_abs = std::max(max_abs, block(r, std::min(step, rows - r)).max().item<float>());
+  auto count_at_least = [&](float t) {
+    int64_t c = 0;
+    for (int64_t r = 0; r < rows; r += step) c += (block(r, std::min(step, rows - r)) >= t).sum().item<int64_t>();
+    return c;
+  };
+  uint32_t lo = 0, hi = 0;  // invariant: count(>= bits lo) >= keep
+  std::memcpy(&hi, &max_abs, sizeof(hi));
+  if (count_at_least(max_abs) >= keep) return max_abs;
+  while (hi - lo > 1) {  // count(>= hi) < keep
+    const uint32_t mid = lo + (hi - lo) / 2;
+    float t;
+    std::memcpy(&t, &mid, sizeof(t));
+    (count_at_least(t) >= keep ? lo : hi) = mid;
+  }
+  float t;
+  std::memcpy(&t, &lo, sizeof(t));
+  return t;
+}
+
+}  // namespace
+
 at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& o,
                          const std::string& name) {
   validate(o, inputs.size());
@@ -102,41 +177,39 @@ at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor
   const auto dtype = inputs[0].scalar_type();
   // Integer and boolean tensors (position ids, masks) are not merged: the first input's are kept.
   if (!at::isFloatingType(dtype)) return inputs[0];
-  std::vector<at::Tensor> x;
-  for (const auto& t : inputs) x.push_back(t.to(at::kFloat));
-  const at::Tensor b = base.defined() ? base.to(at::kFloat) : at::Tensor();
-  at::Tensor out;
+  if (o.method == "slerp") return slerp(inputs[0], inputs[1], o.t);
   if (o.method == "linear") {
-    out = at::zeros_like(x[0]);
+    at::Tensor out = at::zeros(inputs[0].sizes(), at::kFloat);
     double sum = 0;
-    for (size_t i = 0; i < x.size(); ++i) out += weight(o, i) * x[i], sum += weight(o, i);
+    for (size_t i = 0; i < inputs.size(); ++i) out.add_(inputs[i].to(at::kFloat), weight(o, i)), sum += weight(o, i);
     if (o.normalize) out /= sum;
     return out.to(dtype);
   }
-  if (o.method == "slerp") return slerp(x[0], x[1], o.t).to(dtype);
-  std::vector<at::Tensor> taus;
-  for (const auto& t : x) taus.push_back(b.defined() ? t - b : t);
-  at::Tensor merged;
-  if (o.method == "task_arithmetic" || o.method == "magnitude_prune" || o.method == "dare_linear") {
-    merged = at::zeros_like(taus[0]);
-    for (size_t i = 0; i < taus.size(); ++i) {
-      at::Tensor tau = taus[i];
-      if (o.method == "magnitude_prune") tau = trim_to_density(tau, o.density);
-      if (o.method == "dare_linear")
-        tau = dare(tau, o.density, o.convention, o.seed * 1000003u + std::hash<std::string>()(name) + i);
-      merged += weight(o, i) * tau;
-    }
-  } else if (o.method == "ties" || o.method == "dare_ties") {
-    for (size_t i = 0; i < taus.size(); ++i)
-      taus[i] = o.method == "ties" ? trim_to_density(taus[i], o.density)
-                                   : dare(taus[i], o.density, o.convention, o.seed * 1000003u + std::hash<std::string>()(name) + i);
-    merged = disjoint_merge(taus, o);
-  } else {
-    MDL_FAIL("[merge] method '", o.method, "' works on LoRA modules (factors), not on single tensors");
+  // Trim thresholds over the whole tensor (one task vector at a time), then the rest block by block.
+  std::vector<double> thresholds(inputs.size(), 0.0);
+  const bool small = inputs[0].dim() == 0 || inputs[0].numel() <= kBlockElements || inputs[0].size(0) == 1;
+  const int64_t step = small ? 1 : std::max<int64_t>(1, kBlockElements / (inputs[0].numel() / inputs[0].size(0)));
+  if (o.method == "ties" || o.method == "magnitude_prune")
+    for (size_t i = 0; i < inputs.size(); ++i)
+      thresholds[i] = small ? magnitude_threshold(base.defined() ? inputs[i].to(at::kFloat) - base.to(at::kFloat)
+                                                                 : inputs[i].to(at::kFloat), o.density)
+                            : blocked_threshold(inputs[i], base, o.density, step);
+  const uint64_t seed = o.seed * 1000003u + std::hash<std::string>()(name);
+  if (small) {
+    std::vector<at::Tensor> x;
+    for (const auto& t : inputs) x.push_back(t.to(at::kFloat));
+    return merge_block(x, base.defined() ? base.to(at::kFloat) : at::Tensor(), o, thresholds, seed).to(dtype);
   }
-  out = o.lambda * merged;
-  if (b.defined()) out = b + out;
-  return out.to(dtype);
+  at::Tensor out = at::empty(inputs[0].sizes(), inputs[0].options());
+  const int64_t rows = inputs[0].size(0);
+  for (int64_t r = 0, block = 0; r < rows; r += step, ++block) {
+    const int64_t n = std::min(step, rows - r);
+    std::vector<at::Tensor> x;
+    for (const auto& t : inputs) x.push_back(t.narrow(0, r, n).to(at::kFloat));
+    at::Tensor b = base.defined() ? base.narrow(0, r, n).to(at::kFloat) : at::Tensor();
+    out.narrow(0, r, n).copy_(merge_block(x, b, o, thresholds, seed + 7919u * static_cast<uint64_t>(block)));
+  }
+  return out;
 }
 
 LoraFactors lora_cat(const std::vector<LoraFactors>& inputs, const std::vector<double>& weights) {

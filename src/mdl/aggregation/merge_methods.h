@@ -48,11 +48,18 @@ void validate(const MergeOptions& o, size_t inputs);
 
 /// Merges one tensor's values across inputs (all the same shape); `base` may be undefined. `name` seeds
 /// DARE's mask (with options.seed), so a tensor's result does not depend on the order of the stream.
+/// Tensors above 1M entries are merged in blocks of rows (trim thresholds still over the whole tensor;
+/// DARE masks, and mergekit's L1 rescaling, per block), so temporaries stay small.
 at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& options,
                          const std::string& name);
 
-/// `tau` with all but its top-`density` fraction of entries (by magnitude) set to zero.
+/// `tau` with all but its top-`density` fraction of entries (by magnitude) set to zero (entries tied
+/// with the threshold magnitude are all kept).
 at::Tensor trim_to_density(const at::Tensor& tau, double density);
+/// The smallest magnitude `trim_to_density` keeps.
+double magnitude_threshold(const at::Tensor& tau, double density);
+/// `tau` with entries of magnitude below `threshold` set to zero.
+at::Tensor trim_below(const at::Tensor& tau, double threshold);
 /// DARE on one task vector: keep entries with probability `density`, rescale per the convention.
 at::Tensor dare(const at::Tensor& tau, double density, MergeConvention convention, uint64_t seed);
 /// SLERP between two tensors (flattened directions), linear when |cos| > 0.9995.

@@ -69,6 +69,7 @@ const std::string& CheckpointReader::file_of(const std::string& name) const {
 }
 
 at::Tensor CheckpointReader::read(const std::string& name) const { return open(file_of(name)).read(name); }
+void CheckpointReader::release(const std::string& name) const { open(file_of(name)).release(name); }
 
 at::Tensor CheckpointReader::tensor(const std::string& name) const {
   const SafetensorsFile& f = open(file_of(name));

@@ -29,6 +29,8 @@ class CheckpointReader {
   at::Tensor tensor(const std::string& name) const;
   /// A copy of the tensor whose mapped pages are released afterwards (streaming with bounded memory).
   at::Tensor read(const std::string& name) const;
+  /// Releases the mapped pages of `name` (see SafetensorsFile::release).
+  void release(const std::string& name) const;
   /// Shape and safetensors dtype name without touching the data.
   std::vector<int64_t> shape(const std::string& name) const;
   std::string dtype(const std::string& name) const;

@@ -188,13 +188,17 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
 
 at::Tensor SafetensorsFile::read(const std::string& name) const {
   at::Tensor t = tensor(name).clone();
+  release(name);
+  return t;
+}
+
+void SafetensorsFile::release(const std::string& name) const {
   const TensorEntry& e = entry(name);
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   auto* base = static_cast<uint8_t*>(mapping_->data);
   const uintptr_t from = (reinterpret_cast<uintptr_t>(base + data_start_ + e.begin) + page - 1) / page * page;
   const uintptr_t to = reinterpret_cast<uintptr_t>(base + data_start_ + e.end) / page * page;
   if (to > from) madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);  // clean pages: re-read if touched again
-  return t;
 }
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {

@@ -40,6 +40,9 @@ class SafetensorsFile {
   /// A copy of the tensor; the mapped pages it touched are released afterwards, so streaming through
   /// files larger than memory keeps the resident set at about one tensor.
   at::Tensor read(const std::string& name) const;
+  /// Drops the mapped pages of `name` from memory (they are re-read from the file if touched again);
+  /// views from tensor() stay valid. For streaming: process a tensor, then release it.
+  void release(const std::string& name) const;
   /// The `__metadata__` map (empty if absent).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
