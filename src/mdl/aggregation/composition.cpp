@@ -49,25 +49,17 @@ class Parser {
   static bool name_char(char c) {
     return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '/' || c == '~';
   }
-  // expr (',' expr)*: a top-level list applies its items in order (the CLI's "a,b:0.5" lists).
-  Composition list() {
+  // list := sum (',' sum)*: applied in order (the CLI's "a,b:0.5"); sum := term ('+' term)*.
+  Composition list() { return sequence(',', Composition::Kind::stack, [this] { return sum(); }); }
+  Composition sum() { return sequence('+', Composition::Kind::sum, [this] { return term(); }); }
+  template <class Next>
+  Composition sequence(char separator, Composition::Kind kind, Next next) {
     const int col = static_cast<int>(pos_) + 1;
-    std::vector<Composition> items = {sum()};
-    while (eat(',')) items.push_back(sum());
+    std::vector<Composition> items = {next()};
+    while (eat(separator)) items.push_back(next());
     if (items.size() == 1) return items[0];
     Composition c;
-    c.kind = Composition::Kind::stack;
-    c.children = std::move(items);
-    c.column = col;
-    return c;
-  }
-  Composition sum() {
-    const int col = static_cast<int>(pos_) + 1;
-    std::vector<Composition> items = {term()};
-    while (eat('+')) items.push_back(term());
-    if (items.size() == 1) return items[0];
-    Composition c;
-    c.kind = Composition::Kind::sum;
+    c.kind = kind;
     c.children = std::move(items);
     c.column = col;
     return c;

@@ -97,19 +97,6 @@ SiteKind site_kind_of(const std::string& type) {
   return SiteKind::linear;
 }
 
-std::pair<std::string, double> parse_module_arg(const std::string& arg) {
-  const size_t colon = arg.rfind(':');
-  if (colon != std::string::npos && colon + 1 < arg.size()) {
-    try {
-      size_t used = 0;
-      double scale = std::stod(arg.substr(colon + 1), &used);
-      if (used == arg.size() - colon - 1) return {arg.substr(0, colon), scale};
-    } catch (const std::exception&) {
-    }
-  }
-  return {arg, 1.0};
-}
-
 ModuleSet::ModuleSet(Model model) : model_(std::move(model)) {}
 
 ModuleSet::Named& ModuleSet::get_mutable(const std::string& name) {

@@ -142,9 +142,6 @@ class ModuleSet {
 /// The kind of site a module type attaches to.
 SiteKind site_kind_of(const std::string& type);
 
-/// "DIR:SCALE" -> (DIR, SCALE); a plain path has scale 1.
-std::pair<std::string, double> parse_module_arg(const std::string& arg);
-
 /// Default targets of a module type for an architecture (PEFT's defaults: q and v projections for LoRA).
 TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config);
 

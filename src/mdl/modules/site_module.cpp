@@ -44,27 +44,19 @@ at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const a
     if (rows.empty()) continue;
     MDL_CHECK(e.module->prefix_positions() == 0, "[routing] module '", e.name, "' is a prefix: it lengthens every ",
               "example's keys and values, so it cannot be chosen per example; give such requests a batch of their own");
-    const auto long_opts = at::TensorOptions().dtype(at::kLong).device(base.device());
-    if (static_cast<int64_t>(rows.size()) == B) {  // every example: no gather
-      at::Tensor next = e.module->forward(input, out);
-      MDL_CHECK(next.sizes() == out.sizes(), "[routing] module '", e.name, "' changes the sequence length (a prompt); ",
-                "per-example routing needs modules that keep shapes");
-      at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
-      std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
-      view[0] = B;
-      out = out + s.view(view) * (next - out);
-      continue;
-    }
-    at::Tensor idx = at::tensor(rows, long_opts.device(at::kCPU)).to(base.device());
-    at::Tensor sub_in = input.index_select(0, idx);
-    at::Tensor sub = out.index_select(0, idx);
+    // Every example: no gather; else the chosen rows only, scattered back.
+    const bool all = static_cast<int64_t>(rows.size()) == B;
+    at::Tensor idx = all ? at::Tensor() : at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(base.device());
+    at::Tensor sub_in = all ? input : input.index_select(0, idx);
+    at::Tensor sub = all ? out : out.index_select(0, idx);
     at::Tensor next = e.module->forward(sub_in, sub);
     MDL_CHECK(next.sizes() == sub.sizes(), "[routing] module '", e.name, "' changes the sequence length (a prompt); ",
               "per-example routing needs modules that keep shapes");
     std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
     view[0] = static_cast<int64_t>(rows.size());
     at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
-    out = out.index_add(0, idx, s.view(view) * (next - sub));
+    at::Tensor change = s.view(view) * (next - sub);
+    out = all ? out + change : out.index_add(0, idx, change);
   }
   return out;
 }
