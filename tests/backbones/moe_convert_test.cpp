@@ -9,6 +9,7 @@
 #include "backbones/fixtures.h"
 #include "mdl/backbones/moe_convert.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/routing/router.h"
 #include "mdl/routing/routing_log.h"
 
 namespace mdl {

@@ -129,7 +129,7 @@ TEST(PolyLora, NeedsTaskIdsAndSharesAllocationWhenAsked) {
   for (const auto& [k, t] : set.tensors("poly")) allocations += k.find("allocation") != std::string::npos;
   EXPECT_EQ(allocations, 1);
   torch::NoGradGuard g;
-  EXPECT_THROW_WITH(run(*set.model(), ids_batch()), "[poly_lora]", "routes by task: pass task ids");
+  EXPECT_THROW_WITH(run(*set.model(), ids_batch()), "[routing] 'model.layers.0.self_attn.q_proj' routes by task: pass task ids");
   RoutingContext rc;
   rc.task_ids = at::tensor({0, 5, 1}, at::kLong);
   EXPECT_THROW_WITH(run(*set.model(), ids_batch(), &rc), "task id 5 out of range", "2 tasks");

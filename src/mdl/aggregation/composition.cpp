@@ -3,11 +3,11 @@
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <set>
 
 #include "mdl/aggregation/merge.h"
 #include "mdl/core/error.h"
+#include "mdl/core/hash.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -209,7 +209,7 @@ struct Composer {
       key.scale = 1.0;
       const std::string cache = !o.cache_dir.empty() ? o.cache_dir
                                 : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) / ".mdl-merged").string();
-      dir = (fs::path(cache) / std::to_string(std::hash<std::string>()(key.to_string() + "|" + o.model_dir))).string();
+      dir = (fs::path(cache) / std::to_string(fnv1a(key.to_string() + "|" + o.model_dir))).string();
       if (!fs::exists(fs::path(dir) / "module.json") && !fs::exists(fs::path(dir) / "adapter_config.json"))
         merge_modules(o.model_dir, inputs, m, dir);
     } else {

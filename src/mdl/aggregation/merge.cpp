@@ -3,12 +3,12 @@
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <map>
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
-#include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
@@ -18,9 +18,7 @@
 namespace mdl {
 namespace fs = std::filesystem;
 
-bool is_module_dir(const std::string& dir) {
-  return fs::exists(fs::path(dir) / "module.json") || fs::exists(fs::path(dir) / "adapter_config.json");
-}
+bool is_module_dir(const std::string& dir) { return !module_format(dir).empty(); }
 
 MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base, const MergeOptions& o,
                               const std::string& out) {
@@ -65,22 +63,10 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
     ++report.tensors;
   }
   writer.commit();
-  for (const char* f : {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "generation_config.json"})
-    if (fs::exists(fs::path(inputs[0]) / f))
-      io::write_text_atomic((fs::path(out) / f).string(), io::read_text((fs::path(inputs[0]) / f).string()));
+  io::copy_side_files(inputs[0], out, /*config=*/true);
   fs::remove(fs::path(out) / "model.safetensors.index.json");  // a single file now
   return report;
 }
-
-namespace {
-
-std::string format_of(const std::string& dir) {
-  if (fs::exists(fs::path(dir) / "module.json")) return "native";
-  return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
-}
-
-}  // namespace
 
 MergeReport merge_modules(const std::string& model_dir, const std::vector<std::string>& inputs, const MergeOptions& o,
                           const std::string& out) {
@@ -94,27 +80,28 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
     MDL_CHECK(set.config(names[i]).type == first.type, "[merge] '", inputs[i], "' is a ", set.config(names[i]).type,
               " module but '", inputs[0], "' is a ", first.type, "; merge modules of one type");
   MergeReport report;
-  report.format = format_of(inputs[0]);
+  report.format = module_format(inputs[0]);
   auto weight = [&](size_t i) { return o.weights.empty() ? 1.0 : o.weights[i]; };
   std::map<std::string, at::Tensor> tensors;
   ModuleConfig config;
   if (first.type == "lora") {
-    // Union of sites, in forward order.
-    std::vector<std::string> sites;
-    for (const auto& site_ptr : set.model()->sites())
-      for (const auto& n : names)
-        if (auto s = set.sites(n); std::find(s.begin(), s.end(), site_ptr->name()) != s.end()) {
-          sites.push_back(site_ptr->name());
-          break;
-        }
-    config.type = "lora";
+    // Each input's parts by site, and the union of their sites in forward order.
+    std::vector<std::map<std::string, std::shared_ptr<LoraImpl>>> parts(names.size());
     bool dora = false;
     int64_t max_rank = 0;
-    for (const auto& n : names) {
-      dora = dora || set.config(n).lora.use_dora;
-      for (const auto& s : set.sites(n))
-        max_rank = std::max(max_rank, std::dynamic_pointer_cast<LoraImpl>(set.module_at(n, s))->rank);
+    for (size_t i = 0; i < names.size(); ++i) {
+      dora = dora || set.config(names[i]).lora.use_dora;
+      for (const auto& s : set.sites(names[i])) {
+        auto lora = std::dynamic_pointer_cast<LoraImpl>(set.module_at(names[i], s));
+        parts[i][s] = lora;
+        max_rank = std::max(max_rank, lora->rank);
+      }
     }
+    std::vector<std::string> sites;
+    for (const auto& site_ptr : set.model()->sites())
+      if (std::any_of(parts.begin(), parts.end(), [&](const auto& p) { return p.count(site_ptr->name()) > 0; }))
+        sites.push_back(site_ptr->name());
+    config.type = "lora";
     MDL_CHECK(!dora || o.method != "cat", "[merge] cat is exact only for plain LoRA: DoRA's magnitude rescales the "
               "whole delta; use svd or another method for DoRA inputs");
     std::map<std::string, int64_t> site_rank;
@@ -123,17 +110,14 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
       std::vector<double> w;
       std::vector<at::Tensor> deltas, magnitudes;
       std::vector<double> magnitude_weights;
-      int64_t out_f = 0, in_f = 0;
+      const SiteInfo& info = set.model()->site(site).info();
       for (size_t i = 0; i < names.size(); ++i) {
-        auto s = set.sites(names[i]);
-        const bool present = std::find(s.begin(), s.end(), site) != s.end();
-        const SiteInfo& info = set.model()->site(site).info();
-        out_f = info.out_features, in_f = info.in_features;
-        if (!present) {  // this input does not change this site: a zero task vector
-          deltas.push_back(at::zeros({out_f, in_f}));
+        auto it = parts[i].find(site);
+        if (it == parts[i].end()) {  // this input does not change this site: a zero task vector
+          deltas.push_back(at::zeros({info.out_features, info.in_features}));
           continue;
         }
-        auto lora = std::dynamic_pointer_cast<LoraImpl>(set.module_at(names[i], site));
+        const auto& lora = it->second;
         factors.push_back({lora->A, lora->B, lora->scaling});
         w.push_back(weight(i));
         deltas.push_back(lora->delta_weight().to(at::kFloat));
@@ -143,13 +127,9 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
       if (o.method == "cat") {
         merged = lora_cat(factors, w);
       } else {
-        at::Tensor delta;
-        if (o.method == "svd") {  // the weighted sum of the deltas, factorised
-          delta = at::zeros({out_f, in_f});
-          for (size_t i = 0; i < deltas.size(); ++i) delta += weight(i) * deltas[i];
-        } else {
-          delta = merge_tensors(deltas, at::Tensor(), o, site);
-        }
+        MergeOptions on_deltas = o;
+        if (o.method == "svd") on_deltas.method = "linear", on_deltas.normalize = false;  // the weighted sum, factorised
+        at::Tensor delta = merge_tensors(deltas, at::Tensor(), on_deltas, site);
         SvdFactors f = lora_svd(delta, o.rank > 0 ? o.rank : max_rank);
         merged = f.factors;
         report.max_discarded_energy = std::max(report.max_discarded_energy, f.discarded_energy);

@@ -4,12 +4,12 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <cmath>
-#include <functional>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/hash.h"
 
 namespace mdl {
 
@@ -194,7 +194,7 @@ at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor
       thresholds[i] = small ? magnitude_threshold(base.defined() ? inputs[i].to(at::kFloat) - base.to(at::kFloat)
                                                                  : inputs[i].to(at::kFloat), o.density)
                             : blocked_threshold(inputs[i], base, o.density, step);
-  const uint64_t seed = o.seed * 1000003u + std::hash<std::string>()(name);
+  const uint64_t seed = fnv1a(name, kFnvOffset ^ o.seed);  // stable across builds and stream orders
   if (small) {
     std::vector<at::Tensor> x;
     for (const auto& t : inputs) x.push_back(t.to(at::kFloat));

@@ -16,13 +16,14 @@
 #include "mdl/core/forward_context.h"
 #include "mdl/core/site.h"
 #include "mdl/io/model_config.h"
-#include "mdl/routing/router.h"
 
 namespace mdl {
 
 namespace io {
 class CheckpointReader;
 }
+struct RouterOptions;
+class Router;
 
 /// Keys and values of earlier positions, per layer, each (B, Hkv, S, D).
 struct KVCache {

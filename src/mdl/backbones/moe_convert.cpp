@@ -11,6 +11,7 @@
 
 #include "mdl/backbones/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/routing/mixture.h"
 
 namespace mdl {
 namespace {
@@ -58,6 +59,21 @@ std::string dense_name(int64_t layer, const std::string& w) {
   const std::string p = "model.layers." + std::to_string(layer) + ".mlp.";
   return p + (w == "w1" ? "gate_proj" : w == "w3" ? "up_proj" : "down_proj") + ".weight";
 }
+
+/// Attaches functions to sites for its lifetime and restores what was attached before (RAII).
+class AttachGuard {
+ public:
+  void attach(Site& site, std::shared_ptr<SiteFunction> f) {
+    saved_.push_back({&site, site.function()});
+    site.attach(std::move(f));
+  }
+  ~AttachGuard() {
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) it->first->attach(it->second);
+  }
+
+ private:
+  std::vector<std::pair<Site*, std::shared_ptr<SiteFunction>>> saved_;
+};
 
 /// Records each layer's MLP input at the `.mlp` sublayer sites during a forward.
 class Recorder : public SiteFunction {
@@ -130,7 +146,7 @@ double MoefyReport::mean_kept() const {
   return kept.empty() ? 0.0 : std::accumulate(kept.begin(), kept.end(), 0.0) / static_cast<double>(kept.size());
 }
 
-Model moefy(const ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_ids, MoefyReport* report) {
+Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_ids, MoefyReport* report) {
   check_dense_llama(dense, "moefy");
   const ModelConfig& dc = dense.config();
   MDL_CHECK(o.method == "weights" || o.method == "activations", "[moefy] method '", o.method,
@@ -142,24 +158,14 @@ Model moefy(const ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sam
   // The dense MLP inputs on the sample, per layer (for co-activations and the report).
   std::vector<at::Tensor> inputs;
   if (sample_ids.defined()) {
-    auto& self = const_cast<ModelImpl&>(dense);
-    std::vector<std::pair<Site*, std::shared_ptr<SiteFunction>>> saved;
-    auto recorder = std::make_shared<Recorder>();
-    for (int64_t l = 0; l < dc.n_layer; ++l) {
-      Site& s = self.site("model.layers." + std::to_string(l) + ".mlp");
-      MDL_CHECK(s.empty(), "[moefy] detach the modules at '", s.name(), "' first");
-      s.attach(recorder);
-      saved.push_back({&s, nullptr});
+    auto recorder = std::make_shared<Recorder>();  // returns the dense MLP's own output: a plain dense pass
+    {
+      AttachGuard guard;
+      for (int64_t l = 0; l < dc.n_layer; ++l) guard.attach(dense.site("model.layers." + std::to_string(l) + ".mlp"), recorder);
+      ModelInput in;
+      in.input_ids = sample_ids.to(dense.device());
+      dense.forward(in);
     }
-    ModelInput in;
-    in.input_ids = sample_ids.to(dense.device());
-    try {
-      self.forward(in);
-    } catch (...) {
-      for (auto& [s, f] : saved) s->attach(f);
-      throw;
-    }
-    for (auto& [s, f] : saved) s->attach(f);
     for (const auto& x : recorder->inputs) inputs.push_back(x.reshape({-1, x.size(-1)}).to(at::kFloat));
   }
   ModelConfig c = mixtral_config(dc, o.experts, o.top_k);
@@ -183,22 +189,28 @@ Model moefy(const ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sam
     std::vector<int64_t> group = balanced_kmeans(features, E, o.iterations, o.seed + static_cast<uint64_t>(l));
     at::Tensor router = at::empty({E, dc.hidden_size});
     at::Tensor g = at::tensor(group, at::kLong);
+    std::vector<at::Tensor> members;  // each group's neurons
     for (int64_t e = 0; e < E; ++e) {
-      at::Tensor idx = (g == e).nonzero().reshape({-1});  // (G) neurons of group e
+      at::Tensor idx = (g == e).nonzero().reshape({-1});
       MDL_CHECK(idx.numel() == G, "[moefy] group ", e, " of layer ", l, " has ", idx.numel(), " neurons, expected ", G);
       const std::string ep = p + ".block_sparse_moe.experts." + std::to_string(e);
       to.at(ep + ".w1.weight").copy_(wg.index_select(0, idx));
       to.at(ep + ".w3.weight").copy_(wu.index_select(0, idx));
       to.at(ep + ".w2.weight").copy_(wd.index_select(1, idx));
       router[e] = wg.index_select(0, idx).mean(0);
+      members.push_back(idx);
     }
     to.at(p + ".block_sparse_moe.gate.weight").copy_(router);
     if (report && h.defined()) {
+      // The converted layer's own computation (its router, unit weights, grouped dispatch) on the sample.
+      Routing r = make_router(nlohmann::json::parse(c.router_json).get<RouterOptions>())
+                      ->route(at::matmul(inputs[l], router.t()), E, {});
+      at::Tensor y = dispatch(inputs[l], r, dc.hidden_size, [&](int64_t e, const at::Tensor& rows) {
+        const at::Tensor& idx = members[static_cast<size_t>(e)];
+        at::Tensor a = fn::activation(at::matmul(rows, wg.index_select(0, idx).t()), dc.activation);
+        return at::matmul(a * at::matmul(rows, wu.index_select(0, idx).t()), wd.index_select(1, idx).t());
+      });
       at::Tensor y_dense = at::matmul(h, wd.t());
-      at::Tensor top = std::get<1>(at::matmul(inputs[l], router.t()).topk(o.top_k, -1));  // (N, k) groups
-      at::Tensor keep_group = at::zeros({h.size(0), E}).scatter_(1, top, 1.0);      // (N, E)
-      at::Tensor keep = keep_group.index_select(1, g);                              // (N, I)
-      at::Tensor y = at::matmul(h * keep, wd.t());
       report->kept.push_back(1.0 - (y_dense - y).pow(2).sum().item<double>() / y_dense.pow(2).sum().clamp_min(1e-30).item<double>());
     }
   }

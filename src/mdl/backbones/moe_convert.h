@@ -47,7 +47,8 @@ struct MoefyReport {
 };
 
 /// A Mixtral-layout model whose experts partition `model`'s MLP neurons. `sample_ids` (B, T) feeds the
-/// co-activation clustering and the report (required for method activations; optional otherwise).
-Model moefy(const ModelImpl& model, const MoefyOptions& options, const at::Tensor& sample_ids, MoefyReport* report);
+/// co-activation clustering and the report (required for method activations; optional otherwise); the
+/// sample pass borrows `model`'s MLP sites and restores what was attached there.
+Model moefy(ModelImpl& model, const MoefyOptions& options, const at::Tensor& sample_ids, MoefyReport* report);
 
 }  // namespace mdl

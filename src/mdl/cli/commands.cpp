@@ -114,13 +114,6 @@ std::string human(int64_t n) {
   return buf;
 }
 
-/// Copies the tokenizer and generation files of checkpoint `from` next to a checkpoint written to `to`.
-void copy_tokenizer_files(const std::string& from, const std::string& to) {
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"})
-    if (fs::exists(fs::path(from) / f))
-      io::write_text_atomic((fs::path(to) / f).string(), io::read_text((fs::path(from) / f).string()));
-}
-
 /// `--router JSON` (RouterOptions) for models with mixture-of-experts layers.
 RouterOptions parse_router(const std::string& text) {
   try {
@@ -450,7 +443,7 @@ void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
     // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
     for (const auto& name : set->names()) set->merge(name);
     save_model(*m, *out);
-    copy_tokenizer_files(*model, *out);
+    io::copy_side_files(*model, *out, /*config=*/false);
     std::printf("merged %zu module(s) into %s\n", set->names().size(), out->c_str());
   });
 }
@@ -476,7 +469,7 @@ void register_upcycle(CLI::App& app, GlobalOptions& g) {
     Model dense = load_model(*model);
     Model moe = upcycle(*dense, *o);
     save_model(*moe, *out);
-    copy_tokenizer_files(*model, *out);
+    io::copy_side_files(*model, *out, /*config=*/false);
     std::printf("upcycled %s (%s parameters) to %s: %lld experts, top-%lld, %s parameters\n", model->c_str(),
                 human(dense->num_parameters()).c_str(), out->c_str(), (long long)o->experts, (long long)o->top_k,
                 human(moe->num_parameters()).c_str());
@@ -511,7 +504,7 @@ void register_moefy(CLI::App& app, GlobalOptions& g) {
     MoefyReport report;
     Model moe = moefy(*dense, *o, at::tensor(ids, at::kLong).view({1, -1}), &report);
     save_model(*moe, *out);
-    copy_tokenizer_files(*model, *out);
+    io::copy_side_files(*model, *out, /*config=*/false);
     std::printf("moefied %s to %s: %lld experts of %lld neurons, top-%lld\n", model->c_str(), out->c_str(),
                 (long long)o->experts, (long long)moe->config().intermediate_size, (long long)o->top_k);
     for (size_t l = 0; l < report.kept.size(); ++l)

@@ -68,7 +68,6 @@ const std::string& CheckpointReader::file_of(const std::string& name) const {
   return it->second;
 }
 
-at::Tensor CheckpointReader::read(const std::string& name) const { return open(file_of(name)).read(name); }
 void CheckpointReader::release(const std::string& name) const { open(file_of(name)).release(name); }
 
 at::Tensor CheckpointReader::tensor(const std::string& name) const {
@@ -111,6 +110,14 @@ void save_checkpoint_tensors(const std::string& dir, const std::map<std::string,
     for (const auto& [name, t] : shards[i]) index["weight_map"][name] = buf;
   }
   write_text_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2) + "\n");
+}
+
+void copy_side_files(const std::string& from, const std::string& to, bool config) {
+  namespace fs = std::filesystem;
+  for (const char* f : {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                        "generation_config.json"})
+    if ((config || std::string(f) != "config.json") && fs::exists(fs::path(from) / f))
+      write_text_atomic((fs::path(to) / f).string(), read_text((fs::path(from) / f).string()));
 }
 
 }  // namespace mdl::io

@@ -27,8 +27,6 @@ class CheckpointReader {
   bool contains(const std::string& name) const { return file_of_.count(name) > 0; }
   /// The tensor (zero-copy view of its shard's mapping).
   at::Tensor tensor(const std::string& name) const;
-  /// A copy of the tensor whose mapped pages are released afterwards (streaming with bounded memory).
-  at::Tensor read(const std::string& name) const;
   /// Releases the mapped pages of `name` (see SafetensorsFile::release).
   void release(const std::string& name) const;
   /// Shape and safetensors dtype name without touching the data.
@@ -52,5 +50,9 @@ class CheckpointReader {
 void save_checkpoint_tensors(const std::string& dir, const std::map<std::string, at::Tensor>& tensors,
                              const std::map<std::string, std::string>& metadata = {},
                              int64_t max_shard_bytes = 0);
+
+/// Copies a checkpoint's files other than its weights (tokenizer, tokenizer and generation configs; with
+/// `config`, config.json too) from directory `from` to `to`, atomically, skipping those it lacks.
+void copy_side_files(const std::string& from, const std::string& to, bool config);
 
 }  // namespace mdl::io

@@ -186,12 +186,6 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   return at::from_blob(ptr, e.shape, [keep](void*) {}, options);
 }
 
-at::Tensor SafetensorsFile::read(const std::string& name) const {
-  at::Tensor t = tensor(name).clone();
-  release(name);
-  return t;
-}
-
 void SafetensorsFile::release(const std::string& name) const {
   const TensorEntry& e = entry(name);
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));

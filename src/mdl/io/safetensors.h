@@ -37,9 +37,6 @@ class SafetensorsFile {
   const TensorEntry& entry(const std::string& name) const;
   /// The tensor, aliasing the mapping (zero-copy) when its data is aligned, else a copy.
   at::Tensor tensor(const std::string& name) const;
-  /// A copy of the tensor; the mapped pages it touched are released afterwards, so streaming through
-  /// files larger than memory keeps the resident set at about one tensor.
-  at::Tensor read(const std::string& name) const;
   /// Drops the mapped pages of `name` from memory (they are re-read from the file if touched again);
   /// views from tensor() stay valid. For streaming: process a tensor, then release it.
   void release(const std::string& name) const;

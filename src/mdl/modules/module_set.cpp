@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/hash.h"
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
@@ -95,6 +96,13 @@ SiteKind site_kind_of(const std::string& type) {
   if (type == "prompt") return SiteKind::embedding;
   if (type == "prefix") return SiteKind::attention_kv;
   return SiteKind::linear;
+}
+
+std::string module_format(const std::string& dir) {
+  const fs::path path(dir);
+  if (fs::exists(path / "module.json")) return "native";
+  if (fs::exists(path / "adapter_config.json")) return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
+  return "";
 }
 
 ModuleSet::ModuleSet(Model model) : model_(std::move(model)) {}
@@ -373,11 +381,10 @@ void ModuleSet::fold(const std::string& name) {
 BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   const ModelConfig& c = model_->config();
   BaseFingerprint f{c.architecture, c.hidden_size, c.n_layer, c.vocab_size, ""};
-  uint64_t h = 1469598103934665603ull;  // FNV-1a over "site:in:out;"
+  uint64_t h = kFnvOffset;  // over "site:in:out;"
   for (const auto& p : get(name).parts) {
     const SiteInfo& info = model_->site(p.site).info();
-    for (char ch : info.name + ":" + std::to_string(info.in_features) + ":" + std::to_string(info.out_features) + ";")
-      h = (h ^ static_cast<unsigned char>(ch)) * 1099511628211ull;
+    h = fnv1a(info.name + ":" + std::to_string(info.in_features) + ":" + std::to_string(info.out_features) + ";", h);
   }
   char buf[20];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
@@ -410,8 +417,9 @@ std::string ModuleSet::load(const std::string& dir, const std::string& name_in, 
   std::string name = name_in.empty() ? fs::path(dir).lexically_normal().filename().string() : name_in;
   if (name.empty()) name = fs::path(dir).lexically_normal().parent_path().filename().string();
   MDL_CHECK(fs::is_directory(path), "[modules] '", dir, "' is not a directory");
-  if (fs::exists(path / "adapter_config.json") && !fs::exists(path / "module.json")) {
-    PeftModule peft = is_adapterhub_dir(dir) ? read_adapterhub(dir, *model_) : read_peft(dir, *model_);
+  const std::string format = module_format(dir);
+  if (format == "peft" || format == "adapterhub") {
+    PeftModule peft = format == "adapterhub" ? read_adapterhub(dir, *model_) : read_peft(dir, *model_);
     add_exact(name, peft.config, peft.sites);
     try {
       load_tensors(name, peft.tensors, dir);

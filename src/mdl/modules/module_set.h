@@ -139,6 +139,10 @@ class ModuleSet {
   std::vector<std::string> order_;
 };
 
+/// The file format of a module directory: "native" (module.json), "peft" or "adapterhub"
+/// (adapter_config.json), or "" when it holds no module.
+std::string module_format(const std::string& dir);
+
 /// The kind of site a module type attaches to.
 SiteKind site_kind_of(const std::string& type);
 

@@ -75,15 +75,9 @@ std::pair<at::Tensor, at::Tensor> PolyLoraImpl::task_factors(const at::Tensor& w
 }
 
 at::Tensor PolyLoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
+  MDL_CHECK(input.dim() == 3, "[poly_lora] '", site_.name, "' expects (B, T, in) inputs, got ", input.sizes());
+  const at::Tensor& ids = current_task_ids(site_.name, input.size(0), options.num_tasks);
   const ForwardContext& ctx = ForwardContext::current();
-  MDL_CHECK(ctx.routing && ctx.routing->task_ids.defined(), "[poly_lora] '", site_.name, "' routes by task: pass task "
-            "ids in the routing context (ModelInput::routing->task_ids)");
-  const at::Tensor& ids = ctx.routing->task_ids;
-  MDL_CHECK(input.dim() == 3 && ids.dim() == 1 && ids.size(0) == input.size(0), "[poly_lora] '", site_.name,
-            "': task ids ", ids.sizes(), " do not match the batch of ", input.sizes());
-  const int64_t max_id = ids.max().item<int64_t>();
-  MDL_CHECK(ids.min().item<int64_t>() >= 0 && max_id < options.num_tasks, "[poly_lora] '", site_.name, "': task id ",
-            max_id, " out of range; the module was made for ", options.num_tasks, " tasks");
   at::Tensor w = allocation_->weights(ids, is_training());  // (B, h, S)
   if (ctx.routing_log) {
     Routing r;

@@ -43,14 +43,8 @@ Routing route_tokens(const Router& router, const std::string& site, const std::s
               "prompt; during cached decoding reuse the prompt's decision (set shared) or route per token");
     r = expand_rows(router.route(gate(x.mean(1)), experts, in), T);
   } else {  // task
-    MDL_CHECK(ctx.routing && ctx.routing->task_ids.defined(), "[routing] '", site,
-              "' routes by task: pass task ids in the routing context (ModelInput::routing->task_ids)");
-    const at::Tensor& ids = ctx.routing->task_ids;
-    MDL_CHECK(ids.dim() == 1 && ids.size(0) == B, "[routing] '", site, "': task ids must be (", B, "), got ", ids.sizes());
     MDL_CHECK(task_logits.defined(), "[routing] '", site, "' has no per-task logits for task-level routing");
-    const int64_t max_id = ids.max().item<int64_t>();
-    MDL_CHECK(ids.min().item<int64_t>() >= 0 && max_id < task_logits.size(0), "[routing] '", site, "': task id ",
-              max_id, " out of range; the router knows ", task_logits.size(0), " tasks");
+    const at::Tensor& ids = current_task_ids(site, B, task_logits.size(0));
     in.causal = false;
     r = expand_rows(router.route(task_logits.index_select(0, ids.to(task_logits.device())), experts, in), T);
   }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "mdl/core/error.h"
+#include "mdl/core/forward_context.h"
 
 namespace mdl {
 
@@ -20,6 +21,19 @@ RoutingContext RoutingContext::by_id(const at::Tensor& ids, const std::vector<st
     c.modules.push_back(table[p[b]]);
   }
   return c;
+}
+
+const at::Tensor& current_task_ids(const std::string& site, int64_t batch, int64_t num_tasks) {
+  const ForwardContext& ctx = ForwardContext::current();
+  MDL_CHECK(ctx.routing && ctx.routing->task_ids.defined(), "[routing] '", site,
+            "' routes by task: pass task ids in the routing context (ModelInput::routing->task_ids)");
+  const at::Tensor& ids = ctx.routing->task_ids;
+  MDL_CHECK(ids.dim() == 1 && ids.size(0) == batch, "[routing] '", site, "': task ids must be (", batch, "), got ",
+            ids.sizes());
+  const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+  MDL_CHECK(lo >= 0 && hi < num_tasks, "[routing] '", site, "': task id ", lo < 0 ? lo : hi, " out of range; it knows ",
+            num_tasks, " tasks");
+  return ids;
 }
 
 }  // namespace mdl

@@ -30,4 +30,8 @@ struct RoutingContext {
                               bool language = false);
 };
 
+/// The running forward's task ids (B) for a task-level router or module at `site`, checked: present, one
+/// per example of the batch, each in 0..num_tasks-1. Errors name the site and say how to pass them.
+const at::Tensor& current_task_ids(const std::string& site, int64_t batch, int64_t num_tasks);
+
 }  // namespace mdl
