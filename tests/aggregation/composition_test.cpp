@@ -106,14 +106,18 @@ TEST_F(Compose, SumsAveragesAndStacks) {
   // A merge is a module: cat of a and b with weights equals their weighted sum.
   EXPECT_TRUE(at::allclose(run("cat(a:0.5, b:0.5)"), run("a:0.5 + b:0.5"), 1e-4, 1e-4));
   EXPECT_TRUE(std::filesystem::exists(dir_->path() + "/.mdl-merged"));
+  // fuse: an attention fusion over the adapters' outputs, not their stack.
+  EXPECT_FALSE(at::allclose(run("fuse(c, d)"), run("stack(c, d)"), 1e-5, 1e-5));
+  EXPECT_TRUE(at::equal(run("fuse(c, d)"), run("fuse(c, d)")));
 }
 
 TEST_F(Compose, NonsenseIsRefusedWithTheReason) {
   EXPECT_THROW_WITH(run("avg(a, c)"), "[compose] column 8: avg combines additive modules", "'c' is a adapter module",
                     "use stack(...)");
   EXPECT_THROW_WITH(run("stack(a, zzz)"), "[compose] column 10: unknown module 'zzz'", "not in the modules directory");
-  EXPECT_THROW_WITH(run("fuse(p, c)"), "cannot fuse 'p', a prompt module", "no output for fusion to attend over");
-  EXPECT_THROW_WITH(run("fuse(c, d)"), "fuse(...) (AdapterFusion) is not available");
+  EXPECT_THROW_WITH(run("fuse(p, c)"), "[compose] column 6: cannot fuse 'p', a prompt module",
+                    "no output for fusion to attend over");
+  EXPECT_THROW_WITH(run("fuse(c)"), "fuse needs at least 2 modules");
   EXPECT_THROW_WITH(run("ties(a, stack(b))"), "ties(...) merges module directories");
 }
 

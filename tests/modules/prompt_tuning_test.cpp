@@ -63,6 +63,30 @@ TEST_P(Prompt, EqualsTypingThePromptTokens) {
 
 INSTANTIATE_TEST_SUITE_P(Archs, Prompt, ::testing::Values("gpt2", "llama", "bert"));
 
+// Input aggregation: two prompt modules concatenate in attachment order, as if their tokens were typed.
+TEST(PromptTuning, SeveralPromptsConcatenate) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  const std::vector<std::vector<int64_t>> tokens = {{11, 12, 13}, {14, 15}};
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    ModuleConfig c;
+    c.type = "prompt";
+    c.prompt.num_virtual_tokens = static_cast<int64_t>(tokens[i].size());
+    const std::string name = "p" + std::to_string(i);
+    set.add(name, c);
+    torch::NoGradGuard g;
+    set.tensors(name).at(set.sites(name).at(0) + ".prompt_embeddings")
+        .copy_(set.model()->token_embeddings().index_select(0, at::tensor(tokens[i])));
+  }
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::arange(20, 26, at::kLong).view({1, -1});
+  at::Tensor both = set.model()->forward(in);
+  set.set_active("p0", false), set.set_active("p1", false);
+  ModelInput typed;
+  typed.input_ids = at::cat({at::tensor({11, 12, 13, 14, 15}, at::kLong).view({1, -1}), in.input_ids}, 1);
+  EXPECT_LE((both - set.model()->forward(typed).narrow(1, 5, 6)).abs().max().item<double>(), 1e-5);
+}
+
 TEST(PromptTuning, CachedGenerationTrainingAndFiles) {
   const std::string dir = test::tiny_checkpoint("llama");
   ModuleSet set(load_model(dir));

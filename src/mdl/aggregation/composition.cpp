@@ -1,5 +1,6 @@
 #include "mdl/aggregation/composition.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
@@ -258,16 +259,29 @@ struct Composer {
         return;
       }
       case Composition::Kind::fuse: {
+        // A fresh attention fusion over the members (AdapterFusion; train it, or load a saved one by
+        // listing its directory after its members). Members must keep shapes: no prompts or prefixes.
+        ModuleConfig fusion;
+        fusion.type = "fusion";
         for (const auto& child : c.children) {
-          if (child.kind != Composition::Kind::module) continue;
-          const std::string name = leaf(child, 1.0);
+          MDL_CHECK(child.kind == Composition::Kind::module || child.kind == Composition::Kind::merge, "[compose] column ",
+                    child.column, ": fuse takes modules or merges, not '", child.to_string(), "'");
+          Composition leaf_c = child;
+          leaf_c.scale = 1.0;
+          const std::string name = leaf(leaf_c, 1.0);
           const std::string& type = set.config(name).type;
           MDL_CHECK(type != "prompt" && type != "prefix", "[compose] column ", child.column, ": cannot fuse '", name,
                     "', a ", type, " module: it prepends positions and has no output for fusion to attend over; "
                     "list prompt modules to concatenate them instead");
+          fusion.fusion.members.push_back(name);
         }
-        MDL_FAIL("[compose] column ", c.column, ": fuse(...) (AdapterFusion) is not available in this build; use "
-                 "avg(...) for a fixed weighting of additive modules or stack(...) for adapters");
+        MDL_CHECK(fusion.fusion.members.size() >= 2, "[compose] column ", c.column, ": fuse needs at least 2 modules");
+        std::string name = c.to_string();
+        std::replace(name.begin(), name.end(), '/', '_');
+        set.add(name, fusion);
+        if (scale * c.scale != 1.0) set.set_scale(name, scale * c.scale);
+        used.push_back(name);
+        return;
       }
     }
   }

@@ -11,6 +11,8 @@
 //   avg(a:0.7, b:0.3)            output average, weights normalised to sum to one
 //   a:0.5 + b:0.5                weighted sum of the modules' contributions
 //   ties(a, b, c; density=0.5)   a merged module (computed once, cached by its expression), then used
+//   fuse(a, b, c)                a new attention fusion (AdapterFusion) over the modules' outputs, to train;
+//                                a trained one loads as a module listed after its members: a, b, c, fusion_dir
 //
 // Names are module directories: relative to the modules directory when one is given, else paths.
 // Parse errors give the column; semantic errors (unknown modules, avg over adapters, fuse over prompts)

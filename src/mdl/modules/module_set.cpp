@@ -31,6 +31,7 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
   else if (c.type == "hyper_lora") j["options"] = c.hyper;
   else if (c.type == "lora_moe") j["options"] = c.lora_moe;
   else if (c.type == "poly_lora") j["options"] = c.poly;
+  else if (c.type == "fusion") j["options"] = c.fusion;
   else j["options"] = nlohmann::json::object();
 }
 
@@ -49,8 +50,9 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   else if (c.type == "hyper_lora") c.hyper = options.get<HyperLoraOptions>();
   else if (c.type == "lora_moe") c.lora_moe = options.get<LoraMixtureOptions>();
   else if (c.type == "poly_lora") c.poly = options.get<PolyLoraOptions>();
+  else if (c.type == "fusion") c.fusion = options.get<FusionOptions>();
   else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe or poly_lora");
+                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe, poly_lora or fusion");
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -121,6 +123,27 @@ const ModuleSet::Named& ModuleSet::get(const std::string& name) const {
   return it->second;
 }
 
+std::vector<std::shared_ptr<Site>> ModuleSet::fusion_sites(const std::string& name, const FusionOptions& o) const {
+  for (const auto& member : o.members) {
+    const Named& m = get(member);  // throws naming the loaded modules if absent
+    MDL_CHECK(member != name, "[modules] fusion '", name, "' cannot fuse itself");
+    MDL_CHECK(!m.merged, "[modules] cannot fuse '", member, "': it is merged into the base weights; unmerge it first");
+    MDL_CHECK(m.config.type != "prompt" && m.config.type != "prefix", "[modules] cannot fuse '", member, "', a ",
+              m.config.type, " module: it prepends positions and has no output for fusion to attend over");
+  }
+  std::vector<std::shared_ptr<Site>> out;
+  for (const auto& site : model_->sites()) {
+    bool all = true;
+    for (const auto& member : o.members) {
+      const auto& parts = get(member).parts;
+      all = all && std::any_of(parts.begin(), parts.end(), [&](const Part& p) { return p.site == site->name(); });
+    }
+    if (all) out.push_back(site);
+  }
+  MDL_CHECK(!out.empty(), "[modules] fusion '", name, "': its members share no site, so there is nothing to fuse");
+  return out;
+}
+
 AttachedModules& ModuleSet::attached(const std::string& site_name) {
   Site& site = model_->site(site_name);
   if (site.empty()) site.attach(std::make_shared<AttachedModules>());
@@ -151,7 +174,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
   std::shared_ptr<PrefixEncoderImpl> prefix_encoder;
   std::shared_ptr<PhmRulesImpl> phm_rules;
   std::shared_ptr<HyperGeneratorImpl> hyper;
-  const auto selected = match_sites(*model_, config.targets, kind);
+  auto selected = config.type == "fusion" ? fusion_sites(name, config.fusion) : match_sites(*model_, config.targets, kind);
   if (config.type == "hyper_lora") {
     std::vector<SiteInfo> infos;
     for (const auto& site : selected) infos.push_back(site->info());
@@ -184,6 +207,11 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
       auto alloc = shared ? allocation : std::make_shared<SkillAllocationImpl>(config.poly, seed++, dtype);
       m = std::make_shared<PolyLoraImpl>(site->info(), config.poly, alloc, !shared || named.parts.empty(), seed++, dtype);
     }
+    else if (config.type == "fusion") {
+      std::vector<std::shared_ptr<SiteModule>> members;
+      for (const auto& member : config.fusion.members) members.push_back(module_at(member, site->name()));
+      m = std::make_shared<FusionImpl>(site->info(), config.fusion, members, seed++, dtype);
+    }
     else if (config.type == "prompt")
       m = std::make_shared<PromptTuningImpl>(site->info(), config.prompt, model_->token_embeddings(), seed++);
     else if (config.type == "sparse") {
@@ -194,7 +222,7 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                     "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
       m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
     }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe or poly_lora");
+    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe, poly_lora or fusion");
     named.parts.push_back({site->name(), m});
   }
   for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -204,6 +232,11 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
 
 void ModuleSet::remove(const std::string& name) {
   Named& n = get_mutable(name);
+  for (const auto& other : order_) {
+    const ModuleConfig& c = modules_.at(other).config;
+    MDL_CHECK(c.type != "fusion" || std::find(c.fusion.members.begin(), c.fusion.members.end(), name) == c.fusion.members.end(),
+              "[modules] '", name, "' is fused by '", other, "'; remove '", other, "' first");
+  }
   if (n.merged) unmerge(name);
   for (const auto& p : n.parts) {
     auto& entries = attached(p.site).entries();
@@ -476,7 +509,7 @@ void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in
   for (const auto& s : site_names) {
     MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
               " does not have; a module for another base model?");
-    MDL_CHECK(model_->site(s).info().kind == kind, "[modules] module '", name, "': site '", s,
+    MDL_CHECK(config_in.type == "fusion" || model_->site(s).info().kind == kind, "[modules] module '", name, "': site '", s,
               "' is not of the kind a ", config_in.type, " module attaches to");
   }
   ModuleConfig config = config_in;

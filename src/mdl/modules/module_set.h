@@ -14,6 +14,7 @@
 #include "mdl/backbones/model.h"
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/compacter.h"
+#include "mdl/modules/fusion.h"
 #include "mdl/modules/hyper_lora.h"
 #include "mdl/modules/ia3.h"
 #include "mdl/modules/lora.h"
@@ -28,7 +29,7 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora | lora_moe | poly_lora
+  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora | lora_moe | poly_lora | fusion
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
@@ -39,6 +40,7 @@ struct ModuleConfig {
   HyperLoraOptions hyper;
   LoraMixtureOptions lora_moe;
   PolyLoraOptions poly;
+  FusionOptions fusion;       ///< fusion: its members (loaded first); sites = those every member covers
   TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;          ///< initialisation seed
 };
@@ -134,6 +136,8 @@ class ModuleSet {
   void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites,
                  const std::map<std::string, at::Tensor>& init = {});
   AttachedModules& attached(const std::string& site);
+  /// The sites every member of a fusion covers, in forward order (members checked: loaded, fusable).
+  std::vector<std::shared_ptr<Site>> fusion_sites(const std::string& name, const FusionOptions& o) const;
   Model model_;
   std::map<std::string, Named> modules_;
   std::vector<std::string> order_;

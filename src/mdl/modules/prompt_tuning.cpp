@@ -44,7 +44,10 @@ at::Tensor PromptTuningImpl::forward(const at::Tensor& input, const at::Tensor& 
   if (ForwardContext::current().past > 0) return current;  // already in the KV cache
   const int64_t B = current.size(0);
   at::Tensor prompt = prompt_embeddings.unsqueeze(0).expand({B, -1, -1});  // (B, n, C)
-  return at::cat({prompt, current}, 1);
+  // Several prompts concatenate in attachment order: this one goes after those already prepended.
+  const int64_t earlier = current.size(1) - input.size(1);
+  if (earlier == 0) return at::cat({prompt, current}, 1);
+  return at::cat({current.narrow(1, 0, earlier), prompt, current.narrow(1, earlier, input.size(1))}, 1);
 }
 
 }  // namespace mdl

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "mdl/core/error.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/routing/routing_context.h"
@@ -12,14 +14,24 @@ void SiteModule::merge() {
   MDL_FAIL("[merge] a ", type(), " module cannot be merged into the base weights; LoRA (incl. DoRA), (IA)^3, ",
            "sparse diffs, BitFit and LayerNorm tuning can");
 }
+const std::vector<const SiteModule*>& SiteModule::absorbs() const {
+  static const std::vector<const SiteModule*> none;
+  return none;
+}
+
 void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never merged"); }
 
 at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
   const ForwardContext& ctx = ForwardContext::current();
   if (ctx.routing && !ctx.routing->modules.empty()) return forward_per_example(input, base, ctx.routing->modules);
+  std::vector<const SiteModule*> absorbed;  // members of active fusions: those run them
+  for (const auto& e : entries_)
+    if (e.active && e.scale != 0.0)
+      for (const SiteModule* m : e.module->absorbs()) absorbed.push_back(m);
   at::Tensor out = base;
   for (auto& e : entries_) {
     if (!e.active || e.merged || e.scale == 0.0) continue;
+    if (std::find(absorbed.begin(), absorbed.end(), e.module.get()) != absorbed.end()) continue;
     at::Tensor next = e.module->forward(input, out);
     // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
     out = e.scale == 1.0 || next.sizes() != out.sizes() ? next : out + e.scale * (next - out);

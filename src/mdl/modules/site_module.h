@@ -30,11 +30,15 @@ class SiteModule : public torch::nn::Module {
   /// Throws if unsupported.
   virtual void merge();
   virtual void unmerge();
+  /// Modules this one runs itself (a fusion's members): skipped at this site while it is active.
+  virtual const std::vector<const SiteModule*>& absorbs() const;
 };
 
 /// The modules attached at one site, applied in attachment order. Each active module maps the current
 /// output to a new one, so additive modules (LoRA) sum their deltas and adapters stack. `scale` scales a
 /// module's change to the output (scale 0 = off, 1 = as trained).
+///
+/// Modules absorbed by an active fusion at this site are skipped (the fusion runs them).
 ///
 /// Fixed routing: when the forward's routing context names modules per example, each example uses
 /// exactly its modules (active flags aside) with its scales: every module runs once, on the rows of the
