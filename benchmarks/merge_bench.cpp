@@ -1,6 +1,7 @@
 // Aggregation issue benchmark: `mdl merge` (TIES against a base, streamed) of three small-preset
 // checkpoints in a child process: wall time, and peak resident memory above the process's baseline
 // against one checkpoint's size (target <= 1.5x), with loading all inputs at once for comparison.
+// MDL_BENCH_MERGE_METHOD=linear|dare_ties|... measures another method.
 #include <ATen/ATen.h>
 
 #include <cstdio>

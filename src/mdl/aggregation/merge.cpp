@@ -55,11 +55,12 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
     std::vector<at::Tensor> values;  // zero-copy views of the mappings, released after use
     for (const auto& r : readers) values.push_back(r->tensor(name));
     at::Tensor b = base_reader ? base_reader->tensor(name) : at::Tensor();
-    at::Tensor merged = merge_tensors(values, b, o, name);
-    writer.write(merged);
+    merge_tensors_into(values, b, o, name, [&](const at::Tensor& block) {  // never the whole result in memory
+      writer.write_part(block);
+      report.output_bytes += block.numel() * block.element_size();
+    });
     for (const auto& r : readers) r->release(name);
     if (base_reader) base_reader->release(name);
-    report.output_bytes += merged.numel() * merged.element_size();
     ++report.tensors;
   }
   writer.commit();

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
 
@@ -108,6 +109,12 @@ namespace {
 // thresholds computed on the whole tensor beforehand, DARE masks seeded per block.
 at::Tensor merge_block(const std::vector<at::Tensor>& x, const at::Tensor& b, const MergeOptions& o,
                        const std::vector<double>& thresholds, uint64_t seed) {
+  if (o.method == "linear") {  // a weighted average of the parameters themselves
+    at::Tensor out = at::zeros_like(x[0]);
+    double sum = 0;
+    for (size_t i = 0; i < x.size(); ++i) out.add_(x[i], weight(o, i)), sum += weight(o, i);
+    return o.normalize ? out / sum : out;
+  }
   std::vector<at::Tensor> taus;
   for (const auto& t : x) taus.push_back(b.defined() ? t - b : t);
   at::Tensor merged;
@@ -166,8 +173,8 @@ double blocked_threshold(const at::Tensor& input, const at::Tensor& base, double
 
 }  // namespace
 
-at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& o,
-                         const std::string& name) {
+void merge_tensors_into(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& o,
+                        const std::string& name, const std::function<void(const at::Tensor&)>& sink) {
   validate(o, inputs.size());
   for (size_t i = 1; i < inputs.size(); ++i)
     MDL_CHECK(inputs[i].sizes() == inputs[0].sizes(), "[merge] '", name, "': input ", i + 1, " has shape ",
@@ -176,40 +183,34 @@ at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor
             base.sizes(), " but the inputs have ", inputs[0].sizes());
   const auto dtype = inputs[0].scalar_type();
   // Integer and boolean tensors (position ids, masks) are not merged: the first input's are kept.
-  if (!at::isFloatingType(dtype)) return inputs[0];
-  if (o.method == "slerp") return slerp(inputs[0], inputs[1], o.t);
-  if (o.method == "linear") {
-    at::Tensor out = at::zeros(inputs[0].sizes(), at::kFloat);
-    double sum = 0;
-    for (size_t i = 0; i < inputs.size(); ++i) out.add_(inputs[i].to(at::kFloat), weight(o, i)), sum += weight(o, i);
-    if (o.normalize) out /= sum;
-    return out.to(dtype);
-  }
+  if (!at::isFloatingType(dtype)) return sink(inputs[0]);
+  if (o.method == "slerp") return sink(slerp(inputs[0], inputs[1], o.t));  // needs the whole tensors' angle
   // Trim thresholds over the whole tensor (one task vector at a time), then the rest block by block.
   std::vector<double> thresholds(inputs.size(), 0.0);
   const bool small = inputs[0].dim() == 0 || inputs[0].numel() <= kBlockElements || inputs[0].size(0) == 1;
-  const int64_t step = small ? 1 : std::max<int64_t>(1, kBlockElements / (inputs[0].numel() / inputs[0].size(0)));
+  const int64_t rows = small ? 1 : inputs[0].size(0);
+  const int64_t step = small ? 1 : std::max<int64_t>(1, kBlockElements / (inputs[0].numel() / rows));
   if (o.method == "ties" || o.method == "magnitude_prune")
     for (size_t i = 0; i < inputs.size(); ++i)
       thresholds[i] = small ? magnitude_threshold(base.defined() ? inputs[i].to(at::kFloat) - base.to(at::kFloat)
                                                                  : inputs[i].to(at::kFloat), o.density)
                             : blocked_threshold(inputs[i], base, o.density, step);
   const uint64_t seed = fnv1a(name, kFnvOffset ^ o.seed);  // stable across builds and stream orders
-  if (small) {
-    std::vector<at::Tensor> x;
-    for (const auto& t : inputs) x.push_back(t.to(at::kFloat));
-    return merge_block(x, base.defined() ? base.to(at::kFloat) : at::Tensor(), o, thresholds, seed).to(dtype);
-  }
-  at::Tensor out = at::empty(inputs[0].sizes(), inputs[0].options());
-  const int64_t rows = inputs[0].size(0);
   for (int64_t r = 0, block = 0; r < rows; r += step, ++block) {
     const int64_t n = std::min(step, rows - r);
+    auto rows_of = [&](const at::Tensor& t) { return (small ? t : t.narrow(0, r, n)).to(at::kFloat); };
     std::vector<at::Tensor> x;
-    for (const auto& t : inputs) x.push_back(t.narrow(0, r, n).to(at::kFloat));
-    at::Tensor b = base.defined() ? base.narrow(0, r, n).to(at::kFloat) : at::Tensor();
-    out.narrow(0, r, n).copy_(merge_block(x, b, o, thresholds, seed + 7919u * static_cast<uint64_t>(block)));
+    for (const auto& t : inputs) x.push_back(rows_of(t));
+    at::Tensor b = base.defined() ? rows_of(base) : at::Tensor();
+    sink(merge_block(x, b, o, thresholds, seed + 7919u * static_cast<uint64_t>(block)).to(dtype));
   }
-  return out;
+}
+
+at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& o,
+                         const std::string& name) {
+  std::vector<at::Tensor> blocks;
+  merge_tensors_into(inputs, base, o, name, [&](const at::Tensor& block) { blocks.push_back(block); });
+  return blocks.size() == 1 ? blocks[0] : at::cat(blocks, 0);
 }
 
 LoraFactors lora_cat(const std::vector<LoraFactors>& inputs, const std::vector<double>& weights) {

@@ -19,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,10 @@ void validate(const MergeOptions& o, size_t inputs);
 /// DARE masks, and mergekit's L1 rescaling, per block), so temporaries stay small.
 at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& options,
                          const std::string& name);
+/// As merge_tensors, handing the result to `sink` in blocks of whole rows, in order (one block for small
+/// tensors), so a caller can write it out without holding the whole result.
+void merge_tensors_into(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& options,
+                        const std::string& name, const std::function<void(const at::Tensor&)>& sink);
 
 /// `tau` with all but its top-`density` fraction of entries (by magnitude) set to zero (entries tied
 /// with the threshold magnitude are all kept).

@@ -207,6 +207,7 @@ struct SafetensorsWriter::Impl {
   AtomicFile file;
   std::vector<TensorEntry> entries;
   size_t next = 0;
+  uint64_t part_bytes = 0;  ///< of entries[next], when written in parts
 };
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<TensorEntry> entries,
@@ -243,8 +244,24 @@ void SafetensorsWriter::write(const at::Tensor& tensor) {
   MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && t.sizes().vec() == e.shape, "[safetensors] '", path,
             "': tensor '", e.name, "' declared ", e.dtype, " ", shape_str(e.shape), ", written ",
             safetensors_dtype_name(t.scalar_type()), " ", shape_str(t.sizes().vec()));
+  MDL_CHECK(impl_->part_bytes == 0, "[safetensors] '", path, "': tensor '", e.name, "' was being written in parts");
   impl_->file.write(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
   ++impl_->next;
+}
+
+void SafetensorsWriter::write_part(const at::Tensor& rows) {
+  const std::string& path = impl_->file.path();
+  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path, "': more tensors written than declared (",
+            impl_->entries.size(), ")");
+  const TensorEntry& e = impl_->entries[impl_->next];
+  at::Tensor t = rows.detach().to(at::kCPU).contiguous();
+  const uint64_t n = static_cast<uint64_t>(t.numel()) * t.element_size();
+  MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && impl_->part_bytes + n <= e.end - e.begin,
+            "[safetensors] '", path, "': a part of tensor '", e.name, "' (", safetensors_dtype_name(t.scalar_type()), " ",
+            shape_str(t.sizes().vec()), ") does not fit its declared ", e.dtype, " ", shape_str(e.shape));
+  impl_->file.write(t.data_ptr(), static_cast<size_t>(n));
+  impl_->part_bytes += n;
+  if (impl_->part_bytes == e.end - e.begin) impl_->part_bytes = 0, ++impl_->next;
 }
 
 void SafetensorsWriter::commit() {

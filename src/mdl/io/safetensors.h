@@ -64,6 +64,9 @@ class SafetensorsWriter {
                     const std::map<std::string, std::string>& metadata = {});
   /// Writes the next tensor; its dtype and shape must match the next entry.
   void write(const at::Tensor& tensor);
+  /// Writes the next tensor in parts: blocks of whole rows, in order, of the entry's dtype; the entry is
+  /// complete once its bytes are written.
+  void write_part(const at::Tensor& rows);
   /// Checks every tensor was written and makes the file visible (atomic rename).
   void commit();
   ~SafetensorsWriter();
