@@ -1,6 +1,7 @@
 #include "mdl/core/cpu_allocator.h"
 
 #include <c10/core/Allocator.h>
+#include <malloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -111,6 +112,12 @@ void install_cpu_allocator(int64_t limit) {
       const int64_t physical = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
       l = std::min<int64_t>(physical / 4, int64_t(4) << 30);
     }
+    // Blocks below kLarge come from glibc. By default glibc serves them with fresh mmaps once its dynamic
+    // threshold is passed and gives freed heap back to the system, so every step of a training loop
+    // page-faults its 1-5 MiB temporaries in again (measured: ~9000 faults per step of a top-2-of-8 MoE
+    // MLP at 4096 tokens, 1.7x slower). Serving them from a heap that is kept stops that.
+    mallopt(M_MMAP_THRESHOLD, static_cast<int>(kLarge));
+    mallopt(M_TRIM_THRESHOLD, 256 << 20);
     // Never destroyed: tensors may outlive static destruction order.
     g_allocator = new CachingCpuAllocator(l);
     c10::SetAllocator(c10::DeviceType::CPU, g_allocator, /*priority=*/1);
