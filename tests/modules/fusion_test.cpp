@@ -127,6 +127,42 @@ TEST(Fusion, MisuseIsRefused) {
   set.remove("c");
 }
 
+// A mixture of adapter experts behind a learned router equals a per-token brute force, for top-1 and
+// dense softmax routing, and its router learns.
+TEST(Fusion, MixtureOfAdapterExpertsEqualsPerTokenBruteForce) {
+  for (const std::string kind : {"top_k", "softmax"}) {
+    ModuleSet set = with_members();
+    ModuleConfig c = fusion_of({"c", "d"}, "mixture");
+    c.fusion.router.kind = kind;
+    c.fusion.router.k = 1;
+    c.fusion.router.normalize = false;  // Switch-style: the gate probability weights the expert (and trains)
+    set.add("moe", c);
+    const std::string site = set.sites("moe")[0];
+    auto f = std::dynamic_pointer_cast<FusionImpl>(set.module_at("moe", site));
+    {
+      torch::NoGradGuard g;
+      f->router_w.normal_(0.0, 1.0);
+      at::Tensor x = at::randn({2, 3, 64}), h = at::randn({2, 3, 64});
+      at::Tensor got = f->forward(x, h);
+      for (int64_t b = 0; b < 2; ++b)
+        for (int64_t t = 0; t < 3; ++t) {
+          at::Tensor xt = x[b][t].view({1, 1, -1}), ht = h[b][t].view({1, 1, -1});
+          at::Tensor p = at::softmax(at::mv(f->router_w, x[b][t]), 0);
+          at::Tensor want = ht.clone();
+          for (int64_t e = 0; e < 2; ++e) {
+            const double w = kind == "softmax" || p.argmax().item<int64_t>() == e ? p[e].item<double>() : 0.0;
+            want += w * (set.module_at(e == 0 ? "c" : "d", site)->forward(xt, ht) - ht);
+          }
+          EXPECT_TRUE(at::allclose(got[b][t], want.view({-1}), 1e-5, 1e-5)) << kind << " " << b << "," << t;
+        }
+    }
+    set.freeze_base({"moe"});
+    set.model()->train();
+    logits(*set.model()).pow(2).mean().backward();
+    EXPECT_GT(f->router_w.grad().abs().sum().item<double>(), 0.0) << kind;
+  }
+}
+
 // Parallel: one pass, one output per branch, each equal to running that branch alone.
 TEST(Parallel, OnePassEqualsEachBranchAlone) {
   ModuleSet set = with_members();

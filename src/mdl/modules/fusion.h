@@ -6,6 +6,10 @@
 //              (h the site's current output, o_n member n's change; Wv starts as the identity)
 //   gate:      a learned gate per member, g_n = sigmoid(w_n . h + b_n), out = h + sum_n g_n o_n
 //              (w = 0, b = 0 at the start: every member at half strength)
+//   mixture:   the members are experts behind a learned router (any RouterOptions: top-k, Switch,
+//              softmax...) scoring the site's input; each token's selected experts run on its rows only
+//              (grouped dispatch), out = h + sum over its experts of weight * o_n. Experts of any module
+//              type: adapters, LoRAs, (IA)^3...
 // While a fusion is active its members are skipped at the sites it covers (it runs them itself); they
 // still act alone elsewhere. Members keep their own parameters; the fusion owns only its own.
 #pragma once
@@ -17,14 +21,16 @@
 #include <vector>
 
 #include "mdl/modules/site_module.h"
+#include "mdl/routing/router.h"
 
 namespace mdl {
 
 /// Fusion settings.
 struct FusionOptions {
   std::vector<std::string> members;  ///< names of the fused modules (loaded before the fusion)
-  std::string kind = "attention";    ///< attention | gate
+  std::string kind = "attention";    ///< attention | gate | mixture
   double temperature = 1.0;          ///< attention: softmax temperature (AdapterFusion anneals 50 -> 1)
+  RouterOptions router;              ///< mixture: the routing policy (token or example level)
 };
 void to_json(nlohmann::json& j, const FusionOptions& o);
 void from_json(const nlohmann::json& j, FusionOptions& o);
@@ -44,11 +50,14 @@ class FusionImpl : public SiteModule {
   FusionOptions options;
   at::Tensor query, key, value;  // attention: (C, C) each
   at::Tensor gate_w, gate_b;     // gate: (N, C), (N)
+  at::Tensor router_w;           // mixture: (N, in) router logits from the site's input
 
  private:
   SiteInfo site_;
   std::vector<std::shared_ptr<SiteModule>> members_;
   std::vector<const SiteModule*> absorbed_;
+  std::shared_ptr<Router> router_;
+  at::Tensor forward_mixture(const at::Tensor& input, const at::Tensor& current);
   at::Tensor last_weights_;
 };
 TORCH_MODULE(Fusion);
