@@ -113,3 +113,39 @@ TEST(PrefixTuning, ProjectionTrainsFoldsAndRoundTrips) {
 
 }  // namespace
 }  // namespace mdl
+
+namespace mdl {
+namespace {
+
+// Input aggregation at the keys/values: two prefix modules together equal one prefix holding both sets
+// of keys and values (real tokens shift by the total length; attention does not depend on key order).
+TEST(PrefixTuning, SeveralPrefixesConcatenate) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  ModuleSet one(load_model(test::tiny_checkpoint("llama")));
+  auto encoder = [](ModuleSet& s, const std::string& name) {
+    return std::dynamic_pointer_cast<PrefixTuningImpl>(s.module_at(name, s.sites(name).at(0)))->encoder();
+  };
+  for (auto [name, n] : {std::pair<const char*, int64_t>{"p1", 2}, {"p2", 3}}) {
+    ModuleConfig c;
+    c.type = "prefix";
+    c.prefix.num_virtual_tokens = n;
+    c.seed = static_cast<uint64_t>(n);
+    set.add(name, c);
+  }
+  ModuleConfig both;
+  both.type = "prefix";
+  both.prefix.num_virtual_tokens = 5;
+  one.add("p", both);
+  {
+    torch::NoGradGuard g;
+    encoder(one, "p")->embedding.copy_(at::cat({encoder(set, "p2")->embedding, encoder(set, "p1")->embedding}, 0));
+  }
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::arange(20, 27, at::kLong).view({1, -1});
+  at::Tensor got = set.model()->forward(in), want = one.model()->forward(in);
+  EXPECT_LE((got - want).abs().max().item<double>(), 1e-5);
+}
+
+}  // namespace
+}  // namespace mdl
