@@ -89,13 +89,16 @@ at::Tensor LoraImpl::delta_weight() const { return scaling * at::matmul(B, A); }
 at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
   at::Tensor x = input;
   if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);
-  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous()) {
+  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad()) {
     // current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s: no separate scale and add passes.
+    // Only when no gradient flows back through `current`: addmm's backward there cost a LoRA training
+    // step ~20% (measured: 0.94x -> 0.77-0.83x of full fine-tuning's step time).
     const int64_t out = B.size(0);
     at::Tensor xa = at::linear(x, A).reshape({-1, A.size(0)});  // (N, r)
     return at::addmm(current.reshape({-1, out}), xa, B.t(), 1.0, scaling).view(current.sizes());
   }
-  at::Tensor lora = at::linear(at::linear(x, A), B, lora_bias) * scaling;  // (..., out), bias scaled as in PEFT
+  // s (B (A x) + c): the scaling goes into B and c (tiny) rather than over the (..., out) result.
+  at::Tensor lora = at::linear(at::linear(x, A), B * scaling, lora_bias.defined() ? lora_bias * scaling : lora_bias);
   if (!magnitude.defined()) return current + lora;
   // DoRA: y = f * (W x + s B A x) + b with f = m / ||W + s B A||_row, written as PEFT does on top of the
   // current output W x + b.
