@@ -1,0 +1,60 @@
+// Training data from files: JSONL records of four shapes, and IDX image files (MNIST, Fashion-MNIST),
+// gzip read directly. Each JSONL example may carry a `task` and a `language`.
+//   classification  {"text": str, "label": str | int}
+//   tagging         {"tokens": [str], "tags": [str | int]}        (a label per word; sub-tokens after the
+//                                                                   first of a word get -100, as HF does)
+//   instruction     {"prompt": str, "completion": str}            (loss on the completion only)
+//   text            {"text": str}                                  (causal LM on every token)
+// A bad record (invalid JSON, a missing or mistyped field, an unknown label) is an error naming the file,
+// the line and the field, or, with on_bad_record = skip, a warning and a count.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mdl {
+
+class Tokenizer;
+
+/// One tokenised example.
+struct Example {
+  std::vector<int64_t> ids;      ///< token ids
+  std::vector<int64_t> targets;  ///< per-token targets (-100: no loss) for tagging, instruction, text
+  int64_t label = -1;            ///< classification label index
+  std::string task, language;    ///< optional routing context
+  int64_t line = 0;              ///< 1-based line in the file
+};
+
+/// How to read a JSONL file.
+struct DatasetOptions {
+  std::string kind = "classification";  ///< classification | tagging | instruction | text
+  std::string on_bad_record = "fail";   ///< fail | skip
+  int64_t max_length = 512;             ///< longer examples are truncated
+  std::vector<std::string> labels;      ///< label names in index order; empty: collected in order of appearance
+};
+
+/// A loaded dataset.
+struct Dataset {
+  std::vector<Example> examples;
+  std::vector<std::string> labels;  ///< label names, index = label id
+  std::vector<std::string> tasks;   ///< distinct tasks in order of appearance
+  int64_t skipped = 0;              ///< bad records skipped
+};
+
+/// Reads and tokenises a JSONL file.
+Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const DatasetOptions& options);
+
+/// An IDX file (optionally gzipped: MNIST's *-ubyte.gz), as a uint8 / int8 / int16 / int32 / float /
+/// double tensor of its declared shape. Corrupt headers and short data are errors naming the file.
+at::Tensor read_idx(const std::string& path);
+
+/// Multi-task sampling probabilities from per-task sizes: proportional (n_i / sum), temperature
+/// (n_i^(1/T) normalised; T = 1 is proportional, large T approaches uniform) or uniform.
+std::vector<double> task_sampling_probabilities(const std::vector<int64_t>& sizes, const std::string& kind,
+                                                double temperature = 1.0);
+
+}  // namespace mdl

@@ -1,0 +1,270 @@
+#include "mdl/training/trainer.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+#include <torch/utils.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <numeric>
+#include <random>
+
+#include "mdl/core/error.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/safetensors.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/routing/routing_log.h"
+
+namespace mdl {
+namespace fs = std::filesystem;
+
+void to_json(nlohmann::json& j, const TrainOptions& o) {
+  j = {{"schedule", o.schedule}, {"steps", o.steps}, {"batch_size", o.batch_size},
+       {"grad_accumulation", o.grad_accumulation}, {"weight_decay", o.weight_decay},
+       {"clip_grad_norm", o.clip_grad_norm}, {"aux_loss_weight", o.aux_loss_weight}, {"eval_every", o.eval_every},
+       {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir}};
+}
+
+void from_json(const nlohmann::json& j, TrainOptions& o) {
+  o = TrainOptions();
+  if (j.contains("schedule")) o.schedule = j["schedule"].get<ScheduleOptions>();
+  o.steps = j.value("steps", o.steps);
+  o.batch_size = j.value("batch_size", o.batch_size);
+  o.grad_accumulation = j.value("grad_accumulation", o.grad_accumulation);
+  o.weight_decay = j.value("weight_decay", o.weight_decay);
+  o.clip_grad_norm = j.value("clip_grad_norm", o.clip_grad_norm);
+  o.aux_loss_weight = j.value("aux_loss_weight", o.aux_loss_weight);
+  o.eval_every = j.value("eval_every", o.eval_every);
+  o.checkpoint_every = j.value("checkpoint_every", o.checkpoint_every);
+  o.seed = j.value("seed", o.seed);
+  o.out_dir = j.value("out_dir", o.out_dir);
+  MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
+            "grad_accumulation must be > 0, got ", o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
+}
+
+namespace {
+
+/// A padded batch of examples: inputs, mask, and the targets the head needs.
+struct Batch {
+  at::Tensor ids, mask, labels, targets;  // (B, T), (B, T), (B), (B, T)
+};
+
+Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, c10::Device device) {
+  int64_t T = 0;
+  for (int64_t i : which) T = std::max<int64_t>(T, static_cast<int64_t>(d.examples[i].ids.size()));
+  const int64_t B = static_cast<int64_t>(which.size());
+  at::Tensor ids = at::full({B, T}, pad, at::kLong), mask = at::zeros({B, T}, at::kLong);
+  at::Tensor labels = at::full({B}, -100, at::kLong), targets = at::full({B, T}, -100, at::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const Example& e = d.examples[which[b]];
+    const int64_t n = static_cast<int64_t>(e.ids.size());
+    ids[b].narrow(0, 0, n).copy_(at::tensor(e.ids, at::kLong));
+    mask[b].narrow(0, 0, n).fill_(1);
+    labels[b] = e.label;
+    if (!e.targets.empty()) targets[b].narrow(0, 0, n).copy_(at::tensor(e.targets, at::kLong));
+  }
+  return {ids.to(device), mask.to(device), labels.to(device), targets.to(device)};
+}
+
+}  // namespace
+
+struct Trainer::State {
+  std::vector<std::string> keys;  // "<module>/<tensor>" of every trainable tensor, in parameter order
+  std::vector<at::Tensor> params;
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  int64_t epoch = -1;          // the epoch whose example order `order` holds
+  std::vector<int64_t> order;
+
+  /// Example index of global sample i: the (i mod n)-th of epoch (i / n)'s permutation (seeded by epoch).
+  int64_t example(int64_t i, int64_t n, uint64_t seed) {
+    if (i / n != epoch) {
+      epoch = i / n;
+      order.resize(static_cast<size_t>(n));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(seed + static_cast<uint64_t>(epoch)));
+    }
+    return order[static_cast<size_t>(i % n)];
+  }
+};
+
+Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options)
+    : set_(set), trainable_(std::move(trainable)), options_(std::move(options)), state_(std::make_unique<State>()) {
+  validate(options_.schedule);
+  MDL_CHECK(!trainable_.empty(), "[train] name the modules to train");
+  set_.freeze_base(trainable_);
+  for (const auto& name : trainable_)
+    for (const auto& [k, t] : set_.tensors(name))
+      if (t.requires_grad()) state_->keys.push_back(name + "/" + k), state_->params.push_back(t);
+  MDL_CHECK(!state_->params.empty(), "[train] the modules have no trainable parameters");
+  torch::optim::AdamWOptions o(options_.schedule.lr);
+  o.weight_decay(options_.weight_decay);
+  state_->optimizer = std::make_unique<torch::optim::AdamW>(state_->params, o);
+}
+
+Trainer::~Trainer() = default;
+
+double Trainer::train_step(const Dataset& data) {
+  ModelImpl& model = *set_.model();
+  const int64_t n = static_cast<int64_t>(data.examples.size());
+  const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
+  at::manual_seed(static_cast<uint64_t>(options_.seed * 1000003u + static_cast<uint64_t>(step_)));  // dropout, sampling
+  auto& opt = *state_->optimizer;
+  const double lr = learning_rate(options_.schedule, step_);
+  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+  opt.zero_grad();
+  double total = 0;
+  for (int64_t m = 0; m < options_.grad_accumulation; ++m) {
+    // The data position is a function of the step: a resumed run reads exactly what the original would.
+    std::vector<int64_t> which;
+    for (int64_t j = 0; j < options_.batch_size; ++j)
+      which.push_back(state_->example((step_ * options_.grad_accumulation + m) * options_.batch_size + j, n, options_.seed));
+    Batch b = collate(data, which, pad, model.device());
+    ModelInput in;
+    in.input_ids = b.ids;
+    in.attention_mask = b.mask;
+    RoutingLog log;
+    in.routing_log = &log;
+    at::Tensor out = model.forward(in);
+    at::Tensor loss;
+    switch (model.config().head) {
+      case HeadKind::sequence_classification:
+        loss = at::cross_entropy_loss(out.to(at::kFloat), b.labels);
+        break;
+      case HeadKind::causal_lm: {  // position t predicts token t + 1
+        const int64_t T = out.size(1);
+        loss = at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}).to(at::kFloat),
+                                      b.targets.narrow(1, 1, T - 1).reshape({-1}));
+        break;
+      }
+      case HeadKind::token_classification:
+        loss = at::cross_entropy_loss(out.reshape({-1, out.size(2)}).to(at::kFloat), b.targets.reshape({-1}));
+        break;
+      case HeadKind::none:
+        MDL_FAIL("[train] the model has no head to train against; create it with a classification or LM head");
+    }
+    loss = loss + options_.aux_loss_weight * log.aux_loss().to(loss.device());
+    (loss / static_cast<double>(options_.grad_accumulation)).backward();
+    total += loss.item<double>() / static_cast<double>(options_.grad_accumulation);
+  }
+  if (options_.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(state_->params, options_.clip_grad_norm);
+  opt.step();
+  ++step_;
+  return total;
+}
+
+double Trainer::evaluate(const Dataset& data) {
+  ModelImpl& model = *set_.model();
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
+  double correct = 0, count = 0, nll = 0;
+  for (size_t start = 0; start < data.examples.size(); start += static_cast<size_t>(options_.batch_size)) {
+    std::vector<int64_t> which;
+    for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(options_.batch_size)); ++i)
+      which.push_back(static_cast<int64_t>(i));
+    Batch b = collate(data, which, pad, model.device());
+    ModelInput in;
+    in.input_ids = b.ids;
+    in.attention_mask = b.mask;
+    at::Tensor out = model.forward(in).to(at::kFloat);
+    if (model.config().head == HeadKind::sequence_classification) {
+      correct += (out.argmax(-1) == b.labels).sum().item<double>();
+      count += static_cast<double>(which.size());
+    } else if (model.config().head == HeadKind::token_classification) {
+      at::Tensor real = b.targets != -100;
+      correct += (out.argmax(-1) == b.targets).logical_and(real).sum().item<double>();
+      count += real.sum().item<double>();
+    } else {
+      const int64_t T = out.size(1);
+      at::Tensor t = b.targets.narrow(1, 1, T - 1).reshape({-1});
+      nll += at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}), t, {}, at::Reduction::Sum, -100)
+                 .item<double>();
+      count += (t != -100).sum().item<double>();
+    }
+  }
+  if (was_training) model.train();
+  MDL_CHECK(count > 0, "[eval] no tokens or examples to evaluate");
+  return model.config().head == HeadKind::causal_lm ? std::exp(nll / count) : correct / count;
+}
+
+std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eval) {
+  std::vector<TrainMetrics> history;
+  std::string log_text;
+  set_.model()->train();
+  while (step_ < options_.steps) {
+    TrainMetrics m;
+    m.lr = learning_rate(options_.schedule, step_);
+    m.loss = train_step(data);
+    m.step = step_;
+    const bool last = step_ == options_.steps;
+    if (eval && (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0))) m.eval = evaluate(*eval);
+    history.push_back(m);
+    if (!options_.out_dir.empty()) {
+      fs::create_directories(options_.out_dir);
+      nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}};
+      if (m.eval >= 0) j["eval"] = m.eval;
+      log_text += j.dump() + "\n";
+      io::write_text_atomic((fs::path(options_.out_dir) / "metrics.jsonl").string(), log_text);
+      if (last || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0))
+        save_checkpoint((fs::path(options_.out_dir) / "checkpoint").string());
+    }
+  }
+  set_.model()->eval();
+  return history;
+}
+
+void Trainer::save_checkpoint(const std::string& dir) const {
+  const std::string tmp = dir + ".tmp";
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  for (const auto& name : trainable_) set_.save(name, (fs::path(tmp) / "modules" / name).string());
+  std::map<std::string, at::Tensor> moments;
+  const auto& states = state_->optimizer->state();
+  for (size_t i = 0; i < state_->params.size(); ++i) {
+    auto it = states.find(c10::guts::to_string(state_->params[i].unsafeGetTensorImpl()));
+    if (it == states.end()) continue;  // no step taken yet
+    const auto& s = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    moments[state_->keys[i] + ".exp_avg"] = s.exp_avg();
+    moments[state_->keys[i] + ".exp_avg_sq"] = s.exp_avg_sq();
+    moments[state_->keys[i] + ".step"] = at::tensor(s.step(), at::kLong);
+  }
+  io::save_safetensors((fs::path(tmp) / "optimizer.safetensors").string(), moments);
+  nlohmann::json j = {{"step", step_}, {"options", options_}, {"modules", trainable_}};
+  io::write_text_atomic((fs::path(tmp) / "trainer.json").string(), j.dump(2) + "\n");
+  // Swap the complete directory in: a crash leaves either the old checkpoint or the new one.
+  const std::string old = dir + ".old";
+  fs::remove_all(old);
+  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::rename(tmp, dir);
+  fs::remove_all(old);
+}
+
+void Trainer::load_checkpoint(const std::string& dir) {
+  const fs::path meta = fs::path(dir) / "trainer.json";
+  MDL_CHECK(fs::exists(meta), "[train] '", dir, "' is not a checkpoint (no trainer.json)");
+  nlohmann::json j = nlohmann::json::parse(io::read_text(meta.string()));
+  MDL_CHECK(j.at("modules").get<std::vector<std::string>>() == trainable_, "[train] checkpoint '", dir, "' trains ",
+            j.at("modules").dump(), ", this run trains other modules");
+  for (const auto& name : trainable_) {
+    const std::string mdir = (fs::path(dir) / "modules" / name).string();
+    set_.load_tensors(name, io::load_safetensors((fs::path(mdir) / "module.safetensors").string()), mdir);
+  }
+  auto moments = io::load_safetensors((fs::path(dir) / "optimizer.safetensors").string());
+  auto& states = state_->optimizer->state();
+  for (size_t i = 0; i < state_->params.size(); ++i) {
+    const std::string& k = state_->keys[i];
+    if (!moments.count(k + ".exp_avg")) continue;
+    auto s = std::make_unique<torch::optim::AdamWParamState>();
+    s->exp_avg(moments.at(k + ".exp_avg").clone());
+    s->exp_avg_sq(moments.at(k + ".exp_avg_sq").clone());
+    s->step(moments.at(k + ".step").item<int64_t>());
+    states[c10::guts::to_string(state_->params[i].unsafeGetTensorImpl())] = std::move(s);
+  }
+  step_ = j.at("step").get<int64_t>();
+}
+
+}  // namespace mdl

@@ -1,0 +1,76 @@
+// The training loop for modules on a frozen backbone: AdamW over the trainable parameters only (no
+// optimiser state for frozen weights), a learning-rate schedule, gradient clipping and accumulation,
+// routing auxiliary losses added with a weight, evaluation, metrics as JSONL, and checkpoints from which a
+// run resumes exactly: the modules, the optimiser's moments and step counts, the step (which fixes the
+// data position, since example order is a function of seed and step) and the RNG (re-seeded per step).
+// Losses: sequence classification heads use the example's label; causal LM heads predict the next token
+// where targets are set (instruction: the completion; text: everything); token classification heads
+// use the per-token targets.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mdl/training/dataset.h"
+#include "mdl/training/schedule.h"
+
+namespace mdl {
+
+class ModuleSet;
+struct ModelInput;
+
+/// Training settings.
+struct TrainOptions {
+  ScheduleOptions schedule;     ///< learning rate over steps
+  int64_t steps = 100;          ///< optimiser steps
+  int64_t batch_size = 8;       ///< examples per micro-batch
+  int64_t grad_accumulation = 1;  ///< micro-batches per optimiser step
+  double weight_decay = 0.0;    ///< AdamW decoupled weight decay
+  double clip_grad_norm = 1.0;  ///< max global gradient norm; 0 = off
+  double aux_loss_weight = 1.0; ///< weight of the routers' auxiliary losses (their own coefficients inside)
+  int64_t eval_every = 0;       ///< evaluate every N steps (0: at the end only)
+  int64_t checkpoint_every = 0; ///< write a checkpoint every N steps (0: at the end only)
+  uint64_t seed = 0;            ///< data order and per-step RNG
+  std::string out_dir;          ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
+};
+void to_json(nlohmann::json& j, const TrainOptions& o);
+void from_json(const nlohmann::json& j, TrainOptions& o);
+
+/// One logged point.
+struct TrainMetrics {
+  int64_t step = 0;
+  double loss = 0;       ///< training loss of the step (task loss + weighted aux loss)
+  double lr = 0;
+  double eval = -1;      ///< accuracy (classification, tagging) or perplexity (LM); -1 when not evaluated
+};
+
+/// Trains `trainable` modules of `set` (everything else frozen).
+class Trainer {
+ public:
+  Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options);
+  ~Trainer();
+  /// Trains from the current step to options.steps; returns the metrics of every step.
+  std::vector<TrainMetrics> train(const Dataset& data, const Dataset* eval = nullptr);
+  /// Accuracy (classification, tagging) or perplexity (causal LM) on `data`, without gradients.
+  double evaluate(const Dataset& data);
+  /// Writes a checkpoint directory (atomically: written beside, then renamed over `dir`).
+  void save_checkpoint(const std::string& dir) const;
+  /// Restores modules, optimiser state and step from a checkpoint written by save_checkpoint.
+  void load_checkpoint(const std::string& dir);
+  int64_t step() const { return step_; }
+
+ private:
+  struct State;
+  double train_step(const Dataset& data);
+  ModuleSet& set_;
+  std::vector<std::string> trainable_;
+  TrainOptions options_;
+  int64_t step_ = 0;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace mdl
