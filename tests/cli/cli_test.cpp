@@ -265,9 +265,47 @@ TEST_F(Cli, MergeAndCompositionExpressions) {
   EXPECT_NE(r.err.find("unknown method 'average'"), std::string::npos) << r.err;
 }
 
+TEST_F(Cli, TrainResumeAndEval) {
+  test::TempDir tmp;
+  ASSERT_EQ(mdl("init-model --arch llama --head sequence_classification --out " + quote(tmp / "m")).code, 0);
+  std::string lines;
+  for (const char* s : {"the", "a", "my", "one"})
+    for (const char* animal : {"cat", "dog"})
+      lines += std::string("{\"text\": \"") + s + " " + animal + "\", \"label\": \"" + animal + "\"}\n";
+  test::write_file(tmp / "data.jsonl", lines);
+  nlohmann::json config = {{"model", tmp / "m"},
+                           {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
+                           {"train_data", tmp / "data.jsonl"}, {"eval_data", tmp / "data.jsonl"},
+                           {"options", {{"steps", 6}, {"batch_size", 4}, {"out_dir", tmp / "run"},
+                                        {"schedule", {{"lr", 0.01}}}}}};
+  test::write_file(tmp / "run.json", config.dump());
+  Result r = mdl("train --config " + quote(tmp / "run.json"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("step 6/6 loss"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("eval accuracy:"), std::string::npos) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(tmp / "run/modules/lora/module.json"));
+  EXPECT_TRUE(std::filesystem::exists(tmp / "run/metrics.jsonl"));
+  // More steps with the same output directory resume from its checkpoint.
+  config["options"]["steps"] = 8;
+  config["options"]["schedule"]["total_steps"] = 8;
+  test::write_file(tmp / "run.json", config.dump());
+  r = mdl("train --config " + quote(tmp / "run.json"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("at step 6"), std::string::npos) << r.out;
+  r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " + quote(tmp / "data.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("accuracy: "), std::string::npos) << r.out;
+  r = mdl("train --help-config");
+  EXPECT_NE(r.out.find("options.schedule.lr"), std::string::npos);
+  test::write_file(tmp / "bad.json", "{\"model\": 1}");
+  r = mdl("train --config " + quote(tmp / "bad.json"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("bad.json"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, EveryCommandHasHelp) {
   for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
-                          "upcycle", "moefy", "merge"}) {
+                          "upcycle", "moefy", "merge", "train", "eval"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

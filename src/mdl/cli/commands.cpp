@@ -31,6 +31,8 @@
 #include "mdl/modules/module_set.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/tokenizer.h"
+#include "mdl/training/train_config.h"
+#include <unistd.h>
 
 namespace fs = std::filesystem;
 
@@ -574,9 +576,105 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- train / eval -------------------------------------------------------------------------------------
+void register_train(CLI::App& app, GlobalOptions& g) {
+  auto config = std::make_shared<std::string>();
+  auto help_config = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand("train", "train modules on a frozen backbone from a JSON run config");
+  cmd->add_option("--config", *config, "run config (JSON); see --help-config");
+  cmd->add_flag("--help-config", *help_config, "print every config field with its default and description");
+  cmd->callback([=, &g] {
+    if (*help_config) {
+      std::printf("%s", train_config_help().c_str());
+      return;
+    }
+    apply(g);
+    MDL_CHECK(!config->empty(), "[train] give --config FILE (or --help-config)");
+    TrainConfig c = parse_train_config(io::read_text(*config), *config);
+    LoadOptions lo;
+    lo.device = parse_device(c.device);
+    Model m = load_model(c.model, lo);
+    ModuleSet set(m);
+    for (const auto& dir : c.load) set.load(dir);
+    for (const auto& [name, mc] : c.modules) set.add(name, mc);
+    Tokenizer tok = Tokenizer::from_file(c.model);
+    Dataset train = load_jsonl(c.train_data, tok, c.data);
+    DatasetOptions eval_options = c.data;
+    eval_options.labels = train.labels;  // the same label indices
+    std::unique_ptr<Dataset> eval;
+    if (!c.eval_data.empty()) eval = std::make_unique<Dataset>(load_jsonl(c.eval_data, tok, eval_options));
+    if (m->config().head == HeadKind::sequence_classification)
+      MDL_CHECK(static_cast<int64_t>(train.labels.size()) <= m->config().num_labels, "[train] the data has ",
+                train.labels.size(), " labels but the model's head has ", m->config().num_labels);
+    Trainer trainer(set, c.train, c.options);
+    const std::string ckpt = c.options.out_dir.empty() ? "" : (fs::path(c.options.out_dir) / "checkpoint").string();
+    if (c.resume && !ckpt.empty() && fs::exists(fs::path(ckpt) / "trainer.json")) {
+      trainer.load_checkpoint(ckpt);
+      std::printf("resumed from %s at step %lld\n", ckpt.c_str(), (long long)trainer.step());
+    }
+    std::printf("%s\ntraining %zu examples (%lld skipped), %lld steps\n", set.summary().to_string().c_str(),
+                train.examples.size(), (long long)train.skipped, (long long)c.options.steps);
+    const bool tty = isatty(fileno(stdout));
+    const auto start = std::chrono::steady_clock::now();
+    const int64_t first = trainer.step(), every = std::max<int64_t>(1, c.options.steps / 20);
+    auto history = trainer.train(train, eval.get(), [&](const TrainMetrics& mt) {
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const double per_step = secs / static_cast<double>(mt.step - first);
+      const double eta = per_step * static_cast<double>(c.options.steps - mt.step);
+      const double ex_s = static_cast<double>(c.options.batch_size * c.options.grad_accumulation) / per_step;
+      char eval_text[32] = "";
+      if (mt.eval >= 0) std::snprintf(eval_text, sizeof(eval_text), " eval %.4f", mt.eval);
+      if (tty) {  // a live bar on a terminal
+        const int width = 30, done = static_cast<int>(width * mt.step / c.options.steps);
+        std::printf("\r[%s%s] %lld/%lld loss %.4f lr %.2e %.1f ex/s eta %.0fs%s", std::string(done, '#').c_str(),
+                    std::string(width - done, '.').c_str(), (long long)mt.step, (long long)c.options.steps, mt.loss,
+                    mt.lr, ex_s, eta, eval_text);
+        if (mt.step == c.options.steps) std::printf("\n");
+        std::fflush(stdout);
+      } else if (mt.step % every == 0 || mt.step == c.options.steps || mt.eval >= 0) {
+        std::printf("step %lld/%lld loss %.4f lr %.2e %.1f ex/s eta %.0fs%s\n", (long long)mt.step,
+                    (long long)c.options.steps, mt.loss, mt.lr, ex_s, eta, eval_text);
+      }
+    });
+    if (!c.options.out_dir.empty())
+      for (const auto& name : c.train) set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
+    if (eval) std::printf("eval %s: %.4f\n", m->config().head == HeadKind::causal_lm ? "perplexity" : "accuracy",
+                          trainer.evaluate(*eval));
+    if (!c.options.out_dir.empty())
+      std::printf("modules written to %s\n", (fs::path(c.options.out_dir) / "modules").string().c_str());
+    (void)history;
+  });
+}
+
+void register_eval(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto data = std::make_shared<std::string>();
+  auto kind = std::make_shared<std::string>("classification");
+  auto mods = std::make_shared<ModuleArgs>();
+  auto run = std::make_shared<RunOptions>();
+  CLI::App* cmd = app.add_subcommand("eval", "accuracy (classification, tagging) or perplexity (causal LM) on a JSONL file");
+  cmd->add_option("--model", *model, "checkpoint directory")->required();
+  cmd->add_option("--data", *data, "JSONL file")->required();
+  cmd->add_option("--kind", *kind, "classification | tagging | instruction | text")->capture_default_str();
+  add_module_options(cmd, *mods);
+  add_run_options(cmd, *run);
+  cmd->callback([=, &g] {
+    apply(g);
+    Model m = load_model(*model, load_options(*run));
+    auto set = attach_modules(m, *mods, *model);
+    DatasetOptions o;
+    o.kind = *kind;
+    Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    std::printf("%s: %.4f on %zu examples\n", m->config().head == HeadKind::causal_lm ? "perplexity" : "accuracy",
+                evaluate(*m, d), d.examples.size());
+  });
+}
+
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_train(app, globals);
+  register_eval(app, globals);
   register_merge(app, globals);
   register_upcycle(app, globals);
   register_moefy(app, globals);

@@ -155,16 +155,18 @@ double Trainer::train_step(const Dataset& data) {
   return total;
 }
 
-double Trainer::evaluate(const Dataset& data) {
-  ModelImpl& model = *set_.model();
+double Trainer::evaluate(const Dataset& data) { return mdl::evaluate(*set_.model(), data, options_.batch_size); }
+
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size) {
+  MDL_CHECK(batch_size > 0, "[eval] batch size must be > 0, got ", batch_size);
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
   const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
   double correct = 0, count = 0, nll = 0;
-  for (size_t start = 0; start < data.examples.size(); start += static_cast<size_t>(options_.batch_size)) {
+  for (size_t start = 0; start < data.examples.size(); start += static_cast<size_t>(batch_size)) {
     std::vector<int64_t> which;
-    for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(options_.batch_size)); ++i)
+    for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(batch_size)); ++i)
       which.push_back(static_cast<int64_t>(i));
     Batch b = collate(data, which, pad, model.device());
     ModelInput in;
@@ -191,7 +193,8 @@ double Trainer::evaluate(const Dataset& data) {
   return model.config().head == HeadKind::causal_lm ? std::exp(nll / count) : correct / count;
 }
 
-std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eval) {
+std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eval,
+                                         const std::function<void(const TrainMetrics&)>& on_step) {
   std::vector<TrainMetrics> history;
   std::string log_text;
   set_.model()->train();
@@ -203,6 +206,7 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     const bool last = step_ == options_.steps;
     if (eval && (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0))) m.eval = evaluate(*eval);
     history.push_back(m);
+    if (on_step) on_step(m);
     if (!options_.out_dir.empty()) {
       fs::create_directories(options_.out_dir);
       nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}};

@@ -11,6 +11,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,7 +22,7 @@
 namespace mdl {
 
 class ModuleSet;
-struct ModelInput;
+class ModelImpl;
 
 /// Training settings.
 struct TrainOptions {
@@ -48,14 +49,20 @@ struct TrainMetrics {
   double eval = -1;      ///< accuracy (classification, tagging) or perplexity (LM); -1 when not evaluated
 };
 
+/// Accuracy (sequence or token classification heads) or perplexity (causal LM head) of `model` with its
+/// attached modules on `data`, in batches, without gradients.
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16);
+
 /// Trains `trainable` modules of `set` (everything else frozen).
 class Trainer {
  public:
   Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options);
   ~Trainer();
-  /// Trains from the current step to options.steps; returns the metrics of every step.
-  std::vector<TrainMetrics> train(const Dataset& data, const Dataset* eval = nullptr);
-  /// Accuracy (classification, tagging) or perplexity (causal LM) on `data`, without gradients.
+  /// Trains from the current step to options.steps; returns the metrics of every step and calls
+  /// `on_step` (if set) after each, for progress display.
+  std::vector<TrainMetrics> train(const Dataset& data, const Dataset* eval = nullptr,
+                                  const std::function<void(const TrainMetrics&)>& on_step = {});
+  /// evaluate() of the model being trained, at the training batch size.
   double evaluate(const Dataset& data);
   /// Writes a checkpoint directory (atomically: written beside, then renamed over `dir`).
   void save_checkpoint(const std::string& dir) const;

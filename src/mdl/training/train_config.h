@@ -1,0 +1,35 @@
+// `mdl train --config run.json`: one JSON document for a run (model, modules, data, schedule, output).
+// Every field has a default and a description; `mdl train --help-config` prints them all.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "mdl/modules/module_set.h"
+#include "mdl/training/dataset.h"
+#include "mdl/training/trainer.h"
+
+namespace mdl {
+
+/// A training run.
+struct TrainConfig {
+  std::string model;                          ///< checkpoint directory (Hugging Face layout)
+  std::map<std::string, ModuleConfig> modules;  ///< new modules to create and train, by name
+  std::vector<std::string> load;              ///< existing module directories to load (frozen unless listed in train)
+  std::vector<std::string> train;             ///< names of the modules to train (default: every new module)
+  std::string train_data;                     ///< JSONL file
+  std::string eval_data;                      ///< JSONL file (optional)
+  DatasetOptions data;                        ///< how to read both files
+  TrainOptions options;                       ///< steps, batch, schedule, output...
+  bool resume = true;                         ///< continue from <out_dir>/checkpoint when it exists
+  std::string device = "cpu";
+};
+
+/// Parses a config; unknown top-level fields and bad values are errors naming the field and the file.
+TrainConfig parse_train_config(const std::string& json_text, const std::string& source);
+
+/// Every field as "path  default  description" lines.
+std::string train_config_help();
+
+}  // namespace mdl
