@@ -32,6 +32,8 @@ const std::vector<std::pair<std::string, std::string>>& descriptions() {
       {"options.checkpoint_every", "write a checkpoint every N steps (0: at the end only)"},
       {"options.seed", "data order and per-step randomness"},
       {"options.out_dir", "metrics.jsonl, checkpoint/ and the trained modules go here"},
+      {"options.task_sampling", "multi-task data: proportional | temperature | uniform"},
+      {"options.sampling_temperature", "temperature sampling: n_i^(1/T), normalised"},
       {"options.schedule.kind", "constant | linear | cosine learning-rate schedule"},
       {"options.schedule.lr", "peak learning rate"},
       {"options.schedule.warmup_steps", "linear warm-up steps"},

@@ -16,6 +16,7 @@
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
 
 namespace mdl {
@@ -25,7 +26,8 @@ void to_json(nlohmann::json& j, const TrainOptions& o) {
   j = {{"schedule", o.schedule}, {"steps", o.steps}, {"batch_size", o.batch_size},
        {"grad_accumulation", o.grad_accumulation}, {"weight_decay", o.weight_decay},
        {"clip_grad_norm", o.clip_grad_norm}, {"aux_loss_weight", o.aux_loss_weight}, {"eval_every", o.eval_every},
-       {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir}};
+       {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir},
+       {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature}};
 }
 
 void from_json(const nlohmann::json& j, TrainOptions& o) {
@@ -41,6 +43,9 @@ void from_json(const nlohmann::json& j, TrainOptions& o) {
   o.checkpoint_every = j.value("checkpoint_every", o.checkpoint_every);
   o.seed = j.value("seed", o.seed);
   o.out_dir = j.value("out_dir", o.out_dir);
+  o.task_sampling = j.value("task_sampling", o.task_sampling);
+  o.sampling_temperature = j.value("sampling_temperature", o.sampling_temperature);
+  task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
   MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
             "grad_accumulation must be > 0, got ", o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
 }
@@ -50,7 +55,13 @@ namespace {
 /// A padded batch of examples: inputs, mask, and the targets the head needs.
 struct Batch {
   at::Tensor ids, mask, labels, targets;  // (B, T), (B, T), (B), (B, T)
+  RoutingContext routing;                 // task ids (B) when the data has tasks
 };
+
+int64_t task_index(const Dataset& d, const std::string& task) {
+  auto it = std::find(d.tasks.begin(), d.tasks.end(), task);
+  return it == d.tasks.end() ? 0 : static_cast<int64_t>(it - d.tasks.begin());
+}
 
 Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, c10::Device device) {
   int64_t T = 0;
@@ -66,7 +77,21 @@ Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, 
     labels[b] = e.label;
     if (!e.targets.empty()) targets[b].narrow(0, 0, n).copy_(at::tensor(e.targets, at::kLong));
   }
-  return {ids.to(device), mask.to(device), labels.to(device), targets.to(device)};
+  Batch batch{ids.to(device), mask.to(device), labels.to(device), targets.to(device), {}};
+  if (!d.tasks.empty()) {
+    std::vector<int64_t> tasks;
+    for (int64_t i : which) tasks.push_back(task_index(d, d.examples[i].task));
+    batch.routing.task_ids = at::tensor(tasks, at::kLong).to(device);
+  }
+  return batch;
+}
+
+ModelInput model_input(const Batch& b) {
+  ModelInput in;
+  in.input_ids = b.ids;
+  in.attention_mask = b.mask;
+  if (b.routing.task_ids.defined()) in.routing = &b.routing;
+  return in;
 }
 
 }  // namespace
@@ -78,7 +103,22 @@ struct Trainer::State {
   int64_t epoch = -1;          // the epoch whose example order `order` holds
   std::vector<int64_t> order;
 
-  /// Example index of global sample i: the (i mod n)-th of epoch (i / n)'s permutation (seeded by epoch).
+  std::vector<std::vector<int64_t>> by_task;  // example indices of each task (multi-task data)
+  std::vector<double> task_cdf;               // cumulative sampling probabilities of the tasks
+
+  /// Example index of global sample i, a function of (seed, i) so a resumed run reads the same data.
+  /// Multi-task data: a task drawn from the sampling distribution, then an example of it (with
+  /// replacement); otherwise the (i mod n)-th of epoch (i / n)'s permutation.
+  int64_t sample(int64_t i, int64_t n, uint64_t seed) {
+    if (by_task.empty()) return example(i, n, seed);
+    std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i));
+    const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+    const size_t t = std::min<size_t>(std::upper_bound(task_cdf.begin(), task_cdf.end(), u) - task_cdf.begin(),
+                                      by_task.size() - 1);
+    const auto& pool = by_task[t];
+    return pool[std::uniform_int_distribution<size_t>(0, pool.size() - 1)(rng)];
+  }
+
   int64_t example(int64_t i, int64_t n, uint64_t seed) {
     if (i / n != epoch) {
       epoch = i / n;
@@ -120,11 +160,9 @@ double Trainer::train_step(const Dataset& data) {
     // The data position is a function of the step: a resumed run reads exactly what the original would.
     std::vector<int64_t> which;
     for (int64_t j = 0; j < options_.batch_size; ++j)
-      which.push_back(state_->example((step_ * options_.grad_accumulation + m) * options_.batch_size + j, n, options_.seed));
+      which.push_back(state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + j, n, options_.seed));
     Batch b = collate(data, which, pad, model.device());
-    ModelInput in;
-    in.input_ids = b.ids;
-    in.attention_mask = b.mask;
+    ModelInput in = model_input(b);
     RoutingLog log;
     in.routing_log = &log;
     at::Tensor out = model.forward(in);
@@ -169,9 +207,7 @@ double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size) {
     for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(batch_size)); ++i)
       which.push_back(static_cast<int64_t>(i));
     Batch b = collate(data, which, pad, model.device());
-    ModelInput in;
-    in.input_ids = b.ids;
-    in.attention_mask = b.mask;
+    ModelInput in = model_input(b);
     at::Tensor out = model.forward(in).to(at::kFloat);
     if (model.config().head == HeadKind::sequence_classification) {
       correct += (out.argmax(-1) == b.labels).sum().item<double>();
@@ -193,9 +229,34 @@ double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size) {
   return model.config().head == HeadKind::causal_lm ? std::exp(nll / count) : correct / count;
 }
 
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size) {
+  std::map<std::string, double> out;
+  for (const auto& task : data.tasks) {
+    Dataset subset;
+    subset.labels = data.labels;
+    subset.tasks = data.tasks;  // keep the task indices
+    for (const auto& e : data.examples)
+      if (e.task == task) subset.examples.push_back(e);
+    out[task] = evaluate(model, subset, batch_size);
+  }
+  return out;
+}
+
 std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eval,
                                          const std::function<void(const TrainMetrics&)>& on_step) {
   std::vector<TrainMetrics> history;
+  state_->by_task.clear();
+  state_->task_cdf.clear();
+  if (data.tasks.size() > 1) {
+    state_->by_task.resize(data.tasks.size());
+    for (size_t e = 0; e < data.examples.size(); ++e)
+      state_->by_task[static_cast<size_t>(task_index(data, data.examples[e].task))].push_back(static_cast<int64_t>(e));
+    std::vector<int64_t> sizes;
+    for (const auto& pool : state_->by_task) sizes.push_back(static_cast<int64_t>(pool.size()));
+    double sum = 0;
+    for (double p : task_sampling_probabilities(sizes, options_.task_sampling, options_.sampling_temperature))
+      state_->task_cdf.push_back(sum += p);
+  }
   std::string log_text;
   set_.model()->train();
   while (step_ < options_.steps) {

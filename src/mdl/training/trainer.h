@@ -3,6 +3,8 @@
 // routing auxiliary losses added with a weight, evaluation, metrics as JSONL, and checkpoints from which a
 // run resumes exactly: the modules, the optimiser's moments and step counts, the step (which fixes the
 // data position, since example order is a function of seed and step) and the RNG (re-seeded per step).
+// Multi-task data (examples with a `task`): tasks are sampled proportionally, temperature-scaled or
+// uniformly, and each batch carries its task ids in the routing context (task-level routers, Polytropon).
 // Losses: sequence classification heads use the example's label; causal LM heads predict the next token
 // where targets are set (instruction: the completion; text: everything); token classification heads
 // use the per-token targets.
@@ -12,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +40,8 @@ struct TrainOptions {
   int64_t checkpoint_every = 0; ///< write a checkpoint every N steps (0: at the end only)
   uint64_t seed = 0;            ///< data order and per-step RNG
   std::string out_dir;          ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
+  std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
+  double sampling_temperature = 2.0;           ///< for temperature sampling
 };
 void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
@@ -50,8 +55,10 @@ struct TrainMetrics {
 };
 
 /// Accuracy (sequence or token classification heads) or perplexity (causal LM head) of `model` with its
-/// attached modules on `data`, in batches, without gradients.
+/// attached modules on `data`, in batches, without gradients; examples carry their task ids.
 double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16);
+/// evaluate() per task of a multi-task dataset (task -> metric).
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16);
 
 /// Trains `trainable` modules of `set` (everything else frozen).
 class Trainer {
