@@ -636,8 +636,15 @@ void register_train(CLI::App& app, GlobalOptions& g) {
                     (long long)c.options.steps, mt.loss, mt.lr, ex_s, eta, eval_text);
       }
     });
-    if (!c.options.out_dir.empty())
+    if (!c.options.out_dir.empty()) {
       for (const auto& name : c.train) set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
+      if (c.options.train_base) {  // the trained backbone, a checkpoint like any other
+        const std::string dir = (fs::path(c.options.out_dir) / "model").string();
+        save_model(*m, dir);
+        io::copy_side_files(c.model, dir, /*config=*/false);
+        std::printf("backbone written to %s\n", dir.c_str());
+      }
+    }
     if (eval) std::printf("eval %s: %.4f\n", m->config().head == HeadKind::causal_lm ? "perplexity" : "accuracy",
                           trainer.evaluate(*eval));
     if (!c.options.out_dir.empty())

@@ -32,6 +32,8 @@ const std::vector<std::pair<std::string, std::string>>& descriptions() {
       {"options.checkpoint_every", "write a checkpoint every N steps (0: at the end only)"},
       {"options.seed", "data order and per-step randomness"},
       {"options.out_dir", "metrics.jsonl, checkpoint/ and the trained modules go here"},
+      {"options.train_base", "train the backbone's own parameters too (full fine-tuning, training from scratch)"},
+      {"options.early_stopping_patience", "stop after this many evaluations without improvement (0: never)"},
       {"options.task_sampling", "multi-task data: proportional | temperature | uniform"},
       {"options.sampling_temperature", "temperature sampling: n_i^(1/T), normalised"},
       {"options.schedule.kind", "constant | linear | cosine learning-rate schedule"},
@@ -107,7 +109,8 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   MDL_CHECK(!c.train_data.empty(), "[train] '", source, "': field 'train_data' is required");
   if (c.train.empty())
     for (const auto& [name, m] : c.modules) c.train.push_back(name);
-  MDL_CHECK(!c.train.empty(), "[train] '", source, "': nothing to train: add 'modules' or list loaded ones in 'train'");
+  MDL_CHECK(!c.train.empty() || c.options.train_base, "[train] '", source,
+            "': nothing to train: add 'modules', list loaded ones in 'train', or set options.train_base");
   return c;
 }
 

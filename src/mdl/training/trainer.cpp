@@ -27,7 +27,8 @@ void to_json(nlohmann::json& j, const TrainOptions& o) {
        {"grad_accumulation", o.grad_accumulation}, {"weight_decay", o.weight_decay},
        {"clip_grad_norm", o.clip_grad_norm}, {"aux_loss_weight", o.aux_loss_weight}, {"eval_every", o.eval_every},
        {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir},
-       {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature}};
+       {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature},
+       {"train_base", o.train_base}, {"early_stopping_patience", o.early_stopping_patience}};
 }
 
 void from_json(const nlohmann::json& j, TrainOptions& o) {
@@ -43,6 +44,8 @@ void from_json(const nlohmann::json& j, TrainOptions& o) {
   o.checkpoint_every = j.value("checkpoint_every", o.checkpoint_every);
   o.seed = j.value("seed", o.seed);
   o.out_dir = j.value("out_dir", o.out_dir);
+  o.train_base = j.value("train_base", o.train_base);
+  o.early_stopping_patience = j.value("early_stopping_patience", o.early_stopping_patience);
   o.task_sampling = j.value("task_sampling", o.task_sampling);
   o.sampling_temperature = j.value("sampling_temperature", o.sampling_temperature);
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
@@ -133,11 +136,21 @@ struct Trainer::State {
 Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options)
     : set_(set), trainable_(std::move(trainable)), options_(std::move(options)), state_(std::make_unique<State>()) {
   validate(options_.schedule);
-  MDL_CHECK(!trainable_.empty(), "[train] name the modules to train");
-  set_.freeze_base(trainable_);
+  MDL_CHECK(!trainable_.empty() || options_.train_base, "[train] name the modules to train, or set train_base");
+  if (trainable_.empty()) {  // the backbone alone: every module frozen
+    set_.freeze_base({});
+    for (auto& t : set_.parameters()) t.set_requires_grad(false);
+  } else {
+    set_.freeze_base(trainable_);
+  }
   for (const auto& name : trainable_)
     for (const auto& [k, t] : set_.tensors(name))
       if (t.requires_grad()) state_->keys.push_back(name + "/" + k), state_->params.push_back(t);
+  if (options_.train_base)
+    for (auto& p : set_.model()->named_parameters()) {
+      p.value().set_requires_grad(true);
+      state_->keys.push_back("base/" + p.key()), state_->params.push_back(p.value());
+    }
   MDL_CHECK(!state_->params.empty(), "[train] the modules have no trainable parameters");
   torch::optim::AdamWOptions o(options_.schedule.lr);
   o.weight_decay(options_.weight_decay);
@@ -265,7 +278,11 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     m.loss = train_step(data);
     m.step = step_;
     const bool last = step_ == options_.steps;
-    if (eval && (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0))) m.eval = evaluate(*eval);
+    bool stop = false;
+    if (eval && (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0))) {
+      m.eval = evaluate(*eval);
+      stop = after_eval(m.eval);
+    }
     history.push_back(m);
     if (on_step) on_step(m);
     if (!options_.out_dir.empty()) {
@@ -274,9 +291,10 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
       if (m.eval >= 0) j["eval"] = m.eval;
       log_text += j.dump() + "\n";
       io::write_text_atomic((fs::path(options_.out_dir) / "metrics.jsonl").string(), log_text);
-      if (last || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0))
+      if (last || stop || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0))
         save_checkpoint((fs::path(options_.out_dir) / "checkpoint").string());
     }
+    if (stop) break;  // early stopping: the best modules are in <out_dir>/best
   }
   set_.model()->eval();
   return history;
@@ -287,6 +305,11 @@ void Trainer::save_checkpoint(const std::string& dir) const {
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   for (const auto& name : trainable_) set_.save(name, (fs::path(tmp) / "modules" / name).string());
+  if (options_.train_base) {
+    std::map<std::string, at::Tensor> base;
+    for (const auto& p : set_.model()->named_parameters()) base[p.key()] = p.value();
+    io::save_safetensors((fs::path(tmp) / "base.safetensors").string(), base);
+  }
   std::map<std::string, at::Tensor> moments;
   const auto& states = state_->optimizer->state();
   for (size_t i = 0; i < state_->params.size(); ++i) {
@@ -298,7 +321,9 @@ void Trainer::save_checkpoint(const std::string& dir) const {
     moments[state_->keys[i] + ".step"] = at::tensor(s.step(), at::kLong);
   }
   io::save_safetensors((fs::path(tmp) / "optimizer.safetensors").string(), moments);
-  nlohmann::json j = {{"step", step_}, {"options", options_}, {"modules", trainable_}};
+  nlohmann::json j = {{"step", step_}, {"options", options_}, {"modules", trainable_},
+                      {"best", std::isnan(best_) ? nlohmann::json(nullptr) : nlohmann::json(best_)},
+                      {"evals_since_best", evals_since_best_}};
   io::write_text_atomic((fs::path(tmp) / "trainer.json").string(), j.dump(2) + "\n");
   // Swap the complete directory in: a crash leaves either the old checkpoint or the new one.
   const std::string old = dir + ".old";
@@ -318,6 +343,18 @@ void Trainer::load_checkpoint(const std::string& dir) {
     const std::string mdir = (fs::path(dir) / "modules" / name).string();
     set_.load_tensors(name, io::load_safetensors((fs::path(mdir) / "module.safetensors").string()), mdir);
   }
+  if (options_.train_base) {
+    const std::string file = (fs::path(dir) / "base.safetensors").string();
+    MDL_CHECK(fs::exists(file), "[train] checkpoint '", dir, "' has no backbone weights, but this run trains the backbone");
+    auto base = io::load_safetensors(file);
+    torch::NoGradGuard no_grad;
+    for (auto& p : set_.model()->named_parameters()) {
+      auto it = base.find(p.key());
+      MDL_CHECK(it != base.end() && it->second.sizes() == p.value().sizes(), "[train] checkpoint '", file,
+                "' lacks backbone tensor '", p.key(), "' or its shape differs");
+      p.value().copy_(it->second);
+    }
+  }
   auto moments = io::load_safetensors((fs::path(dir) / "optimizer.safetensors").string());
   auto& states = state_->optimizer->state();
   for (size_t i = 0; i < state_->params.size(); ++i) {
@@ -330,6 +367,25 @@ void Trainer::load_checkpoint(const std::string& dir) {
     states[c10::guts::to_string(state_->params[i].unsafeGetTensorImpl())] = std::move(s);
   }
   step_ = j.at("step").get<int64_t>();
+  best_ = j.contains("best") && j["best"].is_number() ? j["best"].get<double>() : std::numeric_limits<double>::quiet_NaN();
+  evals_since_best_ = j.value("evals_since_best", int64_t{0});
+}
+
+bool Trainer::after_eval(double value) {
+  const bool lower_is_better = set_.model()->config().head == HeadKind::causal_lm;  // perplexity
+  const bool improved = std::isnan(best_) || (lower_is_better ? value < best_ : value > best_);
+  if (improved) {
+    best_ = value;
+    evals_since_best_ = 0;
+    if (!options_.out_dir.empty()) {  // keep the best modules (and backbone) beside the last checkpoint
+      const fs::path best = fs::path(options_.out_dir) / "best";
+      for (const auto& name : trainable_) set_.save(name, (best / name).string());
+      if (options_.train_base) save_model(*set_.model(), (best / "base").string());
+    }
+  } else {
+    ++evals_since_best_;
+  }
+  return options_.early_stopping_patience > 0 && evals_since_best_ >= options_.early_stopping_patience;
 }
 
 }  // namespace mdl

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -40,6 +41,8 @@ struct TrainOptions {
   int64_t checkpoint_every = 0; ///< write a checkpoint every N steps (0: at the end only)
   uint64_t seed = 0;            ///< data order and per-step RNG
   std::string out_dir;          ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
+  bool train_base = false;      ///< the backbone's own parameters train too (full fine-tuning, training from scratch)
+  int64_t early_stopping_patience = 0;  ///< stop after this many evaluations without improvement (0: never)
   std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
   double sampling_temperature = 2.0;           ///< for temperature sampling
 };
@@ -76,6 +79,8 @@ class Trainer {
   /// Restores modules, optimiser state and step from a checkpoint written by save_checkpoint.
   void load_checkpoint(const std::string& dir);
   int64_t step() const { return step_; }
+  /// The best evaluation so far (accuracy: highest, perplexity: lowest); NaN before any.
+  double best_eval() const { return best_; }
 
  private:
   struct State;
@@ -84,7 +89,11 @@ class Trainer {
   std::vector<std::string> trainable_;
   TrainOptions options_;
   int64_t step_ = 0;
+  double best_ = std::numeric_limits<double>::quiet_NaN();
+  int64_t evals_since_best_ = 0;
   std::unique_ptr<State> state_;
+  /// Records an evaluation; writes <out_dir>/best when it improved; true when training should stop.
+  bool after_eval(double value);
 };
 
 }  // namespace mdl
