@@ -82,6 +82,30 @@ TEST(Trainer, LoraLearnsATaskTheFrozenBackboneDoesNot) {
   EXPECT_TRUE(std::filesystem::exists(out / "checkpoint/modules/lora/module.safetensors"));
 }
 
+// LoRA, a bottleneck adapter and prefix tuning each learn the task the frozen backbone does not solve.
+class ModuleTypes : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ModuleTypes, ReachNinetyFivePercent) {
+  Dataset data = animals();
+  ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
+  ModuleConfig c;
+  c.type = GetParam();
+  if (c.type == "lora") c.targets.target_modules = {"all-linear"};
+  if (c.type == "prefix") c.prefix.num_virtual_tokens = 8, c.prefix.prefix_projection = true;  // reparameterised
+  set.add("m", c);
+  // LoRA learns in 60 steps at 2e-2; the adapter and the prefix need 300 steps at 1e-2 here.
+  TrainOptions o = options(c.type == "lora" ? 60 : 300);
+  if (c.type != "lora") o.schedule.lr = 1e-2;
+  Trainer trainer(set, {"m"}, o);
+  const double before = trainer.evaluate(data);
+  trainer.train(data);
+  const double after = trainer.evaluate(data);
+  std::printf("[%s] accuracy %.3f -> %.3f\n", GetParam().c_str(), before, after);
+  EXPECT_GE(after, 0.95);
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, ModuleTypes, ::testing::Values("lora", "adapter", "prefix"));
+
 TEST(Trainer, ResumeEndsBitIdenticalToAnUninterruptedRun) {
   Dataset data = animals();
   ModuleSet straight = lora_model();
@@ -195,9 +219,8 @@ TEST(Trainer, BackboneFromScratchWithBestCheckpointAndResume) {
 }
 
 // Four tasks that label the same sentences differently: one shared module cannot solve them all,
-// Polytropon's task-level skill allocation (task ids from the batch's routing context) can. Here it
-// reaches a mean of 0.8+ in 400 steps (0.88-0.97 per task after 800); the issue's >= 0.9 on every task
-// is not reached yet at this size.
+// Polytropon's task-level skill allocation (task ids from the batch's routing context) can: >= 0.9 on
+// every task (measured 0.97-1.0 with 8 skills, 600 steps at 5e-3; 4 skills reached only 0.72-0.94).
 TEST(Trainer, PolytroponLearnsFourConflictingTasks) {
   const std::string dir = test::tiny_checkpoint("llama", "sequence_classification");
   test::TempDir tmp;
@@ -219,23 +242,20 @@ TEST(Trainer, PolytroponLearnsFourConflictingTasks) {
   ModuleConfig poly;
   poly.type = "poly_lora";
   poly.poly.num_tasks = 4;
-  poly.poly.num_skills = 4;
+  poly.poly.num_skills = 8;
   poly.poly.r = 4;
   poly.targets.target_modules = {"all-linear"};
   set.add("poly", poly);
-  TrainOptions o = options(400);
-  o.schedule.lr = 3e-3;
+  TrainOptions o = options(600);
+  o.schedule.lr = 5e-3;
   o.task_sampling = "uniform";
   Trainer trainer(set, {"poly"}, o);
   auto history = trainer.train(data);
   std::printf("[polytropon] loss %.3f -> %.3f\n", history.front().loss, history.back().loss);
-  double mean = 0;
   for (const auto& [task, accuracy] : evaluate_per_task(*set.model(), data)) {
     std::printf("[polytropon] %s: %.3f\n", task.c_str(), accuracy);
-    EXPECT_GE(accuracy, 0.65) << task;  // every task above chance (0.5)
-    mean += accuracy / 4;
+    EXPECT_GE(accuracy, 0.9) << task;
   }
-  EXPECT_GE(mean, 0.8);
   EXPECT_LT(history.back().loss, history.front().loss);
 }
 
