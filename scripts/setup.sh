@@ -10,6 +10,7 @@ PACKAGES=(
   libre2-dev libutf8proc-dev zlib1g-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libgloo-dev libcpp-httplib-dev
+  libplplot-dev
 )
 
 missing=()

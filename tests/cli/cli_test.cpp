@@ -1,6 +1,8 @@
 // Drives the real `mdl` binary (path in $MDL_BIN, set by CTest) as a user would.
 #include <ATen/ATen.h>
+#include <signal.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <torch/utils.h>
 
 #include <cstdio>
@@ -301,6 +303,67 @@ TEST_F(Cli, TrainResumeAndEval) {
   r = mdl("train --config " + quote(tmp / "bad.json"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("bad.json"), std::string::npos) << r.err;
+}
+
+// A training process killed with SIGKILL mid-run (possibly mid-checkpoint) and started again with the
+// same command ends with exactly the weights of a run that was never interrupted.
+TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
+  test::TempDir tmp;
+  ASSERT_EQ(mdl("init-model --arch llama --head sequence_classification --out " + quote(tmp / "m")).code, 0);
+  std::string lines;
+  for (const char* s : {"the", "a", "my", "one", "her", "his"})
+    for (const char* animal : {"cat", "dog"})
+      for (const char* v : {"sat", "ran", "ate"})
+        lines += std::string("{\"text\": \"") + s + " " + animal + " " + v + "\", \"label\": \"" + animal + "\"}\n";
+  test::write_file(tmp / "data.jsonl", lines);
+  const int64_t steps = 400;
+  auto config = [&](const std::string& out) {
+    nlohmann::json c = {{"model", tmp / "m"},
+                        {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
+                        {"train_data", tmp / "data.jsonl"},
+                        {"options", {{"steps", steps}, {"batch_size", 16}, {"checkpoint_every", 3}, {"out_dir", out},
+                                     {"schedule", {{"lr", 0.01}, {"kind", "cosine"}}}}}};
+    const std::string path = out + ".json";
+    test::write_file(path, c.dump());
+    return path;
+  };
+  ASSERT_EQ(mdl("train --config " + quote(config(tmp / "straight"))).code, 0);
+
+  const std::string run = config(tmp / "run");
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    std::freopen("/dev/null", "w", stdout);
+    std::freopen("/dev/null", "w", stderr);
+    execl(std::getenv("MDL_BIN"), "mdl", "train", "--config", run.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Kill once a checkpoint past step 30 exists, at whatever point the process then is.
+  int64_t seen = 0;
+  for (int i = 0; i < 6000 && seen < 30; ++i) {
+    usleep(5000);
+    const std::string meta = tmp / "run/checkpoint/trainer.json";
+    if (!std::filesystem::exists(meta)) continue;
+    const auto j = nlohmann::json::parse(test::read_file(meta), nullptr, false);
+    if (j.is_object() && j.contains("step")) seen = j["step"].get<int64_t>();
+  }
+  kill(pid, SIGKILL);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the run finished before it could be killed; give it more steps";
+  ASSERT_GE(seen, 30);
+  ASSERT_LT(seen, steps);
+
+  Result r = mdl("train --config " + quote(run));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("resumed from"), std::string::npos) << r.out;
+  const auto a = io::load_safetensors(tmp / "straight/modules/lora/module.safetensors");
+  const auto b = io::load_safetensors(tmp / "run/modules/lora/module.safetensors");
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [k, t] : a) EXPECT_TRUE(at::equal(t, b.at(k))) << k << " differs after kill and resume";
+  // The metrics file is continuous: one line per step, none repeated.
+  const std::string metrics = test::read_file(tmp / "run/metrics.jsonl");
+  EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), steps);
 }
 
 TEST_F(Cli, EveryCommandHasHelp) {

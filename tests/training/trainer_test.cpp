@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
+#include "mdl/core/autocast.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
 #include <torch/utils.h>
@@ -80,6 +81,138 @@ TEST(Trainer, LoraLearnsATaskTheFrozenBackboneDoesNot) {
   EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), 40);
   EXPECT_TRUE(std::filesystem::exists(out / "checkpoint/trainer.json"));
   EXPECT_TRUE(std::filesystem::exists(out / "checkpoint/modules/lora/module.safetensors"));
+  // Loss and accuracy curves, drawn by PLplot.
+  for (const char* figure : {"loss.svg", "eval.svg"}) {
+    const std::string svg = test::read_file(out / figure);
+    EXPECT_NE(svg.find("<svg"), std::string::npos) << figure;
+    EXPECT_NE(svg.find("<polyline"), std::string::npos) << figure << " has no curve";
+  }
+  EXPECT_EQ(read_metrics(out / "metrics.jsonl").size(), 40u);
+}
+
+// Sequence labelling: a token classification head tags the animal of each sentence (the tiny head has
+// two labels); the frozen random backbone does not separate the words.
+TEST(Trainer, LoraLearnsSequenceLabelling) {
+  const std::string dir = test::tiny_checkpoint("llama", "token_classification");
+  test::TempDir tmp;
+  std::string lines;
+  // First words that encode without a leading space piece: a causal tagger decides a word's tag at its
+  // first piece, and a lone space piece there would not yet show which word it starts.
+  for (const char* s : {"the", "a", "my", "that", "our", "some"})
+    for (const char* a : {"cat", "dog", "fox"})
+      for (const char* v : {"sat", "ran", "slept"})
+        lines += nlohmann::json({{"tokens", {s, a, v}}, {"tags", {"O", "ANIMAL", "O"}}}).dump() + "\n";
+  test::write_file(tmp / "tags.jsonl", lines);
+  DatasetOptions tagging;
+  tagging.kind = "tagging";
+  Dataset data = load_jsonl(tmp / "tags.jsonl", Tokenizer::from_file(dir), tagging);
+  ASSERT_EQ(data.labels.size(), 2u);
+  ModuleSet set(load_model(dir));
+  ModuleConfig c;
+  c.lora.r = 8;
+  c.lora.alpha = 16;
+  c.targets.target_modules = {"all-linear"};
+  set.add("lora", c);
+  Trainer trainer(set, {"lora"}, options(80));
+  const double before = trainer.evaluate(data);
+  trainer.train(data);
+  const EvalMetrics m = trainer.evaluate_metrics(data);
+  const double after = m.accuracy;
+  std::printf("[tagging] token accuracy %.3f -> %.3f, macro-F1 %.3f\n", before, after, m.macro_f1);
+  EXPECT_GE(m.macro_f1, 0.95);
+  EXPECT_TRUE(std::isnan(m.perplexity));
+  EXPECT_LT(before, 0.8);
+  EXPECT_GE(after, 0.95);
+  // More tags than the head has labels: refused before any step.
+  Dataset three = data;
+  three.labels.push_back("VERB");
+  three.examples[0].targets.back() = 2;
+  EXPECT_THROW_WITH(Trainer(set, {"lora"}, options(4)).train(three), "the data has 3 labels but the model's head has 2");
+}
+
+TEST(Trainer, MacroF1OnHandInputs) {
+  // class 0: tp 1, fp 1 -> 2/3; class 1: tp 2, fn 1 -> 4/5; class 2: tp 1 -> 1; class 3 unseen: left out.
+  const at::Tensor predicted = at::tensor(std::vector<int64_t>{0, 0, 1, 1, 2});
+  const at::Tensor target = at::tensor(std::vector<int64_t>{0, 1, 1, 1, 2});
+  EXPECT_NEAR(macro_f1(predicted, target, 4), (2.0 / 3 + 0.8 + 1.0) / 3, 1e-12);
+  EXPECT_DOUBLE_EQ(macro_f1(target, target, 4), 1.0);
+}
+
+// Language-level fixed routing: the same sentences carry opposite labels in two languages, so only a
+// per-language module solves both; the batch carries language ids and each example its language's module.
+TEST(Trainer, LanguageRoutingTrainsOneModulePerLanguage) {
+  Dataset data = animals();
+  Dataset both;
+  both.labels = data.labels;
+  for (const char* lang : {"en", "de"}) {
+    both.languages.push_back(lang);
+    for (Example e : data.examples) {
+      e.language = lang;
+      if (std::string(lang) == "de") e.label = 1 - e.label;
+      both.examples.push_back(e);
+    }
+  }
+  ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
+  ModuleConfig c;
+  c.lora.r = 8;
+  c.lora.alpha = 16;
+  c.targets.target_modules = {"all-linear"};
+  set.add("lang_en", c);
+  c.seed = 1;
+  set.add("lang_de", c);
+  TrainOptions o = options(80);
+  o.routing.by_language = {{"en", {"lang_en"}}, {"de", {"lang_de"}}};
+  Trainer trainer(set, {"lang_en", "lang_de"}, o);
+  trainer.train(both);
+  const double routed = trainer.evaluate(both);
+  ExampleRouting all_en;
+  all_en.by_language = {{"en", {"lang_en"}}, {"de", {"lang_en"}}};
+  const double one_module = evaluate(*set.model(), both, 16, all_en);
+  std::printf("[languages] routed %.3f, English module for both %.3f\n", routed, one_module);
+  EXPECT_GE(routed, 0.95);
+  EXPECT_LE(one_module, 0.6);
+  ExampleRouting missing;
+  missing.by_language = {{"en", {"lang_en"}}};
+  EXPECT_THROW_WITH(evaluate(*set.model(), both, 16, missing), "language 'de' has no entry in routing.by_language");
+}
+
+// bf16 autocast on CPU: matrix products run in bfloat16, LoRA still learns the task, and a resumed run
+// is bit-identical to an uninterrupted one (CPU kernels are deterministic).
+TEST(Trainer, BfloatAutocastLearnsAndResumesBitIdentically) {
+  {
+    AutocastGuard autocast(c10::Device("cpu"), c10::kBFloat16);
+    EXPECT_EQ(at::linear(at::randn({2, 4}), at::randn({3, 4})).scalar_type(), c10::kBFloat16);
+  }
+  EXPECT_EQ(at::linear(at::randn({2, 4}), at::randn({3, 4})).scalar_type(), c10::kFloat);  // restored
+  EXPECT_THROW_WITH(autocast_dtype("fp8"), "expected fp32, bf16 or fp16");
+
+  Dataset data = animals();
+  ModuleSet set = lora_model();
+  TrainOptions o = options(60);
+  o.precision = "bf16";
+  Trainer trainer(set, {"lora"}, o);
+  trainer.train(data);
+  const double after = trainer.evaluate(data);
+  std::printf("[bf16] accuracy %.3f\n", after);
+  EXPECT_GE(after, 0.95);
+
+  TrainOptions nine = options(9);
+  nine.precision = "bf16";
+  ModuleSet straight = lora_model();
+  Trainer(straight, {"lora"}, nine).train(data);
+  test::TempDir tmp;
+  ModuleSet first = lora_model();
+  TrainOptions four = nine;
+  four.steps = 4;
+  Trainer a(first, {"lora"}, four);
+  a.train(data);
+  a.save_checkpoint(tmp / "ckpt");
+  ModuleSet resumed = lora_model();
+  Trainer b(resumed, {"lora"}, nine);
+  b.load_checkpoint(tmp / "ckpt");
+  b.train(data);
+  for (const auto& [k, t] : straight.tensors("lora"))
+    EXPECT_TRUE(at::equal(t, resumed.tensors("lora").at(k))) << k << " differs after a bf16 resume";
 }
 
 // LoRA, a bottleneck adapter and prefix tuning each learn the task the frozen backbone does not solve.
@@ -250,9 +383,11 @@ TEST(Trainer, PolytroponLearnsFourConflictingTasks) {
   o.schedule.lr = 5e-3;
   o.task_sampling = "uniform";
   Trainer trainer(set, {"poly"}, o);
-  auto history = trainer.train(data);
+  auto history = trainer.train(data, &data);  // evaluated at the end, per task too
   std::printf("[polytropon] loss %.3f -> %.3f\n", history.front().loss, history.back().loss);
-  for (const auto& [task, accuracy] : evaluate_per_task(*set.model(), data)) {
+  const auto per_task = evaluate_per_task(*set.model(), data, o.batch_size);
+  EXPECT_EQ(history.back().eval_tasks, per_task);  // evaluation is deterministic: no Gumbel noise in eval mode
+  for (const auto& [task, accuracy] : per_task) {
     std::printf("[polytropon] %s: %.3f\n", task.c_str(), accuracy);
     EXPECT_GE(accuracy, 0.9) << task;
   }

@@ -155,6 +155,12 @@ void ModelImpl::build_head(const Embedding& token_embedding) {
   }
 }
 
+void ModelImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  for (const auto& site : sites_)
+    if (site->function()) site->function()->set_training(on);
+}
+
 Site* ModelImpl::find_site(const std::string& name) const {
   auto it = site_index_.find(name);
   return it == site_index_.end() ? nullptr : it->second;

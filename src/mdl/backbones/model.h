@@ -58,6 +58,8 @@ struct LoadOptions {
 class ModelImpl : public torch::nn::Module {
  public:
   ~ModelImpl() override = default;
+  /// Training or evaluation mode for the backbone and every module attached at its sites.
+  void train(bool on = true) override;
   const ModelConfig& config() const { return config_; }
 
   /// Final hidden states (B, T, C), after the final norm for pre-norm models.

@@ -603,12 +603,9 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     eval_options.labels = train.labels;  // the same label indices
     std::unique_ptr<Dataset> eval;
     if (!c.eval_data.empty()) eval = std::make_unique<Dataset>(load_jsonl(c.eval_data, tok, eval_options));
-    if (m->config().head == HeadKind::sequence_classification)
-      MDL_CHECK(static_cast<int64_t>(train.labels.size()) <= m->config().num_labels, "[train] the data has ",
-                train.labels.size(), " labels but the model's head has ", m->config().num_labels);
     Trainer trainer(set, c.train, c.options);
     const std::string ckpt = c.options.out_dir.empty() ? "" : (fs::path(c.options.out_dir) / "checkpoint").string();
-    if (c.resume && !ckpt.empty() && fs::exists(fs::path(ckpt) / "trainer.json")) {
+    if (c.resume && !ckpt.empty() && !find_checkpoint(ckpt).empty()) {
       trainer.load_checkpoint(ckpt);
       std::printf("resumed from %s at step %lld\n", ckpt.c_str(), (long long)trainer.step());
     }
@@ -645,11 +642,19 @@ void register_train(CLI::App& app, GlobalOptions& g) {
         std::printf("backbone written to %s\n", dir.c_str());
       }
     }
-    if (eval) std::printf("eval %s: %.4f\n", m->config().head == HeadKind::causal_lm ? "perplexity" : "accuracy",
-                          trainer.evaluate(*eval));
+    if (eval) {
+      const EvalMetrics em = trainer.evaluate_metrics(*eval);
+      if (m->config().head == HeadKind::causal_lm)
+        std::printf("eval perplexity: %.4f\n", em.perplexity);
+      else
+        std::printf("eval accuracy: %.4f, macro-F1 %.4f\n", em.accuracy, em.macro_f1);
+      if (!history.empty())
+        for (const auto& [task, v] : history.back().eval_tasks) std::printf("  task %s: %.4f\n", task.c_str(), v);
+    }
     if (!c.options.out_dir.empty())
-      std::printf("modules written to %s\n", (fs::path(c.options.out_dir) / "modules").string().c_str());
-    (void)history;
+      std::printf("modules written to %s; metrics.jsonl and loss curves (loss.svg%s) in %s\n",
+                  (fs::path(c.options.out_dir) / "modules").string().c_str(), eval ? ", eval.svg" : "",
+                  c.options.out_dir.c_str());
   });
 }
 
@@ -672,8 +677,13 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
     DatasetOptions o;
     o.kind = *kind;
     Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
-    std::printf("%s: %.4f on %zu examples\n", m->config().head == HeadKind::causal_lm ? "perplexity" : "accuracy",
-                evaluate(*m, d), d.examples.size());
+    const EvalMetrics em = evaluate_metrics(*m, d);
+    if (m->config().head == HeadKind::causal_lm)
+      std::printf("perplexity: %.4f on %zu examples\n", em.perplexity, d.examples.size());
+    else
+      std::printf("accuracy: %.4f, macro-F1 %.4f on %zu examples\n", em.accuracy, em.macro_f1, d.examples.size());
+    if (d.tasks.size() > 1)
+      for (const auto& [task, v] : evaluate_per_task(*m, d)) std::printf("  task %s: %.4f\n", task.c_str(), v);
   });
 }
 

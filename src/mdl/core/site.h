@@ -41,6 +41,8 @@ class SiteFunction {
   /// Positions this function places before the sequence at an attention_kv site (prefix tuning); the
   /// backbone shifts the real tokens' positions by this many, as Hugging Face does for a prefix cache.
   virtual int64_t prefix_positions() const { return 0; }
+  /// Follows the backbone into training or evaluation mode (dropout, Gumbel noise in routers).
+  virtual void set_training(bool on) {}
 };
 
 /// A site of a backbone.

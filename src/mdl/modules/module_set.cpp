@@ -225,7 +225,10 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
     else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe, poly_lora or fusion");
     named.parts.push_back({site->name(), m});
   }
-  for (const auto& p : named.parts) attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
+  for (const auto& p : named.parts) {
+    p.module->train(model_->is_training());  // a module attached to a model in eval mode evaluates too
+    attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
+  }
   modules_[name] = std::move(named);
   order_.push_back(name);
 }

@@ -73,6 +73,10 @@ at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const a
   return out;
 }
 
+void AttachedModules::set_training(bool on) {
+  for (auto& e : entries_) e.module->train(on);
+}
+
 int64_t AttachedModules::prefix_positions() const {
   int64_t n = 0;
   for (const auto& e : entries_)

@@ -54,6 +54,7 @@ class AttachedModules : public SiteFunction {
   };
   at::Tensor forward(const at::Tensor& input, const at::Tensor& base) override;
   int64_t prefix_positions() const override;
+  void set_training(bool on) override;
   std::vector<Entry>& entries() { return entries_; }
   Entry* find(const std::string& name);
 

@@ -75,7 +75,10 @@ Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Data
     e.task = field(j, "task", json::value_t::string, where).get<std::string>();
     if (std::find(d.tasks.begin(), d.tasks.end(), e.task) == d.tasks.end()) d.tasks.push_back(e.task);
   }
-  if (j.contains("language")) e.language = field(j, "language", json::value_t::string, where).get<std::string>();
+  if (j.contains("language")) {
+    e.language = field(j, "language", json::value_t::string, where).get<std::string>();
+    if (std::find(d.languages.begin(), d.languages.end(), e.language) == d.languages.end()) d.languages.push_back(e.language);
+  }
   MDL_CHECK(!e.ids.empty(), where, "the record encodes to no tokens");
   if (static_cast<int64_t>(e.ids.size()) > o.max_length) {
     e.ids.resize(static_cast<size_t>(o.max_length));

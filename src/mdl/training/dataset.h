@@ -42,6 +42,7 @@ struct Dataset {
   std::vector<Example> examples;
   std::vector<std::string> labels;  ///< label names, index = label id
   std::vector<std::string> tasks;   ///< distinct tasks in order of appearance
+  std::vector<std::string> languages;  ///< distinct languages in order of appearance (ids in batches)
   int64_t skipped = 0;              ///< bad records skipped
 };
 

@@ -12,15 +12,29 @@
 #include <numeric>
 #include <random>
 
+#include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/report/plot.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
 
 namespace mdl {
 namespace fs = std::filesystem;
+
+void to_json(nlohmann::json& j, const ExampleRouting& r) { j = {{"by_task", r.by_task}, {"by_language", r.by_language}}; }
+
+void from_json(const nlohmann::json& j, ExampleRouting& r) {
+  r = ExampleRouting();
+  MDL_CHECK(j.is_object(), "[train] 'routing' must be an object {\"by_task\": {...}, \"by_language\": {...}}, found ",
+            j.type_name());
+  for (const auto& [k, v] : j.items())
+    MDL_CHECK(k == "by_task" || k == "by_language", "[train] routing.", k, " is unknown; expected by_task or by_language");
+  if (j.contains("by_task")) r.by_task = j["by_task"].get<decltype(r.by_task)>();
+  if (j.contains("by_language")) r.by_language = j["by_language"].get<decltype(r.by_language)>();
+}
 
 void to_json(nlohmann::json& j, const TrainOptions& o) {
   j = {{"schedule", o.schedule}, {"steps", o.steps}, {"batch_size", o.batch_size},
@@ -28,7 +42,8 @@ void to_json(nlohmann::json& j, const TrainOptions& o) {
        {"clip_grad_norm", o.clip_grad_norm}, {"aux_loss_weight", o.aux_loss_weight}, {"eval_every", o.eval_every},
        {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir},
        {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature},
-       {"train_base", o.train_base}, {"early_stopping_patience", o.early_stopping_patience}};
+       {"train_base", o.train_base}, {"early_stopping_patience", o.early_stopping_patience}, {"routing", o.routing},
+       {"precision", o.precision}};
 }
 
 void from_json(const nlohmann::json& j, TrainOptions& o) {
@@ -48,6 +63,9 @@ void from_json(const nlohmann::json& j, TrainOptions& o) {
   o.early_stopping_patience = j.value("early_stopping_patience", o.early_stopping_patience);
   o.task_sampling = j.value("task_sampling", o.task_sampling);
   o.sampling_temperature = j.value("sampling_temperature", o.sampling_temperature);
+  if (j.contains("routing")) o.routing = j["routing"].get<ExampleRouting>();
+  o.precision = j.value("precision", o.precision);
+  autocast_dtype(o.precision);  // validates
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
   MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
             "grad_accumulation must be > 0, got ", o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
@@ -66,7 +84,28 @@ int64_t task_index(const Dataset& d, const std::string& task) {
   return it == d.tasks.end() ? 0 : static_cast<int64_t>(it - d.tasks.begin());
 }
 
-Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, c10::Device device) {
+int64_t language_index(const Dataset& d, const std::string& language) {
+  auto it = std::find(d.languages.begin(), d.languages.end(), language);
+  return it == d.languages.end() ? 0 : static_cast<int64_t>(it - d.languages.begin());
+}
+
+/// The modules example `e` uses under `r`.
+std::vector<ModuleChoice> example_modules(const Example& e, const ExampleRouting& r) {
+  std::vector<ModuleChoice> out;
+  auto add = [&](const std::map<std::string, std::vector<std::string>>& table, const std::string& key, const char* what) {
+    if (table.empty()) return;
+    auto it = table.find(key);
+    MDL_CHECK(it != table.end(), "[train] line ", e.line, ": the example's ", what, " '", key, "' has no entry in routing.by_",
+              what, "; add one, or drop the table to use every module");
+    for (const auto& name : it->second) out.push_back({name, 1.0});
+  };
+  add(r.by_task, e.task, "task");
+  add(r.by_language, e.language, "language");
+  return out;
+}
+
+Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, c10::Device device,
+              const ExampleRouting& routing) {
   int64_t T = 0;
   for (int64_t i : which) T = std::max<int64_t>(T, static_cast<int64_t>(d.examples[i].ids.size()));
   const int64_t B = static_cast<int64_t>(which.size());
@@ -86,6 +125,13 @@ Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, 
     for (int64_t i : which) tasks.push_back(task_index(d, d.examples[i].task));
     batch.routing.task_ids = at::tensor(tasks, at::kLong).to(device);
   }
+  if (!d.languages.empty()) {
+    std::vector<int64_t> languages;
+    for (int64_t i : which) languages.push_back(language_index(d, d.examples[i].language));
+    batch.routing.language_ids = at::tensor(languages, at::kLong).to(device);
+  }
+  if (!routing.empty())
+    for (int64_t i : which) batch.routing.modules.push_back(example_modules(d.examples[i], routing));
   return batch;
 }
 
@@ -93,11 +139,91 @@ ModelInput model_input(const Batch& b) {
   ModelInput in;
   in.input_ids = b.ids;
   in.attention_mask = b.mask;
-  if (b.routing.task_ids.defined()) in.routing = &b.routing;
+  if (b.routing.task_ids.defined() || b.routing.language_ids.defined() || !b.routing.modules.empty())
+    in.routing = &b.routing;
   return in;
 }
 
+/// Classification data must fit the head: its labels index the head's outputs.
+void check_labels(const ModelImpl& model, const Dataset& d) {
+  const HeadKind head = model.config().head;
+  if (head != HeadKind::sequence_classification && head != HeadKind::token_classification) return;
+  MDL_CHECK(static_cast<int64_t>(d.labels.size()) <= model.config().num_labels, "[train] the data has ", d.labels.size(),
+            " labels but the model's head has ", model.config().num_labels,
+            "; create the model with more labels (init-model --num-labels) or map the labels");
+}
+
+/// The head's training loss on a batch (float32 whatever the logits' precision).
+at::Tensor task_loss(const at::Tensor& out, const Batch& b, HeadKind head) {
+  switch (head) {
+    case HeadKind::sequence_classification:
+      return at::cross_entropy_loss(out.to(at::kFloat), b.labels);
+    case HeadKind::causal_lm: {  // position t predicts token t + 1
+      const int64_t T = out.size(1);
+      return at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}).to(at::kFloat),
+                                    b.targets.narrow(1, 1, T - 1).reshape({-1}));
+    }
+    case HeadKind::token_classification:
+      return at::cross_entropy_loss(out.reshape({-1, out.size(2)}).to(at::kFloat), b.targets.reshape({-1}));
+    case HeadKind::none:
+      break;
+  }
+  MDL_FAIL("[train] the model has no head to train against; create it with a classification or LM head");
+}
+
+std::string metrics_line(const TrainMetrics& m) {
+  nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}};
+  if (m.eval >= 0) j["eval"] = m.eval;
+  if (m.f1 >= 0) j["f1"] = m.f1;
+  if (!m.eval_tasks.empty()) j["eval_tasks"] = m.eval_tasks;
+  return j.dump() + "\n";
+}
+
 }  // namespace
+
+std::vector<TrainMetrics> read_metrics(const std::string& path) {
+  std::vector<TrainMetrics> out;
+  const std::string text = io::read_text(path);
+  size_t start = 0, line = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    ++line;
+    if (end > start) {
+      const auto j = nlohmann::json::parse(text.begin() + static_cast<std::ptrdiff_t>(start),
+                                           text.begin() + static_cast<std::ptrdiff_t>(end), nullptr, false);
+      MDL_CHECK(j.is_object() && j.contains("step") && j.contains("loss"), "[train] '", path, "' line ", line,
+                ": expected a metrics record {\"step\", \"loss\", ...}");
+      TrainMetrics m;
+      m.step = j["step"].get<int64_t>();
+      m.loss = j["loss"].get<double>();
+      m.lr = j.value("lr", 0.0);
+      m.eval = j.value("eval", -1.0);
+      m.f1 = j.value("f1", -1.0);
+      if (j.contains("eval_tasks")) m.eval_tasks = j["eval_tasks"].get<std::map<std::string, double>>();
+      out.push_back(m);
+    }
+    start = end + 1;
+  }
+  return out;
+}
+
+void write_training_plots(const std::string& dir, const std::vector<TrainMetrics>& metrics, bool eval_is_perplexity) {
+  Series loss{"training loss", {}, {}}, eval{eval_is_perplexity ? "perplexity" : "accuracy", {}, {}};
+  for (const auto& m : metrics) {
+    loss.x.push_back(static_cast<double>(m.step)), loss.y.push_back(m.loss);
+    if (m.eval >= 0) eval.x.push_back(static_cast<double>(m.step)), eval.y.push_back(m.eval);
+  }
+  if (loss.x.empty()) return;
+  PlotOptions o;
+  o.title = "Training loss", o.x_label = "step", o.y_label = "loss";
+  write_line_plot((fs::path(dir) / "loss.svg").string(), {loss}, o);
+  if (eval.x.empty()) return;
+  o.title = eval_is_perplexity ? "Evaluation perplexity" : "Evaluation accuracy";
+  o.y_label = eval.name;
+  o.log_y = eval_is_perplexity;
+  write_line_plot((fs::path(dir) / "eval.svg").string(), {eval}, o);
+}
 
 struct Trainer::State {
   std::vector<std::string> keys;  // "<module>/<tensor>" of every trainable tensor, in parameter order
@@ -174,29 +300,16 @@ double Trainer::train_step(const Dataset& data) {
     std::vector<int64_t> which;
     for (int64_t j = 0; j < options_.batch_size; ++j)
       which.push_back(state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + j, n, options_.seed));
-    Batch b = collate(data, which, pad, model.device());
+    Batch b = collate(data, which, pad, model.device(), options_.routing);
     ModelInput in = model_input(b);
     RoutingLog log;
     in.routing_log = &log;
-    at::Tensor out = model.forward(in);
     at::Tensor loss;
-    switch (model.config().head) {
-      case HeadKind::sequence_classification:
-        loss = at::cross_entropy_loss(out.to(at::kFloat), b.labels);
-        break;
-      case HeadKind::causal_lm: {  // position t predicts token t + 1
-        const int64_t T = out.size(1);
-        loss = at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}).to(at::kFloat),
-                                      b.targets.narrow(1, 1, T - 1).reshape({-1}));
-        break;
-      }
-      case HeadKind::token_classification:
-        loss = at::cross_entropy_loss(out.reshape({-1, out.size(2)}).to(at::kFloat), b.targets.reshape({-1}));
-        break;
-      case HeadKind::none:
-        MDL_FAIL("[train] the model has no head to train against; create it with a classification or LM head");
+    {  // forward and loss under autocast; backward outside it, as torch.autocast prescribes
+      AutocastGuard autocast(model.device(), autocast_dtype(options_.precision));
+      loss = task_loss(model.forward(in), b, model.config().head) +
+             options_.aux_loss_weight * log.aux_loss().to(b.ids.device(), at::kFloat);
     }
-    loss = loss + options_.aux_loss_weight * log.aux_loss().to(loss.device());
     (loss / static_cast<double>(options_.grad_accumulation)).backward();
     total += loss.item<double>() / static_cast<double>(options_.grad_accumulation);
   }
@@ -206,29 +319,46 @@ double Trainer::train_step(const Dataset& data) {
   return total;
 }
 
-double Trainer::evaluate(const Dataset& data) { return mdl::evaluate(*set_.model(), data, options_.batch_size); }
+double Trainer::evaluate(const Dataset& data) { return evaluate_metrics(data).primary(); }
 
-double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size) {
+EvalMetrics Trainer::evaluate_metrics(const Dataset& data) {
+  return mdl::evaluate_metrics(*set_.model(), data, options_.batch_size, options_.routing);
+}
+
+double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes) {
+  // predicted, target: (N) class ids of the scored positions. Classes seen in neither are left out.
+  at::Tensor cm = at::zeros({num_classes * num_classes}, at::kLong);
+  cm.index_add_(0, target.to(at::kCPU) * num_classes + predicted.to(at::kCPU), at::ones({target.numel()}, at::kLong));
+  cm = cm.view({num_classes, num_classes}).to(at::kDouble);  // rows: truth, columns: prediction
+  at::Tensor tp = cm.diagonal(), fn = cm.sum(1) - tp, fp = cm.sum(0) - tp;
+  at::Tensor seen = (cm.sum(1) + cm.sum(0)) > 0;
+  if (seen.sum().item<int64_t>() == 0) return 0;
+  at::Tensor f1 = (2 * tp / (2 * tp + fp + fn).clamp_min(1)).masked_select(seen);
+  return f1.mean().item<double>();
+}
+
+EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
   MDL_CHECK(batch_size > 0, "[eval] batch size must be > 0, got ", batch_size);
+  check_labels(model, data);
   const bool was_training = model.is_training();
   model.eval();
   torch::NoGradGuard no_grad;
   const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
-  double correct = 0, count = 0, nll = 0;
+  const HeadKind head = model.config().head;
+  double nll = 0, count = 0;
+  std::vector<at::Tensor> predicted, truth;  // classification: the scored positions' classes
   for (size_t start = 0; start < data.examples.size(); start += static_cast<size_t>(batch_size)) {
     std::vector<int64_t> which;
     for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(batch_size)); ++i)
       which.push_back(static_cast<int64_t>(i));
-    Batch b = collate(data, which, pad, model.device());
+    Batch b = collate(data, which, pad, model.device(), routing);
     ModelInput in = model_input(b);
     at::Tensor out = model.forward(in).to(at::kFloat);
-    if (model.config().head == HeadKind::sequence_classification) {
-      correct += (out.argmax(-1) == b.labels).sum().item<double>();
-      count += static_cast<double>(which.size());
-    } else if (model.config().head == HeadKind::token_classification) {
+    if (head == HeadKind::sequence_classification) {
+      predicted.push_back(out.argmax(-1)), truth.push_back(b.labels);
+    } else if (head == HeadKind::token_classification) {
       at::Tensor real = b.targets != -100;
-      correct += (out.argmax(-1) == b.targets).logical_and(real).sum().item<double>();
-      count += real.sum().item<double>();
+      predicted.push_back(out.argmax(-1).masked_select(real)), truth.push_back(b.targets.masked_select(real));
     } else {
       const int64_t T = out.size(1);
       at::Tensor t = b.targets.narrow(1, 1, T - 1).reshape({-1});
@@ -238,25 +368,43 @@ double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size) {
     }
   }
   if (was_training) model.train();
-  MDL_CHECK(count > 0, "[eval] no tokens or examples to evaluate");
-  return model.config().head == HeadKind::causal_lm ? std::exp(nll / count) : correct / count;
+  EvalMetrics m;
+  if (head == HeadKind::causal_lm) {
+    MDL_CHECK(count > 0, "[eval] no tokens to evaluate");
+    m.perplexity = std::exp(nll / count);
+    return m;
+  }
+  MDL_CHECK(!truth.empty(), "[eval] no examples to evaluate");
+  at::Tensor p = at::cat(predicted), t = at::cat(truth);
+  MDL_CHECK(t.numel() > 0, "[eval] no labelled tokens to evaluate");
+  m.accuracy = (p == t).to(at::kDouble).mean().item<double>();
+  m.macro_f1 = macro_f1(p, t, model.config().num_labels);
+  return m;
 }
 
-std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size) {
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
+  return evaluate_metrics(model, data, batch_size, routing).primary();
+}
+
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size,
+                                                const ExampleRouting& routing) {
   std::map<std::string, double> out;
   for (const auto& task : data.tasks) {
     Dataset subset;
     subset.labels = data.labels;
-    subset.tasks = data.tasks;  // keep the task indices
+    subset.tasks = data.tasks;  // keep the task and language indices
+    subset.languages = data.languages;
     for (const auto& e : data.examples)
       if (e.task == task) subset.examples.push_back(e);
-    out[task] = evaluate(model, subset, batch_size);
+    out[task] = evaluate(model, subset, batch_size, routing);
   }
   return out;
 }
 
 std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eval,
                                          const std::function<void(const TrainMetrics&)>& on_step) {
+  check_labels(*set_.model(), data);
+  if (eval) check_labels(*set_.model(), *eval);
   std::vector<TrainMetrics> history;
   state_->by_task.clear();
   state_->task_cdf.clear();
@@ -270,7 +418,14 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     for (double p : task_sampling_probabilities(sizes, options_.task_sampling, options_.sampling_temperature))
       state_->task_cdf.push_back(sum += p);
   }
+  // A resumed run continues the metrics file: the lines up to the checkpoint's step are kept.
+  std::vector<TrainMetrics> logged;
   std::string log_text;
+  const fs::path metrics_file = fs::path(options_.out_dir) / "metrics.jsonl";
+  if (!options_.out_dir.empty() && step_ > 0 && fs::exists(metrics_file)) {
+    for (const auto& m : read_metrics(metrics_file.string()))
+      if (m.step <= step_) logged.push_back(m), log_text += metrics_line(m);
+  }
   set_.model()->train();
   while (step_ < options_.steps) {
     TrainMetrics m;
@@ -280,19 +435,24 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     const bool last = step_ == options_.steps;
     bool stop = false;
     if (eval && (last || (options_.eval_every > 0 && step_ % options_.eval_every == 0))) {
-      m.eval = evaluate(*eval);
+      const EvalMetrics em = evaluate_metrics(*eval);
+      m.eval = em.primary();
+      m.f1 = std::isnan(em.macro_f1) ? -1 : em.macro_f1;
+      if (eval->tasks.size() > 1)
+        m.eval_tasks = evaluate_per_task(*set_.model(), *eval, options_.batch_size, options_.routing);
       stop = after_eval(m.eval);
     }
     history.push_back(m);
     if (on_step) on_step(m);
     if (!options_.out_dir.empty()) {
       fs::create_directories(options_.out_dir);
-      nlohmann::json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}};
-      if (m.eval >= 0) j["eval"] = m.eval;
-      log_text += j.dump() + "\n";
-      io::write_text_atomic((fs::path(options_.out_dir) / "metrics.jsonl").string(), log_text);
-      if (last || stop || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0))
+      logged.push_back(m);
+      log_text += metrics_line(m);
+      io::write_text_atomic(metrics_file.string(), log_text);
+      if (last || stop || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0)) {
         save_checkpoint((fs::path(options_.out_dir) / "checkpoint").string());
+        write_training_plots(options_.out_dir, logged, set_.model()->config().head == HeadKind::causal_lm);
+      }
     }
     if (stop) break;  // early stopping: the best modules are in <out_dir>/best
   }
@@ -333,9 +493,16 @@ void Trainer::save_checkpoint(const std::string& dir) const {
   fs::remove_all(old);
 }
 
-void Trainer::load_checkpoint(const std::string& dir) {
+std::string find_checkpoint(const std::string& dir) {
+  for (const std::string& d : {dir, dir + ".old"})
+    if (fs::exists(fs::path(d) / "trainer.json")) return d;
+  return "";
+}
+
+void Trainer::load_checkpoint(const std::string& requested) {
+  const std::string dir = find_checkpoint(requested);
+  MDL_CHECK(!dir.empty(), "[train] '", requested, "' is not a checkpoint (no trainer.json)");
   const fs::path meta = fs::path(dir) / "trainer.json";
-  MDL_CHECK(fs::exists(meta), "[train] '", dir, "' is not a checkpoint (no trainer.json)");
   nlohmann::json j = nlohmann::json::parse(io::read_text(meta.string()));
   MDL_CHECK(j.at("modules").get<std::vector<std::string>>() == trainable_, "[train] checkpoint '", dir, "' trains ",
             j.at("modules").dump(), ", this run trains other modules");

@@ -10,8 +10,10 @@
 // use the per-token targets.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <nlohmann/json_fwd.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -27,6 +29,17 @@ namespace mdl {
 
 class ModuleSet;
 class ModelImpl;
+
+/// Fixed per-example routing (the survey's task- and language-level routing): an example uses the
+/// modules listed for its task plus those listed for its language (each table applies only when set;
+/// an example whose task or language a set table lacks is an error). Empty: every example uses every
+/// active module. MAD-X-style joint training of language adapters is `by_language`.
+struct ExampleRouting {
+  std::map<std::string, std::vector<std::string>> by_task, by_language;
+  bool empty() const { return by_task.empty() && by_language.empty(); }
+};
+void to_json(nlohmann::json& j, const ExampleRouting& r);
+void from_json(const nlohmann::json& j, ExampleRouting& r);
 
 /// Training settings.
 struct TrainOptions {
@@ -45,6 +58,8 @@ struct TrainOptions {
   int64_t early_stopping_patience = 0;  ///< stop after this many evaluations without improvement (0: never)
   std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
   double sampling_temperature = 2.0;           ///< for temperature sampling
+  ExampleRouting routing;                      ///< fixed per-example module choice by task or language
+  std::string precision = "fp32";              ///< fp32 | bf16 (autocast: matmuls in bfloat16) | fp16 (CUDA)
 };
 void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
@@ -55,13 +70,40 @@ struct TrainMetrics {
   double loss = 0;       ///< training loss of the step (task loss + weighted aux loss)
   double lr = 0;
   double eval = -1;      ///< accuracy (classification, tagging) or perplexity (LM); -1 when not evaluated
+  double f1 = -1;        ///< macro-F1 over the labels (classification, tagging); -1 when not evaluated
+  std::map<std::string, double> eval_tasks;  ///< `eval` per task, when the evaluation data has several
 };
 
+/// What an evaluation measures; NaN where it does not apply to the head.
+struct EvalMetrics {
+  double accuracy = std::numeric_limits<double>::quiet_NaN();    ///< classification: examples; tagging: labelled tokens
+  double macro_f1 = std::numeric_limits<double>::quiet_NaN();    ///< F1 per label (seen in truth or prediction), averaged
+  double perplexity = std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
+  /// Accuracy for classification heads, perplexity for LM heads.
+  double primary() const { return std::isnan(perplexity) ? accuracy : perplexity; }
+};
+
+/// The complete checkpoint at `dir`: `dir` itself, or `dir`.old when a run was killed between the two
+/// renames that swap a new checkpoint in; empty when neither holds one.
+std::string find_checkpoint(const std::string& dir);
+
+/// Reads a metrics.jsonl written by Trainer::train (errors name the file and line).
+std::vector<TrainMetrics> read_metrics(const std::string& path);
+/// Draws <dir>/loss.svg (training loss by step) and, when evaluations exist, <dir>/eval.svg.
+void write_training_plots(const std::string& dir, const std::vector<TrainMetrics>& metrics, bool eval_is_perplexity);
+
 /// Accuracy (sequence or token classification heads) or perplexity (causal LM head) of `model` with its
-/// attached modules on `data`, in batches, without gradients; examples carry their task ids.
-double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16);
+/// attached modules on `data`, in batches, without gradients; examples carry their task and language ids
+/// and use the modules `routing` gives them.
+EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
+                             const ExampleRouting& routing = {});
+/// evaluate_metrics(...).primary().
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16, const ExampleRouting& routing = {});
+/// Macro-F1 of predicted vs target class ids (N) over `num_classes` classes.
+double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes);
 /// evaluate() per task of a multi-task dataset (task -> metric).
-std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16);
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
+                                                const ExampleRouting& routing = {});
 
 /// Trains `trainable` modules of `set` (everything else frozen).
 class Trainer {
@@ -72,8 +114,9 @@ class Trainer {
   /// `on_step` (if set) after each, for progress display.
   std::vector<TrainMetrics> train(const Dataset& data, const Dataset* eval = nullptr,
                                   const std::function<void(const TrainMetrics&)>& on_step = {});
-  /// evaluate() of the model being trained, at the training batch size.
+  /// evaluate() of the model being trained, at the training batch size and with its routing.
   double evaluate(const Dataset& data);
+  EvalMetrics evaluate_metrics(const Dataset& data);
   /// Writes a checkpoint directory (atomically: written beside, then renamed over `dir`).
   void save_checkpoint(const std::string& dir) const;
   /// Restores modules, optimiser state and step from a checkpoint written by save_checkpoint.
