@@ -297,6 +297,14 @@ TEST_F(Cli, TrainResumeAndEval) {
   r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " + quote(tmp / "data.jsonl"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("accuracy: "), std::string::npos) << r.out;
+  // A bad record: the error names the file and line; --on-bad-record skip counts and goes on.
+  test::write_file(tmp / "bad.jsonl", lines + "{\"text\": \"no label\"}\n");
+  r = mdl("eval --model " + quote(tmp / "m") + " --data " + quote(tmp / "bad.jsonl"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("bad.jsonl:9: missing field 'label'"), std::string::npos) << r.err;
+  r = mdl("eval --on-bad-record skip --model " + quote(tmp / "m") + " --data " + quote(tmp / "bad.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("skipped 1 bad records"), std::string::npos) << r.out;
   r = mdl("train --help-config");
   EXPECT_NE(r.out.find("options.schedule.lr"), std::string::npos);
   test::write_file(tmp / "bad.json", "{\"model\": 1}");

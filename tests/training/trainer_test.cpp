@@ -130,6 +130,37 @@ TEST(Trainer, LoraLearnsSequenceLabelling) {
   EXPECT_THROW_WITH(Trainer(set, {"lora"}, options(4)).train(three), "the data has 3 labels but the model's head has 2");
 }
 
+// A mixture of LoRAs behind a top-2 token router: the load-balancing loss enters the objective with
+// aux_loss_weight, and each step's routing statistics reach metrics.jsonl.
+TEST(Trainer, RoutedModulesAddAuxLossesAndLogRoutingStatistics) {
+  Dataset data = animals();
+  auto mixture = [] {
+    ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
+    ModuleConfig c;
+    c.type = "lora_moe";
+    c.lora_moe.router.load_balancing_coef = 0.5;
+    c.targets.target_modules = {"q_proj", "v_proj"};
+    set.add("moe", c);
+    return set;
+  };
+  test::TempDir out;
+  TrainOptions o = options(4);
+  o.out_dir = out.path();
+  ModuleSet a = mixture(), b = mixture();
+  auto with_aux = Trainer(a, {"moe"}, o).train(data);
+  o.aux_loss_weight = 0;
+  o.out_dir.clear();
+  auto without = Trainer(b, {"moe"}, o).train(data);
+  const auto& r = with_aux.front().routing;
+  ASSERT_TRUE(r.count("aux_loss") && r.count("entropy") && r.count("max_load")) << "routing statistics missing";
+  EXPECT_GT(r.at("aux_loss"), 0.1);  // 0.5 x a load-balancing loss near 1 per routed site
+  EXPECT_GT(r.at("max_load"), 0.0);
+  EXPECT_LE(r.at("max_load"), 1.0);
+  // Same first batch and weights: the losses differ by the (weighted) aux loss of the last micro-batch.
+  EXPECT_GT(with_aux.front().loss - without.front().loss, 0.05);
+  EXPECT_EQ(read_metrics(out / "metrics.jsonl").front().routing, r);
+}
+
 TEST(Trainer, MacroF1OnHandInputs) {
   // class 0: tp 1, fp 1 -> 2/3; class 1: tp 2, fn 1 -> 4/5; class 2: tp 1 -> 1; class 3 unseen: left out.
   const at::Tensor predicted = at::tensor(std::vector<int64_t>{0, 0, 1, 1, 2});

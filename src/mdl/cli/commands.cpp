@@ -583,6 +583,8 @@ void register_train(CLI::App& app, GlobalOptions& g) {
   CLI::App* cmd = app.add_subcommand("train", "train modules on a frozen backbone from a JSON run config");
   cmd->add_option("--config", *config, "run config (JSON); see --help-config");
   cmd->add_flag("--help-config", *help_config, "print every config field with its default and description");
+  auto bad_record = std::make_shared<std::string>();
+  cmd->add_option("--on-bad-record", *bad_record, "fail | skip: overrides the config's data.on_bad_record");
   cmd->callback([=, &g] {
     if (*help_config) {
       std::printf("%s", train_config_help().c_str());
@@ -591,6 +593,7 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     apply(g);
     MDL_CHECK(!config->empty(), "[train] give --config FILE (or --help-config)");
     TrainConfig c = parse_train_config(io::read_text(*config), *config);
+    if (!bad_record->empty()) c.data.on_bad_record = *bad_record;
     LoadOptions lo;
     lo.device = parse_device(c.device);
     Model m = load_model(c.model, lo);
@@ -668,6 +671,8 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   cmd->add_option("--data", *data, "JSONL file")->required();
   cmd->add_option("--kind", *kind, "classification | tagging | instruction | text")->capture_default_str();
+  auto bad_record = std::make_shared<std::string>("fail");
+  cmd->add_option("--on-bad-record", *bad_record, "fail | skip")->capture_default_str();
   add_module_options(cmd, *mods);
   add_run_options(cmd, *run);
   cmd->callback([=, &g] {
@@ -676,7 +681,9 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
     auto set = attach_modules(m, *mods, *model);
     DatasetOptions o;
     o.kind = *kind;
+    o.on_bad_record = *bad_record;
     Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    if (d.skipped) std::printf("skipped %lld bad records\n", static_cast<long long>(d.skipped));
     const EvalMetrics em = evaluate_metrics(*m, d);
     if (m->config().head == HeadKind::causal_lm)
       std::printf("perplexity: %.4f on %zu examples\n", em.perplexity, d.examples.size());

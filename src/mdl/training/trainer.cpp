@@ -176,6 +176,7 @@ std::string metrics_line(const TrainMetrics& m) {
   if (m.eval >= 0) j["eval"] = m.eval;
   if (m.f1 >= 0) j["f1"] = m.f1;
   if (!m.eval_tasks.empty()) j["eval_tasks"] = m.eval_tasks;
+  if (!m.routing.empty()) j["routing"] = m.routing;
   return j.dump() + "\n";
 }
 
@@ -201,6 +202,7 @@ std::vector<TrainMetrics> read_metrics(const std::string& path) {
       m.eval = j.value("eval", -1.0);
       m.f1 = j.value("f1", -1.0);
       if (j.contains("eval_tasks")) m.eval_tasks = j["eval_tasks"].get<std::map<std::string, double>>();
+      if (j.contains("routing")) m.routing = j["routing"].get<std::map<std::string, double>>();
       out.push_back(m);
     }
     start = end + 1;
@@ -285,7 +287,23 @@ Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOption
 
 Trainer::~Trainer() = default;
 
-double Trainer::train_step(const Dataset& data) {
+namespace {
+
+std::map<std::string, double> routing_summary(const RoutingLog& log) {
+  if (log.stats().empty()) return {};
+  double entropy = 0, dropped = 0, max_load = 0;
+  for (const auto& st : log.stats()) {
+    entropy += st.entropy, dropped += st.dropped_fraction;
+    for (double l : st.load) max_load = std::max(max_load, l);
+  }
+  const auto n = static_cast<double>(log.stats().size());
+  return {{"aux_loss", log.aux_loss().item<double>()}, {"entropy", entropy / n}, {"dropped_fraction", dropped / n},
+          {"max_load", max_load}};
+}
+
+}  // namespace
+
+double Trainer::train_step(const Dataset& data, std::map<std::string, double>& routing) {
   ModelImpl& model = *set_.model();
   const int64_t n = static_cast<int64_t>(data.examples.size());
   const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
@@ -307,10 +325,12 @@ double Trainer::train_step(const Dataset& data) {
     at::Tensor loss;
     {  // forward and loss under autocast; backward outside it, as torch.autocast prescribes
       AutocastGuard autocast(model.device(), autocast_dtype(options_.precision));
-      loss = task_loss(model.forward(in), b, model.config().head) +
-             options_.aux_loss_weight * log.aux_loss().to(b.ids.device(), at::kFloat);
+      loss = task_loss(model.forward(in), b, model.config().head);
+      // Separate statements: the routers fill the log during forward (operands of + are unsequenced).
+      loss = loss + options_.aux_loss_weight * log.aux_loss().to(b.ids.device(), at::kFloat);
     }
     (loss / static_cast<double>(options_.grad_accumulation)).backward();
+    if (m + 1 == options_.grad_accumulation) routing = routing_summary(log);
     total += loss.item<double>() / static_cast<double>(options_.grad_accumulation);
   }
   if (options_.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(state_->params, options_.clip_grad_norm);
@@ -430,7 +450,7 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
   while (step_ < options_.steps) {
     TrainMetrics m;
     m.lr = learning_rate(options_.schedule, step_);
-    m.loss = train_step(data);
+    m.loss = train_step(data, m.routing);
     m.step = step_;
     const bool last = step_ == options_.steps;
     bool stop = false;

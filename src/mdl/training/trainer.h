@@ -72,6 +72,9 @@ struct TrainMetrics {
   double eval = -1;      ///< accuracy (classification, tagging) or perplexity (LM); -1 when not evaluated
   double f1 = -1;        ///< macro-F1 over the labels (classification, tagging); -1 when not evaluated
   std::map<std::string, double> eval_tasks;  ///< `eval` per task, when the evaluation data has several
+  /// Routing statistics of the step's last micro-batch, when the model routes: aux_loss, entropy (mean
+  /// over routed sites), dropped_fraction (mean), max_load (the largest expert share at any site).
+  std::map<std::string, double> routing;
 };
 
 /// What an evaluation measures; NaN where it does not apply to the head.
@@ -127,7 +130,7 @@ class Trainer {
 
  private:
   struct State;
-  double train_step(const Dataset& data);
+  double train_step(const Dataset& data, std::map<std::string, double>& routing);
   ModuleSet& set_;
   std::vector<std::string> trainable_;
   TrainOptions options_;
