@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
+#include "mdl/modules/lora.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
@@ -225,6 +226,47 @@ TEST(FixedRouting, MixedBatchEqualsPerExampleRuns) {
   rc.modules = choices;
   set.merge("a");
   EXPECT_THROW_WITH(run(*set.model(), ids, &rc), "module 'a' is merged", "unmerge it");
+}
+
+// Heterogeneous LoRA batches go through the gathered bank (two gathers and two batched products per
+// site): LoRAs of ranks 2, 4 and 8, a row with two LoRAs at different scales, a row with none; every
+// row equals its own run, and so does the row-subset path the bank replaces (taken with gradients on).
+TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  for (const auto& [name, r] : std::vector<std::pair<std::string, int64_t>>{{"r2", 2}, {"r4", 4}, {"r8", 8}}) {
+    ModuleConfig c = lora_on({"all-linear"});
+    c.lora.r = r;
+    c.seed = static_cast<uint64_t>(r);
+    set.add(name, c);
+  }
+  set.model()->eval();
+  const std::vector<std::vector<ModuleChoice>> choices = {
+      {{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}, {{"r4", 1.0}}};
+  RoutingContext rc;
+  rc.modules = choices;
+  at::Tensor ids = at::arange(0, 40, at::kLong).view({5, 8}) % 50 + 3;
+  at::Tensor gathered;
+  {
+    torch::NoGradGuard g;
+    gathered = run(*set.model(), ids, &rc);
+  }
+  at::Tensor subsets = run(*set.model(), ids, &rc).detach();  // grad mode: LoRA weights need gradients
+  EXPECT_TRUE(at::allclose(gathered, subsets, 1e-5, 1e-5)) << (gathered - subsets).abs().max().item<double>();
+  torch::NoGradGuard g;
+  for (int64_t b = 0; b < 5; ++b) {
+    for (const auto& n : set.names()) set.set_active(n, false), set.set_scale(n, 1.0);
+    for (const auto& c : choices[b]) set.set_active(c.name, true), set.set_scale(c.name, c.scale);
+    at::Tensor alone = run(*set.model(), ids.narrow(0, b, 1));
+    EXPECT_TRUE(at::allclose(gathered.narrow(0, b, 1), alone, 1e-5, 1e-5)) << "example " << b;
+  }
+  // Weights changed in place are seen: the bank restacks.
+  for (const auto& n : set.names()) set.set_active(n, true), set.set_scale(n, 1.0);
+  auto part = std::dynamic_pointer_cast<LoraImpl>(set.module_at("r8", set.sites("r8")[0]));
+  ASSERT_TRUE(part);
+  part->B.add_(0.5);
+  at::Tensor changed = run(*set.model(), ids, &rc);
+  EXPECT_FALSE(at::allclose(changed.narrow(0, 0, 1), gathered.narrow(0, 0, 1), 1e-5, 1e-5));
+  EXPECT_TRUE(at::allclose(changed.narrow(0, 1, 1), gathered.narrow(0, 1, 1), 1e-5, 1e-5));  // row 1 has no r8
 }
 
 }  // namespace

@@ -168,11 +168,6 @@ Composition parse_composition(const std::string& text) { return Parser(text).par
 
 namespace {
 
-bool additive(const std::string& type) {
-  return type == "lora" || type == "sparse" || type == "bitfit" || type == "hyper_lora" || type == "lora_moe" ||
-         type == "poly_lora";
-}
-
 std::string resolve(const std::string& name, const ComposeOptions& o, int column) {
   if (!o.modules_dir.empty() && fs::exists(fs::path(o.modules_dir) / name)) return (fs::path(o.modules_dir) / name).string();
   if (fs::exists(name)) return name;
@@ -187,35 +182,7 @@ struct Composer {
 
   // A leaf or merge: loads it, applies `scale`, returns its name.
   std::string leaf(const Composition& c, double scale) {
-    std::string dir;
-    if (c.kind == Composition::Kind::merge) {
-      MDL_CHECK(!o.model_dir.empty(), "[compose] column ", c.column, ": merging needs the base model directory");
-      std::vector<std::string> inputs;
-      MergeOptions m;
-      m.method = c.name;
-      for (const auto& child : c.children) {
-        MDL_CHECK(child.kind == Composition::Kind::module, "[compose] column ", child.column, ": ", c.name,
-                  "(...) merges module directories; '", child.to_string(), "' is not one");
-        inputs.push_back(resolve(child.name, o, child.column));
-        m.weights.push_back(child.scale);
-      }
-      for (const auto& [k, v] : c.params) {
-        if (k == "density") m.density = v;
-        else if (k == "rank") m.rank = static_cast<int64_t>(v);
-        else if (k == "t") m.t = v;
-        else if (k == "lambda") m.lambda = v;
-        else if (k == "seed") m.seed = static_cast<uint64_t>(v);
-      }
-      Composition key = c;
-      key.scale = 1.0;
-      const std::string cache = !o.cache_dir.empty() ? o.cache_dir
-                                : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) / ".mdl-merged").string();
-      dir = (fs::path(cache) / std::to_string(fnv1a(key.to_string() + "|" + o.model_dir))).string();
-      if (!fs::exists(fs::path(dir) / "module.json") && !fs::exists(fs::path(dir) / "adapter_config.json"))
-        merge_modules(o.model_dir, inputs, m, dir);
-    } else {
-      dir = resolve(c.name, o, c.column);
-    }
+    const std::string dir = c.kind == Composition::Kind::merge ? merged_module_dir(c, o) : module_dir(c, o);
     std::string name = fs::path(dir).filename().string();
     if (set.contains(name)) name += "_" + std::to_string(used.size());
     set.load(dir, name, o.force);
@@ -226,7 +193,7 @@ struct Composer {
 
   void check_additive(const Composition& parent, const std::string& name, int column) {
     const std::string& type = set.config(name).type;
-    MDL_CHECK(additive(type), "[compose] column ", column, ": ",
+    MDL_CHECK(additive_module_type(type), "[compose] column ", column, ": ",
               parent.kind == Composition::Kind::avg ? "avg" : "a sum", " combines additive modules (LoRA, sparse, "
               "BitFit...); '", name, "' is a ", type, " module, which composes by function: use stack(...)");
   }
@@ -288,6 +255,42 @@ struct Composer {
 };
 
 }  // namespace
+
+bool additive_module_type(const std::string& type) {
+  return type == "lora" || type == "sparse" || type == "bitfit" || type == "hyper_lora" || type == "lora_moe" ||
+         type == "poly_lora";
+}
+
+std::string module_dir(const Composition& c, const ComposeOptions& o) { return resolve(c.name, o, c.column); }
+
+std::string merged_module_dir(const Composition& c, const ComposeOptions& o) {
+  MDL_CHECK(c.kind == Composition::Kind::merge, "[compose] column ", c.column, ": '", c.to_string(), "' is not a merge");
+  MDL_CHECK(!o.model_dir.empty(), "[compose] column ", c.column, ": merging needs the base model directory");
+  std::vector<std::string> inputs;
+  MergeOptions m;
+  m.method = c.name;
+  for (const auto& child : c.children) {
+    MDL_CHECK(child.kind == Composition::Kind::module, "[compose] column ", child.column, ": ", c.name,
+              "(...) merges module directories; '", child.to_string(), "' is not one");
+    inputs.push_back(resolve(child.name, o, child.column));
+    m.weights.push_back(child.scale);
+  }
+  for (const auto& [k, v] : c.params) {
+    if (k == "density") m.density = v;
+    else if (k == "rank") m.rank = static_cast<int64_t>(v);
+    else if (k == "t") m.t = v;
+    else if (k == "lambda") m.lambda = v;
+    else if (k == "seed") m.seed = static_cast<uint64_t>(v);
+  }
+  Composition key = c;
+  key.scale = 1.0;
+  const std::string cache = !o.cache_dir.empty() ? o.cache_dir
+                            : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) / ".mdl-merged").string();
+  const std::string dir = (fs::path(cache) / std::to_string(fnv1a(key.to_string() + "|" + o.model_dir))).string();
+  if (!fs::exists(fs::path(dir) / "module.json") && !fs::exists(fs::path(dir) / "adapter_config.json"))
+    merge_modules(o.model_dir, inputs, m, dir);
+  return dir;
+}
 
 std::vector<std::string> compose(ModuleSet& set, const Composition& c, const ComposeOptions& o) {
   Composer composer{set, o, {}};

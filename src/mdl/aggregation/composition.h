@@ -52,6 +52,17 @@ struct ComposeOptions {
   bool force = false;       ///< load modules made for another base when shapes fit
 };
 
+/// Whether modules of `type` add a change to their site's output (LoRA, sparse, BitFit...), so that sums
+/// and averages of them are sums of their changes; adapters and prompts compose by function instead.
+bool additive_module_type(const std::string& type);
+
+/// The directory of the module a merge node (`ties(a, b; density=0.5)`) produces: computed on first use
+/// under the cache directory, keyed by the canonical expression and the base model, then reused.
+std::string merged_module_dir(const Composition& merge, const ComposeOptions& options);
+/// A module name of `c` resolved to its directory (modules_dir first, then as a path); throws naming the
+/// column when neither exists.
+std::string module_dir(const Composition& c, const ComposeOptions& options);
+
 /// Loads and configures the modules of `c` on `set` (activation, scales, stacking order); returns the
 /// names of the modules it uses, in application order.
 std::vector<std::string> compose(ModuleSet& set, const Composition& c, const ComposeOptions& options);

@@ -5,6 +5,9 @@
 
 #include <CLI/CLI.hpp>
 #include <chrono>
+#include <csignal>
+#include <pthread.h>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -26,6 +29,8 @@
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
+#include "mdl/serving/engine.h"
+#include "mdl/serving/server.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_set.h"
@@ -694,9 +699,70 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- serve -----------------------------------------------------------------------------------------------
+void register_serve(CLI::App& app, GlobalOptions& g) {
+  auto model = std::make_shared<std::string>();
+  auto engine_options = std::make_shared<EngineOptions>();
+  auto server_options = std::make_shared<ServerOptions>();
+  auto run = std::make_shared<RunOptions>();
+  auto port_file = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("serve", "serve the base model and many modules over HTTP (OpenAI-compatible)");
+  cmd->add_option("--model", *model, "base checkpoint directory")->required();
+  cmd->add_option("--modules", engine_options->modules_dir, "directory of module directories, loaded on demand by name");
+  cmd->add_option("--host", server_options->host, "address to listen on")->capture_default_str();
+  cmd->add_option("--port", server_options->port, "port (0: any free port, printed)")->capture_default_str();
+  cmd->add_option("--max-batch", engine_options->max_batch, "sequences decoded together at most")->capture_default_str();
+  cmd->add_option("--max-queue", engine_options->max_queue, "waiting requests at most (more: 503)")->capture_default_str();
+  cmd->add_option("--module-cache-mb", engine_options->module_cache_mb, "memory budget of loaded modules (LRU eviction)")
+      ->capture_default_str();
+  cmd->add_option("--max-body-bytes", server_options->max_body_bytes, "larger request bodies get 413")->capture_default_str();
+  cmd->add_option("--http-threads", server_options->threads, "HTTP worker threads (0: 2 x max batch + 8)")->capture_default_str();
+  cmd->add_option("--port-file", *port_file, "write the bound port to this file once listening (for scripts)");
+  add_run_options(cmd, *run);
+  cmd->callback([=, &g] {
+    // SIGTERM / SIGINT: the handler (which may run on any thread: OpenBLAS starts its threads before
+    // main) only writes a byte to a pipe; a watcher thread reads it and stops the server.
+    static int stop_pipe[2] = {-1, -1};
+    MDL_CHECK(pipe(stop_pipe) == 0, "[serve] cannot create the shutdown pipe");
+    struct sigaction sa {};
+    sa.sa_handler = [](int sig) {
+      const char c = static_cast<char>(sig);
+      [[maybe_unused]] const ssize_t n = write(stop_pipe[1], &c, 1);
+    };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, nullptr);
+    sigaction(SIGINT, &sa, nullptr);
+    apply(g);
+    engine_options->model_dir = *model;
+    server_options->model_dir = *model;
+    server_options->max_batch = engine_options->max_batch;
+    Engine engine(load_model(*model, load_options(*run)), Tokenizer::from_file(*model), *engine_options);
+    Server server(engine, *server_options);
+    const int port = server.bind();
+    std::printf("mdl serve: http://%s:%d (model %s, modules %s, max batch %lld)\n", server_options->host.c_str(), port,
+                model->c_str(), engine_options->modules_dir.empty() ? "-" : engine_options->modules_dir.c_str(),
+                static_cast<long long>(engine_options->max_batch));
+    std::fflush(stdout);
+    if (!port_file->empty()) io::write_text_atomic(*port_file, std::to_string(port) + "\n");
+    std::thread stopper([&server] {
+      char sig = 0;
+      if (read(stop_pipe[0], &sig, 1) == 1 && sig != 0)
+        log_info(std::string("[serve] ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ": finishing requests in flight");
+      server.stop();
+    });
+    server.listen();  // returns after stop(), once in-flight requests are answered
+    engine.drain();
+    const char done = 0;
+    [[maybe_unused]] const ssize_t n = write(stop_pipe[1], &done, 1);  // wakes the watcher when no signal came
+    stopper.join();
+    std::printf("mdl serve: stopped\n");
+  });
+}
+
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_serve(app, globals);
   register_train(app, globals);
   register_eval(app, globals);
   register_merge(app, globals);

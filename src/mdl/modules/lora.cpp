@@ -86,6 +86,12 @@ LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
 
 at::Tensor LoraImpl::delta_weight() const { return scaling * at::matmul(B, A); }  // (out, in)
 
+bool LoraImpl::low_rank(at::Tensor& a, at::Tensor& b, double& s) const {
+  if (magnitude.defined() || lora_bias.defined() || (options.dropout > 0 && is_training())) return false;
+  a = A, b = B, s = scaling;
+  return true;
+}
+
 at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
   at::Tensor x = input;
   if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);

@@ -43,6 +43,8 @@ class LoraImpl : public SiteModule {
   void unmerge() override;
   /// s B A (out, in), the dense weight delta.
   at::Tensor delta_weight() const;
+  /// Plain LoRA (no DoRA, no bias, no dropout in training) has a gatherable low-rank change.
+  bool low_rank(at::Tensor& a, at::Tensor& b, double& s) const override;
 
   int64_t rank;
   double alpha;

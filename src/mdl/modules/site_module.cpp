@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "mdl/core/error.h"
+#include "mdl/modules/lora_bank.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/routing/routing_context.h"
 
@@ -44,6 +45,7 @@ at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const a
   const int64_t B = base.size(0);
   MDL_CHECK(static_cast<int64_t>(choices.size()) == B, "[routing] the routing context names modules for ",
             choices.size(), " examples but the batch has ", B);
+  if (at::Tensor gathered = forward_gathered(input, base, choices); gathered.defined()) return gathered;
   at::Tensor out = base;
   for (auto& e : entries_) {
     std::vector<int64_t> rows;
@@ -69,6 +71,56 @@ at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const a
     at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
     at::Tensor change = s.view(view) * (next - sub);
     out = all ? out + change : out.index_add(0, idx, change);
+  }
+  return out;
+}
+
+at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base,
+                                             const std::vector<std::vector<ModuleChoice>>& choices) {
+  // Every module chosen here must be a plain LoRA, and nothing may need a gradient through the bank's copy.
+  std::vector<LoraBank::Factors> factors;
+  std::vector<const std::string*> names;
+  std::vector<int64_t> slot_of_choice;  // per (row, choice): bank index
+  size_t slots = 0;
+  for (const auto& row : choices) {
+    size_t used = 0;
+    for (const auto& c : row) {
+      const Entry* e = nullptr;
+      for (const auto& x : entries_)
+        if (x.name == c.name) e = &x;
+      if (!e || c.scale == 0.0) continue;  // not at this site
+      if (e->merged) return {};            // the general path reports it
+      size_t k = 0;
+      while (k < names.size() && *names[k] != c.name) ++k;
+      if (k == names.size()) {
+        LoraBank::Factors f;
+        if (!e->module->low_rank(f.A, f.B, f.scaling)) return {};
+        if (at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad())) return {};
+        names.push_back(&e->name), factors.push_back(f);
+      }
+      ++used;
+    }
+    slots = std::max(slots, used);
+  }
+  if (factors.size() < 2) return {};  // one LoRA (or none): the row-subset path costs no more
+  if (!bank_) bank_ = std::make_shared<LoraBank>();
+  bank_->update(factors);  // the stack of this batch's LoRAs; rebuilt only when that set changes
+  const int64_t B = base.size(0);
+  at::Tensor out = base;
+  for (size_t s = 0; s < slots; ++s) {  // the s-th LoRA of every row (most rows choose one)
+    std::vector<int64_t> idx(static_cast<size_t>(B), bank_->none());
+    std::vector<double> scale(static_cast<size_t>(B), 0.0);
+    for (int64_t b = 0; b < B; ++b) {
+      size_t used = 0;
+      for (const auto& c : choices[static_cast<size_t>(b)]) {
+        size_t k = 0;
+        while (k < names.size() && *names[k] != c.name) ++k;
+        if (k == names.size() || c.scale == 0.0) continue;
+        if (used++ == s) idx[static_cast<size_t>(b)] = static_cast<int64_t>(k), scale[static_cast<size_t>(b)] = c.scale;
+      }
+    }
+    out = bank_->apply(input, out, at::tensor(idx, at::kLong).to(base.device()),
+                       at::tensor(scale, at::kDouble).to(base.device()));
   }
   return out;
 }

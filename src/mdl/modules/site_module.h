@@ -32,7 +32,12 @@ class SiteModule : public torch::nn::Module {
   virtual void unmerge();
   /// Modules this one runs itself (a fusion's members): skipped at this site while it is active.
   virtual const std::vector<const SiteModule*>& absorbs() const;
+  /// A module whose change to the output is exactly scaling * B A x (plain LoRA) returns its factors, so
+  /// heterogeneous batches can gather it (LoraBank); others return false.
+  virtual bool low_rank(at::Tensor& A, at::Tensor& B, double& scaling) const { return false; }
 };
+
+class LoraBank;
 
 /// The modules attached at one site, applied in attachment order. Each active module maps the current
 /// output to a new one, so additive modules (LoRA) sum their deltas and adapters stack. `scale` scales a
@@ -61,7 +66,12 @@ class AttachedModules : public SiteFunction {
  private:
   at::Tensor forward_per_example(const at::Tensor& input, const at::Tensor& base,
                                  const std::vector<std::vector<ModuleChoice>>& choices);
+  /// The per-example path when every module chosen here is a plain LoRA and no gradient is needed: one
+  /// gathered low-rank product per choice slot (Punica's BGMV); undefined when it does not apply.
+  at::Tensor forward_gathered(const at::Tensor& input, const at::Tensor& base,
+                              const std::vector<std::vector<ModuleChoice>>& choices);
   std::vector<Entry> entries_;
+  std::shared_ptr<LoraBank> bank_;
 };
 
 }  // namespace mdl

@@ -1,0 +1,467 @@
+#include "mdl/serving/engine.h"
+
+#include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "mdl/aggregation/composition.h"
+#include "mdl/core/error.h"
+#include "mdl/core/forward_context.h"
+#include "mdl/core/hash.h"
+#include "mdl/core/log.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/serving/module_cache.h"
+#include "mdl/serving/request_error.h"
+
+namespace mdl {
+
+struct Engine::Sequence {
+  CompletionRequest req;
+  std::promise<CompletionResult> promise;
+  CompletionResult result;
+  std::unique_ptr<Sampler> sampler;
+  std::vector<int64_t> stop_tokens;
+  std::vector<std::string> pinned;  // module names pinned in the cache until the sequence finishes
+  int64_t next_position = 0;        // position id of the next token fed to the model
+  int64_t last_token = -1;
+  size_t streamed = 0;              // characters of text already streamed
+  bool done = false;
+};
+
+namespace {
+
+/// (B, H, S, D) -> (B, H, n + S, D) with zeros in front; (B, S) -> (B, n + S).
+at::Tensor pad_front(const at::Tensor& t, int64_t n) {
+  if (n == 0) return t;
+  return t.dim() == 4 ? at::constant_pad_nd(t, {0, 0, n, 0}) : at::constant_pad_nd(t, {n, 0});
+}
+
+const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: a partial UTF-8 character at the end
+
+}  // namespace
+
+Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
+    : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(std::move(options)) {
+  MDL_CHECK(options_.max_batch > 0 && options_.max_queue > 0, "[serve] max batch and max queue must be > 0, got ",
+            options_.max_batch, " and ", options_.max_queue);
+  model_->eval();
+  for (auto& p : model_->parameters()) p.set_requires_grad(false);
+  set_ = std::make_unique<ModuleSet>(model_);
+  ModuleCacheOptions co;
+  co.modules_dir = options_.modules_dir;
+  co.budget_bytes = options_.module_cache_mb << 20;
+  cache_ = std::make_unique<ModuleCache>(*set_, co);
+  thread_ = std::thread([this] { loop(); });
+}
+
+Engine::~Engine() { drain(); }
+
+// ---- modules -------------------------------------------------------------------------------------------
+
+std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const std::vector<ModuleChoice>& extra) {
+  std::lock_guard<std::mutex> lk(model_mu_);
+  std::vector<ModuleChoice> out;
+  // Makes a module resident (touching the LRU) without pinning it; submit() pins.
+  auto use = [&](const std::string& name, double scale, const std::string& dir = "") {
+    cache_->acquire(name, dir);
+    cache_->release(name);
+    const std::string& type = set_->config(name).type;
+    if (type == "prompt" || type == "prefix")
+      throw RequestError(400, "model", "[serve] module '" + name + "' is " + type + " tuning: it lengthens every row's "
+                                       "sequence, so it cannot share a batch; merge it or serve it on its own server");
+    out.push_back({name, scale});
+  };
+  if (!expression.empty() && expression != "base") {
+    Composition c;
+    try {
+      c = parse_composition(expression);
+    } catch (const Error& e) {
+      throw RequestError(400, "model", e.what());
+    }
+    ComposeOptions co;
+    co.model_dir = options_.model_dir;
+    co.modules_dir = options_.modules_dir;
+    // Leaves and merges become per-row choices; stack, sum and avg only arrange them.
+    std::function<void(const Composition&, double)> walk = [&](const Composition& n, double scale) {
+      switch (n.kind) {
+        case Composition::Kind::module:
+          use(n.name, scale * n.scale);
+          return;
+        case Composition::Kind::merge: {
+          std::string dir;
+          try {
+            dir = merged_module_dir(n, co);
+          } catch (const RequestError&) {
+            throw;
+          } catch (const Error& e) {
+            throw RequestError(400, "model", e.what());
+          }
+          Composition key = n;
+          key.scale = 1.0;
+          use("merged-" + std::to_string(fnv1a(key.to_string())), scale * n.scale, dir);
+          return;
+        }
+        case Composition::Kind::stack:  // rows apply their modules in attachment order
+          for (const auto& child : n.children) walk(child, scale * n.scale);
+          return;
+        case Composition::Kind::sum:
+        case Composition::Kind::avg: {
+          double total = 0;
+          for (const auto& child : n.children) total += child.scale;
+          if (n.kind == Composition::Kind::avg && std::abs(total) < 1e-12)
+            throw RequestError(400, "model", "[serve] avg weights sum to 0 in '" + expression + "'");
+          for (const auto& child : n.children) {
+            const size_t before = out.size();
+            Composition unit = child;
+            unit.scale = 1.0;
+            walk(unit, scale * n.scale * (n.kind == Composition::Kind::avg ? child.scale / total : child.scale));
+            for (size_t i = before; i < out.size(); ++i)
+              if (!additive_module_type(set_->config(out[i].name).type))
+                throw RequestError(400, "model", "[serve] '" + out[i].name + "' is a " + set_->config(out[i].name).type +
+                                                     " module; sums and averages combine additive modules (LoRA, sparse, "
+                                                     "BitFit); use stack(...) or a merge");
+          }
+          return;
+        }
+        case Composition::Kind::fuse:
+          throw RequestError(400, "model", "[serve] fuse(...) creates a new fusion that needs training; serve a "
+                                           "trained fusion by its directory name");
+      }
+    };
+    walk(c, 1.0);
+  }
+  for (const auto& e : extra) use(e.name, e.scale);
+  return out;
+}
+
+void Engine::load_module(const std::string& name, const std::string& dir) {
+  std::lock_guard<std::mutex> lk(model_mu_);
+  cache_->load(name, dir);
+}
+
+void Engine::unload_module(const std::string& name) {
+  std::lock_guard<std::mutex> lk(model_mu_);
+  cache_->unload(name);
+}
+
+std::vector<std::string> Engine::modules() {
+  std::lock_guard<std::mutex> lk(model_mu_);
+  return cache_->available();
+}
+
+EngineStats Engine::stats() {
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    s = stats_;
+  }
+  std::lock_guard<std::mutex> lk(model_mu_);
+  const ModuleCacheStats& c = cache_->stats();
+  s.cache_hits = c.hits, s.cache_misses = c.misses, s.cache_evictions = c.evictions, s.cache_bytes = c.bytes;
+  s.modules_loaded = c.loaded;
+  return s;
+}
+
+// ---- generation ----------------------------------------------------------------------------------------
+
+std::future<CompletionResult> Engine::submit(CompletionRequest request) {
+  const ModelConfig& cfg = model_->config();
+  if (cfg.head != HeadKind::causal_lm)
+    throw RequestError(400, "model", "[serve] the base model (" + cfg.architecture + ") has no causal LM head; use "
+                                     "/v1/classify or /v1/embeddings");
+  if (request.prompt.empty()) throw RequestError(400, "prompt", "[serve] the prompt is empty");
+  if (static_cast<int64_t>(request.prompt.size()) >= cfg.max_position)
+    throw RequestError(400, "prompt", "[serve] the prompt has " + std::to_string(request.prompt.size()) +
+                                          " tokens; the context holds " + std::to_string(cfg.max_position) +
+                                          " positions, and one is needed for the answer");
+  try {
+    validate(request.sampling);
+  } catch (const Error& e) {
+    throw RequestError(400, "sampling", e.what());
+  }
+  auto s = std::make_shared<Sequence>();
+  s->sampler = std::make_unique<Sampler>(request.sampling);
+  s->stop_tokens = request.sampling.stop_token_ids.empty() ? cfg.eos_token_ids : request.sampling.stop_token_ids;
+  s->result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
+  s->req = std::move(request);
+  {
+    std::lock_guard<std::mutex> lk(model_mu_);
+    for (const auto& c : s->req.modules) {
+      cache_->acquire(c.name);  // reloads a module evicted since resolve()
+      s->pinned.push_back(c.name);
+    }
+  }
+  std::future<CompletionResult> f = s->promise.get_future();
+  std::string refusal;
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    if (draining_) refusal = "[serve] the server is shutting down";
+    else if (static_cast<int64_t>(waiting_.size()) >= options_.max_queue)
+      refusal = "[serve] the queue is full (" + std::to_string(options_.max_queue) + " waiting requests); retry later";
+    if (refusal.empty()) {
+      ++stats_.requests;
+      stats_.prompt_tokens += s->result.prompt_tokens;
+      waiting_.push_back(s);
+      stats_.queue_length = static_cast<int64_t>(waiting_.size());
+    } else {
+      ++stats_.rejected;
+    }
+  }
+  if (!refusal.empty()) {  // lock order is model, then queue: the pins are released after the queue lock
+    std::lock_guard<std::mutex> mk(model_mu_);
+    for (const auto& n : s->pinned) cache_->release(n);
+    throw RequestError(503, "", refusal);
+  }
+  wake_.notify_one();
+  return f;
+}
+
+void Engine::loop() {
+  for (;;) {
+    std::vector<std::shared_ptr<Sequence>> fresh;
+    {
+      std::unique_lock<std::mutex> lk(queue_mu_);
+      wake_.wait(lk, [&] { return !waiting_.empty() || !running_.empty() || draining_; });
+      if (draining_ && waiting_.empty() && running_.empty()) return;
+      while (!waiting_.empty() && static_cast<int64_t>(running_.size() + fresh.size()) < options_.max_batch) {
+        fresh.push_back(waiting_.front());
+        waiting_.pop_front();
+      }
+      stats_.queue_length = static_cast<int64_t>(waiting_.size());
+    }
+    std::lock_guard<std::mutex> lk(model_mu_);
+    torch::NoGradGuard no_grad;
+    const auto t0 = std::chrono::steady_clock::now();
+    admit(fresh);
+    if (!running_.empty()) decode();
+    retire();
+    std::lock_guard<std::mutex> qk(queue_mu_);
+    stats_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.running = static_cast<int64_t>(running_.size());
+  }
+}
+
+void Engine::admit(std::vector<std::shared_ptr<Sequence>>& fresh) {
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_->device());
+  for (auto& s : fresh) {
+    try {
+      // Prefill alone: its prompt, its modules, a cache of its own.
+      KVCache one;
+      RoutingContext rc;
+      rc.modules = {s->req.modules};
+      ModelInput in;
+      in.input_ids = at::tensor(s->req.prompt, at::kLong).view({1, -1}).to(long_opts.device());
+      in.cache = &one;
+      in.routing = &rc;
+      at::Tensor logits = model_->forward(in);  // (1, T, V)
+      const int64_t T = in.input_ids.size(1);
+      s->next_position = T;
+      if (!emit(*s, s->sampler->sample(logits[0][T - 1]))) continue;
+      // Join the batch: both caches left-padded to a common length, the padding masked.
+      const int64_t S = cache_kv_.length(), S1 = one.length(), L = std::max(S, S1);
+      at::Tensor row_mask = at::ones({1, S1}, long_opts);
+      if (running_.empty()) {
+        cache_kv_ = one;
+        mask_ = row_mask;
+      } else {
+        for (size_t i = 0; i < cache_kv_.k.size(); ++i) {
+          cache_kv_.k[i] = at::cat({pad_front(cache_kv_.k[i], L - S), pad_front(one.k[i], L - S1)}, 0);
+          cache_kv_.v[i] = at::cat({pad_front(cache_kv_.v[i], L - S), pad_front(one.v[i], L - S1)}, 0);
+        }
+        mask_ = at::cat({pad_front(mask_, L - S), pad_front(row_mask, L - S1)}, 0);
+      }
+      running_.push_back(s);
+    } catch (const std::exception& e) {  // this request fails; the others go on
+      finish(*s, "error", e.what());
+    }
+  }
+}
+
+void Engine::decode() {
+  const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model_->device());
+  const int64_t B = static_cast<int64_t>(running_.size());
+  std::vector<int64_t> tokens, positions;
+  RoutingContext rc;
+  for (const auto& s : running_) {
+    tokens.push_back(s->last_token), positions.push_back(s->next_position);
+    rc.modules.push_back(s->req.modules);
+  }
+  try {
+    ModelInput in;
+    in.input_ids = at::tensor(tokens, at::kLong).view({B, 1}).to(long_opts.device());
+    in.position_ids = at::tensor(positions, at::kLong).view({B, 1}).to(long_opts.device());
+    at::Tensor mask = at::cat({mask_, at::ones({B, 1}, long_opts)}, 1);  // (B, S + 1)
+    in.attention_mask = mask;
+    in.cache = &cache_kv_;
+    in.routing = &rc;
+    at::Tensor logits = model_->forward(in).select(1, 0);  // (B, V)
+    mask_ = mask;
+    {
+      std::lock_guard<std::mutex> lk(queue_mu_);
+      ++stats_.decode_steps;
+      stats_.decode_rows += B;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      Sequence& s = *running_[static_cast<size_t>(b)];
+      ++s.next_position;
+      emit(s, s.sampler->sample(logits[b]));
+    }
+  } catch (const std::exception& e) {  // a failed batch step fails its rows, never the server
+    log_error(std::string("[serve] decode step failed: ") + e.what());
+    for (auto& s : running_)
+      if (!s->done) finish(*s, "error", e.what());
+  }
+}
+
+bool Engine::emit(Sequence& s, int64_t token) {
+  s.last_token = token;
+  s.result.tokens.push_back(token);
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    ++stats_.generated_tokens;
+  }
+  const bool stop_token = std::find(s.stop_tokens.begin(), s.stop_tokens.end(), token) != s.stop_tokens.end();
+  std::vector<int64_t> visible = s.result.tokens;
+  if (stop_token) visible.pop_back();
+  std::string text = tokenizer_.decode(visible);
+  // The earliest stop sequence ends the text.
+  size_t cut = std::string::npos, hold = 0;
+  for (const auto& stop : s.req.stop) {
+    if (stop.empty()) continue;
+    cut = std::min(cut, text.find(stop));
+    hold = std::max(hold, stop.size() - 1);
+  }
+  const bool stop_sequence = cut != std::string::npos;
+  if (stop_sequence) text.resize(cut);
+  const bool length = static_cast<int64_t>(s.result.tokens.size()) >= s.req.sampling.max_tokens ||
+                      s.result.prompt_tokens + static_cast<int64_t>(s.result.tokens.size()) >= model_->config().max_position;
+  const bool last = stop_token || stop_sequence || length;
+  // Stream what can no longer change: not a partial character, not what may start a stop sequence.
+  size_t ready = text.size();
+  if (!last) {
+    ready = ready > hold ? ready - hold : 0;
+    while (ready >= kReplacement.size() && text.compare(ready - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
+      ready -= kReplacement.size();
+  }
+  if (s.req.on_text && ready > s.streamed) {
+    const bool keep = s.req.on_text(text.substr(s.streamed, ready - s.streamed));
+    s.streamed = ready;
+    if (!keep) {
+      s.result.text = text;
+      finish(s, "cancelled");
+      return false;
+    }
+  }
+  if (!last) return true;
+  s.result.text = text;
+  finish(s, stop_token || stop_sequence ? "stop" : "length");
+  return false;
+}
+
+void Engine::finish(Sequence& s, const std::string& reason, const std::string& error) {
+  if (s.done) return;
+  s.done = true;
+  s.result.finish_reason = reason;
+  s.result.error = error;
+  for (const auto& n : s.pinned) cache_->release(n);  // model_mu_ is held by the engine thread
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    if (reason == "error") ++stats_.failed;
+    else if (reason == "cancelled") ++stats_.cancelled;
+    else ++stats_.completed;
+  }
+  s.promise.set_value(s.result);
+}
+
+void Engine::retire() {
+  std::vector<int64_t> keep;
+  for (size_t i = 0; i < running_.size(); ++i)
+    if (!running_[i]->done) keep.push_back(static_cast<int64_t>(i));
+  if (keep.size() == running_.size()) return;
+  std::vector<std::shared_ptr<Sequence>> still;
+  for (int64_t i : keep) still.push_back(running_[static_cast<size_t>(i)]);
+  running_ = std::move(still);
+  if (running_.empty()) {
+    cache_kv_.clear();
+    mask_ = at::Tensor();
+    return;
+  }
+  at::Tensor idx = at::tensor(keep, at::kLong).to(mask_.device());
+  mask_ = mask_.index_select(0, idx);
+  // Drop the leading positions no remaining row uses.
+  const int64_t first = mask_.any(0).to(at::kLong).argmax().item<int64_t>();
+  mask_ = mask_.narrow(1, first, mask_.size(1) - first);
+  for (size_t i = 0; i < cache_kv_.k.size(); ++i) {
+    cache_kv_.k[i] = cache_kv_.k[i].index_select(0, idx).narrow(2, first, mask_.size(1));
+    cache_kv_.v[i] = cache_kv_.v[i].index_select(0, idx).narrow(2, first, mask_.size(1));
+  }
+}
+
+void Engine::drain() {
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    draining_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+// ---- encoders ------------------------------------------------------------------------------------------
+
+at::Tensor Engine::run_encoder(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules,
+                               bool pooled) {
+  if (texts.empty()) throw RequestError(400, "input", "[serve] 'input' is empty; give a string or a list of strings");
+  std::vector<std::vector<int64_t>> ids;
+  int64_t T = 0;
+  for (const auto& t : texts) {
+    ids.push_back(tokenizer_.encode(t));
+    if (ids.back().empty()) ids.back().push_back(std::max<int64_t>(0, model_->config().pad_token_id));
+    if (static_cast<int64_t>(ids.back().size()) > model_->config().max_position)
+      throw RequestError(400, "input", "[serve] input " + std::to_string(ids.size() - 1) + " has " +
+                                           std::to_string(ids.back().size()) + " tokens; the context holds " +
+                                           std::to_string(model_->config().max_position));
+    T = std::max<int64_t>(T, static_cast<int64_t>(ids.back().size()));
+  }
+  const int64_t N = static_cast<int64_t>(texts.size());
+  at::Tensor input = at::full({N, T}, std::max<int64_t>(0, model_->config().pad_token_id), at::kLong);
+  at::Tensor mask = at::zeros({N, T}, at::kLong);
+  for (int64_t i = 0; i < N; ++i) {
+    const auto n = static_cast<int64_t>(ids[static_cast<size_t>(i)].size());
+    input[i].narrow(0, 0, n).copy_(at::tensor(ids[static_cast<size_t>(i)], at::kLong));
+    mask[i].narrow(0, 0, n).fill_(1);
+  }
+  std::lock_guard<std::mutex> lk(model_mu_);
+  torch::NoGradGuard no_grad;
+  RoutingContext rc;
+  rc.modules.assign(static_cast<size_t>(N), modules);
+  ModelInput in;
+  in.input_ids = input.to(model_->device());
+  in.attention_mask = mask.to(model_->device());
+  in.routing = &rc;
+  if (!pooled) return model_->forward(in).to(at::kCPU, at::kFloat);
+  // The hidden states before the head, with this request's modules (what forward() sets up around them).
+  ForwardContext context;
+  context.causal = model_->config().is_decoder();
+  context.input_ids = &in.input_ids;
+  context.routing = &rc;
+  ForwardContextGuard guard(context);
+  at::Tensor h = model_->hidden_states(in).to(at::kFloat);  // (N, T, C)
+  at::Tensor m = in.attention_mask.to(at::kFloat).unsqueeze(-1);
+  return ((h * m).sum(1) / m.sum(1)).to(at::kCPU);
+}
+
+at::Tensor Engine::classify(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules) {
+  if (model_->config().head != HeadKind::sequence_classification)
+    throw RequestError(400, "model", "[serve] the base model (" + model_->config().architecture +
+                                         ") has no sequence classification head");
+  return run_encoder(texts, modules, false);
+}
+
+at::Tensor Engine::embed(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules) {
+  return run_encoder(texts, modules, true);
+}
+
+}  // namespace mdl

@@ -1,0 +1,140 @@
+// The inference engine: one base model, many modules, many requests at once.
+//
+//   submit(request) ─► waiting queue ─► engine thread, each iteration:
+//     admit: up to max_batch running sequences; a new one is prefilled alone (its prompt, its modules)
+//            and its keys/values joined into the batch's KV cache (left-padded, masked)
+//     decode: ONE forward for every running sequence, (B, 1) tokens with per-row positions and a
+//            RoutingContext naming each row's modules; LoRAs of different rows go through the site's
+//            gathered bank (LoraBank), other modules through per-row subsets
+//     sample per row (its own seeded Sampler), stream text, finish rows on a stop token, a stop
+//            sequence, max tokens or the context end; finished rows leave the batch
+//
+// Requests name modules as a list with scales or as a composition expression (resolve()): leaves and
+// merges become per-row module choices, so requests with different modules share every batch. Module
+// directories load on demand into a ModuleCache bounded by a memory budget.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mdl/backbones/generate.h"
+#include "mdl/backbones/model.h"
+#include "mdl/routing/routing_context.h"
+#include "mdl/tokenizers/tokenizer.h"
+
+namespace mdl {
+
+class ModuleSet;
+class ModuleCache;
+
+struct EngineOptions {
+  std::string model_dir;              ///< the base checkpoint (merges are computed against it)
+  std::string modules_dir;            ///< module directories by name; empty: only explicitly loaded modules
+  int64_t max_batch = 32;             ///< running sequences at most
+  int64_t max_queue = 1024;           ///< waiting requests at most (more: refused, HTTP 503)
+  int64_t module_cache_mb = 1024;     ///< memory budget of the module cache
+};
+
+/// One generation request, with its modules already resolved.
+struct CompletionRequest {
+  std::vector<int64_t> prompt;
+  GenerateOptions sampling;
+  std::vector<ModuleChoice> modules;     ///< what this request's rows use (empty: the base model)
+  std::vector<std::string> stop;         ///< stop sequences (text); the text ends before the first one
+  /// Streaming: called on the engine thread with each new piece of text; returning false cancels.
+  std::function<bool(const std::string&)> on_text;
+};
+
+struct CompletionResult {
+  std::vector<int64_t> tokens;
+  std::string text;
+  std::string finish_reason;  ///< stop | length | cancelled | error
+  int64_t prompt_tokens = 0;
+  std::string error;          ///< set when finish_reason is "error"
+};
+
+/// Counters for /metrics.
+struct EngineStats {
+  int64_t requests = 0, completed = 0, failed = 0, cancelled = 0, rejected = 0;
+  int64_t prompt_tokens = 0, generated_tokens = 0;
+  int64_t decode_steps = 0, decode_rows = 0;  ///< rows summed over steps: mean batch = rows / steps
+  int64_t queue_length = 0, running = 0;
+  double busy_seconds = 0;                    ///< time spent in forwards
+  int64_t cache_hits = 0, cache_misses = 0, cache_evictions = 0, cache_bytes = 0, modules_loaded = 0;
+};
+
+class Engine {
+ public:
+  Engine(Model model, Tokenizer tokenizer, EngineOptions options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& config() const { return model_->config(); }
+  const Tokenizer& tokenizer() const { return tokenizer_; }
+
+  /// Module choices from a composition expression ("base" or empty: none), plus `extra` choices;
+  /// loads what is missing. Throws (a client error) naming the unknown module or the unsupported form.
+  std::vector<ModuleChoice> resolve(const std::string& expression, const std::vector<ModuleChoice>& extra = {});
+
+  /// Queues a generation; the future is set when it finishes. Throws when the queue is full or the
+  /// engine is draining.
+  std::future<CompletionResult> submit(CompletionRequest request);
+
+  /// Encoders and classifiers, run at once (no queue): sequence classification logits (N, L), or
+  /// mean-pooled final hidden states (N, C) for embeddings, one row per text.
+  at::Tensor classify(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
+  at::Tensor embed(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
+
+  void load_module(const std::string& name, const std::string& dir);
+  void unload_module(const std::string& name);
+  /// Loaded modules and those the modules directory offers.
+  std::vector<std::string> modules();
+
+  EngineStats stats();
+  /// Stops accepting, finishes every queued and running request, joins the engine thread.
+  void drain();
+
+ private:
+  struct Sequence;
+  void loop();
+  void admit(std::vector<std::shared_ptr<Sequence>>& fresh);
+  void decode();
+  void finish(Sequence& s, const std::string& reason, const std::string& error = "");
+  bool emit(Sequence& s, int64_t token);  // false: the row is done
+  void retire();
+  at::Tensor run_encoder(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules, bool pooled);
+
+  Model model_;
+  Tokenizer tokenizer_;
+  EngineOptions options_;
+  std::unique_ptr<ModuleSet> set_;
+  std::unique_ptr<ModuleCache> cache_;
+  std::mutex model_mu_;  // the model, module set and cache
+
+  std::mutex queue_mu_;  // waiting_, stats_, draining_
+  std::condition_variable wake_;
+  std::deque<std::shared_ptr<Sequence>> waiting_;
+  bool draining_ = false;
+  EngineStats stats_;
+
+  // Owned by the engine thread.
+  std::vector<std::shared_ptr<Sequence>> running_;
+  KVCache cache_kv_;
+  at::Tensor mask_;  // (B, S) 1 = a real cached position of that row
+  std::thread thread_;
+};
+
+}  // namespace mdl

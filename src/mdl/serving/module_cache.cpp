@@ -1,0 +1,137 @@
+#include "mdl/serving/module_cache.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "mdl/aggregation/merge.h"
+#include "mdl/core/error.h"
+#include "mdl/core/log.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/serving/request_error.h"
+
+namespace mdl {
+namespace fs = std::filesystem;
+
+namespace {
+
+/// Module names are directory names: letters, digits, '_', '-', '.', not starting with '.'.
+void check_name(const std::string& name) {
+  const bool ok = !name.empty() && name[0] != '.' && name.size() <= 200 &&
+                  std::all_of(name.begin(), name.end(), [](char c) {
+                    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
+                  });
+  if (!ok)
+    throw RequestError(400, "model", "[serve] invalid module name '" + name +
+                                         "': use letters, digits, '_', '-' and '.' (a directory name)");
+}
+
+}  // namespace
+
+ModuleCache::ModuleCache(ModuleSet& set, ModuleCacheOptions options) : set_(set), options_(std::move(options)) {
+  MDL_CHECK(options_.budget_bytes > 0, "[serve] the module cache budget must be > 0 bytes, got ", options_.budget_bytes);
+}
+
+void ModuleCache::acquire(const std::string& name, const std::string& dir) {
+  auto it = entries_.find(name);
+  if (it != entries_.end()) {
+    ++stats_.hits;
+    lru_.splice(lru_.begin(), lru_, it->second.lru);
+  } else {
+    ++stats_.misses;
+    std::string path = dir;
+    if (path.empty() && known_.count(name)) path = known_.at(name);  // evicted earlier: reload from where it was
+    if (path.empty()) {
+      check_name(name);
+      if (options_.modules_dir.empty())
+        throw RequestError(404, "model", "[serve] unknown module '" + name + "': the server has no modules directory");
+      path = (fs::path(options_.modules_dir) / name).string();
+      if (!fs::is_directory(path) || !is_module_dir(path))
+        throw RequestError(404, "model", "[serve] unknown module '" + name + "': no module directory '" + path + "'");
+    }
+    insert(name, path);
+    it = entries_.find(name);
+  }
+  ++it->second.pins;
+}
+
+void ModuleCache::release(const std::string& name) {
+  auto it = entries_.find(name);
+  if (it != entries_.end() && it->second.pins > 0) --it->second.pins;
+}
+
+void ModuleCache::load(const std::string& name, const std::string& dir) {
+  check_name(name);
+  if (entries_.count(name)) throw RequestError(409, "name", "[serve] module '" + name + "' is already loaded; unload it first");
+  if (!fs::is_directory(dir) || !is_module_dir(dir))
+    throw RequestError(400, "path", "[serve] '" + dir + "' is not a module directory (no module.json, adapter_config.json "
+                                    "or AdapterHub files)");
+  insert(name, dir);
+}
+
+void ModuleCache::unload(const std::string& name) {
+  known_.erase(name);  // an explicit unload forgets the directory; an eviction (drop) keeps it
+  drop(name);
+}
+
+void ModuleCache::drop(const std::string& name) {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) throw RequestError(404, "name", "[serve] module '" + name + "' is not loaded");
+  if (it->second.pins > 0)
+    throw RequestError(409, "name", "[serve] module '" + name + "' is in use by " + std::to_string(it->second.pins) +
+                                        " request(s); retry when they finish");
+  set_.remove(name);
+  stats_.bytes -= it->second.bytes;
+  lru_.erase(it->second.lru);
+  entries_.erase(it);
+  stats_.loaded = static_cast<int64_t>(entries_.size());
+}
+
+std::vector<std::string> ModuleCache::available() const {
+  std::vector<std::string> out;
+  for (const auto& [name, e] : entries_) out.push_back(name);
+  if (!options_.modules_dir.empty() && fs::is_directory(options_.modules_dir))
+    for (const auto& d : fs::directory_iterator(options_.modules_dir)) {
+      const std::string name = d.path().filename().string();
+      if (name.empty() || name[0] == '.' || !d.is_directory() || !is_module_dir(d.path().string())) continue;
+      if (!entries_.count(name)) out.push_back(name);
+    }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+void ModuleCache::insert(const std::string& name, const std::string& dir) {
+  set_.load(dir, name);
+  int64_t bytes = 0;
+  for (const auto& [k, t] : set_.tensors(name)) bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  try {
+    evict_for(bytes);
+  } catch (...) {
+    set_.remove(name);
+    throw;
+  }
+  lru_.push_front(name);
+  entries_[name] = Entry{dir, bytes, 0, lru_.begin()};
+  known_[name] = dir;
+  stats_.bytes += bytes;
+  stats_.loaded = static_cast<int64_t>(entries_.size());
+}
+
+void ModuleCache::evict_for(int64_t bytes) {
+  // Least recently used first; pinned modules stay (the budget may then be exceeded until they finish).
+  for (auto it = lru_.rbegin(); it != lru_.rend() && stats_.bytes + bytes > options_.budget_bytes;) {
+    const std::string victim = *it;
+    ++it;
+    if (entries_.at(victim).pins > 0) continue;
+    drop(victim);
+    ++stats_.evictions;
+    log_info("[serve] evicted module '" + victim + "' (cache budget " + std::to_string(options_.budget_bytes >> 20) + " MiB)");
+    it = lru_.rbegin();  // the list changed
+  }
+  if (stats_.bytes + bytes > options_.budget_bytes)
+    log_warn("[serve] module cache over budget: " + std::to_string(stats_.bytes + bytes) + " > " +
+             std::to_string(options_.budget_bytes) + " bytes (modules in use are not evicted)");
+}
+
+}  // namespace mdl

@@ -1,0 +1,60 @@
+// The modules a server has in memory: loaded on demand from the modules directory into the one
+// ModuleSet on the base model, bounded by a memory budget, least recently used evicted first. Modules a
+// running request uses are pinned and never evicted. Not thread-safe: the Engine serialises calls.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mdl {
+
+class ModuleSet;
+
+struct ModuleCacheOptions {
+  std::string modules_dir;              ///< module directories by name (native, PEFT or AdapterHub)
+  int64_t budget_bytes = int64_t{1} << 30;  ///< module tensors kept in memory at most (pinned ones may exceed it)
+};
+
+struct ModuleCacheStats {
+  int64_t hits = 0, misses = 0, evictions = 0, bytes = 0, loaded = 0;
+};
+
+class ModuleCache {
+ public:
+  ModuleCache(ModuleSet& set, ModuleCacheOptions options);
+  /// Makes module `name` resident (loading `dir`; when empty, where it was loaded from before, else
+  /// <modules_dir>/<name>) and pins it once; throws RequestError 404 naming the directory searched.
+  void acquire(const std::string& name, const std::string& dir = "");
+  /// Unpins once (the module stays cached until evicted).
+  void release(const std::string& name);
+  /// Loads `dir` under `name` now (POST /v1/modules); replaces nothing: a loaded name is an error.
+  void load(const std::string& name, const std::string& dir);
+  /// Unloads `name`; refuses while a request uses it.
+  void unload(const std::string& name);
+  bool resident(const std::string& name) const { return entries_.count(name) > 0; }
+  /// Resident modules, and directories under modules_dir that could be loaded, sorted.
+  std::vector<std::string> available() const;
+  const ModuleCacheStats& stats() const { return stats_; }
+
+ private:
+  struct Entry {
+    std::string dir;
+    int64_t bytes = 0;
+    int64_t pins = 0;
+    std::list<std::string>::iterator lru;  // position in lru_ (front: most recent)
+  };
+  void insert(const std::string& name, const std::string& dir);
+  void evict_for(int64_t bytes);
+  void drop(const std::string& name);
+  ModuleSet& set_;
+  ModuleCacheOptions options_;
+  std::map<std::string, Entry> entries_;
+  std::map<std::string, std::string> known_;  // every module loaded so far -> its directory
+  std::list<std::string> lru_;
+  ModuleCacheStats stats_;
+};
+
+}  // namespace mdl

@@ -1,0 +1,418 @@
+#include "mdl/serving/server.h"
+
+#include <ATen/ATen.h>
+#include <httplib.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
+
+#include "mdl/core/log.h"
+#include "mdl/serving/chat_template.h"
+#include "mdl/serving/engine.h"
+#include "mdl/serving/request_error.h"
+
+namespace mdl {
+namespace {
+
+using nlohmann::json;
+
+const char* error_type(int status) {
+  switch (status) {
+    case 404: return "not_found_error";
+    case 409: return "conflict_error";
+    case 413: return "request_too_large";
+    case 503: return "overloaded_error";
+    default: return status >= 500 ? "server_error" : "invalid_request_error";
+  }
+}
+
+void send_error(httplib::Response& res, int status, const std::string& message, const std::string& param = "") {
+  res.status = status;
+  json e = {{"message", message}, {"type", error_type(status)}, {"code", status}};
+  e["param"] = param.empty() ? json(nullptr) : json(param);
+  res.set_content(json({{"error", e}}).dump(), "application/json");
+}
+
+json parse_body(const httplib::Request& req) {
+  json j = json::parse(req.body, nullptr, false);
+  if (j.is_discarded()) throw RequestError(400, "", "[serve] the body is not valid JSON");
+  if (!j.is_object()) throw RequestError(400, "", std::string("[serve] the body must be a JSON object, found ") + j.type_name());
+  return j;
+}
+
+// Typed optional fields: a wrong type is a 400 naming the field, the expected and the found type.
+template <class T>
+T field(const json& j, const char* name, T fallback) {
+  if (!j.contains(name) || j[name].is_null()) return fallback;
+  const json& v = j[name];
+  bool ok;
+  const char* want;
+  if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean(), want = "a boolean";
+  else if constexpr (std::is_integral_v<T>) ok = v.is_number_integer(), want = "an integer";
+  else if constexpr (std::is_floating_point_v<T>) ok = v.is_number(), want = "a number";
+  else ok = v.is_string(), want = "a string";
+  if (!ok) throw RequestError(400, name, std::string("[serve] '") + name + "' must be " + want + ", found " + v.type_name());
+  return v.get<T>();
+}
+
+/// "modules": ["name", "name:0.5", {"name": ..., "scale": ...}]
+std::vector<ModuleChoice> module_list(const json& j) {
+  std::vector<ModuleChoice> out;
+  if (!j.contains("modules") || j["modules"].is_null()) return out;
+  const json& m = j["modules"];
+  if (!m.is_array()) throw RequestError(400, "modules", std::string("[serve] 'modules' must be an array, found ") + m.type_name());
+  for (size_t i = 0; i < m.size(); ++i) {
+    const std::string where = "modules[" + std::to_string(i) + "]";
+    ModuleChoice c;
+    if (m[i].is_string()) {
+      const std::string s = m[i].get<std::string>();
+      const size_t colon = s.rfind(':');
+      c.name = s.substr(0, colon);
+      if (colon != std::string::npos) {
+        try {
+          size_t used = 0;
+          c.scale = std::stod(s.substr(colon + 1), &used);
+          if (used != s.size() - colon - 1) throw std::invalid_argument("trailing");
+        } catch (const std::exception&) {
+          throw RequestError(400, where, "[serve] " + where + " '" + s + "': the scale after ':' must be a number");
+        }
+      }
+    } else if (m[i].is_object() && m[i].contains("name") && m[i]["name"].is_string()) {
+      c.name = m[i]["name"].get<std::string>();
+      c.scale = field<double>(m[i], "scale", 1.0);
+    } else {
+      throw RequestError(400, where, "[serve] " + where + " must be \"name[:scale]\" or {\"name\", \"scale\"}");
+    }
+    out.push_back(c);
+  }
+  return out;
+}
+
+GenerateOptions sampling(const json& j) {
+  GenerateOptions o;
+  o.max_tokens = field<int64_t>(j, "max_tokens", 16);
+  o.temperature = field<double>(j, "temperature", 1.0);
+  o.top_p = field<double>(j, "top_p", 1.0);
+  o.top_k = field<int64_t>(j, "top_k", 0);
+  o.seed = static_cast<uint64_t>(field<int64_t>(j, "seed", 0));
+  if (o.max_tokens < 1) throw RequestError(400, "max_tokens", "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
+  if (o.temperature < 0 || o.temperature > 100)
+    throw RequestError(400, "temperature", "[serve] 'temperature' must be in [0, 100], got " + std::to_string(o.temperature));
+  if (!(o.top_p > 0 && o.top_p <= 1)) throw RequestError(400, "top_p", "[serve] 'top_p' must be in (0, 1], got " + std::to_string(o.top_p));
+  if (o.top_k < 0) throw RequestError(400, "top_k", "[serve] 'top_k' must be >= 0, got " + std::to_string(o.top_k));
+  return o;
+}
+
+std::vector<std::string> stop_list(const json& j) {
+  std::vector<std::string> out;
+  if (!j.contains("stop") || j["stop"].is_null()) return out;
+  const json& s = j["stop"];
+  if (s.is_string()) return {s.get<std::string>()};
+  if (!s.is_array() || s.size() > 4)
+    throw RequestError(400, "stop", "[serve] 'stop' must be a string or an array of at most 4 strings");
+  for (const auto& x : s) {
+    if (!x.is_string()) throw RequestError(400, "stop", "[serve] 'stop' entries must be strings");
+    out.push_back(x.get<std::string>());
+  }
+  return out;
+}
+
+std::vector<std::string> inputs(const json& j) {
+  if (!j.contains("input")) throw RequestError(400, "input", "[serve] missing field 'input' (a string or a list of strings)");
+  const json& in = j["input"];
+  if (in.is_string()) return {in.get<std::string>()};
+  std::vector<std::string> out;
+  if (in.is_array())
+    for (const auto& x : in) {
+      if (!x.is_string()) throw RequestError(400, "input", "[serve] 'input' entries must be strings");
+      out.push_back(x.get<std::string>());
+    }
+  else
+    throw RequestError(400, "input", std::string("[serve] 'input' must be a string or a list of strings, found ") + in.type_name());
+  return out;
+}
+
+int64_t now_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+/// Text chunks from the engine thread to a streaming response.
+struct Stream {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::string> chunks;
+  std::atomic<bool> gone{false};  // the client disconnected
+};
+
+}  // namespace
+
+struct Server::Impl {
+  Engine& engine;
+  ServerOptions options;
+  httplib::Server http;
+  ChatFormat chat = ChatFormat::none;
+  std::vector<std::string> labels;  // config.json id2label, by id
+  std::atomic<int64_t> http_errors{0}, next_id{0};
+
+  Impl(Engine& e, ServerOptions o) : engine(e), options(std::move(o)) {
+    chat = options.model_dir.empty() ? ChatFormat::none : chat_format(options.model_dir);
+    std::ifstream config(options.model_dir + "/config.json");
+    const json c = config ? json::parse(config, nullptr, false) : json();
+    if (c.is_object() && c.contains("id2label") && c["id2label"].is_object())
+      for (const auto& [k, v] : c["id2label"].items()) {
+        const size_t i = static_cast<size_t>(std::strtoul(k.c_str(), nullptr, 10));
+        if (i < 4096 && v.is_string()) {
+          if (labels.size() <= i) labels.resize(i + 1);
+          labels[i] = v.get<std::string>();
+        }
+      }
+    const int threads = options.threads > 0 ? options.threads : static_cast<int>(2 * options.max_batch + 8);
+    http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+    http.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
+    http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
+      ++http_errors;
+      if (!res.body.empty()) return;
+      if (res.status == 413)
+        send_error(res, 413, "[serve] the body is over the limit of " + std::to_string(options.max_body_bytes) + " bytes");
+      else if (res.status == 404)
+        send_error(res, 404, "[serve] no such endpoint; see GET /v1/models, POST /v1/completions");
+      else
+        send_error(res, res.status, "[serve] request failed with status " + std::to_string(res.status));
+    });
+    http.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+      try {
+        std::rethrow_exception(ep);
+      } catch (const RequestError& e) {
+        send_error(res, e.status(), e.what(), e.param());
+      } catch (const std::exception& e) {
+        send_error(res, 400, e.what());  // mdl::Error from validation deeper down: the request was at fault
+      } catch (...) {
+        send_error(res, 500, "[serve] unknown failure");
+      }
+    });
+    routes();
+  }
+
+  std::string id(const char* prefix) { return std::string(prefix) + std::to_string(now_seconds()) + "-" + std::to_string(next_id++); }
+
+  void routes() {
+    http.Get("/health", [](const httplib::Request&, httplib::Response& res) {
+      res.set_content(R"({"status":"ok"})", "application/json");
+    });
+    http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      json data = json::array({{{"id", "base"}, {"object", "model"}, {"owned_by", "mdl"}}});
+      for (const auto& m : engine.modules()) data.push_back({{"id", m}, {"object", "model"}, {"owned_by", "mdl"}, {"parent", "base"}});
+      res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
+    });
+    http.Post("/v1/modules", [this](const httplib::Request& req, httplib::Response& res) {
+      const json j = parse_body(req);
+      const std::string name = field<std::string>(j, "name", ""), path = field<std::string>(j, "path", "");
+      if (name.empty() || path.empty()) throw RequestError(400, name.empty() ? "name" : "path", "[serve] give 'name' and 'path'");
+      engine.load_module(name, path);
+      res.status = 201;
+      res.set_content(json({{"id", name}, {"object", "model"}, {"loaded", true}}).dump(), "application/json");
+    });
+    http.Delete(R"(/v1/modules/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+      engine.unload_module(req.matches[1]);
+      res.set_content(json({{"id", std::string(req.matches[1])}, {"deleted", true}}).dump(), "application/json");
+    });
+    http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      const json j = parse_body(req);
+      if (!j.contains("prompt")) throw RequestError(400, "prompt", "[serve] missing field 'prompt'");
+      const json& p = j["prompt"];
+      std::vector<int64_t> prompt;
+      if (p.is_string()) {
+        prompt = engine.tokenizer().encode(p.get<std::string>());
+      } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+        for (const auto& t : p) {
+          if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= engine.config().vocab_size)
+            throw RequestError(400, "prompt", "[serve] 'prompt' token ids must be integers in [0, " +
+                                                  std::to_string(engine.config().vocab_size) + ")");
+          prompt.push_back(t.get<int64_t>());
+        }
+      } else {
+        throw RequestError(400, "prompt", "[serve] 'prompt' must be a string or an array of token ids (one prompt per request)");
+      }
+      complete(j, std::move(prompt), res, false);
+    });
+    http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      const json j = parse_body(req);
+      if (chat == ChatFormat::none)
+        throw RequestError(400, "model", "[serve] the checkpoint has no chat template (tokenizer_config.json chat_template); use /v1/completions");
+      if (chat == ChatFormat::unsupported)
+        throw RequestError(400, "model", "[serve] the checkpoint's chat template is neither ChatML nor Llama 3, the formats mdl renders");
+      if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].empty())
+        throw RequestError(400, "messages", "[serve] 'messages' must be a non-empty array of {\"role\", \"content\"}");
+      std::vector<std::pair<std::string, std::string>> messages;
+      for (size_t i = 0; i < j["messages"].size(); ++i) {
+        const json& m = j["messages"][i];
+        if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") || !m["content"].is_string())
+          throw RequestError(400, "messages", "[serve] messages[" + std::to_string(i) + "] must be {\"role\": str, \"content\": str}");
+        messages.emplace_back(m["role"].get<std::string>(), m["content"].get<std::string>());
+      }
+      complete(j, engine.tokenizer().encode(render_chat(chat, messages), false), res, true);
+    });
+    http.Post("/v1/classify", [this](const httplib::Request& req, httplib::Response& res) {
+      const json j = parse_body(req);
+      const auto texts = inputs(j);
+      at::Tensor logits = engine.classify(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)));
+      at::Tensor probs = at::softmax(logits, -1);
+      json data = json::array();
+      for (int64_t i = 0; i < logits.size(0); ++i) {
+        const int64_t k = probs[i].argmax().item<int64_t>();
+        std::vector<double> p(static_cast<size_t>(probs.size(1)));
+        for (int64_t c = 0; c < probs.size(1); ++c) p[static_cast<size_t>(c)] = probs[i][c].item<double>();
+        const std::string label = k < static_cast<int64_t>(labels.size()) && !labels[static_cast<size_t>(k)].empty()
+                                      ? labels[static_cast<size_t>(k)] : "LABEL_" + std::to_string(k);
+        data.push_back({{"index", i}, {"label", label}, {"label_id", k}, {"scores", p}});
+      }
+      res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
+    });
+    http.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res) {
+      const json j = parse_body(req);
+      const auto texts = inputs(j);
+      at::Tensor e = engine.embed(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j))).contiguous();
+      json data = json::array();
+      for (int64_t i = 0; i < e.size(0); ++i) {
+        const float* row = e[i].data_ptr<float>();
+        data.push_back({{"object", "embedding"}, {"index", i}, {"embedding", std::vector<float>(row, row + e.size(1))}});
+      }
+      res.set_content(json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}}).dump(),
+                      "application/json");
+    });
+    http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { res.set_content(metrics(), "text/plain; version=0.0.4"); });
+  }
+
+  void complete(const json& j, std::vector<int64_t> prompt, httplib::Response& res, bool chat_api) {
+    const std::string model = field<std::string>(j, "model", "base");
+    CompletionRequest r;
+    r.prompt = std::move(prompt);
+    r.sampling = sampling(j);
+    r.stop = stop_list(j);
+    r.modules = engine.resolve(model, module_list(j));
+    const bool stream = field<bool>(j, "stream", false);
+    const std::string rid = id(chat_api ? "chatcmpl-" : "cmpl-");
+    const int64_t created = now_seconds();
+    // Captured by value: the streaming provider runs after this function has returned.
+    auto choice = [chat_api, stream](const std::string& text, const json& finish) {
+      json c = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
+      if (chat_api) c[stream ? "delta" : "message"] = {{"role", "assistant"}, {"content", text}};
+      else c["text"] = text;
+      return c;
+    };
+    const std::string object = chat_api ? (stream ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+    if (!stream) {
+      CompletionResult out = engine.submit(std::move(r)).get();
+      if (out.finish_reason == "error") throw RequestError(500, "", "[serve] generation failed: " + out.error);
+      const auto n = static_cast<int64_t>(out.tokens.size());
+      res.set_content(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+                            {"choices", json::array({choice(out.text, out.finish_reason)})},
+                            {"usage", {{"prompt_tokens", out.prompt_tokens}, {"completion_tokens", n},
+                                       {"total_tokens", out.prompt_tokens + n}}}})
+                          .dump(),
+                      "application/json");
+      return;
+    }
+    auto s = std::make_shared<Stream>();
+    r.on_text = [s](const std::string& text) {
+      if (s->gone) return false;
+      {
+        std::lock_guard<std::mutex> lk(s->mu);
+        s->chunks.push_back(text);
+      }
+      s->cv.notify_one();
+      return true;
+    };
+    auto future = std::make_shared<std::future<CompletionResult>>(engine.submit(std::move(r)));  // errors: a 4xx here
+    auto event = [=](const std::string& text, const json& finish) {
+      return "data: " + json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+                              {"choices", json::array({choice(text, finish)})}}).dump() + "\n\n";
+    };
+    res.set_chunked_content_provider("text/event-stream", [s, future, event](size_t, httplib::DataSink& sink) {
+      for (;;) {
+        std::deque<std::string> ready;
+        {
+          std::unique_lock<std::mutex> lk(s->mu);
+          s->cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return !s->chunks.empty(); });
+          ready.swap(s->chunks);
+        }
+        for (const auto& text : ready) {
+          const std::string e = event(text, nullptr);
+          if (!sink.write(e.data(), e.size())) {
+            s->gone = true;  // the engine cancels the sequence at its next token
+            return false;
+          }
+        }
+        if (future->wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
+        std::lock_guard<std::mutex> lk(s->mu);
+        if (!s->chunks.empty()) continue;  // text that arrived with the end
+        CompletionResult out = future->get();
+        std::string tail = out.finish_reason == "error"
+                               ? "data: " + json({{"error", {{"message", out.error}, {"type", "server_error"}}}}).dump() + "\n\n"
+                               : event("", out.finish_reason);
+        tail += "data: [DONE]\n\n";
+        sink.write(tail.data(), tail.size());
+        sink.done();
+        return true;
+      }
+    });
+  }
+
+  std::string metrics() {
+    const EngineStats s = engine.stats();
+    std::string out;
+    auto metric = [&](const char* name, const char* type, const char* help, double value) {
+      char number[32];
+      std::snprintf(number, sizeof(number), "%.10g", value);
+      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " + number + "\n";
+    };
+    metric("mdl_requests_total", "counter", "generation requests accepted", static_cast<double>(s.requests));
+    metric("mdl_requests_completed_total", "counter", "generation requests finished", static_cast<double>(s.completed));
+    metric("mdl_requests_failed_total", "counter", "generation requests failed in the engine", static_cast<double>(s.failed));
+    metric("mdl_requests_cancelled_total", "counter", "streams whose client went away", static_cast<double>(s.cancelled));
+    metric("mdl_requests_rejected_total", "counter", "requests refused for a full queue or shutdown", static_cast<double>(s.rejected));
+    metric("mdl_http_errors_total", "counter", "HTTP responses with status >= 400", static_cast<double>(http_errors.load()));
+    metric("mdl_prompt_tokens_total", "counter", "prompt tokens prefilled", static_cast<double>(s.prompt_tokens));
+    metric("mdl_generated_tokens_total", "counter", "tokens generated", static_cast<double>(s.generated_tokens));
+    metric("mdl_tokens_per_second", "gauge", "generated tokens per second of engine work",
+           s.busy_seconds > 0 ? static_cast<double>(s.generated_tokens) / s.busy_seconds : 0.0);
+    metric("mdl_decode_steps_total", "counter", "batched decoding steps", static_cast<double>(s.decode_steps));
+    metric("mdl_batch_size_mean", "gauge", "mean rows per decoding step",
+           s.decode_steps ? static_cast<double>(s.decode_rows) / static_cast<double>(s.decode_steps) : 0.0);
+    metric("mdl_queue_length", "gauge", "requests waiting", static_cast<double>(s.queue_length));
+    metric("mdl_running_sequences", "gauge", "sequences in the running batch", static_cast<double>(s.running));
+    metric("mdl_module_cache_hits_total", "counter", "module lookups served from memory", static_cast<double>(s.cache_hits));
+    metric("mdl_module_cache_misses_total", "counter", "module lookups that loaded from disk", static_cast<double>(s.cache_misses));
+    metric("mdl_module_cache_evictions_total", "counter", "modules evicted for the memory budget", static_cast<double>(s.cache_evictions));
+    metric("mdl_module_cache_bytes", "gauge", "bytes of module tensors in memory", static_cast<double>(s.cache_bytes));
+    metric("mdl_modules_loaded", "gauge", "modules in memory", static_cast<double>(s.modules_loaded));
+    return out;
+  }
+};
+
+Server::Server(Engine& engine, ServerOptions options) : impl_(std::make_unique<Impl>(engine, std::move(options))) {}
+Server::~Server() = default;
+
+int Server::bind() {
+  auto& o = impl_->options;
+  if (o.port == 0) {
+    const int port = impl_->http.bind_to_any_port(o.host);
+    MDL_CHECK(port > 0, "[serve] cannot bind ", o.host, " to any port");
+    o.port = port;
+    return port;
+  }
+  MDL_CHECK(impl_->http.bind_to_port(o.host, o.port), "[serve] cannot bind ", o.host, ":", o.port,
+            " (in use? choose another --port)");
+  return o.port;
+}
+
+void Server::listen() { impl_->http.listen_after_bind(); }
+
+void Server::stop() { impl_->http.stop(); }
+
+}  // namespace mdl

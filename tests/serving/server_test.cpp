@@ -1,0 +1,360 @@
+// Starts the real `mdl serve` on 127.0.0.1 and drives it with an HTTP client (cpp-httplib): completions
+// with and without modules equal the library's generate(); a batch that mixes modules equals each
+// request run alone; streaming, runtime module loading, chat, embeddings, metrics; every error case
+// returns its status and JSON body while the server keeps serving; SIGTERM finishes what is in flight.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "mdl/backbones/generate.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/serving/chat_template.h"
+#include "mdl/tokenizers/tokenizer.h"
+#include "test_util.h"
+
+namespace mdl {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct Process {
+  pid_t pid = -1;
+  int port = 0;
+};
+
+Process start_server(const std::string& model, const std::string& modules, const std::string& port_file,
+                     const std::vector<std::string>& extra = {}) {
+  fs::remove(port_file);
+  const char* bin = std::getenv("MDL_BIN");
+  EXPECT_NE(bin, nullptr) << "MDL_BIN is not set (run through ctest)";
+  std::vector<std::string> args = {"mdl", "--log-level", "warn", "serve", "--model", model, "--modules", modules,
+                                   "--port", "0", "--port-file", port_file, "--max-batch", "8"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  Process p;
+  p.pid = fork();
+  if (p.pid == 0) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    freopen("/dev/null", "w", stdout);
+    execv(bin, argv.data());
+    _exit(127);
+  }
+  for (int i = 0; i < 600 && !fs::exists(port_file); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_TRUE(fs::exists(port_file)) << "mdl serve did not start";
+  if (fs::exists(port_file)) p.port = std::stoi(test::read_file(port_file));
+  return p;
+}
+
+json post(int port, const std::string& path, const std::string& body, int* status = nullptr) {
+  httplib::Client c("127.0.0.1", port);
+  c.set_read_timeout(120);
+  auto r = c.Post(path.c_str(), body, "application/json");
+  EXPECT_TRUE(r) << "no response from " << path;
+  if (!r) return json();
+  if (status) *status = r->status;
+  return json::parse(r->body, nullptr, false);
+}
+
+json post(int port, const std::string& path, const json& body, int* status = nullptr) {
+  return post(port, path, body.dump(), status);
+}
+
+class Serve : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new test::TempDir();
+    model_ = *dir_ / "model";
+    modules_ = *dir_ / "modules";
+    const std::string init = std::string(std::getenv("MDL_BIN")) + " init-model --arch llama --preset tiny --seed 3 --out " +
+                             model_ + " > /dev/null";
+    ASSERT_EQ(std::system(init.c_str()), 0);
+    // A ChatML template, so /v1/chat/completions has something to render.
+    json tc = json::parse(test::read_file(model_ + "/tokenizer_config.json"), nullptr, false);
+    if (!tc.is_object()) tc = json::object();
+    tc["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    test::write_file(model_ + "/tokenizer_config.json", tc.dump());
+    // LoRAs of ranks 2, 4, 8 and an adapter, all with random (non-zero) weights so that they matter.
+    ModuleSet set(load_model(model_));
+    for (const auto& [name, r] : std::vector<std::pair<std::string, int64_t>>{{"lora_a", 4}, {"lora_b", 8}, {"lora_c", 2}}) {
+      ModuleConfig c;
+      c.lora.r = r;
+      c.lora.alpha = 2.0 * static_cast<double>(r);
+      c.lora.init = "random";
+      c.seed = static_cast<uint64_t>(r);
+      c.targets.target_modules = {"all-linear"};
+      set.add(name, c);
+      set.save(name, modules_ + "/" + name);
+    }
+    ModuleConfig adapter;
+    adapter.type = "adapter";
+    set.add("adapter_x", adapter);
+    {
+      torch::NoGradGuard g;
+      for (auto& [k, t] : set.tensors("adapter_x")) t.normal_(0, 0.2);
+    }
+    set.save("adapter_x", modules_ + "/adapter_x");
+    server_ = new Process(start_server(model_, modules_, *dir_ / "port", {"--max-body-bytes", "65536"}));
+  }
+  static void TearDownTestSuite() {
+    if (server_ && server_->pid > 0) {
+      kill(server_->pid, SIGKILL);
+      waitpid(server_->pid, nullptr, 0);
+    }
+    delete server_;
+    delete dir_;
+  }
+
+  /// What the library generates for `prompt` with `modules` active (greedy unless told otherwise).
+  static std::string library_text(const std::string& prompt, const std::vector<std::string>& modules, int64_t max_tokens,
+                                  double temperature = 0, uint64_t seed = 0) {
+    ModuleSet set(load_model(model_));
+    for (const auto& m : modules) set.load(modules_ + "/" + m, m);
+    Tokenizer tok = Tokenizer::from_file(model_);
+    GenerateOptions o;
+    o.max_tokens = max_tokens;
+    o.temperature = temperature;
+    o.seed = seed;
+    GenerateResult r = generate(*set.model(), tok.encode(prompt), o);
+    if (r.finish_reason == "stop") r.tokens.pop_back();
+    return tok.decode(r.tokens);
+  }
+
+  static json complete(const std::string& model, const std::string& prompt, int64_t max_tokens, double temperature = 0,
+                       int64_t seed = 0) {
+    int status = 0;
+    json r = post(server_->port, "/v1/completions",
+                  json({{"model", model}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", temperature},
+                        {"seed", seed}}),
+                  &status);
+    EXPECT_EQ(status, 200) << r.dump();
+    return r;
+  }
+
+  static test::TempDir* dir_;
+  static std::string model_, modules_;
+  static Process* server_;
+};
+test::TempDir* Serve::dir_ = nullptr;
+std::string Serve::model_, Serve::modules_;
+Process* Serve::server_ = nullptr;
+
+TEST_F(Serve, CompletionsEqualTheLibrarysGenerate) {
+  for (const std::string model : {"base", "lora_a", "adapter_x"}) {
+    json r = complete(model, "the cat sat", 10);
+    ASSERT_TRUE(r.contains("choices")) << r.dump();
+    const std::string want = library_text("the cat sat", model == "base" ? std::vector<std::string>{} : std::vector<std::string>{model}, 10);
+    EXPECT_EQ(r["choices"][0]["text"].get<std::string>(), want) << model;
+    EXPECT_EQ(r["object"], "text_completion");
+    EXPECT_GT(r["usage"]["prompt_tokens"].get<int64_t>(), 0);
+  }
+  // The modules really change the output.
+  EXPECT_NE(complete("lora_a", "the cat sat", 10)["choices"][0]["text"], complete("base", "the cat sat", 10)["choices"][0]["text"]);
+}
+
+TEST_F(Serve, MixedBatchEqualsEachRequestAlone) {
+  const std::vector<std::string> models = {"base", "lora_a", "lora_b", "lora_c", "adapter_x", "lora_a:0.5 + lora_b:0.5",
+                                           "lora_c", "lora_b"};
+  const std::vector<std::string> prompts = {"a dog", "the cat sat on", "one", "my fox ran", "her", "the", "a cat", "dog dog"};
+  std::vector<std::string> alone;
+  for (size_t i = 0; i < models.size(); ++i)
+    alone.push_back(complete(models[i], prompts[i], 12, i % 2 ? 0.8 : 0.0, static_cast<int64_t>(i))["choices"][0]["text"]);
+  std::vector<std::future<json>> together;
+  for (size_t i = 0; i < models.size(); ++i)
+    together.push_back(std::async(std::launch::async, [&, i] {
+      return complete(models[i], prompts[i], 12, i % 2 ? 0.8 : 0.0, static_cast<int64_t>(i));
+    }));
+  for (size_t i = 0; i < models.size(); ++i) EXPECT_EQ(together[i].get()["choices"][0]["text"], alone[i]) << models[i];
+  // The engine did batch them.
+  httplib::Client c("127.0.0.1", server_->port);
+  auto m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_NE(m->body.find("mdl_batch_size_mean"), std::string::npos);
+  EXPECT_NE(m->body.find("mdl_module_cache_hits_total"), std::string::npos);
+}
+
+TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
+  const std::string whole = complete("lora_b", "the cat sat", 16)["choices"][0]["text"];
+  httplib::Client c("127.0.0.1", server_->port);
+  std::string body;
+  auto r = c.Post("/v1/completions",
+                  json({{"model", "lora_b"}, {"prompt", "the cat sat"}, {"max_tokens", 16}, {"temperature", 0}, {"stream", true}})
+                      .dump(),
+                  "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_NE(r->get_header_value("Content-Type").find("text/event-stream"), std::string::npos);
+  std::string text;
+  size_t events = 0;
+  bool done = false, finished = false;
+  for (size_t at = 0; (at = r->body.find("data: ", at)) != std::string::npos; at += 6) {
+    const std::string line = r->body.substr(at + 6, r->body.find("\n\n", at) - at - 6);
+    if (line == "[DONE]") {
+      done = true;
+      continue;
+    }
+    json e = json::parse(line);
+    text += e["choices"][0]["text"].get<std::string>();
+    finished = finished || !e["choices"][0]["finish_reason"].is_null();
+    ++events;
+  }
+  EXPECT_TRUE(done && finished);
+  EXPECT_GE(events, 2u);
+  EXPECT_EQ(text, whole);
+}
+
+TEST_F(Serve, ModulesLoadAndUnloadAtRuntime) {
+  int status = 0;
+  json r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status);
+  EXPECT_EQ(status, 201) << r.dump();
+  httplib::Client c("127.0.0.1", server_->port);
+  auto models = c.Get("/v1/models");
+  ASSERT_TRUE(models);
+  EXPECT_NE(models->body.find("\"extra\""), std::string::npos);
+  EXPECT_NE(models->body.find("\"lora_c\""), std::string::npos);  // offered by the modules directory
+  EXPECT_EQ(complete("extra", "my fox", 8)["choices"][0]["text"], complete("lora_b", "my fox", 8)["choices"][0]["text"]);
+  r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status);
+  EXPECT_EQ(status, 409) << r.dump();
+  auto del = c.Delete("/v1/modules/extra");
+  ASSERT_TRUE(del);
+  EXPECT_EQ(del->status, 200);
+  r = post(server_->port, "/v1/completions", json({{"model", "extra"}, {"prompt", "x"}}), &status);
+  EXPECT_EQ(status, 404);
+  EXPECT_EQ(r["error"]["param"], "model");
+  del = c.Delete("/v1/modules/extra");
+  EXPECT_EQ(del->status, 404);
+}
+
+TEST_F(Serve, ChatEmbeddingsAndMetrics) {
+  int status = 0;
+  json chat = post(server_->port, "/v1/chat/completions",
+                   json({{"messages", {{{"role", "user"}, {"content", "hello"}}}}, {"max_tokens", 6}, {"temperature", 0}}), &status);
+  ASSERT_EQ(status, 200) << chat.dump();
+  EXPECT_EQ(chat["object"], "chat.completion");
+  // The same as a completion of the rendered prompt's tokens.
+  Tokenizer tok = Tokenizer::from_file(model_);
+  const auto ids = tok.encode(render_chat(ChatFormat::chatml, {{"user", "hello"}}), false);
+  json plain = post(server_->port, "/v1/completions", json({{"prompt", ids}, {"max_tokens", 6}, {"temperature", 0}}), &status);
+  EXPECT_EQ(chat["choices"][0]["message"]["content"], plain["choices"][0]["text"]);
+  json emb = post(server_->port, "/v1/embeddings", json({{"input", {"a cat", "a dog"}}, {"model", "lora_a"}}), &status);
+  ASSERT_EQ(status, 200) << emb.dump();
+  ASSERT_EQ(emb["data"].size(), 2u);
+  EXPECT_EQ(emb["data"][0]["embedding"].size(), static_cast<size_t>(load_model(model_)->config().hidden_size));
+  httplib::Client c("127.0.0.1", server_->port);
+  auto m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  for (const char* name : {"mdl_requests_total", "mdl_generated_tokens_total", "mdl_tokens_per_second", "mdl_queue_length",
+                           "mdl_module_cache_evictions_total", "# TYPE mdl_requests_total counter"})
+    EXPECT_NE(m->body.find(name), std::string::npos) << name;
+}
+
+TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
+  struct Case {
+    std::string path, body;
+    int status;
+    std::string param, message;
+  };
+  const std::string long_prompt(100000, 'a');
+  const std::vector<Case> cases = {
+      {"/v1/completions", "{not json", 400, "", "not valid JSON"},
+      {"/v1/completions", "[1, 2]", 400, "", "must be a JSON object"},
+      {"/v1/completions", json({{"max_tokens", 3}}).dump(), 400, "prompt", "missing field 'prompt'"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "no_such_module"}}).dump(), 404, "model", "unknown module 'no_such_module'"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "../model"}}).dump(), 400, "model", "invalid module name"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "ties(lora_a"}}).dump(), 400, "model", "column"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "avg(adapter_x, lora_a)"}}).dump(), 400, "model", "additive"},
+      {"/v1/completions", json({{"prompt", long_prompt.substr(0, 3000)}}).dump(), 400, "prompt", "the context holds"},
+      {"/v1/completions", json({{"prompt", "a"}, {"temperature", -1}}).dump(), 400, "temperature", "'temperature' must be"},
+      {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p", "'top_p' must be in (0, 1]"},
+      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", 0}}).dump(), 400, "max_tokens", "'max_tokens' must be >= 1"},
+      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", "ten"}}).dump(), 400, "max_tokens", "must be an integer, found string"},
+      {"/v1/completions", json({{"prompt", "a"}, {"modules", {"lora_a:x"}}}).dump(), 400, "modules[0]", "must be a number"},
+      {"/v1/completions", json({{"prompt", {1, -5}}}).dump(), 400, "prompt", "token ids must be integers"},
+      {"/v1/completions", json({{"prompt", long_prompt}}).dump(), 413, "", "over the limit"},
+      {"/v1/classify", json({{"input", "a"}}).dump(), 400, "model", "no sequence classification head"},
+      {"/v1/embeddings", json({{"input", 3}}).dump(), 400, "input", "'input' must be a string or a list"},
+      {"/v1/nothing", "{}", 404, "", "no such endpoint"},
+  };
+  for (const auto& c : cases) {
+    int status = 0;
+    json r = post(server_->port, c.path, c.body, &status);
+    EXPECT_EQ(status, c.status) << c.path << " " << c.body.substr(0, 80) << " -> " << r.dump().substr(0, 300);
+    ASSERT_TRUE(r.is_object() && r.contains("error")) << c.body.substr(0, 80) << " -> not a JSON error";
+    EXPECT_NE(r["error"]["message"].get<std::string>().find(c.message), std::string::npos)
+        << c.body.substr(0, 80) << " -> " << r["error"]["message"];
+    if (!c.param.empty()) EXPECT_EQ(r["error"]["param"], c.param) << c.body.substr(0, 80);
+  }
+  EXPECT_EQ(complete("lora_a", "the cat", 4)["choices"].size(), 1u);  // still serving
+}
+
+// 64 clients, mixed modules, for a bounded time (MDL_LOAD_TEST_SECONDS, default 30): no request fails
+// and the server's resident memory does not grow after the warm-up.
+TEST_F(Serve, LoadTestSixtyFourClients) {
+  const char* env = std::getenv("MDL_LOAD_TEST_SECONDS");
+  const double seconds = env ? std::atof(env) : 30.0;
+  auto rss = [&] {
+    std::ifstream in("/proc/" + std::to_string(server_->pid) + "/status");
+    std::string line;
+    while (std::getline(in, line))
+      if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+    return 0L;
+  };
+  const std::vector<std::string> models = {"base", "lora_a", "lora_b", "lora_c", "adapter_x", "lora_a:0.3 + lora_c:0.7"};
+  std::atomic<int64_t> ok{0}, failed{0};
+  const auto start = std::chrono::steady_clock::now();
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  long warm = 0;
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 64; ++i)
+    clients.emplace_back([&, i] {
+      httplib::Client c("127.0.0.1", server_->port);
+      c.set_read_timeout(120);
+      for (int n = 0; elapsed() < seconds; ++n) {
+        const json body = {{"model", models[static_cast<size_t>(i + n) % models.size()]}, {"prompt", "the cat"},
+                           {"max_tokens", 4 + (i + n) % 8}, {"temperature", 0.7}, {"seed", i * 1000 + n}};
+        auto r = c.Post("/v1/completions", body.dump(), "application/json");
+        (r && r->status == 200 ? ok : failed)++;
+      }
+    });
+  while (elapsed() < seconds / 3) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  warm = rss();
+  for (auto& t : clients) t.join();
+  const long end = rss();
+  std::printf("[load] %lld requests in %.0f s (%lld failed), RSS %ld -> %ld KiB\n", static_cast<long long>(ok.load()),
+              seconds, static_cast<long long>(failed.load()), warm, end);
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_GT(ok.load(), 64);
+  EXPECT_LT(static_cast<double>(end), 1.25 * static_cast<double>(warm)) << "resident memory grew";
+}
+
+// SIGTERM: the request in flight is answered, then the server exits 0. (Last: it stops the server.)
+TEST_F(Serve, SigtermFinishesInFlightRequestsAndExitsZero) {
+  auto inflight = std::async(std::launch::async, [] {
+    int status = 0;
+    json r = post(server_->port, "/v1/completions",
+                  json({{"prompt", "the"}, {"max_tokens", 200}, {"temperature", 0}, {"stop", json::array()}}), &status);
+    return std::make_pair(status, r);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  kill(server_->pid, SIGTERM);
+  auto [status, r] = inflight.get();
+  EXPECT_EQ(status, 200) << r.dump();
+  int wstatus = 0;
+  waitpid(server_->pid, &wstatus, 0);
+  server_->pid = -1;
+  EXPECT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0) << "exit status " << wstatus;
+}
+
+}  // namespace
+}  // namespace mdl
