@@ -6,6 +6,12 @@
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <csignal>
+#include <fstream>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <thread>
 #include <cstdio>
@@ -29,6 +35,7 @@
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
+#include "mdl/distributed/process_group.h"
 #include "mdl/serving/engine.h"
 #include "mdl/serving/server.h"
 #include "mdl/io/safetensors.h"
@@ -582,6 +589,107 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
 }
 
 // ---- train / eval -------------------------------------------------------------------------------------
+// Branch-Train-Merge: rank r trains branches r, r + W, ... (a fresh copy of the module template each,
+// on the branch's data, no gradient exchange), then rank 0 merges every branch's module.
+void train_branches(const TrainConfig& c, ProcessGroup* group) {
+  const int world = group ? group->size() : 1, rank = group ? group->rank() : 0;
+  const auto& [template_name, module] = *c.modules.begin();
+  MDL_CHECK(!c.options.out_dir.empty(), "[train] Branch-Train-Merge needs options.out_dir");
+  std::vector<std::string> dirs;
+  for (size_t b = 0; b < c.branches.size(); ++b) {
+    const TrainBranch& branch = c.branches[b];
+    const std::string dir = (fs::path(c.options.out_dir) / "branches" / branch.name).string();
+    dirs.push_back(dir + "/module");
+    if (static_cast<int>(b % static_cast<size_t>(world)) != rank) continue;
+    LoadOptions lo;
+    lo.device = parse_device(c.device);
+    Model m = load_model(c.model, lo);
+    ModuleSet set(m);
+    for (const auto& d : c.load) set.load(d);
+    set.add(branch.name, module);
+    Dataset data = load_jsonl(branch.train_data, Tokenizer::from_file(c.model), c.data);
+    TrainOptions o = c.options;
+    o.out_dir = dir;
+    Trainer trainer(set, {branch.name}, o);  // no process group: branches exchange nothing
+    const std::string ckpt = dir + "/checkpoint";
+    if (c.resume && !find_checkpoint(ckpt).empty()) trainer.load_checkpoint(ckpt);
+    auto history = trainer.train(data);
+    set.save(branch.name, dir + "/module");
+    std::printf("[rank %d] branch %s: %zu examples, loss %.4f\n", rank, branch.name.c_str(), data.examples.size(),
+                history.empty() ? 0.0 : history.back().loss);
+    std::fflush(stdout);
+  }
+  if (group) group->barrier();  // every branch is written
+  if (rank != 0) return;
+  const std::string merged = (fs::path(c.options.out_dir) / "modules" / "merged").string();
+  merge_modules(c.model, dirs, c.branch_merge, merged);
+  std::printf("merged %zu branches (%s) into %s\n", dirs.size(), c.branch_merge.method.c_str(), merged.c_str());
+}
+
+// `mdl train --nproc N`: this command again as N processes with torchrun's variables, on a free port,
+// the thread budget split between them. Returns how many failed.
+int launch_local_workers(int n, int threads) {
+  std::vector<std::string> args;
+  {
+    std::ifstream in("/proc/self/cmdline", std::ios::binary);
+    std::string a;
+    while (std::getline(in, a, '\0')) args.push_back(a);
+  }
+  MDL_CHECK(!args.empty(), "[train] cannot read this process's command line");
+  std::vector<std::string> child = {args[0]};
+  const int budget = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
+  child.push_back("--threads");
+  child.push_back(std::to_string(std::max(1, budget / n)));
+  for (size_t i = 1; i < args.size(); ++i) {
+    if (args[i] == "--threads") { ++i; continue; }  // replaced by the per-worker share
+    if (args[i] == "--nproc") { ++i; continue; }
+    if (args[i].rfind("--nproc=", 0) == 0 || args[i].rfind("--threads=", 0) == 0) continue;
+    child.push_back(args[i]);
+  }
+  int port = 0;
+  {  // a free port for the rendezvous
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    MDL_CHECK(fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+                  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0,
+              "[train] cannot find a free port for the workers' rendezvous");
+    port = ntohs(addr.sin_port);
+    close(fd);
+  }
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    MDL_CHECK(pid >= 0, "[train] cannot start worker ", r);
+    if (pid == 0) {
+      setenv("RANK", std::to_string(r).c_str(), 1);
+      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      setenv("WORLD_SIZE", std::to_string(n).c_str(), 1);
+      setenv("MASTER_ADDR", "127.0.0.1", 1);
+      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      std::vector<char*> argv;
+      for (auto& a : child) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv("/proc/self/exe", argv.data());
+      _exit(127);
+    }
+    pids.push_back(pid);
+  }
+  int failed = 0;
+  for (int r = 0; r < n; ++r) {
+    int status = 0;
+    waitpid(pids[static_cast<size_t>(r)], &status, 0);
+    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
+      ++failed;
+      std::fprintf(stderr, "[train] worker %d %s %d\n", r, WIFSIGNALED(status) ? "killed by signal" : "exited with",
+                   WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
+    }
+  }
+  return failed;
+}
+
 void register_train(CLI::App& app, GlobalOptions& g) {
   auto config = std::make_shared<std::string>();
   auto help_config = std::make_shared<bool>(false);
@@ -590,15 +698,43 @@ void register_train(CLI::App& app, GlobalOptions& g) {
   cmd->add_flag("--help-config", *help_config, "print every config field with its default and description");
   auto bad_record = std::make_shared<std::string>();
   cmd->add_option("--on-bad-record", *bad_record, "fail | skip: overrides the config's data.on_bad_record");
+  auto nproc = std::make_shared<int>(1);
+  cmd->add_option("--nproc", *nproc, "local data-parallel workers (each a process; threads split between them); "
+                                     "across machines set MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK as torchrun does")
+      ->capture_default_str();
+  struct DistFlags {
+    std::map<std::string, std::string> values = {{"MASTER_ADDR", ""}, {"MASTER_PORT", ""}, {"WORLD_SIZE", ""}, {"RANK", ""}};
+  };
+  auto dist_flags = std::make_shared<DistFlags>();
+  cmd->add_option("--master-addr", dist_flags->values["MASTER_ADDR"], "rank 0's address (or MASTER_ADDR)");
+  cmd->add_option("--master-port", dist_flags->values["MASTER_PORT"], "rank 0's rendezvous port (or MASTER_PORT)");
+  cmd->add_option("--world-size", dist_flags->values["WORLD_SIZE"], "processes in the run (or WORLD_SIZE)");
+  cmd->add_option("--rank", dist_flags->values["RANK"], "this process's rank (or RANK)");
   cmd->callback([=, &g] {
     if (*help_config) {
       std::printf("%s", train_config_help().c_str());
       return;
     }
+    if (*nproc > 1) {
+      const int failed = launch_local_workers(*nproc, g.threads);
+      MDL_CHECK(failed == 0, "[train] ", failed, " of ", *nproc, " workers failed (their errors are above)");
+      return;
+    }
     apply(g);
+    for (const auto& [flag, var] : dist_flags->values)  // flags override torchrun's variables
+      if (!var.empty()) setenv(flag.c_str(), var.c_str(), 1);
+    DistributedOptions dist = DistributedOptions::from_env();
     MDL_CHECK(!config->empty(), "[train] give --config FILE (or --help-config)");
     TrainConfig c = parse_train_config(io::read_text(*config), *config);
     if (!bad_record->empty()) c.data.on_bad_record = *bad_record;
+    dist.cuda = parse_device(c.device).is_cuda();
+    std::unique_ptr<ProcessGroup> group;
+    if (dist.distributed()) group = std::make_unique<ProcessGroup>(dist);
+    const bool rank0 = dist.rank == 0;
+    if (!c.branches.empty()) {
+      train_branches(c, group.get());
+      return;
+    }
     LoadOptions lo;
     lo.device = parse_device(c.device);
     Model m = load_model(c.model, lo);
@@ -612,17 +748,21 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     std::unique_ptr<Dataset> eval;
     if (!c.eval_data.empty()) eval = std::make_unique<Dataset>(load_jsonl(c.eval_data, tok, eval_options));
     Trainer trainer(set, c.train, c.options);
+    trainer.set_process_group(group.get());
     const std::string ckpt = c.options.out_dir.empty() ? "" : (fs::path(c.options.out_dir) / "checkpoint").string();
     if (c.resume && !ckpt.empty() && !find_checkpoint(ckpt).empty()) {
       trainer.load_checkpoint(ckpt);
-      std::printf("resumed from %s at step %lld\n", ckpt.c_str(), (long long)trainer.step());
+      if (rank0) std::printf("resumed from %s at step %lld\n", ckpt.c_str(), (long long)trainer.step());
     }
-    std::printf("%s\ntraining %zu examples (%lld skipped), %lld steps\n", set.summary().to_string().c_str(),
-                train.examples.size(), (long long)train.skipped, (long long)c.options.steps);
+    if (rank0)
+      std::printf("%s\ntraining %zu examples (%lld skipped), %lld steps%s\n", set.summary().to_string().c_str(),
+                  train.examples.size(), (long long)train.skipped, (long long)c.options.steps,
+                  dist.distributed() ? (" on " + std::to_string(dist.world_size) + " ranks").c_str() : "");
     const bool tty = isatty(fileno(stdout));
     const auto start = std::chrono::steady_clock::now();
     const int64_t first = trainer.step(), every = std::max<int64_t>(1, c.options.steps / 20);
     auto history = trainer.train(train, eval.get(), [&](const TrainMetrics& mt) {
+      if (!rank0) return;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       const double per_step = secs / static_cast<double>(mt.step - first);
       const double eta = per_step * static_cast<double>(c.options.steps - mt.step);
@@ -641,6 +781,7 @@ void register_train(CLI::App& app, GlobalOptions& g) {
                     (long long)c.options.steps, mt.loss, mt.lr, ex_s, eta, eval_text);
       }
     });
+    if (!rank0) return;  // rank 0 writes the results
     if (!c.options.out_dir.empty()) {
       for (const auto& name : c.train) set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
       if (c.options.train_base) {  // the trained backbone, a checkpoint like any other

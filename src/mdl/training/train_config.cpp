@@ -45,6 +45,10 @@ const std::vector<std::pair<std::string, std::string>>& descriptions() {
       {"options.schedule.total_steps", "where the decay ends (default: options.steps)"},
       {"options.schedule.min_lr_ratio", "the decay's floor as a fraction of lr"},
       {"resume", "continue from <out_dir>/checkpoint when it exists"},
+      {"branches", "Branch-Train-Merge: [{\"name\", \"train_data\"}, ...], each trains the one 'modules' entry on its data"},
+      {"branch_merge.method", "how the branches merge: linear | task_arithmetic | ties | dare_linear | dare_ties | ..."},
+      {"branch_merge.density", "ties / dare: fraction of entries kept"},
+      {"branch_merge.lambda", "scale of the merged task vector"},
       {"device", "cpu | cuda | cuda:N"},
   };
   return d;
@@ -53,11 +57,15 @@ const std::vector<std::pair<std::string, std::string>>& descriptions() {
 json to_json_config(const TrainConfig& c) {
   json modules = json::object();
   for (const auto& [k, v] : c.modules) modules[k] = v;
+  json branches = json::array();
+  for (const auto& b : c.branches) branches.push_back({{"name", b.name}, {"train_data", b.train_data}});
   json data = {{"kind", c.data.kind}, {"on_bad_record", c.data.on_bad_record}, {"max_length", c.data.max_length},
                {"labels", c.data.labels}};
   return {{"model", c.model}, {"modules", modules}, {"load", c.load}, {"train", c.train},
           {"train_data", c.train_data}, {"eval_data", c.eval_data}, {"data", data}, {"options", c.options},
-          {"resume", c.resume}, {"device", c.device}};
+          {"resume", c.resume}, {"device", c.device}, {"branches", branches},
+          {"branch_merge", {{"method", c.branch_merge.method}, {"density", c.branch_merge.density},
+                            {"lambda", c.branch_merge.lambda}}}};
 }
 
 void leaves(const json& j, const std::string& prefix, std::vector<std::pair<std::string, std::string>>& out) {
@@ -102,6 +110,20 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
       options["schedule"]["total_steps"] = options.value("steps", TrainOptions().steps);
     c.options = options.get<TrainOptions>();
     c.resume = j.value("resume", c.resume);
+    if (j.contains("branches")) {
+      MDL_CHECK(j["branches"].is_array(), "field 'branches' must be an array of {\"name\", \"train_data\"}");
+      for (const auto& b : j["branches"]) {
+        MDL_CHECK(b.is_object() && b.contains("name") && b["name"].is_string() && b.contains("train_data") &&
+                      b["train_data"].is_string(), "each of 'branches' must be {\"name\": str, \"train_data\": str}");
+        c.branches.push_back({b["name"].get<std::string>(), b["train_data"].get<std::string>()});
+      }
+    }
+    if (j.contains("branch_merge")) {
+      const json& m = j["branch_merge"];
+      c.branch_merge.method = m.value("method", c.branch_merge.method);
+      c.branch_merge.density = m.value("density", c.branch_merge.density);
+      c.branch_merge.lambda = m.value("lambda", c.branch_merge.lambda);
+    }
     c.device = j.value("device", c.device);
   } catch (const json::exception& e) {
     MDL_FAIL("[train] '", source, "': ", e.what());
@@ -109,6 +131,12 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
     MDL_FAIL("[train] '", source, "': ", e.what());
   }
   MDL_CHECK(!c.model.empty(), "[train] '", source, "': field 'model' is required");
+  if (!c.branches.empty()) {
+    MDL_CHECK(c.modules.size() == 1, "[train] '", source, "': Branch-Train-Merge trains copies of one module; "
+              "'modules' has ", c.modules.size(), " entries");
+    validate(c.branch_merge, c.branches.size());
+    return c;
+  }
   MDL_CHECK(!c.train_data.empty(), "[train] '", source, "': field 'train_data' is required");
   if (c.train.empty())
     for (const auto& [name, m] : c.modules) c.train.push_back(name);

@@ -6,11 +6,18 @@
 #include <string>
 #include <vector>
 
+#include "mdl/aggregation/merge_methods.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/training/dataset.h"
 #include "mdl/training/trainer.h"
 
 namespace mdl {
+
+/// One branch of Branch-Train-Merge: the module template trained on this data alone.
+struct TrainBranch {
+  std::string name;        ///< the branch's module name (a directory name)
+  std::string train_data;  ///< its JSONL file
+};
 
 /// A training run.
 struct TrainConfig {
@@ -23,6 +30,11 @@ struct TrainConfig {
   DatasetOptions data;                        ///< how to read both files
   TrainOptions options;                       ///< steps, batch, schedule, output...
   bool resume = true;                         ///< continue from <out_dir>/checkpoint when it exists
+  /// Branch-Train-Merge: each branch trains a copy of the one module under `modules` on its own data,
+  /// ranks taking branches in turn with no gradient exchange; then rank 0 merges them into
+  /// <out_dir>/modules/merged with `branch_merge`.
+  std::vector<TrainBranch> branches;
+  MergeOptions branch_merge;                  ///< method, density, lambda of the branches' merge
   std::string device = "cpu";
 };
 

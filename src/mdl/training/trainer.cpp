@@ -14,6 +14,7 @@
 
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
+#include "mdl/distributed/process_group.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
@@ -313,11 +314,15 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
   for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
   opt.zero_grad();
   double total = 0;
+  const int64_t world = group_ ? group_->size() : 1, rank = group_ ? group_->rank() : 0;
+  const int64_t local = options_.batch_size / world;  // this rank's share of the global batch
   for (int64_t m = 0; m < options_.grad_accumulation; ++m) {
-    // The data position is a function of the step: a resumed run reads exactly what the original would.
+    // The data position is a function of the step: a resumed run reads exactly what the original would,
+    // whatever the number of ranks (rank r reads the r-th slice of the global batch).
     std::vector<int64_t> which;
-    for (int64_t j = 0; j < options_.batch_size; ++j)
-      which.push_back(state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + j, n, options_.seed));
+    for (int64_t j = 0; j < local; ++j)
+      which.push_back(state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + rank * local + j, n,
+                                     options_.seed));
     Batch b = collate(data, which, pad, model.device(), options_.routing);
     ModelInput in = model_input(b);
     RoutingLog log;
@@ -333,11 +338,33 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
     if (m + 1 == options_.grad_accumulation) routing = routing_summary(log);
     total += loss.item<double>() / static_cast<double>(options_.grad_accumulation);
   }
+  if (group_) {  // average the gradients (and the loss, for the log) over the ranks
+    std::vector<at::Tensor> buffers;
+    for (auto& p : state_->params) {
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
+      buffers.push_back(p.grad());
+    }
+    at::Tensor loss = at::full({1}, total, state_->params[0].options().dtype(at::kDouble));  // NCCL wants device tensors
+    buffers.push_back(loss);
+    bytes_communicated_ = group_->all_reduce_mean(buffers) - static_cast<int64_t>(sizeof(double));
+    total = loss.item<double>();
+  }
   if (options_.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(state_->params, options_.clip_grad_norm);
   opt.step();
   ++step_;
   return total;
 }
+
+void Trainer::set_process_group(ProcessGroup* group) {
+  group_ = group;
+  if (!group_) return;
+  MDL_CHECK(options_.batch_size % group_->size() == 0, "[train] batch_size ", options_.batch_size,
+            " (the global batch) must divide evenly over ", group_->size(), " ranks");
+  torch::NoGradGuard no_grad;
+  group_->broadcast(state_->params, 0);  // every rank starts from rank 0's parameters
+}
+
+bool Trainer::writer() const { return !group_ || group_->rank() == 0; }
 
 double Trainer::evaluate(const Dataset& data) { return evaluate_metrics(data).primary(); }
 
@@ -464,7 +491,7 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     }
     history.push_back(m);
     if (on_step) on_step(m);
-    if (!options_.out_dir.empty()) {
+    if (!options_.out_dir.empty() && writer()) {
       fs::create_directories(options_.out_dir);
       logged.push_back(m);
       log_text += metrics_line(m);
@@ -474,6 +501,8 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
         write_training_plots(options_.out_dir, logged, set_.model()->config().head == HeadKind::causal_lm);
       }
     }
+    if (group_ && (last || stop || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0)))
+      group_->barrier();  // the checkpoint is complete before any rank goes on (or ends)
     if (stop) break;  // early stopping: the best modules are in <out_dir>/best
   }
   set_.model()->eval();
@@ -564,7 +593,7 @@ bool Trainer::after_eval(double value) {
   if (improved) {
     best_ = value;
     evals_since_best_ = 0;
-    if (!options_.out_dir.empty()) {  // keep the best modules (and backbone) beside the last checkpoint
+    if (!options_.out_dir.empty() && writer()) {  // keep the best modules (and backbone) beside the last checkpoint
       const fs::path best = fs::path(options_.out_dir) / "best";
       for (const auto& name : trainable_) set_.save(name, (best / name).string());
       if (options_.train_base) save_model(*set_.model(), (best / "base").string());

@@ -29,6 +29,7 @@ namespace mdl {
 
 class ModuleSet;
 class ModelImpl;
+class ProcessGroup;
 
 /// Fixed per-example routing (the survey's task- and language-level routing): an example uses the
 /// modules listed for its task plus those listed for its language (each table applies only when set;
@@ -125,6 +126,13 @@ class Trainer {
   /// Restores modules, optimiser state and step from a checkpoint written by save_checkpoint.
   void load_checkpoint(const std::string& dir);
   int64_t step() const { return step_; }
+  /// Data-parallel training over `group`: batch_size is the global batch, split evenly over the ranks;
+  /// each rank runs its share, the trainable parameters' gradients (and the loss) are averaged across
+  /// ranks in buckets before clipping, and only rank 0 writes metrics, checkpoints and plots. The
+  /// parameters start from rank 0's values.
+  void set_process_group(ProcessGroup* group);
+  /// Bytes of gradients this rank sent in the last step's all-reduce (0 without a group).
+  int64_t bytes_communicated() const { return bytes_communicated_; }
   /// The best evaluation so far (accuracy: highest, perplexity: lowest); NaN before any.
   double best_eval() const { return best_; }
 
@@ -138,6 +146,9 @@ class Trainer {
   double best_ = std::numeric_limits<double>::quiet_NaN();
   int64_t evals_since_best_ = 0;
   std::unique_ptr<State> state_;
+  ProcessGroup* group_ = nullptr;
+  int64_t bytes_communicated_ = 0;
+  bool writer() const;
   /// Records an evaluation; writes <out_dir>/best when it improved; true when training should stop.
   bool after_eval(double value);
 };
