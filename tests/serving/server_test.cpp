@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <torch/utils.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -336,6 +337,35 @@ TEST_F(Serve, LoadTestSixtyFourClients) {
   EXPECT_EQ(failed.load(), 0);
   EXPECT_GT(ok.load(), 64);
   EXPECT_LT(static_cast<double>(end), 1.25 * static_cast<double>(warm)) << "resident memory grew";
+}
+
+// An encoder: /v1/classify on a BERT sequence classifier gives, per text, the library's probabilities.
+TEST(ServeEncoder, ClassifyEqualsTheLibrarysForward) {
+  test::TempDir dir;
+  const std::string model = dir / "bert";
+  ASSERT_EQ(std::system((std::string(std::getenv("MDL_BIN")) + " init-model --arch bert --head sequence_classification "
+                         "--num-labels 3 --out " + model + " > /dev/null").c_str()), 0);
+  fs::create_directories(dir / "modules");
+  Process p = start_server(model, dir / "modules", dir / "port");
+  int status = 0;
+  const std::vector<std::string> texts = {"a cat sat", "the dog"};
+  json r = post(p.port, "/v1/classify", json({{"input", texts}}), &status);
+  kill(p.pid, SIGTERM);
+  waitpid(p.pid, nullptr, 0);
+  ASSERT_EQ(status, 200) << r.dump();
+  ASSERT_EQ(r["data"].size(), 2u);
+  Model m = load_model(model);
+  Tokenizer tok = Tokenizer::from_file(model);
+  torch::NoGradGuard g;
+  for (size_t i = 0; i < texts.size(); ++i) {
+    ModelInput in;
+    in.input_ids = at::tensor(tok.encode(texts[i]), at::kLong).view({1, -1});
+    at::Tensor probs = at::softmax(m->forward(in)[0], -1);
+    const auto& got = r["data"][i];
+    ASSERT_EQ(got["scores"].size(), 3u);
+    for (int64_t c = 0; c < 3; ++c) EXPECT_NEAR(got["scores"][c].get<double>(), probs[c].item<double>(), 1e-5);
+    EXPECT_EQ(got["label_id"].get<int64_t>(), probs.argmax().item<int64_t>());
+  }
 }
 
 // SIGTERM: the request in flight is answered, then the server exits 0. (Last: it stops the server.)

@@ -187,15 +187,30 @@ void ModelImpl::set_router(const RouterOptions&) {
            "first (mdl upcycle) or attach lora_moe modules");
 }
 
-at::Tensor ModelImpl::forward(const ModelInput& in) {
+namespace {
+
+ForwardContext context_of(const ModelInput& in, bool causal) {
   ForwardContext context;
   context.past = in.cache ? in.cache->length() : 0;
-  context.causal = config_.is_decoder();
+  context.causal = causal;
   context.input_ids = &in.input_ids;
   context.routing = in.routing;
   context.routing_log = in.routing_log;
+  return context;
+}
+
+}  // namespace
+
+at::Tensor ModelImpl::forward(const ModelInput& in) {
+  const ForwardContext context = context_of(in, config_.is_decoder());  // the guard points at it
   ForwardContextGuard guard(context);
   return head(hidden_states(in), in);
+}
+
+at::Tensor ModelImpl::encode(const ModelInput& in) {
+  const ForwardContext context = context_of(in, config_.is_decoder());
+  ForwardContextGuard guard(context);
+  return hidden_states(in);
 }
 
 at::Tensor ModelImpl::embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,

@@ -68,7 +68,10 @@ class ModelImpl : public torch::nn::Module {
   /// for decoders and through the pooler at the first token for BERT; token classification (B, T, L);
   /// no head: the hidden states (B, T, C).
   at::Tensor forward(const ModelInput& in);
-  /// Applies the head to hidden states (B, T, C).
+  /// The final hidden states (B, T, C) as forward() computes them (modules, routing context, cache),
+  /// without the head: what embeddings pool.
+  at::Tensor encode(const ModelInput& in);
+  /// Applies the head to hidden states (B, T, C) (inside forward's context).
   at::Tensor head(const at::Tensor& hidden, const ModelInput& in);
 
   /// Every site, in forward order.

@@ -9,7 +9,6 @@
 
 #include "mdl/aggregation/composition.h"
 #include "mdl/core/error.h"
-#include "mdl/core/forward_context.h"
 #include "mdl/core/hash.h"
 #include "mdl/core/log.h"
 #include "mdl/modules/module_set.h"
@@ -442,13 +441,7 @@ at::Tensor Engine::run_encoder(const std::vector<std::string>& texts, const std:
   in.attention_mask = mask.to(model_->device());
   in.routing = &rc;
   if (!pooled) return model_->forward(in).to(at::kCPU, at::kFloat);
-  // The hidden states before the head, with this request's modules (what forward() sets up around them).
-  ForwardContext context;
-  context.causal = model_->config().is_decoder();
-  context.input_ids = &in.input_ids;
-  context.routing = &rc;
-  ForwardContextGuard guard(context);
-  at::Tensor h = model_->hidden_states(in).to(at::kFloat);  // (N, T, C)
+  at::Tensor h = model_->encode(in).to(at::kFloat);  // (N, T, C)
   at::Tensor m = in.attention_mask.to(at::kFloat).unsqueeze(-1);
   return ((h * m).sum(1) / m.sum(1)).to(at::kCPU);
 }
