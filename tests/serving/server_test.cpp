@@ -294,7 +294,9 @@ TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
     ASSERT_TRUE(r.is_object() && r.contains("error")) << c.body.substr(0, 80) << " -> not a JSON error";
     EXPECT_NE(r["error"]["message"].get<std::string>().find(c.message), std::string::npos)
         << c.body.substr(0, 80) << " -> " << r["error"]["message"];
-    if (!c.param.empty()) EXPECT_EQ(r["error"]["param"], c.param) << c.body.substr(0, 80);
+    if (!c.param.empty()) {
+      EXPECT_EQ(r["error"]["param"], c.param) << c.body.substr(0, 80);
+    }
   }
   EXPECT_EQ(complete("lora_a", "the cat", 4)["choices"].size(), 1u);  // still serving
 }
@@ -376,10 +378,19 @@ TEST_F(Serve, SigtermFinishesInFlightRequestsAndExitsZero) {
                   json({{"prompt", "the"}, {"max_tokens", 200}, {"temperature", 0}, {"stop", json::array()}}), &status);
     return std::make_pair(status, r);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(40));
+  // Signal only once the engine reports the sequence running, so the request is really in flight.
+  httplib::Client c("127.0.0.1", server_->port);
+  bool running = false;
+  for (int i = 0; i < 500 && !running; ++i) {
+    auto m = c.Get("/metrics");
+    running = m && m->body.find("mdl_running_sequences 1") != std::string::npos;
+    if (!running) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_TRUE(running) << "the request never showed as running";
   kill(server_->pid, SIGTERM);
   auto [status, r] = inflight.get();
   EXPECT_EQ(status, 200) << r.dump();
+  EXPECT_GT(r["usage"]["completion_tokens"].get<int64_t>(), 1) << "answered in full, not cut at the signal";
   int wstatus = 0;
   waitpid(server_->pid, &wstatus, 0);
   server_->pid = -1;

@@ -3,10 +3,11 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <tuple>
 
 #include "mdl/core/error.h"
-#include "mdl/modules/lora_bank.h"
 #include "mdl/core/forward_context.h"
+#include "mdl/modules/lora_bank.h"
 #include "mdl/routing/routing_context.h"
 
 namespace mdl {
@@ -77,48 +78,46 @@ at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const a
 
 at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base,
                                              const std::vector<std::vector<ModuleChoice>>& choices) {
-  // Every module chosen here must be a plain LoRA, and nothing may need a gradient through the bank's copy.
+  // The bank holds every plain LoRA attached here, in attachment order, so it stays the same while
+  // requests join and leave a batch (restacked only when modules are loaded, unloaded or changed).
   std::vector<LoraBank::Factors> factors;
-  std::vector<const std::string*> names;
-  std::vector<int64_t> slot_of_choice;  // per (row, choice): bank index
-  size_t slots = 0;
-  for (const auto& row : choices) {
-    size_t used = 0;
-    for (const auto& c : row) {
-      const Entry* e = nullptr;
-      for (const auto& x : entries_)
-        if (x.name == c.name) e = &x;
-      if (!e || c.scale == 0.0) continue;  // not at this site
-      if (e->merged) return {};            // the general path reports it
-      size_t k = 0;
-      while (k < names.size() && *names[k] != c.name) ++k;
-      if (k == names.size()) {
-        LoraBank::Factors f;
-        if (!e->module->low_rank(f.A, f.B, f.scaling)) return {};
-        if (at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad())) return {};
-        names.push_back(&e->name), factors.push_back(f);
-      }
-      ++used;
-    }
-    slots = std::max(slots, used);
+  std::vector<int64_t> bank_index(entries_.size(), -1);  // entry -> bank position (-1: not a plain LoRA)
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    LoraBank::Factors f;
+    if (entries_[i].merged || !entries_[i].module->low_rank(f.A, f.B, f.scaling)) continue;
+    bank_index[i] = static_cast<int64_t>(factors.size());
+    factors.push_back(f);
   }
-  if (factors.size() < 2) return {};  // one LoRA (or none): the row-subset path costs no more
-  if (!bank_) bank_ = std::make_shared<LoraBank>();
-  bank_->update(factors);  // the stack of this batch's LoRAs; rebuilt only when that set changes
+  // Each row's bank positions and scales; any chosen module the bank cannot run sends the batch to the
+  // general path (which also reports merged modules), as does a needed gradient (the bank is a copy).
   const int64_t B = base.size(0);
+  std::vector<std::vector<std::pair<int64_t, double>>> rows(static_cast<size_t>(B));
+  std::vector<bool> used(factors.size(), false);
+  size_t slots = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (const auto& c : choices[static_cast<size_t>(b)]) {
+      size_t i = 0;
+      while (i < entries_.size() && entries_[i].name != c.name) ++i;
+      if (i == entries_.size() || c.scale == 0.0) continue;  // not at this site
+      const int64_t k = bank_index[i];
+      if (k < 0) return {};
+      const auto& f = factors[static_cast<size_t>(k)];
+      if (at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad())) return {};
+      rows[static_cast<size_t>(b)].emplace_back(k, c.scale);
+      used[static_cast<size_t>(k)] = true;
+    }
+    slots = std::max(slots, rows[static_cast<size_t>(b)].size());
+  }
+  if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA (or none): the row-subset path costs no more
+  if (!bank_) bank_ = std::make_shared<LoraBank>();
+  bank_->update(factors);
   at::Tensor out = base;
   for (size_t s = 0; s < slots; ++s) {  // the s-th LoRA of every row (most rows choose one)
     std::vector<int64_t> idx(static_cast<size_t>(B), bank_->none());
     std::vector<double> scale(static_cast<size_t>(B), 0.0);
-    for (int64_t b = 0; b < B; ++b) {
-      size_t used = 0;
-      for (const auto& c : choices[static_cast<size_t>(b)]) {
-        size_t k = 0;
-        while (k < names.size() && *names[k] != c.name) ++k;
-        if (k == names.size() || c.scale == 0.0) continue;
-        if (used++ == s) idx[static_cast<size_t>(b)] = static_cast<int64_t>(k), scale[static_cast<size_t>(b)] = c.scale;
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      if (s < rows[static_cast<size_t>(b)].size())
+        std::tie(idx[static_cast<size_t>(b)], scale[static_cast<size_t>(b)]) = rows[static_cast<size_t>(b)][s];
     out = bank_->apply(input, out, at::tensor(idx, at::kLong).to(base.device()),
                        at::tensor(scale, at::kDouble).to(base.device()));
   }
