@@ -86,6 +86,8 @@ ModelConfig preset_config(const std::string& arch_name_in, const std::string& pr
         c.router_aux_loss_coef = 0.02;
       }
       break;
+    case Arch::vit:
+      MDL_FAIL("[init-model] ViTs read images, not text; create one with create_model (the demo does)");
     case Arch::bert:
       c.intermediate_size = 4 * c.hidden_size;
       c.norm_eps = 1e-12;

@@ -10,6 +10,7 @@
 #include "mdl/backbones/bert.h"
 #include "mdl/backbones/gpt2.h"
 #include "mdl/backbones/llama.h"
+#include "mdl/backbones/vit.h"
 #include "mdl/core/error.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/core/log.h"
@@ -118,7 +119,7 @@ void ModelImpl::register_site(std::shared_ptr<Site> site) {
 }
 
 void ModelImpl::build_head(const Embedding& token_embedding) {
-  token_embeddings_ = token_embedding->weight;
+  if (!token_embedding.is_empty()) token_embeddings_ = token_embedding->weight;
   const int64_t C = config_.hidden_size;
   const bool bert = config_.arch == Arch::bert;
   switch (config_.head) {
@@ -135,6 +136,8 @@ void ModelImpl::build_head(const Embedding& token_embedding) {
         auto body = named_children()[config_.body_prefix()];
         auto pooler = add_container(*body, "pooler");
         pooler_ = add_linear(*pooler, "dense", "bert.pooler.dense", C, C, true, -1);
+        classifier_ = add_linear(*this, "classifier", "classifier", C, config_.num_labels, true, -1);
+      } else if (config_.arch == Arch::vit) {
         classifier_ = add_linear(*this, "classifier", "classifier", C, config_.num_labels, true, -1);
       } else {
         classifier_ = add_linear(*this, "score", "score", C, config_.num_labels, false, -1);
@@ -250,6 +253,7 @@ at::Tensor ModelImpl::head(const at::Tensor& hidden, const ModelInput& in) {
         at::Tensor pooled = at::tanh(pooler_(hidden.select(1, 0)));  // (B, C) from the first token
         return classifier_(pooled);                                   // (B, L)
       }
+      if (config_.arch == Arch::vit) return classifier_(hidden.select(1, 0));  // (B, L) from [CLS]
       const int64_t B = hidden.size(0), T = hidden.size(1);
       at::Tensor last;  // (B) index of the last real token
       if (in.attention_mask.defined()) {
@@ -383,6 +387,7 @@ Model create_model(const ModelConfig& config) {
     case Arch::gpt2: return create_gpt2(config);
     case Arch::llama: return create_llama(config);
     case Arch::bert: return create_bert(config);
+    case Arch::vit: return create_vit(config);
   }
   MDL_FAIL("[model] unknown architecture");
 }

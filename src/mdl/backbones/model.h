@@ -37,7 +37,8 @@ struct KVCache {
 
 /// One forward pass's inputs.
 struct ModelInput {
-  at::Tensor input_ids;       ///< (B, T) int64
+  at::Tensor input_ids;       ///< (B, T) int64; (B, 0) or undefined for vision backbones
+  at::Tensor pixel_values;    ///< (B, C, H, W) float images, for vision backbones (ViT)
   at::Tensor attention_mask;  ///< (B, S) 1 = real token, 0 = padding, S = cached + T; optional
   at::Tensor token_type_ids;  ///< (B, T) BERT segment ids; optional (zeros)
   at::Tensor position_ids;    ///< (B, T); optional (cached + 0..T-1)
@@ -65,7 +66,7 @@ class ModelImpl : public torch::nn::Module {
   /// Final hidden states (B, T, C), after the final norm for pre-norm models.
   virtual at::Tensor hidden_states(const ModelInput& in) = 0;
   /// The head's output: causal LM (B, T, V); sequence classification (B, L), read at the last real token
-  /// for decoders and through the pooler at the first token for BERT; token classification (B, T, L);
+  /// for decoders, through the pooler at the first token for BERT and at the [CLS] token for ViT; token classification (B, T, L);
   /// no head: the hidden states (B, T, C).
   at::Tensor forward(const ModelInput& in);
   /// The final hidden states (B, T, C) as forward() computes them (modules, routing context, cache),
@@ -132,7 +133,8 @@ class ModelImpl : public torch::nn::Module {
   std::shared_ptr<Site> add_site(SiteInfo info);
   /// Records a site (every add_* goes through here): forward order and the name index.
   void register_site(std::shared_ptr<Site> site);
-  /// Creates the head modules; architectures call it last, with their token embedding (for tying).
+  /// Creates the head modules; architectures call it last, with their token embedding (for tying; an
+  /// empty holder for models without tokens).
   void build_head(const Embedding& token_embedding);
   /// A plain container module registered as `name` under `parent` (for HF's module nesting).
   static std::shared_ptr<torch::nn::Module> add_container(torch::nn::Module& parent, const std::string& name);

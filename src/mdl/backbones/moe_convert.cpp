@@ -27,6 +27,11 @@ ModelConfig mixtral_config(const ModelConfig& dense, int64_t experts, int64_t to
   MDL_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "[moe] top_k must be in 1..experts, got top_k ", top_k,
             " with ", experts, " experts");
   ModelConfig c = dense;
+  if (dense.arch == Arch::vit) {  // same model type, experts in the config
+    c.num_experts = experts;
+    c.experts_per_token = top_k;
+    return c;
+  }
   c.model_type = "mixtral";
   std::string a = dense.architecture;
   const size_t pos = a.find("For");
@@ -113,8 +118,20 @@ std::vector<int64_t> balanced_kmeans(const at::Tensor& features, int64_t E, int6
 
 }  // namespace
 
+/// An upcycled ViT expert's tensor -> the dense tensor it copies:
+/// "vit.encoder.layer.3.moe.experts.5.output.dense.bias" -> "vit.encoder.layer.3.output.dense.bias".
+std::string vit_dense_name(const std::string& name) {
+  const std::string tag = ".moe.experts.";
+  const size_t t = name.find(tag);
+  if (t == std::string::npos) return "";
+  const size_t after = name.find('.', t + tag.size());
+  return name.substr(0, t) + name.substr(after);
+}
+
 Model upcycle(const ModelImpl& dense, const UpcycleOptions& o) {
-  check_dense_llama(dense, "upcycle");
+  const bool vit = dense.config().arch == Arch::vit;
+  if (vit) MDL_CHECK(dense.config().num_experts == 0, "[upcycle] this ViT already has experts");
+  else check_dense_llama(dense, "upcycle");
   torch::NoGradGuard no_grad;
   ModelConfig c = mixtral_config(dense.config(), o.experts, o.top_k);
   c.router_json = o.router_json;
@@ -126,12 +143,13 @@ Model upcycle(const ModelImpl& dense, const UpcycleOptions& o) {
     const std::string& name = p.key();
     int64_t layer = 0, expert = 0;
     std::string w;
-    if (parse_expert(name, layer, expert, w)) {
-      at::Tensor src = from.at(dense_name(layer, w));
+    const std::string vit_source = vit ? vit_dense_name(name) : "";
+    if (!vit_source.empty() || (!vit && parse_expert(name, layer, expert, w))) {
+      at::Tensor src = from.at(vit ? vit_source : dense_name(layer, w));
       at::Tensor copy = src.to(at::kFloat).clone();
       if (o.noise > 0) copy += at::empty_like(copy).normal_(0.0, 1.0, gen) * (o.noise * src.to(at::kFloat).std().item<double>());
       p.value().copy_(copy);
-    } else if (name.find(".block_sparse_moe.gate.") != std::string::npos) {
+    } else if (name.find(".block_sparse_moe.gate.") != std::string::npos || name.find(".moe.gate.") != std::string::npos) {
       p.value().copy_(at::empty(p.value().sizes()).normal_(0.0, c.initializer_range, gen));
     } else {
       auto it = from.find(name);

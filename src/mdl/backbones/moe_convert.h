@@ -27,7 +27,8 @@ struct UpcycleOptions {
   std::string router_json;   ///< RouterOptions as JSON replacing the top-k default (stored in config.json)
 };
 
-/// A Mixtral-layout copy of a dense Llama-family `model` with upcycled experts.
+/// A Mixtral-layout copy of a dense Llama-family `model` with upcycled experts; for a ViT, the same ViT
+/// with each MLP a mixture of copies (`vit.encoder.layer.N.moe.experts.E...`, `num_local_experts`).
 Model upcycle(const ModelImpl& model, const UpcycleOptions& options);
 
 /// MoEfication settings.

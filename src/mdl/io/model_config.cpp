@@ -57,7 +57,7 @@ HeadKind head_from_architecture(const std::string& a) {
     return a.size() >= suffix.size() && a.compare(a.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
   if (ends("ForCausalLM") || ends("LMHeadModel")) return HeadKind::causal_lm;
-  if (ends("ForSequenceClassification")) return HeadKind::sequence_classification;
+  if (ends("ForSequenceClassification") || ends("ForImageClassification")) return HeadKind::sequence_classification;
   if (ends("ForTokenClassification")) return HeadKind::token_classification;
   if (ends("Model")) return HeadKind::none;
   MDL_FAIL("[config] architecture '", a,
@@ -71,7 +71,8 @@ Arch parse_arch(const std::string& name) {
   if (name == "gpt2") return Arch::gpt2;
   if (name == "llama" || name == "mistral" || name == "qwen2" || name == "mixtral") return Arch::llama;
   if (name == "bert") return Arch::bert;
-  MDL_FAIL("[config] unknown architecture '", name, "'; expected gpt2, llama, mistral, qwen2, mixtral or bert");
+  if (name == "vit") return Arch::vit;
+  MDL_FAIL("[config] unknown architecture '", name, "'; expected gpt2, llama, mistral, qwen2, mixtral, bert or vit");
 }
 
 std::string arch_name(Arch arch) {
@@ -79,6 +80,7 @@ std::string arch_name(Arch arch) {
     case Arch::gpt2: return "gpt2";
     case Arch::llama: return "llama";
     case Arch::bert: return "bert";
+    case Arch::vit: return "vit";
   }
   return "?";
 }
@@ -98,12 +100,14 @@ std::string ModelConfig::body_prefix() const {
     case Arch::gpt2: return "transformer";
     case Arch::llama: return "model";
     case Arch::bert: return "bert";
+    case Arch::vit: return "vit";
   }
   return "";
 }
 
 std::string architecture_name(Arch arch, HeadKind head) {
-  std::string family = arch == Arch::gpt2 ? "GPT2" : arch == Arch::llama ? "Llama" : "Bert";
+  std::string family = arch == Arch::gpt2 ? "GPT2" : arch == Arch::llama ? "Llama" : arch == Arch::vit ? "ViT" : "Bert";
+  if (arch == Arch::vit && head == HeadKind::sequence_classification) return "ViTForImageClassification";
   switch (head) {
     case HeadKind::none: return family + "Model";
     case HeadKind::causal_lm: return arch == Arch::gpt2 ? "GPT2LMHeadModel" : family + "ForCausalLM";
@@ -132,7 +136,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
               "[config] '", source, "': 'architectures' must be a non-empty array of strings");
     c.architecture = j["architectures"][0].get<std::string>();
   } else {
-    c.architecture = architecture_name(c.arch, c.arch == Arch::bert ? HeadKind::none : HeadKind::causal_lm);
+    c.architecture = architecture_name(c.arch, c.is_decoder() ? HeadKind::causal_lm : HeadKind::none);
   }
   c.head = head_from_architecture(c.architecture);
   c.initializer_range = r.num_or("initializer_range", 0.02);
@@ -201,13 +205,39 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.qkv_bias = c.o_bias = c.mlp_bias = true;
       c.pad_token_id = r.int_or("pad_token_id", 0);
       break;
+    case Arch::vit:
+      c.hidden_size = r.required_int("hidden_size");
+      c.intermediate_size = r.required_int("intermediate_size");
+      c.n_layer = r.required_int("num_hidden_layers");
+      c.n_head = r.required_int("num_attention_heads");
+      c.n_kv_head = c.n_head;
+      c.image_size = r.int_or("image_size", 224);
+      c.patch_size = r.int_or("patch_size", 16);
+      c.num_channels = r.int_or("num_channels", 3);
+      MDL_CHECK(c.patch_size > 0 && c.image_size % c.patch_size == 0, "[config] '", source, "': image_size ",
+                c.image_size, " must be a multiple of patch_size ", c.patch_size);
+      c.max_position = c.num_patches() + 1;
+      c.norm_eps = r.num_or("layer_norm_eps", 1e-12);
+      c.activation = r.str_or("hidden_act", "gelu");
+      c.qkv_bias = r.bool_or("qkv_bias", true);
+      c.o_bias = c.mlp_bias = true;
+      if (r.has("num_local_experts")) {  // mdl's upcycled ViT: every MLP a mixture of experts
+        c.num_experts = r.required_int("num_local_experts");
+        c.experts_per_token = r.int_or("num_experts_per_tok", 2);
+        c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
+        MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '",
+                  source, "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (",
+                  c.num_experts, ")");
+        if (r.has("mdl_router")) c.router_json = j["mdl_router"].dump();
+      }
+      break;
   }
   c.head_dim = r.int_or("head_dim", c.hidden_size / c.n_head);
   MDL_CHECK(c.arch == Arch::llama || c.hidden_size % c.n_head == 0, "[config] '", source, "': hidden size ",
             c.hidden_size, " is not divisible by the number of heads ", c.n_head);
   MDL_CHECK(c.n_kv_head > 0 && c.n_head % c.n_kv_head == 0, "[config] '", source, "': ", c.n_head,
             " attention heads are not a multiple of ", c.n_kv_head, " key/value heads");
-  if (c.arch != Arch::bert && r.has("pad_token_id")) c.pad_token_id = r.int_or("pad_token_id", -1);
+  if (c.is_decoder() && r.has("pad_token_id")) c.pad_token_id = r.int_or("pad_token_id", -1);
   if (r.has("eos_token_id")) {
     if (j["eos_token_id"].is_array()) {
       for (const auto& v : j["eos_token_id"]) c.eos_token_ids.push_back(v.get<int64_t>());
@@ -290,6 +320,26 @@ std::string model_config_to_json(const ModelConfig& c) {
       j["type_vocab_size"] = c.type_vocab_size;
       j["layer_norm_eps"] = c.norm_eps;
       j["hidden_act"] = c.activation;
+      break;
+    case Arch::vit:
+      j.erase("vocab_size");
+      j["hidden_size"] = c.hidden_size;
+      j["intermediate_size"] = c.intermediate_size;
+      j["num_hidden_layers"] = c.n_layer;
+      j["num_attention_heads"] = c.n_head;
+      j["image_size"] = c.image_size;
+      j["patch_size"] = c.patch_size;
+      j["num_channels"] = c.num_channels;
+      j["layer_norm_eps"] = c.norm_eps;
+      j["hidden_act"] = c.activation;
+      j["qkv_bias"] = c.qkv_bias;
+      if (c.num_experts > 0) {
+        j["num_local_experts"] = c.num_experts;
+        j["num_experts_per_tok"] = c.experts_per_token;
+        j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+        if (!c.router_json.empty()) j["mdl_router"] = json::parse(c.router_json);
+        else j.erase("mdl_router");
+      }
       break;
   }
   if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;

@@ -8,8 +8,9 @@
 
 namespace mdl {
 
-/// Architecture families; `llama` also covers Mistral, Qwen2 and Mixtral (a Llama with MoE MLPs) checkpoints.
-enum class Arch { gpt2, llama, bert };
+/// Architecture families; `llama` also covers Mistral, Qwen2 and Mixtral (a Llama with MoE MLPs) checkpoints;
+/// `vit` is the Vision Transformer (images in, no tokens).
+enum class Arch { gpt2, llama, bert, vit };
 
 /// What sits on top of the backbone's hidden states.
 enum class HeadKind { none, causal_lm, sequence_classification, token_classification };
@@ -17,7 +18,7 @@ enum class HeadKind { none, causal_lm, sequence_classification, token_classifica
 /// Fixed model hyper-parameters (llama.cpp's hparams): what a checkpoint is, not how it is run.
 struct ModelConfig {
   Arch arch = Arch::llama;
-  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"
+  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "mixtral", "bert", "vit"
   std::string architecture;      ///< architectures[0], e.g. "LlamaForCausalLM"
   HeadKind head = HeadKind::causal_lm;
   int64_t vocab_size = 0;
@@ -42,15 +43,20 @@ struct ModelConfig {
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   double initializer_range = 0.02;
-  int64_t num_experts = 0;       ///< Mixtral `num_local_experts`: > 0 makes every MLP a sparse mixture of experts
+  int64_t image_size = 0;        ///< ViT: images are image_size x image_size
+  int64_t patch_size = 0;        ///< ViT: square patches, each one token
+  int64_t num_channels = 0;      ///< ViT: image channels
+  int64_t num_experts = 0;       ///< Mixtral `num_local_experts` (also an upcycled ViT's): > 0 makes every MLP a sparse mixture of experts
   int64_t experts_per_token = 2; ///< Mixtral `num_experts_per_tok` (top-k, weights renormalised)
   double router_aux_loss_coef = 0.0;  ///< Mixtral's load-balancing loss weight in training
   std::string router_json;       ///< mdl's `mdl_router` field: RouterOptions replacing the top-k default (upcycled, MoEfied)
   std::string raw_json;          ///< the original file, unknown fields included
 
-  /// Body prefix of the full model's tensor names: "transformer", "model" or "bert".
+  /// Body prefix of the full model's tensor names: "transformer", "model", "bert" or "vit".
   std::string body_prefix() const;
-  bool is_decoder() const { return arch != Arch::bert; }
+  bool is_decoder() const { return arch == Arch::gpt2 || arch == Arch::llama; }
+  /// ViT: patches per image (the sequence is these plus the [CLS] token).
+  int64_t num_patches() const { return patch_size > 0 ? (image_size / patch_size) * (image_size / patch_size) : 0; }
 };
 
 /// Parses config.json text; `source` names the file in errors. A missing required field is an error
@@ -66,7 +72,7 @@ std::string model_config_to_json(const ModelConfig& config);
 /// The HF architecture class name for a family and head, e.g. (llama, causal_lm) -> "LlamaForCausalLM".
 std::string architecture_name(Arch arch, HeadKind head);
 
-/// Parses "gpt2|llama|mistral|qwen2|mixtral|bert".
+/// Parses "gpt2|llama|mistral|qwen2|mixtral|bert|vit".
 Arch parse_arch(const std::string& name);
 std::string arch_name(Arch arch);
 std::string head_name(HeadKind head);

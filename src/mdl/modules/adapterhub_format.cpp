@@ -19,7 +19,7 @@ std::string hub_container(const ModelImpl& model, const std::string& site) {
   const std::string p = model.config().body_prefix();
   const size_t dot = site.rfind('.');
   const std::string block = site.substr(0, dot), part = site.substr(dot + 1);
-  if (model.config().arch == Arch::bert) return part == "attention" ? block + ".attention.output" : block + ".output";
+  if (model.config().arch == Arch::bert || model.config().arch == Arch::vit) return part == "attention" ? block + ".attention.output" : block + ".output";
   return block + (part == "mlp" ? ".output_adapters" : ".attention_adapters");
 }
 

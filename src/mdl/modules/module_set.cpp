@@ -73,13 +73,13 @@ TargetOptions default_targets(const std::string& type, Arch arch, const std::str
   TargetOptions t;
   if (type == "lora" || type == "hyper_lora" || type == "lora_moe" || type == "poly_lora") {
     t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn"}
-                       : arch == Arch::bert ? std::vector<std::string>{"query", "value"}
+                       : arch == Arch::bert || arch == Arch::vit ? std::vector<std::string>{"query", "value"}
                                             : std::vector<std::string>{"q_proj", "v_proj"};
   } else if (type == "ia3") {
     t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn", "mlp.c_proj"}
-                       : arch == Arch::bert ? std::vector<std::string>{"key", "value", "output.dense"}
+                       : arch == Arch::bert || arch == Arch::vit ? std::vector<std::string>{"key", "value", "output.dense"}
                                             : std::vector<std::string>{"k_proj", "v_proj", "down_proj"};
-    if (arch == Arch::bert) t.exclude_modules = {"attention.output.dense"};
+    if (arch == Arch::bert || arch == Arch::vit) t.exclude_modules = {"attention.output.dense"};
   } else if (type == "adapter" || type == "compacter") {
     // Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output").
     if (adapter_config == "houlsby") t.target_regex = R"(.*\.(attn|self_attn|attention|mlp|output))";

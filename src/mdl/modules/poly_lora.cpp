@@ -75,7 +75,9 @@ std::pair<at::Tensor, at::Tensor> PolyLoraImpl::task_factors(const at::Tensor& w
 }
 
 at::Tensor PolyLoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
-  MDL_CHECK(input.dim() == 3, "[poly_lora] '", site_.name, "' expects (B, T, in) inputs, got ", input.sizes());
+  MDL_CHECK(input.dim() == 3 || input.dim() == 2, "[poly_lora] '", site_.name, "' expects (B, T, in) or (B, in) inputs, got ",
+            input.sizes());
+  if (input.dim() == 2) return forward(input.unsqueeze(1), current.unsqueeze(1)).squeeze(1);  // a head on pooled rows
   const at::Tensor& ids = current_task_ids(site_.name, input.size(0), options.num_tasks);
   const ForwardContext& ctx = ForwardContext::current();
   at::Tensor w = allocation_->weights(ids, is_training());  // (B, h, S)

@@ -122,6 +122,33 @@ Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const Da
   return d;
 }
 
+Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels, std::vector<std::string> label_names,
+                      const std::string& task) {
+  MDL_CHECK(images.dim() == 3 || images.dim() == 4, "[data] images must be (N, H, W) or (N, C, H, W), got ",
+            images.sizes());
+  MDL_CHECK(labels.dim() == 1 && labels.size(0) == images.size(0), "[data] ", images.size(0),
+            " images need as many labels, got labels of shape ", labels.sizes());
+  Dataset d;
+  at::Tensor x = images.dim() == 3 ? images.unsqueeze(1) : images;
+  d.images = x.scalar_type() == at::kByte ? x.to(at::kFloat).div_(255.0) : x.to(at::kFloat).contiguous();
+  at::Tensor y = labels.to(at::kLong).contiguous();
+  const int64_t n = y.numel(), classes = static_cast<int64_t>(label_names.size());
+  const int64_t* yp = y.data_ptr<int64_t>();
+  d.labels = std::move(label_names);
+  if (!task.empty()) d.tasks = {task};
+  d.examples.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    MDL_CHECK(yp[i] >= 0 && yp[i] < classes, "[data] image ", i, " has label ", yp[i], "; expected 0..", classes - 1);
+    Example e;
+    e.label = yp[i];
+    e.image = i;
+    e.task = task;
+    e.line = i + 1;
+    d.examples.push_back(std::move(e));
+  }
+  return d;
+}
+
 at::Tensor read_idx(const std::string& path) {
   gzFile f = gzopen(path.c_str(), "rb");  // reads plain files too
   MDL_CHECK(f != nullptr, "[idx] cannot open '", path, "'");

@@ -25,6 +25,7 @@ struct Example {
   std::vector<int64_t> ids;      ///< token ids
   std::vector<int64_t> targets;  ///< per-token targets (-100: no loss) for tagging, instruction, text
   int64_t label = -1;            ///< classification label index
+  int64_t image = -1;            ///< row of Dataset::images (vision data); -1 for text
   std::string task, language;    ///< optional routing context
   int64_t line = 0;              ///< 1-based line in the file
 };
@@ -43,8 +44,14 @@ struct Dataset {
   std::vector<std::string> labels;  ///< label names, index = label id
   std::vector<std::string> tasks;   ///< distinct tasks in order of appearance
   std::vector<std::string> languages;  ///< distinct languages in order of appearance (ids in batches)
+  at::Tensor images;                ///< (N, C, H, W) float images the examples index (vision data)
   int64_t skipped = 0;              ///< bad records skipped
 };
+
+/// An image classification dataset: `images` (N, H, W) or (N, C, H, W), uint8 (scaled to [0, 1]) or
+/// float, with `labels` (N) integer class ids indexing `label_names`; every example gets `task`.
+Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels, std::vector<std::string> label_names,
+                      const std::string& task = "");
 
 /// Reads and tokenises a JSONL file.
 Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const DatasetOptions& options);

@@ -77,6 +77,7 @@ namespace {
 /// A padded batch of examples: inputs, mask, and the targets the head needs.
 struct Batch {
   at::Tensor ids, mask, labels, targets;  // (B, T), (B, T), (B), (B, T)
+  at::Tensor pixels;                      // (B, C, H, W) for image data
   RoutingContext routing;                 // task ids (B) when the data has tasks
 };
 
@@ -120,7 +121,17 @@ Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, 
     labels[b] = e.label;
     if (!e.targets.empty()) targets[b].narrow(0, 0, n).copy_(at::tensor(e.targets, at::kLong));
   }
-  Batch batch{ids.to(device), mask.to(device), labels.to(device), targets.to(device), {}};
+  Batch batch{ids.to(device), mask.to(device), labels.to(device), targets.to(device), {}, {}};
+  if (d.images.defined()) {
+    std::vector<int64_t> rows;
+    for (int64_t i : which) {
+      const Example& e = d.examples[i];
+      MDL_CHECK(e.image >= 0 && e.image < d.images.size(0), "[train] example ", e.line, " points at image ", e.image,
+                " of ", d.images.size(0));
+      rows.push_back(e.image);
+    }
+    batch.pixels = d.images.index_select(0, at::tensor(rows, at::kLong)).to(device);
+  }
   if (!d.tasks.empty()) {
     std::vector<int64_t> tasks;
     for (int64_t i : which) tasks.push_back(task_index(d, d.examples[i].task));
@@ -140,6 +151,7 @@ ModelInput model_input(const Batch& b) {
   ModelInput in;
   in.input_ids = b.ids;
   in.attention_mask = b.mask;
+  in.pixel_values = b.pixels;
   if (b.routing.task_ids.defined() || b.routing.language_ids.defined() || !b.routing.modules.empty())
     in.routing = &b.routing;
   return in;
@@ -441,6 +453,7 @@ std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset&
     subset.labels = data.labels;
     subset.tasks = data.tasks;  // keep the task and language indices
     subset.languages = data.languages;
+    subset.images = data.images;
     for (const auto& e : data.examples)
       if (e.task == task) subset.examples.push_back(e);
     out[task] = evaluate(model, subset, batch_size, routing);

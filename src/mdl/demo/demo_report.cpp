@@ -1,0 +1,252 @@
+// The demo's report: report.md and report.html with every table and figure of results.json, and the
+// expected directions stated as holding or not (a figure is never hidden).
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include "mdl/demo/demo_context.h"
+#include "mdl/io/atomic_file.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace mdl::demo {
+namespace {
+
+std::string pct(const json& v) {
+  if (!v.is_number()) return "–";
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f%%", 100.0 * v.get<double>());
+  return buf;
+}
+
+std::string num(const json& v, const char* format = "%.2f") {
+  if (!v.is_number()) return "–";
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), format, v.get<double>());
+  return buf;
+}
+
+/// A table as Markdown and as HTML at once.
+struct Table {
+  std::vector<std::string> header;
+  std::vector<std::vector<std::string>> rows;
+  std::string markdown() const {
+    std::ostringstream o;
+    o << "|";
+    for (const auto& h : header) o << " " << h << " |";
+    o << "\n|";
+    for (size_t i = 0; i < header.size(); ++i) o << (i ? " ---: |" : " --- |");
+    o << "\n";
+    for (const auto& r : rows) {
+      o << "|";
+      for (const auto& c : r) o << " " << c << " |";
+      o << "\n";
+    }
+    return o.str();
+  }
+  std::string html() const {
+    std::ostringstream o;
+    o << "<table><tr>";
+    for (const auto& h : header) o << "<th>" << h << "</th>";
+    o << "</tr>\n";
+    for (const auto& r : rows) {
+      o << "<tr>";
+      for (const auto& c : r) o << "<td>" << c << "</td>";
+      o << "</tr>\n";
+    }
+    o << "</table>\n";
+    return o.str();
+  }
+};
+
+/// One section: a title, paragraphs, tables and the figures recorded for it.
+struct Section {
+  std::string key, title;
+  std::vector<std::string> text;
+  std::vector<Table> tables;
+};
+
+std::vector<Section> sections(const json& r) {
+  std::vector<Section> out;
+  if (r.contains("vision_backbone")) {
+    const json& v = r["vision_backbone"];
+    Section s{"vision_backbone", "1. Vision backbone: a small ViT on Fashion-MNIST", {}, {}};
+    s.text.push_back("A `ViTForImageClassification` (Hugging Face layout: it loads, saves and takes modules like the other "
+                     "backbones), trained from scratch" + std::string(v["cached"].get<bool>() ? " (loaded from the cache)" : "") +
+                     ".");
+    s.tables.push_back({{"parameters", "pretraining steps", "training images", "test accuracy", "seconds"},
+                        {{std::to_string(v["parameters"].get<int64_t>()), std::to_string(v["pretrain_steps"].get<int64_t>()),
+                          std::to_string(v["pretrain_examples"].get<int64_t>()), pct(v["test_accuracy"]),
+                          num(v["pretrain_seconds"], "%.1f")}}});
+    out.push_back(s);
+  }
+  if (r.contains("transfer")) {
+    Section s{"transfer", "2. Transfer to handwritten digits", {}, {}};
+    s.text.push_back("The Fashion-MNIST ViT adapted to MNIST digits (" + std::to_string(r["transfer"]["train_examples"].get<int64_t>()) +
+                     " training, " + std::to_string(r["transfer"]["test_examples"].get<int64_t>()) +
+                     " test images). The linear probe is a full-rank LoRA on the classifier, so it is saved as a module too.");
+    Table t{{"method", "accuracy", "trainable parameters", "% of the model", "seconds"}, {}};
+    for (const auto& m : r["transfer"]["methods"])
+      t.rows.push_back({m["method"].get<std::string>(), pct(m["accuracy"]),
+                        std::to_string(m["trainable_parameters"].get<int64_t>()), num(m["trainable_percent"]),
+                        num(m["seconds"], "%.1f")});
+    s.tables.push_back(t);
+    out.push_back(s);
+  }
+  if (r.contains("continual")) {
+    const json& c = r["continual"];
+    Section s{"continual", "3. Continual learning: five two-class tasks in sequence", {}, {}};
+    s.text.push_back("Fashion-MNIST split into five tasks of two classes each, labelled 0/1 within the task, learned one "
+                     "after the other. Accuracy of each task's decision at the end; forgetting = mean drop from right after "
+                     "learning a task to the end.");
+    Table t{{"", "task 1", "task 2", "task 3", "task 4", "task 5", "mean", "forgetting"}, {}};
+    auto row = [&](const std::string& name, const json& v, const json& mean, const json& forgetting) {
+      std::vector<std::string> cells = {name};
+      for (const auto& x : v) cells.push_back(pct(x));
+      cells.push_back(pct(mean));
+      cells.push_back(pct(forgetting));
+      t.rows.push_back(cells);
+    };
+    row("backbone alone (no training)", c["backbone_alone"], json(), json());
+    row("a module per task", c["modules"]["final"], c["modules"]["final_mean"], c["modules"]["forgetting"]);
+    row("sequential full fine-tuning", c["sequential_full_ft"]["final"], c["sequential_full_ft"]["final_mean"],
+        c["sequential_full_ft"]["forgetting"]);
+    s.tables.push_back(t);
+    Table m{{"after learning", "task 1", "task 2", "task 3", "task 4", "task 5"}, {}};
+    const json& acc = c["sequential_full_ft"]["accuracy_after_each_task"];
+    for (size_t k = 0; k < acc.size(); ++k) {
+      std::vector<std::string> cells = {"task " + std::to_string(k + 1) + " (full FT)"};
+      for (const auto& x : acc[k]) cells.push_back(pct(x));
+      m.rows.push_back(cells);
+    }
+    s.tables.push_back(m);
+    out.push_back(s);
+  }
+  if (r.contains("polytropon")) {
+    const json& p = r["polytropon"];
+    Section s{"polytropon", "4. Multi-task routing: Polytropon", {}, {}};
+    s.text.push_back("The same five tasks learned jointly. Their labels conflict (0/1 means something else in each task), "
+                     "so one shared module cannot serve them all; Polytropon routes each task to a learned mix of " +
+                     std::to_string(p["skills"].get<int64_t>()) + " skill LoRAs.");
+    Table t{{"", "task 1", "task 2", "task 3", "task 4", "task 5", "mean"}, {}};
+    std::vector<std::string> a = {"Polytropon"}, b = {"one shared LoRA"};
+    for (const auto& x : p["accuracy"]) a.push_back(pct(x));
+    for (const auto& x : p["shared_lora_accuracy"]) b.push_back(pct(x));
+    a.push_back(pct(p["mean_accuracy"])), b.push_back(pct(p["shared_lora_mean_accuracy"]));
+    t.rows = {a, b};
+    s.tables.push_back(t);
+    out.push_back(s);
+  }
+  if (r.contains("moe")) {
+    const json& m = r["moe"];
+    Section s{"moe", "5. Mixture of experts: the ViT upcycled", {}, {}};
+    s.text.push_back("Every MLP copied into 4 experts behind a new top-2 router (sparse upcycling), then fine-tuned on the "
+                     "digits with a load-balancing loss (0.01); compared with the dense model's full fine-tuning.");
+    Table t{{"model", "digits accuracy", "parameters"}, {}};
+    t.rows.push_back({"upcycled, before fine-tuning", pct(m["accuracy_before_training"]), std::to_string(m["parameters"].get<int64_t>())});
+    t.rows.push_back({"upcycled top-2-of-4, fine-tuned", pct(m["accuracy"]), std::to_string(m["parameters"].get<int64_t>())});
+    t.rows.push_back({"dense, fully fine-tuned", pct(m["dense_accuracy"]), "–"});
+    s.tables.push_back(t);
+    Table l{{"layer", "expert 0", "expert 1", "expert 2", "expert 3"}, {}};
+    for (size_t i = 0; i < m["expert_load"].size(); ++i) {
+      std::vector<std::string> cells = {std::to_string(i)};
+      for (const auto& x : m["expert_load"][i]) cells.push_back(pct(x));
+      l.rows.push_back(cells);
+    }
+    s.tables.push_back(l);
+    out.push_back(s);
+  }
+  if (r.contains("merging")) {
+    Section s{"merging", "6. Merging task modules", {}, {}};
+    s.text.push_back("Five LoRAs, each trained on one pair of digits (0/1, 2/3, ...), merged into one module; each pair's "
+                     "accuracy (the decision between its two digits) with the merged module vs its own module, and the "
+                     "merged module's accuracy on all ten digits.");
+    Table t{{"module", "0/1", "2/3", "4/5", "6/7", "8/9", "mean", "10-way"}, {}};
+    for (const auto& m : r["merging"]["methods"]) {
+      std::vector<std::string> cells = {m["method"].get<std::string>()};
+      for (const auto& x : m["task_accuracy"]) cells.push_back(pct(x));
+      cells.push_back(pct(m["mean_task_accuracy"]));
+      cells.push_back(m.contains("ten_way_accuracy") ? pct(m["ten_way_accuracy"]) : "–");
+      t.rows.push_back(cells);
+    }
+    s.tables.push_back(t);
+    out.push_back(s);
+  }
+  if (r.contains("crosslingual")) {
+    const json& c = r["crosslingual"];
+    Section s{"crosslingual", "7. Cross-lingual transfer (MAD-X)", {}, {}};
+    s.text.push_back("A small Llama-style decoder pretrained here on fortune cookies in eight languages (perplexity " +
+                     num(c["pretrain"]["perplexity"], "%.1f") + " on held-out text), a language adapter per language "
+                     "(LM objective), and a task adapter trained on English only, on the English adapter: " +
+                     c["task"]["name"].get<std::string>() + ". Zero-shot accuracy with no language adapter, with the English "
+                     "adapter, and with the language's own adapter under the task adapter (MAD-X).");
+    Table p{{"language", "perplexity, backbone", "perplexity, with its adapter"}, {}};
+    for (const auto& l : c["language_model_perplexity"])
+      p.rows.push_back({l["language"].get<std::string>(), num(l["backbone"], "%.1f"), num(l["with_language_adapter"], "%.1f")});
+    s.tables.push_back(p);
+    Table t{{"language", "test examples", "no language adapter", "English adapter", "MAD-X"}, {}};
+    for (const auto& l : c["languages"])
+      t.rows.push_back({l["language"].get<std::string>(), std::to_string(l["test_examples"].get<int64_t>()),
+                        pct(l["no_language_adapter"]), pct(l["english_adapter"]), pct(l["madx"])});
+    s.tables.push_back(t);
+    out.push_back(s);
+  }
+  return out;
+}
+
+std::string escape(const std::string& s) {
+  std::string o;
+  for (char c : s) o += c == '<' ? "&lt;" : c == '>' ? "&gt;" : c == '&' ? "&amp;" : std::string(1, c);
+  return o;
+}
+
+}  // namespace
+
+void write_report(const Context& ctx) {
+  const json& r = ctx.results;
+  std::ostringstream md, html;
+  const std::string title = "mdl demo: what modularity buys";
+  md << "# " << title << "\n\n";
+  md << "Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"] << ", " << r["run"]["threads"]
+     << " threads, " << num(r["run"]["seconds"], "%.0f") << " s. Every figure is also in `results.json`.\n\n";
+  html << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" << title << "</title>\n"
+       << "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
+          "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{"
+          "text-align:left}img{max-width:100%}.holds{color:#060}.fails{color:#a00}</style></head><body>\n";
+  html << "<h1>" << title << "</h1>\n<p>Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"]
+       << ", " << r["run"]["threads"] << " threads, " << num(r["run"]["seconds"], "%.0f")
+       << " s. Every figure is also in <code>results.json</code>.</p>\n";
+  md << "## Expected directions\n\n";
+  html << "<h2>Expected directions</h2>\n<ul>\n";
+  for (const auto& c : ctx.checks) {
+    md << "- **" << (c.holds ? "holds" : "does not hold") << "**: " << c.claim << " (" << c.detail << ")\n";
+    html << "<li class=\"" << (c.holds ? "holds" : "fails") << "\"><b>" << (c.holds ? "holds" : "does not hold")
+         << "</b>: " << escape(c.claim) << " (" << escape(c.detail) << ")</li>\n";
+  }
+  md << "\n";
+  html << "</ul>\n";
+  for (const auto& s : sections(r)) {
+    md << "## " << s.title << "\n\n";
+    html << "<h2>" << escape(s.title) << "</h2>\n";
+    for (const auto& p : s.text) md << p << "\n\n", html << "<p>" << escape(p) << "</p>\n";
+    for (const auto& t : s.tables) md << t.markdown() << "\n", html << t.html();
+    for (const auto& f : r["figures"]) {
+      if (f["section"] != s.key) continue;
+      md << "![" << f["caption"].get<std::string>() << "](" << f["file"].get<std::string>() << ")\n\n";
+      html << "<figure><img src=\"" << f["file"].get<std::string>() << "\" alt=\"" << escape(f["caption"].get<std::string>())
+           << "\"><figcaption>" << escape(f["caption"].get<std::string>()) << "</figcaption></figure>\n";
+    }
+  }
+  if (r.contains("serve_command")) {
+    md << "## Serving the trained modules\n\n```\n" << r["serve_command"].get<std::string>() << "\n"
+       << r["serve_example"].get<std::string>() << "\n```\n";
+    html << "<h2>Serving the trained modules</h2>\n<pre>" << escape(r["serve_command"].get<std::string>()) << "\n"
+         << escape(r["serve_example"].get<std::string>()) << "</pre>\n";
+  }
+  html << "</body></html>\n";
+  io::write_text_atomic((fs::path(ctx.options.out_dir) / "report.md").string(), md.str());
+  io::write_text_atomic((fs::path(ctx.options.out_dir) / "report.html").string(), html.str());
+}
+
+}  // namespace mdl::demo
