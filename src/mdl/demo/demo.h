@@ -38,12 +38,21 @@ struct DemoOptions {
   /// Fortune files per language; empty: those the fortunes packages installed.
   std::map<std::string, std::vector<std::string>> fortune_files;
   std::string device = "cpu";
+  std::string part = "all";          ///< all | vision (experiments 1-6) | language (experiment 7)
   uint64_t seed = 0;
   bool progress = true;              ///< a progress bar on stderr
+  bool write_outputs = true;         ///< write results.json and the reports and print the summary (false: results only)
 };
 
-/// Runs every experiment and writes the report; returns results.json's content.
+/// Runs the experiments of `options.part` and (with write_outputs) writes results.json, report.md,
+/// report.html and prints a summary; returns the results (what results.json holds, checks included).
 nlohmann::json run_demo(const DemoOptions& options);
+
+/// One run's results from parts run apart (e.g. in two processes): figures and checks concatenated.
+nlohmann::json merge_results(const nlohmann::json& a, const nlohmann::json& b);
+
+/// Writes results.json, report.md and report.html under options.out_dir and prints the summary table.
+void write_outputs(const DemoOptions& options, const nlohmann::json& results);
 
 /// The eight languages and the Debian package holding each one's fortunes.
 const std::vector<std::pair<std::string, std::string>>& fortune_packages();

@@ -26,14 +26,14 @@ namespace mdl::demo {
 struct Sizes {
   // vision
   int64_t vit_hidden = 64, vit_layers = 4, vit_heads = 4, vit_intermediate = 128, vit_patch = 7;
-  int64_t pretrain_examples = 60000, pretrain_steps = 600, batch = 64, test_examples = 2000;
-  int64_t transfer_train = 8000, transfer_steps = 300;
-  int64_t task_train = 4000, task_steps = 120;  ///< per continual / merging task
-  int64_t poly_steps = 400;
+  int64_t pretrain_examples = 60000, pretrain_steps = 1500, batch = 64, test_examples = 2000;
+  int64_t transfer_train = 8000, transfer_steps = 600;
+  int64_t task_train = 4000, task_steps = 100;  ///< per continual / merging task
+  int64_t poly_steps = 300;
   // text
   int64_t lm_hidden = 128, lm_layers = 4, lm_heads = 4, lm_intermediate = 256, vocab = 1024, seq_len = 48;
   int64_t lm_texts_per_language = 3000, lm_pretrain_steps = 600, lm_batch = 32;
-  int64_t language_adapter_steps = 400, text_task_train = 2000, text_task_steps = 300, text_task_test = 400;
+  int64_t language_adapter_steps = 800, text_task_train = 3000, text_task_steps = 400, text_task_test = 600;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);
@@ -102,7 +102,7 @@ void write_dir_atomic(const std::string& dir, const std::function<void(const std
 // The experiments (vision_experiments.cpp, language_experiments.cpp) and the report (demo_report.cpp).
 void run_vision(Context& ctx);
 void run_language(Context& ctx);
-void write_report(const Context& ctx);
+void write_report(const DemoOptions& options, const nlohmann::json& results);
 /// The cached backbones' directories (keyed by their config and training settings); complete when they
 /// hold `pretrain.json`.
 std::string vit_cache_path(const Context& ctx);

@@ -128,30 +128,50 @@ std::vector<std::string> plain_words(const std::string& text) {
   return words;
 }
 
+std::vector<std::string> sentences(const std::string& text) {
+  std::vector<std::string> out;
+  std::string current;
+  const auto cps = unicode::decode(text);
+  for (size_t i = 0; i < cps.size(); ++i) {
+    const char32_t cp = cps[i];
+    current += unicode::encode(cp == U'\n' ? U' ' : cp);
+    const bool end = cp == U'.' || cp == U'!' || cp == U'?' || cp == U'\u2026';
+    if (end && (i + 1 == cps.size() || unicode::is_whitespace(cps[i + 1]))) {
+      out.push_back(current);
+      current.clear();
+    }
+  }
+  if (current.find_first_not_of(" \t") != std::string::npos) out.push_back(current);
+  return out;
+}
+
 std::vector<WordOrderExample> word_order_task(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
                                               int64_t min_words, int64_t max_words) {
   std::mt19937_64 rng(seed);
   std::vector<std::vector<std::string>> pool;
   for (const auto& e : entries) {
-    // The quotation itself: attributions ("-- Author") dropped; only mostly-alphabetic entries.
-    std::string body = e.substr(0, std::min(e.find("\n--"), e.find("\t--")));
-    auto words = plain_words(body);
-    if (static_cast<int64_t>(words.size()) < min_words) continue;
-    int64_t letters = 0, total = 0;
-    for (char32_t cp : unicode::decode(body)) total += !unicode::is_whitespace(cp), letters += !unicode::is_whitespace(cp) &&
-                                                       !unicode::is_punctuation(cp) && !unicode::is_digit(cp);
-    if (letters * 10 < total * 8) continue;  // ASCII art, tables, code
-    std::set<std::string> distinct(words.begin(), words.end());
-    if (static_cast<int64_t>(distinct.size()) < min_words) continue;
-    pool.push_back(std::move(words));
+    // The quotation itself (attributions "-- Author" dropped), cut into sentences; whole sentences of
+    // min..max words that are mostly letters (no ASCII art, tables or code).
+    const std::string body = e.substr(0, std::min(e.find("\n--"), e.find("\t--")));
+    for (const auto& sentence : sentences(body)) {
+      auto words = plain_words(sentence);
+      if (static_cast<int64_t>(words.size()) < min_words || static_cast<int64_t>(words.size()) > max_words) continue;
+      int64_t letters = 0, total = 0;
+      for (char32_t cp : unicode::decode(sentence)) {
+        if (unicode::is_whitespace(cp)) continue;
+        ++total;
+        letters += !unicode::is_punctuation(cp) && !unicode::is_digit(cp);
+      }
+      if (letters * 10 < total * 8) continue;
+      std::set<std::string> distinct(words.begin(), words.end());
+      if (static_cast<int64_t>(distinct.size()) < 3) continue;
+      pool.push_back(std::move(words));
+    }
   }
   std::shuffle(pool.begin(), pool.end(), rng);
   std::vector<WordOrderExample> out;
   for (size_t i = 0; i < pool.size() && static_cast<int64_t>(out.size()) < n; ++i) {
     auto words = pool[i];
-    const int64_t keep = std::min<int64_t>(static_cast<int64_t>(words.size()),
-                                           min_words + static_cast<int64_t>(rng() % (max_words - min_words + 1)));
-    words.resize(static_cast<size_t>(keep));
     const int64_t label = static_cast<int64_t>(out.size() % 2);
     if (label == 1) {
       const auto original = words;

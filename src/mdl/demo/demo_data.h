@@ -45,8 +45,10 @@ struct WordOrderExample {
   std::string text;
   int64_t label = 0;  ///< 0: original order, 1: shuffled
 };
-/// Up to `n` balanced examples from `entries`: each entry's first `min_words`..`max_words` plain words,
-/// kept (label 0) or shuffled into a different order (label 1). Deterministic for a seed.
+/// `text` cut into sentences (after '.', '!', '?' or '…' followed by a space or the end).
+std::vector<std::string> sentences(const std::string& text);
+/// Up to `n` balanced examples from the whole sentences of `entries` with `min_words`..`max_words` plain
+/// words, kept (label 0) or shuffled into a different order (label 1). Deterministic for a seed.
 std::vector<WordOrderExample> word_order_task(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
                                               int64_t min_words = 5, int64_t max_words = 12);
 

@@ -159,9 +159,10 @@ std::vector<Section> sections(const json& r) {
   }
   if (r.contains("merging")) {
     Section s{"merging", "6. Merging task modules", {}, {}};
-    s.text.push_back("Five LoRAs, each trained on one pair of digits (0/1, 2/3, ...), merged into one module; each pair's "
-                     "accuracy (the decision between its two digits) with the merged module vs its own module, and the "
-                     "merged module's accuracy on all ten digits.");
+    s.text.push_back("Five LoRAs on the attention (query, value), each trained on one pair of digits (0/1, 2/3, ...) under "
+                     "the shared digits head of experiment 2 (the linear probe), merged into one module; each pair's "
+                     "accuracy (the decision between its two digits) with the merged module, its own module and the head "
+                     "alone, and accuracy on all ten digits.");
     Table t{{"module", "0/1", "2/3", "4/5", "6/7", "8/9", "mean", "10-way"}, {}};
     for (const auto& m : r["merging"]["methods"]) {
       std::vector<std::string> cells = {m["method"].get<std::string>()};
@@ -203,8 +204,7 @@ std::string escape(const std::string& s) {
 
 }  // namespace
 
-void write_report(const Context& ctx) {
-  const json& r = ctx.results;
+void write_report(const DemoOptions& options, const json& r) {
   std::ostringstream md, html;
   const std::string title = "mdl demo: what modularity buys";
   md << "# " << title << "\n\n";
@@ -219,10 +219,12 @@ void write_report(const Context& ctx) {
        << " s. Every figure is also in <code>results.json</code>.</p>\n";
   md << "## Expected directions\n\n";
   html << "<h2>Expected directions</h2>\n<ul>\n";
-  for (const auto& c : ctx.checks) {
-    md << "- **" << (c.holds ? "holds" : "does not hold") << "**: " << c.claim << " (" << c.detail << ")\n";
-    html << "<li class=\"" << (c.holds ? "holds" : "fails") << "\"><b>" << (c.holds ? "holds" : "does not hold")
-         << "</b>: " << escape(c.claim) << " (" << escape(c.detail) << ")</li>\n";
+  for (const auto& c : r["checks"]) {
+    const bool holds = c["holds"].get<bool>();
+    const std::string claim = c["claim"], detail = c["detail"];
+    md << "- **" << (holds ? "holds" : "does not hold") << "**: " << claim << " (" << detail << ")\n";
+    html << "<li class=\"" << (holds ? "holds" : "fails") << "\"><b>" << (holds ? "holds" : "does not hold")
+         << "</b>: " << escape(claim) << " (" << escape(detail) << ")</li>\n";
   }
   md << "\n";
   html << "</ul>\n";
@@ -245,8 +247,8 @@ void write_report(const Context& ctx) {
          << escape(r["serve_example"].get<std::string>()) << "</pre>\n";
   }
   html << "</body></html>\n";
-  io::write_text_atomic((fs::path(ctx.options.out_dir) / "report.md").string(), md.str());
-  io::write_text_atomic((fs::path(ctx.options.out_dir) / "report.html").string(), html.str());
+  io::write_text_atomic((fs::path(options.out_dir) / "report.md").string(), md.str());
+  io::write_text_atomic((fs::path(options.out_dir) / "report.html").string(), html.str());
 }
 
 }  // namespace mdl::demo
