@@ -88,7 +88,7 @@ TEST(ViT, HuggingFaceLayoutAndConfig) {
     EXPECT_TRUE(tensors.count(name)) << name;
   EXPECT_EQ(tensors.at("vit.embeddings.patch_embeddings.projection.weight").sizes(), (at::IntArrayRef{32, 3, 4, 4}));
   EXPECT_EQ(tensors.at("vit.embeddings.position_embeddings").sizes(), (at::IntArrayRef{1, 5, 32}));
-  EXPECT_EQ(tensors.size(), 5u + 2 * 16u + 2 + 2);  // embeddings, 16 per block, final norm, classifier
+  EXPECT_EQ(tensors.size(), 4u + 2 * 16u + 2 + 2);  // embeddings, 16 per block, final norm, classifier
   auto j = nlohmann::json::parse(io::read_text(dir + "/config.json"));
   EXPECT_EQ(j["model_type"], "vit");
   EXPECT_EQ(j["architectures"][0], "ViTForImageClassification");
