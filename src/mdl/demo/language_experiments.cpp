@@ -159,6 +159,13 @@ std::string pct(double v) {
   return buf;
 }
 
+/// How to call this mdl: its absolute path when this process is the mdl binary, else "mdl".
+std::string mdl_command() {
+  std::error_code ec;
+  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  return !ec && self.filename() == "mdl" ? self.string() : "mdl";
+}
+
 /// Switches on exactly the language adapter `language` ("" for none) among the lang-* modules.
 void use_language(ModuleSet& set, const std::vector<LanguageText>& langs, const std::string& language) {
   for (const auto& l : langs) set.set_active("lang-" + l.language, l.language == language);
@@ -321,7 +328,7 @@ void run_language(Context& ctx) {
   save_model(*cls, model_dir);
   io::write_text_atomic((fs::path(model_dir) / "tokenizer.json").string(), io::read_text((fs::path(dir) / "tokenizer.json").string()));
   for (const auto& name : set.names()) set.save(name, (fs::path(ctx.modules_dir) / "text" / name).string());
-  ctx.results["serve_command"] = "mdl serve --model " + model_dir + " --modules " + (fs::path(ctx.modules_dir) / "text").string();
+  ctx.results["serve_command"] = mdl_command() + " serve --model " + model_dir + " --modules " + (fs::path(ctx.modules_dir) / "text").string();
   ctx.results["serve_example"] = "curl -s localhost:8080/v1/classify -d '{\"model\": \"lang-de,word-order,word-order-head\", "
                                  "\"input\": [\"der hund schläft im garten\"]}'";
 
