@@ -208,14 +208,15 @@ void write_report(const DemoOptions& options, const json& r) {
   std::ostringstream md, html;
   const std::string title = "mdl demo: what modularity buys";
   md << "# " << title << "\n\n";
-  md << "Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"] << ", " << r["run"]["threads"]
-     << " threads, " << num(r["run"]["seconds"], "%.0f") << " s. Every figure is also in `results.json`.\n\n";
+  md << "Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"] << ", " << r["run"]["cores"]
+     << " cores, " << r["run"]["processes"] << " process(es), " << num(r["run"]["seconds"], "%.0f")
+     << " s. Every figure is also in `results.json`.\n\n";
   html << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" << title << "</title>\n"
        << "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
           "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{"
           "text-align:left}img{max-width:100%}.holds{color:#060}.fails{color:#a00}</style></head><body>\n";
   html << "<h1>" << title << "</h1>\n<p>Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"]
-       << ", " << r["run"]["threads"] << " threads, " << num(r["run"]["seconds"], "%.0f")
+       << ", " << r["run"]["cores"] << " cores, " << r["run"]["processes"] << " process(es), " << num(r["run"]["seconds"], "%.0f")
        << " s. Every figure is also in <code>results.json</code>.</p>\n";
   md << "## Expected directions\n\n";
   html << "<h2>Expected directions</h2>\n<ul>\n";

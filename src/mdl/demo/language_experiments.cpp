@@ -256,7 +256,12 @@ void run_language(Context& ctx) {
   cls_config.architecture = "LlamaForSequenceClassification";
   cls_config.num_labels = 2;
   cls_config.raw_json.clear();
-  cls_config = parse_model_config(model_config_to_json(cls_config), "demo classifier config");
+  {  // label names in config.json, so that /v1/classify answers "original" / "shuffled"
+    nlohmann::json j = nlohmann::json::parse(model_config_to_json(cls_config));
+    j["id2label"] = {{"0", "original"}, {"1", "shuffled"}};
+    j["label2id"] = {{"original", 0}, {"shuffled", 1}};
+    cls_config = parse_model_config(j.dump(), "demo classifier config");
+  }
   Model cls = create_model(cls_config);
   {  // the backbone's weights from the language model; the new head drawn as Hugging Face initialises it
     torch::NoGradGuard no_grad;

@@ -47,7 +47,12 @@ ModelConfig vit_config(const Sizes& s) {
   c.activation = "gelu";
   c.qkv_bias = c.o_bias = c.mlp_bias = true;
   c.num_labels = 10;
-  return c;
+  nlohmann::json j = nlohmann::json::parse(model_config_to_json(c));  // class names in config.json
+  for (size_t i = 0; i < kFashion.size(); ++i) {
+    j["id2label"][std::to_string(i)] = kFashion[i];
+    j["label2id"][kFashion[i]] = i;
+  }
+  return parse_model_config(j.dump(), "demo ViT config");
 }
 
 std::string hex(uint64_t h) {
