@@ -9,8 +9,8 @@
 #include "mdl/backbones/vit.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 
+#include "mdl/backbones/expert_router.h"
 #include "mdl/backbones/functional.h"
 #include "mdl/core/error.h"
 #include "mdl/routing/mixture.h"
@@ -75,21 +75,12 @@ class ViTImpl : public ModelImpl {
     }
     norm_ = add_norm(*body, "layernorm", "vit.layernorm", NormImpl::Kind::layer_norm, C, c.norm_eps, -1);
     build_head(Embedding{nullptr});
-    if (c.num_experts > 0) {
-      RouterOptions router;
-      router.kind = "top_k";
-      router.k = c.experts_per_token;
-      router.load_balancing_coef = c.router_aux_loss_coef;
-      if (!c.router_json.empty()) router = nlohmann::json::parse(c.router_json).get<RouterOptions>();
-      set_router(router);
-    }
+    if (c.num_experts > 0) router_ = make_expert_router(c, config_router(c));
   }
 
   void set_router(const RouterOptions& options) override {
     if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
-    MDL_CHECK(options.level != "task", "[model] ", config_.architecture, "'s expert gates score tokens; task-level "
-              "routing needs per-task logits (use a poly_lora or lora_moe module)");
-    router_ = make_router(options);
+    router_ = make_expert_router(config_, options);
   }
   const Router* router() const override { return router_.get(); }
 

@@ -868,6 +868,7 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
   auto part_results = std::make_shared<std::string>();
   cmd->add_option("--part-results", *part_results, "internal: write this part's results as JSON here instead of a report")
       ->group("");
+  cmd->add_option("--progress-file", o->progress_file, "internal: write progress here for another process's bar")->group("");
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!(*full && *tiny), "[demo] --full and --tiny exclude each other");
@@ -901,8 +902,11 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
       if (args[i].rfind("--threads=", 0) == 0 || args[i].rfind("--part=", 0) == 0) continue;
       child.push_back(args[i]);
     }
+    const std::string progress_file = (fs::path(options.out_dir) / ".language-progress").string();
     for (const char* a : {"--part", "language", "--no-progress", "--part-results"}) child.push_back(a);
     child.push_back(part_file);
+    child.push_back("--progress-file");
+    child.push_back(progress_file);
     const auto start = std::chrono::steady_clock::now();
     const pid_t pid = fork();
     MDL_CHECK(pid >= 0, "[demo] cannot start the process for the language experiments");
@@ -924,11 +928,14 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     demo::DemoOptions vision = options;
     vision.part = "vision";
     vision.write_outputs = false;
-    nlohmann::json results = demo::run_demo(vision);
-    if (options.progress) std::fprintf(stderr, "[demo] waiting for the language experiments (process %d)\n", pid);
+    vision.peer_progress_file = progress_file;
     int status = 0;
-    waitpid(pid, &status, 0);
-    reaper.done = true;
+    vision.wait_for_peer = [&] {
+      const pid_t w = waitpid(pid, &status, WNOHANG);
+      return reaper.done = (w == pid || w < 0);
+    };
+    nlohmann::json results = demo::run_demo(vision);
+    fs::remove(progress_file);
     MDL_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0 && fs::exists(part_file), "[demo] the language experiments "
               "(process ", pid, ") failed: ", WIFSIGNALED(status) ? "killed by signal " : "exit status ",
               WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), "; its error is printed above");

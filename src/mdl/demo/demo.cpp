@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
+#include <thread>
 
 #include "mdl/core/device.h"
 #include "mdl/core/threads.h"
@@ -54,9 +56,9 @@ Sizes sizes_for(DemoSize size) {
 
 // ---- progress ----
 
-Progress::Progress(int64_t total_steps, bool enabled)
-    : total_(std::max<int64_t>(1, total_steps)), enabled_(enabled), tty_(isatty(STDERR_FILENO) != 0),
-      start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
+Progress::Progress(int64_t total_steps, bool enabled, std::string report, std::string peer)
+    : total_(std::max<int64_t>(1, total_steps)), report_(std::move(report)), peer_(std::move(peer)), enabled_(enabled),
+      tty_(isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
 
 void Progress::stage(const std::string& name, int64_t steps) {
   stage_ = name, stage_steps_ = steps, stage_done_ = 0;
@@ -70,18 +72,42 @@ void Progress::step() {
   draw(false);
 }
 
+void Progress::wait(const std::function<bool()>& done) {
+  while (!done()) {
+    draw(true);
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+}
+
 void Progress::draw(bool force) {
-  if (!enabled_ || !tty_) return;
   const auto now = std::chrono::steady_clock::now();
   if (!force && now - last_draw_ < std::chrono::milliseconds(200)) return;
   last_draw_ = now;
-  const double frac = std::min(1.0, static_cast<double>(done_) / static_cast<double>(total_));
+  if (!report_.empty()) {  // for the other process's bar
+    std::ofstream out(report_ + ".tmp", std::ios::trunc);
+    out << done_ << " " << total_ << " " << stage_ << " " << stage_done_ << "/" << stage_steps_ << "\n";
+    out.close();
+    std::error_code ec;
+    fs::rename(report_ + ".tmp", report_, ec);
+  }
+  if (!enabled_ || !tty_) return;
+  int64_t done = done_, total = total_;
+  std::string text = stage_ + " " + std::to_string(stage_done_) + "/" + std::to_string(stage_steps_);
+  if (!peer_.empty()) {  // "done total stage...", written by the language process
+    std::ifstream in(peer_);
+    int64_t peer_done = 0, peer_total = 0;
+    std::string peer_stage;
+    if (in >> peer_done >> peer_total && std::getline(in, peer_stage)) {
+      done += peer_done, total += peer_total;
+      text += " |" + peer_stage;
+    }
+  }
+  const double frac = std::min(1.0, static_cast<double>(done) / static_cast<double>(std::max<int64_t>(1, total)));
   const int width = 30, filled = static_cast<int>(frac * width);
   std::string bar(static_cast<size_t>(filled), '#');
   bar.resize(width, '.');
   const double elapsed = std::chrono::duration<double>(now - start_).count();
-  std::fprintf(stderr, "\r\033[K[%s] %3d%% %5.0fs  %s %lld/%lld", bar.c_str(), static_cast<int>(frac * 100), elapsed,
-               stage_.c_str(), static_cast<long long>(stage_done_), static_cast<long long>(stage_steps_));
+  std::fprintf(stderr, "\r\033[K[%s] %3d%% %5.0fs  %.120s", bar.c_str(), static_cast<int>(frac * 100), elapsed, text.c_str());
   std::fflush(stderr);
 }
 
@@ -189,6 +215,12 @@ std::vector<double> losses(const std::vector<TrainMetrics>& history) {
   return out;
 }
 
+Series step_series(const std::string& name, const std::vector<double>& y) {
+  Series s{name, {}, y};
+  for (size_t i = 0; i < y.size(); ++i) s.x.push_back(static_cast<double>(i + 1));
+  return s;
+}
+
 void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp)>& make) {
   const std::string tmp = dir + ".tmp-" + std::to_string(::getpid());
   fs::remove_all(tmp);
@@ -280,13 +312,14 @@ nlohmann::json run_demo(const DemoOptions& options) {
   const bool vision = options.part != "language", language = options.part != "vision";
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
                         (language ? planned_language_steps(ctx.sizes, lm_cached) : 0),
-                    options.progress);
+                    options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
   ctx.results["run"] = {{"size", size_name(options.size)}, {"part", options.part}, {"seed", options.seed}, {"device", options.device},
                         {"cores", available_cores()}, {"processes", 1}};
   ctx.results["figures"] = nlohmann::json::array();
   if (vision) run_vision(ctx);
   if (language) run_language(ctx);
+  if (options.wait_for_peer) progress.wait(options.wait_for_peer);
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);
   nlohmann::json checks = nlohmann::json::array();

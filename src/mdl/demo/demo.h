@@ -16,6 +16,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -42,6 +43,12 @@ struct DemoOptions {
   uint64_t seed = 0;
   bool progress = true;              ///< a progress bar on stderr
   bool write_outputs = true;         ///< write results.json and the reports and print the summary (false: results only)
+  /// Two-process runs: the language process writes its progress ("done total stage") to this file, and
+  /// the vision process's bar reads it from `peer_progress_file`, so one bar covers both.
+  std::string progress_file, peer_progress_file;
+  /// Called after this process's experiments until it returns true (the other process has finished),
+  /// while the bar keeps showing that process's progress.
+  std::function<bool()> wait_for_peer;
 };
 
 /// Runs the experiments of `options.part` and (with write_outputs) writes results.json, report.md,

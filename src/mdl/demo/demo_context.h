@@ -14,6 +14,7 @@
 #include "mdl/backbones/model.h"
 #include "mdl/demo/demo.h"
 #include "mdl/demo/demo_data.h"
+#include "mdl/report/plot.h"
 #include "mdl/training/trainer.h"
 
 namespace mdl {
@@ -41,16 +42,19 @@ const char* size_name(DemoSize size);
 /// A progress bar over the run's planned training steps (a line per stage when stderr is not a terminal).
 class Progress {
  public:
-  Progress(int64_t total_steps, bool enabled);
+  /// `report`: a file this bar writes its state to; `peer`: a file another process's bar writes, added in.
+  Progress(int64_t total_steps, bool enabled, std::string report = "", std::string peer = "");
   /// A new stage of `steps` steps.
   void stage(const std::string& name, int64_t steps);
   void step();
+  /// Keeps drawing (the other process's progress) until `done` returns true.
+  void wait(const std::function<bool()>& done);
   void finish();
 
  private:
   void draw(bool force);
   int64_t total_, done_ = 0, stage_steps_ = 0, stage_done_ = 0;
-  std::string stage_;
+  std::string stage_, report_, peer_;
   bool enabled_, tty_;
   int last_percent_ = -1;
   std::chrono::steady_clock::time_point start_, last_draw_;
@@ -96,6 +100,8 @@ at::Tensor labels_of(const Dataset& data);
 double seconds_since(std::chrono::steady_clock::time_point start);
 /// Training losses by step, for a loss curve.
 std::vector<double> losses(const std::vector<TrainMetrics>& history);
+/// A curve of `y` over steps 1..n.
+Series step_series(const std::string& name, const std::vector<double>& y);
 /// Writes model `dir` atomically: built by `make` in a temporary directory beside it, then renamed.
 void write_dir_atomic(const std::string& dir, const std::function<void(const std::string& tmp)>& make);
 

@@ -344,17 +344,13 @@ void run_language(Context& ctx) {
                  {"no language adapter", "English adapter", "MAD-X (own language adapter)"}, {none, with_en, madx}, plot);
   ctx.figure("crosslingual", "figures/crosslingual_accuracy.svg",
              "Accuracy per language: task adapter alone, on the English adapter, on the language's own adapter");
-  Series curve{"task adapter", {}, losses(history)};
-  for (size_t i = 0; i < curve.y.size(); ++i) curve.x.push_back(static_cast<double>(i + 1));
-  Series pre{"pretraining", {}, info["loss"].get<std::vector<double>>()};
-  for (size_t i = 0; i < pre.y.size(); ++i) pre.x.push_back(static_cast<double>(i + 1));
   plot = PlotOptions();
   plot.title = "Multilingual decoder: pretraining loss";
   plot.x_label = "step", plot.y_label = "loss";
-  write_line_plot((fs::path(ctx.figures_dir) / "polyglot_pretraining_loss.svg").string(), {pre}, plot);
+  write_line_plot((fs::path(ctx.figures_dir) / "polyglot_pretraining_loss.svg").string(), {step_series("pretraining", info["loss"].get<std::vector<double>>())}, plot);
   ctx.figure("crosslingual", "figures/polyglot_pretraining_loss.svg", "Pretraining loss of the multilingual decoder");
   plot.title = "English task adapter: training loss";
-  write_line_plot((fs::path(ctx.figures_dir) / "task_adapter_loss.svg").string(), {curve}, plot);
+  write_line_plot((fs::path(ctx.figures_dir) / "task_adapter_loss.svg").string(), {step_series("task adapter", losses(history))}, plot);
   ctx.figure("crosslingual", "figures/task_adapter_loss.svg", "Training loss of the English word-order adapter");
   ctx.check("the English task adapter learns the task (English test accuracy above 55%)", with_en.front() > 0.55,
             "English test " + pct(with_en.front()) + ", training " + pct(train_accuracy));

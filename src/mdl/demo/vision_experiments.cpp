@@ -189,9 +189,8 @@ std::string pretrain_vit(Context& ctx, const ImageSet& train_set, const ImageSet
   PlotOptions plot;
   plot.title = "ViT pretraining on Fashion-MNIST";
   plot.x_label = "step", plot.y_label = "training loss";
-  Series loss{"loss", {}, info["loss"].get<std::vector<double>>()};
-  for (size_t i = 0; i < loss.y.size(); ++i) loss.x.push_back(static_cast<double>(i + 1));
-  write_line_plot((fs::path(ctx.figures_dir) / "vit_pretraining_loss.svg").string(), {loss}, plot);
+  write_line_plot((fs::path(ctx.figures_dir) / "vit_pretraining_loss.svg").string(),
+                  {step_series("loss", info["loss"].get<std::vector<double>>())}, plot);
   ctx.figure("vision_backbone", "figures/vit_pretraining_loss.svg", "Training loss of the ViT on Fashion-MNIST");
   return dir;
 }
@@ -230,9 +229,7 @@ void transfer(Context& ctx, const std::string& vit, const Dataset& train_d, cons
     rows.push_back({{"method", m.name}, {"accuracy", acc}, {"trainable_parameters", trainable_params},
                     {"trainable_percent", 100.0 * static_cast<double>(trainable_params) / static_cast<double>(total)},
                     {"seconds", seconds}});
-    Series curve{m.name, {}, losses(history)};
-    for (size_t i = 0; i < curve.y.size(); ++i) curve.x.push_back(static_cast<double>(i + 1));
-    curves.push_back(curve);
+    curves.push_back(step_series(m.name, losses(history)));
     accs.push_back(acc);
     params.push_back(static_cast<double>(trainable_params));
     for (const auto& name : trainable) set.save(name, (fs::path(ctx.modules_dir) / "vision" / name).string());
@@ -464,12 +461,11 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
   for (int e = 0; e < 4; ++e) cols.push_back("expert " + std::to_string(e));
   write_heatmap((fs::path(ctx.figures_dir) / "moe_expert_load.svg").string(), rows, cols, load, plot);
   ctx.figure("moe", "figures/moe_expert_load.svg", "Expert load per layer after fine-tuning (uniform = 0.25)");
-  Series curve{"upcycled top-2-of-4", {}, losses(history)};
-  for (size_t i = 0; i < curve.y.size(); ++i) curve.x.push_back(static_cast<double>(i + 1));
   plot = PlotOptions();
   plot.title = "Upcycled ViT fine-tuned on digits: training loss (incl. load-balancing loss)";
   plot.x_label = "step", plot.y_label = "loss";
-  write_line_plot((fs::path(ctx.figures_dir) / "moe_loss.svg").string(), {curve}, plot);
+  write_line_plot((fs::path(ctx.figures_dir) / "moe_loss.svg").string(), {step_series("upcycled top-2-of-4", losses(history))},
+                  plot);
   ctx.figure("moe", "figures/moe_loss.svg", "Training loss of the upcycled model");
 }
 

@@ -65,6 +65,20 @@ HeadKind head_from_architecture(const std::string& a) {
            "*ForTokenClassification or *Model class");
 }
 
+/// Mixtral's expert fields (also an upcycled ViT's): num_local_experts, num_experts_per_tok, the aux loss
+/// coefficient and mdl's router override.
+void read_experts(const Reader& r, ModelConfig& c) {
+  c.num_experts = r.required_int("num_local_experts");
+  c.experts_per_token = r.int_or("num_experts_per_tok", 2);
+  c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
+  MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '", r.source,
+            "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (", c.num_experts, ")");
+  if (r.has("mdl_router")) {
+    MDL_CHECK(r.j["mdl_router"].is_object(), "[config] '", r.source, "': 'mdl_router' must be an object");
+    c.router_json = r.j["mdl_router"].dump();
+  }
+}
+
 }  // namespace
 
 Arch parse_arch(const std::string& name) {
@@ -174,18 +188,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.mlp_bias = r.bool_or("mlp_bias", false);
       if (c.model_type == "mistral" || c.model_type == "mixtral" || (qwen2 && r.bool_or("use_sliding_window", false)))
         c.sliding_window = r.int_or("sliding_window", 0);
-      if (c.model_type == "mixtral") {
-        c.num_experts = r.required_int("num_local_experts");
-        c.experts_per_token = r.int_or("num_experts_per_tok", 2);
-        c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
-        MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '",
-                  source, "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (",
-                  c.num_experts, ")");
-        if (r.has("mdl_router")) {
-          MDL_CHECK(j["mdl_router"].is_object(), "[config] '", source, "': 'mdl_router' must be an object");
-          c.router_json = j["mdl_router"].dump();
-        }
-      }
+      if (c.model_type == "mixtral") read_experts(r, c);
       MDL_CHECK(!r.has("rope_scaling"), "[config] '", source, "': field 'rope_scaling' (", j["rope_scaling"].dump(),
                 ") is not supported yet; remove it only if the checkpoint was trained without it");
       c.bos_token_id = r.int_or("bos_token_id", 1);
@@ -221,15 +224,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.activation = r.str_or("hidden_act", "gelu");
       c.qkv_bias = r.bool_or("qkv_bias", true);
       c.o_bias = c.mlp_bias = true;
-      if (r.has("num_local_experts")) {  // mdl's upcycled ViT: every MLP a mixture of experts
-        c.num_experts = r.required_int("num_local_experts");
-        c.experts_per_token = r.int_or("num_experts_per_tok", 2);
-        c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
-        MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '",
-                  source, "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (",
-                  c.num_experts, ")");
-        if (r.has("mdl_router")) c.router_json = j["mdl_router"].dump();
-      }
+      if (r.has("num_local_experts")) read_experts(r, c);  // mdl's upcycled ViT: every MLP a mixture of experts
       break;
   }
   c.head_dim = r.int_or("head_dim", c.hidden_size / c.n_head);
