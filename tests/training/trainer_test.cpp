@@ -88,6 +88,16 @@ TEST(Trainer, LoraLearnsATaskTheFrozenBackboneDoesNot) {
     EXPECT_NE(svg.find("<polyline"), std::string::npos) << figure << " has no curve";
   }
   EXPECT_EQ(read_metrics(out / "metrics.jsonl").size(), 40u);
+  // predict_logits batches as evaluation does: one row per example, in order, the same accuracy at any
+  // batch size, and the model's training mode left as it was.
+  set.model()->train();
+  at::Tensor logits = predict_logits(*set.model(), data, 5);
+  EXPECT_TRUE(set.model()->is_training());
+  ASSERT_EQ(logits.sizes(), (at::IntArrayRef{static_cast<int64_t>(data.examples.size()), 2}));
+  EXPECT_TRUE(at::allclose(logits, predict_logits(*set.model(), data, 64), 1e-5, 1e-5));
+  std::vector<int64_t> labels;
+  for (const auto& e : data.examples) labels.push_back(e.label);
+  EXPECT_DOUBLE_EQ((logits.argmax(1) == at::tensor(labels)).to(at::kDouble).mean().item<double>(), after);
 }
 
 // Sequence labelling: a token classification head tags the animal of each sentence (the tiny head has

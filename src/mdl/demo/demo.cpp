@@ -155,42 +155,6 @@ std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<
   return history;
 }
 
-at::Tensor predict(ModelImpl& model, const Dataset& data, int64_t batch) {
-  torch::NoGradGuard no_grad;
-  const bool was_training = model.is_training();
-  model.eval();
-  std::vector<at::Tensor> out;
-  const int64_t n = static_cast<int64_t>(data.examples.size());
-  const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
-  for (int64_t start = 0; start < n; start += batch) {
-    const int64_t B = std::min(batch, n - start);
-    ModelInput in;
-    RoutingContext routing;
-    std::vector<int64_t> rows, tasks;
-    int64_t T = 0;
-    for (int64_t b = 0; b < B; ++b) T = std::max<int64_t>(T, static_cast<int64_t>(data.examples[start + b].ids.size()));
-    at::Tensor ids = at::full({B, T}, pad, at::kLong), mask = at::zeros({B, T}, at::kLong);
-    for (int64_t b = 0; b < B; ++b) {
-      const Example& e = data.examples[static_cast<size_t>(start + b)];
-      rows.push_back(e.image);
-      const int64_t len = static_cast<int64_t>(e.ids.size());
-      if (len > 0) ids[b].narrow(0, 0, len).copy_(at::tensor(e.ids, at::kLong)), mask[b].narrow(0, 0, len).fill_(1);
-      if (!data.tasks.empty())
-        tasks.push_back(std::find(data.tasks.begin(), data.tasks.end(), e.task) - data.tasks.begin());
-    }
-    in.input_ids = ids.to(model.device());
-    if (T > 0) in.attention_mask = mask.to(model.device());
-    if (data.images.defined()) in.pixel_values = data.images.index_select(0, at::tensor(rows, at::kLong)).to(model.device());
-    if (!tasks.empty()) {
-      routing.task_ids = at::tensor(tasks, at::kLong).to(model.device());
-      in.routing = &routing;
-    }
-    out.push_back(model.forward(in).to(at::kFloat).cpu());
-  }
-  if (was_training) model.train();
-  return at::cat(out);
-}
-
 at::Tensor labels_of(const Dataset& data) {
   std::vector<int64_t> labels;
   for (const auto& e : data.examples) labels.push_back(e.label);

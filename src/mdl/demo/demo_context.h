@@ -88,9 +88,6 @@ TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t
 /// `stage`; returns each step's metrics.
 std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<std::string>& trainable,
                                 const TrainOptions& options, const Dataset& data, const std::string& stage);
-/// Logits (N, L) of a classification model over `data` (images or token ids), without gradients; task
-/// ids go with the examples when the data has tasks.
-at::Tensor predict(ModelImpl& model, const Dataset& data, int64_t batch = 256);
 /// Accuracy of logits (N, L) against `labels` (N); with `classes`, the argmax is taken over those
 /// columns only (a decision between the task's classes).
 double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& classes = {});

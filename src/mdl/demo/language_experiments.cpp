@@ -303,7 +303,7 @@ void run_language(Context& ctx) {
   auto history = train(ctx, set, {"word-order", "word-order-head"},
                        train_options(ctx, s.text_task_steps, 3e-3, s.lm_batch), en_train_data,
                        "task adapter on English (word order)");
-  const double train_accuracy = accuracy(predict(*cls, en_train_data, 64), labels_of(en_train_data));
+  const double train_accuracy = accuracy(predict_logits(*cls, en_train_data, 64), labels_of(en_train_data));
   nlohmann::json rows = nlohmann::json::array();
   std::vector<double> none, with_en, madx;
   std::vector<std::string> names;
@@ -312,11 +312,11 @@ void run_language(Context& ctx) {
     const Dataset& d = tests.at(l.language);
     const at::Tensor truth = labels_of(d);
     use_language(set, langs, "");
-    const double a = accuracy(predict(*cls, d, 64), truth);
+    const double a = accuracy(predict_logits(*cls, d, 64), truth);
     use_language(set, langs, "en");
-    const double b = accuracy(predict(*cls, d, 64), truth);
+    const double b = accuracy(predict_logits(*cls, d, 64), truth);
     use_language(set, langs, l.language);
-    const double c = accuracy(predict(*cls, d, 64), truth);
+    const double c = accuracy(predict_logits(*cls, d, 64), truth);
     rows.push_back({{"language", l.language}, {"test_examples", d.examples.size()}, {"no_language_adapter", a},
                     {"english_adapter", b}, {"madx", c}});
     none.push_back(a), with_en.push_back(b), madx.push_back(c), names.push_back(l.language);

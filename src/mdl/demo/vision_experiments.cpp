@@ -166,7 +166,7 @@ std::string pretrain_vit(Context& ctx, const ImageSet& train_set, const ImageSet
     auto history = train(ctx, set, {}, train_options(ctx, s.pretrain_steps, 2e-3, s.batch, true), data,
                          "pretraining the ViT on Fashion-MNIST");
     const Dataset eval = dataset(test, kFashion);
-    info["test_accuracy"] = accuracy(predict(*model, eval), labels_of(eval));
+    info["test_accuracy"] = accuracy(predict_logits(*model, eval), labels_of(eval));
     info["seconds"] = seconds_since(start);
     info["steps"] = s.pretrain_steps;
     info["examples"] = data.examples.size();
@@ -224,7 +224,7 @@ void transfer(Context& ctx, const std::string& vit, const Dataset& train_d, cons
     auto history = train(ctx, set, trainable, train_options(ctx, s.transfer_steps, full ? 1e-3 : 1e-2, s.batch, full),
                          train_d, "transfer to digits: " + m.name);
     const double seconds = seconds_since(start);
-    const double acc = accuracy(predict(*model, test_d), truth);
+    const double acc = accuracy(predict_logits(*model, test_d), truth);
     const int64_t trainable_params = full ? total : set.summary().trainable;
     rows.push_back({{"method", m.name}, {"accuracy", acc}, {"trainable_parameters", trainable_params},
                     {"trainable_percent", 100.0 * static_cast<double>(trainable_params) / static_cast<double>(total)},
@@ -280,7 +280,7 @@ TaskData fashion_tasks(Context& ctx, const ImageSet& train, const ImageSet& test
 
 /// accuracy of the binary decision (logits 0 and 1) on each task's test data.
 double binary_accuracy(ModelImpl& model, const Dataset& test) {
-  return accuracy(predict(model, test), labels_of(test), {0, 1});
+  return accuracy(predict_logits(model, test), labels_of(test), {0, 1});
 }
 
 void continual(Context& ctx, const std::string& vit, const TaskData& tasks) {
@@ -424,13 +424,13 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
   up.router_json = R"({"kind": "top_k", "k": 2, "load_balancing_coef": 0.01})";
   Model moe = upcycle(*dense, up);
   dense.reset();
-  const double before = accuracy(predict(*moe, test_d), labels_of(test_d));
+  const double before = accuracy(predict_logits(*moe, test_d), labels_of(test_d));
   ModuleSet set(moe);
   const auto start = std::chrono::steady_clock::now();
   auto history = train(ctx, set, {}, train_options(ctx, s.transfer_steps, 1e-3, s.batch, true), train_d,
                        "mixture of experts: upcycled ViT on digits");
   const double seconds = seconds_since(start);
-  const double acc = accuracy(predict(*moe, test_d), labels_of(test_d));
+  const double acc = accuracy(predict_logits(*moe, test_d), labels_of(test_d));
   // Expert load per layer on the test digits.
   std::vector<std::vector<double>> load;
   std::vector<double> max_load;
@@ -493,19 +493,19 @@ void merging(Context& ctx, const std::string& vit, const ImageSet& train_set, co
     const Dataset tr = dataset(sample(pair(train_set, 2 * k, 2 * k + 1, false), s.task_train, ctx.options.seed + 50 + k), kDigits);
     tests.push_back(dataset(pair(test, 2 * k, 2 * k + 1, false), kDigits));
     use("");
-    probe_only.push_back(accuracy(predict(*model, tests[k]), labels_of(tests[k]), classes[k]));
+    probe_only.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
     set.add(name, lora(8, {"query", "value"}, ctx.options.seed + 60 + k));
     use(name);
     train(ctx, set, {name}, train_options(ctx, s.task_steps, 5e-3, s.batch), tr, "merging: digit pair module " +
           std::to_string(k + 1));
-    own.push_back(accuracy(predict(*model, tests[k]), labels_of(tests[k]), classes[k]));
+    own.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
     dirs.push_back((fs::path(ctx.modules_dir) / "vision" / name).string());
     set.save(name, dirs.back());
   }
   use("");
   nlohmann::json methods = nlohmann::json::array();
   methods.push_back({{"method", "shared head only"}, {"task_accuracy", probe_only}, {"mean_task_accuracy", mean(probe_only)},
-                     {"ten_way_accuracy", accuracy(predict(*model, all), labels_of(all))}});
+                     {"ten_way_accuracy", accuracy(predict_logits(*model, all), labels_of(all))}});
   methods.push_back({{"method", "own module"}, {"task_accuracy", own}, {"mean_task_accuracy", mean(own)}});
   std::vector<std::vector<double>> bars = {probe_only, own};
   std::vector<std::string> series = {"shared head only", "own module"};
@@ -527,8 +527,8 @@ void merging(Context& ctx, const std::string& vit, const ImageSet& train_set, co
     const std::string name = set.load(out);
     use(name);
     std::vector<double> acc;
-    for (int k = 0; k < kTasks; ++k) acc.push_back(accuracy(predict(*model, tests[k]), labels_of(tests[k]), classes[k]));
-    const double ten_way = accuracy(predict(*model, all), labels_of(all));
+    for (int k = 0; k < kTasks; ++k) acc.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
+    const double ten_way = accuracy(predict_logits(*model, all), labels_of(all));
     methods.push_back({{"method", m.label}, {"task_accuracy", acc}, {"mean_task_accuracy", mean(acc)},
                        {"ten_way_accuracy", ten_way}});
     bars.push_back(acc);

@@ -441,6 +441,25 @@ EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batc
   return m;
 }
 
+at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
+  MDL_CHECK(batch_size > 0, "[eval] batch size must be > 0, got ", batch_size);
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
+  std::vector<at::Tensor> out;
+  for (size_t start = 0; start < data.examples.size(); start += static_cast<size_t>(batch_size)) {
+    std::vector<int64_t> which;
+    for (size_t i = start; i < std::min(data.examples.size(), start + static_cast<size_t>(batch_size)); ++i)
+      which.push_back(static_cast<int64_t>(i));
+    Batch b = collate(data, which, pad, model.device(), routing);
+    out.push_back(model.forward(model_input(b)).to(at::kFloat).cpu());
+  }
+  if (was_training) model.train();
+  MDL_CHECK(!out.empty(), "[eval] no examples to predict");
+  return at::cat(out);
+}
+
 double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
   return evaluate_metrics(model, data, batch_size, routing).primary();
 }

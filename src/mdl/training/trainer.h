@@ -101,6 +101,10 @@ void write_training_plots(const std::string& dir, const std::vector<TrainMetrics
 /// and use the modules `routing` gives them.
 EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
                              const ExampleRouting& routing = {});
+/// The head's outputs for every example of `data`, in order, batched as training batches them (padding,
+/// images, task and language ids, `routing`), without gradients, in evaluation mode: (N, L) float32 on the
+/// CPU for sequence classification heads.
+at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size = 64, const ExampleRouting& routing = {});
 /// evaluate_metrics(...).primary().
 double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16, const ExampleRouting& routing = {});
 /// Macro-F1 of predicted vs target class ids (N) over `num_classes` classes.
