@@ -1,5 +1,6 @@
 #include "mdl/backbones/expert_router.h"
 
+#include <ATen/ATen.h>
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
@@ -19,6 +20,13 @@ std::shared_ptr<Router> make_expert_router(const ModelConfig& c, const RouterOpt
   MDL_CHECK(options.level != "task", "[model] ", c.architecture, "'s expert gates score tokens; task-level "
             "routing needs per-task logits (use a poly_lora or lora_moe module)");
   return make_router(options);
+}
+
+at::Tensor expert_mlp(const Router& router, const std::string& site, const std::string& shared_key, const at::Tensor& m,
+                      int64_t experts, const GateFn& gate, const ExpertFn& expert, bool training) {
+  const int64_t B = m.size(0), T = m.size(1), C = m.size(2);
+  Routing r = route_tokens(router, site, shared_key, m, experts, gate, at::Tensor(), training);
+  return dispatch(m.reshape({B * T, C}), r, C, expert).view({B, T, C});
 }
 
 }  // namespace mdl

@@ -10,7 +10,6 @@
 #include "mdl/backbones/expert_router.h"
 #include "mdl/backbones/functional.h"
 #include "mdl/core/error.h"
-#include "mdl/routing/mixture.h"
 
 namespace mdl {
 namespace {
@@ -120,15 +119,14 @@ class LlamaImpl : public ModelImpl {
 
   /// Mixtral's sparse MLP: route each token, run every expert once on its tokens, sum weighted outputs.
   at::Tensor mixture_mlp(Layer& L, const at::Tensor& m) {  // m (B, T, C)
-    const int64_t B = m.size(0), T = m.size(1), C = m.size(2);
-    const int64_t E = static_cast<int64_t>(L.experts.size());
-    Routing r = route_tokens(*router_, L.mlp_site->name(), "model.block_sparse_moe", m, E,
-                             [&](const at::Tensor& rows) { return L.router_gate(rows); }, at::Tensor(), is_training());
-    at::Tensor y = dispatch(m.reshape({B * T, C}), r, C, [&](int64_t e, const at::Tensor& rows) {
-      Expert& X = L.experts[static_cast<size_t>(e)];
-      return X.w2(fn::activation(X.w1(rows), config_.activation) * X.w3(rows));
-    });
-    return y.view({B, T, C});
+    return expert_mlp(
+        *router_, L.mlp_site->name(), "model.block_sparse_moe", m, static_cast<int64_t>(L.experts.size()),
+        [&](const at::Tensor& rows) { return L.router_gate(rows); },
+        [&](int64_t e, const at::Tensor& rows) {
+          Expert& X = L.experts[static_cast<size_t>(e)];
+          return X.w2(fn::activation(X.w1(rows), config_.activation) * X.w3(rows));
+        },
+        is_training());
   }
   Embedding embed_{nullptr};
   Norm norm_{nullptr};

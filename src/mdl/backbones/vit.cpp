@@ -13,7 +13,6 @@
 #include "mdl/backbones/expert_router.h"
 #include "mdl/backbones/functional.h"
 #include "mdl/core/error.h"
-#include "mdl/routing/mixture.h"
 
 namespace mdl {
 namespace {
@@ -129,17 +128,16 @@ class ViTImpl : public ModelImpl {
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
 
-  /// The sparse MLP of an upcycled ViT: route each token, run every expert once on its tokens.
+  /// The sparse MLP of an upcycled ViT: copies of the dense MLP behind the router.
   at::Tensor mixture_mlp(Layer& L, const at::Tensor& m) {  // m (B, T, C)
-    const int64_t B = m.size(0), T = m.size(1), C = m.size(2);
-    const int64_t E = static_cast<int64_t>(L.experts.size());
-    Routing r = route_tokens(*router_, L.mlp_site->name(), "vit.moe", m, E,
-                             [&](const at::Tensor& rows) { return L.router_gate(rows); }, at::Tensor(), is_training());
-    at::Tensor y = dispatch(m.reshape({B * T, C}), r, C, [&](int64_t e, const at::Tensor& rows) {
-      Expert& X = L.experts[static_cast<size_t>(e)];
-      return X.out(fn::activation(X.inter(rows), config_.activation));
-    });
-    return y.view({B, T, C});
+    return expert_mlp(
+        *router_, L.mlp_site->name(), "vit.moe", m, static_cast<int64_t>(L.experts.size()),
+        [&](const at::Tensor& rows) { return L.router_gate(rows); },
+        [&](int64_t e, const at::Tensor& rows) {
+          Expert& X = L.experts[static_cast<size_t>(e)];
+          return X.out(fn::activation(X.inter(rows), config_.activation));
+        },
+        is_training());
   }
 
   at::Tensor cls_token_, position_, patch_weight_, patch_bias_;

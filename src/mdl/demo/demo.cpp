@@ -196,6 +196,12 @@ void write_dir_atomic(const std::string& dir, const std::function<void(const std
   fs::remove_all(old);
 }
 
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
 bool cache_complete(const std::string& dir) { return fs::exists(fs::path(dir) / "pretrain.json"); }
 
 namespace {
@@ -270,12 +276,11 @@ nlohmann::json run_demo(const DemoOptions& options) {
   for (const auto& d : {ctx.cache_dir, ctx.figures_dir, ctx.modules_dir, ctx.models_dir}) fs::create_directories(d);
   const auto start = std::chrono::steady_clock::now();
   const bool vit_cached = !options.no_cache && cache_complete(vit_cache_path(ctx));
-  const bool lm_cached = options.part == "vision" || (!options.no_cache && cache_complete(polyglot_cache_path(ctx)));
   MDL_CHECK(options.part == "all" || options.part == "vision" || options.part == "language", "[demo] part '",
             options.part, "' is unknown; expected all, vision or language");
   const bool vision = options.part != "language", language = options.part != "vision";
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
-                        (language ? planned_language_steps(ctx.sizes, lm_cached) : 0),
+                        (language ? planned_language_steps(ctx.sizes) : 0),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
   ctx.results["run"] = {{"size", size_name(options.size)}, {"part", options.part}, {"seed", options.seed}, {"device", options.device},

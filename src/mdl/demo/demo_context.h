@@ -46,6 +46,8 @@ class Progress {
   Progress(int64_t total_steps, bool enabled, std::string report = "", std::string peer = "");
   /// A new stage of `steps` steps.
   void stage(const std::string& name, int64_t steps);
+  /// Steps found to be needed after the start (a backbone missing from the cache).
+  void add(int64_t steps) { total_ += steps; }
   void step();
   /// Keeps drawing (the other process's progress) until `done` returns true.
   void wait(const std::function<bool()>& done);
@@ -106,13 +108,15 @@ void write_dir_atomic(const std::string& dir, const std::function<void(const std
 void run_vision(Context& ctx);
 void run_language(Context& ctx);
 void write_report(const DemoOptions& options, const nlohmann::json& results);
-/// The cached backbones' directories (keyed by their config and training settings); complete when they
-/// hold `pretrain.json`.
+/// The cached ViT's directory (keyed by its config and training settings); a cached backbone is complete
+/// when its directory holds `pretrain.json`.
 std::string vit_cache_path(const Context& ctx);
-std::string polyglot_cache_path(const Context& ctx);
 bool cache_complete(const std::string& dir);
-/// Steps the experiments will train, for the progress bar.
+/// A cache key as 16 hex digits.
+std::string hex64(uint64_t h);
+/// Steps the experiments will train, for the progress bar; the language part adds its pretraining steps
+/// itself when its cached decoder is missing (its key hashes the text, read only then).
 int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
-int64_t planned_language_steps(const Sizes& s, bool backbone_cached);
+int64_t planned_language_steps(const Sizes& s);
 
 }  // namespace mdl::demo

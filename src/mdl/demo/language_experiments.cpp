@@ -26,6 +26,13 @@ namespace fs = std::filesystem;
 namespace mdl::demo {
 namespace {
 
+/// The plain words of `text` (lower case, no punctuation) joined by spaces: the form every text takes here.
+std::string plain_text(const std::string& text) {
+  std::string out;
+  for (const auto& w : plain_words(text)) out += (out.empty() ? "" : " ") + w;
+  return out;
+}
+
 /// Each language's text: entries for the language model and entries held out for the task.
 struct LanguageText {
   std::string language;
@@ -48,11 +55,8 @@ std::vector<LanguageText> read_languages(const Context& ctx) {
     const size_t held = entries.size() / 4;
     t.held_out.assign(entries.begin(), entries.begin() + static_cast<std::ptrdiff_t>(held));
     for (size_t i = held; i < entries.size() && static_cast<int64_t>(t.lm.size()) < ctx.sizes.lm_texts_per_language; ++i) {
-      auto words = plain_words(entries[i]);
-      if (words.size() < 3) continue;
-      std::string text;
-      for (const auto& w : words) text += (text.empty() ? "" : " ") + w;
-      t.lm.push_back(text);
+      if (plain_words(entries[i]).size() < 3) continue;
+      t.lm.push_back(plain_text(entries[i]));
     }
     out.push_back(std::move(t));
   }
@@ -73,11 +77,7 @@ Dataset lm_dataset(const std::vector<LanguageText>& langs, const Tokenizer& tok,
     const auto& texts = held_out ? l.held_out : l.lm;
     for (size_t i = 0; i < texts.size() && (!held_out || i < 200); ++i) {
       Example e;
-      e.ids = encode(tok, held_out ? [&] {
-        std::string s;
-        for (const auto& w : plain_words(texts[i])) s += (s.empty() ? "" : " ") + w;
-        return s;
-      }() : texts[i], max_len);
+      e.ids = encode(tok, held_out ? plain_text(texts[i]) : texts[i], max_len);  // held-out entries are raw
       if (e.ids.size() < 2) continue;
       e.targets = e.ids;
       e.language = l.language;
@@ -148,9 +148,7 @@ std::string key_of(const Context& ctx, const std::vector<LanguageText>& langs) {
   uint64_t h = fnv1a(key);
   for (const auto& l : langs)
     for (const auto& t : l.lm) h = fnv1a(t, h);  // the data itself
-  char buf[17];
-  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
-  return buf;
+  return hex64(h);
 }
 
 std::string pct(double v) {
@@ -173,12 +171,8 @@ void use_language(ModuleSet& set, const std::vector<LanguageText>& langs, const 
 
 }  // namespace
 
-std::string polyglot_cache_path(const Context& ctx) {
-  return (fs::path(ctx.cache_dir) / ("polyglot-" + key_of(ctx, read_languages(ctx)))).string();
-}
-
-int64_t planned_language_steps(const Sizes& s, bool cached) {
-  return (cached ? 0 : s.lm_pretrain_steps) + s.language_adapter_steps + s.text_task_steps;
+int64_t planned_language_steps(const Sizes& s) {
+  return s.language_adapter_steps + s.text_task_steps;
 }
 
 void run_language(Context& ctx) {
@@ -190,6 +184,7 @@ void run_language(Context& ctx) {
   load.device = ctx.device;
   nlohmann::json info;
   if (!cached) {  // tokenizer and language model, trained here on every language
+    ctx.progress->add(s.lm_pretrain_steps);
     const auto start = std::chrono::steady_clock::now();
     std::vector<std::string> corpus;
     for (const auto& l : langs)

@@ -55,12 +55,6 @@ ModelConfig vit_config(const Sizes& s) {
   return parse_model_config(j.dump(), "demo ViT config");
 }
 
-std::string hex(uint64_t h) {
-  char buf[17];
-  std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
-
 /// The first `n` rows of a seeded permutation of `set`.
 ImageSet sample(const ImageSet& set, int64_t n, uint64_t seed) {
   auto gen = at::detail::createCPUGenerator(seed);
@@ -559,7 +553,7 @@ std::string vit_cache_path(const Context& ctx) {
   std::string key = model_config_to_json(vit_config(s)) + "|fashion-mnist|" + std::to_string(s.pretrain_examples) + "|" +
                     std::to_string(s.pretrain_steps) + "|" + std::to_string(s.batch) + "|" +
                     std::to_string(ctx.options.seed) + "|" + ctx.options.device;
-  return (fs::path(ctx.cache_dir) / ("vit-" + hex(fnv1a(key)))).string();
+  return (fs::path(ctx.cache_dir) / ("vit-" + hex64(fnv1a(key)))).string();
 }
 
 int64_t planned_vision_steps(const Sizes& s, bool cached) {
