@@ -10,6 +10,7 @@
 
 #include "backbones/fixtures.h"
 #include "mdl/modules/lora.h"
+#include "mdl/modules/lora_bank.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
@@ -228,10 +229,8 @@ TEST(FixedRouting, MixedBatchEqualsPerExampleRuns) {
   EXPECT_THROW_WITH(run(*set.model(), ids, &rc), "module 'a' is merged", "unmerge it");
 }
 
-// Heterogeneous LoRA batches go through the gathered bank (two gathers and two batched products per
-// site): LoRAs of ranks 2, 4 and 8, a row with two LoRAs at different scales, a row with none; every
-// row equals its own run, and so does the row-subset path the bank replaces (taken with gradients on).
-TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
+/// The tiny Llama with LoRAs "r2", "r4" and "r8" (random, non-zero) on every projection, in eval mode.
+ModuleSet ranked_loras() {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
   for (const auto& [name, r] : std::vector<std::pair<std::string, int64_t>>{{"r2", 2}, {"r4", 4}, {"r8", 8}}) {
     ModuleConfig c = lora_on({"all-linear"});
@@ -240,6 +239,13 @@ TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
     set.add(name, c);
   }
   set.model()->eval();
+  return set;
+}
+
+// Heterogeneous LoRA batches go through the gathered bank (two small products per row and site): LoRAs of ranks 2, 4 and 8, a row with two LoRAs at different scales, a row with none; every
+// row equals its own run, and so does the row-subset path the bank replaces (taken with gradients on).
+TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
+  ModuleSet set = ranked_loras();
   const std::vector<std::vector<ModuleChoice>> choices = {
       {{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}, {{"r4", 1.0}}};
   RoutingContext rc;
@@ -267,6 +273,59 @@ TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
   at::Tensor changed = run(*set.model(), ids, &rc);
   EXPECT_FALSE(at::allclose(changed.narrow(0, 0, 1), gathered.narrow(0, 0, 1), 1e-5, 1e-5));
   EXPECT_TRUE(at::allclose(changed.narrow(0, 1, 1), gathered.narrow(0, 1, 1), 1e-5, 1e-5));  // row 1 has no r8
+}
+
+// The bank on its own against the LoRA equations: ranks 3, 5 and 16 (padded), an output width that is
+// not a multiple of 8 (the vector kernel's tail), decoding rows (T = 1) and prompt rows (T = 3), in
+// float32 (exact up to summation order) and float16 storage (rounding of the factors only).
+TEST(LoraBank, MatchesTheLoraEquationsInBothStorages) {
+  const int64_t in = 24, out = 13;
+  std::vector<LoraBank::Factors> loras;
+  for (int64_t r : {3, 5, 16})
+    loras.push_back({at::randn({r, in}, at::kFloat) * 0.3, at::randn({out, r}, at::kFloat) * 0.2, 2.0 / r});
+  const std::vector<int64_t> idx = {0, 1, 2, 3, 1, 0};  // 3: the "no LoRA" entry
+  const std::vector<double> scale = {1.0, 0.5, 1.0, 1.0, 2.0, 0.0};
+  LoraBank bank;
+  for (at::ScalarType storage : {at::kFloat, at::kHalf, at::kFloat}) {
+    bank.update(loras, storage);
+    EXPECT_EQ(bank.none(), 3);
+    for (int64_t T : {1, 3}) {
+      at::Tensor x = at::randn({6, T, in}), current = at::randn({6, T, out});
+      at::Tensor got = bank.apply(x, current, at::tensor(idx, at::kLong), at::tensor(scale, at::kDouble));
+      for (int64_t b = 0; b < 6; ++b) {
+        at::Tensor want = current[b].clone();
+        if (idx[b] < 3) {
+          const auto& f = loras[static_cast<size_t>(idx[b])];
+          want += scale[b] * f.scaling * at::matmul(at::matmul(x[b], f.A.t()), f.B.t());
+        }
+        const double tol = storage == at::kHalf ? 3e-3 : 1e-5;  // float16: 2^-11 on each factor
+        EXPECT_TRUE(at::allclose(got[b], want, tol, tol))
+            << "storage " << c10::toString(storage) << ", T " << T << ", row " << b << ": "
+            << (got[b] - want).abs().max().item<double>();
+      }
+    }
+  }
+  EXPECT_THROW_WITH(bank.update(loras, at::kDouble), "storage must be float32 or float16", "Double");
+}
+
+// Decoding steps (one position per row) of a mixed batch with the float16 bank: every row within the
+// factors' rounding of its own run.
+TEST(FixedRouting, DecodingRowsThroughTheFloat16BankEqualPerExampleRuns) {
+  ModuleSet set = ranked_loras();
+  torch::NoGradGuard g;
+  const std::vector<std::vector<ModuleChoice>> choices = {{{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}};
+  RoutingContext rc;
+  rc.modules = choices;
+  rc.lora_bank_dtype = at::kHalf;
+  at::Tensor ids = at::tensor({5, 17, 29, 41}, at::kLong).view({4, 1});
+  at::Tensor mixed = run(*set.model(), ids, &rc);
+  for (int64_t b = 0; b < 4; ++b) {
+    for (const auto& n : set.names()) set.set_active(n, false), set.set_scale(n, 1.0);
+    for (const auto& c : choices[b]) set.set_active(c.name, true), set.set_scale(c.name, c.scale);
+    at::Tensor alone = run(*set.model(), ids.narrow(0, b, 1));
+    EXPECT_TRUE(at::allclose(mixed.narrow(0, b, 1), alone, 1e-3, 1e-3))
+        << "example " << b << ": " << (mixed.narrow(0, b, 1) - alone).abs().max().item<double>();
+  }
 }
 
 }  // namespace

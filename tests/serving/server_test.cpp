@@ -20,6 +20,7 @@
 #include "mdl/backbones/generate.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/serving/chat_template.h"
+#include "mdl/serving/engine.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "test_util.h"
 
@@ -121,7 +122,11 @@ class Serve : public ::testing::Test {
   static std::string library_text(const std::string& prompt, const std::vector<std::string>& modules, int64_t max_tokens,
                                   double temperature = 0, uint64_t seed = 0) {
     ModuleSet set(load_model(model_));
-    for (const auto& m : modules) set.load(modules_ + "/" + m, m);
+    for (const auto& m : modules) {
+      set.load(modules_ + "/" + m, m);
+      // As the server holds LoRAs with its default --lora-bank-dtype float16: rounded to float16 values.
+      if (set.config(m).type == "lora") set.round_tensors(m, at::kHalf);
+    }
     Tokenizer tok = Tokenizer::from_file(model_);
     GenerateOptions o;
     o.max_tokens = max_tokens;
@@ -183,6 +188,45 @@ TEST_F(Serve, MixedBatchEqualsEachRequestAlone) {
   ASSERT_TRUE(m);
   EXPECT_NE(m->body.find("mdl_batch_size_mean"), std::string::npos);
   EXPECT_NE(m->body.find("mdl_module_cache_hits_total"), std::string::npos);
+}
+
+// Requests submitted together join the same decoding steps (a mixed batch through the LoRA bank) and
+// give the tokens each gets alone, with the float16 bank (the default) and the float32 one; a bad request
+// among them is refused before any is queued.
+TEST_F(Serve, EngineRequestsSubmittedTogetherEqualEachAlone) {
+  const std::vector<std::string> models = {"lora_a", "lora_b", "base", "lora_c", "lora_a:0.5 + lora_b:0.5", "lora_b"};
+  for (const std::string dtype : {"float16", "float32"}) {
+    EngineOptions o;
+    o.model_dir = model_;
+    o.modules_dir = modules_;
+    o.lora_bank_dtype = dtype;
+    Engine engine(load_model(model_), Tokenizer::from_file(model_), o);
+    auto request = [&](size_t i) {
+      CompletionRequest r;
+      r.prompt = engine.tokenizer().encode(std::string("the cat ") + std::to_string(i));
+      r.sampling.max_tokens = 10;
+      r.sampling.stop_token_ids = {-1};
+      r.modules = engine.resolve(models[i]);
+      return r;
+    };
+    std::vector<std::vector<int64_t>> alone;
+    for (size_t i = 0; i < models.size(); ++i) alone.push_back(engine.submit(request(i)).get().tokens);
+    const int64_t steps_before = engine.stats().decode_steps;
+    std::vector<CompletionRequest> batch;
+    for (size_t i = 0; i < models.size(); ++i) batch.push_back(request(i));
+    auto together = engine.submit(std::move(batch));
+    for (size_t i = 0; i < models.size(); ++i) EXPECT_EQ(together[i].get().tokens, alone[i]) << dtype << " " << models[i];
+    EXPECT_EQ(engine.stats().decode_steps - steps_before, 9) << "all six decoded in the same 9 steps";
+    std::vector<CompletionRequest> bad;
+    bad.push_back(request(0));
+    bad.emplace_back();  // an empty prompt
+    const int64_t requests_before = engine.stats().requests;
+    EXPECT_THROW_WITH(engine.submit(std::move(bad)), "the prompt is empty");
+    EXPECT_EQ(engine.stats().requests, requests_before);
+  }
+  EngineOptions wrong;
+  wrong.lora_bank_dtype = "int8";
+  EXPECT_THROW_WITH(Engine(load_model(model_), Tokenizer::from_file(model_), wrong), "--lora-bank-dtype", "int8");
 }
 
 TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {

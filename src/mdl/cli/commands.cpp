@@ -964,6 +964,10 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--max-queue", engine_options->max_queue, "waiting requests at most (more: 503)")->capture_default_str();
   cmd->add_option("--module-cache-mb", engine_options->module_cache_mb, "memory budget of loaded modules (LRU eviction)")
       ->capture_default_str();
+  cmd->add_option("--lora-bank-dtype", engine_options->lora_bank_dtype,
+                  "storage of the LoRAs a mixed decoding batch reads: float16 (half the bytes) or float32 (exact)")
+      ->check(CLI::IsMember({"float16", "float32"}))
+      ->capture_default_str();
   cmd->add_option("--max-body-bytes", server_options->max_body_bytes, "larger request bodies get 413")->capture_default_str();
   cmd->add_option("--http-threads", server_options->threads, "HTTP worker threads (0: 2 x max batch + 8)")->capture_default_str();
   cmd->add_option("--port-file", *port_file, "write the bound port to this file once listening (for scripts)");

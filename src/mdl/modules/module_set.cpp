@@ -284,6 +284,12 @@ std::map<std::string, at::Tensor> ModuleSet::tensors(const std::string& name) co
   return out;
 }
 
+void ModuleSet::round_tensors(const std::string& name, at::ScalarType dtype) {
+  torch::NoGradGuard g;
+  for (auto& [key, t] : tensors(name))
+    if (at::isFloatingType(t.scalar_type()) && t.scalar_type() != dtype) t.copy_(t.to(dtype));
+}
+
 void ModuleSet::load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors,
                              const std::string& source) {
   torch::NoGradGuard g;

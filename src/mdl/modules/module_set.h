@@ -89,6 +89,9 @@ class ModuleSet {
 
   /// Parameters and buffers of `name` as "<site>.<param>" -> tensor (shared with the module, not copies).
   std::map<std::string, at::Tensor> tensors(const std::string& name) const;
+  /// Rounds module `name`'s floating tensors, in place, to the nearest values `dtype` holds (they keep
+  /// their own dtype): what a server storing the module in `dtype` computes with, on every path.
+  void round_tensors(const std::string& name, at::ScalarType dtype);
   /// Copies tensors into module `name`, checking every name and shape.
   void load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors, const std::string& source);
   /// Parameters to optimise for `names` (empty: every module).

@@ -110,7 +110,7 @@ at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::
   }
   if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA (or none): the row-subset path costs no more
   if (!bank_) bank_ = std::make_shared<LoraBank>();
-  bank_->update(factors);
+  bank_->update(factors, ForwardContext::current().routing->lora_bank_dtype);
   at::Tensor out = base;
   for (size_t s = 0; s < slots; ++s) {  // the s-th LoRA of every row (most rows choose one)
     std::vector<int64_t> idx(static_cast<size_t>(B), bank_->none());

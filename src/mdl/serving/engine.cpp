@@ -44,6 +44,8 @@ const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: a partial UTF-8 cha
 
 Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
     : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(std::move(options)) {
+  MDL_CHECK(options_.lora_bank_dtype == "float16" || options_.lora_bank_dtype == "float32",
+            "[serve] --lora-bank-dtype must be float16 or float32, got '", options_.lora_bank_dtype, "'");
   MDL_CHECK(options_.max_batch > 0 && options_.max_queue > 0, "[serve] max batch and max queue must be > 0, got ",
             options_.max_batch, " and ", options_.max_queue);
   model_->eval();
@@ -52,6 +54,7 @@ Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
   ModuleCacheOptions co;
   co.modules_dir = options_.modules_dir;
   co.budget_bytes = options_.module_cache_mb << 20;
+  co.lora_dtype = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
   cache_ = std::make_unique<ModuleCache>(*set_, co);
   thread_ = std::thread([this] { loop(); });
 }
@@ -166,7 +169,7 @@ EngineStats Engine::stats() {
 
 // ---- generation ----------------------------------------------------------------------------------------
 
-std::future<CompletionResult> Engine::submit(CompletionRequest request) {
+std::shared_ptr<Engine::Sequence> Engine::prepare(CompletionRequest request) {
   const ModelConfig& cfg = model_->config();
   if (cfg.head != HeadKind::causal_lm)
     throw RequestError(400, "model", "[serve] the base model (" + cfg.architecture + ") has no causal LM head; use "
@@ -193,29 +196,57 @@ std::future<CompletionResult> Engine::submit(CompletionRequest request) {
       s->pinned.push_back(c.name);
     }
   }
+  return s;
+}
+
+std::future<CompletionResult> Engine::submit(CompletionRequest request) {
+  auto s = prepare(std::move(request));
   std::future<CompletionResult> f = s->promise.get_future();
+  enqueue({s});
+  return f;
+}
+
+std::vector<std::future<CompletionResult>> Engine::submit(std::vector<CompletionRequest> requests) {
+  std::vector<std::shared_ptr<Sequence>> seqs;
+  try {
+    for (auto& r : requests) seqs.push_back(prepare(std::move(r)));
+  } catch (...) {  // none is queued: release the pins taken so far
+    std::lock_guard<std::mutex> mk(model_mu_);
+    for (const auto& s : seqs)
+      for (const auto& n : s->pinned) cache_->release(n);
+    throw;
+  }
+  std::vector<std::future<CompletionResult>> out;
+  for (const auto& s : seqs) out.push_back(s->promise.get_future());
+  enqueue(seqs);
+  return out;
+}
+
+void Engine::enqueue(const std::vector<std::shared_ptr<Sequence>>& seqs) {
   std::string refusal;
   {
     std::lock_guard<std::mutex> lk(queue_mu_);
     if (draining_) refusal = "[serve] the server is shutting down";
-    else if (static_cast<int64_t>(waiting_.size()) >= options_.max_queue)
+    else if (static_cast<int64_t>(waiting_.size() + seqs.size()) > options_.max_queue)
       refusal = "[serve] the queue is full (" + std::to_string(options_.max_queue) + " waiting requests); retry later";
     if (refusal.empty()) {
-      ++stats_.requests;
-      stats_.prompt_tokens += s->result.prompt_tokens;
-      waiting_.push_back(s);
+      for (const auto& s : seqs) {
+        ++stats_.requests;
+        stats_.prompt_tokens += s->result.prompt_tokens;
+        waiting_.push_back(s);
+      }
       stats_.queue_length = static_cast<int64_t>(waiting_.size());
     } else {
-      ++stats_.rejected;
+      stats_.rejected += static_cast<int64_t>(seqs.size());
     }
   }
   if (!refusal.empty()) {  // lock order is model, then queue: the pins are released after the queue lock
     std::lock_guard<std::mutex> mk(model_mu_);
-    for (const auto& n : s->pinned) cache_->release(n);
+    for (const auto& s : seqs)
+      for (const auto& n : s->pinned) cache_->release(n);
     throw RequestError(503, "", refusal);
   }
   wake_.notify_one();
-  return f;
 }
 
 void Engine::loop() {
@@ -284,6 +315,7 @@ void Engine::decode() {
   const int64_t B = static_cast<int64_t>(running_.size());
   std::vector<int64_t> tokens, positions;
   RoutingContext rc;
+  rc.lora_bank_dtype = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
   for (const auto& s : running_) {
     tokens.push_back(s->last_token), positions.push_back(s->next_position);
     rc.modules.push_back(s->req.modules);

@@ -45,6 +45,11 @@ struct EngineOptions {
   int64_t max_batch = 32;             ///< running sequences at most
   int64_t max_queue = 1024;           ///< waiting requests at most (more: refused, HTTP 503)
   int64_t module_cache_mb = 1024;     ///< memory budget of the module cache
+  /// How LoRA factors are held. "float16": rounded to float16 values on load, and the stacked bank a
+  /// decoding step with different LoRAs per row reads stores them in float16, half the bytes of float32
+  /// (the step is bound by them); a request computes with the same weights in any batch. "float32":
+  /// the factors as the files hold them.
+  std::string lora_bank_dtype = "float16";
 };
 
 /// One generation request, with its modules already resolved.
@@ -92,6 +97,9 @@ class Engine {
   /// Queues a generation; the future is set when it finishes. Throws when the queue is full or the
   /// engine is draining.
   std::future<CompletionResult> submit(CompletionRequest request);
+  /// Queues requests that arrive together, so that they join the same decoding step (offline batch
+  /// inference; benchmarks). All are checked first: a bad one throws and none is queued.
+  std::vector<std::future<CompletionResult>> submit(std::vector<CompletionRequest> requests);
 
   /// Encoders and classifiers, run at once (no queue): sequence classification logits (N, L), or
   /// mean-pooled final hidden states (N, C) for embeddings, one row per text.
@@ -109,6 +117,8 @@ class Engine {
 
  private:
   struct Sequence;
+  std::shared_ptr<Sequence> prepare(CompletionRequest request);  // checks and pins its modules
+  void enqueue(const std::vector<std::shared_ptr<Sequence>>& sequences);
   void loop();
   void admit(std::vector<std::shared_ptr<Sequence>>& fresh);
   void decode();

@@ -103,6 +103,7 @@ std::vector<std::string> ModuleCache::available() const {
 
 void ModuleCache::insert(const std::string& name, const std::string& dir) {
   set_.load(dir, name);
+  if (options_.lora_dtype != at::kFloat && set_.config(name).type == "lora") set_.round_tensors(name, options_.lora_dtype);
   int64_t bytes = 0;
   for (const auto& [k, t] : set_.tensors(name)) bytes += t.numel() * static_cast<int64_t>(t.element_size());
   try {
