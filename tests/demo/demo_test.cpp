@@ -7,6 +7,7 @@
 #include <zlib.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <filesystem>
 #include <sys/wait.h>
 #include <random>
@@ -154,13 +155,13 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   // Modules in the native format, and the checkpoint the serve command names.
   for (const char* m : {"vision/digits-lora", "vision/digits-adapter", "vision/digits-probe", "vision/digits-lora-head", "vision/fashion-task1",
                         "vision/fashion-task5", "vision/fashion-polytropon", "vision/digits-merged-ties", "text/lang-de",
-                        "text/word-order", "text/word-order-head"}) {
+                        "text/word-order"}) {
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.json")) << m;
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.safetensors")) << m;
   }
   for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
-    EXPECT_TRUE(fs::exists(out + "/models/polyglot-wordorder/" + std::string(f))) << f;
-  EXPECT_NE(r["serve_command"].get<std::string>().find("mdl serve --model " + out + "/models/polyglot-wordorder"),
+    EXPECT_TRUE(fs::exists(out + "/models/polyglot/" + std::string(f))) << f;
+  EXPECT_NE(r["serve_command"].get<std::string>().find("mdl serve --model " + out + "/models/polyglot"),
             std::string::npos);
   EXPECT_FALSE(r["vision_backbone"]["cached"].get<bool>());
 
@@ -213,7 +214,7 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   EXPECT_EQ(r["checks"].size(), 7u);  // both processes' checks
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
-  EXPECT_NE(out.find("/mdl serve --model " + (f.tmp / "cli/models/polyglot-wordorder")), std::string::npos) << out;
+  EXPECT_NE(out.find("/mdl serve --model " + (f.tmp / "cli/models/polyglot")), std::string::npos) << out;
   EXPECT_TRUE(fs::exists(f.tmp / "cli/report.html"));
   // One package's list gone: the language process fails, and so does the run, saying why.
   fs::remove(f.tmp / "info/fortunes-pl.list");
@@ -270,26 +271,30 @@ TEST(DemoData, PackageFilesAndFortunes) {
   EXPECT_THROW_WITH(package_files("fortunes-xx", tmp / "root", tmp / "info"), "fortunes-xx is not installed");
 }
 
-TEST(DemoData, WordOrderTaskIsBalancedAndLabelledByOrder) {
+TEST(DemoData, WordOrderPairsHoldASentenceAndItsWordsInAnotherOrder) {
   EXPECT_EQ(plain_words("Don't PANIC! -- Douglas, 42"), (std::vector<std::string>{"don't", "panic", "douglas", "42"}));
   EXPECT_EQ(plain_words("Schöne Grüße, Ärger"), (std::vector<std::string>{"schöne", "grüße", "ärger"}));
   std::vector<std::string> entries;
   for (int i = 0; i < 50; ++i)
     entries.push_back("alpha" + std::to_string(i) + " beta gamma delta epsilon zeta eta theta iota kappa.\n-- Someone");
   entries.push_back("|||| ---- ++++ //// ==== #### ~~~~ ^^^^");  // not text: left out
-  auto task = word_order_task(entries, 40, 1);
-  ASSERT_EQ(task.size(), 40u);
-  int shuffled = 0;
-  for (const auto& e : task) {
-    const auto words = plain_words(e.text);
-    EXPECT_GE(words.size(), 5u);
-    EXPECT_EQ(e.text.find("someone"), std::string::npos);  // the attribution is not part of it
-    const bool in_order = words[1] == "beta" && words[2] == "gamma" && words[3] == "delta" && words[0].rfind("alpha", 0) == 0;
-    EXPECT_EQ(e.label == 0, in_order) << e.text;
-    shuffled += static_cast<int>(e.label);
+  entries.push_back("too short here.");                           // under 5 words: left out
+  const auto pairs = word_order_pairs(entries, 40, 1);
+  ASSERT_EQ(pairs.size(), 40u);
+  for (const auto& p : pairs) {
+    const auto words = plain_words(p.original);
+    ASSERT_EQ(words.size(), 10u) << p.original;
+    EXPECT_EQ(p.original.find("someone"), std::string::npos);  // the attribution is not part of it
+    EXPECT_TRUE(words[0].rfind("alpha", 0) == 0 && words[1] == "beta" && words[9] == "kappa") << p.original;
+    auto other = plain_words(p.shuffled);
+    EXPECT_NE(other, words);
+    std::sort(other.begin(), other.end());
+    auto sorted = words;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(other, sorted) << "the same words";
   }
-  EXPECT_EQ(shuffled, 20);
-  EXPECT_EQ(word_order_task(entries, 40, 1)[7].text, task[7].text);  // deterministic
+  EXPECT_EQ(word_order_pairs(entries, 40, 1)[7].shuffled, pairs[7].shuffled);  // deterministic
+  EXPECT_EQ(word_order_pairs(entries, 100, 1).size(), 50u);                     // as many as there are
 }
 
 }  // namespace

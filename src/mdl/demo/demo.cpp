@@ -250,10 +250,11 @@ void print_summary(const DemoOptions& options, const nlohmann::json& r) {
     std::printf("\n");
   }
   if (r.contains("crosslingual")) {
-    std::printf("\nCross-lingual word order (zero-shot)   none    English   MAD-X\n");
+    std::printf("\nCross-lingual word order (zero-shot)   decoder  task: none  on English  MAD-X\n");
     for (const auto& l : r["crosslingual"]["languages"])
-      std::printf("  %-36s %s  %s  %s\n", l["language"].get<std::string>().c_str(), pct(l["no_language_adapter"]).c_str(),
-                  pct(l["english_adapter"]).c_str(), pct(l["madx"]).c_str());
+      std::printf("  %-36s %s    %s       %s       %s\n", l["language"].get<std::string>().c_str(),
+                  pct(l["backbone_alone"]).c_str(), pct(l["no_language_adapter"]).c_str(), pct(l["english_adapter"]).c_str(),
+                  pct(l["madx"]).c_str());
   }
   std::printf("\nExpected directions:\n");
   for (const auto& c : r["checks"])

@@ -34,7 +34,7 @@ struct Sizes {
   // text
   int64_t lm_hidden = 128, lm_layers = 4, lm_heads = 4, lm_intermediate = 256, vocab = 1024, seq_len = 48;
   int64_t lm_texts_per_language = 3000, lm_pretrain_steps = 600, lm_batch = 32;
-  int64_t language_adapter_steps = 800, text_task_train = 3000, text_task_steps = 400, text_task_test = 600;
+  int64_t language_adapter_steps = 600, text_task_train = 3000, text_task_steps = 300, text_task_test = 400;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);

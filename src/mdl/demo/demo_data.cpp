@@ -145,9 +145,12 @@ std::vector<std::string> sentences(const std::string& text) {
   return out;
 }
 
-std::vector<WordOrderExample> word_order_task(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
-                                              int64_t min_words, int64_t max_words) {
-  std::mt19937_64 rng(seed);
+namespace {
+
+/// The whole sentences of `entries` with min..max plain words that are mostly letters, as word lists,
+/// in an order shuffled by `rng`.
+std::vector<std::vector<std::string>> sentence_pool(const std::vector<std::string>& entries, int64_t min_words,
+                                                    int64_t max_words, std::mt19937_64& rng) {
   std::vector<std::vector<std::string>> pool;
   for (const auto& e : entries) {
     // The quotation itself (attributions "-- Author" dropped), cut into sentences; whole sentences of
@@ -169,18 +172,31 @@ std::vector<WordOrderExample> word_order_task(const std::vector<std::string>& en
     }
   }
   std::shuffle(pool.begin(), pool.end(), rng);
-  std::vector<WordOrderExample> out;
-  for (size_t i = 0; i < pool.size() && static_cast<int64_t>(out.size()) < n; ++i) {
-    auto words = pool[i];
-    const int64_t label = static_cast<int64_t>(out.size() % 2);
-    if (label == 1) {
-      const auto original = words;
-      while (words == original) std::shuffle(words.begin(), words.end(), rng);
-    }
-    std::string text;
-    for (const auto& w : words) text += (text.empty() ? "" : " ") + w;
-    out.push_back({text, label});
-  }
+  return pool;
+}
+
+std::string joined(const std::vector<std::string>& words) {
+  std::string text;
+  for (const auto& w : words) text += (text.empty() ? "" : " ") + w;
+  return text;
+}
+
+/// `words` in a different order.
+std::vector<std::string> shuffled(std::vector<std::string> words, std::mt19937_64& rng) {
+  const auto original = words;
+  while (words == original) std::shuffle(words.begin(), words.end(), rng);
+  return words;
+}
+
+}  // namespace
+
+std::vector<WordOrderPair> word_order_pairs(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
+                                            int64_t min_words, int64_t max_words) {
+  std::mt19937_64 rng(seed);
+  const auto pool = sentence_pool(entries, min_words, max_words, rng);
+  std::vector<WordOrderPair> out;
+  for (size_t i = 0; i < pool.size() && static_cast<int64_t>(out.size()) < n; ++i)
+    out.push_back({joined(pool[i]), joined(shuffled(pool[i], rng))});
   return out;
 }
 

@@ -40,16 +40,15 @@ std::vector<std::string> read_fortunes(const std::vector<std::string>& files);
 /// Lower-cased words of `text` with punctuation removed (letters, digits and inner apostrophes kept).
 std::vector<std::string> plain_words(const std::string& text);
 
-/// One example of the word-order task.
-struct WordOrderExample {
-  std::string text;
-  int64_t label = 0;  ///< 0: original order, 1: shuffled
-};
 /// `text` cut into sentences (after '.', '!', '?' or '…' followed by a space or the end).
 std::vector<std::string> sentences(const std::string& text);
-/// Up to `n` balanced examples from the whole sentences of `entries` with `min_words`..`max_words` plain
-/// words, kept (label 0) or shuffled into a different order (label 1). Deterministic for a seed.
-std::vector<WordOrderExample> word_order_task(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
-                                              int64_t min_words = 5, int64_t max_words = 12);
+/// A sentence and the same words in a different order.
+struct WordOrderPair {
+  std::string original, shuffled;
+};
+/// Up to `n` pairs from the whole sentences of `entries` with `min_words`..`max_words` plain words that
+/// are mostly letters (attributions dropped). Deterministic for a seed.
+std::vector<WordOrderPair> word_order_pairs(const std::vector<std::string>& entries, int64_t n, uint64_t seed,
+                                            int64_t min_words = 5, int64_t max_words = 12);
 
 }  // namespace mdl::demo
