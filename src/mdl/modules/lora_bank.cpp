@@ -53,9 +53,8 @@ namespace {
 #if defined(__x86_64__)
 __attribute__((target_clones("arch=haswell", "default")))
 #endif
-void lora_row(const float* __restrict x, const float* __restrict At,
-                                                                       const float* __restrict Bt, float* __restrict h,
-                                                                       float* __restrict y, int in, int r, int out, float s) {
+void lora_row(const float* __restrict x, const float* __restrict At, const float* __restrict Bt, float* __restrict h,
+              float* __restrict y, int in, int r, int out, float s) {
   for (int k = 0; k < r; ++k) h[k] = 0.0f;
   for (int i = 0; i < in; ++i) {
     const float xi = x[i];

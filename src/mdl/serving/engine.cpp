@@ -54,7 +54,8 @@ Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
   ModuleCacheOptions co;
   co.modules_dir = options_.modules_dir;
   co.budget_bytes = options_.module_cache_mb << 20;
-  co.lora_dtype = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
+  lora_dtype_ = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
+  co.lora_dtype = lora_dtype_;
   cache_ = std::make_unique<ModuleCache>(*set_, co);
   thread_ = std::thread([this] { loop(); });
 }
@@ -315,7 +316,7 @@ void Engine::decode() {
   const int64_t B = static_cast<int64_t>(running_.size());
   std::vector<int64_t> tokens, positions;
   RoutingContext rc;
-  rc.lora_bank_dtype = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
+  rc.lora_bank_dtype = lora_dtype_;
   for (const auto& s : running_) {
     tokens.push_back(s->last_token), positions.push_back(s->next_position);
     rc.modules.push_back(s->req.modules);

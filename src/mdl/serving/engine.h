@@ -130,6 +130,7 @@ class Engine {
   Model model_;
   Tokenizer tokenizer_;
   EngineOptions options_;
+  at::ScalarType lora_dtype_ = at::kHalf;  // options_.lora_bank_dtype, parsed
   std::unique_ptr<ModuleSet> set_;
   std::unique_ptr<ModuleCache> cache_;
   std::mutex model_mu_;  // the model, module set and cache
