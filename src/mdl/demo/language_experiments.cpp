@@ -4,7 +4,6 @@
 // sentence's words are in their original order; at test time each language's adapter goes under the
 // task adapter (zero-shot), compared with the English adapter and with no language adapter.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <cmath>
@@ -268,8 +267,9 @@ void run_language(Context& ctx) {
   // by its mean next-token loss; the task adapter, stacked on the English adapter (MAD-X), learns on
   // English pairs to give the original the lower loss. Zero-shot, each language's pairs are scored with
   // the task adapter on that language's adapter, on the English adapter, and on none.
+  using EncodedPairs = std::pair<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>>;  // originals, shuffled
   auto encode_pairs = [&](const std::vector<WordOrderPair>& pairs) {
-    std::pair<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>> out;
+    EncodedPairs out;
     for (const auto& p : pairs)
       out.first.push_back(encode(tok, p.original, s.seq_len)), out.second.push_back(encode(tok, p.shuffled, s.seq_len));
     return out;
@@ -315,20 +315,21 @@ void run_language(Context& ctx) {
   seconds["task_adapter"] = seconds_since(stage_start);
   stage_start = std::chrono::steady_clock::now();
   // Share of pairs whose original the model (with the active modules) scores as more likely.
-  auto pair_accuracy = [&](const std::vector<WordOrderPair>& pairs) {
-    const auto ids = encode_pairs(pairs);
+  auto pair_accuracy = [&](const EncodedPairs& ids) {
     const auto a = mean_nll(*lm, ids.first, 64), b = mean_nll(*lm, ids.second, 64);
     int64_t right = 0;
     for (size_t k = 0; k < a.size(); ++k) right += a[k] < b[k];
     return a.empty() ? std::nan("") : static_cast<double>(right) / static_cast<double>(a.size());
   };
-  const double train_accuracy = pair_accuracy(std::vector<WordOrderPair>(en_train.begin(), en_train.begin() + std::min<size_t>(en_train.size(), 600)));
+  const double train_accuracy = pair_accuracy(encode_pairs(
+      std::vector<WordOrderPair>(en_train.begin(), en_train.begin() + std::min<size_t>(en_train.size(), 600))));
   nlohmann::json rows = nlohmann::json::array();
   std::vector<double> none, with_en, madx, backbone_only;
   std::vector<std::string> names;
   int better = 0, compared = 0;
   for (const auto& l : langs) {
-    const auto& d = tests.at(l.language);
+    const auto& pairs = tests.at(l.language);
+    const EncodedPairs d = encode_pairs(pairs);  // once, for the four conditions
     lm_set.set_active("word-order", false);
     use_language(lm_set, langs, "");
     const double z = pair_accuracy(d);
@@ -338,7 +339,7 @@ void run_language(Context& ctx) {
     const double b = pair_accuracy(d);
     use_language(lm_set, langs, l.language);
     const double c = pair_accuracy(d);
-    rows.push_back({{"language", l.language}, {"test_pairs", d.size()}, {"backbone_alone", z}, {"no_language_adapter", a},
+    rows.push_back({{"language", l.language}, {"test_pairs", pairs.size()}, {"backbone_alone", z}, {"no_language_adapter", a},
                     {"english_adapter", b}, {"madx", c}});
     none.push_back(a), with_en.push_back(b), madx.push_back(c), backbone_only.push_back(z), names.push_back(l.language);
     if (l.language != "en") ++compared, better += c > b;

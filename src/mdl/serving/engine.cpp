@@ -212,15 +212,19 @@ std::vector<std::future<CompletionResult>> Engine::submit(std::vector<Completion
   try {
     for (auto& r : requests) seqs.push_back(prepare(std::move(r)));
   } catch (...) {  // none is queued: release the pins taken so far
-    std::lock_guard<std::mutex> mk(model_mu_);
-    for (const auto& s : seqs)
-      for (const auto& n : s->pinned) cache_->release(n);
+    unpin(seqs);
     throw;
   }
   std::vector<std::future<CompletionResult>> out;
   for (const auto& s : seqs) out.push_back(s->promise.get_future());
   enqueue(seqs);
   return out;
+}
+
+void Engine::unpin(const std::vector<std::shared_ptr<Sequence>>& seqs) {
+  std::lock_guard<std::mutex> mk(model_mu_);
+  for (const auto& s : seqs)
+    for (const auto& n : s->pinned) cache_->release(n);
 }
 
 void Engine::enqueue(const std::vector<std::shared_ptr<Sequence>>& seqs) {
@@ -242,9 +246,7 @@ void Engine::enqueue(const std::vector<std::shared_ptr<Sequence>>& seqs) {
     }
   }
   if (!refusal.empty()) {  // lock order is model, then queue: the pins are released after the queue lock
-    std::lock_guard<std::mutex> mk(model_mu_);
-    for (const auto& s : seqs)
-      for (const auto& n : s->pinned) cache_->release(n);
+    unpin(seqs);
     throw RequestError(503, "", refusal);
   }
   wake_.notify_one();

@@ -118,7 +118,8 @@ class Engine {
  private:
   struct Sequence;
   std::shared_ptr<Sequence> prepare(CompletionRequest request);  // checks and pins its modules
-  void enqueue(const std::vector<std::shared_ptr<Sequence>>& sequences);
+  void enqueue(const std::vector<std::shared_ptr<Sequence>>& sequences);  // all or none; refused: unpinned
+  void unpin(const std::vector<std::shared_ptr<Sequence>>& sequences);    // releases their module pins
   void loop();
   void admit(std::vector<std::shared_ptr<Sequence>>& fresh);
   void decode();
