@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "mdl/backbones/fused_ops.h"
 #include "mdl/core/error.h"
 
 namespace mdl::fn {
@@ -79,7 +80,19 @@ at::Tensor activation(const at::Tensor& x, const std::string& name) {
   MDL_FAIL("[activation] unknown activation '", name, "'");
 }
 
+namespace {
+bool wants_grad(const at::Tensor& a, const at::Tensor& b) {
+  return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
+}  // namespace
+
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& name) {
+  if ((name == "silu" || name == "swish") && wants_grad(gate, up)) return swiglu(gate, up);
+  return activation(gate, name) * up;
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (wants_grad(x, weight)) return rms_norm_fused(x, weight, eps);
   at::Tensor h = x.to(at::kFloat);
   h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return weight * h.to(x.scalar_type());

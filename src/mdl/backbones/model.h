@@ -6,6 +6,7 @@
 
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -72,6 +73,12 @@ class ModelImpl : public torch::nn::Module {
   /// The final hidden states (B, T, C) as forward() computes them (modules, routing context, cache),
   /// without the head: what embeddings pool.
   at::Tensor encode(const ModelInput& in);
+  /// Mean cross-entropy of the causal-LM head's logits at each position against `targets` (B, T) aligned
+  /// with the positions (position t is scored against targets[:, t]: the caller shifts); positions whose
+  /// target is `ignore_index` count for nothing. Equals cross_entropy(forward(in), targets); with no
+  /// function attached at the lm_head site, the (B, T, V) logits are never held whole and the gradient
+  /// is computed chunk by chunk (fn::linear_cross_entropy). Throws for other heads.
+  at::Tensor lm_loss(const ModelInput& in, const at::Tensor& targets, int64_t ignore_index = -100);
   /// Applies the head to hidden states (B, T, C) (inside forward's context).
   at::Tensor head(const at::Tensor& hidden, const ModelInput& in);
 
@@ -103,6 +110,11 @@ class ModelImpl : public torch::nn::Module {
   /// HF-style random initialisation: normal(0, initializer_range) for projections and embeddings, ones and
   /// zeros for norms and biases; GPT-2's residual projections scaled by 1/sqrt(2 n_layer).
   void init_weights(uint64_t seed);
+  /// Gradient (activation) checkpointing, as HF's gradient_checkpointing_enable: in training, with a
+  /// gradient wanted and no KV cache, every layer keeps only its input and runs again during backward
+  /// (activation_checkpoint.h). Off by default.
+  void set_gradient_checkpointing(bool on) { checkpoint_layers_ = on; }
+  bool gradient_checkpointing() const { return checkpoint_layers_; }
   /// Number of parameters (tied weights counted once).
   int64_t num_parameters() const;
   c10::Device device() const;
@@ -129,6 +141,11 @@ class ModelImpl : public torch::nn::Module {
   /// Applies an attention_kv site to the keys and values (B, Hkv, S, D); returns how many positions it
   /// prepended, and extends `bias` (B, 1, T, S) with visible columns for them.
   int64_t apply_kv_site(const Site& site, at::Tensor& k, at::Tensor& v, at::Tensor& bias) const;
+  /// Runs one layer, `layer` (B, T, C) -> (B, T, C), on x: checkpointed when gradient checkpointing is on,
+  /// the model is training, a gradient is wanted and `cached` is false. `layer` must capture by value
+  /// (it may run again during backward).
+  at::Tensor run_layer(const std::function<at::Tensor(const at::Tensor&)>& layer, const at::Tensor& x,
+                       bool cached) const;
   /// A hidden-state or embedding site (no weights of its own).
   std::shared_ptr<Site> add_site(SiteInfo info);
   /// Records a site (every add_* goes through here): forward order and the name index.
@@ -148,6 +165,7 @@ class ModelImpl : public torch::nn::Module {
   std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
   std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};
+  bool checkpoint_layers_ = false;               ///< gradient checkpointing (set_gradient_checkpointing)
   SiteLinear classifier_{nullptr};                ///< score / classifier
   SiteLinear pooler_{nullptr};                    ///< BERT pooler dense
 };

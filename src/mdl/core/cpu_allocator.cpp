@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -38,15 +39,18 @@ class CachingCpuAllocator final : public c10::Allocator {
 
   CpuAllocatorStats stats() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {hits_, misses_, cached_, limit_};
+    return {hits_, misses_, cached_, limit_, live_.load(), peak_.load()};
   }
+
+  void reset_peak() const { peak_.store(live_.load()); }
 
  private:
   c10::DataPtr allocate_impl(size_t n) const {
     void* p = nullptr;
     if (n < kLarge) {  // small: straight to the system, no bookkeeping on this hot path
       if (posix_memalign(&p, kSmallAlign, std::max<size_t>(n, 1)) != 0) throw std::bad_alloc();
-      return {p, p, &std::free, c10::Device(c10::DeviceType::CPU)};
+      count(static_cast<int64_t>(malloc_usable_size(p)));
+      return {p, p, &release_small, c10::Device(c10::DeviceType::CPU)};
     }
     const size_t size = (n + kHugePage - 1) / kHugePage * kHugePage;
     {
@@ -58,6 +62,7 @@ class CachingCpuAllocator final : public c10::Allocator {
         cached_ -= static_cast<int64_t>(size);
         ++hits_;
         sizes_[p] = size;
+        count(static_cast<int64_t>(size));
         return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
       }
       ++misses_;
@@ -66,10 +71,20 @@ class CachingCpuAllocator final : public c10::Allocator {
     madvise(p, size, MADV_HUGEPAGE);  // a hint; harmless where THP is off
     std::lock_guard<std::mutex> lock(mutex_);
     sizes_[p] = size;
+    count(static_cast<int64_t>(size));
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
 
   static void release(void* p);
+  static void release_small(void* p);
+
+  // Live bytes go up here and down in the deleters; the peak is kept without a lock (compare-exchange).
+  void count(int64_t bytes) const {
+    const int64_t now = live_.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    int64_t peak = peak_.load(std::memory_order_relaxed);
+    while (now > peak && !peak_.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+    }
+  }
 
   void give_back(void* p) const {
     {
@@ -78,6 +93,7 @@ class CachingCpuAllocator final : public c10::Allocator {
       if (it != sizes_.end()) {
         const size_t size = it->second;
         sizes_.erase(it);
+        live_.fetch_sub(static_cast<int64_t>(size), std::memory_order_relaxed);
         if (cached_ + static_cast<int64_t>(size) <= limit_) {
           free_[size].push_back(p);
           cached_ += static_cast<int64_t>(size);
@@ -93,12 +109,18 @@ class CachingCpuAllocator final : public c10::Allocator {
   mutable std::unordered_map<void*, size_t> sizes_;
   mutable std::unordered_map<size_t, std::vector<void*>> free_;
   mutable int64_t cached_ = 0, hits_ = 0, misses_ = 0;
+  mutable std::atomic<int64_t> live_{0}, peak_{0};
   friend void install_cpu_allocator(int64_t);
 };
 
 CachingCpuAllocator* g_allocator = nullptr;
 
 void CachingCpuAllocator::release(void* p) { g_allocator->give_back(p); }
+
+void CachingCpuAllocator::release_small(void* p) {
+  g_allocator->live_.fetch_sub(static_cast<int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
+  std::free(p);
+}
 
 }  // namespace
 
@@ -127,5 +149,9 @@ void install_cpu_allocator(int64_t limit) {
 bool cpu_allocator_installed() { return g_allocator != nullptr; }
 
 CpuAllocatorStats cpu_allocator_stats() { return g_allocator ? g_allocator->stats() : CpuAllocatorStats{}; }
+
+void reset_cpu_peak_bytes() {
+  if (g_allocator) g_allocator->reset_peak();
+}
 
 }  // namespace mdl

@@ -39,6 +39,8 @@ const std::vector<std::pair<std::string, std::string>>& descriptions() {
       {"options.routing.by_task", "fixed routing: {\"task\": [\"module\", ...]}, the modules each task's examples use"},
       {"options.routing.by_language", "fixed routing: {\"language\": [\"module\", ...]} (MAD-X language adapters)"},
       {"options.precision", "fp32 | bf16 (autocast: matrix products in bfloat16, weights in float32) | fp16 (CUDA)"},
+      {"options.gradient_checkpointing", "rerun each layer during backward instead of keeping its activations "
+                                         "(less memory, ~1/3 more compute)"},
       {"options.schedule.kind", "constant | linear | cosine learning-rate schedule"},
       {"options.schedule.lr", "peak learning rate"},
       {"options.schedule.warmup_steps", "linear warm-up steps"},

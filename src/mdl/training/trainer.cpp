@@ -44,7 +44,7 @@ void to_json(nlohmann::json& j, const TrainOptions& o) {
        {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir},
        {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature},
        {"train_base", o.train_base}, {"early_stopping_patience", o.early_stopping_patience}, {"routing", o.routing},
-       {"precision", o.precision}};
+       {"precision", o.precision}, {"gradient_checkpointing", o.gradient_checkpointing}};
 }
 
 void from_json(const nlohmann::json& j, TrainOptions& o) {
@@ -66,6 +66,7 @@ void from_json(const nlohmann::json& j, TrainOptions& o) {
   o.sampling_temperature = j.value("sampling_temperature", o.sampling_temperature);
   if (j.contains("routing")) o.routing = j["routing"].get<ExampleRouting>();
   o.precision = j.value("precision", o.precision);
+  o.gradient_checkpointing = j.value("gradient_checkpointing", o.gradient_checkpointing);
   autocast_dtype(o.precision);  // validates
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
   MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
@@ -166,18 +167,23 @@ void check_labels(const ModelImpl& model, const Dataset& d) {
             "; create the model with more labels (init-model --num-labels) or map the labels");
 }
 
+/// Causal-LM targets aligned with the positions: position t predicts token t + 1 (the last predicts nothing).
+at::Tensor next_tokens(const at::Tensor& targets) {  // (B, T) -> (B, T)
+  const int64_t B = targets.size(0), T = targets.size(1);
+  return at::cat({targets.narrow(1, 1, T - 1), at::full({B, 1}, -100, targets.options())}, 1);
+}
+
 /// The head's training loss on a batch (float32 whatever the logits' precision).
-at::Tensor task_loss(const at::Tensor& out, const Batch& b, HeadKind head) {
+at::Tensor task_loss(ModelImpl& model, const ModelInput& in, const Batch& b) {
+  const HeadKind head = model.config().head;
+  if (head == HeadKind::causal_lm) return model.lm_loss(in, next_tokens(b.targets));  // logits never held whole
+  const at::Tensor out = model.forward(in);
   switch (head) {
     case HeadKind::sequence_classification:
       return at::cross_entropy_loss(out.to(at::kFloat), b.labels);
-    case HeadKind::causal_lm: {  // position t predicts token t + 1
-      const int64_t T = out.size(1);
-      return at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}).to(at::kFloat),
-                                    b.targets.narrow(1, 1, T - 1).reshape({-1}));
-    }
     case HeadKind::token_classification:
       return at::cross_entropy_loss(out.reshape({-1, out.size(2)}).to(at::kFloat), b.targets.reshape({-1}));
+    case HeadKind::causal_lm:
     case HeadKind::none:
       break;
   }
@@ -325,6 +331,13 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
   const double lr = learning_rate(options_.schedule, step_);
   for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
   opt.zero_grad();
+  // Checkpointing for this step only: the model is the caller's and keeps its own setting afterwards.
+  struct CheckpointingScope {
+    ModelImpl& model;
+    bool before;
+    ~CheckpointingScope() { model.set_gradient_checkpointing(before); }
+  } scope{model, model.gradient_checkpointing()};
+  model.set_gradient_checkpointing(options_.gradient_checkpointing || scope.before);
   double total = 0;
   const int64_t world = group_ ? group_->size() : 1, rank = group_ ? group_->rank() : 0;
   const int64_t local = options_.batch_size / world;  // this rank's share of the global batch
@@ -342,7 +355,7 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
     at::Tensor loss;
     {  // forward and loss under autocast; backward outside it, as torch.autocast prescribes
       AutocastGuard autocast(model.device(), autocast_dtype(options_.precision));
-      loss = task_loss(model.forward(in), b, model.config().head);
+      loss = task_loss(model, in, b);
       // Separate statements: the routers fill the log during forward (operands of + are unsequenced).
       loss = loss + options_.aux_loss_weight * log.aux_loss().to(b.ids.device(), at::kFloat);
     }

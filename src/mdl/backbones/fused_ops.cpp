@@ -1,0 +1,216 @@
+#include "mdl/backbones/fused_ops.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "mdl/core/error.h"
+
+namespace mdl::fn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// True where the hand-written loops apply: float32, contiguous, on the CPU.
+bool cpu_float(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(); }
+
+// ---- RMSNorm ------------------------------------------------------------------------------------------
+
+struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
+    const int64_t C = x.size(-1), rows = x.numel() / std::max<int64_t>(C, 1);
+    at::Tensor rstd, y;  // rstd (rows) float32
+    if (cpu_float(x) && cpu_float(w)) {
+      rstd = at::empty({rows}, x.options());
+      y = at::empty_like(x);
+      const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+      float *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = xp + r * C;
+        float ss = 0;
+        for (int64_t i = 0; i < C; ++i) ss += xr[i] * xr[i];
+        const float k = 1.0f / std::sqrt(ss / static_cast<float>(C) + static_cast<float>(eps));
+        rp[r] = k;
+        float* yr = yp + r * C;
+        for (int64_t i = 0; i < C; ++i) yr[i] = wp[i] * (xr[i] * k);
+      }
+    } else {
+      at::Tensor xf = x.to(at::kFloat);
+      at::Tensor k = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);  // (..., 1)
+      y = w * (xf * k).to(x.scalar_type());
+      rstd = k.reshape({rows});
+    }
+    ctx->save_for_backward({x, w, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    at::Tensor dy = grads[0].contiguous();
+    const int64_t C = x.size(-1), rows = rstd.size(0);
+    const bool want_w = ctx->needs_input_grad(1);
+    at::Tensor dx, dw;
+    if (cpu_float(x) && cpu_float(w) && cpu_float(dy)) {
+      dx = at::empty_like(x);
+      std::vector<float> acc(want_w ? static_cast<size_t>(C) : 0, 0.0f);
+      const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *gp = dy.data_ptr<float>(),
+                  *rp = rstd.data_ptr<float>();
+      float* dp = dx.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = xp + r * C, *gr = gp + r * C;
+        const float k = rp[r];
+        float s = 0;  // sum_i dy_i w_i x_i
+        for (int64_t i = 0; i < C; ++i) s += gr[i] * wp[i] * xr[i];
+        // dx = k (dy w) - x k^3 s / C   (the gradient of w x k through k = (mean x^2 + eps)^-1/2)
+        const float c = k * k * k * s / static_cast<float>(C);
+        float* dr = dp + r * C;
+        for (int64_t i = 0; i < C; ++i) dr[i] = k * gr[i] * wp[i] - xr[i] * c;
+        if (want_w)
+          for (int64_t i = 0; i < C; ++i) acc[static_cast<size_t>(i)] += gr[i] * xr[i] * k;
+      }
+      if (want_w) dw = at::from_blob(acc.data(), {C}, w.options()).clone();
+    } else {
+      std::vector<int64_t> row_shape = x.sizes().vec();
+      row_shape.back() = 1;
+      at::Tensor xf = x.to(at::kFloat), k = rstd.view(row_shape);  // (..., 1)
+      at::Tensor xhat = xf * k;
+      if (want_w) dw = (dy * xhat.to(dy.scalar_type())).reshape({-1, C}).sum(0).to(w.scalar_type());
+      at::Tensor g = (dy * w).to(at::kFloat);
+      dx = (k * (g - xhat * (g * xhat).mean(-1, /*keepdim=*/true))).to(x.scalar_type());
+    }
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+// ---- SwiGLU -------------------------------------------------------------------------------------------
+
+struct SwigluFn : torch::autograd::Function<SwigluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
+    ctx->save_for_backward({gate, up});
+    return at::silu(gate).mul_(up);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0], &u = saved[1];
+    at::Tensor dy = grads[0].contiguous();
+    at::Tensor s = at::sigmoid(g);  // silu(g) = g s, silu'(g) = s (1 + g (1 - s))
+    if (cpu_float(g) && cpu_float(u) && cpu_float(dy)) {
+      at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
+      const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>(), *yp = dy.data_ptr<float>(),
+                  *sp = s.data_ptr<float>();
+      float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>();
+      const int64_t n = g.numel();
+      for (int64_t i = 0; i < n; ++i) {
+        const float gs = gp[i] * sp[i];
+        dup[i] = yp[i] * gs;
+        dgp[i] = yp[i] * up[i] * (sp[i] + gs * (1.0f - sp[i]));
+      }
+      return {dg, du};
+    }
+    return {dy * u * s * (1 + g * (1 - s)), dy * g * s};
+  }
+};
+
+// ---- Linear + cross-entropy ---------------------------------------------------------------------------
+
+struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
+  // grads: dL/dhidden, dL/dweight, dL/dbias from the forward pass (undefined where not wanted). Passed as a
+  // vector, which autograd does not treat as inputs; so is an absent bias (libtorch 1.13 refuses undefined
+  // tensors as inputs).
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& loss,
+                            const std::vector<at::Tensor>& grads) {
+    ctx->saved_data["dh"] = grads[0];
+    ctx->saved_data["dw"] = grads[1];
+    ctx->saved_data["db"] = grads[2];
+    return loss.clone();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list out_grads) {
+    const at::Tensor g = out_grads[0];  // 0-dim
+    auto scaled = [&](const char* key) {
+      at::Tensor t = ctx->saved_data[key].toTensor();
+      return t.defined() ? t * g.to(t.scalar_type()) : t;
+    };
+    return {scaled("dh"), scaled("dw"), scaled("db"), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
+  MDL_CHECK(x.size(-1) == w.numel(), "[rms_norm] input has ", x.size(-1), " features, the weight ", w.numel());
+  return RmsNormFn::apply(x, w, eps);
+}
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  MDL_CHECK(gate.sizes() == up.sizes(), "[swiglu] gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  return SwigluFn::apply(gate, up);
+}
+
+at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& targets, int64_t ignore_index, int64_t chunk_rows) {
+  MDL_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "[lm_loss] hidden (N, C) = ",
+            hidden.sizes(), " and weight (V, C) = ", weight.sizes(), " do not fit");
+  MDL_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "[lm_loss] targets must be (N) = (",
+            hidden.size(0), "), got ", targets.sizes());
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  at::Tensor t = targets.to(hidden.device(), at::kLong);
+  at::Tensor valid = t != ignore_index;  // (N)
+  if (N > 0) {
+    const int64_t lo = at::where(valid, t, 0).min().item<int64_t>(), hi = at::where(valid, t, 0).max().item<int64_t>();
+    MDL_CHECK(lo >= 0 && hi < V, "[lm_loss] targets must be in [0, ", V, ") or ", ignore_index, ", found ",
+              lo < 0 ? lo : hi);
+  }
+  const bool grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad() ||
+                                                   (bias.defined() && bias.requires_grad()));
+  const bool want_h = grad && hidden.requires_grad(), want_w = grad && weight.requires_grad(),
+             want_b = grad && bias.defined() && bias.requires_grad();
+  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
+
+  at::NoGradGuard no_grad;  // everything below is computed by hand
+  const at::Tensor h = hidden.detach().to(at::kFloat), w = weight.detach().to(at::kFloat);
+  const at::Tensor b = bias.defined() ? bias.detach().to(at::kFloat) : at::Tensor();
+  at::Tensor validf = valid.to(at::kFloat), safe = at::where(valid, t, 0);
+  at::Tensor loss = at::zeros({}, h.options());
+  at::Tensor dh = want_h ? at::empty_like(h) : at::Tensor();
+  at::Tensor dw = want_w ? at::zeros_like(w) : at::Tensor();
+  at::Tensor db = want_b ? at::zeros_like(b) : at::Tensor();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, N - r0);
+    at::Tensor hc = h.narrow(0, r0, n);                                       // (n, C)
+    at::Tensor logits = b.defined() ? at::addmm(b, hc, w.t()) : at::mm(hc, w.t());  // (n, V)
+    at::Tensor lse = at::logsumexp(logits, 1);                                 // (n)
+    at::Tensor tc = safe.narrow(0, r0, n).unsqueeze(1), vc = validf.narrow(0, r0, n);
+    loss.add_(((lse - logits.gather(1, tc).squeeze(1)) * vc).sum());
+    if (!grad) continue;
+    // dL/dlogits = softmax - onehot(target), zero on ignored rows (scaled by 1 / count at the end)
+    at::Tensor p = logits.sub_(lse.unsqueeze(1)).exp_();
+    p.scatter_add_(1, tc, -vc.unsqueeze(1));
+    p.mul_(vc.unsqueeze(1));
+    if (want_h) {
+      at::Tensor dhc = dh.narrow(0, r0, n);
+      at::mm_out(dhc, p, w);
+    }
+    if (want_w) dw.addmm_(p.t(), hc);
+    if (want_b) db.add_(p.sum(0));
+  }
+  const at::Tensor count = validf.sum();
+  loss.div_(count);
+  if (!grad) return loss;
+  auto finish = [&](at::Tensor d, const at::Tensor& like) {
+    return d.defined() ? d.div_(count).to(like.scalar_type()) : d;
+  };
+  dh = finish(dh, hidden), dw = finish(dw, weight), db = bias.defined() ? finish(db, bias) : db;
+  at::AutoGradMode enable(true);
+  const c10::optional<at::Tensor> maybe_bias = bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
+  return LinearCrossEntropyFn::apply(hidden, weight, maybe_bias, loss, std::vector<at::Tensor>{dh, dw, db});
+}
+
+}  // namespace mdl::fn

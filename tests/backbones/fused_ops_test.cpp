@@ -1,0 +1,147 @@
+// Fused training ops: values and gradients equal the at:: compositions they replace, on the CPU loops
+// (float32) and on the generic path (float64, what other devices take); the LM loss through the model.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include "backbones/fixtures.h"
+#include "mdl/backbones/fused_ops.h"
+#include "mdl/backbones/model.h"
+#include "mdl/modules/module_set.h"
+
+namespace mdl {
+namespace {
+
+double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// Leaf copies of `ts` that require grad.
+std::vector<at::Tensor> leaves(const std::vector<at::Tensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.detach().clone().requires_grad_(true));
+  return out;
+}
+
+TEST(FusedOps, RmsNormMatchesTheComposedOpsInValueAndGradient) {
+  for (auto dtype : {at::kFloat, at::kDouble}) {  // the CPU loop, then the generic path
+    const double tol = 2e-5;  // both compute in float32, as Llama does
+    at::manual_seed(1);
+    at::Tensor x0 = at::randn({3, 5, 13}, dtype), w0 = at::randn({13}, dtype), dy = at::randn({3, 5, 13}, dtype);
+    auto a = leaves({x0, w0}), b = leaves({x0, w0});
+    at::Tensor fused = fn::rms_norm_fused(a[0], a[1], 1e-5);
+    at::Tensor xf = b[0].to(at::kFloat);
+    at::Tensor composed = b[1] * (xf * at::rsqrt(xf.pow(2).mean(-1, true) + 1e-5)).to(dtype);
+    EXPECT_LT(max_diff(fused, composed), tol);
+    fused.backward(dy);
+    composed.backward(dy);
+    EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), tol) << "dx " << dtype;
+    EXPECT_LT(max_diff(a[1].grad(), b[1].grad()), tol * 10) << "dw " << dtype;
+    // A frozen weight (LoRA training): only the input's gradient.
+    at::Tensor x = x0.detach().clone().requires_grad_(true), w = w0.detach();
+    fn::rms_norm_fused(x, w, 1e-5).backward(dy);
+    EXPECT_LT(max_diff(x.grad(), b[0].grad()), tol);
+    EXPECT_FALSE(w.grad().defined());
+  }
+  EXPECT_THROW_WITH(fn::rms_norm_fused(at::ones({2, 4}), at::ones({3}), 1e-5), "[rms_norm] input has 4 features");
+}
+
+TEST(FusedOps, SwigluMatchesTheComposedOpsInValueAndGradient) {
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
+    at::manual_seed(2);
+    at::Tensor g0 = at::randn({4, 7, 9}, dtype) * 3, u0 = at::randn({4, 7, 9}, dtype), dy = at::randn({4, 7, 9}, dtype);
+    auto a = leaves({g0, u0}), b = leaves({g0, u0});
+    at::Tensor fused = fn::swiglu(a[0], a[1]), composed = at::silu(b[0]) * b[1];
+    EXPECT_LT(max_diff(fused, composed), tol);
+    fused.backward(dy);
+    composed.backward(dy);
+    EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), tol) << "d gate " << dtype;
+    EXPECT_LT(max_diff(a[1].grad(), b[1].grad()), tol) << "d up " << dtype;
+  }
+  EXPECT_THROW_WITH(fn::swiglu(at::ones({2, 4}), at::ones({2, 5})), "[swiglu] gate [2, 4] and up [2, 5] differ");
+}
+
+TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    const double tol = dtype == at::kFloat ? 2e-5 : 1e-6;  // the fused op keeps logits in float32
+    at::manual_seed(3);
+    const int64_t N = 37, C = 11, V = 50;
+    at::Tensor h0 = at::randn({N, C}, dtype), w0 = at::randn({V, C}, dtype), b0 = at::randn({V}, dtype);
+    at::Tensor t = at::randint(0, V, {N}, at::kLong);
+    t.index_put_({at::arange(0, N, 5)}, -100);  // every fifth row counts for nothing
+    for (bool with_bias : {true, false}) {
+      auto a = leaves({h0, w0, b0}), b = leaves({h0, w0, b0});
+      // Chunks of 8 rows: several chunks and a short last one.
+      at::Tensor fused = fn::linear_cross_entropy(a[0], a[1], with_bias ? a[2] : at::Tensor(), t, -100, 8);
+      at::Tensor reference =
+          at::cross_entropy_loss(at::linear(b[0], b[1], with_bias ? b[2] : at::Tensor()), t, {}, at::Reduction::Mean, -100);
+      EXPECT_LT(std::abs(fused.item<double>() - reference.item<double>()), tol);
+      (fused * 3).backward();  // the loss's own gradient scales what the forward computed
+      (reference * 3).backward();
+      EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), tol) << "dhidden";
+      EXPECT_LT(max_diff(a[1].grad(), b[1].grad()), tol) << "dweight";
+      if (with_bias) EXPECT_LT(max_diff(a[2].grad(), b[2].grad()), tol) << "dbias";
+      EXPECT_EQ(a[0].grad().scalar_type(), dtype);
+    }
+    // A frozen projection (LoRA training): only dL/dhidden; without grad mode: the loss alone.
+    at::Tensor h = h0.detach().clone().requires_grad_(true);
+    fn::linear_cross_entropy(h, w0, {}, t).backward();
+    EXPECT_TRUE(h.grad().defined());
+    EXPECT_FALSE(w0.grad().defined());
+    torch::NoGradGuard no_grad;
+    const double plain = fn::linear_cross_entropy(h0, w0, {}, t).item<double>();
+    EXPECT_NEAR(plain, at::cross_entropy_loss(at::linear(h0, w0), t, {}, at::Reduction::Mean, -100).item<double>(), tol);
+  }
+  at::Tensor h = at::randn({4, 3}), w = at::randn({6, 3});
+  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::tensor({0, 1, 6, 2})), "[lm_loss] targets must be in [0, 6)",
+                    "found 6");
+  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, at::randn({6, 5}), {}, at::zeros({4}, at::kLong)),
+                    "[lm_loss] hidden (N, C) = [4, 3] and weight (V, C) = [6, 5] do not fit");
+  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::zeros({5}, at::kLong)), "targets must be (N) = (4)");
+}
+
+// The model's LM loss equals cross-entropy of its logits, in value and in every parameter's gradient,
+// with the fused path (nothing at lm_head) and the whole-logits path (a LoRA at lm_head).
+TEST(FusedOps, ModelLmLossEqualsCrossEntropyOfTheLogits) {
+  for (bool lora_at_head : {false, true}) {
+    Model m = load_model(test::tiny_checkpoint("llama"));
+    ModuleSet set(m);
+    ModuleConfig c;
+    c.lora.r = 4;
+    c.lora.init = "random";
+    c.targets.target_modules = lora_at_head ? std::vector<std::string>{"q_proj", "lm_head"} : std::vector<std::string>{"q_proj"};
+    set.add("lora", c);
+    m->train();
+    ModelInput in;
+    in.input_ids = at::randint(0, m->config().vocab_size, {2, 9}, at::kLong);
+    at::Tensor targets = at::randint(0, m->config().vocab_size, {2, 9}, at::kLong);
+    targets.select(1, 8).fill_(-100);
+    auto grads = [&] {
+      std::vector<at::Tensor> g;
+      for (auto& p : m->parameters()) {
+        g.push_back(p.grad().defined() ? p.grad().clone() : at::zeros_like(p));
+        if (p.grad().defined()) p.mutable_grad() = at::Tensor();
+      }
+      return g;
+    };
+    at::Tensor fused = m->lm_loss(in, targets);
+    fused.backward();
+    auto g1 = grads();
+    at::Tensor logits = m->forward(in);
+    at::Tensor reference = at::cross_entropy_loss(logits.reshape({-1, logits.size(2)}), targets.reshape({-1}), {},
+                                                  at::Reduction::Mean, -100);
+    reference.backward();
+    auto g2 = grads();
+    EXPECT_NEAR(fused.item<double>(), reference.item<double>(), 1e-5) << "lora at head " << lora_at_head;
+    double worst = 0;
+    for (size_t i = 0; i < g1.size(); ++i) worst = std::max(worst, max_diff(g1[i], g2[i]));
+    EXPECT_LT(worst, 1e-5) << "lora at head " << lora_at_head;
+  }
+  Model m = load_model(test::tiny_checkpoint("llama"));
+  ModelInput in;
+  in.input_ids = at::zeros({2, 5}, at::kLong);
+  EXPECT_THROW_WITH(m->lm_loss(in, at::zeros({2, 4}, at::kLong)), "[lm_loss] targets must be (batch, tokens) = [2, 5]");
+  Model classifier = load_model(test::tiny_checkpoint("llama", "sequence_classification"));
+  EXPECT_THROW_WITH(classifier->lm_loss(in, at::zeros({2, 5}, at::kLong)), "has no causal-LM head");
+}
+
+}  // namespace
+}  // namespace mdl
