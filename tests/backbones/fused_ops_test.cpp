@@ -4,6 +4,7 @@
 #include <torch/autograd.h>
 
 #include "backbones/fixtures.h"
+#include "mdl/backbones/functional.h"
 #include "mdl/backbones/fused_ops.h"
 #include "mdl/backbones/model.h"
 #include "mdl/modules/module_set.h"
@@ -43,6 +44,32 @@ TEST(FusedOps, RmsNormMatchesTheComposedOpsInValueAndGradient) {
   EXPECT_THROW_WITH(fn::rms_norm_fused(at::ones({2, 4}), at::ones({3}), 1e-5), "[rms_norm] input has 4 features");
 }
 
+TEST(FusedOps, RopeMatchesTheComposedOpsInValueAndGradient) {
+  at::manual_seed(4);
+  const int64_t B = 2, T = 5, H = 3, D = 8;
+  auto [cos, sin] = fn::rope_tables(at::arange(T, at::kLong).repeat({B, 1}) + 2, D, 10000.0);  // (B, 1, T, D)
+  // x as the model makes it: the transposed view (B, H, T, D) of a projection's (B, T, H, D) output.
+  at::Tensor proj = at::randn({B, T, H * D});
+  at::Tensor dy = at::randn({B, H, T, D});
+  auto a = leaves({proj}), b = leaves({proj});
+  at::Tensor xa = a[0].view({B, T, H, D}).transpose(1, 2), xb = b[0].view({B, T, H, D}).transpose(1, 2);
+  ASSERT_TRUE(fn::rope_fusable(xa, cos, sin));
+  at::Tensor fused = fn::rope_fused(xa, cos, sin);
+  at::Tensor rotated = at::cat({-xb.narrow(-1, D / 2, D / 2), xb.narrow(-1, 0, D / 2)}, -1);
+  at::Tensor composed = xb * cos + rotated * sin;
+  EXPECT_TRUE(at::equal(fused, composed));  // the same operations in the same order
+  EXPECT_TRUE(fused.is_contiguous());
+  fused.backward(dy);
+  composed.backward(dy);
+  EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), 1e-6);
+  EXPECT_TRUE(a[0].grad().is_contiguous());  // laid out as the projection's output: no copy on the way back
+  // Not fusable: float64, or tables of another length; apply_rope then composes at:: ops.
+  EXPECT_FALSE(fn::rope_fusable(xa.to(at::kDouble), cos, sin));
+  EXPECT_FALSE(fn::rope_fusable(xa, cos.narrow(2, 0, T - 1), sin.narrow(2, 0, T - 1)));
+  EXPECT_THROW_WITH(fn::rope_fused(xa.to(at::kDouble), cos, sin), "[rope] fused rotary embeddings need float32");
+  EXPECT_LT(max_diff(fn::apply_rope(xb.detach().to(at::kDouble), cos, sin).to(at::kFloat), composed), 1e-6);
+}
+
 TEST(FusedOps, SwigluMatchesTheComposedOpsInValueAndGradient) {
   for (auto dtype : {at::kFloat, at::kDouble}) {
     const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
@@ -78,7 +105,9 @@ TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {
       (reference * 3).backward();
       EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), tol) << "dhidden";
       EXPECT_LT(max_diff(a[1].grad(), b[1].grad()), tol) << "dweight";
-      if (with_bias) EXPECT_LT(max_diff(a[2].grad(), b[2].grad()), tol) << "dbias";
+      if (with_bias) {
+        EXPECT_LT(max_diff(a[2].grad(), b[2].grad()), tol) << "dbias";
+      }
       EXPECT_EQ(a[0].grad().scalar_type(), dtype);
     }
     // A frozen projection (LoRA training): only dL/dhidden; without grad mode: the loss alone.

@@ -256,6 +256,33 @@ TEST(Trainer, BfloatAutocastLearnsAndResumesBitIdentically) {
     EXPECT_TRUE(at::equal(t, resumed.tensors("lora").at(k))) << k << " differs after a bf16 resume";
 }
 
+// options.gradient_checkpointing reruns the layers in backward: the same trained weights (LoRA dropout
+// included, so the rerun draws the same masks), and the model's own setting is left as it was.
+TEST(Trainer, GradientCheckpointingTrainsTheSameWeights) {
+  Dataset data = animals();
+  auto trained = [&](bool checkpointing) {
+    ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
+    ModuleConfig c;
+    c.lora.r = 4;
+    c.lora.dropout = 0.1;
+    c.targets.target_modules = {"all-linear"};
+    c.seed = 7;
+    set.add("lora", c);
+    TrainOptions o = options(6);
+    o.gradient_checkpointing = checkpointing;
+    Trainer(set, {"lora"}, o).train(data);
+    EXPECT_FALSE(set.model()->gradient_checkpointing());
+    return set.tensors("lora");
+  };
+  const auto plain = trained(false), checkpointed = trained(true);
+  ASSERT_EQ(plain.size(), checkpointed.size());
+  for (const auto& [k, t] : plain) EXPECT_TRUE(at::allclose(t, checkpointed.at(k), 1e-5, 1e-6)) << k;
+  nlohmann::json j = options(6);
+  EXPECT_FALSE(j["gradient_checkpointing"].get<bool>());
+  j["gradient_checkpointing"] = true;
+  EXPECT_TRUE(j.get<TrainOptions>().gradient_checkpointing);
+}
+
 // LoRA, a bottleneck adapter and prefix tuning each learn the task the frozen backbone does not solve.
 class ModuleTypes : public ::testing::TestWithParam<std::string> {};
 

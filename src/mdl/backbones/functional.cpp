@@ -19,6 +19,7 @@ std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  if (rope_fusable(x, cos, sin)) return rope_fused(x, cos, sin);  // one pass; same values
   const int64_t half = x.size(-1) / 2;
   at::Tensor x1 = x.narrow(-1, 0, half);
   at::Tensor x2 = x.narrow(-1, half, half);

@@ -87,6 +87,51 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   }
 };
 
+// ---- Rotary embeddings -------------------------------------------------------------------------------
+
+// y = x c + rot(x) s with rot(x) = (-x2, x1) over the halves of D. Its adjoint (the backward) is
+// dx = dy c + rot^T(dy s) with rot^T(v) = (v2, -v1): the same loop with the rotation's sign flipped.
+// x and y are walked with their own strides (unit stride on D); c and s are (B, 1, T, D) contiguous.
+void rope_loop(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, at::Tensor& y, bool adjoint) {
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  const float *xp = x.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xr = xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        float* yr = yp + b * y.stride(0) + h * y.stride(1) + t * y.stride(2);
+        const float *cr = cp + (b * T + t) * D, *sr = sp + (b * T + t) * D;
+        if (!adjoint) {
+          for (int64_t i = 0; i < half; ++i) yr[i] = xr[i] * cr[i] + (-xr[i + half]) * sr[i];
+          for (int64_t i = half; i < D; ++i) yr[i] = xr[i] * cr[i] + xr[i - half] * sr[i];
+        } else {
+          for (int64_t i = 0; i < half; ++i) yr[i] = xr[i] * cr[i] + xr[i + half] * sr[i + half];
+          for (int64_t i = half; i < D; ++i) yr[i] = xr[i] * cr[i] - xr[i - half] * sr[i - half];
+        }
+      }
+}
+
+struct RopeFn : torch::autograd::Function<RopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
+    at::Tensor y = at::empty(x.sizes(), x.options());  // contiguous (B, H, T, D)
+    rope_loop(x, c, s, y, false);
+    ctx->save_for_backward({c, s});
+    ctx->saved_data["x_strides"] = x.is_non_overlapping_and_dense() ? x.strides().vec() : y.strides().vec();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor dy = grads[0];
+    if (dy.stride(-1) != 1) dy = dy.contiguous();
+    // Laid out as x was (the transposed view of a projection): the view's backward then needs no copy.
+    at::Tensor dx = at::empty_strided(dy.sizes(), ctx->saved_data["x_strides"].toIntVector(), dy.options());
+    rope_loop(dy, saved[0], saved[1], dx, true);
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
 // ---- SwiGLU -------------------------------------------------------------------------------------------
 
 struct SwigluFn : torch::autograd::Function<SwigluFn> {
@@ -147,6 +192,18 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
   MDL_CHECK(x.size(-1) == w.numel(), "[rms_norm] input has ", x.size(-1), " features, the weight ", w.numel());
   return RmsNormFn::apply(x, w, eps);
+}
+
+bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  return x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.stride(3) == 1 &&
+         x.size(3) % 2 == 0 && cpu_float(cos) && cpu_float(sin) && cos.dim() == 4 && cos.size(0) == x.size(0) &&
+         cos.size(1) == 1 && cos.size(2) == x.size(2) && cos.size(3) == x.size(3) && sin.sizes() == cos.sizes();
+}
+
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  MDL_CHECK(rope_fusable(x, cos, sin), "[rope] fused rotary embeddings need float32 CPU x (B, H, T, D) with unit "
+            "stride on D and tables (B, 1, T, D); got x ", x.sizes(), " and tables ", cos.sizes());
+  return RopeFn::apply(x, cos, sin);
 }
 
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {

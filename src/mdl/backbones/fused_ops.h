@@ -15,6 +15,13 @@ namespace mdl::fn {
 /// x and the per-row 1/rms for backward. x (..., C), w (C). Same values as rms_norm in functional.h.
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps);
 
+/// Rotary embeddings x * cos + rotate_half(x) * sin (HF's non-interleaved layout) in one pass each way,
+/// saving nothing but the tables: x (B, H, T, D) with unit stride on D (the transposed view of a
+/// projection is fine), cos and sin (B, 1, T, D) float32. Returns a contiguous (B, H, T, D), which the
+/// attention's matrix products then read without a copy. CPU float32 only (callers check rope_fusable).
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
 /// SwiGLU's gated activation silu(gate) * up, saving only gate and up. Both (..., I), same shape.
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 
