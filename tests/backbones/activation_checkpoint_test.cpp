@@ -7,6 +7,7 @@
 #include "backbones/fixtures.h"
 #include "mdl/backbones/activation_checkpoint.h"
 #include "mdl/backbones/model.h"
+#include "mdl/core/autocast.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_log.h"
@@ -19,13 +20,18 @@ struct Pass {
   std::vector<at::Tensor> grads;  // every parameter that requires grad, in order (zeros where none)
 };
 
-// One backward of a sum of outputs, from the same random state, with or without checkpointing.
-Pass backward_once(ModuleSet& set, const ModelInput& in, bool checkpointing) {
+// One backward of a sum of outputs, from the same random state, with or without checkpointing; the
+// forward under autocast when `precision` is bf16 (backward outside it, as the trainer does).
+Pass backward_once(ModuleSet& set, const ModelInput& in, bool checkpointing, c10::ScalarType precision = at::kFloat) {
   ModelImpl& m = *set.model();
   m.set_gradient_checkpointing(checkpointing);
   m.train();
   at::manual_seed(7);  // LoRA dropout draws the same masks both times
-  at::Tensor out = m.config().head == HeadKind::causal_lm ? m.lm_loss(in, in.input_ids) : m.forward(in).pow(2).mean();
+  at::Tensor out;
+  {
+    AutocastGuard autocast(m.device(), precision);
+    out = m.config().head == HeadKind::causal_lm ? m.lm_loss(in, in.input_ids) : m.forward(in).pow(2).mean();
+  }
   out.backward();
   Pass r;
   r.loss = out.item<double>();
@@ -69,6 +75,9 @@ TEST(ActivationCheckpoint, SameLossAndGradientsAsPlainBackwardInEveryArchitectur
       const std::string what = arch + (frozen_base ? " LoRA only" : " full");
       const Pass plain = backward_once(set, in, false), ckpt = backward_once(set, in, true);
       expect_same(plain, ckpt, what);
+      // Under bf16 autocast the rerun is in bf16 too: the same gradients as a plain bf16 backward.
+      const Pass plain16 = backward_once(set, in, false, at::kBFloat16), ckpt16 = backward_once(set, in, true, at::kBFloat16);
+      expect_same(plain16, ckpt16, what + " bf16");
     }
   }
 }

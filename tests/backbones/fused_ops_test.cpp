@@ -7,6 +7,7 @@
 #include "mdl/backbones/functional.h"
 #include "mdl/backbones/fused_ops.h"
 #include "mdl/backbones/model.h"
+#include "mdl/core/autocast.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -166,7 +167,18 @@ TEST(FusedOps, ModelLmLossEqualsCrossEntropyOfTheLogits) {
   }
   Model m = load_model(test::tiny_checkpoint("llama"));
   ModelInput in;
-  in.input_ids = at::zeros({2, 5}, at::kLong);
+  in.input_ids = at::randint(0, m->config().vocab_size, {2, 5}, at::kLong);
+  // Under bf16 autocast the logits are still float32 inside: close to the float32 loss, and a gradient.
+  const double fp32 = m->lm_loss(in, in.input_ids).item<double>();
+  at::Tensor bf16;
+  {
+    AutocastGuard autocast(m->device(), at::kBFloat16);
+    bf16 = m->lm_loss(in, in.input_ids);
+  }
+  EXPECT_EQ(bf16.scalar_type(), at::kFloat);
+  EXPECT_NEAR(bf16.item<double>(), fp32, 0.05 * fp32);
+  bf16.backward();
+  EXPECT_TRUE(m->token_embeddings().grad().defined());
   EXPECT_THROW_WITH(m->lm_loss(in, at::zeros({2, 4}, at::kLong)), "[lm_loss] targets must be (batch, tokens) = [2, 5]");
   Model classifier = load_model(test::tiny_checkpoint("llama", "sequence_classification"));
   EXPECT_THROW_WITH(classifier->lm_loss(in, at::zeros({2, 5}, at::kLong)), "has no causal-LM head");

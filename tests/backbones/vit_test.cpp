@@ -155,6 +155,25 @@ TEST(ViT, UpcycledEqualsDenseAndRoundTrips) {
   EXPECT_THROW_WITH(upcycle(*moe, o), "already has experts");
 }
 
+// Gradient checkpointing reruns the ViT blocks in backward: the same gradients as keeping them.
+TEST(ViT, GradientCheckpointingGivesTheSameGradients) {
+  Model m = create_model(tiny_vit());
+  m->init_weights(5);
+  m->train();
+  ModelInput in;
+  in.pixel_values = at::randn({3, 3, 8, 8});
+  std::vector<at::Tensor> grads[2];
+  for (bool checkpointing : {false, true}) {
+    m->set_gradient_checkpointing(checkpointing);
+    m->forward(in).pow(2).sum().backward();
+    for (auto& p : m->parameters()) {
+      grads[checkpointing].push_back(p.grad().clone());
+      p.mutable_grad() = at::Tensor();
+    }
+  }
+  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_TRUE(at::allclose(grads[0][i], grads[1][i], 1e-5, 1e-6)) << i;
+}
+
 TEST(ViT, WrongInputsAreClearErrors) {
   test::TempDir tmp;
   Model m = load_model(saved_vit(tmp));

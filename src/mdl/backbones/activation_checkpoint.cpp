@@ -1,12 +1,14 @@
 #include "mdl/backbones/activation_checkpoint.h"
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <optional>
 
+#include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/routing/routing_context.h"
@@ -26,6 +28,7 @@ struct Rerun : torch::CustomClassHolder {
   at::Tensor input_ids;
   std::optional<RoutingContext> routing;
   at::Tensor cpu_rng, device_rng;  // generator states before the first run
+  c10::ScalarType autocast = c10::kFloat;  // the first run's autocast precision (backward runs outside it)
   bool input_requires_grad = false;
 };
 
@@ -53,6 +56,7 @@ struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
     {
       at::AutoGradMode grad_on(true);
       ForwardContextGuard guard(rerun->context);
+      AutocastGuard autocast(x.device(), rerun->autocast);
       y = rerun->layer(leaf);
     }
     cpu.set_state(cpu_now);
@@ -75,6 +79,8 @@ at::Tensor checkpointed(const LayerFn& layer, const at::Tensor& x) {
   rerun->cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
   if (at::Generator dev = device_generator(x); dev.defined()) rerun->device_rng = dev.get_state();
   rerun->input_requires_grad = x.requires_grad();
+  if (x.is_cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled())
+    rerun->autocast = x.is_cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
   // An input that needs no gradient (frozen embeddings under LoRA) still has to lead backward here, or the
   // parameters inside would get none: a detached copy that requires grad does.
   const at::Tensor input = x.requires_grad() ? x : x.detach().requires_grad_(true);

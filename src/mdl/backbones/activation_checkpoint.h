@@ -14,7 +14,8 @@ namespace mdl {
 using LayerFn = std::function<at::Tensor(const at::Tensor&)>;
 
 /// Runs `layer` on x without keeping its intermediates. Backward runs it again with the same random
-/// numbers (dropout) and the same forward context (routing choices and token ids, copied), then
+/// numbers (dropout), the same autocast precision and the same forward context (routing choices and
+/// token ids, copied), then
 /// backpropagates through the rerun, which accumulates the gradients of the parameters used inside and
 /// returns x's. So `layer` must capture by value what it reads besides x and parameters (it runs again
 /// after its caller returned) and may not need the gradient of any other tensor. A router that records

@@ -35,8 +35,8 @@ at::Tensor activation(const at::Tensor& x, const std::string& name);
 /// is wanted and the activation is silu, through fused_ops' swiglu (saves two tensors, not three).
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& name);
 
-/// RMSNorm as Llama computes it: in float32, then scaled by `weight` in the input dtype. When a gradient
-/// is wanted, through fused_ops' rms_norm_fused (same values, fewer saved tensors).
+/// RMSNorm as Llama computes it: in float32, then scaled by `weight` in the input dtype; through
+/// fused_ops' rms_norm_fused (one pass on the CPU, fewer saved tensors in training).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 /// LayerNorm over the last dimension.

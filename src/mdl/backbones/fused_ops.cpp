@@ -1,6 +1,7 @@
 #include "mdl/backbones/fused_ops.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -231,7 +232,9 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
              want_b = grad && bias.defined() && bias.requires_grad();
   if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
 
-  at::NoGradGuard no_grad;  // everything below is computed by hand
+  at::NoGradGuard no_grad;  // everything below is computed by hand, in float32 even under autocast
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
   const at::Tensor h = hidden.detach().to(at::kFloat), w = weight.detach().to(at::kFloat);
   const at::Tensor b = bias.defined() ? bias.detach().to(at::kFloat) : at::Tensor();
   at::Tensor validf = valid.to(at::kFloat), safe = at::where(valid, t, 0);

@@ -95,10 +95,13 @@ bool LoraImpl::low_rank(at::Tensor& a, at::Tensor& b, double& s) const {
 at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
   at::Tensor x = input;
   if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);
-  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad()) {
+  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad() &&
+      !is_training()) {
     // current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s: no separate scale and add passes.
     // Only when no gradient flows back through `current`: addmm's backward there cost a LoRA training
-    // step ~20% (measured: 0.94x -> 0.77-0.83x of full fine-tuning's step time).
+    // step ~20% (measured: 0.94x -> 0.77-0.83x of full fine-tuning's step time). And not in training:
+    // under bf16 autocast addmm rounds once where the path below rounds twice, and a checkpointed layer
+    // (first run without a gradient, rerun with one) must compute the same values both times.
     const int64_t out = B.size(0);
     at::Tensor xa = at::linear(x, A).reshape({-1, A.size(0)});  // (N, r)
     return at::addmm(current.reshape({-1, out}), xa, B.t(), 1.0, scaling).view(current.sizes());
