@@ -90,8 +90,8 @@ ChildResult run_child(const std::string& name, const Settings& settings) {
   ChildResult r;
   const size_t at = out.find("CHILD ");
   if (status != 0 || at == std::string::npos) throw std::runtime_error("child " + name + " failed: " + out);
-  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss, &r.peak_tensor,
-              &r.baseline_tensor);
+  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss,
+              &r.peak_tensor, &r.baseline_tensor);
   return r;
 }
 

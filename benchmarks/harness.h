@@ -57,7 +57,7 @@ struct ChildResult {
   double seconds = 0;     ///< what the child's function returned
   long peak_rss = 0;      ///< the child's peak resident memory (bytes)
   long baseline_rss = 0;  ///< its resident memory when the function called mark_baseline()
-  long peak_tensor = 0;   ///< the most bytes live tensors held after mark_baseline() (torch's max_memory_allocated)
+  long peak_tensor = 0;   ///< most bytes live tensors held since mark_baseline() (max_memory_allocated)
   long baseline_tensor = 0;  ///< bytes live tensors held at mark_baseline() (the loaded model)
 };
 

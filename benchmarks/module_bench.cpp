@@ -129,17 +129,21 @@ void train_compare(const Settings& s, Report& r) {
     const std::string how = checkpointing ? ", gradient checkpointing" : "";
     std::snprintf(note, sizeof(note), "%.3fx full fine-tuning time%s", lora.seconds / full.seconds,
                   checkpointing ? "" : " (target <= 0.75x)");
-    r.add({"lora", "train step llama-small, LoRA r=16 all-linear" + how, tokens / lora.seconds, "tokens/s", note});
-    r.add({"lora", "train step llama-small, full fine-tuning" + how, tokens / full.seconds, "tokens/s", "baseline"});
+    r.add({"lora", "train step llama-small, LoRA r=16 all-linear" + how, tokens / lora.seconds, "tokens/s",
+           note});
+    r.add({"lora", "train step llama-small, full fine-tuning" + how, tokens / full.seconds, "tokens/s",
+           "baseline"});
     // Tensor memory is what the step needs (torch's max_memory_allocated): weights, gradients, optimiser
     // state, activations. The process's peak adds libtorch's ~180 MB and the allocator's cache.
     std::snprintf(note, sizeof(note), "%.3fx full fine-tuning%s", double(lora.peak_tensor) / full.peak_tensor,
                   checkpointing ? " (target <= 0.5x)" : "");
     r.add({"lora", "train peak tensor memory, LoRA" + how, lora.peak_tensor / mb, "MiB", note});
-    r.add({"lora", "train peak tensor memory, full fine-tuning" + how, full.peak_tensor / mb, "MiB", "baseline"});
+    r.add({"lora", "train peak tensor memory, full fine-tuning" + how, full.peak_tensor / mb, "MiB",
+           "baseline"});
     std::snprintf(note, sizeof(note), "%.3fx full fine-tuning", double(lora.peak_rss) / full.peak_rss);
     r.add({"lora", "train peak memory (process), LoRA" + how, lora.peak_rss / mb, "MiB", note});
-    r.add({"lora", "train peak memory (process), full fine-tuning" + how, full.peak_rss / mb, "MiB", "baseline"});
+    r.add({"lora", "train peak memory (process), full fine-tuning" + how, full.peak_rss / mb, "MiB",
+           "baseline"});
   }
 }
 

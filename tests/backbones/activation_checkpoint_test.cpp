@@ -1,11 +1,12 @@
 // Gradient checkpointing: the same loss and the same gradient for every parameter as a plain backward,
 // in each architecture, with LoRA dropout (random numbers replayed), a frozen base (LoRA training) and
 // a trainable one; routers that log an auxiliary loss are refused.
+#include "mdl/backbones/activation_checkpoint.h"
+
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
 #include "backbones/fixtures.h"
-#include "mdl/backbones/activation_checkpoint.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/autocast.h"
 #include "mdl/core/forward_context.h"
@@ -22,7 +23,8 @@ struct Pass {
 
 // One backward of a sum of outputs, from the same random state, with or without checkpointing; the
 // forward under autocast when `precision` is bf16 (backward outside it, as the trainer does).
-Pass backward_once(ModuleSet& set, const ModelInput& in, bool checkpointing, c10::ScalarType precision = at::kFloat) {
+Pass backward_once(ModuleSet& set, const ModelInput& in, bool checkpointing,
+                   c10::ScalarType precision = at::kFloat) {
   ModelImpl& m = *set.model();
   m.set_gradient_checkpointing(checkpointing);
   m.train();
@@ -76,7 +78,8 @@ TEST(ActivationCheckpoint, SameLossAndGradientsAsPlainBackwardInEveryArchitectur
       const Pass plain = backward_once(set, in, false), ckpt = backward_once(set, in, true);
       expect_same(plain, ckpt, what);
       // Under bf16 autocast the rerun is in bf16 too: the same gradients as a plain bf16 backward.
-      const Pass plain16 = backward_once(set, in, false, at::kBFloat16), ckpt16 = backward_once(set, in, true, at::kBFloat16);
+      const Pass plain16 = backward_once(set, in, false, at::kBFloat16),
+                 ckpt16 = backward_once(set, in, true, at::kBFloat16);
       expect_same(plain16, ckpt16, what + " bf16");
     }
   }

@@ -1,11 +1,12 @@
 // Fused training ops: values and gradients equal the at:: compositions they replace, on the CPU loops
 // (float32) and on the generic path (float64, what other devices take); the LM loss through the model.
+#include "mdl/backbones/fused_ops.h"
+
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
 #include "backbones/fixtures.h"
 #include "mdl/backbones/functional.h"
-#include "mdl/backbones/fused_ops.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/autocast.h"
 #include "mdl/modules/module_set.h"
@@ -13,7 +14,9 @@
 namespace mdl {
 namespace {
 
-double max_diff(const at::Tensor& a, const at::Tensor& b) { return (a - b).abs().max().item<double>(); }
+double max_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
 
 // Leaf copies of `ts` that require grad.
 std::vector<at::Tensor> leaves(const std::vector<at::Tensor>& ts) {
@@ -24,9 +27,10 @@ std::vector<at::Tensor> leaves(const std::vector<at::Tensor>& ts) {
 
 TEST(FusedOps, RmsNormMatchesTheComposedOpsInValueAndGradient) {
   for (auto dtype : {at::kFloat, at::kDouble}) {  // the CPU loop, then the generic path
-    const double tol = 2e-5;  // both compute in float32, as Llama does
+    const double tol = 2e-5;                      // both compute in float32, as Llama does
     at::manual_seed(1);
-    at::Tensor x0 = at::randn({3, 5, 13}, dtype), w0 = at::randn({13}, dtype), dy = at::randn({3, 5, 13}, dtype);
+    at::Tensor x0 = at::randn({3, 5, 13}, dtype), w0 = at::randn({13}, dtype),
+               dy = at::randn({3, 5, 13}, dtype);
     auto a = leaves({x0, w0}), b = leaves({x0, w0});
     at::Tensor fused = fn::rms_norm_fused(a[0], a[1], 1e-5);
     at::Tensor xf = b[0].to(at::kFloat);
@@ -42,7 +46,8 @@ TEST(FusedOps, RmsNormMatchesTheComposedOpsInValueAndGradient) {
     EXPECT_LT(max_diff(x.grad(), b[0].grad()), tol);
     EXPECT_FALSE(w.grad().defined());
   }
-  EXPECT_THROW_WITH(fn::rms_norm_fused(at::ones({2, 4}), at::ones({3}), 1e-5), "[rms_norm] input has 4 features");
+  EXPECT_THROW_WITH(fn::rms_norm_fused(at::ones({2, 4}), at::ones({3}), 1e-5),
+                    "[rms_norm] input has 4 features");
 }
 
 TEST(FusedOps, RopeMatchesTheComposedOpsInValueAndGradient) {
@@ -67,7 +72,8 @@ TEST(FusedOps, RopeMatchesTheComposedOpsInValueAndGradient) {
   // Not fusable: float64, or tables of another length; apply_rope then composes at:: ops.
   EXPECT_FALSE(fn::rope_fusable(xa.to(at::kDouble), cos, sin));
   EXPECT_FALSE(fn::rope_fusable(xa, cos.narrow(2, 0, T - 1), sin.narrow(2, 0, T - 1)));
-  EXPECT_THROW_WITH(fn::rope_fused(xa.to(at::kDouble), cos, sin), "[rope] fused rotary embeddings need float32");
+  EXPECT_THROW_WITH(fn::rope_fused(xa.to(at::kDouble), cos, sin),
+                    "[rope] fused rotary embeddings need float32");
   EXPECT_LT(max_diff(fn::apply_rope(xb.detach().to(at::kDouble), cos, sin).to(at::kFloat), composed), 1e-6);
 }
 
@@ -75,7 +81,8 @@ TEST(FusedOps, SwigluMatchesTheComposedOpsInValueAndGradient) {
   for (auto dtype : {at::kFloat, at::kDouble}) {
     const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
     at::manual_seed(2);
-    at::Tensor g0 = at::randn({4, 7, 9}, dtype) * 3, u0 = at::randn({4, 7, 9}, dtype), dy = at::randn({4, 7, 9}, dtype);
+    at::Tensor g0 = at::randn({4, 7, 9}, dtype) * 3, u0 = at::randn({4, 7, 9}, dtype),
+               dy = at::randn({4, 7, 9}, dtype);
     auto a = leaves({g0, u0}), b = leaves({g0, u0});
     at::Tensor fused = fn::swiglu(a[0], a[1]), composed = at::silu(b[0]) * b[1];
     EXPECT_LT(max_diff(fused, composed), tol);
@@ -84,7 +91,8 @@ TEST(FusedOps, SwigluMatchesTheComposedOpsInValueAndGradient) {
     EXPECT_LT(max_diff(a[0].grad(), b[0].grad()), tol) << "d gate " << dtype;
     EXPECT_LT(max_diff(a[1].grad(), b[1].grad()), tol) << "d up " << dtype;
   }
-  EXPECT_THROW_WITH(fn::swiglu(at::ones({2, 4}), at::ones({2, 5})), "[swiglu] gate [2, 4] and up [2, 5] differ");
+  EXPECT_THROW_WITH(fn::swiglu(at::ones({2, 4}), at::ones({2, 5})),
+                    "[swiglu] gate [2, 4] and up [2, 5] differ");
 }
 
 TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {
@@ -99,8 +107,8 @@ TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {
       auto a = leaves({h0, w0, b0}), b = leaves({h0, w0, b0});
       // Chunks of 8 rows: several chunks and a short last one.
       at::Tensor fused = fn::linear_cross_entropy(a[0], a[1], with_bias ? a[2] : at::Tensor(), t, -100, 8);
-      at::Tensor reference =
-          at::cross_entropy_loss(at::linear(b[0], b[1], with_bias ? b[2] : at::Tensor()), t, {}, at::Reduction::Mean, -100);
+      at::Tensor reference = at::cross_entropy_loss(at::linear(b[0], b[1], with_bias ? b[2] : at::Tensor()),
+                                                    t, {}, at::Reduction::Mean, -100);
       EXPECT_LT(std::abs(fused.item<double>() - reference.item<double>()), tol);
       (fused * 3).backward();  // the loss's own gradient scales what the forward computed
       (reference * 3).backward();
@@ -118,14 +126,17 @@ TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {
     EXPECT_FALSE(w0.grad().defined());
     torch::NoGradGuard no_grad;
     const double plain = fn::linear_cross_entropy(h0, w0, {}, t).item<double>();
-    EXPECT_NEAR(plain, at::cross_entropy_loss(at::linear(h0, w0), t, {}, at::Reduction::Mean, -100).item<double>(), tol);
+    EXPECT_NEAR(plain,
+                at::cross_entropy_loss(at::linear(h0, w0), t, {}, at::Reduction::Mean, -100).item<double>(),
+                tol);
   }
   at::Tensor h = at::randn({4, 3}), w = at::randn({6, 3});
-  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::tensor({0, 1, 6, 2})), "[lm_loss] targets must be in [0, 6)",
-                    "found 6");
+  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::tensor({0, 1, 6, 2})),
+                    "[lm_loss] targets must be in [0, 6)", "found 6");
   EXPECT_THROW_WITH(fn::linear_cross_entropy(h, at::randn({6, 5}), {}, at::zeros({4}, at::kLong)),
                     "[lm_loss] hidden (N, C) = [4, 3] and weight (V, C) = [6, 5] do not fit");
-  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::zeros({5}, at::kLong)), "targets must be (N) = (4)");
+  EXPECT_THROW_WITH(fn::linear_cross_entropy(h, w, {}, at::zeros({5}, at::kLong)),
+                    "targets must be (N) = (4)");
 }
 
 // The model's LM loss equals cross-entropy of its logits, in value and in every parameter's gradient,
@@ -137,7 +148,8 @@ TEST(FusedOps, ModelLmLossEqualsCrossEntropyOfTheLogits) {
     ModuleConfig c;
     c.lora.r = 4;
     c.lora.init = "random";
-    c.targets.target_modules = lora_at_head ? std::vector<std::string>{"q_proj", "lm_head"} : std::vector<std::string>{"q_proj"};
+    c.targets.target_modules =
+        lora_at_head ? std::vector<std::string>{"q_proj", "lm_head"} : std::vector<std::string>{"q_proj"};
     set.add("lora", c);
     m->train();
     ModelInput in;
@@ -156,8 +168,8 @@ TEST(FusedOps, ModelLmLossEqualsCrossEntropyOfTheLogits) {
     fused.backward();
     auto g1 = grads();
     at::Tensor logits = m->forward(in);
-    at::Tensor reference = at::cross_entropy_loss(logits.reshape({-1, logits.size(2)}), targets.reshape({-1}), {},
-                                                  at::Reduction::Mean, -100);
+    at::Tensor reference = at::cross_entropy_loss(logits.reshape({-1, logits.size(2)}), targets.reshape({-1}),
+                                                  {}, at::Reduction::Mean, -100);
     reference.backward();
     auto g2 = grads();
     EXPECT_NEAR(fused.item<double>(), reference.item<double>(), 1e-5) << "lora at head " << lora_at_head;
@@ -179,7 +191,8 @@ TEST(FusedOps, ModelLmLossEqualsCrossEntropyOfTheLogits) {
   EXPECT_NEAR(bf16.item<double>(), fp32, 0.05 * fp32);
   bf16.backward();
   EXPECT_TRUE(m->token_embeddings().grad().defined());
-  EXPECT_THROW_WITH(m->lm_loss(in, at::zeros({2, 4}, at::kLong)), "[lm_loss] targets must be (batch, tokens) = [2, 5]");
+  EXPECT_THROW_WITH(m->lm_loss(in, at::zeros({2, 4}, at::kLong)),
+                    "[lm_loss] targets must be (batch, tokens) = [2, 5]");
   Model classifier = load_model(test::tiny_checkpoint("llama", "sequence_classification"));
   EXPECT_THROW_WITH(classifier->lm_loss(in, at::zeros({2, 5}, at::kLong)), "has no causal-LM head");
 }

@@ -171,7 +171,8 @@ TEST(ViT, GradientCheckpointingGivesTheSameGradients) {
       p.mutable_grad() = at::Tensor();
     }
   }
-  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_TRUE(at::allclose(grads[0][i], grads[1][i], 1e-5, 1e-6)) << i;
+  for (size_t i = 0; i < grads[0].size(); ++i)
+    EXPECT_TRUE(at::allclose(grads[0][i], grads[1][i], 1e-5, 1e-6)) << i;
 }
 
 TEST(ViT, WrongInputsAreClearErrors) {

@@ -32,11 +32,12 @@ Dataset animals() {
   return load_jsonl(tmp / "animals.jsonl", Tokenizer::from_file(dir), DatasetOptions());
 }
 
-ModuleSet lora_model() {
+ModuleSet lora_model(double dropout = 0.0) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
   ModuleConfig c;
   c.lora.r = 8;
   c.lora.alpha = 16;
+  c.lora.dropout = dropout;
   c.targets.target_modules = {"all-linear"};
   c.seed = 7;
   set.add("lora", c);
@@ -261,13 +262,7 @@ TEST(Trainer, BfloatAutocastLearnsAndResumesBitIdentically) {
 TEST(Trainer, GradientCheckpointingTrainsTheSameWeights) {
   Dataset data = animals();
   auto trained = [&](bool checkpointing) {
-    ModuleSet set(load_model(test::tiny_checkpoint("llama", "sequence_classification")));
-    ModuleConfig c;
-    c.lora.r = 4;
-    c.lora.dropout = 0.1;
-    c.targets.target_modules = {"all-linear"};
-    c.seed = 7;
-    set.add("lora", c);
+    ModuleSet set = lora_model(0.1);
     TrainOptions o = options(6);
     o.gradient_checkpointing = checkpointing;
     Trainer(set, {"lora"}, o).train(data);

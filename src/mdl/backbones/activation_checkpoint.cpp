@@ -27,7 +27,7 @@ struct Rerun : torch::CustomClassHolder {
   ForwardContext context;
   at::Tensor input_ids;
   std::optional<RoutingContext> routing;
-  at::Tensor cpu_rng, device_rng;  // generator states before the first run
+  at::Tensor cpu_rng, device_rng;          // generator states before the first run
   c10::ScalarType autocast = c10::kFloat;  // the first run's autocast precision (backward runs outside it)
   bool input_requires_grad = false;
 };
@@ -37,7 +37,8 @@ at::Generator device_generator(const at::Tensor& x) {
 }
 
 struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const c10::intrusive_ptr<Rerun>& rerun) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
+                            const c10::intrusive_ptr<Rerun>& rerun) {
     ctx->save_for_backward({x});
     ctx->saved_data["rerun"] = c10::IValue::make_capsule(rerun);
     return rerun->layer(x);  // grad mode is off here: nothing is kept
@@ -80,14 +81,16 @@ at::Tensor checkpointed(const LayerFn& layer, const at::Tensor& x) {
   if (at::Generator dev = device_generator(x); dev.defined()) rerun->device_rng = dev.get_state();
   rerun->input_requires_grad = x.requires_grad();
   if (x.is_cuda() ? at::autocast::is_enabled() : at::autocast::is_cpu_enabled())
-    rerun->autocast = x.is_cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
+    rerun->autocast =
+        x.is_cuda() ? at::autocast::get_autocast_gpu_dtype() : at::autocast::get_autocast_cpu_dtype();
   // An input that needs no gradient (frozen embeddings under LoRA) still has to lead backward here, or the
   // parameters inside would get none: a detached copy that requires grad does.
   const at::Tensor input = x.requires_grad() ? x : x.detach().requires_grad_(true);
   const size_t logged = now.routing_log ? now.routing_log->stats().size() : 0;
   at::Tensor y = CheckpointFn::apply(input, rerun);
   MDL_CHECK(!now.routing_log || now.routing_log->stats().size() == logged, "[checkpointing] a router at '",
-            now.routing_log->stats().back().site, "' records an auxiliary loss, which would get no gradient under "
+            now.routing_log->stats().back().site,
+            "' records an auxiliary loss, which would get no gradient under "
             "gradient checkpointing; train this model without it");
   return y;
 }

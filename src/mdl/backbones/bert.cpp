@@ -71,17 +71,20 @@ class BertImpl : public ModelImpl {
       bias = fn::attention_bias(in.attention_mask, B, T, 0, false, 0, x.scalar_type(), x.device());
     for (auto& layer : layers_) {
       Layer* L = &layer;
-      x = run_layer([this, L, bias, B, T, C, H, D](const at::Tensor& block_input) {
-        at::Tensor q = L->query(block_input).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
-        at::Tensor k = L->key(block_input).view({B, T, H, D}).transpose(1, 2);
-        at::Tensor v = L->value(block_input).view({B, T, H, D}).transpose(1, 2);
-        at::Tensor layer_bias = bias;
-        apply_kv_site(*L->kv_site, k, v, layer_bias);
-        at::Tensor ctx = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
-        at::Tensor h = L->attn_norm(block_input + L->attn_site->apply(block_input, L->attn_dense(ctx)));
-        h = L->out_norm(h + L->mlp_site->apply(h, L->out_dense(fn::activation(L->inter(h), config_.activation))));
-        return L->out->apply(block_input, h);
-      }, x, false);
+      x = run_layer(
+          [this, L, bias, B, T, C, H, D](const at::Tensor& block_input) {
+            at::Tensor q = L->query(block_input).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
+            at::Tensor k = L->key(block_input).view({B, T, H, D}).transpose(1, 2);
+            at::Tensor v = L->value(block_input).view({B, T, H, D}).transpose(1, 2);
+            at::Tensor layer_bias = bias;
+            apply_kv_site(*L->kv_site, k, v, layer_bias);
+            at::Tensor ctx = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
+            at::Tensor h = L->attn_norm(block_input + L->attn_site->apply(block_input, L->attn_dense(ctx)));
+            h = L->out_norm(
+                h + L->mlp_site->apply(h, L->out_dense(fn::activation(L->inter(h), config_.activation))));
+            return L->out->apply(block_input, h);
+          },
+          x, false);
     }
     return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;
   }

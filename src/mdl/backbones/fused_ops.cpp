@@ -17,7 +17,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // True where the hand-written loops apply: float32, contiguous, on the CPU.
-bool cpu_float(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(); }
+bool cpu_float(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous();
+}
 
 // ---- RMSNorm ------------------------------------------------------------------------------------------
 
@@ -114,7 +116,8 @@ void rope_loop(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, at
 }
 
 struct RopeFn : torch::autograd::Function<RopeFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& c, const at::Tensor& s) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& c,
+                            const at::Tensor& s) {
     at::Tensor y = at::empty(x.sizes(), x.options());  // contiguous (B, H, T, D)
     rope_loop(x, c, s, y, false);
     ctx->save_for_backward({c, s});
@@ -191,19 +194,23 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
 }  // namespace
 
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
-  MDL_CHECK(x.size(-1) == w.numel(), "[rms_norm] input has ", x.size(-1), " features, the weight ", w.numel());
+  MDL_CHECK(x.size(-1) == w.numel(), "[rms_norm] input has ", x.size(-1), " features, the weight ",
+            w.numel());
   return RmsNormFn::apply(x, w, eps);
 }
 
 bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   return x.dim() == 4 && x.device().is_cpu() && x.scalar_type() == at::kFloat && x.stride(3) == 1 &&
-         x.size(3) % 2 == 0 && cpu_float(cos) && cpu_float(sin) && cos.dim() == 4 && cos.size(0) == x.size(0) &&
-         cos.size(1) == 1 && cos.size(2) == x.size(2) && cos.size(3) == x.size(3) && sin.sizes() == cos.sizes();
+         x.size(3) % 2 == 0 && cpu_float(cos) && cpu_float(sin) && cos.dim() == 4 &&
+         cos.size(0) == x.size(0) && cos.size(1) == 1 && cos.size(2) == x.size(2) &&
+         cos.size(3) == x.size(3) && sin.sizes() == cos.sizes();
 }
 
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  MDL_CHECK(rope_fusable(x, cos, sin), "[rope] fused rotary embeddings need float32 CPU x (B, H, T, D) with unit "
-            "stride on D and tables (B, 1, T, D); got x ", x.sizes(), " and tables ", cos.sizes());
+  MDL_CHECK(rope_fusable(x, cos, sin),
+            "[rope] fused rotary embeddings need float32 CPU x (B, H, T, D) with unit "
+            "stride on D and tables (B, 1, T, D); got x ",
+            x.sizes(), " and tables ", cos.sizes());
   return RopeFn::apply(x, cos, sin);
 }
 
@@ -214,15 +221,17 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
 
 at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
                                 const at::Tensor& targets, int64_t ignore_index, int64_t chunk_rows) {
-  MDL_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1), "[lm_loss] hidden (N, C) = ",
-            hidden.sizes(), " and weight (V, C) = ", weight.sizes(), " do not fit");
+  MDL_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+            "[lm_loss] hidden (N, C) = ", hidden.sizes(), " and weight (V, C) = ", weight.sizes(),
+            " do not fit");
   MDL_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0), "[lm_loss] targets must be (N) = (",
             hidden.size(0), "), got ", targets.sizes());
   const int64_t N = hidden.size(0), V = weight.size(0);
   at::Tensor t = targets.to(hidden.device(), at::kLong);
-  at::Tensor valid = t != ignore_index;  // (N)
+  const at::Tensor valid = t != ignore_index;      // (N)
+  const at::Tensor safe = at::where(valid, t, 0);  // (N) ignored rows read class 0, then count for nothing
   if (N > 0) {
-    const int64_t lo = at::where(valid, t, 0).min().item<int64_t>(), hi = at::where(valid, t, 0).max().item<int64_t>();
+    const int64_t lo = safe.min().item<int64_t>(), hi = safe.max().item<int64_t>();
     MDL_CHECK(lo >= 0 && hi < V, "[lm_loss] targets must be in [0, ", V, ") or ", ignore_index, ", found ",
               lo < 0 ? lo : hi);
   }
@@ -230,23 +239,24 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
                                                    (bias.defined() && bias.requires_grad()));
   const bool want_h = grad && hidden.requires_grad(), want_w = grad && weight.requires_grad(),
              want_b = grad && bias.defined() && bias.requires_grad();
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
+  if (chunk_rows <= 0)
+    chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
 
   at::NoGradGuard no_grad;  // everything below is computed by hand, in float32 even under autocast
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
   const at::Tensor h = hidden.detach().to(at::kFloat), w = weight.detach().to(at::kFloat);
   const at::Tensor b = bias.defined() ? bias.detach().to(at::kFloat) : at::Tensor();
-  at::Tensor validf = valid.to(at::kFloat), safe = at::where(valid, t, 0);
+  const at::Tensor validf = valid.to(at::kFloat);
   at::Tensor loss = at::zeros({}, h.options());
   at::Tensor dh = want_h ? at::empty_like(h) : at::Tensor();
   at::Tensor dw = want_w ? at::zeros_like(w) : at::Tensor();
   at::Tensor db = want_b ? at::zeros_like(b) : at::Tensor();
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, N - r0);
-    at::Tensor hc = h.narrow(0, r0, n);                                       // (n, C)
+    at::Tensor hc = h.narrow(0, r0, n);                                             // (n, C)
     at::Tensor logits = b.defined() ? at::addmm(b, hc, w.t()) : at::mm(hc, w.t());  // (n, V)
-    at::Tensor lse = at::logsumexp(logits, 1);                                 // (n)
+    at::Tensor lse = at::logsumexp(logits, 1);                                      // (n)
     at::Tensor tc = safe.narrow(0, r0, n).unsqueeze(1), vc = validf.narrow(0, r0, n);
     loss.add_(((lse - logits.gather(1, tc).squeeze(1)) * vc).sum());
     if (!grad) continue;
@@ -269,7 +279,8 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   };
   dh = finish(dh, hidden), dw = finish(dw, weight), db = bias.defined() ? finish(db, bias) : db;
   at::AutoGradMode enable(true);
-  const c10::optional<at::Tensor> maybe_bias = bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
+  const c10::optional<at::Tensor> maybe_bias =
+      bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
   return LinearCrossEntropyFn::apply(hidden, weight, maybe_bias, loss, std::vector<at::Tensor>{dh, dw, db});
 }
 

@@ -31,6 +31,7 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 /// chunk by chunk during the forward pass (the loss is a scalar, so backward only scales it), keeping
 /// dL/dhidden (N, C) and dL/dweight (V, C) instead of three (N, V) tensors. Logits in float32.
 at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
-                                const at::Tensor& targets, int64_t ignore_index = -100, int64_t chunk_rows = 0);
+                                const at::Tensor& targets, int64_t ignore_index = -100,
+                                int64_t chunk_rows = 0);
 
 }  // namespace mdl::fn

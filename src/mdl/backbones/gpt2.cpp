@@ -62,22 +62,24 @@ class Gpt2Impl : public ModelImpl {
     KVCache* cache = in.cache;
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer* L = &layers_[l];
-      x = run_layer([this, L, l, cache, bias, B, T, C, H, D](const at::Tensor& block_input) {
-        at::Tensor a = L->ln_1(block_input);
-        at::Tensor qkv = L->c_attn(a);  // (B, T, 3C)
-        auto parts = qkv.split(C, -1);
-        at::Tensor q = parts[0].view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
-        at::Tensor k = parts[1].view({B, T, H, D}).transpose(1, 2);
-        at::Tensor v = parts[2].view({B, T, H, D}).transpose(1, 2);
-        if (cache) std::tie(k, v) = cache->append(static_cast<int>(l), k, v);
-        at::Tensor layer_bias = bias;
-        apply_kv_site(*L->kv_site, k, v, layer_bias);
-        at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
-        at::Tensor h = block_input + L->attn_site->apply(a, L->attn_proj(o));
-        at::Tensor m = L->ln_2(h);
-        h = h + L->mlp_site->apply(m, L->mlp_proj(fn::activation(L->c_fc(m), config_.activation)));
-        return L->out->apply(block_input, h);
-      }, x, cache != nullptr);
+      x = run_layer(
+          [this, L, l, cache, bias, B, T, C, H, D](const at::Tensor& block_input) {
+            at::Tensor a = L->ln_1(block_input);
+            at::Tensor qkv = L->c_attn(a);  // (B, T, 3C)
+            auto parts = qkv.split(C, -1);
+            at::Tensor q = parts[0].view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
+            at::Tensor k = parts[1].view({B, T, H, D}).transpose(1, 2);
+            at::Tensor v = parts[2].view({B, T, H, D}).transpose(1, 2);
+            if (cache) std::tie(k, v) = cache->append(static_cast<int>(l), k, v);
+            at::Tensor layer_bias = bias;
+            apply_kv_site(*L->kv_site, k, v, layer_bias);
+            at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, C});
+            at::Tensor h = block_input + L->attn_site->apply(a, L->attn_proj(o));
+            at::Tensor m = L->ln_2(h);
+            h = h + L->mlp_site->apply(m, L->mlp_proj(fn::activation(L->c_fc(m), config_.activation)));
+            return L->out->apply(block_input, h);
+          },
+          x, cache != nullptr);
     }
     x = ln_f_(x);
     return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;

@@ -85,24 +85,29 @@ class LlamaImpl : public ModelImpl {
     KVCache* cache = in.cache;
     for (size_t l = 0; l < layers_.size(); ++l) {
       Layer* L = &layers_[l];
-      x = run_layer([this, L, l, cache, cos = cos, sin = sin, bias, B, T, H, Hkv, D](const at::Tensor& block_input) {
-        at::Tensor a = L->input_norm(block_input);
-        at::Tensor q = L->q(a).view({B, T, H, D}).transpose(1, 2);    // (B, H, T, D)
-        at::Tensor k = L->k(a).view({B, T, Hkv, D}).transpose(1, 2);  // (B, Hkv, T, D)
-        at::Tensor v = L->v(a).view({B, T, Hkv, D}).transpose(1, 2);
-        q = fn::apply_rope(q, cos, sin);
-        k = fn::apply_rope(k, cos, sin);
-        if (cache) std::tie(k, v) = cache->append(static_cast<int>(l), k, v);
-        at::Tensor layer_bias = bias;
-        apply_kv_site(*L->kv_site, k, v, layer_bias);
-        at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, H * D});
-        at::Tensor h = block_input + L->attn_site->apply(a, L->o(o));
-        at::Tensor m = L->post_norm(h);
-        h = h + L->mlp_site->apply(m, L->experts.empty() ? L->down(fn::gated_activation(L->gate(m), L->up(m),
-                                                                                       config_.activation))
-                                                         : mixture_mlp(*L, m));
-        return L->out->apply(block_input, h);
-      }, x, cache != nullptr);
+      // Everything by value: a checkpointed layer runs again in backward. (C++17 captures the structured
+      // bindings cos and sin only through init-captures.)
+      x = run_layer(
+          [this, L, l, cache, cos = cos, sin = sin, bias, B, T, H, Hkv, D](const at::Tensor& block_input) {
+            at::Tensor a = L->input_norm(block_input);
+            at::Tensor q = L->q(a).view({B, T, H, D}).transpose(1, 2);    // (B, H, T, D)
+            at::Tensor k = L->k(a).view({B, T, Hkv, D}).transpose(1, 2);  // (B, Hkv, T, D)
+            at::Tensor v = L->v(a).view({B, T, Hkv, D}).transpose(1, 2);
+            q = fn::apply_rope(q, cos, sin);
+            k = fn::apply_rope(k, cos, sin);
+            if (cache) std::tie(k, v) = cache->append(static_cast<int>(l), k, v);
+            at::Tensor layer_bias = bias;
+            apply_kv_site(*L->kv_site, k, v, layer_bias);
+            at::Tensor o = fn::attention(q, k, v, layer_bias).transpose(1, 2).reshape({B, T, H * D});
+            at::Tensor h = block_input + L->attn_site->apply(a, L->o(o));
+            at::Tensor m = L->post_norm(h);
+            at::Tensor mlp = L->experts.empty()
+                                 ? L->down(fn::gated_activation(L->gate(m), L->up(m), config_.activation))
+                                 : mixture_mlp(*L, m);
+            h = h + L->mlp_site->apply(m, mlp);
+            return L->out->apply(block_input, h);
+          },
+          x, cache != nullptr);
     }
     x = norm_(x);
     return n_virtual > 0 ? x.narrow(1, n_virtual, T - n_virtual) : x;

@@ -218,24 +218,27 @@ at::Tensor ModelImpl::encode(const ModelInput& in) {
   return hidden_states(in);
 }
 
-at::Tensor ModelImpl::run_layer(const std::function<at::Tensor(const at::Tensor&)>& layer, const at::Tensor& x,
-                                bool cached) const {
-  if (checkpoint_layers_ && is_training() && at::GradMode::is_enabled() && !cached) return checkpointed(layer, x);
+at::Tensor ModelImpl::run_layer(const std::function<at::Tensor(const at::Tensor&)>& layer,
+                                const at::Tensor& x, bool cached) const {
+  if (checkpoint_layers_ && is_training() && at::GradMode::is_enabled() && !cached)
+    return checkpointed(layer, x);
   return layer(x);
 }
 
 at::Tensor ModelImpl::lm_loss(const ModelInput& in, const at::Tensor& targets, int64_t ignore_index) {
   MDL_CHECK(config_.head == HeadKind::causal_lm, "[lm_loss] this ", config_.architecture,
             " has no causal-LM head; lm_loss scores next tokens (train classifiers through forward)");
-  MDL_CHECK(targets.dim() == 2 && targets.size(0) == in.input_ids.size(0) && targets.size(1) == in.input_ids.size(1),
-            "[lm_loss] targets must be (batch, tokens) = ", in.input_ids.sizes(), " like input_ids, got ", targets.sizes());
+  MDL_CHECK(targets.dim() == 2 && targets.size(0) == in.input_ids.size(0) &&
+                targets.size(1) == in.input_ids.size(1),
+            "[lm_loss] targets must be (batch, tokens) = ", in.input_ids.sizes(), " like input_ids, got ",
+            targets.sizes());
   const ForwardContext context = context_of(in, config_.is_decoder());
   ForwardContextGuard guard(context);
   const at::Tensor hidden = hidden_states(in);  // (B, T, C)
   const at::Tensor flat_targets = targets.reshape({-1}).to(hidden.device());
   if (lm_head_->site()->empty())
-    return fn::linear_cross_entropy(hidden.reshape({-1, hidden.size(2)}), lm_head_->weight, lm_head_->bias, flat_targets,
-                                    ignore_index);
+    return fn::linear_cross_entropy(hidden.reshape({-1, hidden.size(2)}), lm_head_->weight, lm_head_->bias,
+                                    flat_targets, ignore_index);
   const at::Tensor logits = lm_head_(hidden);  // (B, T, V): a module at lm_head needs them whole
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(2)}).to(at::kFloat), flat_targets, {},
                                 at::Reduction::Mean, ignore_index);

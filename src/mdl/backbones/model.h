@@ -165,7 +165,7 @@ class ModelImpl : public torch::nn::Module {
   std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
   std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};
-  bool checkpoint_layers_ = false;               ///< gradient checkpointing (set_gradient_checkpointing)
+  bool checkpoint_layers_ = false;                ///< gradient checkpointing (set_gradient_checkpointing)
   SiteLinear classifier_{nullptr};                ///< score / classifier
   SiteLinear pooler_{nullptr};                    ///< BERT pooler dense
 };

@@ -100,21 +100,23 @@ class ViTImpl : public ModelImpl {
     const int64_t T = x.size(1);
     for (auto& layer : layers_) {
       Layer* L = &layer;
-      x = run_layer([this, L, B, T, C, H, D](const at::Tensor& block_input) {
-        const std::string& act = config_.activation;
-        at::Tensor a = L->norm_before(block_input);
-        at::Tensor q = L->query(a).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
-        at::Tensor k = L->key(a).view({B, T, H, D}).transpose(1, 2);
-        at::Tensor v = L->value(a).view({B, T, H, D}).transpose(1, 2);
-        at::Tensor bias;
-        apply_kv_site(*L->kv_site, k, v, bias);
-        at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
-        at::Tensor h = block_input + L->attn_site->apply(a, L->attn_dense(ctx));
-        at::Tensor m = L->norm_after(h);
-        h = h + L->mlp_site->apply(m, L->experts.empty() ? L->out_dense(fn::activation(L->inter(m), act))
-                                                         : mixture_mlp(*L, m));
-        return L->out->apply(block_input, h);
-      }, x, false);
+      x = run_layer(
+          [this, L, B, T, C, H, D](const at::Tensor& block_input) {
+            const std::string& act = config_.activation;
+            at::Tensor a = L->norm_before(block_input);
+            at::Tensor q = L->query(a).view({B, T, H, D}).transpose(1, 2);  // (B, H, T, D)
+            at::Tensor k = L->key(a).view({B, T, H, D}).transpose(1, 2);
+            at::Tensor v = L->value(a).view({B, T, H, D}).transpose(1, 2);
+            at::Tensor bias;
+            apply_kv_site(*L->kv_site, k, v, bias);
+            at::Tensor ctx = fn::attention(q, k, v, bias).transpose(1, 2).reshape({B, T, C});
+            at::Tensor h = block_input + L->attn_site->apply(a, L->attn_dense(ctx));
+            at::Tensor m = L->norm_after(h);
+            h = h + L->mlp_site->apply(m, L->experts.empty() ? L->out_dense(fn::activation(L->inter(m), act))
+                                                             : mixture_mlp(*L, m));
+            return L->out->apply(block_input, h);
+          },
+          x, false);
     }
     return norm_(x);
   }

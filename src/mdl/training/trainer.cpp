@@ -38,13 +38,24 @@ void from_json(const nlohmann::json& j, ExampleRouting& r) {
 }
 
 void to_json(nlohmann::json& j, const TrainOptions& o) {
-  j = {{"schedule", o.schedule}, {"steps", o.steps}, {"batch_size", o.batch_size},
-       {"grad_accumulation", o.grad_accumulation}, {"weight_decay", o.weight_decay},
-       {"clip_grad_norm", o.clip_grad_norm}, {"aux_loss_weight", o.aux_loss_weight}, {"eval_every", o.eval_every},
-       {"checkpoint_every", o.checkpoint_every}, {"seed", o.seed}, {"out_dir", o.out_dir},
-       {"task_sampling", o.task_sampling}, {"sampling_temperature", o.sampling_temperature},
-       {"train_base", o.train_base}, {"early_stopping_patience", o.early_stopping_patience}, {"routing", o.routing},
-       {"precision", o.precision}, {"gradient_checkpointing", o.gradient_checkpointing}};
+  j = {{"schedule", o.schedule},
+       {"steps", o.steps},
+       {"batch_size", o.batch_size},
+       {"grad_accumulation", o.grad_accumulation},
+       {"weight_decay", o.weight_decay},
+       {"clip_grad_norm", o.clip_grad_norm},
+       {"aux_loss_weight", o.aux_loss_weight},
+       {"eval_every", o.eval_every},
+       {"checkpoint_every", o.checkpoint_every},
+       {"seed", o.seed},
+       {"out_dir", o.out_dir},
+       {"task_sampling", o.task_sampling},
+       {"sampling_temperature", o.sampling_temperature},
+       {"train_base", o.train_base},
+       {"early_stopping_patience", o.early_stopping_patience},
+       {"routing", o.routing},
+       {"precision", o.precision},
+       {"gradient_checkpointing", o.gradient_checkpointing}};
 }
 
 void from_json(const nlohmann::json& j, TrainOptions& o) {
@@ -176,7 +187,8 @@ at::Tensor next_tokens(const at::Tensor& targets) {  // (B, T) -> (B, T)
 /// The head's training loss on a batch (float32 whatever the logits' precision).
 at::Tensor task_loss(ModelImpl& model, const ModelInput& in, const Batch& b) {
   const HeadKind head = model.config().head;
-  if (head == HeadKind::causal_lm) return model.lm_loss(in, next_tokens(b.targets));  // logits never held whole
+  if (head == HeadKind::causal_lm)
+    return model.lm_loss(in, next_tokens(b.targets));  // logits never held whole
   const at::Tensor out = model.forward(in);
   switch (head) {
     case HeadKind::sequence_classification:

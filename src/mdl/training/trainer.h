@@ -61,7 +61,7 @@ struct TrainOptions {
   double sampling_temperature = 2.0;           ///< for temperature sampling
   ExampleRouting routing;                      ///< fixed per-example module choice by task or language
   std::string precision = "fp32";              ///< fp32 | bf16 (autocast: matmuls in bfloat16) | fp16 (CUDA)
-  bool gradient_checkpointing = false;         ///< rerun each layer in backward instead of keeping its activations
+  bool gradient_checkpointing = false;         ///< rerun layers in backward instead of keeping activations
 };
 void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
