@@ -157,6 +157,43 @@ std::vector<Case> cases() {
 INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.label; });
 
+// A training LoRA runs as one autograd node (thin products in BLAS's fast orientation); its output and
+// every gradient (LoRA factors, the base weights, the input through them) equal the composed equations
+// y = W x + s B A x that evaluation mode runs through autograd's own linears.
+TEST(Lora, TrainingNodeEqualsTheComposedEquationsInEveryGradient) {
+  for (bool frozen_base : {false, true}) {
+    ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+    ModuleConfig c;
+    c.lora.r = 4;
+    c.lora.alpha = 8;
+    c.lora.init = "random";
+    c.targets.target_modules = {"all-linear"};
+    set.add("lora", c);
+    if (frozen_base) set.freeze_base({"lora"});
+    std::vector<at::Tensor> params = set.model()->parameters();
+    for (auto& p : set.parameters({"lora"})) params.push_back(p);
+    ModelInput in;
+    in.input_ids = at::arange(3, 15, at::kLong).view({2, 6});
+    std::vector<at::Tensor> grads[2];
+    at::Tensor out[2];
+    for (bool training : {true, false}) {
+      set.model()->train(training);
+      out[training] = set.model()->forward(in);
+      out[training].pow(2).mean().backward();
+      for (auto& p : params) {
+        if (!p.requires_grad()) continue;
+        grads[training].push_back(p.grad().clone());
+        p.mutable_grad() = at::Tensor();
+      }
+    }
+    EXPECT_LT((out[true] - out[false]).abs().max().item<double>(), 1e-5);
+    ASSERT_EQ(grads[true].size(), grads[false].size());
+    for (size_t i = 0; i < grads[true].size(); ++i)
+      EXPECT_TRUE(at::allclose(grads[true][i], grads[false][i], 1e-4, 1e-6))
+          << i << (frozen_base ? " frozen" : "");
+  }
+}
+
 TEST(HyperLora, TasksMaterializeAndNewTasksFromAnEmbedding) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
   ModuleConfig c = nlohmann::json{{"type", "hyper_lora"}, {"options", {{"num_tasks", 2}, {"r", 2}}}}.get<ModuleConfig>();

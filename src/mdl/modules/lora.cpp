@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <re2/re2.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cmath>
 #include <nlohmann/json.hpp>
@@ -57,6 +58,46 @@ double LoraOptions::scaling(int64_t rank, double alpha_value) const {
   return use_rslora ? alpha_value / std::sqrt(static_cast<double>(rank)) : alpha_value / static_cast<double>(rank);
 }
 
+namespace {
+
+// current + s (x A^T) B^T as one autograd node, for training plain LoRA. Every product is taken in the
+// orientation OpenBLAS runs fastest for these thin shapes (r rows, N columns): measured at N = 1024,
+// in = 384, out = 1024, r = 16 on 2 threads, A x^T 0.15 ms vs x A^T 0.24, B^T g^T 0.37 vs g B 0.61,
+// (x A^T)^T g 0.35 vs g^T (x A^T) 0.77, which autograd's own backward of two linears uses. Saves x
+// (the base projection saves it too: the same storage) and (x A^T)^T (r, N).
+struct LoraDeltaFn : torch::autograd::Function<LoraDeltaFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& current, const at::Tensor& A, const at::Tensor& B, double s) {
+    const int64_t in = A.size(1), out = B.size(0);
+    const at::Tensor x2 = x.reshape({-1, in});                                            // (N, in)
+    const at::Tensor xa_t = at::mm(A, x2.t());                                            // (r, N)
+    const at::Tensor y = at::addmm(current.reshape({-1, out}), xa_t.t(), B.t(), 1.0, s);  // (N, out)
+    ctx->save_for_backward({x2, xa_t, A, B});
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    return y.view(current.sizes());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &xa_t = saved[1], &A = saved[2], &B = saved[3];
+    const double s = ctx->saved_data["s"].toDouble();
+    const auto dtype = xa_t.scalar_type();  // the forward's (autocast may have lowered it)
+    const at::Tensor g = grads[0].reshape({-1, B.size(0)}).to(dtype);  // (N, out)
+    const at::Tensor gb_t = at::mm(B.to(dtype).t(), g.t()).mul_(s);    // (r, N) = s (g B)^T
+    at::Tensor dx, dA, dB;
+    if (ctx->needs_input_grad(0))
+      dx = at::mm(gb_t.t(), A.to(dtype)).view(ctx->saved_data["x_sizes"].toIntVector()).to(x2.scalar_type());
+    if (ctx->needs_input_grad(2)) dA = at::mm(gb_t, x2.to(dtype)).to(A.scalar_type());  // (r, in)
+    if (ctx->needs_input_grad(3))
+      dB = at::mm(xa_t, g).mul_(s).t().contiguous().to(B.scalar_type());  // (out, r)
+    return {dx, ctx->needs_input_grad(1) ? grads[0] : at::Tensor(), dA, dB, at::Tensor()};
+  }
+};
+
+}  // namespace
+
 LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
     : options(o), base_(&base) {
   const SiteInfo& info = base.site()->info();
@@ -95,6 +136,10 @@ bool LoraImpl::low_rank(at::Tensor& a, at::Tensor& b, double& s) const {
 at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current) {
   at::Tensor x = input;
   if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);
+  // In training, plain LoRA always takes the node, gradient or not: a checkpointed layer's first run (no
+  // gradient) and its rerun must compute the same values.
+  if (!magnitude.defined() && !lora_bias.defined() && is_training())
+    return LoraDeltaFn::apply(x, current, A, B, scaling);
   if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad() &&
       !is_training()) {
     // current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s: no separate scale and add passes.
