@@ -140,13 +140,9 @@ at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current)
   // gradient) and its rerun must compute the same values.
   if (!magnitude.defined() && !lora_bias.defined() && is_training())
     return LoraDeltaFn::apply(x, current, A, B, scaling);
-  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad() &&
-      !is_training()) {
-    // current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s: no separate scale and add passes.
-    // Only when no gradient flows back through `current`: addmm's backward there cost a LoRA training
-    // step ~20% (measured: 0.94x -> 0.77-0.83x of full fine-tuning's step time). And not in training:
-    // under bf16 autocast addmm rounds once where the path below rounds twice, and a checkpointed layer
-    // (first run without a gradient, rerun with one) must compute the same values both times.
+  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad()) {
+    // Evaluation: current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s, no separate scale and add
+    // passes; only when no gradient flows back through `current` (addmm's backward there is slow).
     const int64_t out = B.size(0);
     at::Tensor xa = at::linear(x, A).reshape({-1, A.size(0)});  // (N, r)
     return at::addmm(current.reshape({-1, out}), xa, B.t(), 1.0, scaling).view(current.sizes());
