@@ -54,7 +54,7 @@ std::map<std::string, std::function<double(const Settings&)>>& children() {
   static std::map<std::string, std::function<double(const Settings&)>> c;
   return c;
 }
-long g_baseline = 0, g_baseline_tensor = 0;
+long g_baseline = 0;
 // A "Vm...:  N kB" line of /proc/self/status, in bytes (0 if absent).
 long status_bytes(const char* field) {
   std::ifstream in("/proc/self/status");
@@ -75,7 +75,6 @@ bool register_child(const std::string& name, std::function<double(const Settings
 void mark_baseline() {
   g_baseline = status_bytes("VmRSS");
   mdl::reset_cpu_peak_bytes();
-  g_baseline_tensor = static_cast<long>(mdl::cpu_allocator_stats().live_bytes);
 }
 
 ChildResult run_child(const std::string& name, const Settings& settings) {
@@ -90,8 +89,8 @@ ChildResult run_child(const std::string& name, const Settings& settings) {
   ChildResult r;
   const size_t at = out.find("CHILD ");
   if (status != 0 || at == std::string::npos) throw std::runtime_error("child " + name + " failed: " + out);
-  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss,
-              &r.peak_tensor, &r.baseline_tensor);
+  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss,
+              &r.peak_tensor);
   return r;
 }
 
@@ -126,8 +125,8 @@ int main(int argc, char** argv) {
     auto it = mdl::bench::children().find(child);
     if (it == mdl::bench::children().end()) return 2;
     double s = it->second(settings);
-    std::printf("CHILD %.9f %ld %ld %ld %ld\n", s, mdl::bench::peak_rss_bytes(), mdl::bench::g_baseline,
-                static_cast<long>(mdl::cpu_allocator_stats().peak_bytes), mdl::bench::g_baseline_tensor);
+    std::printf("CHILD %.9f %ld %ld %ld\n", s, mdl::bench::peak_rss_bytes(), mdl::bench::g_baseline,
+                static_cast<long>(mdl::cpu_allocator_stats().peak_bytes));
     return 0;
   }
   std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d)%s\n", t.budget, t.torch_threads, t.blas_threads,

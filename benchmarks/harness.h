@@ -58,13 +58,13 @@ struct ChildResult {
   long peak_rss = 0;      ///< the child's peak resident memory (bytes)
   long baseline_rss = 0;  ///< its resident memory when the function called mark_baseline()
   long peak_tensor = 0;   ///< most bytes live tensors held since mark_baseline() (max_memory_allocated)
-  long baseline_tensor = 0;  ///< bytes live tensors held at mark_baseline() (the loaded model)
 };
 
 /// Runs child measurement `name` in a new process of this executable.
 ChildResult run_child(const std::string& name, const Settings& settings);
 
-/// Inside a child: records the current resident memory as the baseline (e.g. after loading the model).
+/// Inside a child: records the current resident memory as the baseline (e.g. after loading the model) and
+/// starts the peak of live tensor bytes there.
 void mark_baseline();
 
 }  // namespace mdl::bench

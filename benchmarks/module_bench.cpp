@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <memory>
 #include <vector>
 
 #include "harness.h"
@@ -69,46 +68,38 @@ void lora_forward(const Settings& s, Report& r) {
   }
 }
 
-// Causal-LM training on the small Llama with AdamW; `lora` trains only a LoRA r=16, `checkpointing` reruns
-// each layer during backward instead of keeping its activations.
-struct TrainSetup {
-  Model model;
-  ModuleSet set;
-  std::unique_ptr<torch::optim::AdamW> opt;
-  ModelInput in;
-  at::Tensor targets;  // (B, T): position t predicts token t + 1
-
-  TrainSetup(const Settings& s, bool lora, bool checkpointing) : model(small_model("llama")), set(model) {
-    std::vector<at::Tensor> params;
-    if (lora) {
-      ModuleConfig c = lora16();
-      c.lora.init = "kaiming";
-      set.add("lora", c);
-      set.freeze_base({"lora"});
-      params = set.parameters({"lora"});
-    } else {
-      params = model->parameters();
-    }
-    model->train();
-    model->set_gradient_checkpointing(checkpointing);
-    const int64_t B = s.quick ? 2 : 8, T = s.quick ? 32 : 128;
-    at::Tensor ids = at::randint(0, 8192, {B, T + 1}, at::kLong);
-    in.input_ids = ids.narrow(1, 0, T);
-    targets = ids.narrow(1, 1, T);
-    opt = std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-4));
-  }
-  void step() {
-    opt->zero_grad();
-    model->lm_loss(in, targets).backward();  // as the trainer computes it
-    opt->step();
-  }
-};
-
-// In a child process of its own, so that its peak memory is its own.
+// One AdamW step of causal-LM training on the small Llama, in a child process of its own (so that its peak
+// memory is its own); `lora` trains only a LoRA r=16, `checkpointing` reruns each layer during backward
+// instead of keeping its activations.
 double train_step(const Settings& s, bool lora, bool checkpointing) {
-  TrainSetup setup(s, lora, checkpointing);
+  Model model = small_model("llama");
+  ModuleSet set(model);
+  std::vector<at::Tensor> params;
+  if (lora) {
+    ModuleConfig c = lora16();
+    c.lora.init = "kaiming";
+    set.add("lora", c);
+    set.freeze_base({"lora"});
+    params = set.parameters({"lora"});
+  } else {
+    params = model->parameters();
+  }
+  model->train();
+  model->set_gradient_checkpointing(checkpointing);
+  const int64_t B = s.quick ? 2 : 8, T = s.quick ? 32 : 128;
+  at::Tensor ids = at::randint(0, 8192, {B, T + 1}, at::kLong);
+  ModelInput in;
+  in.input_ids = ids.narrow(1, 0, T);
+  at::Tensor targets = ids.narrow(1, 1, T);  // (B, T): position t predicts token t + 1
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-4));
   mark_baseline();
-  return time_it([&] { setup.step(); }, s);
+  return time_it(
+      [&] {
+        opt.zero_grad();
+        model->lm_loss(in, targets).backward();  // as the trainer computes it
+        opt.step();
+      },
+      s);
 }
 
 void train_compare(const Settings& s, Report& r) {

@@ -45,6 +45,26 @@ TEST(CpuAllocator, ReusesLargeBlocksAndKeepsDataIntact) {
   EXPECT_EQ(small[9].item<float>(), 9.0f);
 }
 
+// Live and peak tensor bytes (torch's memory_allocated / max_memory_allocated) on both paths.
+TEST(CpuAllocator, CountsLiveAndPeakTensorBytes) {
+  install_cpu_allocator(int64_t(256) << 20);
+  const int64_t start = cpu_allocator_stats().live_bytes;
+  reset_cpu_peak_bytes();
+  EXPECT_EQ(cpu_allocator_stats().peak_bytes, start);
+  {
+    at::Tensor large = at::empty({3 << 20}, at::kFloat);  // 12 MiB, rounded to 2 MiB blocks: 12 MiB
+    at::Tensor small = at::empty({1000}, at::kFloat);     // 4000 bytes and malloc's rounding
+    const int64_t live = cpu_allocator_stats().live_bytes - start;
+    EXPECT_GE(live, (int64_t(12) << 20) + 4000);
+    EXPECT_LT(live, (int64_t(12) << 20) + 4000 + 4096);
+  }
+  const CpuAllocatorStats after = cpu_allocator_stats();
+  EXPECT_EQ(after.live_bytes, start);  // both freed (the large block into the cache, which is not live)
+  EXPECT_GE(after.peak_bytes - start, (int64_t(12) << 20) + 4000);
+  reset_cpu_peak_bytes();
+  EXPECT_EQ(cpu_allocator_stats().peak_bytes, start);
+}
+
 TEST(AtomicFile, UncommittedWritesLeaveNothing) {
   test::TempDir dir;
   {

@@ -81,14 +81,8 @@ at::Tensor activation(const at::Tensor& x, const std::string& name) {
   MDL_FAIL("[activation] unknown activation '", name, "'");
 }
 
-namespace {
-bool wants_grad(const at::Tensor& a, const at::Tensor& b) {
-  return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
-}
-}  // namespace
-
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& name) {
-  if ((name == "silu" || name == "swish") && wants_grad(gate, up)) return swiglu(gate, up);
+  if (name == "silu" || name == "swish") return swiglu(gate, up);
   return activation(gate, name) * up;
 }
 

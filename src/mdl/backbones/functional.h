@@ -31,8 +31,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 /// silu / swish, relu.
 at::Tensor activation(const at::Tensor& x, const std::string& name);
 
-/// The gated MLP activation activation(gate) * up (SwiGLU for silu); gate and up (..., I). When a gradient
-/// is wanted and the activation is silu, through fused_ops' swiglu (saves two tensors, not three).
+/// The gated MLP activation activation(gate) * up; gate and up (..., I). SiLU goes through fused_ops'
+/// swiglu (the same values; in training it saves two tensors, not three).
 at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, const std::string& name);
 
 /// RMSNorm as Llama computes it: in float32, then scaled by `weight` in the input dtype; through

@@ -235,10 +235,9 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
     MDL_CHECK(lo >= 0 && hi < V, "[lm_loss] targets must be in [0, ", V, ") or ", ignore_index, ", found ",
               lo < 0 ? lo : hi);
   }
-  const bool grad = at::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad() ||
-                                                   (bias.defined() && bias.requires_grad()));
-  const bool want_h = grad && hidden.requires_grad(), want_w = grad && weight.requires_grad(),
-             want_b = grad && bias.defined() && bias.requires_grad();
+  const bool on = at::GradMode::is_enabled();
+  const bool want_h = on && hidden.requires_grad(), want_w = on && weight.requires_grad(),
+             want_b = on && bias.defined() && bias.requires_grad(), grad = want_h || want_w || want_b;
   if (chunk_rows <= 0)
     chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
 
@@ -277,7 +276,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   auto finish = [&](at::Tensor d, const at::Tensor& like) {
     return d.defined() ? d.div_(count).to(like.scalar_type()) : d;
   };
-  dh = finish(dh, hidden), dw = finish(dw, weight), db = bias.defined() ? finish(db, bias) : db;
+  dh = finish(dh, hidden), dw = finish(dw, weight), db = finish(db, bias);  // undefined stays undefined
   at::AutoGradMode enable(true);
   const c10::optional<at::Tensor> maybe_bias =
       bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;

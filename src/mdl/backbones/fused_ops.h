@@ -12,7 +12,7 @@
 namespace mdl::fn {
 
 /// RMSNorm y = w * x / sqrt(mean(x^2) + eps) over the last dimension, computed in float32, saving only
-/// x and the per-row 1/rms for backward. x (..., C), w (C). Same values as rms_norm in functional.h.
+/// x and the per-row 1/rms for backward. x (..., C), w (C). fn::rms_norm is this.
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps);
 
 /// Rotary embeddings x * cos + rotate_half(x) * sin (HF's non-interleaved layout) in one pass each way,

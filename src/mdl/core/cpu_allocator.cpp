@@ -47,7 +47,7 @@ class CachingCpuAllocator final : public c10::Allocator {
  private:
   c10::DataPtr allocate_impl(size_t n) const {
     void* p = nullptr;
-    if (n < kLarge) {  // small: straight to the system, no bookkeeping on this hot path
+    if (n < kLarge) {  // small: straight to the system; only the live-byte count is kept
       if (posix_memalign(&p, kSmallAlign, std::max<size_t>(n, 1)) != 0) throw std::bad_alloc();
       count(static_cast<int64_t>(malloc_usable_size(p)));
       return {p, p, &release_small, c10::Device(c10::DeviceType::CPU)};
