@@ -32,12 +32,12 @@ bool register_benchmark(const std::string& name, std::function<void(const Settin
   return true;
 }
 
-double time_it(const std::function<void()>& fn, const Settings& settings) {
+Timing time_runs(const std::function<void()>& fn, const Settings& settings, int warmup, int min_runs) {
   using clock = std::chrono::steady_clock;
-  fn();  // warm-up
+  for (int i = 0; i < warmup; ++i) fn();
   std::vector<double> times;
   double total = 0;
-  while (times.size() < 3 || total < settings.min_seconds) {
+  while (static_cast<int>(times.size()) < min_runs || total < settings.min_seconds) {
     auto t0 = clock::now();
     fn();
     double s = std::chrono::duration<double>(clock::now() - t0).count();
@@ -46,12 +46,16 @@ double time_it(const std::function<void()>& fn, const Settings& settings) {
     if (times.size() >= 200) break;
   }
   std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return {times[times.size() / 2], times.front()};
+}
+
+double time_it(const std::function<void()>& fn, const Settings& settings) {
+  return time_runs(fn, settings).median;
 }
 
 namespace {
-std::map<std::string, std::function<double(const Settings&)>>& children() {
-  static std::map<std::string, std::function<double(const Settings&)>> c;
+std::map<std::string, std::function<Timing(const Settings&)>>& children() {
+  static std::map<std::string, std::function<Timing(const Settings&)>> c;
   return c;
 }
 long g_baseline = 0;
@@ -67,7 +71,7 @@ long status_bytes(const char* field) {
 int g_threads = 0;
 }  // namespace
 
-bool register_child(const std::string& name, std::function<double(const Settings&)> fn) {
+bool register_child(const std::string& name, std::function<Timing(const Settings&)> fn) {
   children()[name] = std::move(fn);
   return true;
 }
@@ -89,8 +93,8 @@ ChildResult run_child(const std::string& name, const Settings& settings) {
   ChildResult r;
   const size_t at = out.find("CHILD ");
   if (status != 0 || at == std::string::npos) throw std::runtime_error("child " + name + " failed: " + out);
-  std::sscanf(out.c_str() + at, "CHILD %lf %ld %ld %ld", &r.seconds, &r.peak_rss, &r.baseline_rss,
-              &r.peak_tensor);
+  std::sscanf(out.c_str() + at, "CHILD %lf %lf %ld %ld %ld", &r.seconds, &r.fastest, &r.peak_rss,
+              &r.baseline_rss, &r.peak_tensor);
   return r;
 }
 
@@ -124,9 +128,9 @@ int main(int argc, char** argv) {
   if (!child.empty()) {
     auto it = mdl::bench::children().find(child);
     if (it == mdl::bench::children().end()) return 2;
-    double s = it->second(settings);
-    std::printf("CHILD %.9f %ld %ld %ld\n", s, mdl::bench::peak_rss_bytes(), mdl::bench::g_baseline,
-                static_cast<long>(mdl::cpu_allocator_stats().peak_bytes));
+    const mdl::bench::Timing t = it->second(settings);
+    std::printf("CHILD %.9f %.9f %ld %ld %ld\n", t.median, t.fastest, mdl::bench::peak_rss_bytes(),
+                mdl::bench::g_baseline, static_cast<long>(mdl::cpu_allocator_stats().peak_bytes));
     return 0;
   }
   std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d)%s\n", t.budget, t.torch_threads, t.blas_threads,

@@ -37,6 +37,18 @@ struct Settings {
 /// Registers a benchmark; returns true so it can initialise a static.
 bool register_benchmark(const std::string& name, std::function<void(const Settings&, Report&)> fn);
 
+/// Seconds per call of a repeated measurement.
+struct Timing {
+  double median = 0;   ///< the median call
+  double fastest = 0;  ///< the fastest call: what the work costs when nothing else on the machine interferes
+  Timing() = default;
+  Timing(double seconds) : median(seconds), fastest(seconds) {}  // NOLINT: one figure is both
+  Timing(double median_s, double fastest_s) : median(median_s), fastest(fastest_s) {}
+};
+
+/// Times `fn`: `warmup` calls, then repeated until `min_seconds` and at least `min_runs` runs.
+Timing time_runs(const std::function<void()>& fn, const Settings& settings, int warmup = 1, int min_runs = 3);
+
 /// Median seconds per call of `fn` (one warm-up call, then repeated until `min_seconds` and >= 3 runs).
 double time_it(const std::function<void()>& fn, const Settings& settings);
 
@@ -50,11 +62,12 @@ long peak_rss_bytes();
 namespace mdl::bench {
 
 /// A measurement run in a fresh child process (so its peak memory is its own): returns seconds per call.
-bool register_child(const std::string& name, std::function<double(const Settings&)> fn);
+bool register_child(const std::string& name, std::function<Timing(const Settings&)> fn);
 
 /// Result of a child run.
 struct ChildResult {
-  double seconds = 0;     ///< what the child's function returned
+  double seconds = 0;     ///< what the child's function returned (the median call)
+  double fastest = 0;     ///< the fastest call, where the child's function timed several
   long peak_rss = 0;      ///< the child's peak resident memory (bytes)
   long baseline_rss = 0;  ///< its resident memory when the function called mark_baseline()
   long peak_tensor = 0;   ///< most bytes live tensors held since mark_baseline() (max_memory_allocated)

@@ -1,6 +1,7 @@
 // Every module type: a new module leaves the logits unchanged, an optimiser step changes only module
 // parameters, native save/load is bit-exact, the trainable count equals its closed form.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/optim/sgd.h>
 #include <torch/utils.h>
 
@@ -160,38 +161,63 @@ INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
 // A training LoRA runs as one autograd node (thin products in BLAS's fast orientation); its output and
 // every gradient (LoRA factors, the base weights, the input through them) equal the composed equations
 // y = W x + s B A x that evaluation mode runs through autograd's own linears.
-TEST(Lora, TrainingNodeEqualsTheComposedEquationsInEveryGradient) {
-  for (bool frozen_base : {false, true}) {
-    ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-    ModuleConfig c;
-    c.lora.r = 4;
-    c.lora.alpha = 8;
-    c.lora.init = "random";
-    c.targets.target_modules = {"all-linear"};
-    set.add("lora", c);
-    if (frozen_base) set.freeze_base({"lora"});
-    std::vector<at::Tensor> params = set.model()->parameters();
-    for (auto& p : set.parameters({"lora"})) params.push_back(p);
-    ModelInput in;
-    in.input_ids = at::arange(3, 15, at::kLong).view({2, 6});
-    std::vector<at::Tensor> grads[2];
-    at::Tensor out[2];
-    for (bool training : {true, false}) {
-      set.model()->train(training);
-      out[training] = set.model()->forward(in);
-      out[training].pow(2).mean().backward();
-      for (auto& p : params) {
-        if (!p.requires_grad()) continue;
-        grads[training].push_back(p.grad().clone());
-        p.mutable_grad() = at::Tensor();
-      }
-    }
-    EXPECT_LT((out[true] - out[false]).abs().max().item<double>(), 1e-5);
-    ASSERT_EQ(grads[true].size(), grads[false].size());
-    for (size_t i = 0; i < grads[true].size(); ++i)
-      EXPECT_TRUE(at::allclose(grads[true][i], grads[false][i], 1e-4, 1e-6))
-          << i << (frozen_base ? " frozen" : "");
+// Whether the autograd graph behind `t` has a node whose name contains `what`.
+bool graph_has(const at::Tensor& t, const std::string& what) {
+  std::vector<torch::autograd::Node*> todo{t.grad_fn().get()};
+  std::set<torch::autograd::Node*> seen;
+  while (!todo.empty()) {
+    torch::autograd::Node* n = todo.back();
+    todo.pop_back();
+    if (!n || !seen.insert(n).second) continue;
+    if (n->name().find(what) != std::string::npos) return true;
+    for (const auto& e : n->next_edges()) todo.push_back(e.function.get());
   }
+  return false;
+}
+
+// Training takes LoRA's own autograd nodes: after the projection on few rows (LoraDeltaFn), folded into
+// it on many (LoraLinearFn: x (W + s B A)^T + b). Evaluation composes the equations from at:: ops; both
+// must give the same output and every gradient, with a frozen and a trainable base (weights and biases).
+TEST(Lora, TrainingNodesEqualTheComposedEquationsInEveryGradient) {
+  for (const std::string arch : {"llama", "gpt2"})
+    for (int64_t rows : {12, 96})
+      for (bool frozen_base : {false, true}) {
+        const std::string label = arch + " rows " + std::to_string(rows) + (frozen_base ? " frozen" : "");
+        ModuleSet set(load_model(test::tiny_checkpoint(arch)));
+        ModuleConfig c;
+        c.lora.r = 4;
+        c.lora.alpha = 8;
+        c.lora.init = "random";
+        c.targets.target_modules = {"all-linear"};
+        set.add("lora", c);
+        if (frozen_base) set.freeze_base({"lora"});
+        std::vector<at::Tensor> params = set.model()->parameters();
+        for (auto& p : set.parameters({"lora"})) params.push_back(p);
+        ModelInput in;
+        in.input_ids = (at::arange(rows, at::kLong) * 7 + 3)
+                           .remainder(set.model()->config().vocab_size)
+                           .view({rows / 6, 6});
+        std::vector<at::Tensor> grads[2];
+        at::Tensor out[2];
+        for (bool training : {true, false}) {
+          set.model()->train(training);
+          out[training] = set.model()->forward(in);
+          at::Tensor loss = out[training].pow(2).mean();
+          if (training)  // 12 rows stay under every projection's threshold, 96 are over it
+            EXPECT_EQ(graph_has(loss, "LoraLinearFn"), rows == 96) << label;
+          loss.backward();
+          for (auto& p : params) {
+            if (!p.requires_grad()) continue;
+            grads[training].push_back(p.grad().clone());
+            p.mutable_grad() = at::Tensor();
+          }
+        }
+        EXPECT_LT((out[true] - out[false]).abs().max().item<double>(), 1e-5) << label;
+        ASSERT_EQ(grads[true].size(), grads[false].size()) << label;
+        for (size_t i = 0; i < grads[true].size(); ++i)
+          EXPECT_TRUE(at::allclose(grads[true][i], grads[false][i], 1e-4, 1e-6))
+              << label << " gradient " << i;
+      }
 }
 
 TEST(HyperLora, TasksMaterializeAndNewTasksFromAnEmbedding) {

@@ -24,7 +24,8 @@ at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t que
                           int64_t sliding_window, c10::ScalarType dtype, c10::Device device);
 
 /// softmax(q k^T / sqrt(D) + bias) v for q (B, H, T, D), k and v (B, Hkv, S, D), H a multiple of Hkv
-/// (grouped-query attention); bias (B, 1, T, S) or undefined. Returns (B, H, T, D). Softmax in float32.
+/// (grouped-query attention: head h reads key/value head h / (H / Hkv)); bias (B or 1, 1 or H, T, S) or
+/// undefined. Returns (B, H, T, D). Softmax in float32.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias);
 
 /// The activation named as in HF configs: gelu (erf), gelu_new / gelu_pytorch_tanh / gelu_fast (tanh),

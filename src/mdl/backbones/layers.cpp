@@ -17,13 +17,22 @@ SiteLinearImpl::SiteLinearImpl(SiteInfo info, bool with_bias, at::Tensor tied_we
   if (with_bias) bias = register_parameter("bias", at::zeros({info.out_features}));
 }
 
-at::Tensor SiteLinearImpl::forward_base(const at::Tensor& x) {
-  MDL_CHECK(x.size(-1) == weight.size(1), "[", site_->name(), "] input has ", x.size(-1),
+namespace {
+void check_features(const Site& site, const at::Tensor& x, const at::Tensor& weight) {
+  MDL_CHECK(x.size(-1) == weight.size(1), "[", site.name(), "] input has ", x.size(-1),
             " features, the projection expects ", weight.size(1));
+}
+}  // namespace
+
+at::Tensor SiteLinearImpl::forward_base(const at::Tensor& x) {
+  check_features(*site_, x, weight);
   return at::linear(x, weight, bias);
 }
 
-at::Tensor SiteLinearImpl::forward(const at::Tensor& x) { return site_->apply(x, forward_base(x)); }
+at::Tensor SiteLinearImpl::forward(const at::Tensor& x) {
+  check_features(*site_, x, weight);
+  return site_->apply_linear(x, weight, bias);
+}
 
 NormImpl::NormImpl(Kind kind_, int64_t dim, double eps_, SiteInfo info) : kind(kind_), eps(eps_) {
   weight = register_parameter("weight", at::ones({dim}));

@@ -38,6 +38,11 @@ class SiteFunction {
  public:
   virtual ~SiteFunction() = default;
   virtual at::Tensor forward(const at::Tensor& input, const at::Tensor& base) = 0;
+  /// At a linear site: the projection `weight` (out, in), `bias` (out or undefined) of `input`, with this
+  /// function applied. The default computes the projection, then forward(); a function may instead fold
+  /// itself into the projection (a training LoRA at many rows: one GEMM with W + s B A, see lora.cpp).
+  virtual at::Tensor forward_linear(const at::Tensor& input, const at::Tensor& weight,
+                                    const at::Tensor& bias);
   /// Positions this function places before the sequence at an attention_kv site (prefix tuning); the
   /// backbone shifts the real tokens' positions by this many, as Hugging Face does for a prefix cache.
   virtual int64_t prefix_positions() const { return 0; }
@@ -62,6 +67,8 @@ class Site {
   at::Tensor apply(const at::Tensor& input, const at::Tensor& base) const {
     return function_ ? function_->forward(input, base) : base;
   }
+  /// A linear site's output: the projection alone when empty, else what the attached function computes.
+  at::Tensor apply_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) const;
   /// See SiteFunction::prefix_positions.
   int64_t prefix_positions() const { return function_ ? function_->prefix_positions() : 0; }
 

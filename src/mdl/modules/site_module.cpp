@@ -23,22 +23,45 @@ const std::vector<const SiteModule*>& SiteModule::absorbs() const {
 
 void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never merged"); }
 
-at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
-  const ForwardContext& ctx = ForwardContext::current();
-  if (ctx.routing && !ctx.routing->modules.empty()) return forward_per_example(input, base, ctx.routing->modules);
+at::Tensor SiteModule::forward_linear(const at::Tensor& input, const at::Tensor& weight,
+                                      const at::Tensor& bias) {
+  return forward(input, at::linear(input, weight, bias));
+}
+
+std::vector<AttachedModules::Entry*> AttachedModules::running() {
   std::vector<const SiteModule*> absorbed;  // members of active fusions: those run them
   for (const auto& e : entries_)
     if (e.active && e.scale != 0.0)
       for (const SiteModule* m : e.module->absorbs()) absorbed.push_back(m);
+  std::vector<Entry*> run;
+  for (auto& e : entries_)
+    if (e.active && !e.merged && e.scale != 0.0 &&
+        std::find(absorbed.begin(), absorbed.end(), e.module.get()) == absorbed.end())
+      run.push_back(&e);
+  return run;
+}
+
+at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
+  const ForwardContext& ctx = ForwardContext::current();
+  if (ctx.routing && !ctx.routing->modules.empty())
+    return forward_per_example(input, base, ctx.routing->modules);
   at::Tensor out = base;
-  for (auto& e : entries_) {
-    if (!e.active || e.merged || e.scale == 0.0) continue;
-    if (std::find(absorbed.begin(), absorbed.end(), e.module.get()) != absorbed.end()) continue;
-    at::Tensor next = e.module->forward(input, out);
+  for (Entry* e : running()) {
+    at::Tensor next = e->module->forward(input, out);
     // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
-    out = e.scale == 1.0 || next.sizes() != out.sizes() ? next : out + e.scale * (next - out);
+    out = e->scale == 1.0 || next.sizes() != out.sizes() ? next : out + e->scale * (next - out);
   }
   return out;
+}
+
+at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Tensor& weight,
+                                           const at::Tensor& bias) {
+  const ForwardContext& ctx = ForwardContext::current();
+  if (!ctx.routing || ctx.routing->modules.empty()) {
+    const std::vector<Entry*> run = running();
+    if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
+  }
+  return forward(input, at::linear(input, weight, bias));
 }
 
 at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const at::Tensor& base,

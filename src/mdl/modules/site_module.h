@@ -20,6 +20,10 @@ class SiteModule : public torch::nn::Module {
  public:
   /// The site's new output from its input and the current output (base, or what earlier modules made of it).
   virtual at::Tensor forward(const at::Tensor& input, const at::Tensor& current) = 0;
+  /// At a linear site where this module is the only one running: the projection (`weight` (out, in),
+  /// `bias`) of `input` with this module applied. The default is forward() on the projection's output.
+  virtual at::Tensor forward_linear(const at::Tensor& input, const at::Tensor& weight,
+                                    const at::Tensor& bias);
   /// The module type ("lora", "ia3", "adapter").
   virtual std::string type() const = 0;
   /// Positions prepended at an attention_kv site (prefix tuning); 0 otherwise.
@@ -58,12 +62,17 @@ class AttachedModules : public SiteFunction {
     double scale = 1.0;
   };
   at::Tensor forward(const at::Tensor& input, const at::Tensor& base) override;
+  /// With one module running here at scale 1 (and no per-example routing), that module's forward_linear.
+  at::Tensor forward_linear(const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias) override;
   int64_t prefix_positions() const override;
   void set_training(bool on) override;
   std::vector<Entry>& entries() { return entries_; }
   Entry* find(const std::string& name);
 
  private:
+  /// The entries forward() runs, in order: active, unmerged, scale != 0, not run by an active fusion.
+  std::vector<Entry*> running();
   at::Tensor forward_per_example(const at::Tensor& input, const at::Tensor& base,
                                  const std::vector<std::vector<ModuleChoice>>& choices);
   /// The per-example path when every module chosen here is a plain LoRA and no gradient is needed: one
