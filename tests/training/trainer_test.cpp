@@ -206,7 +206,7 @@ TEST(Trainer, LanguageRoutingTrainsOneModulePerLanguage) {
   set.add("lang_en", c);
   c.seed = 1;
   set.add("lang_de", c);
-  TrainOptions o = options(80);
+  TrainOptions o = options(120);
   o.routing.by_language = {{"en", {"lang_en"}}, {"de", {"lang_de"}}};
   Trainer trainer(set, {"lang_en", "lang_de"}, o);
   trainer.train(both);

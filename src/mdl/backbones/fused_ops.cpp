@@ -255,14 +255,17 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
     const int64_t n = std::min(chunk_rows, N - r0);
     at::Tensor hc = h.narrow(0, r0, n);                                             // (n, C)
     at::Tensor logits = b.defined() ? at::addmm(b, hc, w.t()) : at::mm(hc, w.t());  // (n, V)
-    at::Tensor lse = at::logsumexp(logits, 1);                                      // (n)
+    // One fused row-wise kernel (max, sum of exponentials, shift) where logsumexp and a subtraction took
+    // five passes over the chunk.
+    at::Tensor lsm = at::_log_softmax(logits, 1, false);  // (n, V)
+    logits = at::Tensor();
     at::Tensor tc = safe.narrow(0, r0, n).unsqueeze(1), vc = validf.narrow(0, r0, n);
-    loss.add_(((lse - logits.gather(1, tc).squeeze(1)) * vc).sum());
+    loss.sub_((lsm.gather(1, tc).squeeze(1) * vc).sum());
     if (!grad) continue;
     // dL/dlogits = softmax - onehot(target), zero on ignored rows (scaled by 1 / count at the end)
-    at::Tensor p = logits.sub_(lse.unsqueeze(1)).exp_();
+    at::Tensor p = lsm.exp_();
     p.scatter_add_(1, tc, -vc.unsqueeze(1));
-    p.mul_(vc.unsqueeze(1));
+    if (!vc.all().item<bool>()) p.mul_(vc.unsqueeze(1));
     if (want_h) {
       at::Tensor dhc = dh.narrow(0, r0, n);
       at::mm_out(dhc, p, w);
