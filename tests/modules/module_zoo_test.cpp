@@ -11,6 +11,7 @@
 #include "backbones/fixtures.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/routing/routing_context.h"
 
 namespace mdl {
 namespace {
@@ -175,9 +176,10 @@ bool graph_has(const at::Tensor& t, const std::string& what) {
   return false;
 }
 
-// Training takes LoRA's own autograd nodes: after the projection on few rows (LoraDeltaFn), folded into
-// it on many (LoraLinearFn: x (W + s B A)^T + b). Evaluation composes the equations from at:: ops; both
-// must give the same output and every gradient, with a frozen and a trainable base (weights and biases).
+// LoRA's own autograd nodes: after the projection on few rows (LoraDeltaFn in training), folded into it on
+// many (LoraLinearFn: x (W + s B A)^T + b, in training and in evaluation). The reference composes the
+// equations from at:: ops: evaluation through per-example routing, which runs each module after the
+// projection. Same output and every gradient, with a frozen and a trainable base (weights and biases).
 TEST(Lora, TrainingNodesEqualTheComposedEquationsInEveryGradient) {
   for (const std::string arch : {"llama", "gpt2"})
     for (int64_t rows : {12, 96})
@@ -197,14 +199,18 @@ TEST(Lora, TrainingNodesEqualTheComposedEquationsInEveryGradient) {
         in.input_ids = (at::arange(rows, at::kLong) * 7 + 3)
                            .remainder(set.model()->config().vocab_size)
                            .view({rows / 6, 6});
+        RoutingContext every_example;  // the reference: each example names the LoRA
+        every_example.modules.assign(static_cast<size_t>(rows / 6), {{"lora", 1.0}});
         std::vector<at::Tensor> grads[2];
         at::Tensor out[2];
         for (bool training : {true, false}) {
           set.model()->train(training);
-          out[training] = set.model()->forward(in);
+          ModelInput run = in;
+          if (!training) run.routing = &every_example;
+          out[training] = set.model()->forward(run);
           at::Tensor loss = out[training].pow(2).mean();
-          if (training)  // 12 rows stay under every projection's threshold, 96 are over it
-            EXPECT_EQ(graph_has(loss, "LoraLinearFn"), rows == 96) << label;
+          // 12 rows stay under every projection's threshold, 96 are over it; the reference never folds
+          EXPECT_EQ(graph_has(loss, "LoraLinearFn"), training && rows == 96) << label;
           loss.backward();
           for (auto& p : params) {
             if (!p.requires_grad()) continue;
@@ -217,6 +223,10 @@ TEST(Lora, TrainingNodesEqualTheComposedEquationsInEveryGradient) {
         for (size_t i = 0; i < grads[true].size(); ++i)
           EXPECT_TRUE(at::allclose(grads[true][i], grads[false][i], 1e-4, 1e-6))
               << label << " gradient " << i;
+        // Evaluation without a gradient folds too (no node), with the same output.
+        torch::NoGradGuard no_grad;
+        set.model()->eval();
+        EXPECT_LT((set.model()->forward(in) - out[false]).abs().max().item<double>(), 1e-5) << label;
       }
 }
 

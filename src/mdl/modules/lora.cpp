@@ -98,6 +98,14 @@ struct LoraDeltaFn : torch::autograd::Function<LoraDeltaFn> {
   }
 };
 
+// W + s B A (out, in) in the weights' precision, as merge() computes it; autocast then lowers it for the
+// product as it would lower W.
+at::Tensor merged_weight(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double s) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
+  return at::addmm(W, B, A, 1.0, s);
+}
+
 // x (W + s B A)^T + b as one autograd node: a training LoRA folded into its projection. Forward builds
 // the merged (out, in) weight (as merge() does, for this call only) and takes one GEMM; backward takes
 // dx = g (W + s B A) as one GEMM too (no separate add of two (N, in) gradients), and dA, dB from the thin
@@ -110,15 +118,7 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& W,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             double s) {
-    at::Tensor merged;
-    {
-      // In the weights' precision, as merge() computes it; autocast then lowers it for the product as
-      // it would lower W.
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(
-          c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
-      merged = at::addmm(W, B, A, 1.0, s);  // (out, in)
-    }
-    at::Tensor y = at::linear(x, merged, bias.has_value() ? *bias : at::Tensor());  // (..., out)
+    at::Tensor y = at::linear(x, merged_weight(W, A, B, s), bias.has_value() ? *bias : at::Tensor());
     ctx->save_for_backward({x, W, A, B});
     ctx->saved_data["s"] = s;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -232,13 +232,18 @@ at::Tensor LoraImpl::forward_linear(const at::Tensor& input, const at::Tensor& w
                                     const at::Tensor& bias) {
   const int64_t in = weight.size(1), out = weight.size(0), rows = input.numel() / std::max<int64_t>(in, 1);
   // Building W + s B A costs out * in * r multiply-adds, the low-rank products rows * (in + out) * r:
-  // the merged form wins from rows * (in + out) >= out * in (192 rows at 384 x 384).
-  if (is_training() && !magnitude.defined() && !lora_bias.defined() && options.dropout == 0 &&
-      rows * (in + out) >= out * in) {
-    const c10::optional<at::Tensor> b = bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
-    return LoraLinearFn::apply(input, weight, b, A, B, scaling);
-  }
-  return forward(input, at::linear(input, weight, bias));
+  // the merged form wins from rows * (in + out) >= out * in (192 rows at 384 x 384). Dropout in training
+  // acts on LoRA's input only, so it keeps the low-rank route. The base weights are never modified.
+  const bool fold = !magnitude.defined() && !lora_bias.defined() && rows * (in + out) >= out * in &&
+                    !(is_training() && options.dropout > 0);
+  if (!fold) return forward(input, at::linear(input, weight, bias));
+  const bool wants_grad =
+      at::GradMode::is_enabled() && (input.requires_grad() || weight.requires_grad() || A.requires_grad() ||
+                                     B.requires_grad() || (bias.defined() && bias.requires_grad()));
+  if (!wants_grad)
+    return at::linear(input, merged_weight(weight, A, B, scaling), bias);  // the node's forward
+  const c10::optional<at::Tensor> b = bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt;
+  return LoraLinearFn::apply(input, weight, b, A, B, scaling);
 }
 
 void LoraImpl::merge() {

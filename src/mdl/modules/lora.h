@@ -37,8 +37,9 @@ class LoraImpl : public SiteModule {
   /// `base` is the site's projection (its weight initialises DoRA's magnitude; it is never modified here).
   LoraImpl(SiteLinearImpl& base, const LoraOptions& options, uint64_t seed);
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
-  /// In training, plain LoRA without dropout on enough rows computes x (W + s B A)^T + b: one GEMM of
-  /// the projection's size where the low-rank route takes the projection plus two thin GEMMs and an add.
+  /// Plain LoRA on enough rows (and without dropout in training) computes x (W + s B A)^T + b: one GEMM
+  /// of the projection's size where the low-rank route takes the projection plus two thin GEMMs and an
+  /// add. The merged weight lives for this call only; the base weights are never modified.
   at::Tensor forward_linear(const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias) override;
   std::string type() const override { return "lora"; }
