@@ -247,6 +247,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   const at::Tensor h = hidden.detach().to(at::kFloat), w = weight.detach().to(at::kFloat);
   const at::Tensor b = bias.defined() ? bias.detach().to(at::kFloat) : at::Tensor();
   const at::Tensor validf = valid.to(at::kFloat);
+  const bool all_valid = N == 0 || valid.all().item<bool>();  // no ignored row to zero in the gradient
   at::Tensor loss = at::zeros({}, h.options());
   at::Tensor dh = want_h ? at::empty_like(h) : at::Tensor();
   at::Tensor dw = want_w ? at::zeros_like(w) : at::Tensor();
@@ -265,7 +266,7 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
     // dL/dlogits = softmax - onehot(target), zero on ignored rows (scaled by 1 / count at the end)
     at::Tensor p = lsm.exp_();
     p.scatter_add_(1, tc, -vc.unsqueeze(1));
-    if (!vc.all().item<bool>()) p.mul_(vc.unsqueeze(1));
+    if (!all_valid) p.mul_(vc.unsqueeze(1));
     if (want_h) {
       at::Tensor dhc = dh.narrow(0, r0, n);
       at::mm_out(dhc, p, w);
