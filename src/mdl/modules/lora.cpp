@@ -62,6 +62,20 @@ double LoraOptions::scaling(int64_t rank, double alpha_value) const {
 
 namespace {
 
+// The gradients of LoRA's factors, shared by both training nodes; g (N, out) in the compute dtype.
+// s (g B)^T (r, N): the product dA and LoRA's part of dx start from.
+at::Tensor scaled_gb_t(const at::Tensor& g, const at::Tensor& B, double s) {
+  return at::mm(B.to(g.scalar_type()).t(), g.t()).mul_(s);
+}
+// dA = s (g B)^T x (r, in), from gb_t and x (N, in).
+at::Tensor grad_A(const at::Tensor& gb_t, const at::Tensor& x2, const at::Tensor& A) {
+  return at::mm(gb_t, x2.to(gb_t.scalar_type())).to(A.scalar_type());
+}
+// dB = s g^T (x A^T) (out, r), from xa_t = (x A^T)^T (r, N).
+at::Tensor grad_B(const at::Tensor& xa_t, const at::Tensor& g, double s, const at::Tensor& B) {
+  return at::mm(xa_t, g).mul_(s).t().contiguous().to(B.scalar_type());
+}
+
 // current + s (x A^T) B^T as one autograd node, for training plain LoRA. Every product is taken in the
 // orientation OpenBLAS runs fastest for these thin shapes (r rows, N columns): measured at N = 1024,
 // in = 384, out = 1024, r = 16 on 2 threads, A x^T 0.15 ms vs x A^T 0.24, B^T g^T 0.37 vs g B 0.61,
@@ -87,13 +101,12 @@ struct LoraDeltaFn : torch::autograd::Function<LoraDeltaFn> {
     const double s = ctx->saved_data["s"].toDouble();
     const auto dtype = xa_t.scalar_type();  // the forward's (autocast may have lowered it)
     const at::Tensor g = grads[0].reshape({-1, B.size(0)}).to(dtype);  // (N, out)
-    const at::Tensor gb_t = at::mm(B.to(dtype).t(), g.t()).mul_(s);    // (r, N) = s (g B)^T
+    const at::Tensor gb_t = scaled_gb_t(g, B, s);                      // (r, N)
     at::Tensor dx, dA, dB;
     if (ctx->needs_input_grad(0))
       dx = at::mm(gb_t.t(), A.to(dtype)).view(ctx->saved_data["x_sizes"].toIntVector()).to(x2.scalar_type());
-    if (ctx->needs_input_grad(2)) dA = at::mm(gb_t, x2.to(dtype)).to(A.scalar_type());  // (r, in)
-    if (ctx->needs_input_grad(3))
-      dB = at::mm(xa_t, g).mul_(s).t().contiguous().to(B.scalar_type());  // (out, r)
+    if (ctx->needs_input_grad(2)) dA = grad_A(gb_t, x2, A);
+    if (ctx->needs_input_grad(3)) dB = grad_B(xa_t, g, s, B);
     return {dx, ctx->needs_input_grad(1) ? grads[0] : at::Tensor(), dA, dB, at::Tensor()};
   }
 };
@@ -139,10 +152,9 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
     const int64_t in = W.size(1), out = W.size(0);
     const at::Tensor x2 = x.reshape({-1, in}).to(dtype);         // (N, in)
     const at::Tensor g = grads[0].reshape({-1, out}).to(dtype);  // (N, out)
-    const at::Tensor a = A.to(dtype), b = B.to(dtype);
     const bool want_dx = ctx->needs_input_grad(0), fold_dx = out < g.size(0);
     at::Tensor gb_t;  // (r, N) = s (g B)^T, for dA and the unfolded dx
-    if (ctx->needs_input_grad(ia) || (want_dx && !fold_dx)) gb_t = at::mm(b.t(), g.t()).mul_(s);
+    if (ctx->needs_input_grad(ia) || (want_dx && !fold_dx)) gb_t = scaled_gb_t(g, B, s);
     at::Tensor dx, dW, db, dA, dB;
     if (want_dx) {
       // dx = g (W + s B A). Rebuilding the merged weight (out, in) costs less than adding the low-rank
@@ -152,17 +164,14 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
         dx = at::mm(g, merged_weight(W, A, B, s).to(dtype));  // (N, in)
       } else {
         dx = at::mm(g, W.to(dtype));  // (N, in)
-        dx.addmm_(gb_t.t(), a);
+        dx.addmm_(gb_t.t(), A.to(dtype));
       }
       dx = dx.view(x.sizes()).to(x.scalar_type());
     }
     if (ctx->needs_input_grad(1)) dW = at::mm(g.t(), x2).to(W.scalar_type());  // (out, in)
     if (has_bias && ctx->needs_input_grad(2)) db = g.sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
-    if (ctx->needs_input_grad(ia)) dA = at::mm(gb_t, x2).to(A.scalar_type());  // (r, in)
-    if (ctx->needs_input_grad(ia + 1)) {
-      const at::Tensor xa_t = at::mm(a, x2.t());                          // (r, N)
-      dB = at::mm(xa_t, g).mul_(s).t().contiguous().to(B.scalar_type());  // (out, r)
-    }
+    if (ctx->needs_input_grad(ia)) dA = grad_A(gb_t, x2, A);
+    if (ctx->needs_input_grad(ia + 1)) dB = grad_B(at::mm(A.to(dtype), x2.t()), g, s, B);  // x A^T again
     return {dx, dW, db, dA, dB, at::Tensor()};
   }
 };
