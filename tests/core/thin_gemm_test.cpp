@@ -1,0 +1,89 @@
+#include "mdl/core/thin_gemm.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include "test_util.h"
+
+namespace mdl {
+namespace {
+
+// Max abs difference relative to the reference's largest magnitude.
+double rel_diff(const at::Tensor& got, const at::Tensor& want) {
+  return (got - want).abs().max().item<double>() / std::max(1e-12, want.abs().max().item<double>());
+}
+
+TEST(ThinGemm, BuildUsesOneDnnWhereCMakeFoundIt) {
+  EXPECT_EQ(thin_gemm_accelerated(), MDL_EXPECT_ONEDNN != 0);
+}
+
+TEST(ThinGemm, EqualsAtMmForEveryLayoutOfBothOperands) {
+  at::manual_seed(0);
+  // (M, K, N): LoRA's shapes (r = 16 rows, columns or inner dimension), odd sizes, and one past the
+  // small-dimension limit (at:: then).
+  const std::vector<std::array<int64_t, 3>> shapes = {{16, 1024, 384}, {1024, 384, 16}, {1024, 16, 384},
+                                                      {7, 33, 129},    {130, 3, 65},    {96, 200, 128}};
+  for (const auto& [m, k, n] : shapes) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        at::Tensor a = ta ? at::randn({k, m}).t() : at::randn({m, k});  // (M, K), a transposed view or not
+        at::Tensor b = tb ? at::randn({n, k}).t() : at::randn({k, n});  // (K, N)
+        const at::Tensor want = at::mm(a, b);
+        SCOPED_TRACE(testing::Message() << m << "x" << k << "x" << n << " ta " << ta << " tb " << tb);
+        at::Tensor got = thin_mm(a, b);
+        EXPECT_TRUE(got.is_contiguous());
+        EXPECT_LT(rel_diff(got, want), 1e-5);
+        EXPECT_LT(rel_diff(thin_mm(a, b, -0.5), want * -0.5), 1e-5);
+        const at::Tensor c = at::randn({m, n});
+        EXPECT_LT(rel_diff(thin_addmm(c, a, b, 2.0), c + 2.0 * want), 1e-5);
+        at::Tensor d = c.clone();
+        thin_addmm_(d, a, b, 0.25);
+        EXPECT_LT(rel_diff(d, c + 0.25 * want), 1e-5);
+      }
+    }
+  }
+}
+
+TEST(ThinGemm, StridedAndNonFloatOperandsTakeTheReferencePath) {
+  at::manual_seed(1);
+  // Every other column: neither row- nor column-major, copied before the product.
+  at::Tensor a = at::randn({16, 200}).slice(1, 0, 200, 2);  // (16, 100)
+  at::Tensor b = at::randn({100, 64});
+  EXPECT_LT(rel_diff(thin_mm(a, b), at::mm(a, b)), 1e-5);
+  // float64: at::, exactly.
+  at::Tensor a64 = at::randn({16, 50}, at::kDouble), b64 = at::randn({50, 30}, at::kDouble);
+  EXPECT_TRUE(thin_mm(a64, b64, 3.0).equal(at::mm(a64, b64).mul_(3.0)));
+  // In place on a non-contiguous c (a transposed view): at::'s addmm_, and the view's storage changes.
+  at::Tensor storage = at::randn({64, 16});
+  at::Tensor c = storage.t();  // (16, 64)
+  const at::Tensor before = c.clone();
+  thin_addmm_(c, a, b, 1.0);
+  EXPECT_LT(rel_diff(storage.t(), before + at::mm(a, b)), 1e-5);
+}
+
+TEST(ThinGemm, GradientsFlowWhenOperandsRequireThem) {
+  at::Tensor a = at::randn({16, 40}).requires_grad_(), b = at::randn({40, 24}).requires_grad_();
+  thin_mm(a, b, 2.0).sum().backward();
+  ASSERT_TRUE(a.grad().defined() && b.grad().defined());
+  EXPECT_LT(rel_diff(a.grad(), 2.0 * at::ones({16, 24}).mm(b.detach().t())), 1e-5);
+}
+
+TEST(ThinGemm, AutocastKeepsItsLowerPrecision) {
+  at::Tensor a = at::randn({16, 64}), b = at::randn({64, 32});
+  at::autocast::set_cpu_enabled(true);
+  at::Tensor got = thin_mm(a, b);
+  at::autocast::set_cpu_enabled(false);
+  EXPECT_EQ(got.scalar_type(), at::kBFloat16);
+}
+
+TEST(ThinGemm, RefusesMismatchedShapesNamingThem) {
+  at::Tensor a = at::randn({16, 40}), b = at::randn({41, 8});
+  EXPECT_THROW_WITH(thin_mm(a, b), "[thin_mm] expected a (M, K) and b (K, N), got [16, 40] and [41, 8]");
+  at::Tensor c = at::randn({16, 9});
+  EXPECT_THROW_WITH(thin_addmm(c, a, at::randn({40, 8}), 1.0), "[thin_addmm] c must be [16, 8], got [16, 9]");
+  EXPECT_THROW_WITH(thin_addmm_(c, a, at::randn({40, 8}), 1.0),
+                    "[thin_addmm_] c must be [16, 8], got [16, 9]");
+}
+
+}  // namespace
+}  // namespace mdl
