@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
+#include <thread>
+
 #include "test_util.h"
 
 namespace mdl {
@@ -59,6 +61,13 @@ TEST(ThinGemm, StridedAndNonFloatOperandsTakeTheReferencePath) {
   const at::Tensor before = c.clone();
   thin_addmm_(c, a, b, 1.0);
   EXPECT_LT(rel_diff(storage.t(), before + at::mm(a, b)), 1e-5);
+}
+
+TEST(ThinGemm, WorksFromAThreadTorchDidNotStart) {
+  at::Tensor a = at::randn({16, 300}), b = at::randn({300, 200});
+  at::Tensor got;
+  std::thread([&] { got = thin_mm(a, b); }).join();
+  EXPECT_LT(rel_diff(got, at::mm(a, b)), 1e-5);
 }
 
 TEST(ThinGemm, GradientsFlowWhenOperandsRequireThem) {

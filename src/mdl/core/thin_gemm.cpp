@@ -1,6 +1,7 @@
 #include "mdl/core/thin_gemm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -52,6 +53,9 @@ void check(const char* where, const at::Tensor& a, const at::Tensor& b) {
 
 // c = alpha a b + beta c through the backend; c row-major with unit column stride.
 void backend_gemm(const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor& c) {
+  // oneDNN takes its thread count from OpenMP, which a thread made outside torch (a server worker) has at
+  // the default of one per core: set it to torch's count first, as torch's own kernels do.
+  at::internal::lazy_init_num_threads();
   const Operand oa = operand(a), ob = operand(b);
   detail::sgemm_row_major(oa.trans, ob.trans, a.size(0), b.size(1), a.size(1), static_cast<float>(alpha),
                           oa.t.data_ptr<float>(), oa.ld, ob.t.data_ptr<float>(), ob.ld,
