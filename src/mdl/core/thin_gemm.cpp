@@ -83,7 +83,7 @@ at::Tensor thin_addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor
   if (!eligible(a, b) || c.scalar_type() != at::kFloat || !c.device().is_cpu() ||
       (at::GradMode::is_enabled() && c.requires_grad()))
     return at::addmm(c, a, b, 1.0, alpha);
-  at::Tensor out = c.contiguous().clone();  // (M, N)
+  at::Tensor out = c.clone(at::MemoryFormat::Contiguous);  // (M, N)
   backend_gemm(a, b, alpha, 1.0, out);
   return out;
 }
