@@ -46,6 +46,25 @@ TEST(ThinGemm, EqualsAtMmForEveryLayoutOfBothOperands) {
   }
 }
 
+TEST(ThinGemm, RawFormTakesRowMajorPointersInBothOrientations) {
+  at::manual_seed(2);
+  const int64_t m = 20, k = 16, n = 50;
+  for (char ta : {'N', 'T'}) {
+    for (char tb : {'N', 'T'}) {
+      const at::Tensor a = ta == 'N' ? at::randn({m, k}) : at::randn({k, m});  // stored as given
+      const at::Tensor b = tb == 'N' ? at::randn({k, n}) : at::randn({n, k});
+      at::Tensor c = at::randn({m, n});
+      const at::Tensor want = 0.5 * c + 3.0 * at::mm(ta == 'N' ? a : a.t(), tb == 'N' ? b : b.t());
+      thin_sgemm(ta, tb, m, n, k, 3.0f, a.data_ptr<float>(), a.size(1), b.data_ptr<float>(), b.size(1), 0.5f,
+                 c.data_ptr<float>(), n);
+      EXPECT_LT(rel_diff(c, want), 1e-5) << ta << tb;
+    }
+  }
+  float x = 0;
+  EXPECT_THROW_WITH(thin_sgemm('C', 'N', 1, 1, 1, 1.0f, &x, 1, &x, 1, 0.0f, &x, 1),
+                    "[thin_sgemm] trans must be 'N' or 'T', got 'C' and 'N'");
+}
+
 TEST(ThinGemm, StridedAndNonFloatOperandsTakeTheReferencePath) {
   at::manual_seed(1);
   // Every other column: neither row- nor column-major, copied before the product.

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <cblas.h>
 
 #include <algorithm>
 
@@ -53,16 +54,30 @@ void check(const char* where, const at::Tensor& a, const at::Tensor& b) {
 
 // c = alpha a b + beta c through the backend; c row-major with unit column stride.
 void backend_gemm(const at::Tensor& a, const at::Tensor& b, double alpha, double beta, at::Tensor& c) {
-  // oneDNN takes its thread count from OpenMP, which a thread made outside torch (a server worker) has at
-  // the default of one per core: set it to torch's count first, as torch's own kernels do.
-  at::internal::lazy_init_num_threads();
   const Operand oa = operand(a), ob = operand(b);
-  detail::sgemm_row_major(oa.trans, ob.trans, a.size(0), b.size(1), a.size(1), static_cast<float>(alpha),
-                          oa.t.data_ptr<float>(), oa.ld, ob.t.data_ptr<float>(), ob.ld,
-                          static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+  thin_sgemm(oa.trans, ob.trans, a.size(0), b.size(1), a.size(1), static_cast<float>(alpha),
+             oa.t.data_ptr<float>(), oa.ld, ob.t.data_ptr<float>(), ob.ld, static_cast<float>(beta),
+             c.data_ptr<float>(), c.stride(0));
 }
 
 }  // namespace
+
+void thin_sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  MDL_CHECK((trans_a == 'N' || trans_a == 'T') && (trans_b == 'N' || trans_b == 'T'),
+            "[thin_sgemm] trans must be 'N' or 'T', got '", trans_a, "' and '", trans_b, "'");
+  if (detail::sgemm_available()) {
+    // oneDNN takes its thread count from OpenMP, which a thread made outside torch (a server worker) has
+    // at the default of one per core: set it to torch's count first, as torch's own kernels do.
+    at::internal::lazy_init_num_threads();
+    detail::sgemm_row_major(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a == 'T' ? CblasTrans : CblasNoTrans,
+              trans_b == 'T' ? CblasTrans : CblasNoTrans, static_cast<int>(m), static_cast<int>(n),
+              static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta, c,
+              static_cast<int>(ldc));
+}
 
 bool thin_gemm_accelerated() {
   return detail::sgemm_available();

@@ -20,6 +20,12 @@ at::Tensor thin_addmm(const at::Tensor& c, const at::Tensor& a, const at::Tensor
 /// c += alpha * a @ b in place; c (M, N).
 void thin_addmm_(at::Tensor& c, const at::Tensor& a, const at::Tensor& b, double alpha);
 
+/// The raw form, for callers that hold pointers (LoraBank's rows): C = alpha op(A) op(B) + beta C, all
+/// row-major float32 in CPU memory, op = 'N' or 'T'; C (M, N), op(A) (M, K), op(B) (K, N). oneDNN when
+/// built with it, else the BLAS's cblas_sgemm.
+void thin_sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 /// Whether CPU float32 products go through oneDNN in this build (false: at:: everywhere).
 bool thin_gemm_accelerated();
 

@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Half.h>
-#include <cblas.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -11,6 +10,7 @@
 #include <vector>
 
 #include "mdl/core/error.h"
+#include "mdl/core/thin_gemm.h"
 
 namespace mdl {
 
@@ -132,7 +132,8 @@ RowF16 pick_row_f16() {
 /// r x (in + out) floats per row and site and cost a 32-LoRA decoding step more than the base projection
 /// itself (497 us vs 229 us at 512 x 512, batch 32). Decoding steps (one position per row) run lora_row,
 /// on one thread: a second one, woken per site, made a 32-LoRA step slower (its wake-up and OpenBLAS's
-/// spinning threads cost more than the 30-100 us it saved). Longer rows (prompts) use sgemm per row.
+/// spinning threads cost more than the 30-100 us it saved). Longer rows (prompts) take two thin products per
+/// row (core/thin_gemm).
 at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::Tensor& a_t, const at::Tensor& b_t,
                      const std::vector<double>& scaling, const at::Tensor& idx, const at::Tensor& scale, int64_t none) {
   const int rows = static_cast<int>(x.size(0)), in = static_cast<int>(a_t.size(1)), r = static_cast<int>(a_t.size(2)),
@@ -174,9 +175,9 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::T
     const float* B = half ? b32.data_ptr<float>() : static_cast<const float*>(B0) + ip[row] * r * out;  // (r, out)
     const float* X = X0 + static_cast<int64_t>(row) * T * in;
     float* Y = Y0 + static_cast<int64_t>(row) * T * out;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, r, in, 1.0f, X, in, A, r, 0.0f, H, r);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, out, r,
-                static_cast<float>(sp[row] * scaling[static_cast<size_t>(ip[row])]), H, r, B, out, 1.0f, Y, out);
+    thin_sgemm('N', 'N', T, r, in, 1.0f, X, in, A, r, 0.0f, H, r);  // (T, r)
+    thin_sgemm('N', 'N', T, out, r, static_cast<float>(sp[row] * scaling[static_cast<size_t>(ip[row])]), H, r,
+               B, out, 1.0f, Y, out);  // (T, out) += s H B
   }
   return result.view(current.sizes());
 }
