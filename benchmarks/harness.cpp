@@ -133,7 +133,8 @@ int main(int argc, char** argv) {
                 mdl::bench::g_baseline, static_cast<long>(mdl::cpu_allocator_stats().peak_bytes));
     return 0;
   }
-  std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d)%s\n", t.budget, t.torch_threads, t.blas_threads,
+  std::printf("mdl_bench: %d thread(s) (torch %d x OpenBLAS %d, %s kernels)%s\n", t.budget, t.torch_threads,
+              t.blas_threads, t.blas_kernels.empty() ? "unknown" : t.blas_kernels.c_str(),
               settings.quick ? ", quick" : "");
   std::printf("  %-12s %-52s %12s %-10s %s\n", "group", "measurement", "value", "unit", "ratio / note");
   mdl::bench::Report report;

@@ -18,6 +18,8 @@ TEST(Threads, TheProductNeverExceedsTheBudget) {
   EXPECT_LE(t.torch_threads * std::max(1, t.blas_threads), t.budget);
   ThreadConfig all = configure_threads(0);
   EXPECT_EQ(all.budget, available_cores());
+  // OpenBLAS (the selected libblas.so.3 here) names its kernels; another BLAS names none.
+  EXPECT_EQ(all.blas_kernels.empty(), all.blas_threads == 0) << all.blas_kernels;
 }
 
 TEST(Device, ParsesNamesAndRefusesWhatIsMissing) {

@@ -57,7 +57,7 @@ void apply(const GlobalOptions& g) {
   install_cpu_allocator();
   ThreadConfig t = configure_threads(g.threads);
   log_debug("[threads] budget " + std::to_string(t.budget) + ": torch " + std::to_string(t.torch_threads) +
-            ", OpenBLAS " + std::to_string(t.blas_threads));
+            ", OpenBLAS " + std::to_string(t.blas_threads) + " (" + t.blas_kernels + " kernels)");
 }
 
 struct RunOptions {

@@ -29,6 +29,9 @@ ThreadConfig configure_threads(int threads) {
   } else {
     config.blas_threads = 0;
   }
+  using CoreName = char* (*)();
+  if (auto core_name = reinterpret_cast<CoreName>(dlsym(RTLD_DEFAULT, "openblas_get_corename")))
+    config.blas_kernels = core_name();
   return config;
 }
 

@@ -4,6 +4,8 @@
 // torch x BLAS never exceeds the budget.
 #pragma once
 
+#include <string>
+
 namespace mdl {
 
 /// How a thread budget was split.
@@ -11,6 +13,10 @@ struct ThreadConfig {
   int budget = 1;         ///< total threads allowed (the --threads value, or the core count)
   int torch_threads = 1;  ///< torch intra-op threads
   int blas_threads = 1;   ///< OpenBLAS threads (0 if the BLAS in use is not OpenBLAS)
+  /// OpenBLAS's kernels ("Haswell", "Cooperlake", ...; empty if not OpenBLAS). OpenBLAS picks them for the
+  /// CPU unless OPENBLAS_CORETYPE names others; benchmark figures depend on them (AVX-512 kernels run this
+  /// machine's GEMMs ~1.8x faster than Haswell's), so the benchmarks print them.
+  std::string blas_kernels;
 };
 
 /// Number of cores usable by this process (sched affinity), at least 1.
