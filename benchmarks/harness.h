@@ -61,7 +61,8 @@ long peak_rss_bytes();
 
 namespace mdl::bench {
 
-/// A measurement run in a fresh child process (so its peak memory is its own): returns seconds per call.
+/// A measurement run in a fresh child process (so its peak memory is its own): returns its Timing (seconds
+/// per call).
 bool register_child(const std::string& name, std::function<Timing(const Settings&)> fn);
 
 /// Result of a child run.

@@ -19,6 +19,20 @@ TEST(ThinGemm, BuildUsesOneDnnWhereCMakeFoundIt) {
   EXPECT_EQ(thin_gemm_accelerated(), MDL_EXPECT_ONEDNN != 0);
 }
 
+// The tensor forms reach the backend for LoRA's shapes: bit for bit what the raw form computes (at::mm's
+// OpenBLAS sums in another order, so a product that fell back would differ in its last bits).
+TEST(ThinGemm, LoraShapesGoToTheBackend) {
+  if (!thin_gemm_accelerated()) GTEST_SKIP() << "built without oneDNN: every product is at::'s";
+  at::manual_seed(3);
+  const at::Tensor x = at::randn({1024, 384}), A = at::randn({16, 384});  // x A^T: (1024, 16)
+  at::Tensor raw = at::empty({1024, 16});
+  thin_sgemm('N', 'T', 1024, 16, 384, 1.0f, x.data_ptr<float>(), 384, A.data_ptr<float>(), 384, 0.0f,
+             raw.data_ptr<float>(), 16);
+  const at::Tensor got = thin_mm(x, A.t());
+  EXPECT_TRUE(got.equal(raw));
+  EXPECT_FALSE(got.equal(at::mm(x, A.t()))) << "the same bits as at::mm: did the product fall back?";
+}
+
 TEST(ThinGemm, EqualsAtMmForEveryLayoutOfBothOperands) {
   at::manual_seed(0);
   // (M, K, N): LoRA's shapes (r = 16 rows, columns or inner dimension), odd sizes, and one past the

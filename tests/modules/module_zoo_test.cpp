@@ -159,9 +159,6 @@ std::vector<Case> cases() {
 INSTANTIATE_TEST_SUITE_P(Types, ModuleZoo, ::testing::ValuesIn(cases()),
                          [](const auto& info) { return info.param.label; });
 
-// A training LoRA runs as one autograd node (thin products in BLAS's fast orientation); its output and
-// every gradient (LoRA factors, the base weights, the input through them) equal the composed equations
-// y = W x + s B A x that evaluation mode runs through autograd's own linears.
 // Whether the autograd graph behind `t` has a node whose name contains `what`.
 bool graph_has(const at::Tensor& t, const std::string& what) {
   std::vector<torch::autograd::Node*> todo{t.grad_fn().get()};

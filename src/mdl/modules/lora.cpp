@@ -216,7 +216,7 @@ LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
 at::Tensor LoraImpl::delta_weight() const { return scaling * at::matmul(B, A); }  // (out, in)
 
 bool LoraImpl::low_rank(at::Tensor& a, at::Tensor& b, double& s) const {
-  if (magnitude.defined() || lora_bias.defined() || (options.dropout > 0 && is_training())) return false;
+  if (!plain() || (options.dropout > 0 && is_training())) return false;
   a = A, b = B, s = scaling;
   return true;
 }
@@ -226,9 +226,8 @@ at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current)
   if (options.dropout > 0 && is_training()) x = at::dropout(x, options.dropout, true);
   // In training, plain LoRA always takes the node, gradient or not: a checkpointed layer's first run (no
   // gradient) and its rerun must compute the same values.
-  if (!magnitude.defined() && !lora_bias.defined() && is_training())
-    return LoraDeltaFn::apply(x, current, A, B, scaling);
-  if (!magnitude.defined() && !lora_bias.defined() && current.is_contiguous() && !current.requires_grad()) {
+  if (plain() && is_training()) return LoraDeltaFn::apply(x, current, A, B, scaling);
+  if (plain() && current.is_contiguous() && !current.requires_grad()) {
     // Evaluation: current + s (x A^T) B^T as one GEMM with beta = 1, alpha = s, no separate scale and add
     // passes; only when no gradient flows back through `current` (addmm's backward there is slow).
     const int64_t in = A.size(1), out = B.size(0);
@@ -251,8 +250,7 @@ at::Tensor LoraImpl::forward_linear(const at::Tensor& input, const at::Tensor& w
   // Building W + s B A costs out * in * r multiply-adds, the low-rank products rows * (in + out) * r:
   // the merged form wins from rows * (in + out) >= out * in (192 rows at 384 x 384). Dropout in training
   // acts on LoRA's input only, so it keeps the low-rank route. The base weights are never modified.
-  const bool fold = !magnitude.defined() && !lora_bias.defined() && rows * (in + out) >= out * in &&
-                    !(is_training() && options.dropout > 0);
+  const bool fold = plain() && rows * (in + out) >= out * in && !(is_training() && options.dropout > 0);
   if (!fold) return forward(input, at::linear(input, weight, bias));
   const bool wants_grad =
       at::GradMode::is_enabled() && (input.requires_grad() || weight.requires_grad() || A.requires_grad() ||

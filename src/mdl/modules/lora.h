@@ -61,6 +61,8 @@ class LoraImpl : public SiteModule {
   at::Tensor magnitude;  // (out) DoRA or undefined
 
  private:
+  /// No DoRA magnitude and no LoRA bias: y = W x + s B A x, which the fused nodes compute.
+  bool plain() const { return !magnitude.defined() && !lora_bias.defined(); }
   SiteLinearImpl* base_;                // the site's projection, owned by the model
   at::Tensor merged_scale_;             // DoRA: m / ||W + sBA|| at merge time, to unmerge exactly
 };

@@ -45,8 +45,13 @@ at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& b
   const ForwardContext& ctx = ForwardContext::current();
   if (ctx.routing && !ctx.routing->modules.empty())
     return forward_per_example(input, base, ctx.routing->modules);
+  return forward_running(running(), input, base);
+}
+
+at::Tensor AttachedModules::forward_running(const std::vector<Entry*>& run, const at::Tensor& input,
+                                            const at::Tensor& base) {
   at::Tensor out = base;
-  for (Entry* e : running()) {
+  for (Entry* e : run) {
     at::Tensor next = e->module->forward(input, out);
     // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
     out = e->scale == 1.0 || next.sizes() != out.sizes() ? next : out + e->scale * (next - out);
@@ -57,11 +62,11 @@ at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& b
 at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Tensor& weight,
                                            const at::Tensor& bias) {
   const ForwardContext& ctx = ForwardContext::current();
-  if (!ctx.routing || ctx.routing->modules.empty()) {
-    const std::vector<Entry*> run = running();
-    if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
-  }
-  return forward(input, at::linear(input, weight, bias));
+  if (ctx.routing && !ctx.routing->modules.empty())
+    return forward_per_example(input, at::linear(input, weight, bias), ctx.routing->modules);
+  const std::vector<Entry*> run = running();  // once per call: the fold decision and the loop share it
+  if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
+  return forward_running(run, input, at::linear(input, weight, bias));
 }
 
 at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const at::Tensor& base,

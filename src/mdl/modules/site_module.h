@@ -73,6 +73,8 @@ class AttachedModules : public SiteFunction {
  private:
   /// The entries forward() runs, in order: active, unmerged, scale != 0, not run by an active fusion.
   std::vector<Entry*> running();
+  /// Runs `run` in order on `base` (each entry's scale applied).
+  at::Tensor forward_running(const std::vector<Entry*>& run, const at::Tensor& input, const at::Tensor& base);
   at::Tensor forward_per_example(const at::Tensor& input, const at::Tensor& base,
                                  const std::vector<std::vector<ModuleChoice>>& choices);
   /// The per-example path when every module chosen here is a plain LoRA and no gradient is needed: one
