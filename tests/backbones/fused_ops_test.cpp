@@ -9,6 +9,8 @@
 #include "mdl/backbones/functional.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/autocast.h"
+#include "mdl/core/error.h"
+#include "mdl/core/linear.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -93,6 +95,118 @@ TEST(FusedOps, SwigluMatchesTheComposedOpsInValueAndGradient) {
   }
   EXPECT_THROW_WITH(fn::swiglu(at::ones({2, 4}), at::ones({2, 5})),
                     "[swiglu] gate [2, 4] and up [2, 5] differ");
+}
+
+// Drops `t` and says whether its memory went with it (no saved tensor holds its storage).
+bool freed_when_dropped(at::Tensor& t) {
+  c10::weak_intrusive_ptr<c10::StorageImpl> weak = t.storage().getWeakStorageImpl();
+  t.reset();
+  return weak.expired();
+}
+
+// RMSNorm's and SwiGLU's outputs, read by projections whose weights train, are freed after the forward
+// pass: the projections' nodes rebuild them in backward (core/rebuild.h). Two projections of one norm
+// output (q and k) share one rebuild. Every gradient equals the composition that keeps them.
+TEST(FusedOps, NormAndSwigluOutputsAreRebuiltNotKept) {
+  for (auto dtype : {at::kFloat, at::kDouble}) {  // the CPU loops, then the generic path
+    at::manual_seed(5);
+    const at::Tensor x0 = at::randn({2, 5, 8}, dtype), nw0 = at::randn({8}, dtype),
+                     wq0 = at::randn({6, 8}, dtype), wk0 = at::randn({4, 8}, dtype),
+                     wd0 = at::randn({8, 6}, dtype);
+    auto a = leaves({x0, nw0, wq0, wk0, wd0}), b = leaves({x0, nw0, wq0, wk0, wd0});
+    at::Tensor h = fn::rms_norm_fused(a[0], a[1], 1e-6);
+    at::Tensor q = linear(h, a[2], at::Tensor()), k = linear(h, a[3], at::Tensor());  // (2, 5, 6), (2, 5, 4)
+    EXPECT_TRUE(freed_when_dropped(h)) << dtype;
+    at::Tensor act = fn::swiglu(q, at::cat({k, k.narrow(-1, 0, 2)}, -1));  // (2, 5, 6)
+    at::Tensor y = linear(act, a[4], at::Tensor());                        // (2, 5, 8)
+    EXPECT_TRUE(freed_when_dropped(act)) << dtype;
+    // The reference: the same ops through at::linear, which keeps its input.
+    at::Tensor hr = fn::rms_norm_fused(b[0], b[1], 1e-6);
+    at::Tensor qr = at::linear(hr, b[2]), kr = at::linear(hr, b[3]);
+    at::Tensor ar = fn::swiglu(qr, at::cat({kr, kr.narrow(-1, 0, 2)}, -1));
+    at::Tensor yr = at::linear(ar, b[4]);
+    EXPECT_FALSE(freed_when_dropped(ar)) << dtype;
+    EXPECT_TRUE(at::equal(y, yr)) << dtype;
+    const at::Tensor dy = at::randn(y.sizes(), dtype);
+    y.backward(dy);
+    yr.backward(dy);
+    for (size_t i = 0; i < a.size(); ++i)
+      EXPECT_TRUE(at::allclose(a[i].grad(), b[i].grad(), 1e-5, 1e-6)) << dtype << " gradient " << i;
+  }
+}
+
+// Attention as composed ops, each query head reading its own copy of its key/value head.
+at::Tensor attention_composed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& bias) {
+  const int64_t G = q.size(1) / k.size(1);
+  at::Tensor s = at::matmul(q, k.repeat_interleave(G, 1).transpose(-1, -2)) / std::sqrt(double(q.size(-1)));
+  if (bias.defined()) s = s + bias;
+  return at::matmul(at::softmax(s, -1), v.repeat_interleave(G, 1));
+}
+
+// The attention node keeps q, k, v and the bias and computes the probabilities again in backward: output
+// and gradients equal the composed ops for grouped and plain heads and every bias shape; a bias that
+// learns takes the composed path and gets its gradient.
+TEST(FusedOps, AttentionRecomputesItsProbabilitiesWithTheComposedGradients) {
+  const int64_t B = 2, T = 5;
+  for (auto dtype : {at::kFloat, at::kDouble})
+    for (int64_t Hkv : {3, 1}) {
+      at::manual_seed(6);
+      const at::Tensor q0 = at::randn({B, 3, T, 4}, dtype), k0 = at::randn({B, Hkv, T, 4}, dtype),
+                       v0 = at::randn({B, Hkv, T, 4}, dtype), dy = at::randn({B, 3, T, 4}, dtype);
+      const at::Tensor causal = fn::attention_bias({}, B, T, 0, true, 0, dtype, at::kCPU);  // (B, 1, T, T)
+      const at::Tensor padding =
+          at::zeros({B, 1, 1, T}, dtype).index_fill_(3, at::tensor({int64_t(4)}), -1e9);
+      const at::Tensor per_head = at::randn({1, 3, T, T}, dtype);
+      for (const at::Tensor& bias : {causal, padding, per_head, at::Tensor()}) {
+        const std::string label = std::string(c10::toString(dtype)) + " Hkv " + std::to_string(Hkv) +
+                                  " bias " + (bias.defined() ? shape_str(bias.sizes().vec()) : "none");
+        auto a = leaves({q0, k0, v0}), b = leaves({q0, k0, v0});
+        at::Tensor got = fn::attention(a[0], a[1], a[2], bias),
+                   want = attention_composed(b[0], b[1], b[2], bias);
+        EXPECT_LT(max_diff(got, want), 1e-5) << label;
+        got.backward(dy);
+        want.backward(dy);
+        for (size_t i = 0; i < 3; ++i)
+          EXPECT_LT(max_diff(a[i].grad(), b[i].grad()), 1e-5) << label << " gradient " << i;
+      }
+      // A bias that learns (ALiBi-like): autograd through the same ops, so it gets its gradient too.
+      auto a = leaves({q0, k0, v0, per_head}), b = leaves({q0, k0, v0, per_head});
+      fn::attention(a[0], a[1], a[2], a[3]).backward(dy);
+      attention_composed(b[0], b[1], b[2], b[3]).backward(dy);
+      for (size_t i = 0; i < 4; ++i)
+        EXPECT_LT(max_diff(a[i].grad(), b[i].grad()), 1e-5) << "learned bias " << i;
+    }
+  {
+    // Under autocast the products run in bfloat16. Backward takes them in the forward's dtype whether
+    // autocast is still on (backward inside the guard) or not (outside, as the trainer calls it).
+    at::manual_seed(7);
+    const at::Tensor q0 = at::randn({B, 4, T, 8}), k0 = at::randn({B, 2, T, 8}), v0 = at::randn({B, 2, T, 8}),
+                     dy = at::randn({B, 4, T, 8});
+    const at::Tensor causal = fn::attention_bias({}, B, T, 0, true, 0, at::kFloat, at::kCPU);
+    auto a = leaves({q0, k0, v0}), b = leaves({q0, k0, v0}), c = leaves({q0, k0, v0});
+    at::Tensor outside;
+    {
+      AutocastGuard bf16(at::kCPU, at::kBFloat16);
+      at::Tensor inside = fn::attention(a[0], a[1], a[2], causal);
+      EXPECT_EQ(inside.scalar_type(), at::kBFloat16);
+      inside.backward(dy.to(at::kBFloat16));
+      outside = fn::attention(b[0], b[1], b[2], causal);
+    }
+    outside.backward(dy.to(at::kBFloat16));
+    attention_composed(c[0], c[1], c[2], causal).backward(dy);
+    for (size_t i = 0; i < 3; ++i) {
+      EXPECT_TRUE(at::equal(a[i].grad(), b[i].grad())) << "bf16 gradient " << i;
+      EXPECT_EQ(a[i].grad().scalar_type(), at::kFloat);
+      EXPECT_LT(max_diff(a[i].grad(), c[i].grad()), 0.05 * c[i].grad().abs().max().item<double>()) << i;
+    }
+  }
+  const at::Tensor q = at::zeros({1, 4, 3, 8}), k = at::zeros({1, 2, 3, 8});
+  EXPECT_THROW_WITH(fn::attention(q, at::zeros({1, 3, 3, 8}), at::zeros({1, 3, 3, 8}), {}),
+                    "4 query heads are not a multiple of 3 key/value heads");
+  EXPECT_THROW_WITH(fn::attention(q, k, at::zeros({1, 2, 4, 8}), {}), "do not fit");
+  EXPECT_THROW_WITH(fn::attention(q, k, k, at::zeros({1, 1, 3, 5})),
+                    "[attention] bias [1, 1, 3, 5] does not fit 1 examples, 3 queries and 3 keys");
 }
 
 TEST(FusedOps, LinearCrossEntropyMatchesLogitsThenCrossEntropy) {

@@ -91,20 +91,15 @@ inline at::Tensor gpt2(const Weights& w, const ModelConfig& c, const at::Tensor&
   return h.mm(head.t());
 }
 
-// Rotates each pair (j, j + D/2) of x (T, D) by angle pos * theta^(-2j/D).
+// Rotates each pair (j, j + D/2) of x (T, D) by angle pos * theta^(-2j/D). Tensor ops throughout, so
+// gradients flow through it.
 inline at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
-  const int64_t T = x.size(0), D = x.size(1), half = D / 2;
-  at::Tensor out = x.clone();
-  for (int64_t t = 0; t < T; ++t) {
-    const double pos = positions[t].item<double>();
-    for (int64_t j = 0; j < half; ++j) {
-      const double angle = pos * std::pow(theta, -2.0 * j / D);
-      const double a = x[t][j].item<double>(), b = x[t][j + half].item<double>();
-      out[t][j] = a * std::cos(angle) - b * std::sin(angle);
-      out[t][j + half] = b * std::cos(angle) + a * std::sin(angle);
-    }
-  }
-  return out;
+  const int64_t D = x.size(1), half = D / 2;
+  at::Tensor inv_freq = at::pow(theta, at::arange(half, at::kDouble) * (-2.0 / D));  // (D/2)
+  at::Tensor angle = positions.to(at::kDouble).unsqueeze(1) * inv_freq;              // (T, D/2)
+  at::Tensor c = angle.cos(), s = angle.sin();
+  at::Tensor a = x.narrow(1, 0, half), b = x.narrow(1, half, half);
+  return at::cat({a * c - b * s, b * c + a * s}, 1);
 }
 
 /// Llama-family final hidden states (T, C) for one sequence (positions 0..T-1).

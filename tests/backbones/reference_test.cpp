@@ -62,6 +62,44 @@ TEST_P(LlamaFamily, LogitsMatch) {
 
 INSTANTIATE_TEST_SUITE_P(Archs, LlamaFamily, ::testing::Values("llama", "mistral", "qwen2", "mixtral"));
 
+// Every weight's gradient through mdl's training nodes (projections that keep what rebuilds their input,
+// attention that computes its probabilities again in backward, the fused norms, rotary embeddings and
+// SwiGLU) against autograd through the reference's plain float64 ops.
+void expect_gradients_match(const std::string& arch, const std::string& prefix) {
+  const std::string dir = test::tiny_checkpoint(arch);
+  Model m = load_model(dir);
+  const ModelConfig& c = m->config();
+  auto w = reference::load(dir, prefix);
+  for (auto& entry : w.t) entry.second = entry.second.detach().clone().requires_grad_(true);
+  at::Tensor ids = random_ids(arch == "mistral" ? c.sliding_window + 5 : 13, c.vocab_size, 8);
+  ModelInput in;
+  in.input_ids = ids.view({1, -1});
+  at::Tensor got = m->forward(in)[0];  // (T, V)
+  at::Tensor r = at::randn(got.sizes(), at::detail::createCPUGenerator(9), at::kDouble);
+  (got.to(at::kDouble) * r).sum().backward();
+  at::Tensor want = arch == "gpt2" ? reference::gpt2(w, c, ids) : reference::llama(w, c, ids);
+  (want * r).sum().backward();
+  int compared = 0;
+  for (const auto& p : m->named_parameters()) {
+    auto it = w.t.find(p.key());
+    ASSERT_TRUE(it != w.t.end()) << arch << ": " << p.key() << " is not in the checkpoint";
+    ASSERT_TRUE(p.value().grad().defined() && it->second.grad().defined()) << arch << ": " << p.key();
+    at::Tensor g = p.value().grad().to(at::kDouble), ref = it->second.grad().to(at::kDouble);
+    const bool conv1d = arch == "gpt2" && ref.dim() == 2 && p.key().find(".h.") != std::string::npos;
+    if (conv1d) ref = ref.t();  // GPT-2's Conv1D weights are stored (in, out)
+    const double scale = std::max(1e-6, ref.abs().max().item<double>());
+    EXPECT_LE(max_diff(g, ref) / scale, 1e-4) << arch << ": " << p.key();
+    ++compared;
+  }
+  EXPECT_GE(compared, 2 + 9 * c.n_layer) << arch;
+}
+
+TEST(Reference, GradientsMatch) {
+  for (const auto& [arch, prefix] : std::vector<std::pair<std::string, std::string>>{
+           {"llama", "model."}, {"mistral", "model."}, {"qwen2", "model."}, {"gpt2", "transformer."}})
+    expect_gradients_match(arch, prefix);
+}
+
 TEST(Reference, LeftPaddedBatchMatchesEachSequenceAlone) {
   const std::string dir = test::tiny_checkpoint("llama");
   Model m = load_model(dir);

@@ -9,11 +9,13 @@
 #include <vector>
 
 #include "mdl/core/error.h"
+#include "mdl/core/rebuild.h"
 
 namespace mdl::fn {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::CppNode;
 using torch::autograd::variable_list;
 
 // True where the hand-written loops apply: float32, contiguous, on the CPU.
@@ -23,11 +25,35 @@ bool cpu_float(const at::Tensor& t) {
 
 // ---- RMSNorm ------------------------------------------------------------------------------------------
 
+// y = w * x * rstd from the per-row 1/rms: the forward's output, and the same values again when a
+// consumer rebuilds it (core/rebuild.h).
+at::Tensor rms_norm_output(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
+  const int64_t C = x.size(-1), rows = rstd.size(0);
+  if (cpu_float(x) && cpu_float(w)) {
+    at::Tensor y = at::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const float *xr = xp + r * C, k = rp[r];
+      float* yr = yp + r * C;
+      for (int64_t i = 0; i < C; ++i) yr[i] = wp[i] * (xr[i] * k);
+    }
+    return y;
+  }
+  std::vector<int64_t> row_shape = x.sizes().vec();
+  row_shape.back() = 1;
+  return w * (x.to(at::kFloat) * rstd.view(row_shape)).to(x.scalar_type());
+}
+
+constexpr const char* kRebuilt = "rebuilt";  // RMSNorm's output rebuilt by its first consumer's backward
+
 struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, double eps) {
     const int64_t C = x.size(-1), rows = x.numel() / std::max<int64_t>(C, 1);
     at::Tensor rstd, y;  // rstd (rows) float32
     if (cpu_float(x) && cpu_float(w)) {
+      // One pass per row (the row is still in cache for its output), the same arithmetic as
+      // rms_norm_output.
       rstd = at::empty({rows}, x.options());
       y = at::empty_like(x);
       const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -42,16 +68,27 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
         for (int64_t i = 0; i < C; ++i) yr[i] = wp[i] * (xr[i] * k);
       }
     } else {
-      at::Tensor xf = x.to(at::kFloat);
-      at::Tensor k = at::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);  // (..., 1)
-      y = w * (xf * k).to(x.scalar_type());
-      rstd = k.reshape({rows});
+      rstd = at::rsqrt(x.to(at::kFloat).pow(2).mean(-1) + eps).reshape({rows});
+      y = rms_norm_output(x, w, rstd);
     }
     ctx->save_for_backward({x, w, rstd});
     return y;
   }
 
+  // The output again for a consumer's backward. q, k and v (gate and up) read the same norm output, so the
+  // first rebuild is kept on this node until its own backward, which runs after all of theirs.
+  static at::Tensor rebuild(torch::autograd::Node& node) {
+    AutogradContext& ctx = static_cast<CppNode<RmsNormFn>&>(node).ctx_;
+    auto it = ctx.saved_data.find(kRebuilt);
+    if (it != ctx.saved_data.end()) return it->second.toTensor();
+    const auto saved = ctx.get_saved_variables();
+    at::Tensor y = rms_norm_output(saved[0], saved[1], saved[2]);
+    ctx.saved_data[kRebuilt] = y;
+    return y;
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    ctx->saved_data.erase(kRebuilt);
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
     at::Tensor dy = grads[0].contiguous();
@@ -138,31 +175,141 @@ struct RopeFn : torch::autograd::Function<RopeFn> {
 
 // ---- SwiGLU -------------------------------------------------------------------------------------------
 
+// silu(g) * u = g s u from s = sigmoid(g): the forward's output, and the same values again when the down
+// projection's backward rebuilds it (core/rebuild.h).
+at::Tensor swiglu_output(const at::Tensor& g, const at::Tensor& u, const at::Tensor& s) {
+  if (!(cpu_float(g) && cpu_float(u) && cpu_float(s))) return g * s * u;
+  at::Tensor y = at::empty_like(g);
+  const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>(), *sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t n = g.numel();
+  for (int64_t i = 0; i < n; ++i) yp[i] = gp[i] * sp[i] * up[i];
+  return y;
+}
+
+constexpr const char* kSigmoid = "sigmoid";  // sigmoid(gate), made by a rebuild for SwiGLU's own backward
+
 struct SwigluFn : torch::autograd::Function<SwigluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
     ctx->save_for_backward({gate, up});
-    return at::silu(gate).mul_(up);
+    return swiglu_output(gate, up, at::sigmoid(gate));
+  }
+
+  // The output again, for the down projection's backward. sigmoid(gate) is the costly part (an exp per
+  // element, 0.5 ms at 1024 x 1024); SwiGLU's own backward, which runs next, needs it too, so it is kept on
+  // this node until then.
+  static at::Tensor rebuild(torch::autograd::Node& node) {
+    AutogradContext& ctx = static_cast<CppNode<SwigluFn>&>(node).ctx_;
+    const auto saved = ctx.get_saved_variables();
+    at::Tensor s = at::sigmoid(saved[0]);
+    ctx.saved_data[kSigmoid] = s;
+    return swiglu_output(saved[0], saved[1], s);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &g = saved[0], &u = saved[1];
+    at::Tensor s;  // sigmoid(g): silu(g) = g s, silu'(g) = s (1 + g (1 - s))
+    if (auto it = ctx->saved_data.find(kSigmoid); it != ctx->saved_data.end()) {
+      s = it->second.toTensor();
+      ctx->saved_data.erase(it);
+    } else {
+      s = at::sigmoid(g);
+    }
     at::Tensor dy = grads[0].contiguous();
-    at::Tensor s = at::sigmoid(g);  // silu(g) = g s, silu'(g) = s (1 + g (1 - s))
-    if (cpu_float(g) && cpu_float(u) && cpu_float(dy)) {
-      at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
-      const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>(), *yp = dy.data_ptr<float>(),
-                  *sp = s.data_ptr<float>();
+    if (cpu_float(g) && cpu_float(u) && cpu_float(dy) && cpu_float(s)) {
+      // du takes s's memory, each element read before it is overwritten: no third (..., I) tensor while
+      // gate and up are still held (the top of backward's memory peak).
+      at::Tensor dg = at::empty_like(g), du = s;
+      const float *gp = g.data_ptr<float>(), *up = u.data_ptr<float>(), *yp = dy.data_ptr<float>();
       float *dgp = dg.data_ptr<float>(), *dup = du.data_ptr<float>();
       const int64_t n = g.numel();
       for (int64_t i = 0; i < n; ++i) {
-        const float gs = gp[i] * sp[i];
+        const float si = dup[i], gs = gp[i] * si;
         dup[i] = yp[i] * gs;
-        dgp[i] = yp[i] * up[i] * (sp[i] + gs * (1.0f - sp[i]));
+        dgp[i] = yp[i] * up[i] * (si + gs * (1.0f - si));
       }
       return {dg, du};
     }
     return {dy * u * s * (1 + g * (1 - s)), dy * g * s};
+  }
+};
+
+// ---- Attention ----------------------------------------------------------------------------------------
+
+// softmax(scale q k^T + bias) over S for every query head, as (B Hkv, G T, S) in q's dtype (the softmax in
+// float32): the forward's probabilities, and the same values again in backward. The G query heads of a
+// key/value head are stacked along T (q is (B, H, T, D) with head h reading key/value head h / G), so
+// keys are never repeated and each product is one GEMM per (example, key/value head). `mm` is the
+// products' dtype: undefined in the forward pass, where autocast (if on) chooses it and it is reported
+// back; backward passes it in, so that its products are the forward's whatever autocast's state then.
+// `probs32` gets the float32 probabilities.
+at::Tensor attention_probs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias,
+                           at::ScalarType& mm, at::Tensor* probs32) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t G = H / Hkv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const bool given = mm != at::ScalarType::Undefined;
+  at::Tensor scores = at::bmm((given ? q.to(mm) : q).reshape({B * Hkv, G * T, D}),
+                              (given ? k.to(mm) : k).reshape({B * Hkv, S, D}).transpose(1, 2))
+                          .view({B, Hkv, G, T, S});
+  mm = scores.scalar_type();
+  if (bias.defined())  // bias + scale (q k^T), one pass
+    scores = at::add(bias.reshape({bias.size(0), bias.size(1) == 1 ? 1 : Hkv, bias.size(1) == 1 ? 1 : G,
+                                   bias.size(2), bias.size(3)}),
+                     scores, scale);
+  else
+    scores = scores * scale;
+  at::Tensor p = at::softmax(scores, -1, at::kFloat);  // (B, Hkv, G, T, S)
+  if (probs32) *probs32 = p.view({B * Hkv, G * T, S});
+  return p.to(q.scalar_type()).view({B * Hkv, G * T, S});
+}
+
+// The attention as one node that keeps q, k, v and the bias, not the probabilities (B, H, T, S): backward
+// computes them again (one GEMM and a softmax) before the usual products. On the small Llama at batch 8 x
+// 128 the probabilities are 3 of 25 MiB of activations per layer; computing them again costs ~1.3 ms per
+// layer, forward and backward together ~6.
+struct AttentionFn : torch::autograd::Function<AttentionFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const c10::optional<at::Tensor>& bias) {
+    const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+    ctx->save_for_backward({q, k, v, b});
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+    at::ScalarType mm = at::ScalarType::Undefined;
+    const at::Tensor p = attention_probs(q, k, b, mm, nullptr);
+    ctx->saved_data["mm"] = mm;
+    return at::bmm(p, v.reshape({B * Hkv, S, D})).view({B, H, T, D});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // Every product in the forward pass's dtype, explicitly: autograd may run this with autocast off.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &b = saved[3];
+    const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+    const int64_t G = H / Hkv;
+    at::ScalarType mm = ctx->saved_data["mm"].toScalarType();
+    at::Tensor p32;
+    const at::Tensor p = attention_probs(q, k, b, mm, &p32).to(mm);        // (B Hkv, G T, S)
+    const at::Tensor dout = grads[0].to(mm).reshape({B * Hkv, G * T, D});  // (B Hkv, G T, D)
+    at::Tensor dq, dk, dv;
+    if (ctx->needs_input_grad(2))
+      dv = at::bmm(p.transpose(1, 2), dout).view(v.sizes()).to(v.scalar_type());  // (B, Hkv, S, D)
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      at::Tensor dp = at::bmm(dout, v.to(mm).reshape({B * Hkv, S, D}).transpose(1, 2));  // (B Hkv, G T, S)
+      // Through the softmax (float32, as the forward took it), then the scale of q k^T.
+      at::Tensor ds = at::_softmax_backward_data(dp.to(at::kFloat), p32, -1, at::kFloat)
+                          .mul_(1.0 / std::sqrt(static_cast<double>(D)))
+                          .to(mm);
+      if (ctx->needs_input_grad(0))
+        dq = at::bmm(ds, k.to(mm).reshape({B * Hkv, S, D})).view(q.sizes()).to(q.scalar_type());
+      if (ctx->needs_input_grad(1))
+        dk = at::bmm(ds.transpose(1, 2), q.to(mm).reshape({B * Hkv, G * T, D}))
+                 .view(k.sizes())
+                 .to(k.scalar_type());
+    }
+    return {dq, dk, dv, at::Tensor()};
   }
 };
 
@@ -196,6 +343,8 @@ struct LinearCrossEntropyFn : torch::autograd::Function<LinearCrossEntropyFn> {
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
   MDL_CHECK(x.size(-1) == w.numel(), "[rms_norm] input has ", x.size(-1), " features, the weight ",
             w.numel());
+  static const bool registered = (register_rebuild(typeid(CppNode<RmsNormFn>), &RmsNormFn::rebuild), true);
+  (void)registered;
   return RmsNormFn::apply(x, w, eps);
 }
 
@@ -216,7 +365,21 @@ at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
   MDL_CHECK(gate.sizes() == up.sizes(), "[swiglu] gate ", gate.sizes(), " and up ", up.sizes(), " differ");
+  static const bool registered = (register_rebuild(typeid(CppNode<SwigluFn>), &SwigluFn::rebuild), true);
+  (void)registered;
   return SwigluFn::apply(gate, up);
+}
+
+at::Tensor attention_recomputed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& bias) {
+  const bool wants_grad =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (wants_grad && !(bias.defined() && bias.requires_grad()))
+    return AttentionFn::apply(q, k, v, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+  // No node (or a bias that learns: autograd through the same ops); the same values as the node's forward.
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  at::ScalarType mm = at::ScalarType::Undefined;
+  return at::bmm(attention_probs(q, k, bias, mm, nullptr), v.reshape({B * Hkv, S, D})).view({B, H, T, D});
 }
 
 at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& bias,
@@ -239,7 +402,10 @@ at::Tensor linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weig
   const bool want_h = on && hidden.requires_grad(), want_w = on && weight.requires_grad(),
              want_b = on && bias.defined() && bias.requires_grad(), grad = want_h || want_w || want_b;
   if (chunk_rows <= 0)
-    chunk_rows = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(V, 1));  // 8 MB
+    // 4 MiB of logits: a chunk's logits and log-softmax are the top of a training step's memory (at the
+    // end of the forward pass, over every activation); 8 MiB chunks made that peak 8 MiB higher for no
+    // measurable speed (small Llama: 128 rows x 8192 classes, 8 chunks per batch).
+    chunk_rows = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(V, 1));
 
   at::NoGradGuard no_grad;  // everything below is computed by hand, in float32 even under autocast
   c10::impl::ExcludeDispatchKeyGuard no_autocast(

@@ -1,8 +1,10 @@
 // Training ops with a backward of their own. Composed from at:: ops, autograd keeps every intermediate
-// (RMSNorm: the squared input, the normalised input; SwiGLU: SiLU's output; the LM loss: the logits,
-// their log-softmax and its gradient, 3 x N x V floats). These keep only what their backward needs and
-// make fewer passes over memory. On the small preset at batch 8 x 128 that is ~45% of a training step's
-// activation memory (measured: mdl_bench --filter=lora_train).
+// (RMSNorm: the squared input, the normalised input; SwiGLU: SiLU's output; attention: the (B, H, T, S)
+// probabilities; the LM loss: the logits, their log-softmax and its gradient, 3 x N x V floats). These
+// keep only what their backward needs and make fewer passes over memory. RMSNorm's and SwiGLU's outputs
+// can be rebuilt from what they keep (core/rebuild.h), so the projections that read them keep nothing
+// of them. On the small preset at batch 8 x 128 a LoRA step's peak tensor memory is 176 MiB with all of
+// this, 426 MiB with the composed ops (measured: mdl_bench --filter=lora_train).
 // CPU float32 contiguous tensors take hand-written loops; every other device or dtype takes the same
 // math in at:: ops, so the code runs unchanged on CUDA.
 #pragma once
@@ -24,6 +26,13 @@ bool rope_fusable(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
 
 /// SwiGLU's gated activation silu(gate) * up, saving only gate and up. Both (..., I), same shape.
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+
+/// softmax(q k^T / sqrt(D) + bias) v: q (B, H, T, D), k and v (B, Hkv, S, D) with H a multiple of Hkv,
+/// bias (B or 1, 1 or H, T, S) or undefined; returns (B, H, T, D). With a gradient, one node that keeps q,
+/// k, v and the bias and computes the probabilities again in backward rather than keeping them.
+/// fn::attention checks the shapes and calls this.
+at::Tensor attention_recomputed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& bias);
 
 /// Mean cross-entropy of the logits hidden W^T (+ bias) against `targets`, never holding more than
 /// `chunk_rows` rows of logits: hidden (N, C), weight (V, C), bias (V) or undefined, targets (N) int64,

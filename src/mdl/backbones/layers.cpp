@@ -4,6 +4,7 @@
 
 #include "mdl/backbones/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/core/linear.h"
 
 namespace mdl {
 
@@ -26,7 +27,7 @@ void check_features(const Site& site, const at::Tensor& x, const at::Tensor& wei
 
 at::Tensor SiteLinearImpl::forward_base(const at::Tensor& x) {
   check_features(*site_, x, weight);
-  return at::linear(x, weight, bias);
+  return linear(x, weight, bias);
 }
 
 at::Tensor SiteLinearImpl::forward(const at::Tensor& x) {

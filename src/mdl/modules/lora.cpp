@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/linear.h"
+#include "mdl/core/rebuild.h"
 #include "mdl/core/thin_gemm.h"
 
 namespace mdl {
@@ -85,8 +87,8 @@ at::Tensor grad_B(const at::Tensor& xa, const at::Tensor& g, double s, const at:
 }
 
 // current + s (x A^T) B^T as one autograd node, for training plain LoRA where it does not fold into its
-// projection (dropout, other modules at the site, few rows). Saves x (the base projection saves it too:
-// the same storage) and x A^T (N, r).
+// projection (dropout, other modules at the site, few rows). Saves x, or what rebuilds it (core/rebuild.h),
+// and x A^T (N, r).
 struct LoraDeltaFn : torch::autograd::Function<LoraDeltaFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const at::Tensor& current, const at::Tensor& A, const at::Tensor& B, double s) {
@@ -95,24 +97,28 @@ struct LoraDeltaFn : torch::autograd::Function<LoraDeltaFn> {
     const at::Tensor xa = low_rank_input(x2, A);  // (N, r)
     const at::Tensor y =
         thin_addmm(current.reshape({-1, out}), xa, B.to(xa.scalar_type()).t(), s);  // (N, out)
-    ctx->save_for_backward({x2, xa, A, B});
+    ctx->save_for_backward({save_input(ctx, x), xa, A, B});
     ctx->saved_data["s"] = s;
     ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["x_dtype"] = x.scalar_type();
     return y.view(current.sizes());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &xa = saved[1], &A = saved[2], &B = saved[3];
+    const at::Tensor &xa = saved[1], &A = saved[2], &B = saved[3];
     const double s = ctx->saved_data["s"].toDouble();
     const auto dtype = xa.scalar_type();  // the forward's (autocast may have lowered it)
     const at::Tensor g = grads[0].reshape({-1, B.size(0)}).to(dtype);  // (N, out)
     const at::Tensor gb = scaled_gb(g, B, s);                          // (N, r)
     at::Tensor dx, dA, dB;
     if (ctx->needs_input_grad(0))
-      dx = thin_mm(gb, A.to(dtype)).view(ctx->saved_data["x_sizes"].toIntVector()).to(x2.scalar_type());
-    if (ctx->needs_input_grad(2)) dA = grad_A(gb, x2, A);
+      dx = thin_mm(gb, A.to(dtype))
+               .view(ctx->saved_data["x_sizes"].toIntVector())
+               .to(ctx->saved_data["x_dtype"].toScalarType());
+    if (ctx->needs_input_grad(2))
+      dA = grad_A(gb, saved_input(ctx, saved[0]).reshape({-1, A.size(1)}), A);  // x (N, in), kept or rebuilt
     if (ctx->needs_input_grad(3)) dB = grad_B(xa, g, s, B);
     return {dx, ctx->needs_input_grad(1) ? grads[0] : at::Tensor(), dA, dB, at::Tensor()};
   }
@@ -133,15 +139,17 @@ at::Tensor merged_weight(const at::Tensor& W, const at::Tensor& A, const at::Ten
 // step spends ~36 ms in LoRA's own products here (merged weights 5.8, the low-rank part of dx 4.9, g B 5.5,
 // dA 7.4, x A^T 5, dB 6.8) against ~225 ms in the frozen projections' products; LoraDeltaFn after the
 // projection made the step 3-4% slower. x A^T is recomputed in backward rather than kept (r x N: cheap), so a
-// checkpointed layer's forward runs do not pay for it twice. Saves x, W, A, B: nothing of size (N, out), and
-// no merged weight between forward and backward.
+// checkpointed layer's forward runs do not pay for it twice. Saves x (or what rebuilds it: core/rebuild.h),
+// W, A, B: nothing of size (N, out), and no merged weight between forward and backward.
 struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& W,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
                             double s) {
     at::Tensor y = at::linear(x, merged_weight(W, A, B, s), bias.has_value() ? *bias : at::Tensor());
-    ctx->save_for_backward({x, W, A, B});
+    ctx->save_for_backward({save_input(ctx, x), W, A, B});
     ctx->saved_data["s"] = s;
+    ctx->saved_data["x_sizes"] = x.sizes().vec();
+    ctx->saved_data["x_dtype"] = x.scalar_type();
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["dtype"] = y.scalar_type();  // the product's (autocast may have lowered it)
     if (bias.has_value() && bias->defined()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
@@ -151,19 +159,27 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &W = saved[1], &A = saved[2], &B = saved[3];
+    const at::Tensor &W = saved[1], &A = saved[2], &B = saved[3];
     const double s = ctx->saved_data["s"].toDouble();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const auto dtype = ctx->saved_data["dtype"].toScalarType();
     // Autograd numbers only the tensors given: an absent bias shifts A and B down by one.
     const size_t ia = has_bias ? 3 : 2;
     const int64_t in = W.size(1), out = W.size(0);
-    const at::Tensor x2 = x.reshape({-1, in}).to(dtype);         // (N, in)
     const at::Tensor g = grads[0].reshape({-1, out}).to(dtype);  // (N, out)
     const bool want_dx = ctx->needs_input_grad(0), fold_dx = out < g.size(0);
     at::Tensor gb;  // (N, r) = s g B, for dA and the unfolded dx
     if (ctx->needs_input_grad(ia) || (want_dx && !fold_dx)) gb = scaled_gb(g, B, s);
     at::Tensor dx, dW, db, dA, dB;
+    // First what needs x (kept or rebuilt), which is then freed before dx is made: a rebuilt input and dx
+    // are never held together.
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(ia) || ctx->needs_input_grad(ia + 1)) {
+      const at::Tensor x2 = saved_input(ctx, saved[0]).reshape({-1, in}).to(dtype);  // (N, in)
+      if (ctx->needs_input_grad(1)) dW = at::mm(g.t(), x2).to(W.scalar_type());      // (out, in)
+      if (ctx->needs_input_grad(ia)) dA = grad_A(gb, x2, A);
+      if (ctx->needs_input_grad(ia + 1)) dB = grad_B(low_rank_input(x2, A), g, s, B);  // x A^T again
+    }
+    if (has_bias && ctx->needs_input_grad(2)) db = g.sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
     if (want_dx) {
       // dx = g (W + s B A). Rebuilding the merged weight (out, in) costs less than adding the low-rank
       // part over the (N, in) result when out < N (measured at N = 1024: down_proj 0.20 vs 0.55 ms, the
@@ -174,12 +190,8 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
         dx = at::mm(g, W.to(dtype));  // (N, in)
         thin_addmm_(dx, gb, A.to(dtype), 1.0);
       }
-      dx = dx.view(x.sizes()).to(x.scalar_type());
+      dx = dx.view(ctx->saved_data["x_sizes"].toIntVector()).to(ctx->saved_data["x_dtype"].toScalarType());
     }
-    if (ctx->needs_input_grad(1)) dW = at::mm(g.t(), x2).to(W.scalar_type());  // (out, in)
-    if (has_bias && ctx->needs_input_grad(2)) db = g.sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
-    if (ctx->needs_input_grad(ia)) dA = grad_A(gb, x2, A);
-    if (ctx->needs_input_grad(ia + 1)) dB = grad_B(low_rank_input(x2, A), g, s, B);  // x A^T again
     return {dx, dW, db, dA, dB, at::Tensor()};
   }
 };
@@ -251,7 +263,7 @@ at::Tensor LoraImpl::forward_linear(const at::Tensor& input, const at::Tensor& w
   // the merged form wins from rows * (in + out) >= out * in (192 rows at 384 x 384). Dropout in training
   // acts on LoRA's input only, so it keeps the low-rank route. The base weights are never modified.
   const bool fold = plain() && rows * (in + out) >= out * in && !(is_training() && options.dropout > 0);
-  if (!fold) return forward(input, at::linear(input, weight, bias));
+  if (!fold) return forward(input, linear(input, weight, bias));
   const bool wants_grad =
       at::GradMode::is_enabled() && (input.requires_grad() || weight.requires_grad() || A.requires_grad() ||
                                      B.requires_grad() || (bias.defined() && bias.requires_grad()));

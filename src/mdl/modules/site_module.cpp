@@ -7,6 +7,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/core/forward_context.h"
+#include "mdl/core/linear.h"
 #include "mdl/modules/lora_bank.h"
 #include "mdl/routing/routing_context.h"
 
@@ -25,7 +26,7 @@ void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never 
 
 at::Tensor SiteModule::forward_linear(const at::Tensor& input, const at::Tensor& weight,
                                       const at::Tensor& bias) {
-  return forward(input, at::linear(input, weight, bias));
+  return forward(input, linear(input, weight, bias));
 }
 
 std::vector<AttachedModules::Entry*> AttachedModules::running() {
@@ -63,10 +64,10 @@ at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Te
                                            const at::Tensor& bias) {
   const ForwardContext& ctx = ForwardContext::current();
   if (ctx.routing && !ctx.routing->modules.empty())
-    return forward_per_example(input, at::linear(input, weight, bias), ctx.routing->modules);
+    return forward_per_example(input, linear(input, weight, bias), ctx.routing->modules);
   const std::vector<Entry*> run = running();  // once per call: the fold decision and the loop share it
   if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
-  return forward_running(run, input, at::linear(input, weight, bias));
+  return forward_running(run, input, linear(input, weight, bias));
 }
 
 at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const at::Tensor& base,
