@@ -11,6 +11,7 @@
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
 #include "mdl/core/linear.h"
+#include "mdl/core/rebuild.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -116,9 +117,11 @@ TEST(FusedOps, NormAndSwigluOutputsAreRebuiltNotKept) {
     auto a = leaves({x0, nw0, wq0, wk0, wd0}), b = leaves({x0, nw0, wq0, wk0, wd0});
     at::Tensor h = fn::rms_norm_fused(a[0], a[1], 1e-6);
     at::Tensor q = linear(h, a[2], at::Tensor()), k = linear(h, a[3], at::Tensor());  // (2, 5, 6), (2, 5, 4)
+    EXPECT_TRUE(at::equal((*rebuild_of(h))(), h)) << dtype;  // the forward's values, to the last bit
     EXPECT_TRUE(freed_when_dropped(h)) << dtype;
     at::Tensor act = fn::swiglu(q, at::cat({k, k.narrow(-1, 0, 2)}, -1));  // (2, 5, 6)
     at::Tensor y = linear(act, a[4], at::Tensor());                        // (2, 5, 8)
+    EXPECT_TRUE(at::equal((*rebuild_of(act))(), act)) << dtype;
     EXPECT_TRUE(freed_when_dropped(act)) << dtype;
     // The reference: the same ops through at::linear, which keeps its input.
     at::Tensor hr = fn::rms_norm_fused(b[0], b[1], 1e-6);

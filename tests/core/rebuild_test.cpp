@@ -42,6 +42,15 @@ struct WrongShapeFn : torch::autograd::Function<WrongShapeFn> {
   }
 };
 
+// Keeps both of its inputs through save_input: one node can keep only one input's Rebuild.
+struct TwoInputsFn : torch::autograd::Function<TwoInputsFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->save_for_backward({save_input(ctx, a), save_input(ctx, b)});
+    return a + b;
+  }
+  static variable_list backward(AutogradContext*, variable_list grads) { return {grads[0], grads[0]}; }
+};
+
 at::Tensor doubled(const at::Tensor& x) {
   static const bool registered = (register_rebuild(typeid(CppNode<DoubleFn>), &DoubleFn::rebuild), true);
   (void)registered;
@@ -119,6 +128,13 @@ TEST(Rebuild, WrongShapeFromARebuildIsAnError) {
   at::Tensor y = linear(WrongShapeFn::apply(x), W, at::Tensor());
   EXPECT_THROW_WITH(y.sum().backward(),
                     "WrongShapeFn> rebuilt a [1, 6] tensor where the forward pass made [4, 6]");
+}
+
+TEST(Rebuild, OneRebuildPerNode) {
+  at::Tensor x = at::randn({4, 6}).requires_grad_();
+  EXPECT_THROW_WITH(TwoInputsFn::apply(doubled(x), doubled(x)),
+                    "[rebuild] save_input was called twice on one node");
+  EXPECT_NO_THROW(TwoInputsFn::apply(doubled(x), x * 3));  // the second is kept as it is
 }
 
 }  // namespace

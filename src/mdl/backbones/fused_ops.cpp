@@ -25,6 +25,12 @@ bool cpu_float(const at::Tensor& t) {
 
 // ---- RMSNorm ------------------------------------------------------------------------------------------
 
+// One row of the output, y = w * (x * k) with k = 1/rms: the forward's loop and a rebuild's run this same
+// arithmetic, so a rebuilt output equals the forward's to the last bit.
+inline void rms_norm_row(const float* x, const float* w, float k, int64_t C, float* y) {
+  for (int64_t i = 0; i < C; ++i) y[i] = w[i] * (x[i] * k);
+}
+
 // y = w * x * rstd from the per-row 1/rms: the forward's output, and the same values again when a
 // consumer rebuilds it (core/rebuild.h).
 at::Tensor rms_norm_output(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rstd) {
@@ -33,11 +39,7 @@ at::Tensor rms_norm_output(const at::Tensor& x, const at::Tensor& w, const at::T
     at::Tensor y = at::empty_like(x);
     const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *rp = rstd.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r) {
-      const float *xr = xp + r * C, k = rp[r];
-      float* yr = yp + r * C;
-      for (int64_t i = 0; i < C; ++i) yr[i] = wp[i] * (xr[i] * k);
-    }
+    for (int64_t r = 0; r < rows; ++r) rms_norm_row(xp + r * C, wp, rp[r], C, yp + r * C);
     return y;
   }
   std::vector<int64_t> row_shape = x.sizes().vec();
@@ -52,8 +54,7 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
     const int64_t C = x.size(-1), rows = x.numel() / std::max<int64_t>(C, 1);
     at::Tensor rstd, y;  // rstd (rows) float32
     if (cpu_float(x) && cpu_float(w)) {
-      // One pass per row (the row is still in cache for its output), the same arithmetic as
-      // rms_norm_output.
+      // One pass per row: the row is still in cache for its output.
       rstd = at::empty({rows}, x.options());
       y = at::empty_like(x);
       const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
@@ -64,8 +65,7 @@ struct RmsNormFn : torch::autograd::Function<RmsNormFn> {
         for (int64_t i = 0; i < C; ++i) ss += xr[i] * xr[i];
         const float k = 1.0f / std::sqrt(ss / static_cast<float>(C) + static_cast<float>(eps));
         rp[r] = k;
-        float* yr = yp + r * C;
-        for (int64_t i = 0; i < C; ++i) yr[i] = wp[i] * (xr[i] * k);
+        rms_norm_row(xr, wp, k, C, yp + r * C);
       }
     } else {
       rstd = at::rsqrt(x.to(at::kFloat).pow(2).mean(-1) + eps).reshape({rows});

@@ -60,6 +60,8 @@ c10::intrusive_ptr<Rebuild> rebuild_of(const at::Tensor& y) {
 at::Tensor save_input(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
   c10::intrusive_ptr<Rebuild> r = rebuild_of(x);
   if (!r) return x;
+  MDL_CHECK(ctx->saved_data.count(kKey) == 0,
+            "[rebuild] save_input was called twice on one node; it keeps one input's Rebuild");
   ctx->saved_data[kKey] = c10::IValue::make_capsule(std::move(r));
   return at::Tensor();
 }

@@ -45,7 +45,7 @@ class Rebuild : public torch::CustomClassHolder {
 c10::intrusive_ptr<Rebuild> rebuild_of(const at::Tensor& y);
 
 /// In a custom Function's forward: what to pass to save_for_backward for its input `x`. Either x itself,
-/// or an undefined tensor while `ctx` keeps x's Rebuild.
+/// or an undefined tensor while `ctx` keeps x's Rebuild. Once per node: it keeps one input's Rebuild.
 at::Tensor save_input(torch::autograd::AutogradContext* ctx, const at::Tensor& x);
 
 /// In its backward: the input again, from `saved` (what save_input returned, unpacked) or the Rebuild.
