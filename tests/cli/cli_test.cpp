@@ -176,8 +176,8 @@ TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
   at::Tensor with = run_forward("--modules " + quote(out / "lora1"), "with.safetensors");
   at::Tensor zero = run_forward("--modules " + quote(out / "lora1") + ":0", "zero.safetensors");
   at::Tensor both = run_forward("--modules " + quote(out / "lora1") + "," + quote(out / "ia3peft"), "both.safetensors");
-  EXPECT_FALSE(at::equal(with, base));
-  EXPECT_TRUE(at::equal(zero, base));
+  EXPECT_CHANGED(with, base);
+  EXPECT_CLOSE(zero, base, 1e-6);
   EXPECT_TRUE(at::allclose(both, with, 1e-5, 1e-5));  // (IA)^3 starts at ones
   {
     ModuleSet set(load_model(model("llama")));
@@ -348,13 +348,15 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
   }
   // Kill once a checkpoint past step 30 exists, at whatever point the process then is.
   int64_t seen = 0;
-  for (int i = 0; i < 6000 && seen < 30; ++i) {
-    usleep(5000);
-    const std::string meta = tmp / "run/checkpoint/trainer.json";
-    if (!std::filesystem::exists(meta)) continue;
-    const auto j = nlohmann::json::parse(test::read_file(meta), nullptr, false);
-    if (j.is_object() && j.contains("step")) seen = j["step"].get<int64_t>();
-  }
+  test::wait_until(
+      [&] {
+        const std::string meta = tmp / "run/checkpoint/trainer.json";
+        if (!std::filesystem::exists(meta)) return false;
+        const auto j = nlohmann::json::parse(test::read_file(meta), nullptr, false);
+        if (j.is_object() && j.contains("step") && j["step"].is_number_integer()) seen = j["step"].get<int64_t>();
+        return seen >= 30;
+      },
+      pid);
   kill(pid, SIGKILL);
   int status = 0;
   waitpid(pid, &status, 0);

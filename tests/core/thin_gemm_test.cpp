@@ -19,18 +19,35 @@ TEST(ThinGemm, BuildUsesOneDnnWhereCMakeFoundIt) {
   EXPECT_EQ(thin_gemm_accelerated(), MDL_EXPECT_ONEDNN != 0);
 }
 
-// The tensor forms reach the backend for LoRA's shapes: bit for bit what the raw form computes (at::mm's
-// OpenBLAS sums in another order, so a product that fell back would differ in its last bits).
+// The tensor forms reach the backend for LoRA's shapes, counted where the backend is called (whether its
+// bits differ from at::mm's depends on the CPU's kernels: on some they are equal). Products the
+// backend must not take (past the small-dimension limit, needing a gradient, float64) are not counted.
 TEST(ThinGemm, LoraShapesGoToTheBackend) {
   if (!thin_gemm_accelerated()) GTEST_SKIP() << "built without oneDNN: every product is at::'s";
   at::manual_seed(3);
   const at::Tensor x = at::randn({1024, 384}), A = at::randn({16, 384});  // x A^T: (1024, 16)
   at::Tensor raw = at::empty({1024, 16});
+  uint64_t before = thin_gemm_backend_calls();
   thin_sgemm('N', 'T', 1024, 16, 384, 1.0f, x.data_ptr<float>(), 384, A.data_ptr<float>(), 384, 0.0f,
              raw.data_ptr<float>(), 16);
+  EXPECT_EQ(thin_gemm_backend_calls() - before, 1u);
+  const at::Tensor c = at::randn({1024, 16});
+  at::Tensor d = c.clone();
+  before = thin_gemm_backend_calls();
   const at::Tensor got = thin_mm(x, A.t());
-  EXPECT_TRUE(got.equal(raw));
-  EXPECT_FALSE(got.equal(at::mm(x, A.t()))) << "the same bits as at::mm: did the product fall back?";
+  const at::Tensor sum = thin_addmm(c, x, A.t(), 0.5);
+  thin_addmm_(d, x, A.t(), 0.5);
+  EXPECT_EQ(thin_gemm_backend_calls() - before, 3u) << "thin_mm, thin_addmm and thin_addmm_ each call it once";
+  EXPECT_TRUE(got.equal(raw)) << "the tensor form is the raw form";
+  EXPECT_LT(rel_diff(got, at::mm(x, A.t())), 1e-5);
+  EXPECT_LT(rel_diff(sum, c + 0.5 * raw), 1e-5);
+  EXPECT_LT(rel_diff(d, c + 0.5 * raw), 1e-5);
+
+  before = thin_gemm_backend_calls();
+  thin_mm(at::randn({128, 96}), at::randn({96, 80}));  // smallest dimension 80 > 64: an ordinary GEMM
+  thin_mm(x.to(at::kDouble), A.t().to(at::kDouble));
+  thin_mm(x.clone().requires_grad_(), A.t());
+  EXPECT_EQ(thin_gemm_backend_calls(), before) << "these take at::";
 }
 
 TEST(ThinGemm, EqualsAtMmForEveryLayoutOfBothOperands) {

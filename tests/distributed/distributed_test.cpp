@@ -104,7 +104,7 @@ TEST_F(Distributed, BranchTrainMergeProducesTwoModulesAndTheirMerge) {
   const auto a = io::load_safetensors(tmp_ / "btm/branches/plain/module/module.safetensors");
   const auto b = io::load_safetensors(tmp_ / "btm/branches/flipped/module/module.safetensors");
   bool differ = false;
-  for (const auto& [k, t] : a) differ = differ || !at::equal(t, b.at(k));
+  for (const auto& [k, t] : a) differ = differ || test::rel_diff(t, b.at(k)) > 1e-4;
   EXPECT_TRUE(differ) << "the branches trained on different data";
   ASSERT_EQ(run("eval --model " + tmp_ / "m" + " --modules " + tmp_ / "btm/modules/merged" + " --data " + tmp_ / "data.jsonl", &err), 0) << err;
 }
@@ -147,9 +147,8 @@ TEST_P(Faults, ReportedBySurvivorWithinTheTimeout) {
     pids.push_back(pid);
   }
   // Once training runs (a checkpoint exists), kill rank 1.
-  for (int i = 0; i < 3000 && !fs::exists(tmp_ / "killed/checkpoint/trainer.json"); ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ASSERT_TRUE(fs::exists(tmp_ / "killed/checkpoint/trainer.json")) << "training did not start";
+  ASSERT_TRUE(test::wait_until([&] { return fs::exists(tmp_ / "killed/checkpoint/trainer.json"); }, pids[0]))
+      << "training did not start";
   kill(pids[1], signal);
   const auto t0 = std::chrono::steady_clock::now();
   int status = 0;
@@ -159,7 +158,9 @@ TEST_P(Faults, ReportedBySurvivorWithinTheTimeout) {
   kill(pids[1], SIGKILL);
   waitpid(pids[1], nullptr, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
-  EXPECT_LT(waited, 5.0 + 10.0);
+  // Bounded by MDL_DIST_TIMEOUT (5 s) and not by Gloo's 30-minute default; the slack is for a loaded
+  // machine, not a measure of speed.
+  EXPECT_LT(waited, 120.0);
   const std::string err = test::read_file(err0);
   EXPECT_NE(err.find("[distributed] rank 0"), std::string::npos) << err;
 }

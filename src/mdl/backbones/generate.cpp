@@ -66,7 +66,9 @@ GenerateResult generate(ModelImpl& model, const std::vector<int64_t>& prompt, co
   MDL_CHECK(static_cast<int64_t>(prompt.size()) < config.max_position, "[generate] prompt of ", prompt.size(),
             " tokens does not fit the context of ", config.max_position, " positions");
   Sampler sampler(options);
-  const std::vector<int64_t>& stops = options.stop_token_ids.empty() ? config.eos_token_ids : options.stop_token_ids;
+  const std::vector<int64_t> stops = options.ignore_eos ? std::vector<int64_t>{}
+                                     : options.stop_token_ids.empty() ? config.eos_token_ids
+                                                                      : options.stop_token_ids;
   torch::NoGradGuard no_grad;
   const auto long_opts = at::TensorOptions().dtype(at::kLong).device(model.device());
   using clock = std::chrono::steady_clock;

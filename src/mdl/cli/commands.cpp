@@ -348,6 +348,7 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--top-p", gen->top_p, "nucleus sampling threshold in (0, 1]")->capture_default_str();
   cmd->add_option("--seed", gen->seed, "sampling seed")->capture_default_str();
   cmd->add_option("--stop-id", gen->stop_token_ids, "token id(s) that end generation (default: the config's EOS)");
+  cmd->add_flag("--ignore-eos", gen->ignore_eos, "no stop token: generate --max-tokens tokens (or to the context's end)");
   cmd->add_flag("--no-cache", *no_cache, "recompute the whole sequence each step (reference path)");
   add_run_options(cmd, *run);
   add_module_options(cmd, *mods);

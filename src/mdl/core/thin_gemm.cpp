@@ -14,6 +14,8 @@
 namespace mdl {
 namespace {
 
+thread_local uint64_t backend_calls = 0;
+
 // The largest small dimension sent to the backend. Past it the product is an ordinary GEMM, which
 // OpenBLAS runs on every BLAS thread (the backend runs on torch's one).
 constexpr int64_t kThinMax = 64;
@@ -70,6 +72,7 @@ void thin_sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, flo
     // oneDNN takes its thread count from OpenMP, which a thread made outside torch (a server worker) has
     // at the default of one per core: set it to torch's count first, as torch's own kernels do.
     at::internal::lazy_init_num_threads();
+    ++backend_calls;
     detail::sgemm_row_major(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
@@ -81,6 +84,10 @@ void thin_sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, flo
 
 bool thin_gemm_accelerated() {
   return detail::sgemm_available();
+}
+
+uint64_t thin_gemm_backend_calls() {
+  return backend_calls;
 }
 
 at::Tensor thin_mm(const at::Tensor& a, const at::Tensor& b, double alpha) {

@@ -29,4 +29,8 @@ void thin_sgemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, flo
 /// Whether CPU float32 products go through oneDNN in this build (false: at:: everywhere).
 bool thin_gemm_accelerated();
 
+/// Products the calling thread has sent to oneDNN so far: what tests and benchmarks read to see that a
+/// product took the backend (its bits may equal at::'s on some CPUs, so they cannot tell).
+uint64_t thin_gemm_backend_calls();
+
 }  // namespace mdl

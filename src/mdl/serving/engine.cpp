@@ -14,6 +14,7 @@
 #include "mdl/modules/module_set.h"
 #include "mdl/serving/module_cache.h"
 #include "mdl/serving/request_error.h"
+#include "mdl/tokenizers/unicode.h"
 
 namespace mdl {
 
@@ -26,7 +27,7 @@ struct Engine::Sequence {
   std::vector<std::string> pinned;  // module names pinned in the cache until the sequence finishes
   int64_t next_position = 0;        // position id of the next token fed to the model
   int64_t last_token = -1;
-  size_t streamed = 0;              // characters of text already streamed
+  size_t streamed = 0;              // bytes of text already streamed (a character boundary)
   bool done = false;
 };
 
@@ -37,8 +38,6 @@ at::Tensor pad_front(const at::Tensor& t, int64_t n) {
   if (n == 0) return t;
   return t.dim() == 4 ? at::constant_pad_nd(t, {0, 0, n, 0}) : at::constant_pad_nd(t, {n, 0});
 }
-
-const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD: a partial UTF-8 character at the end
 
 }  // namespace
 
@@ -187,7 +186,9 @@ std::shared_ptr<Engine::Sequence> Engine::prepare(CompletionRequest request) {
   }
   auto s = std::make_shared<Sequence>();
   s->sampler = std::make_unique<Sampler>(request.sampling);
-  s->stop_tokens = request.sampling.stop_token_ids.empty() ? cfg.eos_token_ids : request.sampling.stop_token_ids;
+  s->stop_tokens = request.sampling.ignore_eos                   ? std::vector<int64_t>{}
+                   : request.sampling.stop_token_ids.empty() ? cfg.eos_token_ids
+                                                             : request.sampling.stop_token_ids;
   s->result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
   s->req = std::move(request);
   {
@@ -373,15 +374,14 @@ bool Engine::emit(Sequence& s, int64_t token) {
   const bool length = static_cast<int64_t>(s.result.tokens.size()) >= s.req.sampling.max_tokens ||
                       s.result.prompt_tokens + static_cast<int64_t>(s.result.tokens.size()) >= model_->config().max_position;
   const bool last = stop_token || stop_sequence || length;
-  // Stream what can no longer change: not a partial character, not what may start a stop sequence.
+  // Stream what can no longer change: not a partial character or byte sequence, not what may start a
+  // stop sequence, and never half a character.
   size_t ready = text.size();
-  if (!last) {
-    ready = ready > hold ? ready - hold : 0;
-    while (ready >= kReplacement.size() && text.compare(ready - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
-      ready -= kReplacement.size();
-  }
+  if (!last) ready = unicode::char_boundary(text, std::min(tokenizer_.stable_length(visible, text), ready > hold ? ready - hold : 0));
   if (s.req.on_text && ready > s.streamed) {
-    const bool keep = s.req.on_text(text.substr(s.streamed, ready - s.streamed));
+    // valid_utf8: a decoder that rewrote text already sent (none known) would leave s.streamed inside a
+    // character; the chunk is then repaired rather than sent as invalid UTF-8.
+    const bool keep = s.req.on_text(unicode::valid_utf8(text.substr(s.streamed, ready - s.streamed)));
     s.streamed = ready;
     if (!keep) {
       s.result.text = text;

@@ -3,7 +3,11 @@
 #include <ATen/ATen.h>
 #include <httplib.h>
 
+#include <sys/socket.h>
+
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -31,11 +35,15 @@ const char* error_type(int status) {
   }
 }
 
+// Every body is valid JSON whatever text it carries: bytes that are not UTF-8 (half a character of a
+// module name, a file's fragment in a message) become U+FFFD instead of an exception in a handler.
+std::string body_text(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
 void send_error(httplib::Response& res, int status, const std::string& message, const std::string& param = "") {
   res.status = status;
   json e = {{"message", message}, {"type", error_type(status)}, {"code", status}};
   e["param"] = param.empty() ? json(nullptr) : json(param);
-  res.set_content(json({{"error", e}}).dump(), "application/json");
+  res.set_content(body_text(json({{"error", e}})), "application/json");
 }
 
 json parse_body(const httplib::Request& req) {
@@ -100,6 +108,7 @@ GenerateOptions sampling(const json& j) {
   o.top_p = field<double>(j, "top_p", 1.0);
   o.top_k = field<int64_t>(j, "top_k", 0);
   o.seed = static_cast<uint64_t>(field<int64_t>(j, "seed", 0));
+  o.ignore_eos = field<bool>(j, "ignore_eos", false);
   if (o.max_tokens < 1) throw RequestError(400, "max_tokens", "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
   if (o.temperature < 0 || o.temperature > 100)
     throw RequestError(400, "temperature", "[serve] 'temperature' must be in [0, 100], got " + std::to_string(o.temperature));
@@ -149,6 +158,29 @@ struct Stream {
   std::atomic<bool> gone{false};  // the client disconnected
 };
 
+/// Streaming responses not yet over, so that shutdown waits for their last events.
+class OpenStreams {
+ public:
+  /// Held by a stream's content provider: counts the stream open until the provider is destroyed.
+  std::shared_ptr<void> open() {
+    std::lock_guard<std::mutex> lk(mu_);
+    ++n_;
+    return std::shared_ptr<void>(nullptr, [this](void*) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--n_ == 0) cv_.notify_all();
+    });
+  }
+  void wait_until_none() {
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return n_ == 0; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t n_ = 0;
+};
+
 }  // namespace
 
 struct Server::Impl {
@@ -158,6 +190,8 @@ struct Server::Impl {
   ChatFormat chat = ChatFormat::none;
   std::vector<std::string> labels;  // config.json id2label, by id
   std::atomic<int64_t> http_errors{0}, next_id{0};
+  OpenStreams streams;
+  int listen_socket = -1;  // httplib's, seen through its socket-options hook
 
   Impl(Engine& e, ServerOptions o) : engine(e), options(std::move(o)) {
     chat = options.model_dir.empty() ? ChatFormat::none : chat_format(options.model_dir);
@@ -173,6 +207,13 @@ struct Server::Impl {
       }
     const int threads = options.threads > 0 ? options.threads : static_cast<int>(2 * options.max_batch + 8);
     http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+    // SO_REUSEADDR (a restart binds the port at once), not httplib's default SO_REUSEPORT, which would let
+    // another process bind the same port and take a share of the connections.
+    http.set_socket_options([this](socket_t sock) {
+      int yes = 1;
+      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+      listen_socket = sock;
+    });
     http.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
     http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
       ++http_errors;
@@ -207,7 +248,7 @@ struct Server::Impl {
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json data = json::array({{{"id", "base"}, {"object", "model"}, {"owned_by", "mdl"}}});
       for (const auto& m : engine.modules()) data.push_back({{"id", m}, {"object", "model"}, {"owned_by", "mdl"}, {"parent", "base"}});
-      res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
+      res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
     });
     http.Post("/v1/modules", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
@@ -215,11 +256,11 @@ struct Server::Impl {
       if (name.empty() || path.empty()) throw RequestError(400, name.empty() ? "name" : "path", "[serve] give 'name' and 'path'");
       engine.load_module(name, path);
       res.status = 201;
-      res.set_content(json({{"id", name}, {"object", "model"}, {"loaded", true}}).dump(), "application/json");
+      res.set_content(body_text(json({{"id", name}, {"object", "model"}, {"loaded", true}})), "application/json");
     });
     http.Delete(R"(/v1/modules/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
       engine.unload_module(req.matches[1]);
-      res.set_content(json({{"id", std::string(req.matches[1])}, {"deleted", true}}).dump(), "application/json");
+      res.set_content(body_text(json({{"id", std::string(req.matches[1])}, {"deleted", true}})), "application/json");
     });
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
@@ -271,7 +312,7 @@ struct Server::Impl {
                                       ? labels[static_cast<size_t>(k)] : "LABEL_" + std::to_string(k);
         data.push_back({{"index", i}, {"label", label}, {"label_id", k}, {"scores", p}});
       }
-      res.set_content(json({{"object", "list"}, {"data", data}}).dump(), "application/json");
+      res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
     });
     http.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
@@ -282,7 +323,7 @@ struct Server::Impl {
         const float* row = e[i].data_ptr<float>();
         data.push_back({{"object", "embedding"}, {"index", i}, {"embedding", std::vector<float>(row, row + e.size(1))}});
       }
-      res.set_content(json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}}).dump(),
+      res.set_content(body_text(json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}})),
                       "application/json");
     });
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { res.set_content(metrics(), "text/plain; version=0.0.4"); });
@@ -310,11 +351,10 @@ struct Server::Impl {
       CompletionResult out = engine.submit(std::move(r)).get();
       if (out.finish_reason == "error") throw RequestError(500, "", "[serve] generation failed: " + out.error);
       const auto n = static_cast<int64_t>(out.tokens.size());
-      res.set_content(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+      res.set_content(body_text(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
                             {"choices", json::array({choice(out.text, out.finish_reason)})},
                             {"usage", {{"prompt_tokens", out.prompt_tokens}, {"completion_tokens", n},
-                                       {"total_tokens", out.prompt_tokens + n}}}})
-                          .dump(),
+                                       {"total_tokens", out.prompt_tokens + n}}}})),
                       "application/json");
       return;
     }
@@ -330,35 +370,42 @@ struct Server::Impl {
     };
     auto future = std::make_shared<std::future<CompletionResult>>(engine.submit(std::move(r)));  // errors: a 4xx here
     auto event = [=](const std::string& text, const json& finish) {
-      return "data: " + json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
-                              {"choices", json::array({choice(text, finish)})}}).dump() + "\n\n";
+      return "data: " + body_text(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+                              {"choices", json::array({choice(text, finish)})}})) + "\n\n";
     };
-    res.set_chunked_content_provider("text/event-stream", [s, future, event](size_t, httplib::DataSink& sink) {
-      for (;;) {
-        std::deque<std::string> ready;
-        {
-          std::unique_lock<std::mutex> lk(s->mu);
-          s->cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return !s->chunks.empty(); });
-          ready.swap(s->chunks);
-        }
-        for (const auto& text : ready) {
-          const std::string e = event(text, nullptr);
-          if (!sink.write(e.data(), e.size())) {
-            s->gone = true;  // the engine cancels the sequence at its next token
-            return false;
+    res.set_chunked_content_provider("text/event-stream", [s, future, event, open = streams.open()](
+                                                              size_t, httplib::DataSink& sink) {
+      try {  // nothing may escape into httplib's thread: it would end the process
+        for (;;) {
+          std::deque<std::string> ready;
+          {
+            std::unique_lock<std::mutex> lk(s->mu);
+            s->cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return !s->chunks.empty(); });
+            ready.swap(s->chunks);
           }
+          for (const auto& text : ready) {
+            const std::string e = event(text, nullptr);
+            if (!sink.write(e.data(), e.size())) {
+              s->gone = true;  // the engine cancels the sequence at its next token
+              return false;
+            }
+          }
+          if (future->wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
+          std::lock_guard<std::mutex> lk(s->mu);
+          if (!s->chunks.empty()) continue;  // text that arrived with the end
+          CompletionResult out = future->get();
+          std::string tail = out.finish_reason == "error"
+                                 ? "data: " + body_text(json({{"error", {{"message", out.error}, {"type", "server_error"}}}})) + "\n\n"
+                                 : event("", out.finish_reason);
+          tail += "data: [DONE]\n\n";
+          sink.write(tail.data(), tail.size());
+          sink.done();
+          return true;
         }
-        if (future->wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
-        std::lock_guard<std::mutex> lk(s->mu);
-        if (!s->chunks.empty()) continue;  // text that arrived with the end
-        CompletionResult out = future->get();
-        std::string tail = out.finish_reason == "error"
-                               ? "data: " + json({{"error", {{"message", out.error}, {"type", "server_error"}}}}).dump() + "\n\n"
-                               : event("", out.finish_reason);
-        tail += "data: [DONE]\n\n";
-        sink.write(tail.data(), tail.size());
-        sink.done();
-        return true;
+      } catch (const std::exception& e) {
+        log_error(std::string("[serve] stream failed: ") + e.what());
+        s->gone = true;
+        return false;
       }
     });
   }
@@ -404,15 +451,25 @@ int Server::bind() {
     const int port = impl_->http.bind_to_any_port(o.host);
     MDL_CHECK(port > 0, "[serve] cannot bind ", o.host, " to any port");
     o.port = port;
-    return port;
+  } else {
+    MDL_CHECK(impl_->http.bind_to_port(o.host, o.port), "[serve] cannot bind ", o.host, ":", o.port,
+              " (in use? choose another --port)");
   }
-  MDL_CHECK(impl_->http.bind_to_port(o.host, o.port), "[serve] cannot bind ", o.host, ":", o.port,
-            " (in use? choose another --port)");
+  // httplib 0.11 listens with a backlog of 5: a burst of new connections overflows it and clients get
+  // reset connections. listen() again on the bound socket raises it (Linux keeps the socket and its port).
+  MDL_CHECK(impl_->listen_socket >= 0 && ::listen(impl_->listen_socket, o.listen_backlog) == 0,
+            "[serve] cannot set the listen backlog to ", o.listen_backlog, ": ", std::strerror(errno));
   return o.port;
 }
 
 void Server::listen() { impl_->http.listen_after_bind(); }
 
-void Server::stop() { impl_->http.stop(); }
+void Server::stop() {
+  // httplib's stop() ends a chunked response at its next chunk: finish every request (queued, running,
+  // streamed) first. A stream whose client stopped reading ends at the socket's write timeout.
+  impl_->engine.drain();
+  impl_->streams.wait_until_none();
+  impl_->http.stop();
+}
 
 }  // namespace mdl

@@ -18,6 +18,7 @@ struct ServerOptions {
   int port = 8080;                       ///< 0: any free port (see bind())
   int threads = 0;                       ///< HTTP worker threads; 0: 2 x max batch + 8, so waiting clients do not starve batching
   int64_t max_body_bytes = 1 << 20;      ///< larger bodies: 413
+  int listen_backlog = 1024;             ///< connections the kernel queues until the server accepts them
   std::string model_dir;                 ///< for the chat template (tokenizer_config.json)
   int64_t max_batch = 32;                ///< the engine's, to size the thread pool
 };
@@ -30,7 +31,8 @@ class Server {
   int bind();
   /// Serves until stop(); returns once the requests in flight have finished.
   void listen();
-  /// Stops accepting; safe from any thread.
+  /// Refuses new requests (503), finishes every queued, running and streamed one, then stops listening;
+  /// safe from any thread.
   void stop();
 
  private:

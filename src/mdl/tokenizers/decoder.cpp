@@ -12,7 +12,7 @@ namespace {
 using json = nlohmann::json;
 
 // Decodes bytes as UTF-8, each invalid byte becoming U+FFFD (lossy, as HF does).
-std::string lossy_utf8(const std::string& bytes) { return unicode::encode(unicode::decode(bytes)); }
+std::string lossy_utf8(const std::string& bytes) { return unicode::valid_utf8(bytes); }
 
 class Sequence : public Decoder {
  public:
@@ -108,19 +108,6 @@ class Replace : public Decoder {
   }
 };
 
-// "<0x41>" -> byte 0x41, or -1.
-int byte_token(const std::string& t) {
-  if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
-  int v = 0;
-  for (int i = 3; i < 5; ++i) {
-    char c = t[i];
-    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-    if (d < 0) return -1;
-    v = v * 16 + d;
-  }
-  return v;
-}
-
 class ByteFallback : public Decoder {
  public:
   void decode_chain(std::vector<std::string>& tokens) const override {
@@ -137,7 +124,7 @@ class ByteFallback : public Decoder {
       n_bytes = 0;
     };
     for (const auto& t : tokens) {
-      int b = byte_token(t);
+      int b = byte_fallback_value(t);
       if (b >= 0) {
         bytes += static_cast<char>(b);
         ++n_bytes;
@@ -192,6 +179,18 @@ class BpeDecoder : public Decoder {
 };
 
 }  // namespace
+
+int byte_fallback_value(const std::string& t) {
+  if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
+  int v = 0;
+  for (int i = 3; i < 5; ++i) {
+    char c = t[i];
+    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (d < 0) return -1;
+    v = v * 16 + d;
+  }
+  return v;
+}
 
 std::unique_ptr<Decoder> make_decoder(const json& j) {
   if (j.is_null()) return nullptr;

@@ -17,6 +17,9 @@ class Decoder {
   virtual void decode_chain(std::vector<std::string>& tokens) const = 0;
 };
 
+/// The byte of a byte-fallback token ("<0x41>" -> 0x41), or -1 for any other token.
+int byte_fallback_value(const std::string& token);
+
 /// Builds the decoder described by `j` (null: none, tokens are concatenated).
 std::unique_ptr<Decoder> make_decoder(const nlohmann::json& j);
 

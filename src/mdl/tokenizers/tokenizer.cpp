@@ -236,6 +236,24 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special
   return out;
 }
 
+size_t Tokenizer::stable_length(const std::vector<int64_t>& ids, const std::string& text) const {
+  static const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+  size_t tail = 0;  // trailing byte-fallback tokens
+  while (tail < ids.size()) {
+    const int64_t id = ids[ids.size() - 1 - tail];
+    if (impl_->added_by_id(id) || byte_fallback_value(impl_->model->id_to_token(id)) < 0) break;
+    ++tail;
+  }
+  size_t stable = text.size();
+  if (tail > 0) {
+    const std::string head = decode(std::vector<int64_t>(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(tail)));
+    stable = static_cast<size_t>(std::mismatch(head.begin(), head.end(), text.begin(), text.end()).first - head.begin());
+  }
+  while (stable >= kReplacement.size() && text.compare(stable - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
+    stable -= kReplacement.size();
+  return unicode::char_boundary(text, stable);
+}
+
 int64_t Tokenizer::vocab_size() const {
   int64_t n = impl_->model->size();
   for (const auto& a : impl_->added) n = std::max(n, a.id + 1);

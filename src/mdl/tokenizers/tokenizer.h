@@ -24,6 +24,11 @@ class Tokenizer {
   std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
   /// Text of `ids`; special tokens are dropped when `skip_special_tokens`; ids without a token decode to nothing.
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const;
+  /// How many bytes of `text` (= decode(ids)) no token appended to `ids` can change, at a character
+  /// boundary, for streaming: not the text of a trailing run of byte-fallback tokens, which decodes as a
+  /// whole ("<0xC3>" alone is U+FFFD, "<0x41>" is "A" but "<0x41><0xC3>" is two U+FFFD, as in HF), nor a
+  /// trailing U+FFFD (a byte-level character still incomplete).
+  size_t stable_length(const std::vector<int64_t>& ids, const std::string& text) const;
   /// The pieces the model part sees (after added-token splitting, normalisation and pre-tokenisation).
   std::vector<std::string> pre_tokenize(const std::string& text) const;
 

@@ -2,6 +2,7 @@
 
 #include <utf8proc.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 
@@ -54,6 +55,27 @@ std::vector<std::string> chars(const std::string& text) {
     left -= n;
   }
   return out;
+}
+
+std::string valid_utf8(const std::string& text) {
+  const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(text.data());
+  const auto size = static_cast<utf8proc_ssize_t>(text.size());
+  utf8proc_ssize_t pos = 0;
+  for (; pos < size;) {  // most text is valid: copy only when it is not
+    utf8proc_int32_t cp = 0;
+    const utf8proc_ssize_t n = utf8proc_iterate(p + pos, size - pos, &cp);
+    if (n <= 0) break;
+    pos += n;
+  }
+  if (pos == size) return text;
+  return text.substr(0, static_cast<size_t>(pos)) + encode(decode(text.substr(static_cast<size_t>(pos))));
+}
+
+size_t char_boundary(const std::string& text, size_t n) {
+  n = std::min(n, text.size());
+  // Back over continuation bytes (10xxxxxx), at most three: a lead byte or an ASCII byte starts a character.
+  for (int i = 0; i < 3 && n > 0 && n < text.size() && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80; ++i) --n;
+  return n;
 }
 
 static utf8proc_category_t category(char32_t cp) {

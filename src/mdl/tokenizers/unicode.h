@@ -14,6 +14,10 @@ std::string encode(char32_t cp);
 std::string encode(const std::vector<char32_t>& cps);
 /// Splits UTF-8 text into one string per code point.
 std::vector<std::string> chars(const std::string& text);
+/// `text` with each byte that is not part of valid UTF-8 replaced by U+FFFD: always valid UTF-8.
+std::string valid_utf8(const std::string& text);
+/// The largest m <= n that is a character boundary of `text` (not inside a multi-byte sequence).
+size_t char_boundary(const std::string& text, size_t n);
 
 bool is_whitespace(char32_t cp);   ///< \s in the Unicode sense (Z categories, \t \n \v \f \r, U+0085)
 bool is_control(char32_t cp);      ///< C categories other than \t \n \r
