@@ -59,6 +59,15 @@ inline double rel_diff(const at::Tensor& got, const at::Tensor& want) {
   return (g - w).abs().max().item<double>() / std::max(1e-12, w.abs().max().item<double>());
 }
 
+/// Peak resident memory of this process so far, in KiB (what an allocation that was refused must not raise).
+inline long peak_rss_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+  return 0;
+}
+
 /// Whether `pid` (a child of this process) has exited; it stays waitable (not reaped).
 inline bool child_exited(pid_t pid) {
   siginfo_t info{};

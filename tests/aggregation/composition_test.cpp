@@ -25,6 +25,20 @@ TEST(CompositionParser, ValidExpressions) {
   EXPECT_EQ(c.children[1].column, 10);
 }
 
+// Names in any script; quoted names with spaces, commas or parentheses; canonical text quotes what needs
+// it, so that it parses back to the same tree.
+TEST(CompositionParser, NamesInAnyScriptAndQuoted) {
+  EXPECT_EQ(parse_composition("stack(modül, 日本/タスク)").to_string(), "stack(modül, 日本/タスク)");
+  const Composition c = parse_composition("stack(\"my module\", 'a, (b)':0.5)");
+  ASSERT_EQ(c.children.size(), 2u);
+  EXPECT_EQ(c.children[0].name, "my module");
+  EXPECT_EQ(c.children[1].name, "a, (b)");
+  EXPECT_EQ(c.children[1].scale, 0.5);
+  EXPECT_EQ(c.to_string(), "stack(\"my module\", \"a, (b)\":0.5)");
+  EXPECT_EQ(parse_composition(c.to_string()).to_string(), c.to_string());
+  EXPECT_EQ(parse_composition("'say \"hi\"'").to_string(), "'say \"hi\"'");
+}
+
 void expect_message(const std::string& text, const std::string& message) {
   try {
     parse_composition(text);
@@ -39,13 +53,24 @@ TEST(CompositionParser, ErrorsPointAtTheColumn) {
   expect_message("stack(a, b", "[compose] column 11: expected ')' to close 'stack(', found the end");
   expect_message("foo(a)", "[compose] column 1: unknown function 'foo'; expected stack, avg, sum, fuse, or a merge: "
                            "linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, slerp, cat, svd");
-  expect_message("avg(a:x)", "[compose] column 7: expected a number, found 'x'");
+  expect_message("avg(a:x)", "[compose] column 7: expected a finite number, found 'x'");
   expect_message("a +", "[compose] column 4: expected a module name, found the end");
   expect_message("stack(a; density=1)", "[compose] column 8: only merges take parameters after ';'");
   expect_message("ties(a, b; dens=1)", "[compose] column 12: unknown parameter 'dens'; expected density, rank, t, lambda or seed");
   expect_message("a b", "[compose] column 3: unexpected 'b' after a complete expression");
   expect_message("", "[compose] column 1: empty expression; expected a module name or a function like stack(a, b)");
   expect_message("stack(a b)", "[compose] column 9: expected ',' or ')', found 'b'");
+  expect_message("stack(a ü)", "[compose] column 9: expected ',' or ')', found 'ü'");  // a whole character
+  expect_message("'open", "[compose] column 1: the quoted name is not closed: expected ' before the end");
+  expect_message("\"\"", "[compose] column 1: an empty quoted name");
+  expect_message("a:nan", "[compose] column 3: expected a finite number, found 'n'");
+  expect_message("a:1e999", "[compose] column 3: expected a finite number, found '1e999'");
+  std::string deep = "a";
+  for (int i = 0; i < 33; ++i) deep = "stack(" + deep + ")";
+  expect_message(deep, "[compose] column 193: compositions nest at most 32 levels deep");
+  std::string ok = "a";
+  for (int i = 0; i < 32; ++i) ok = "stack(" + ok + ")";
+  EXPECT_NO_THROW(parse_composition(ok));
   try {
     parse_composition("stack(a, b");
   } catch (const std::exception& e) {

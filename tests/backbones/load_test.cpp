@@ -3,10 +3,13 @@
 #include <torch/utils.h>
 
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
+#include "mdl/backbones/init_model.h"
 #include "mdl/backbones/model.h"
+#include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
@@ -103,6 +106,11 @@ TEST(Load, WrongBaseModelsAreRefusedWithNamesAndShapes) {
   std::string ints = variant(root, "ints", src,
                              [](auto& t) { t["transformer.ln_f.weight"] = at::ones({64}, at::kInt); });
   EXPECT_THROW_WITH(load_model(ints), "transformer.ln_f.weight", "floating point");
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+    std::string nan = variant(root, "nan" + std::to_string(bad > 0), src,
+                              [&](auto& t) { t["transformer.h.1.attn.c_attn.weight"].view(-1)[7] = bad; });
+    EXPECT_THROW_WITH(load_model(nan), "transformer.h.1.attn.c_attn.weight", "1 values that are NaN or infinite");
+  }
   std::string arch = variant(root, "other-arch", src, [](auto&) {}, [](auto& c) {
     c = {{"model_type", "llama"}, {"vocab_size", 384}, {"hidden_size", 64}, {"intermediate_size", 128},
          {"num_hidden_layers", 2}, {"num_attention_heads", 4}};
@@ -139,6 +147,74 @@ TEST(Load, AMissingHeadIsInitialisedNotInvented) {
   LoadOptions strict;
   strict.init_missing_head = false;
   EXPECT_THROW_WITH(load_model(base, strict), "no tensor 'classifier.weight'");
+}
+
+}  // namespace
+}  // namespace mdl
+
+namespace mdl {
+namespace {
+
+// The estimate load_model checks a config with before allocating equals what create_model allocates.
+TEST(Load, EstimatedParametersAreWhatTheModelAllocates) {
+  for (const std::string arch : {"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"})
+    for (const std::string preset : {"tiny", "small"})
+      for (const HeadKind head : {HeadKind::causal_lm, HeadKind::sequence_classification, HeadKind::token_classification,
+                                  HeadKind::none}) {
+        if (arch == "bert" && head == HeadKind::causal_lm) continue;
+        ModelConfig c = preset_config(arch, preset, 512, head, 3);
+        for (const bool tied : {false, true}) {
+          c.tie_word_embeddings = tied && c.arch != Arch::bert;
+          const double actual = static_cast<double>(create_model(c)->num_parameters());
+          EXPECT_NEAR(static_cast<double>(estimated_parameters(c)) / actual, 1.0, 0.01)
+              << arch << " " << preset << " " << head_name(head) << (tied ? " tied" : "");
+        }
+      }
+  const nlohmann::json vit = {{"model_type", "vit"}, {"architectures", {"ViTForImageClassification"}},
+                              {"hidden_size", 32}, {"intermediate_size", 64}, {"num_hidden_layers", 2},
+                              {"num_attention_heads", 4}, {"image_size", 16}, {"patch_size", 4}, {"num_channels", 3},
+                              {"num_labels", 10}};
+  const ModelConfig c = parse_model_config(vit.dump(), "vit");
+  EXPECT_NEAR(static_cast<double>(estimated_parameters(c)) / static_cast<double>(create_model(c)->num_parameters()), 1.0,
+              0.01);
+}
+
+// The probe's allocations: num_hidden_layers 1e9 grew to 10 GB, vocab_size 5000000 took 2.6 GB before the
+// mismatch was reported, n_head 0 divided by zero. Each is refused naming the field, before any weight
+// is allocated.
+TEST(Load, AConfigThatDoesNotFitIsRefusedBeforeAllocating) {
+  const std::string src = test::tiny_checkpoint("llama");
+  test::TempDir root;
+  struct Case {
+    std::string field;
+    nlohmann::json value;
+    std::vector<std::string> message;
+  };
+  const std::vector<Case> cases = {
+      {"num_hidden_layers", 1000000000, {"'num_hidden_layers' is 1000000000", "expected 1..1024"}},
+      {"num_hidden_layers", 3, {"'num_hidden_layers' is 3", "has 2 layers"}},
+      {"vocab_size", 5000000, {"'vocab_size' is 5000000", "expected 1..4194304"}},
+      {"vocab_size", 4000000, {"'vocab_size' 4000000", "token embedding of shape [4000000, 64]"}},
+      {"hidden_size", 65536, {"'hidden_size' 65536", "token embedding"}},
+      {"intermediate_size", 200000, {"describes a model of about", "intermediate_size", "nothing was allocated"}},
+      {"num_attention_heads", 0, {"'num_attention_heads' must be > 0"}},
+      {"num_key_value_heads", 0, {"'num_key_value_heads' is 0"}},
+      {"rope_theta", 0, {"'rope_theta' is 0", "expected a finite number in [1e-06"}},
+      {"rms_norm_eps", -1e-5, {"'rms_norm_eps' is -1e-05"}},
+      {"max_position_embeddings", -5, {"'max_position_embeddings' is -5"}},
+  };
+  const long before = test::peak_rss_kib();
+  for (const auto& c : cases) {
+    const std::string dir = variant(root, c.field + c.value.dump(), src, [](auto&) {}, [&](auto& j) { j[c.field] = c.value; });
+    try {
+      load_model(dir);
+      ADD_FAILURE() << c.field << " = " << c.value << " loaded";
+    } catch (const Error& e) {
+      for (const auto& part : c.message)
+        EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what() << "\n  lacks: " << part;
+    }
+  }
+  EXPECT_LT(test::peak_rss_kib() - before, 200 * 1024) << "a refused config allocated its model first";
 }
 
 }  // namespace

@@ -14,36 +14,15 @@
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/tokenizers/tokenizer.h"
+#include "cli/cli_util.h"
 #include "test_util.h"
 
 namespace mdl {
 namespace {
 
-struct Result {
-  int code;
-  std::string out, err;
-};
-
-std::string quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return q + "'";
-}
-
-Result mdl(const std::string& args) {
-  const char* bin = std::getenv("MDL_BIN");
-  EXPECT_NE(bin, nullptr) << "MDL_BIN is not set (run through ctest)";
-  static test::TempDir scratch;
-  const std::string err_file = scratch / "stderr.txt";
-  const std::string cmd = std::string(bin ? bin : "mdl") + " " + args + " 2>" + err_file;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out, test::read_file(err_file)};
-}
+using test::mdl;
+using test::quote;
+using test::Result;
 
 class Cli : public ::testing::Test {
  protected:

@@ -80,5 +80,48 @@ TEST(AtomicFile, UncommittedWritesLeaveNothing) {
   EXPECT_THROW_WITH(io::read_text(dir / "nope"), "nope");
 }
 
+// A directory of files written whole: a failure before commit leaves the old one intact and no temporary;
+// a commit replaces it; a directory holding other things is refused rather than replaced.
+TEST(AtomicDirectory, AFailedWriteLeavesTheOldDirectoryAndCommitReplacesIt) {
+  namespace fs = std::filesystem;
+  test::TempDir dir;
+  const std::string target = dir / "ckpt";
+  {
+    io::AtomicDirectory d(target);
+    io::write_text_atomic(d.path() + "/config.json", "old");
+    io::write_text_atomic(d.path() + "/model.safetensors", "old weights");
+    d.commit();
+  }
+  try {
+    io::AtomicDirectory d(target + "/");
+    io::write_text_atomic(d.path() + "/config.json", "new");
+    throw std::runtime_error("disk full");  // half-written: never committed
+  } catch (const std::runtime_error&) {
+  }
+  EXPECT_EQ(io::read_text(target + "/config.json"), "old");
+  EXPECT_EQ(io::read_text(target + "/model.safetensors"), "old weights");
+  {
+    io::AtomicDirectory d(target);
+    io::write_text_atomic(d.path() + "/config.json", "new");
+    d.commit();
+  }
+  EXPECT_EQ(io::read_text(target + "/config.json"), "new");
+  EXPECT_FALSE(fs::exists(target + "/model.safetensors")) << "the old directory's files do not mix in";
+  size_t entries = 0;
+  for (const auto& e : fs::directory_iterator(dir.path())) entries += e.path().filename() == "ckpt" ? 1 : 100;
+  EXPECT_EQ(entries, 1u) << "no temporary or old directory is left beside it";
+  fs::create_directories(dir / "home/photos");
+  test::write_file(dir / "home/notes.doc", "mine");
+  EXPECT_THROW_WITH(io::AtomicDirectory(dir / "home"), "holds '", "not a checkpoint's or a module's file");
+  EXPECT_TRUE(fs::exists(dir / "home/notes.doc"));
+  test::write_file(dir / "file", "x");
+  EXPECT_THROW_WITH(io::AtomicDirectory(dir / "file"), "exists and is not a directory");
+  EXPECT_TRUE(io::same_path(dir / "ckpt/", dir / "ckpt"));
+  EXPECT_TRUE(io::same_path(dir / "home/../ckpt", dir / "ckpt"));
+  fs::create_symlink(dir / "ckpt", dir / "link");
+  EXPECT_TRUE(io::same_path(dir / "link", dir / "ckpt"));
+  EXPECT_FALSE(io::same_path(dir / "new", dir / "ckpt"));
+}
+
 }  // namespace
 }  // namespace mdl

@@ -47,6 +47,12 @@ TEST(Checkpoint, BrokenIndexesAreReported) {
   EXPECT_THROW_WITH(CheckpointReader(dir.path()), "index.json", "not valid JSON");
   test::write_file(dir / "model.safetensors.index.json", R"({"weight_map": {"a": "shard-1.safetensors"}})");
   EXPECT_THROW_WITH(CheckpointReader(dir.path()), "'a'", "shard-1.safetensors", "does not exist");
+  // Shards are files of the checkpoint directory: the probe's index opened /etc/passwd.
+  for (const std::string escape : {"../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"}) {
+    test::write_file(dir / "model.safetensors.index.json", nlohmann::json({{"weight_map", {{"a", escape}}}}).dump());
+    EXPECT_THROW_WITH(CheckpointReader(dir.path()), escape.c_str(), "not a file inside", "relative to the checkpoint");
+  }
+  test::write_file(dir / "model.safetensors.index.json", R"({"weight_map": {"a": "shard-1.safetensors"}})");
   save_safetensors(dir / "shard-1.safetensors", {{"b", at::ones({1})}});
   CheckpointReader stale(dir.path());
   EXPECT_THROW_WITH(stale.tensor("a"), "'a'", "stale index");

@@ -24,6 +24,7 @@
 #include "mdl/serving/chat_template.h"
 #include "mdl/serving/engine.h"
 #include "mdl/tokenizers/tokenizer.h"
+#include "serving/serve_util.h"
 #include "test_util.h"
 
 namespace mdl {
@@ -32,48 +33,11 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct Process {
-  pid_t pid = -1;
-  int port = 0;
-};
+using test::post;
+using test::Process;
+using test::start_server;
 
-Process start_server(const std::string& model, const std::string& modules, const std::string& port_file,
-                     const std::vector<std::string>& extra = {}) {
-  fs::remove(port_file);
-  const char* bin = std::getenv("MDL_BIN");
-  EXPECT_NE(bin, nullptr) << "MDL_BIN is not set (run through ctest)";
-  std::vector<std::string> args = {"mdl", "--log-level", "warn", "serve", "--model", model, "--modules", modules,
-                                   "--port", "0", "--port-file", port_file, "--max-batch", "8"};
-  args.insert(args.end(), extra.begin(), extra.end());
-  Process p;
-  p.pid = fork();
-  if (p.pid == 0) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    freopen("/dev/null", "w", stdout);
-    execv(bin, argv.data());
-    _exit(127);
-  }
-  // The port file appears once the server listens; a server that failed to start has exited.
-  EXPECT_TRUE(test::wait_until([&] { return fs::exists(port_file); }, p.pid)) << "mdl serve did not start";
-  if (fs::exists(port_file)) p.port = std::stoi(test::read_file(port_file));
-  return p;
-}
-
-json post(int port, const std::string& path, const std::string& body, int* status = nullptr) {
-  httplib::Client c("127.0.0.1", port);
-  c.set_read_timeout(120);
-  auto r = c.Post(path.c_str(), body, "application/json");
-  EXPECT_TRUE(r) << "no response from " << path;
-  if (!r) return json();
-  if (status) *status = r->status;
-  return json::parse(r->body, nullptr, false);
-}
-
-json post(int port, const std::string& path, const json& body, int* status = nullptr) {
-  return post(port, path, body.dump(), status);
-}
+const httplib::Headers kAdmin = {{"Authorization", "Bearer test-admin-token"}};
 
 class Serve : public ::testing::Test {
  protected:
@@ -109,7 +73,8 @@ class Serve : public ::testing::Test {
       for (auto& [k, t] : set.tensors("adapter_x")) t.normal_(0, 0.2);
     }
     set.save("adapter_x", modules_ + "/adapter_x");
-    server_ = new Process(start_server(model_, modules_, *dir_ / "port", {"--max-body-bytes", "65536"}));
+    server_ = new Process(start_server(model_, modules_, *dir_ / "port",
+                                       {"--max-body-bytes", "65536", "--admin-token", "test-admin-token"}));
   }
   static void TearDownTestSuite() {
     if (server_ && server_->pid > 0) {
@@ -264,7 +229,7 @@ TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
 
 TEST_F(Serve, ModulesLoadAndUnloadAtRuntime) {
   int status = 0;
-  json r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status);
+  json r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status, kAdmin);
   EXPECT_EQ(status, 201) << r.dump();
   httplib::Client c("127.0.0.1", server_->port);
   auto models = c.Get("/v1/models");
@@ -272,15 +237,15 @@ TEST_F(Serve, ModulesLoadAndUnloadAtRuntime) {
   EXPECT_NE(models->body.find("\"extra\""), std::string::npos);
   EXPECT_NE(models->body.find("\"lora_c\""), std::string::npos);  // offered by the modules directory
   EXPECT_EQ(complete("extra", "my fox", 8)["choices"][0]["text"], complete("lora_b", "my fox", 8)["choices"][0]["text"]);
-  r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status);
+  r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status, kAdmin);
   EXPECT_EQ(status, 409) << r.dump();
-  auto del = c.Delete("/v1/modules/extra");
+  auto del = c.Delete("/v1/modules/extra", kAdmin);
   ASSERT_TRUE(del);
   EXPECT_EQ(del->status, 200);
   r = post(server_->port, "/v1/completions", json({{"model", "extra"}, {"prompt", "x"}}), &status);
   EXPECT_EQ(status, 404);
   EXPECT_EQ(r["error"]["param"], "model");
-  del = c.Delete("/v1/modules/extra");
+  del = c.Delete("/v1/modules/extra", kAdmin);
   EXPECT_EQ(del->status, 404);
 }
 
@@ -327,7 +292,7 @@ TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
       {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p", "'top_p' must be in (0, 1]"},
       {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", 0}}).dump(), 400, "max_tokens", "'max_tokens' must be >= 1"},
       {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", "ten"}}).dump(), 400, "max_tokens", "must be an integer, found string"},
-      {"/v1/completions", json({{"prompt", "a"}, {"modules", {"lora_a:x"}}}).dump(), 400, "modules[0]", "must be a number"},
+      {"/v1/completions", json({{"prompt", "a"}, {"modules", {"lora_a:x"}}}).dump(), 400, "modules[0]", "must be a finite number"},
       {"/v1/completions", json({{"prompt", {1, -5}}}).dump(), 400, "prompt", "token ids must be integers"},
       {"/v1/completions", json({{"prompt", long_prompt}}).dump(), 413, "", "over the limit"},
       {"/v1/classify", json({{"input", "a"}}).dump(), 400, "model", "no sequence classification head"},

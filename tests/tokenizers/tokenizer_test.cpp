@@ -127,6 +127,23 @@ TEST(Tokenizer, BadFilesAreReportedWithTheirSource) {
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":["a b"]}})"),
                     "merge #0 'a b'");
   EXPECT_THROW_WITH(Tokenizer::from_file("/nonexistent/tokenizer.json"), "does not exist");
+  // Ids out of range: negative ones crashed every command, 2e8 sized the table at 6.4 GB.
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":-5},"merges":[]}})", "t.json"),
+                    "model.vocab: token 'b' has id -5", "ids are in [0, 2) for 2 entries", "t.json");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":200000000},"merges":[]}})"),
+                    "token 'b' has id 200000000");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":2},"merges":[]},
+      "added_tokens":[{"id":3,"content":"<s>"}]})"), "no token with id 1 and no added token takes it");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":1,"b":1},"merges":[]}})"),
+                    "id 1 is taken twice");
+  // A hole an added token fills is fine (as in tokenizers whose special tokens are not in model.vocab).
+  EXPECT_EQ(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":2},"merges":[]},
+      "added_tokens":[{"id":1,"content":"<s>"}]})").vocab_size(), 3);
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"WordPiece","vocab":{"[UNK]":0,"x":-1}}})"), "has id -1");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},
+      "added_tokens":[{"id":-3,"content":"<s>"}]})"), "added_tokens: '<s>' has id -3");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},
+      "added_tokens":[{"id":200000000,"content":"<s>"}]})"), "has id 200000000", "a gap of at most 1024");
   Tokenizer no_unk = Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]}})");
   EXPECT_THROW_WITH(no_unk.encode("b"), "'b' is not in the BPE vocabulary");
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <set>
@@ -22,6 +23,22 @@ const std::set<std::string>& merge_methods() {
   return m;
 }
 
+// Deeper nesting is refused: no real composition comes near it, and the parser and the walks over its
+// tree recurse once per level.
+constexpr int kMaxNesting = 32;
+
+// Bytes of the UTF-8 character that starts with `lead` (1 for a stray continuation byte).
+size_t utf8_length(unsigned char lead) {
+  return lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+}
+
+// A name character outside quotes: ASCII letters, digits and _ - . / ~, and every non-ASCII character
+// (names may be in any script).
+bool name_char(char c) {
+  const auto u = static_cast<unsigned char>(c);
+  return std::isalnum(u) || c == '_' || c == '-' || c == '.' || c == '/' || c == '~' || u >= 0x80;
+}
+
 class Parser {
  public:
   explicit Parser(const std::string& text) : s_(text) {}
@@ -31,13 +48,18 @@ class Parser {
     if (pos_ == s_.size()) fail("empty expression; expected a module name or a function like stack(a, b)");
     Composition c = list();
     skip();
-    if (pos_ != s_.size()) fail(std::string("unexpected '") + s_[pos_] + "' after a complete expression");
+    if (pos_ != s_.size()) fail("unexpected " + found() + " after a complete expression");
     return c;
   }
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
     MDL_FAIL("[compose] column ", pos_ + 1, ": ", what, "\n  ", s_, "\n  ", std::string(pos_, ' '), "^");
+  }
+  // The character at pos_, whole (a UTF-8 sequence is never cut in a message), or "the end".
+  std::string found() const {
+    if (pos_ >= s_.size()) return "the end";
+    return "'" + s_.substr(pos_, utf8_length(static_cast<unsigned char>(s_[pos_]))) + "'";
   }
   void skip() {
     while (pos_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[pos_]))) ++pos_;
@@ -46,9 +68,6 @@ class Parser {
     skip();
     if (pos_ < s_.size() && s_[pos_] == c) return ++pos_, true;
     return false;
-  }
-  static bool name_char(char c) {
-    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.' || c == '/' || c == '~';
   }
   // list := sum (',' sum)*: applied in order (the CLI's "a,b:0.5"); sum := term ('+' term)*.
   Composition list() { return sequence(',', Composition::Kind::stack, [this] { return sum(); }); }
@@ -75,22 +94,50 @@ class Parser {
     try {
       size_t used = 0;
       double v = std::stod(text, &used);
-      if (used == text.size()) return v;
-    } catch (const std::exception&) {
+      if (used == text.size() && std::isfinite(v)) return v;
+    } catch (const std::exception&) {  // out of range: not finite either
     }
     pos_ = start;
-    fail("expected a number, found '" + (text.empty() ? std::string(1, pos_ < s_.size() ? s_[pos_] : ' ') : text) + "'");
+    fail("expected a finite number, found " + (text.empty() ? found() : "'" + text + "'"));
+  }
+  // NAME, or a quoted name ("my module" or 'my module': any characters but the quote and control ones).
+  std::string name() {
+    if (pos_ < s_.size() && (s_[pos_] == '"' || s_[pos_] == '\'')) {
+      const char quote = s_[pos_];
+      const size_t open = pos_++;
+      const size_t start = pos_;
+      while (pos_ < s_.size() && s_[pos_] != quote) {
+        if (static_cast<unsigned char>(s_[pos_]) < 0x20) fail("a control character in a quoted name");
+        ++pos_;
+      }
+      if (pos_ == s_.size()) {
+        pos_ = open;
+        fail(std::string("the quoted name is not closed: expected ") + quote + " before the end");
+      }
+      const std::string word = s_.substr(start, pos_++ - start);
+      if (word.empty()) {
+        pos_ = open;
+        fail("an empty quoted name");
+      }
+      return word;
+    }
+    const size_t start = pos_;
+    while (pos_ < s_.size() && name_char(s_[pos_])) ++pos_;
+    return s_.substr(start, pos_ - start);
   }
   Composition term() {
     skip();
     Composition c;
     c.column = static_cast<int>(pos_) + 1;
     const size_t start = pos_;
-    while (pos_ < s_.size() && name_char(s_[pos_])) ++pos_;
-    const std::string word = s_.substr(start, pos_ - start);
-    if (word.empty()) fail(pos_ < s_.size() ? std::string("expected a module name, found '") + s_[pos_] + "'"
-                                            : "expected a module name, found the end");
-    if (eat('(')) {
+    const bool quoted = pos_ < s_.size() && (s_[pos_] == '"' || s_[pos_] == '\'');
+    const std::string word = name();
+    if (word.empty()) fail("expected a module name, found " + found());
+    if (!quoted && eat('(')) {
+      if (++depth_ > kMaxNesting) {
+        pos_ = start;
+        fail("compositions nest at most " + std::to_string(kMaxNesting) + " levels deep");
+      }
       if (word == "stack") c.kind = Composition::Kind::stack;
       else if (word == "avg") c.kind = Composition::Kind::avg;
       else if (word == "sum") c.kind = Composition::Kind::sum;
@@ -123,8 +170,9 @@ class Parser {
           c.params[key] = number();
         } while (eat(','));
       }
-      if (!eat(')')) fail(pos_ < s_.size() ? std::string("expected ',' or ')', found '") + s_[pos_] + "'"
+      if (!eat(')')) fail(pos_ < s_.size() ? "expected ',' or ')', found " + found()
                                            : "expected ')' to close '" + word + "(', found the end");
+      --depth_;
     } else {
       c.kind = Composition::Kind::module;
       c.name = word;
@@ -135,6 +183,7 @@ class Parser {
 
   std::string s_;
   size_t pos_ = 0;
+  int depth_ = 0;  // functions open around pos_
 };
 
 std::string number_text(double v) {
@@ -148,7 +197,9 @@ std::string number_text(double v) {
 std::string Composition::to_string() const {
   std::string out;
   if (kind == Kind::module) {
-    out = name;
+    // Quoted when it would not read back as one name (a space, a comma...).
+    const bool plain = !name.empty() && std::all_of(name.begin(), name.end(), name_char);
+    out = plain ? name : (name.find('"') == std::string::npos ? "\"" + name + "\"" : "'" + name + "'");
   } else {
     out = kind == Kind::sum ? "sum" : kind == Kind::avg ? "avg" : kind == Kind::stack ? "stack" : kind == Kind::fuse ? "fuse" : name;
     out += "(";

@@ -6,6 +6,8 @@
 //   term   := NAME [':' NUMBER]  |  FUNC '(' expr (',' expr)* [';' KEY '=' NUMBER (',' KEY '=' NUMBER)*] ')' [':' NUMBER]
 //   FUNC   := stack | avg | sum | fuse | linear | task_arithmetic | ties | dare_linear | dare_ties |
 //             magnitude_prune | slerp | cat | svd
+//   NAME   := letters (any script), digits, _ - . / ~  |  "any name"  |  'any name'   (quoted: spaces, commas)
+//   NUMBER := a finite decimal number; functions nest at most 32 levels deep
 //
 //   stack(lang/de, task/nli)     task adapter applied to the language adapter's output (MAD-X)
 //   avg(a:0.7, b:0.3)            output average, weights normalised to sum to one

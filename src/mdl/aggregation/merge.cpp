@@ -9,6 +9,7 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
+#include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
@@ -46,10 +47,10 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
   for (size_t i = 1; i < readers.size(); ++i)
     MDL_CHECK(readers[i]->names().size() == names.size(), "[merge] '", inputs[i], "' has ", readers[i]->names().size(),
               " tensors, '", inputs[0], "' has ", names.size());
-  fs::create_directories(out);
+  io::AtomicDirectory staged(out);  // the merged checkpoint whole, or the old one as it was
   MergeReport report;
   report.format = "checkpoint";
-  io::SafetensorsWriter writer((fs::path(out) / "model.safetensors").string(), entries,
+  io::SafetensorsWriter writer((fs::path(staged.path()) / "model.safetensors").string(), entries,
                                {{"format", "pt"}, {"merged_by", "mdl merge " + o.method}});
   for (const auto& name : names) {  // one tensor at a time: bounded memory
     std::vector<at::Tensor> values;  // zero-copy views of the mappings, released after use
@@ -64,8 +65,9 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
     ++report.tensors;
   }
   writer.commit();
-  io::copy_side_files(inputs[0], out, /*config=*/true);
-  fs::remove(fs::path(out) / "model.safetensors.index.json");  // a single file now
+  io::copy_side_files(inputs[0], staged.path(), /*config=*/true);
+  fs::remove(fs::path(staged.path()) / "model.safetensors.index.json");  // a single file now
+  staged.commit();
   return report;
 }
 

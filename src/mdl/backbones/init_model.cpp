@@ -140,9 +140,10 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
 
   Model model = create_model(config);
   model->init_weights(options.seed);
-  fs::create_directories(out_dir);
-  save_model(*model, out_dir, options.max_shard_bytes);
-  io::write_text_atomic((fs::path(out_dir) / "tokenizer.json").string(), tokenizer_json);
+  // The whole directory or nothing: over an existing checkpoint, a failure leaves that one as it was.
+  io::AtomicDirectory out(out_dir);
+  save_model(*model, out.path(), options.max_shard_bytes);
+  io::write_text_atomic((fs::path(out.path()) / "tokenizer.json").string(), tokenizer_json);
   nlohmann::json tc = {{"tokenizer_class", arch == Arch::gpt2    ? "GPT2TokenizerFast"
                                            : arch == Arch::llama ? "LlamaTokenizerFast"
                                                                  : "BertTokenizerFast"},
@@ -155,7 +156,8 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   if (arch == Arch::llama) tc["add_bos_token"] = true, tc["add_eos_token"] = false;
   if (arch == Arch::bert) tc["do_lower_case"] = true, tc["cls_token"] = "[CLS]", tc["sep_token"] = "[SEP]",
                           tc["mask_token"] = "[MASK]";
-  io::write_text_atomic((fs::path(out_dir) / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+  io::write_text_atomic((fs::path(out.path()) / "tokenizer_config.json").string(), tc.dump(2) + "\n");
+  out.commit();
   return {config, model->num_parameters(), tok_vocab};
 }
 

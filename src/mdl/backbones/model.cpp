@@ -4,7 +4,9 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/irange.h>
 
+#include <cctype>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "mdl/backbones/activation_checkpoint.h"
@@ -345,6 +347,9 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
     MDL_CHECK(t.sizes() == param.sizes(), "[load] tensor '", disk, "' in '", reader.file_of(disk), "' has shape ",
               t.sizes(), " but ", config_.architecture, " with this config.json expects ", param.sizes(),
               "; maybe the wrong base model?");
+    const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
+    MDL_CHECK(bad == 0, "[load] tensor '", disk, "' in '", reader.file_of(disk), "' has ", bad,
+              " values that are NaN or infinite; a corrupt or diverged checkpoint");
     param.set_data(t);  // zero-copy view of the mapping until `to` converts it
   }
   if (!initialised.empty()) {
@@ -420,10 +425,79 @@ Model create_model(const ModelConfig& config) {
   MDL_FAIL("[model] unknown architecture");
 }
 
+int64_t estimated_parameters(const ModelConfig& c) {
+  const int64_t C = c.hidden_size, L = c.n_layer, F = c.intermediate_size, D = c.head_dim;
+  const int64_t q = c.n_head * D, kv = c.n_kv_head * D;
+  int64_t attention = C * q + 2 * C * kv + q * C + (c.qkv_bias ? q + 2 * kv : 0) + (c.o_bias ? C : 0);
+  const bool gated = c.arch == Arch::llama;
+  int64_t mlp = (gated ? 3 : 2) * C * F + (c.mlp_bias ? F + C + (gated ? F : 0) : 0);
+  if (c.num_experts > 0) mlp = mlp * c.num_experts + C * c.num_experts;  // experts and the router
+  const int64_t norms = (c.arch == Arch::llama ? 2 : 4) * C;           // RMSNorm weight; LayerNorm weight and bias
+  int64_t total = L * (attention + mlp + norms);
+  switch (c.arch) {
+    case Arch::gpt2: total += c.vocab_size * C + c.max_position * C + 2 * C; break;
+    case Arch::llama: total += c.vocab_size * C + C; break;
+    case Arch::bert: total += (c.vocab_size + c.max_position + c.type_vocab_size) * C + 2 * C; break;
+    case Arch::vit: total += c.num_channels * c.patch_size * c.patch_size * C + C + (c.num_patches() + 2) * C + 2 * C; break;
+  }
+  switch (c.head) {
+    case HeadKind::causal_lm: total += c.tie_word_embeddings ? 0 : c.vocab_size * C; break;
+    case HeadKind::sequence_classification: total += c.num_labels * (C + 1) + (c.arch == Arch::bert ? C * C + C : 0); break;
+    case HeadKind::token_classification: total += c.num_labels * (C + 1); break;
+    case HeadKind::none: total += c.arch == Arch::bert ? C * C + C : 0; break;
+  }
+  return total;
+}
+
+void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointReader& reader, const std::string& file) {
+  const bool gpt2 = c.arch == Arch::gpt2;
+  int64_t layers = 0, elements = 0;
+  std::vector<int64_t> embedding;
+  std::string embedding_name;
+  for (const auto& name : reader.names()) {
+    const std::vector<int64_t> shape = reader.shape(name);
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    elements += n;
+    // "<...>.layers.7.<...>", "h.7.", "layer.7.": the block index.
+    for (const char* block : {"layers.", "h.", "layer."}) {
+      const size_t at = name.rfind(std::string(".") + block) != std::string::npos ? name.rfind(std::string(".") + block) + 1
+                        : name.rfind(block, 0) == 0                             ? 0
+                                                                                : std::string::npos;
+      if (at == std::string::npos) continue;
+      const size_t digits = at + std::strlen(block);
+      size_t end = digits;
+      while (end < name.size() && std::isdigit(static_cast<unsigned char>(name[end]))) ++end;
+      if (end > digits && end < name.size() && name[end] == '.' && end - digits < 6)
+        layers = std::max<int64_t>(layers, std::stoll(name.substr(digits, end - digits)) + 1);
+    }
+    for (const char* e : {"embed_tokens.weight", "wte.weight", "word_embeddings.weight"})
+      if (name.size() >= std::strlen(e) && name.compare(name.size() - std::strlen(e), std::strlen(e), e) == 0)
+        embedding = shape, embedding_name = name;
+  }
+  const char* layers_field = gpt2 ? "n_layer" : "num_hidden_layers";
+  MDL_CHECK(layers == 0 || layers == c.n_layer, "[load] '", file, "': field '", layers_field, "' is ", c.n_layer,
+            " but the checkpoint '", reader.path(), "' has ", layers, " layers; fix config.json or use its checkpoint");
+  if (!embedding.empty())
+    MDL_CHECK(embedding.size() == 2 && embedding[0] == c.vocab_size && embedding[1] == c.hidden_size, "[load] '", file,
+              "': fields 'vocab_size' ", c.vocab_size, " and '", gpt2 ? "n_embd" : "hidden_size", "' ", c.hidden_size,
+              " need a token embedding of shape [", c.vocab_size, ", ", c.hidden_size, "], but '", embedding_name,
+              "' is ", shape_str(embedding), "; fix config.json or use its checkpoint");
+  // The rest of the sizes (intermediate_size, heads, experts) by the parameter count they imply; a new
+  // classification head and a pooler may be missing from the file.
+  const int64_t expected = estimated_parameters(c);
+  const int64_t allowance = c.hidden_size * (c.hidden_size + c.num_labels + 2) + (int64_t{1} << 20);
+  MDL_CHECK(expected <= elements + elements / 4 + allowance, "[load] '", file, "' describes a model of about ",
+            expected, " parameters, but the checkpoint '", reader.path(), "' holds ", elements,
+            "; a size field (", gpt2 ? "n_inner" : "intermediate_size", ", the head counts, num_local_experts...) is "
+            "wrong; nothing was allocated");
+}
+
 Model load_model(const std::string& dir, const LoadOptions& options) {
   ModelConfig config = load_model_config(dir);
-  Model model = create_model(config);
   io::CheckpointReader reader(dir);
+  check_config_fits_checkpoint(config, reader, (std::filesystem::path(dir) / "config.json").string());
+  Model model = create_model(config);
   model->load(reader, options);
   model->eval();
   return model;

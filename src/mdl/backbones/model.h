@@ -174,6 +174,13 @@ using Model = std::shared_ptr<ModelImpl>;
 
 /// A model of `config`'s architecture with zero weights (call init_weights or load).
 Model create_model(const ModelConfig& config);
+/// How many parameters create_model(config) allocates, computed from the sizes alone (within a few
+/// percent; tested against every preset): what a config claims before anything is allocated.
+int64_t estimated_parameters(const ModelConfig& config);
+/// Checks `config` against the checkpoint's tensor index before the model is built: the layer count, the
+/// token embedding's shape and the parameter count it implies. Throws naming the config field.
+void check_config_fits_checkpoint(const ModelConfig& config, const io::CheckpointReader& reader,
+                                  const std::string& config_file);
 /// Loads `DIR/config.json` and the checkpoint's tensors.
 Model load_model(const std::string& dir, const LoadOptions& options = {});
 /// Writes config.json and the tensors (sharded above `max_shard_bytes` if > 0) in the HF layout.

@@ -26,6 +26,7 @@
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
 #include "mdl/backbones/moe_convert.h"
+#include "mdl/io/json_file.h"
 #include "mdl/routing/routing_log.h"
 #include "mdl/backbones/model.h"
 #include "mdl/demo/demo.h"
@@ -173,12 +174,7 @@ void inspect_module(const std::string& dir) {
   const fs::path p(dir);
   const bool native = fs::exists(p / "module.json");
   const std::string meta_file = (p / (native ? "module.json" : "adapter_config.json")).string();
-  nlohmann::json meta;
-  try {
-    meta = nlohmann::json::parse(io::read_text(meta_file));
-  } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[inspect] '", meta_file, "' is not valid JSON: ", e.what());
-  }
+  const nlohmann::json meta = io::read_json(meta_file);
   const std::string weights = (p / (native ? "module.safetensors" : "adapter_model.safetensors")).string();
   io::SafetensorsFile file(weights);
   int64_t params = 0;
@@ -453,13 +449,16 @@ void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!mods->modules.empty(), "[merge-into-base] give --modules");
-    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[merge-into-base] --out must differ from --model");
+    MDL_CHECK(!io::same_path(*out, *model), "[merge-into-base] --out '", *out, "' is the base checkpoint '", *model,
+              "' (links and '..' resolved); write the merged model to another directory");
     Model m = load_model(*model);
     auto set = attach_modules(m, *mods, *model);
     // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
     for (const auto& name : set->names()) set->merge(name);
-    save_model(*m, *out);
-    io::copy_side_files(*model, *out, /*config=*/false);
+    io::AtomicDirectory dir(*out);
+    save_model(*m, dir.path());
+    io::copy_side_files(*model, dir.path(), /*config=*/false);
+    dir.commit();
     std::printf("merged %zu module(s) into %s\n", set->names().size(), out->c_str());
   });
 }
@@ -480,12 +479,15 @@ void register_upcycle(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--out", *out, "output checkpoint directory")->required();
   cmd->callback([=, &g] {
     apply(g);
-    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[upcycle] --out must differ from --model");
+    MDL_CHECK(!io::same_path(*out, *model), "[upcycle] --out '", *out, "' is the dense checkpoint '", *model,
+              "'; write the upcycled model to another directory");
     if (!o->router_json.empty()) o->router_json = nlohmann::json(parse_router(o->router_json)).dump();
     Model dense = load_model(*model);
     Model moe = upcycle(*dense, *o);
-    save_model(*moe, *out);
-    io::copy_side_files(*model, *out, /*config=*/false);
+    io::AtomicDirectory dir(*out);
+    save_model(*moe, dir.path());
+    io::copy_side_files(*model, dir.path(), /*config=*/false);
+    dir.commit();
     std::printf("upcycled %s (%s parameters) to %s: %lld experts, top-%lld, %s parameters\n", model->c_str(),
                 human(dense->num_parameters()).c_str(), out->c_str(), (long long)o->experts, (long long)o->top_k,
                 human(moe->num_parameters()).c_str());
@@ -509,7 +511,8 @@ void register_moefy(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--out", *out, "output checkpoint directory")->required();
   cmd->callback([=, &g] {
     apply(g);
-    MDL_CHECK(fs::absolute(*out) != fs::absolute(*model), "[moefy] --out must differ from --model");
+    MDL_CHECK(!io::same_path(*out, *model), "[moefy] --out '", *out, "' is the dense checkpoint '", *model,
+              "'; write the MoEfied model to another directory");
     Tokenizer tok = Tokenizer::from_file(*model);
     std::string sample = *text;
     if (sample.empty())
@@ -519,8 +522,10 @@ void register_moefy(CLI::App& app, GlobalOptions& g) {
     ids.resize(std::min<size_t>(ids.size(), static_cast<size_t>(dense->config().max_position)));
     MoefyReport report;
     Model moe = moefy(*dense, *o, at::tensor(ids, at::kLong).view({1, -1}), &report);
-    save_model(*moe, *out);
-    io::copy_side_files(*model, *out, /*config=*/false);
+    io::AtomicDirectory dir(*out);
+    save_model(*moe, dir.path());
+    io::copy_side_files(*model, dir.path(), /*config=*/false);
+    dir.commit();
     std::printf("moefied %s to %s: %lld experts of %lld neurons, top-%lld\n", model->c_str(), out->c_str(),
                 (long long)o->experts, (long long)moe->config().intermediate_size, (long long)o->top_k);
     for (size_t l = 0; l < report.kept.size(); ++l)
@@ -562,7 +567,8 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
     opts.convention = *convention == "peft" ? MergeConvention::peft : MergeConvention::mergekit;
     for (const auto& in : *inputs) {
       MDL_CHECK(fs::exists(in), "[merge] input '", in, "' does not exist");
-      MDL_CHECK(fs::absolute(in) != fs::absolute(*out), "[merge] --out must differ from the input '", in, "'");
+      MDL_CHECK(!io::same_path(in, *out), "[merge] --out '", *out, "' is the input '", in,
+                "' (links and '..' resolved); write the merge to another directory");
     }
     const auto start = std::chrono::steady_clock::now();
     const bool modules = is_module_dir(inputs->front());
@@ -788,8 +794,10 @@ void register_train(CLI::App& app, GlobalOptions& g) {
       for (const auto& name : c.train) set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
       if (c.options.train_base) {  // the trained backbone, a checkpoint like any other
         const std::string dir = (fs::path(c.options.out_dir) / "model").string();
-        save_model(*m, dir);
-        io::copy_side_files(c.model, dir, /*config=*/false);
+        io::AtomicDirectory out(dir);
+        save_model(*m, out.path());
+        io::copy_side_files(c.model, out.path(), /*config=*/false);
+        out.commit();
         std::printf("backbone written to %s\n", dir.c_str());
       }
     }
@@ -950,6 +958,21 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
 }
 
 // ---- serve -----------------------------------------------------------------------------------------------
+// A numeric flag's range, and why it has one: "--max-batch must be in [1, 1024] (...), got 100000000".
+CLI::Validator in_range(int64_t lo, int64_t hi, const std::string& why) {
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        try {
+          size_t used = 0;
+          const long long v = std::stoll(text, &used);
+          if (used == text.size() && v >= lo && v <= hi) return "";
+        } catch (const std::exception&) {
+        }
+        return "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (" + why + "), got " + text;
+      },
+      "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
 void register_serve(CLI::App& app, GlobalOptions& g) {
   auto model = std::make_shared<std::string>();
   auto engine_options = std::make_shared<EngineOptions>();
@@ -960,17 +983,35 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--model", *model, "base checkpoint directory")->required();
   cmd->add_option("--modules", engine_options->modules_dir, "directory of module directories, loaded on demand by name");
   cmd->add_option("--host", server_options->host, "address to listen on")->capture_default_str();
-  cmd->add_option("--port", server_options->port, "port (0: any free port, printed)")->capture_default_str();
-  cmd->add_option("--max-batch", engine_options->max_batch, "sequences decoded together at most")->capture_default_str();
-  cmd->add_option("--max-queue", engine_options->max_queue, "waiting requests at most (more: 503)")->capture_default_str();
+  cmd->add_option("--port", server_options->port, "port (0: any free port, printed)")
+      ->check(in_range(0, 65535, "a TCP port; 0 picks a free one"))
+      ->capture_default_str();
+  cmd->add_option("--max-batch", engine_options->max_batch, "sequences decoded together at most")
+      ->check(in_range(1, 1024, "each running sequence holds a KV cache and HTTP threads"))
+      ->capture_default_str();
+  cmd->add_option("--max-queue", engine_options->max_queue, "waiting requests at most (more: 503)")
+      ->check(in_range(1, 1000000, "each waiting request holds its prompt and a connection"))
+      ->capture_default_str();
   cmd->add_option("--module-cache-mb", engine_options->module_cache_mb, "memory budget of loaded modules (LRU eviction)")
+      ->check(in_range(1, int64_t{1} << 20, "MiB of module tensors in memory, up to 1 TiB"))
       ->capture_default_str();
   cmd->add_option("--lora-bank-dtype", engine_options->lora_bank_dtype,
                   "storage of the LoRAs a mixed decoding batch reads: float16 (half the bytes) or float32 (exact)")
       ->check(CLI::IsMember({"float16", "float32"}))
       ->capture_default_str();
-  cmd->add_option("--max-body-bytes", server_options->max_body_bytes, "larger request bodies get 413")->capture_default_str();
-  cmd->add_option("--http-threads", server_options->threads, "HTTP worker threads (0: 2 x max batch + 8)")->capture_default_str();
+  cmd->add_option("--max-body-bytes", server_options->max_body_bytes, "larger request bodies get 413")
+      ->check(in_range(1024, int64_t{1} << 30, "a body is held in memory whole while it is parsed"))
+      ->capture_default_str();
+  cmd->add_option("--http-threads", server_options->threads, "HTTP worker threads (0: 2 x max batch + 8, at most 512)")
+      ->check(in_range(0, 1024, "each is a thread of this process"))
+      ->capture_default_str();
+  cmd->add_option("--admin-token", server_options->admin_token,
+                  "allow runtime module loading (POST /v1/modules) and unloading with 'Authorization: Bearer TOKEN'; "
+                  "off when empty (default; also read from MDL_ADMIN_TOKEN, which keeps it out of the process list)")
+      ->envname("MDL_ADMIN_TOKEN");
+  cmd->add_option("--allow-module-path", engine_options->allowed_module_paths,
+                  "a directory besides --modules that runtime loading may read (repeatable); paths resolve with links "
+                  "followed");
   cmd->add_option("--port-file", *port_file, "write the bound port to this file once listening (for scripts)");
   add_run_options(cmd, *run);
   cmd->callback([=, &g] {

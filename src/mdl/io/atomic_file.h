@@ -31,10 +31,38 @@ class AtomicFile {
   bool committed_ = false;
 };
 
+/// A directory of several files written whole or not at all (a checkpoint, a module): they are written
+/// under a temporary sibling (`path()`), and `commit()` puts it in place of the target, which is replaced
+/// as a whole (moved aside first, removed after). Destroyed without a commit, the temporary is removed
+/// and the target is untouched. A target that holds more than a checkpoint's or a module's files (a
+/// subdirectory, a file of another kind) is refused rather than replaced.
+class AtomicDirectory {
+ public:
+  explicit AtomicDirectory(std::string target);
+  ~AtomicDirectory();
+  AtomicDirectory(const AtomicDirectory&) = delete;
+  AtomicDirectory& operator=(const AtomicDirectory&) = delete;
+
+  /// Where to write now (the temporary directory).
+  const std::string& path() const { return temp_; }
+  /// Makes the written directory visible under the target's name.
+  void commit();
+
+ private:
+  std::string target_;
+  std::string temp_;
+  bool committed_ = false;
+};
+
+/// Whether two paths name the same file or directory once links and ".." are resolved (either may not
+/// exist yet: its existing parent is resolved).
+bool same_path(const std::string& a, const std::string& b);
+
 /// Writes `text` to `path` atomically.
 void write_text_atomic(const std::string& path, const std::string& text);
 
-/// Reads a whole file; throws naming the path if it cannot be read.
-std::string read_text(const std::string& path);
+/// Reads a whole regular file of at most `max_bytes`; throws naming the path if it cannot be read, is
+/// not a regular file (a FIFO would block, a device like /dev/zero never ends) or is larger.
+std::string read_text(const std::string& path, size_t max_bytes = size_t{1} << 30);
 
 }  // namespace mdl::io

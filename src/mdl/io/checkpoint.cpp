@@ -5,6 +5,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -22,19 +23,20 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
     if (fs::exists(single)) {
       files_.push_back(single.string());
     } else if (fs::exists(index)) {
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(read_text(index.string()));
-      } catch (const nlohmann::json::exception& e) {
-        MDL_FAIL("[checkpoint] '", index.string(), "' is not valid JSON: ", e.what());
-      }
+      const nlohmann::json j = read_json(index.string());
       MDL_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), "[checkpoint] '",
                 index.string(), "' has no object field 'weight_map'");
       std::map<std::string, bool> seen;
       for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
         MDL_CHECK(it.value().is_string(), "[checkpoint] '", index.string(), "': weight_map['", it.key(),
                   "'] must be a file name, found ", it.value().dump());
-        const std::string shard = (dir / it.value().get<std::string>()).string();
+        // A shard is a file of this directory: an absolute name or one that climbs out ("../../etc/passwd")
+        // is refused (links inside the directory, as in the Hugging Face cache, are followed as usual).
+        const fs::path name = fs::path(it.value().get<std::string>()).lexically_normal();
+        MDL_CHECK(!name.empty() && name.is_relative() && *name.begin() != "..", "[checkpoint] '", index.string(),
+                  "' maps '", it.key(), "' to '", it.value().get<std::string>(), "', which is not a file inside '",
+                  dir.string(), "'; shards are named relative to the checkpoint directory");
+        const std::string shard = (dir / name).string();
         MDL_CHECK(fs::exists(shard), "[checkpoint] '", index.string(), "' maps '", it.key(), "' to '", shard,
                   "', which does not exist; incomplete download?");
         if (!seen[shard]) files_.push_back(shard), seen[shard] = true;

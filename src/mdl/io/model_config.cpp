@@ -1,15 +1,23 @@
 #include "mdl/io/model_config.h"
 
+#include <cmath>
+
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 
 namespace mdl {
 namespace {
 
 using json = nlohmann::json;
+
+// Upper bounds of a config's sizes: far above any released checkpoint, far below what would exhaust memory
+// before a tensor is read.
+constexpr int64_t kMaxVocab = int64_t{1} << 22, kMaxHidden = int64_t{1} << 16, kMaxLayers = 1024, kMaxHeads = 1024,
+                  kMaxIntermediate = int64_t{1} << 18, kMaxPositions = int64_t{1} << 22;
 
 struct Reader {
   const json& j;
@@ -43,6 +51,23 @@ struct Reader {
               j[key].dump());
     return j[key].get<bool>();
   }
+  // The same, with the range a real checkpoint's value lies in: a value outside is refused before
+  // anything is sized by it (1e9 layers, a negative epsilon).
+  int64_t required_int(const char* key, int64_t hi) const { return in_range(key, required_int(key), 1, hi); }
+  int64_t int_or(const char* key, int64_t fallback, int64_t lo, int64_t hi) const {
+    return in_range(key, int_or(key, fallback), lo, hi);
+  }
+  double num_or(const char* key, double fallback, double lo, double hi) const {
+    const double v = num_or(key, fallback);
+    MDL_CHECK(std::isfinite(v) && v >= lo && v <= hi, "[config] '", source, "': field '", key, "' is ", v,
+              "; expected a finite number in [", lo, ", ", hi, "]");
+    return v;
+  }
+  int64_t in_range(const char* key, int64_t v, int64_t lo, int64_t hi) const {
+    MDL_CHECK(v >= lo && v <= hi, "[config] '", source, "': field '", key, "' is ", v, "; expected ", lo, "..", hi,
+              " (what a checkpoint can hold; the model is sized by it)");
+    return v;
+  }
   std::string str_or(const char* key, const std::string& fallback) const {
     if (!has(key)) return fallback;
     MDL_CHECK(j[key].is_string(), "[config] '", source, "': field '", key, "' must be a string, found ",
@@ -68,9 +93,9 @@ HeadKind head_from_architecture(const std::string& a) {
 /// Mixtral's expert fields (also an upcycled ViT's): num_local_experts, num_experts_per_tok, the aux loss
 /// coefficient and mdl's router override.
 void read_experts(const Reader& r, ModelConfig& c) {
-  c.num_experts = r.required_int("num_local_experts");
+  c.num_experts = r.required_int("num_local_experts", 1024);
   c.experts_per_token = r.int_or("num_experts_per_tok", 2);
-  c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0);
+  c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0, 0.0, 1e6);
   MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '", r.source,
             "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (", c.num_experts, ")");
   if (r.has("mdl_router")) {
@@ -132,12 +157,7 @@ std::string architecture_name(Arch arch, HeadKind head) {
 }
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(json_text);
-  } catch (const json::exception& e) {
-    MDL_FAIL("[config] '", source, "' is not valid JSON: ", e.what());
-  }
+  const json j = io::parse_json(json_text, source);
   MDL_CHECK(j.is_object(), "[config] '", source, "' must hold a JSON object, found ", j.type_name());
   Reader r{j, source};
   ModelConfig c;
@@ -153,33 +173,33 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     c.architecture = architecture_name(c.arch, c.is_decoder() ? HeadKind::causal_lm : HeadKind::none);
   }
   c.head = head_from_architecture(c.architecture);
-  c.initializer_range = r.num_or("initializer_range", 0.02);
+  c.initializer_range = r.num_or("initializer_range", 0.02, 0.0, 1e3);
 
   switch (c.arch) {
     case Arch::gpt2:
-      c.vocab_size = r.required_int("vocab_size");
-      c.hidden_size = r.required_int("n_embd");
-      c.n_layer = r.required_int("n_layer");
-      c.n_head = r.required_int("n_head");
+      c.vocab_size = r.required_int("vocab_size", kMaxVocab);
+      c.hidden_size = r.required_int("n_embd", kMaxHidden);
+      c.n_layer = r.required_int("n_layer", kMaxLayers);
+      c.n_head = r.required_int("n_head", kMaxHeads);
       c.n_kv_head = c.n_head;
-      c.intermediate_size = r.int_or("n_inner", 4 * c.hidden_size);
-      c.max_position = r.int_or("n_positions", 1024);
-      c.norm_eps = r.num_or("layer_norm_epsilon", 1e-5);
+      c.intermediate_size = r.int_or("n_inner", 4 * c.hidden_size, 1, kMaxIntermediate);
+      c.max_position = r.int_or("n_positions", 1024, 1, kMaxPositions);
+      c.norm_eps = r.num_or("layer_norm_epsilon", 1e-5, 0.0, 1.0);
       c.activation = r.str_or("activation_function", "gelu_new");
       c.tie_word_embeddings = r.bool_or("tie_word_embeddings", true);
       c.qkv_bias = c.o_bias = c.mlp_bias = true;
       c.bos_token_id = r.int_or("bos_token_id", 50256);
       break;
     case Arch::llama: {
-      c.vocab_size = r.required_int("vocab_size");
-      c.hidden_size = r.required_int("hidden_size");
-      c.intermediate_size = r.required_int("intermediate_size");
-      c.n_layer = r.required_int("num_hidden_layers");
-      c.n_head = r.required_int("num_attention_heads");
-      c.n_kv_head = r.int_or("num_key_value_heads", c.n_head);
-      c.max_position = r.int_or("max_position_embeddings", 2048);
-      c.norm_eps = r.num_or("rms_norm_eps", 1e-6);
-      c.rope_theta = r.num_or("rope_theta", 10000.0);
+      c.vocab_size = r.required_int("vocab_size", kMaxVocab);
+      c.hidden_size = r.required_int("hidden_size", kMaxHidden);
+      c.intermediate_size = r.required_int("intermediate_size", kMaxIntermediate);
+      c.n_layer = r.required_int("num_hidden_layers", kMaxLayers);
+      c.n_head = r.required_int("num_attention_heads", kMaxHeads);
+      c.n_kv_head = r.int_or("num_key_value_heads", c.n_head, 1, c.n_head);
+      c.max_position = r.int_or("max_position_embeddings", 2048, 1, kMaxPositions);
+      c.norm_eps = r.num_or("rms_norm_eps", 1e-6, 0.0, 1.0);
+      c.rope_theta = r.num_or("rope_theta", 10000.0, 1e-6, 1e12);
       c.activation = r.str_or("hidden_act", "silu");
       c.tie_word_embeddings = r.bool_or("tie_word_embeddings", false);
       const bool qwen2 = c.model_type == "qwen2";
@@ -187,7 +207,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.o_bias = qwen2 ? false : c.qkv_bias;
       c.mlp_bias = r.bool_or("mlp_bias", false);
       if (c.model_type == "mistral" || c.model_type == "mixtral" || (qwen2 && r.bool_or("use_sliding_window", false)))
-        c.sliding_window = r.int_or("sliding_window", 0);
+        c.sliding_window = r.int_or("sliding_window", 0, 0, kMaxPositions);
       if (c.model_type == "mixtral") read_experts(r, c);
       MDL_CHECK(!r.has("rope_scaling"), "[config] '", source, "': field 'rope_scaling' (", j["rope_scaling"].dump(),
                 ") is not supported yet; remove it only if the checkpoint was trained without it");
@@ -195,39 +215,39 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       break;
     }
     case Arch::bert:
-      c.vocab_size = r.required_int("vocab_size");
-      c.hidden_size = r.required_int("hidden_size");
-      c.intermediate_size = r.required_int("intermediate_size");
-      c.n_layer = r.required_int("num_hidden_layers");
-      c.n_head = r.required_int("num_attention_heads");
+      c.vocab_size = r.required_int("vocab_size", kMaxVocab);
+      c.hidden_size = r.required_int("hidden_size", kMaxHidden);
+      c.intermediate_size = r.required_int("intermediate_size", kMaxIntermediate);
+      c.n_layer = r.required_int("num_hidden_layers", kMaxLayers);
+      c.n_head = r.required_int("num_attention_heads", kMaxHeads);
       c.n_kv_head = c.n_head;
-      c.max_position = r.int_or("max_position_embeddings", 512);
-      c.type_vocab_size = r.int_or("type_vocab_size", 2);
-      c.norm_eps = r.num_or("layer_norm_eps", 1e-12);
+      c.max_position = r.int_or("max_position_embeddings", 512, 1, kMaxPositions);
+      c.type_vocab_size = r.int_or("type_vocab_size", 2, 0, 1024);
+      c.norm_eps = r.num_or("layer_norm_eps", 1e-12, 0.0, 1.0);
       c.activation = r.str_or("hidden_act", "gelu");
       c.qkv_bias = c.o_bias = c.mlp_bias = true;
       c.pad_token_id = r.int_or("pad_token_id", 0);
       break;
     case Arch::vit:
-      c.hidden_size = r.required_int("hidden_size");
-      c.intermediate_size = r.required_int("intermediate_size");
-      c.n_layer = r.required_int("num_hidden_layers");
-      c.n_head = r.required_int("num_attention_heads");
+      c.hidden_size = r.required_int("hidden_size", kMaxHidden);
+      c.intermediate_size = r.required_int("intermediate_size", kMaxIntermediate);
+      c.n_layer = r.required_int("num_hidden_layers", kMaxLayers);
+      c.n_head = r.required_int("num_attention_heads", kMaxHeads);
       c.n_kv_head = c.n_head;
-      c.image_size = r.int_or("image_size", 224);
-      c.patch_size = r.int_or("patch_size", 16);
-      c.num_channels = r.int_or("num_channels", 3);
+      c.image_size = r.int_or("image_size", 224, 1, 1 << 14);
+      c.patch_size = r.int_or("patch_size", 16, 1, 1 << 14);
+      c.num_channels = r.int_or("num_channels", 3, 1, 64);
       MDL_CHECK(c.patch_size > 0 && c.image_size % c.patch_size == 0, "[config] '", source, "': image_size ",
                 c.image_size, " must be a multiple of patch_size ", c.patch_size);
       c.max_position = c.num_patches() + 1;
-      c.norm_eps = r.num_or("layer_norm_eps", 1e-12);
+      c.norm_eps = r.num_or("layer_norm_eps", 1e-12, 0.0, 1.0);
       c.activation = r.str_or("hidden_act", "gelu");
       c.qkv_bias = r.bool_or("qkv_bias", true);
       c.o_bias = c.mlp_bias = true;
       if (r.has("num_local_experts")) read_experts(r, c);  // mdl's upcycled ViT: every MLP a mixture of experts
       break;
   }
-  c.head_dim = r.int_or("head_dim", c.hidden_size / c.n_head);
+  c.head_dim = r.int_or("head_dim", std::max<int64_t>(c.hidden_size / c.n_head, 1), 1, 4096);
   MDL_CHECK(c.arch == Arch::llama || c.hidden_size % c.n_head == 0, "[config] '", source, "': hidden size ",
             c.hidden_size, " is not divisible by the number of heads ", c.n_head);
   MDL_CHECK(c.n_kv_head > 0 && c.n_head % c.n_kv_head == 0, "[config] '", source, "': ", c.n_head,
@@ -248,7 +268,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     MDL_CHECK(j["id2label"].is_object(), "[config] '", source, "': 'id2label' must be an object");
     c.num_labels = static_cast<int64_t>(j["id2label"].size());
   }
-  c.num_labels = r.int_or("num_labels", c.num_labels > 0 ? c.num_labels : 2);
+  c.num_labels = r.int_or("num_labels", c.num_labels > 0 ? c.num_labels : 2, 1, 1 << 20);
   const std::string act = c.activation;
   MDL_CHECK(act == "gelu" || act == "gelu_new" || act == "gelu_pytorch_tanh" || act == "gelu_fast" ||
                 act == "silu" || act == "swish" || act == "relu",
@@ -262,7 +282,7 @@ ModelConfig load_model_config(const std::string& path) {
   std::string file = fs::is_directory(path) ? (fs::path(path) / "config.json").string() : path;
   MDL_CHECK(fs::exists(file), "[config] '", file, "' does not exist; is '", path,
             "' a Hugging Face checkpoint directory?");
-  return parse_model_config(io::read_text(file), file);
+  return parse_model_config(io::read_text(file, io::kMaxJsonFileBytes), file);
 }
 
 std::string model_config_to_json(const ModelConfig& c) {

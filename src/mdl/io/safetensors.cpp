@@ -13,6 +13,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 
 namespace mdl::io {
 namespace {
@@ -59,7 +60,7 @@ struct SafetensorsFile::Mapping {
 };
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path), mapping_(std::make_shared<Mapping>()) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
   MDL_CHECK(fd >= 0, "[safetensors] cannot open '", path, "': ", std::strerror(errno));
   struct stat st {};
   if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -87,12 +88,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path), mapping
   data_start_ = 8 + header_len;
   const uint64_t data_size = file_size - data_start_;
 
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(bytes + 8, bytes + 8 + header_len);
-  } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[safetensors] '", path, "': header is not valid JSON (", e.what(), "); corrupt file?");
-  }
+  const nlohmann::json header =
+      parse_json(std::string(reinterpret_cast<const char*>(bytes) + 8, header_len), path, " (its header)");
   MDL_CHECK(header.is_object(), "[safetensors] '", path, "': header must be a JSON object, found ",
             header.type_name());
 

@@ -7,6 +7,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -41,9 +42,10 @@ std::string activation_name(const std::string& hub) {
 
 bool is_adapterhub_dir(const std::string& dir) {
   const fs::path cfg = fs::path(dir) / "adapter_config.json";
-  if (!fs::exists(cfg)) return false;
+  std::error_code ec;
+  if (!fs::is_regular_file(cfg, ec)) return false;
   try {
-    auto j = nlohmann::json::parse(io::read_text(cfg.string()));
+    auto j = io::read_json(cfg.string());
     return j.is_object() && j.contains("config") && j["config"].is_object() && !j.contains("peft_type");
   } catch (const std::exception&) {
     return false;
@@ -52,7 +54,7 @@ bool is_adapterhub_dir(const std::string& dir) {
 
 PeftModule read_adapterhub(const std::string& dir, const ModelImpl& model) {
   const std::string cfg_path = (fs::path(dir) / "adapter_config.json").string();
-  const nlohmann::json j = nlohmann::json::parse(io::read_text(cfg_path));
+  const nlohmann::json j = io::read_json(cfg_path);
   const nlohmann::json& c = j.at("config");
   const std::string name = j.value("name", std::string());
   const std::string where = "[adapterhub] '" + cfg_path + "': ";
@@ -177,9 +179,10 @@ void write_adapterhub(const ModuleSet& set, const std::string& name, const std::
   nlohmann::json j = {{"config", config}, {"hidden_size", mc.hidden_size}, {"model_type", mc.model_type},
                       {"model_name", mc.model_type}, {"model_class", mc.architecture}, {"name", name},
                       {"version", "adapters.1.0.0"}};
-  fs::create_directories(dir);
-  io::save_safetensors((fs::path(dir) / "adapter.safetensors").string(), out);
-  io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
+  io::AtomicDirectory staged(dir);  // both files or neither
+  io::save_safetensors((fs::path(staged.path()) / "adapter.safetensors").string(), out);
+  io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), j.dump(2) + "\n");
+  staged.commit();
 }
 
 }  // namespace mdl

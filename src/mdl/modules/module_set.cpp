@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -10,10 +11,12 @@
 #include "mdl/core/hash.h"
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/layernorm_tuning.h"
 #include "mdl/modules/peft_format.h"
+#include "mdl/tokenizers/unicode.h"
 
 namespace fs = std::filesystem;
 
@@ -100,10 +103,26 @@ SiteKind site_kind_of(const std::string& type) {
   return SiteKind::linear;
 }
 
+void check_module_name(const std::string& name) {
+  const char* broken = name.empty()                         ? "it is empty"
+                       : name.size() > 200                  ? "it is over 200 bytes"
+                       : unicode::valid_utf8(name) != name  ? "it is not valid UTF-8"
+                       : name[0] == '.'                     ? "it starts with '.'"
+                       : name.find('/') != std::string::npos ? "it has a '/'"
+                       : std::any_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; })
+                           ? "it has a control character"
+                           : nullptr;
+  MDL_CHECK(broken == nullptr, "[modules] invalid module name '", unicode::valid_utf8(name.substr(0, 200)), "': ", broken,
+            "; a name is a directory name (letters of any script, digits, spaces, '_', '-', '.')");
+}
+
 std::string module_format(const std::string& dir) {
+  // Regular files only (a FIFO or a device named module.json is no module), and no exception for an
+  // entry that cannot be read (a symlink loop).
   const fs::path path(dir);
-  if (fs::exists(path / "module.json")) return "native";
-  if (fs::exists(path / "adapter_config.json")) return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
+  std::error_code ec;
+  if (fs::is_regular_file(path / "module.json", ec)) return "native";
+  if (fs::is_regular_file(path / "adapter_config.json", ec)) return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
   return "";
 }
 
@@ -153,7 +172,7 @@ AttachedModules& ModuleSet::attached(const std::string& site_name) {
 }
 
 void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, const std::map<std::string, at::Tensor>& init) {
-  MDL_CHECK(!name.empty() && name.find('/') == std::string::npos, "[modules] invalid module name '", name, "'");
+  check_module_name(name);
   MDL_CHECK(!contains(name), "[modules] a module named '", name, "' already exists; remove it first or pick another name");
   ModuleConfig config = config_in;
   const bool no_targets = config.targets.target_modules.empty() && config.targets.target_regex.empty();
@@ -300,6 +319,15 @@ void ModuleSet::load_tensors(const std::string& name, const std::map<std::string
               param.sizes(), ")");
     MDL_CHECK(it->second.sizes() == param.sizes(), "[modules] '", source, "': tensor '", key, "' has shape ",
               it->second.sizes(), " but the site in this model needs ", param.sizes(), "; a module for another base model?");
+    MDL_CHECK(it->second.scalar_type() == param.scalar_type() || at::isFloatingType(it->second.scalar_type()) ==
+                                                                     at::isFloatingType(param.scalar_type()),
+              "[modules] '", source, "': tensor '", key, "' is ", it->second.scalar_type(), " but this parameter is ",
+              param.scalar_type(), "; a module's weights are floating point (its indices integers)");
+    if (at::isFloatingType(it->second.scalar_type())) {
+      const int64_t bad = it->second.numel() - at::isfinite(it->second).sum().item<int64_t>();
+      MDL_CHECK(bad == 0, "[modules] '", source, "': tensor '", key, "' has ", bad,
+                " values that are NaN or infinite; a corrupt or diverged module");
+    }
     param.copy_(it->second);
   }
   for (const auto& [key, t] : tensors)
@@ -436,7 +464,7 @@ BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
 
 void ModuleSet::save(const std::string& name, const std::string& dir) const {
   const Named& n = get(name);
-  fs::create_directories(dir);
+  io::AtomicDirectory staged(dir);  // both files or neither
   BaseFingerprint f = fingerprint(name);
   int64_t count = 0;
   auto tensors = this->tensors(name);
@@ -450,60 +478,72 @@ void ModuleSet::save(const std::string& name, const std::string& dir) const {
                       {"parameters", count},
                       {"base", {{"architecture", f.architecture}, {"hidden_size", f.hidden_size}, {"n_layer", f.n_layer},
                                 {"vocab_size", f.vocab_size}, {"shapes_hash", f.shapes_hash}}}};
-  io::save_safetensors((fs::path(dir) / "module.safetensors").string(), tensors, {{"format", "mdl-module"}});
-  io::write_text_atomic((fs::path(dir) / "module.json").string(), j.dump(2) + "\n");
+  io::save_safetensors((fs::path(staged.path()) / "module.safetensors").string(), tensors, {{"format", "mdl-module"}});
+  io::write_text_atomic((fs::path(staged.path()) / "module.json").string(), j.dump(2) + "\n");
+  staged.commit();
 }
 
-std::string ModuleSet::load(const std::string& dir, const std::string& name_in, bool force) {
+std::string ModuleSet::load(const std::string& dir, const std::string& name, bool force) {
+  return attach(read(dir), name, force);
+}
+
+ModuleFiles ModuleSet::read(const std::string& dir) const {
   const fs::path path(dir);
-  std::string name = name_in.empty() ? fs::path(dir).lexically_normal().filename().string() : name_in;
-  if (name.empty()) name = fs::path(dir).lexically_normal().parent_path().filename().string();
   MDL_CHECK(fs::is_directory(path), "[modules] '", dir, "' is not a directory");
-  const std::string format = module_format(dir);
-  if (format == "peft" || format == "adapterhub") {
-    PeftModule peft = format == "adapterhub" ? read_adapterhub(dir, *model_) : read_peft(dir, *model_);
-    add_exact(name, peft.config, peft.sites);
-    try {
-      load_tensors(name, peft.tensors, dir);
-    } catch (...) {
-      remove(name);
-      throw;
-    }
-    return name;
+  ModuleFiles f;
+  f.dir = dir;
+  f.format = module_format(dir);
+  if (f.format == "peft" || f.format == "adapterhub") {
+    PeftModule peft = f.format == "adapterhub" ? read_adapterhub(dir, *model_) : read_peft(dir, *model_);
+    f.config = std::move(peft.config);
+    f.sites = std::move(peft.sites);
+    f.tensors = std::move(peft.tensors);
+    return f;
   }
   const fs::path meta = path / "module.json";
-  MDL_CHECK(fs::exists(meta), "[modules] '", dir,
+  MDL_CHECK(f.format == "native", "[modules] '", dir,
             "' has neither module.json (mdl) nor adapter_config.json (PEFT or AdapterHub)");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_text(meta.string()));
-  } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[modules] '", meta.string(), "' is not valid JSON: ", e.what());
-  }
-  MDL_CHECK(j.value("format", std::string()) == "mdl-module", "[modules] '", meta.string(),
+  const nlohmann::json j = io::read_json(meta.string());
+  MDL_CHECK(j.is_object() && j.value("format", std::string()) == "mdl-module", "[modules] '", meta.string(),
             "' is not an mdl module (field 'format' must be \"mdl-module\")");
-  ModuleConfig config;
   try {
-    config = j.at("config").get<ModuleConfig>();
+    f.config = j.at("config").get<ModuleConfig>();
   } catch (const nlohmann::json::exception& e) {
     MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
   }
-  std::vector<std::string> site_names = j.at("sites").get<std::vector<std::string>>();
-  const auto file_tensors = io::load_safetensors((path / "module.safetensors").string());
-  add_exact(name, config, site_names, file_tensors);
   try {
-    load_tensors(name, file_tensors, (path / "module.safetensors").string());
+    f.sites = j.at("sites").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception&) {
+    MDL_FAIL("[modules] '", meta.string(), "': field 'sites' must be a list of site names");
+  }
+  f.tensors = io::load_safetensors((path / "module.safetensors").string());
+  const auto& b = j.contains("base") && j["base"].is_object() ? j["base"] : nlohmann::json::object();
+  try {
+    f.made_for = BaseFingerprint{b.value("architecture", std::string()), b.value("hidden_size", int64_t(0)),
+                                 b.value("n_layer", int64_t(0)), b.value("vocab_size", int64_t(0)),
+                                 b.value("shapes_hash", std::string())};
+  } catch (const nlohmann::json::exception&) {
+    MDL_FAIL("[modules] '", meta.string(), "': field 'base' has a value of the wrong type");
+  }
+  return f;
+}
+
+std::string ModuleSet::attach(const ModuleFiles& f, const std::string& name_in, bool force) {
+  std::string name = name_in.empty() ? fs::path(f.dir).lexically_normal().filename().string() : name_in;
+  if (name.empty()) name = fs::path(f.dir).lexically_normal().parent_path().filename().string();
+  const std::string source = f.format == "native" ? (fs::path(f.dir) / "module.safetensors").string() : f.dir;
+  add_exact(name, f.config, f.sites, f.format == "native" ? f.tensors : std::map<std::string, at::Tensor>{});
+  try {
+    load_tensors(name, f.tensors, source);
   } catch (...) {
     remove(name);
     throw;
   }
+  if (f.format != "native") return name;
   const BaseFingerprint mine = fingerprint(name);
-  const auto& b = j.value("base", nlohmann::json::object());
-  BaseFingerprint theirs{b.value("architecture", std::string()), b.value("hidden_size", int64_t(0)),
-                         b.value("n_layer", int64_t(0)), b.value("vocab_size", int64_t(0)),
-                         b.value("shapes_hash", std::string())};
+  const BaseFingerprint& theirs = f.made_for;
   if (!(mine == theirs) && !force)
-    log_warn("[modules] '" + dir + "' was made for " + theirs.architecture + " (hidden " +
+    log_warn("[modules] '" + f.dir + "' was made for " + theirs.architecture + " (hidden " +
              std::to_string(theirs.hidden_size) + ", " + std::to_string(theirs.n_layer) + " layers, vocab " +
              std::to_string(theirs.vocab_size) + "), this model is " + mine.architecture + " (hidden " +
              std::to_string(mine.hidden_size) + ", " + std::to_string(mine.n_layer) + " layers, vocab " +

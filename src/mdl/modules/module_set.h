@@ -64,6 +64,16 @@ struct ParameterSummary {
 };
 
 /// Named modules on one model.
+/// A module directory read into memory and not attached to anything yet (ModuleSet::read).
+struct ModuleFiles {
+  std::string dir;
+  std::string format;                          ///< "native", "peft" or "adapterhub"
+  ModuleConfig config;
+  std::vector<std::string> sites;              ///< where its parts go
+  std::map<std::string, at::Tensor> tensors;   ///< "<site>.<parameter>" -> tensor
+  BaseFingerprint made_for;                    ///< native: the base it was saved from (else empty)
+};
+
 class ModuleSet {
  public:
   explicit ModuleSet(Model model);
@@ -118,9 +128,14 @@ class ModuleSet {
   /// Writes `name` in the native format to `dir` (atomically, file by file).
   void save(const std::string& name, const std::string& dir) const;
   /// Loads a module directory (native, or PEFT `adapter_config.json`) as `name` (default: the directory's
-  /// name). A module for another base model is refused naming the site and shapes; a fingerprint mismatch
-  /// with matching shapes is a warning, or an error unless `force`.
+  /// name): attach(read(dir)). A module for another base model is refused naming the site and shapes; a
+  /// fingerprint mismatch with matching shapes is a warning (silenced by `force`).
   std::string load(const std::string& dir, const std::string& name = "", bool force = false);
+  /// Reads a module directory's files for this set's model without changing the set or the model (it only
+  /// reads the model's configuration and site names): what a server does off its lock.
+  ModuleFiles read(const std::string& dir) const;
+  /// Attaches what read() returned as `name` (default: the directory's name); returns the name.
+  std::string attach(const ModuleFiles& files, const std::string& name = "", bool force = false);
 
  private:
   struct Part {
@@ -146,8 +161,12 @@ class ModuleSet {
   std::vector<std::string> order_;
 };
 
+/// Module names are directory names: 1 to 200 bytes of valid UTF-8 (any script, spaces allowed), no '/',
+/// no control characters, not starting with '.'; throws naming the rule broken.
+void check_module_name(const std::string& name);
+
 /// The file format of a module directory: "native" (module.json), "peft" or "adapterhub"
-/// (adapter_config.json), or "" when it holds no module.
+/// (adapter_config.json), or "" when it holds no module (or those names are not regular files).
 std::string module_format(const std::string& dir);
 
 /// The kind of site a module type attaches to.

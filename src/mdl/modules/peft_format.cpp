@@ -8,6 +8,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -97,12 +98,7 @@ PeftModule read_peft_prefix(const std::string& dir, const ModelImpl& model) {
 
 PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(io::read_text(config_path));
-  } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[peft] '", config_path, "' is not valid JSON: ", e.what());
-  }
+  const nlohmann::json j = io::read_json(config_path);
   MDL_CHECK(j.is_object() && j.contains("peft_type") && j["peft_type"].is_string(), "[peft] '", config_path,
             "' has no string field 'peft_type' (the only required field)");
   const std::string type = j["peft_type"].get<std::string>();
@@ -151,12 +147,17 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
     out.tensors[site + "." + param] = tensor;
   }
   MDL_CHECK(!out.sites.empty(), "[peft] '", weights, "' holds no tensors");
-  // Per-site ranks come from the tensors; PEFT's rank_pattern says the same thing, but a file saved by an
-  // old version may lack it.
+  // The config's rank (r, or rank_pattern for the site) sets the scale alpha / r: a tensor of another rank
+  // makes the file contradict itself (PEFT refuses it with a size mismatch), so it is refused here too.
   if (out.config.type == "lora")
     for (const auto& site : out.sites) {
-      const int64_t r = out.tensors.at(site + ".lora_A").size(0);
-      if (out.config.lora.rank_alpha_for(site).first != r) out.config.lora.rank_pattern[exact_sites_regex({site})] = r;
+      const auto a = out.tensors.find(site + ".lora_A");
+      MDL_CHECK(a != out.tensors.end() && a->second.dim() == 2, "[peft] '", weights, "': site '", site,
+                "' has no 2-D lora_A tensor");
+      const int64_t r = a->second.size(0), want = out.config.lora.rank_alpha_for(site).first;
+      MDL_CHECK(r == want, "[peft] '", config_path, "' gives site '", site, "' rank ", want,
+                " (r or rank_pattern), but its lora_A in '", weights, "' has rank ", r,
+                "; the files contradict each other (PEFT refuses them too)");
     }
   return out;
 }
@@ -175,10 +176,11 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"prefix_projection", false}, {"encoder_hidden_size", mc.hidden_size},
                          {"task_type", task_type(mc.head)}, {"base_model_name_or_path", mc.model_type},
                          {"inference_mode", true}};
-    fs::create_directories(dir);
-    io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
+    io::AtomicDirectory staged(dir);  // both files or neither
+    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
                          {{"format", "pt"}});
-    io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    staged.commit();
     return;
   }
   if (c.type == "prompt") {
@@ -187,10 +189,11 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"num_transformer_submodules", 1}, {"num_attention_heads", mc.n_head},
                          {"num_layers", mc.n_layer}, {"prompt_tuning_init", "RANDOM"}, {"task_type", task_type(mc.head)},
                          {"base_model_name_or_path", mc.model_type}, {"inference_mode", true}};
-    fs::create_directories(dir);
-    io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
+    io::AtomicDirectory staged(dir);  // both files or neither
+    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
                          {{"format", "pt"}});
-    io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
+    staged.commit();
     return;
   }
   nlohmann::json j;
@@ -231,9 +234,10 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
     else MDL_FAIL("[peft] parameter '", key, "' has no PEFT name");
     out[kPrefix + site + suffix] = t.detach();
   }
-  fs::create_directories(dir);
-  io::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), out, {{"format", "pt"}});
-  io::write_text_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
+  io::AtomicDirectory staged(dir);  // both files or neither
+  io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), out, {{"format", "pt"}});
+  io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), j.dump(2) + "\n");
+  staged.commit();
 }
 
 }  // namespace mdl

@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 
 #include "mdl/aggregation/composition.h"
+#include "mdl/aggregation/merge.h"
 #include "mdl/core/error.h"
 #include "mdl/core/hash.h"
 #include "mdl/core/log.h"
@@ -17,6 +19,7 @@
 #include "mdl/tokenizers/unicode.h"
 
 namespace mdl {
+namespace fs = std::filesystem;
 
 struct Engine::Sequence {
   CompletionRequest req;
@@ -64,18 +67,13 @@ Engine::~Engine() { drain(); }
 // ---- modules -------------------------------------------------------------------------------------------
 
 std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const std::vector<ModuleChoice>& extra) {
-  std::lock_guard<std::mutex> lk(model_mu_);
-  std::vector<ModuleChoice> out;
-  // Makes a module resident (touching the LRU) without pinning it; submit() pins.
-  auto use = [&](const std::string& name, double scale, const std::string& dir = "") {
-    cache_->acquire(name, dir);
-    cache_->release(name);
-    const std::string& type = set_->config(name).type;
-    if (type == "prompt" || type == "prefix")
-      throw RequestError(400, "model", "[serve] module '" + name + "' is " + type + " tuning: it lengthens every row's "
-                                       "sequence, so it cannot share a batch; merge it or serve it on its own server");
-    out.push_back({name, scale});
+  // 1. Without the lock: the leaves in application order, merges computed (file I/O and arithmetic).
+  struct Leaf {
+    std::string name, dir;  // dir: a merge's output (else where the cache finds the name)
+    double scale = 1.0;
+    bool additive = false;  // inside a sum or avg: must be an additive module
   };
+  std::vector<Leaf> leaves;
   if (!expression.empty() && expression != "base") {
     Composition c;
     try {
@@ -87,10 +85,10 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
     co.model_dir = options_.model_dir;
     co.modules_dir = options_.modules_dir;
     // Leaves and merges become per-row choices; stack, sum and avg only arrange them.
-    std::function<void(const Composition&, double)> walk = [&](const Composition& n, double scale) {
+    std::function<void(const Composition&, double, bool)> walk = [&](const Composition& n, double scale, bool additive) {
       switch (n.kind) {
         case Composition::Kind::module:
-          use(n.name, scale * n.scale);
+          leaves.push_back({n.name, "", scale * n.scale, additive});
           return;
         case Composition::Kind::merge: {
           std::string dir;
@@ -103,28 +101,22 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
           }
           Composition key = n;
           key.scale = 1.0;
-          use("merged-" + std::to_string(fnv1a(key.to_string())), scale * n.scale, dir);
+          leaves.push_back({"merged-" + std::to_string(fnv1a(key.to_string())), dir, scale * n.scale, additive});
           return;
         }
         case Composition::Kind::stack:  // rows apply their modules in attachment order
-          for (const auto& child : n.children) walk(child, scale * n.scale);
+          for (const auto& child : n.children) walk(child, scale * n.scale, additive);
           return;
         case Composition::Kind::sum:
         case Composition::Kind::avg: {
           double total = 0;
           for (const auto& child : n.children) total += child.scale;
-          if (n.kind == Composition::Kind::avg && std::abs(total) < 1e-12)
-            throw RequestError(400, "model", "[serve] avg weights sum to 0 in '" + expression + "'");
+          if (n.kind == Composition::Kind::avg && !(std::abs(total) >= 1e-12 && std::isfinite(total)))
+            throw RequestError(400, "model", "[serve] avg weights sum to " + std::to_string(total) + " in '" + expression + "'");
           for (const auto& child : n.children) {
-            const size_t before = out.size();
             Composition unit = child;
             unit.scale = 1.0;
-            walk(unit, scale * n.scale * (n.kind == Composition::Kind::avg ? child.scale / total : child.scale));
-            for (size_t i = before; i < out.size(); ++i)
-              if (!additive_module_type(set_->config(out[i].name).type))
-                throw RequestError(400, "model", "[serve] '" + out[i].name + "' is a " + set_->config(out[i].name).type +
-                                                     " module; sums and averages combine additive modules (LoRA, sparse, "
-                                                     "BitFit); use stack(...) or a merge");
+            walk(unit, scale * n.scale * (n.kind == Composition::Kind::avg ? child.scale / total : child.scale), true);
           }
           return;
         }
@@ -133,15 +125,88 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
                                            "trained fusion by its directory name");
       }
     };
-    walk(c, 1.0);
+    walk(c, 1.0, false);
   }
-  for (const auto& e : extra) use(e.name, e.scale);
+  for (const auto& e : extra) leaves.push_back({e.name, "", e.scale, false});
+  for (const auto& l : leaves)
+    if (!std::isfinite(l.scale))
+      throw RequestError(400, "model", "[serve] module '" + l.name + "' gets a scale of " + std::to_string(l.scale) +
+                                           "; scales must be finite");
+
+  // 2. Read what is not in memory without the lock, so that decoding goes on during file I/O.
+  std::vector<std::pair<std::string, std::string>> missing;  // name, directory
+  {
+    std::lock_guard<std::mutex> lk(model_mu_);
+    for (const auto& l : leaves)
+      if (!cache_->resident(l.name)) missing.emplace_back(l.name, cache_->locate(l.name, l.dir));
+  }
+  std::vector<std::pair<std::string, ModuleFiles>> read;
+  for (const auto& [name, dir] : missing) read.emplace_back(name, set_->read(dir));  // reads only the model's config and sites
+
+  // 3. Under the lock: attach, make resident (touching the LRU) without pinning (submit() pins), check.
+  std::lock_guard<std::mutex> lk(model_mu_);
+  for (const auto& [name, files] : read) cache_->insert(name, files);
+  std::vector<ModuleChoice> out;
+  for (const auto& l : leaves) {
+    cache_->acquire(l.name, l.dir);
+    cache_->release(l.name);
+    const std::string& type = set_->config(l.name).type;
+    if (type == "prompt" || type == "prefix")
+      throw RequestError(400, "model", "[serve] module '" + l.name + "' is " + type + " tuning: it lengthens every row's "
+                                       "sequence, so it cannot share a batch; merge it or serve it on its own server");
+    if (l.additive && !additive_module_type(type))
+      throw RequestError(400, "model", "[serve] '" + l.name + "' is a " + type + " module; sums and averages combine "
+                                           "additive modules (LoRA, sparse, BitFit); use stack(...) or a merge");
+    out.push_back({l.name, l.scale});
+  }
   return out;
 }
 
-void Engine::load_module(const std::string& name, const std::string& dir) {
+void Engine::load_module(const std::string& name, const std::string& path) {
+  try {
+    check_module_name(name);
+  } catch (const Error& e) {
+    throw RequestError(400, "name", e.what());
+  }
+  if (name == "base") throw RequestError(409, "name", "[serve] 'base' names the base model; choose another module name");
+  // The path resolves, links followed, inside the modules directory or a directory the operator allowed.
+  std::error_code ec;
+  fs::path wanted(path);
+  if (wanted.is_relative() && !options_.modules_dir.empty()) wanted = fs::path(options_.modules_dir) / wanted;
+  const fs::path real = fs::canonical(wanted, ec);
+  if (ec) throw RequestError(400, "path", "[serve] cannot load '" + path + "': " + ec.message());
+  std::vector<std::string> roots = options_.allowed_module_paths;
+  if (!options_.modules_dir.empty()) roots.insert(roots.begin(), options_.modules_dir);
+  const bool inside = std::any_of(roots.begin(), roots.end(), [&](const std::string& root) {
+    std::error_code rec;
+    const fs::path r = fs::canonical(root, rec);
+    if (rec) return false;
+    const auto rel = real.lexically_relative(r);
+    return !rel.empty() && *rel.begin() != "..";
+  });
+  if (!inside)
+    throw RequestError(403, "path", "[serve] '" + path + "' is outside the directories this server loads modules from (" +
+                                        (roots.empty() ? std::string("none") : roots[0]) + (roots.size() > 1 ? ", ..." : "") +
+                                        "); the operator can allow another with --allow-module-path DIR");
+  if (!is_module_dir(real.string()))
+    throw RequestError(400, "path", "[serve] '" + path + "' is not a module directory (no module.json, adapter_config.json "
+                                    "or AdapterHub files)");
+  {
+    std::lock_guard<std::mutex> lk(model_mu_);
+    const auto offered = cache_->available();
+    if (std::find(offered.begin(), offered.end(), name) != offered.end())
+      throw RequestError(409, "name", "[serve] a module named '" + name + "' is already " +
+                                          (cache_->resident(name) ? "loaded" : "offered by the modules directory") +
+                                          "; choose another name (or unload it first)");
+  }
+  ModuleFiles files;
+  try {
+    files = set_->read(real.string());  // without the lock: only the model's config and sites are read
+  } catch (const Error& e) {
+    throw RequestError(400, "path", e.what());
+  }
   std::lock_guard<std::mutex> lk(model_mu_);
-  cache_->load(name, dir);
+  cache_->load(name, files);
 }
 
 void Engine::unload_module(const std::string& name) {

@@ -50,6 +50,9 @@ struct EngineOptions {
   /// (the step is bound by them); a request computes with the same weights in any batch. "float32":
   /// the factors as the files hold them.
   std::string lora_bank_dtype = "float16";
+  /// Directories besides modules_dir that load_module (POST /v1/modules) may read; paths resolve with
+  /// links followed and must lie inside one of them.
+  std::vector<std::string> allowed_module_paths;
 };
 
 /// One generation request, with its modules already resolved.
@@ -106,7 +109,10 @@ class Engine {
   at::Tensor classify(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
   at::Tensor embed(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
 
-  void load_module(const std::string& name, const std::string& dir);
+  /// Loads the module directory `path` as `name` (POST /v1/modules): `path` must lie inside modules_dir or
+  /// an allowed directory, `name` must be new (not loaded, not offered by modules_dir, not "base"). The
+  /// files are read without the lock that decoding holds. Throws RequestError naming the field.
+  void load_module(const std::string& name, const std::string& path);
   void unload_module(const std::string& name);
   /// Loaded modules and those the modules directory offers.
   std::vector<std::string> modules();

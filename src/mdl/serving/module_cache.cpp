@@ -16,21 +16,42 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// Module names are directory names: letters, digits, '_', '-', '.', not starting with '.'.
-void check_name(const std::string& name) {
-  const bool ok = !name.empty() && name[0] != '.' && name.size() <= 200 &&
-                  std::all_of(name.begin(), name.end(), [](char c) {
-                    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
-                  });
-  if (!ok)
-    throw RequestError(400, "model", "[serve] invalid module name '" + name +
-                                         "': use letters, digits, '_', '-' and '.' (a directory name)");
+/// Module names are directory names (check_module_name); a bad one is the request's fault.
+void check_name(const std::string& name, const char* param) {
+  try {
+    check_module_name(name);
+  } catch (const Error& e) {
+    throw RequestError(400, param, e.what());
+  }
+}
+
+/// fs::is_directory without throwing: a symlink loop or an unreadable entry is simply not a module.
+bool is_module_directory(const fs::path& p) {
+  std::error_code ec;
+  if (!fs::is_directory(p, ec) || ec) return false;
+  try {
+    return is_module_dir(p.string());
+  } catch (const std::exception&) {
+    return false;
+  }
 }
 
 }  // namespace
 
 ModuleCache::ModuleCache(ModuleSet& set, ModuleCacheOptions options) : set_(set), options_(std::move(options)) {
   MDL_CHECK(options_.budget_bytes > 0, "[serve] the module cache budget must be > 0 bytes, got ", options_.budget_bytes);
+}
+
+std::string ModuleCache::locate(const std::string& name, const std::string& dir) const {
+  if (!dir.empty()) return dir;
+  if (known_.count(name)) return known_.at(name);  // evicted earlier: reload from where it was
+  check_name(name, "model");
+  if (options_.modules_dir.empty())
+    throw RequestError(404, "model", "[serve] unknown module '" + name + "': the server has no modules directory");
+  const fs::path path = fs::path(options_.modules_dir) / name;
+  if (!is_module_directory(path))
+    throw RequestError(404, "model", "[serve] unknown module '" + name + "': no module directory '" + path.string() + "'");
+  return path.string();
 }
 
 void ModuleCache::acquire(const std::string& name, const std::string& dir) {
@@ -40,17 +61,7 @@ void ModuleCache::acquire(const std::string& name, const std::string& dir) {
     lru_.splice(lru_.begin(), lru_, it->second.lru);
   } else {
     ++stats_.misses;
-    std::string path = dir;
-    if (path.empty() && known_.count(name)) path = known_.at(name);  // evicted earlier: reload from where it was
-    if (path.empty()) {
-      check_name(name);
-      if (options_.modules_dir.empty())
-        throw RequestError(404, "model", "[serve] unknown module '" + name + "': the server has no modules directory");
-      path = (fs::path(options_.modules_dir) / name).string();
-      if (!fs::is_directory(path) || !is_module_dir(path))
-        throw RequestError(404, "model", "[serve] unknown module '" + name + "': no module directory '" + path + "'");
-    }
-    insert(name, path);
+    insert(name, set_.read(locate(name, dir)));
     it = entries_.find(name);
   }
   ++it->second.pins;
@@ -61,13 +72,10 @@ void ModuleCache::release(const std::string& name) {
   if (it != entries_.end() && it->second.pins > 0) --it->second.pins;
 }
 
-void ModuleCache::load(const std::string& name, const std::string& dir) {
-  check_name(name);
+void ModuleCache::load(const std::string& name, const ModuleFiles& files) {
+  check_name(name, "name");
   if (entries_.count(name)) throw RequestError(409, "name", "[serve] module '" + name + "' is already loaded; unload it first");
-  if (!fs::is_directory(dir) || !is_module_dir(dir))
-    throw RequestError(400, "path", "[serve] '" + dir + "' is not a module directory (no module.json, adapter_config.json "
-                                    "or AdapterHub files)");
-  insert(name, dir);
+  insert(name, files);
 }
 
 void ModuleCache::unload(const std::string& name) {
@@ -91,18 +99,31 @@ void ModuleCache::drop(const std::string& name) {
 std::vector<std::string> ModuleCache::available() const {
   std::vector<std::string> out;
   for (const auto& [name, e] : entries_) out.push_back(name);
-  if (!options_.modules_dir.empty() && fs::is_directory(options_.modules_dir))
-    for (const auto& d : fs::directory_iterator(options_.modules_dir)) {
-      const std::string name = d.path().filename().string();
-      if (name.empty() || name[0] == '.' || !d.is_directory() || !is_module_dir(d.path().string())) continue;
-      if (!entries_.count(name)) out.push_back(name);
+  std::error_code ec;
+  if (!options_.modules_dir.empty() && fs::is_directory(options_.modules_dir, ec)) {
+    // An entry that cannot be read (a symlink loop, no permission) is skipped and logged, never an error
+    // for the client asking.
+    for (auto d = fs::directory_iterator(options_.modules_dir, ec); !ec && d != fs::directory_iterator(); d.increment(ec)) {
+      const std::string name = d->path().filename().string();
+      if (name.empty() || name[0] == '.' || entries_.count(name)) continue;
+      std::error_code entry_ec;
+      (void)fs::status(d->path(), entry_ec);
+      if (entry_ec) {
+        log_warn("[serve] skipping '" + d->path().string() + "' in the modules directory: " + entry_ec.message());
+        continue;
+      }
+      if (is_module_directory(d->path())) out.push_back(name);
     }
+    if (ec) log_warn("[serve] listing the modules directory '" + options_.modules_dir + "' failed: " + ec.message());
+  }
   std::sort(out.begin(), out.end());
   return out;
 }
 
-void ModuleCache::insert(const std::string& name, const std::string& dir) {
-  set_.load(dir, name);
+void ModuleCache::insert(const std::string& name, const ModuleFiles& files) {
+  if (entries_.count(name)) return;
+  const std::string& dir = files.dir;
+  set_.attach(files, name);
   if (options_.lora_dtype != at::kFloat && set_.config(name).type == "lora") set_.round_tensors(name, options_.lora_dtype);
   int64_t bytes = 0;
   for (const auto& [k, t] : set_.tensors(name)) bytes += t.numel() * static_cast<int64_t>(t.element_size());

@@ -14,6 +14,7 @@
 namespace mdl {
 
 class ModuleSet;
+struct ModuleFiles;
 
 struct ModuleCacheOptions {
   std::string modules_dir;              ///< module directories by name (native, PEFT or AdapterHub)
@@ -30,13 +31,19 @@ struct ModuleCacheStats {
 class ModuleCache {
  public:
   ModuleCache(ModuleSet& set, ModuleCacheOptions options);
-  /// Makes module `name` resident (loading `dir`; when empty, where it was loaded from before, else
-  /// <modules_dir>/<name>) and pins it once; throws RequestError 404 naming the directory searched.
+  /// The directory module `name` loads from: `dir` when given, else where it was loaded from before, else
+  /// <modules_dir>/<name>; throws RequestError (400 for a bad name, 404 naming the directory searched).
+  std::string locate(const std::string& name, const std::string& dir = "") const;
+  /// Makes module `name` resident (reading locate(name, dir) if it is not) and pins it once.
   void acquire(const std::string& name, const std::string& dir = "");
   /// Unpins once (the module stays cached until evicted).
   void release(const std::string& name);
-  /// Loads `dir` under `name` now (POST /v1/modules); replaces nothing: a loaded name is an error.
-  void load(const std::string& name, const std::string& dir);
+  /// Makes `name` resident from files already read (ModuleSet::read, done without the engine's lock);
+  /// nothing happens when it already is.
+  void insert(const std::string& name, const ModuleFiles& files);
+  /// Loads files read from a directory under `name` now (POST /v1/modules); replaces nothing: a loaded
+  /// name is a 409.
+  void load(const std::string& name, const ModuleFiles& files);
   /// Unloads `name`; refuses while a request uses it.
   void unload(const std::string& name);
   bool resident(const std::string& name) const { return entries_.count(name) > 0; }
@@ -51,7 +58,6 @@ class ModuleCache {
     int64_t pins = 0;
     std::list<std::string>::iterator lru;  // position in lru_ (front: most recent)
   };
-  void insert(const std::string& name, const std::string& dir);
   void evict_for(int64_t bytes);
   void drop(const std::string& name);
   ModuleSet& set_;

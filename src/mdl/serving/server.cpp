@@ -5,16 +5,19 @@
 
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <deque>
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 
+#include "mdl/core/error.h"
 #include "mdl/core/log.h"
 #include "mdl/serving/chat_template.h"
 #include "mdl/serving/engine.h"
@@ -27,6 +30,8 @@ using nlohmann::json;
 
 const char* error_type(int status) {
   switch (status) {
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
     case 404: return "not_found_error";
     case 409: return "conflict_error";
     case 413: return "request_too_large";
@@ -85,14 +90,16 @@ std::vector<ModuleChoice> module_list(const json& j) {
         try {
           size_t used = 0;
           c.scale = std::stod(s.substr(colon + 1), &used);
-          if (used != s.size() - colon - 1) throw std::invalid_argument("trailing");
+          if (used != s.size() - colon - 1 || !std::isfinite(c.scale)) throw std::invalid_argument("trailing");
         } catch (const std::exception&) {
-          throw RequestError(400, where, "[serve] " + where + " '" + s + "': the scale after ':' must be a number");
+          throw RequestError(400, where, "[serve] " + where + " '" + s + "': the scale after ':' must be a finite number");
         }
       }
     } else if (m[i].is_object() && m[i].contains("name") && m[i]["name"].is_string()) {
       c.name = m[i]["name"].get<std::string>();
       c.scale = field<double>(m[i], "scale", 1.0);
+      if (!std::isfinite(c.scale))
+        throw RequestError(400, where, "[serve] " + where + ": 'scale' must be a finite number");
     } else {
       throw RequestError(400, where, "[serve] " + where + " must be \"name[:scale]\" or {\"name\", \"scale\"}");
     }
@@ -205,7 +212,11 @@ struct Server::Impl {
           labels[i] = v.get<std::string>();
         }
       }
-    const int threads = options.threads > 0 ? options.threads : static_cast<int>(2 * options.max_batch + 8);
+    MDL_CHECK(options.max_body_bytes > 0 && options.threads >= 0 && options.port >= 0 && options.port <= 65535 &&
+                  options.listen_backlog > 0,
+              "[serve] invalid server options: max body ", options.max_body_bytes, " bytes, ", options.threads,
+              " threads, port ", options.port, ", backlog ", options.listen_backlog);
+    const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::min<int64_t>(2 * options.max_batch + 8, 512));
     http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
     // SO_REUSEADDR (a restart binds the port at once), not httplib's default SO_REUSEPORT, which would let
     // another process bind the same port and take a share of the connections.
@@ -215,10 +226,13 @@ struct Server::Impl {
       listen_socket = sock;
     });
     http.set_payload_max_length(static_cast<size_t>(options.max_body_bytes));
-    http.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
+    http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       ++http_errors;
       if (!res.body.empty()) return;
-      if (res.status == 413)
+      if (res.status == 413 && req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0)
+        send_error(res, 413, "[serve] a form-encoded body is limited to 8192 bytes (the HTTP library's limit for forms); "
+                             "send JSON with 'Content-Type: application/json'");
+      else if (res.status == 413)
         send_error(res, 413, "[serve] the body is over the limit of " + std::to_string(options.max_body_bytes) + " bytes");
       else if (res.status == 404)
         send_error(res, 404, "[serve] no such endpoint; see GET /v1/models, POST /v1/completions");
@@ -241,6 +255,23 @@ struct Server::Impl {
 
   std::string id(const char* prefix) { return std::string(prefix) + std::to_string(now_seconds()) + "-" + std::to_string(next_id++); }
 
+  // Module management is the operator's: off without --admin-token, else the bearer token must match
+  // (compared in constant time).
+  void check_admin(const httplib::Request& req) const {
+    if (options.admin_token.empty())
+      throw RequestError(403, "", "[serve] runtime module loading and unloading are off; start mdl serve with "
+                                  "--admin-token (or MDL_ADMIN_TOKEN) to allow them");
+    const std::string auth = req.get_header_value("Authorization");
+    const std::string prefix = "Bearer ";
+    const std::string given = auth.rfind(prefix, 0) == 0 ? auth.substr(prefix.size()) : std::string();
+    unsigned char diff = given.size() == options.admin_token.size() ? 0 : 1;
+    for (size_t i = 0; i < given.size(); ++i)
+      diff |= static_cast<unsigned char>(given[i] ^ options.admin_token[i % options.admin_token.size()]);
+    if (diff != 0)
+      throw RequestError(401, "", "[serve] module management needs the header 'Authorization: Bearer <admin token>'" +
+                                      std::string(auth.empty() ? "" : "; the token given does not match"));
+  }
+
   void routes() {
     http.Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(R"({"status":"ok"})", "application/json");
@@ -251,6 +282,7 @@ struct Server::Impl {
       res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
     });
     http.Post("/v1/modules", [this](const httplib::Request& req, httplib::Response& res) {
+      check_admin(req);
       const json j = parse_body(req);
       const std::string name = field<std::string>(j, "name", ""), path = field<std::string>(j, "path", "");
       if (name.empty() || path.empty()) throw RequestError(400, name.empty() ? "name" : "path", "[serve] give 'name' and 'path'");
@@ -259,6 +291,7 @@ struct Server::Impl {
       res.set_content(body_text(json({{"id", name}, {"object", "model"}, {"loaded", true}})), "application/json");
     });
     http.Delete(R"(/v1/modules/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
+      check_admin(req);
       engine.unload_module(req.matches[1]);
       res.set_content(body_text(json({{"id", std::string(req.matches[1])}, {"deleted", true}})), "application/json");
     });

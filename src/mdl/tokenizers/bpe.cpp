@@ -10,11 +10,11 @@
 
 namespace mdl {
 
-Bpe::Bpe(const nlohmann::json& j) {
+Bpe::Bpe(const nlohmann::json& j, int64_t reserved_ids) {
   MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(), "[tokenizer] BPE model has no object field 'vocab'");
   std::unordered_map<std::string, int64_t> vocab;
   for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it) vocab[it.key()] = it.value().get<int64_t>();
-  set_vocab(std::move(vocab));
+  set_vocab(std::move(vocab), reserved_ids);
   if (j.contains("unk_token") && !j["unk_token"].is_null()) {
     const std::string unk = j["unk_token"].get<std::string>();
     unk_ = token_to_id(unk);

@@ -14,7 +14,8 @@ namespace mdl {
 class Bpe : public TokenModel {
  public:
   /// From tokenizer.json's "model" object; merges as "a b" strings or ["a", "b"] pairs.
-  explicit Bpe(const nlohmann::json& j);
+  /// `reserved_ids`: how many ids added tokens may take among the model's (TokenModel::set_vocab).
+  explicit Bpe(const nlohmann::json& j, int64_t reserved_ids = 0);
   void tokenize(const std::string& piece, std::vector<int64_t>& ids) const override;
 
  private:

@@ -6,6 +6,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/tokenizers/bpe.h"
 #include "mdl/tokenizers/decoder.h"
 #include "mdl/tokenizers/normalizer.h"
@@ -123,23 +124,12 @@ void parse_post_processor(const json& j, Tokenizer::Impl& impl, const std::strin
 }  // namespace
 
 Tokenizer Tokenizer::from_json(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    MDL_FAIL("[tokenizer] '", source, "' is not valid JSON: ", e.what());
-  }
+  const json j = io::parse_json(text, source);
   MDL_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), "[tokenizer] '", source,
             "' has no object field 'model'; is it a Hugging Face tokenizer.json?");
   auto impl = std::make_shared<Impl>();
   impl->text = text;
   try {
-    const json& m = j["model"];
-    std::string type = m.value("type", std::string());
-    if (type.empty()) type = m.contains("merges") ? "BPE" : "WordPiece";
-    if (type == "BPE") impl->model = std::make_unique<Bpe>(m);
-    else if (type == "WordPiece") impl->model = std::make_unique<WordPiece>(m);
-    else MDL_FAIL("[tokenizer] model type '", type, "' is not supported; supported: BPE, WordPiece");
     impl->normalizer = make_normalizer(j.value("normalizer", json()));
     impl->pre_tokenizer = make_pretokenizer(j.value("pre_tokenizer", json()));
     impl->decoder = make_decoder(j.value("decoder", json()));
@@ -153,12 +143,32 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
       t.normalized = a.value("normalized", false);
       impl->added.push_back(t);
     }
+    const auto reserved = static_cast<int64_t>(impl->added.size());
+    const json& m = j["model"];
+    std::string type = m.value("type", std::string());
+    if (type.empty()) type = m.contains("merges") ? "BPE" : "WordPiece";
+    if (type == "BPE") impl->model = std::make_unique<Bpe>(m, reserved);
+    else if (type == "WordPiece") impl->model = std::make_unique<WordPiece>(m, reserved);
+    else MDL_FAIL("[tokenizer] model type '", type, "' is not supported; supported: BPE, WordPiece");
     std::stable_sort(impl->added.begin(), impl->added.end(),
                      [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
     for (size_t i = 0; i < impl->added.size(); ++i) {
       impl->added_index.emplace(impl->added[i].id, i);
       if (!impl->added[i].content.empty()) impl->starts_added[static_cast<unsigned char>(impl->added[i].content[0])] = true;
     }
+    // Added tokens extend the model's ids or fill its holes, sometimes after a gap of reserved ids; far
+    // past that is a corrupt file, and would size every id table by it. A hole no added token fills is
+    // refused.
+    constexpr int64_t kMaxGap = 1024;
+    const int64_t id_limit = impl->model->size() + reserved + kMaxGap;
+    for (const auto& a : impl->added)
+      MDL_CHECK(a.id >= 0 && a.id < id_limit, "[tokenizer] added_tokens: '", a.content.substr(0, 40), "' has id ", a.id,
+                "; ids of added tokens are in [0, ", id_limit, "): the model's ", impl->model->size(), " ids, the ",
+                reserved, " added ones and a gap of at most ", kMaxGap);
+    for (int64_t id = 0; id < impl->model->size(); ++id)
+      MDL_CHECK(!impl->model->id_to_token(id).empty() || impl->added_by_id(id), "[tokenizer] model.vocab has no token "
+                "with id ", id, " and no added token takes it (ids run to ", impl->model->size() - 1, "): a corrupt "
+                "tokenizer.json?");
     parse_post_processor(j.value("post_processor", json()), *impl, source);
   } catch (const json::exception& e) {
     MDL_FAIL("[tokenizer] '", source, "': unexpected structure: ", e.what());
@@ -238,15 +248,24 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special
 
 size_t Tokenizer::stable_length(const std::vector<int64_t>& ids, const std::string& text) const {
   static const std::string kReplacement = "\xEF\xBF\xBD";  // U+FFFD
-  size_t tail = 0;  // trailing byte-fallback tokens
-  while (tail < ids.size()) {
-    const int64_t id = ids[ids.size() - 1 - tail];
-    if (impl_->added_by_id(id) || byte_fallback_value(impl_->model->id_to_token(id)) < 0) break;
-    ++tail;
+  // The trailing run of byte-fallback tokens, as decode() groups them: ids it drops (special tokens, ids
+  // without a token) do not end a run.
+  size_t start = ids.size();
+  bool bytes = false;
+  for (; start > 0; --start) {
+    const int64_t id = ids[start - 1];
+    if (const AddedToken* a = impl_->added_by_id(id)) {
+      if (a->special) continue;
+      break;
+    }
+    const std::string token = impl_->model->id_to_token(id);
+    if (token.empty()) continue;
+    if (byte_fallback_value(token) < 0) break;
+    bytes = true;
   }
   size_t stable = text.size();
-  if (tail > 0) {
-    const std::string head = decode(std::vector<int64_t>(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(tail)));
+  if (bytes) {
+    const std::string head = decode(std::vector<int64_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(start)));
     stable = static_cast<size_t>(std::mismatch(head.begin(), head.end(), text.begin(), text.end()).first - head.begin());
   }
   while (stable >= kReplacement.size() && text.compare(stable - kReplacement.size(), kReplacement.size(), kReplacement) == 0)

@@ -120,7 +120,7 @@ std::string train_tokenizer(const std::vector<std::string>& texts, const Trainer
   probe["model"]["vocab"] = json::object();
   if (!wordpiece) probe["model"]["merges"] = json::array();
   if (options.kind == TokenizerKind::metaspace_bpe) probe["model"]["vocab"]["<unk>"] = 0;
-  if (wordpiece) probe["model"]["vocab"]["[UNK]"] = 1;
+  if (wordpiece) probe["model"]["vocab"]["[UNK]"] = 0;
   Tokenizer pre = Tokenizer::from_json(probe.dump(), "trainer");
   std::map<std::string, int64_t> word_counts;
   for (const auto& text : texts) {

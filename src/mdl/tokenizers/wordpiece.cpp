@@ -7,11 +7,11 @@
 
 namespace mdl {
 
-WordPiece::WordPiece(const nlohmann::json& j) {
+WordPiece::WordPiece(const nlohmann::json& j, int64_t reserved_ids) {
   MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(), "[tokenizer] WordPiece model has no object field 'vocab'");
   std::unordered_map<std::string, int64_t> vocab;
   for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it) vocab[it.key()] = it.value().get<int64_t>();
-  set_vocab(std::move(vocab));
+  set_vocab(std::move(vocab), reserved_ids);
   const std::string unk = j.value("unk_token", std::string("[UNK]"));
   auto id = token_to_id(unk);
   MDL_CHECK(id.has_value(), "[tokenizer] WordPiece unk_token '", unk, "' is not in the vocabulary");

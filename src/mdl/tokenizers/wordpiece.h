@@ -11,7 +11,8 @@ namespace mdl {
 /// WordPiece model.
 class WordPiece : public TokenModel {
  public:
-  explicit WordPiece(const nlohmann::json& j);
+  /// `reserved_ids`: how many ids added tokens may take among the model's (TokenModel::set_vocab).
+  explicit WordPiece(const nlohmann::json& j, int64_t reserved_ids = 0);
   void tokenize(const std::string& piece, std::vector<int64_t>& ids) const override;
 
  private:

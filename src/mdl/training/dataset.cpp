@@ -27,9 +27,13 @@ const json& field(const json& j, const char* name, json::value_t type, const std
 
 int64_t label_index(const json& v, std::vector<std::string>& names, bool fixed, const std::string& where) {
   if (v.is_number_integer()) {
+    // Integer labels are class ids: the table of names grows to the largest, so it is bounded.
+    constexpr int64_t kMaxClasses = int64_t{1} << 16;
     const int64_t i = v.get<int64_t>();
-    MDL_CHECK(i >= 0 && (!fixed || i < static_cast<int64_t>(names.size())), where, "label ", i, " out of range",
-              fixed ? " (" + std::to_string(names.size()) + " labels)" : std::string());
+    MDL_CHECK(i >= 0 && (!fixed || i < static_cast<int64_t>(names.size())) && i < kMaxClasses, where, "label ", i,
+              " out of range", fixed ? " (" + std::to_string(names.size()) + " labels)"
+                                     : "; integer labels are class ids in 0.." + std::to_string(kMaxClasses - 1) +
+                                           " (name the labels, or give the label set: data.labels)");
     while (!fixed && static_cast<int64_t>(names.size()) <= i) names.push_back(std::to_string(names.size()));
     return i;
   }

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/io/json_file.h"
 
 namespace mdl {
 namespace {
@@ -81,12 +82,7 @@ void leaves(const json& j, const std::string& prefix, std::vector<std::pair<std:
 }  // namespace
 
 TrainConfig parse_train_config(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    MDL_FAIL("[train] '", source, "' is not valid JSON: ", e.what());
-  }
+  const json j = io::parse_json(text, source);
   MDL_CHECK(j.is_object(), "[train] '", source, "' must hold a JSON object");
   const json known = to_json_config(TrainConfig());
   for (const auto& [k, v] : j.items())

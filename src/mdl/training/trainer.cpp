@@ -16,6 +16,7 @@
 #include "mdl/core/error.h"
 #include "mdl/distributed/process_group.h"
 #include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/report/plot.h"
@@ -78,10 +79,19 @@ void from_json(const nlohmann::json& j, TrainOptions& o) {
   if (j.contains("routing")) o.routing = j["routing"].get<ExampleRouting>();
   o.precision = j.value("precision", o.precision);
   o.gradient_checkpointing = j.value("gradient_checkpointing", o.gradient_checkpointing);
+  validate(o);
+}
+
+void validate(const TrainOptions& o) {
+  validate(o.schedule);
   autocast_dtype(o.precision);  // validates
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
   MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
             "grad_accumulation must be > 0, got ", o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
+  // A batch is built whole in memory: past these, a run would exhaust it before its first step.
+  MDL_CHECK(o.batch_size <= 65536 && o.grad_accumulation <= 65536, "[train] options.batch_size ", o.batch_size,
+            " and options.grad_accumulation ", o.grad_accumulation, " must be at most 65536 (examples held in memory "
+            "at once); a larger batch is batch_size x grad_accumulation");
 }
 
 namespace {
@@ -294,7 +304,7 @@ struct Trainer::State {
 
 Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options)
     : set_(set), trainable_(std::move(trainable)), options_(std::move(options)), state_(std::make_unique<State>()) {
-  validate(options_.schedule);
+  validate(options_);
   MDL_CHECK(!trainable_.empty() || options_.train_base, "[train] name the modules to train, or set train_base");
   if (trainable_.empty()) {  // the backbone alone: every module frozen
     set_.freeze_base({});
@@ -371,9 +381,20 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
       // Separate statements: the routers fill the log during forward (operands of + are unsequenced).
       loss = loss + options_.aux_loss_weight * log.aux_loss().to(b.ids.device(), at::kFloat);
     }
+    const double value = loss.item<double>();
+    if (!std::isfinite(value)) {  // stop at once: the update would spread NaN into every weight it touches
+      std::string lines;
+      for (size_t i = 0; i < which.size() && i < 8; ++i) {
+        const Example& e = data.examples[static_cast<size_t>(which[i])];
+        lines += (i ? ", " : "") + (e.line > 0 ? "line " + std::to_string(e.line) : "example " + std::to_string(which[i]));
+      }
+      MDL_FAIL("[train] step ", step_ + 1, ": the loss is ", value, " on a batch of ", which.size(), " examples (", lines,
+               which.size() > 8 ? ", ..." : "", "); no update was made. Lower the learning rate (options.schedule.lr), "
+               "check those records, or train in float32 (options.precision)");
+    }
     (loss / static_cast<double>(options_.grad_accumulation)).backward();
     if (m + 1 == options_.grad_accumulation) routing = routing_summary(log);
-    total += loss.item<double>() / static_cast<double>(options_.grad_accumulation);
+    total += value / static_cast<double>(options_.grad_accumulation);
   }
   if (group_) {  // average the gradients (and the loss, for the log) over the ranks
     std::vector<at::Tensor> buffers;
@@ -609,9 +630,23 @@ void Trainer::load_checkpoint(const std::string& requested) {
   const std::string dir = find_checkpoint(requested);
   MDL_CHECK(!dir.empty(), "[train] '", requested, "' is not a checkpoint (no trainer.json)");
   const fs::path meta = fs::path(dir) / "trainer.json";
-  nlohmann::json j = nlohmann::json::parse(io::read_text(meta.string()));
-  MDL_CHECK(j.at("modules").get<std::vector<std::string>>() == trainable_, "[train] checkpoint '", dir, "' trains ",
-            j.at("modules").dump(), ", this run trains other modules");
+  const nlohmann::json j = io::read_json(meta.string());
+  // Every field is checked before anything is restored: a checkpoint is a file anyone can edit.
+  const std::string where = "[train] checkpoint '" + meta.string() + "': ";
+  MDL_CHECK(j.is_object(), where, "must hold a JSON object");
+  MDL_CHECK(j.contains("modules") && j["modules"].is_array() &&
+                std::all_of(j["modules"].begin(), j["modules"].end(), [](const nlohmann::json& m) { return m.is_string(); }),
+            where, "field 'modules' must be a list of module names");
+  MDL_CHECK(j["modules"].get<std::vector<std::string>>() == trainable_, where, "trains ", j["modules"].dump(),
+            ", this run trains other modules");
+  MDL_CHECK(j.contains("step") && j["step"].is_number_integer(), where, "field 'step' must be an integer");
+  const int64_t step = j["step"].get<int64_t>();
+  MDL_CHECK(step >= 0 && step <= options_.steps, where, "field 'step' is ", step, "; a checkpoint of this run is at a "
+            "step in 0..", options_.steps, " (options.steps)");
+  MDL_CHECK(!j.contains("best") || j["best"].is_null() || (j["best"].is_number() && std::isfinite(j["best"].get<double>())),
+            where, "field 'best' must be a finite number or null");
+  MDL_CHECK(!j.contains("evals_since_best") || (j["evals_since_best"].is_number_integer() && j["evals_since_best"].get<int64_t>() >= 0),
+            where, "field 'evals_since_best' must be an integer >= 0");
   for (const auto& name : trainable_) {
     const std::string mdir = (fs::path(dir) / "modules" / name).string();
     set_.load_tensors(name, io::load_safetensors((fs::path(mdir) / "module.safetensors").string()), mdir);
@@ -633,13 +668,22 @@ void Trainer::load_checkpoint(const std::string& requested) {
   for (size_t i = 0; i < state_->params.size(); ++i) {
     const std::string& k = state_->keys[i];
     if (!moments.count(k + ".exp_avg")) continue;
+    for (const char* part : {".exp_avg", ".exp_avg_sq"}) {
+      MDL_CHECK(moments.count(k + part) && moments.at(k + part).sizes() == state_->params[i].sizes() &&
+                    at::isFloatingType(moments.at(k + part).scalar_type()),
+                "[train] checkpoint '", dir, "/optimizer.safetensors': '", k, part, "' is missing or not a floating "
+                "tensor of shape ", shape_str(state_->params[i].sizes().vec()));
+    }
+    MDL_CHECK(moments.count(k + ".step") && moments.at(k + ".step").numel() == 1 &&
+                  moments.at(k + ".step").item<double>() >= 0,
+              "[train] checkpoint '", dir, "/optimizer.safetensors': '", k, ".step' must be one number >= 0");
     auto s = std::make_unique<torch::optim::AdamWParamState>();
     s->exp_avg(moments.at(k + ".exp_avg").clone());
     s->exp_avg_sq(moments.at(k + ".exp_avg_sq").clone());
     s->step(moments.at(k + ".step").item<int64_t>());
     states[c10::guts::to_string(state_->params[i].unsafeGetTensorImpl())] = std::move(s);
   }
-  step_ = j.at("step").get<int64_t>();
+  step_ = step;
   best_ = j.contains("best") && j["best"].is_number() ? j["best"].get<double>() : std::numeric_limits<double>::quiet_NaN();
   evals_since_best_ = j.value("evals_since_best", int64_t{0});
 }

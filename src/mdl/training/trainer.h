@@ -65,6 +65,8 @@ struct TrainOptions {
 };
 void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
+/// Throws naming the field when an option is out of its range (from_json and Trainer call it).
+void validate(const TrainOptions& o);
 
 /// One logged point.
 struct TrainMetrics {
