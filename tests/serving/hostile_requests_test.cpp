@@ -132,6 +132,10 @@ class Hostile : public ::testing::Test {
   static void SetUpTestSuite() {
     dir_ = new test::TempDir();
     model_ = checkpoint(*dir_, "llama", false);
+    // A ChatML template, so that chat streams too.
+    json tc = json::parse(test::read_file(model_ + "/tokenizer_config.json"));
+    tc["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    test::write_file(model_ + "/tokenizer_config.json", tc.dump());
     modules_ = *dir_ / "modules";
     fs::create_directories(modules_);
     ModuleSet set(load_model(model_));
@@ -188,12 +192,16 @@ TEST_F(Hostile, StreamsOfEveryTokenizerAreValidJson) {
   const std::string gpt2 = checkpoint(d, "gpt2", true);
   Process other = test::start_server(gpt2, modules_, d / "port");
   for (const Process* p : {&other, server_})
-    for (int seed = 0; seed < 4; ++seed) {
+    for (int seed = 0; seed < 6; ++seed) {
       httplib::Client c("127.0.0.1", p->port);
       c.set_read_timeout(120);
-      const json body = {{"prompt", "hello"}, {"max_tokens", 60}, {"stream", true}, {"seed", seed}, {"temperature", 1.5},
-                         {"stop", seed % 2 ? json::array({"qqqzzz"}) : json::array()}};
-      auto r = c.Post("/v1/completions", body.dump(), "application/json");
+      const bool chat = p == server_ && seed >= 4;  // the Llama server has a chat template
+      json body = {{"max_tokens", 60}, {"stream", true}, {"seed", seed}, {"temperature", 1.5},
+                   {"stop", seed % 2 ? json::array({"qqqzzz"}) : json::array()}};
+      if (chat) body["messages"] = {{{"role", "user"}, {"content", "hällo"}}};
+      else body["prompt"] = "hello";
+      if (p == &other && seed >= 4) continue;
+      auto r = c.Post(chat ? "/v1/chat/completions" : "/v1/completions", body.dump(), "application/json");
       ASSERT_TRUE(r) << "no response";
       ASSERT_EQ(r->status, 200);
       size_t events = 0;
@@ -224,6 +232,7 @@ TEST_F(Hostile, NonAsciiAndInvalidUtf8NamesGetJsonErrors) {
       EXPECT_GE(status, 400) << path;
       EXPECT_LT(status, 500) << path;
       ASSERT_TRUE(r.contains("error")) << r.dump();
+      ASSERT_TRUE(test::serving(*server_)) << "after " << path << " with model " << testing::PrintToString(model);
     }
 }
 
@@ -264,6 +273,7 @@ TEST_F(Hostile, DeepNestingIsRefusedWithTheLimit) {
     const json r = complete(model, &status);
     EXPECT_EQ(status, 400) << f;
     EXPECT_NE(r["error"]["message"].get<std::string>().find("nest at most 32 levels"), std::string::npos) << r.dump().substr(0, 300);
+    ASSERT_TRUE(test::serving(*server_)) << "after 10,000 nested " << f;
   }
   std::string ok = "lora_a";
   for (int i = 0; i < 30; ++i) ok = "stack(" + ok + ")";
@@ -326,6 +336,7 @@ TEST_F(Hostile, ModuleManagementNeedsTheTokenAndStaysInsideTheModulesDirectory) 
     const std::string m = r.value("error", json::object()).value("message", std::string());
     EXPECT_NE(m.find(c.message), std::string::npos) << c.path << " -> " << m;
     EXPECT_EQ(m.find("SECRET"), std::string::npos) << "the file's content echoed: " << m;
+    ASSERT_TRUE(test::serving(*server_)) << "after loading " << c.path;
   }
   r = request("/v1/modules", json({{"name", "x11"}, {"path", inside}}).dump(), &status, kAdmin);
   EXPECT_EQ(status, 201) << r.dump();
