@@ -15,6 +15,7 @@
 #include "mdl/modules/module_set.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "cli/cli_util.h"
+#include "modules/module_fixtures.h"
 #include "test_util.h"
 
 namespace mdl {
@@ -51,6 +52,32 @@ TEST_F(Cli, InitModelWritesTheHuggingFaceLayout) {
   test::TempDir again;
   ASSERT_EQ(mdl("init-model --arch llama --preset tiny --seed 3 --out " + quote(again / "m")).code, 0);
   EXPECT_EQ(test::read_file(again / "m/model.safetensors"), test::read_file(model("llama") + "/model.safetensors"));
+}
+
+// --modules 'stack(a, b)' applies a, then b on its output: the logits of a set that loaded them in that
+// order; the other order gives other logits.
+TEST_F(Cli, StackAppliesModulesInTheWrittenOrder) {
+  test::TempDir dir;
+  test::save_random_adapters(model("llama"), dir.path(), {"a", "b"}, 31);
+  auto cli = [&](const std::string& expr) {
+    const Result r = mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7,8 --modules-dir " + quote(dir.path()) +
+                         " --modules " + quote(expr) + " --out " + quote(dir / "o.safetensors"));
+    EXPECT_EQ(r.code, 0) << r.err;
+    return io::load_safetensors(dir / "o.safetensors").at("logits").clone();
+  };
+  auto library = [&](const std::vector<std::string>& order) {
+    ModuleSet set(load_model(model("llama")));
+    for (const auto& n : order) set.load(dir / n);
+    torch::NoGradGuard g;
+    ModelInput in;
+    in.input_ids = at::tensor(std::vector<int64_t>{5, 6, 7, 8}).view({1, -1});
+    return set.model()->forward(in)[0];
+  };
+  const at::Tensor ab = cli("stack(a, b)"), ba = cli("stack(b, a)");
+  EXPECT_CHANGED(ab, ba);
+  EXPECT_CLOSE(ab, library({"a", "b"}), 1e-5);
+  EXPECT_CLOSE(ba, library({"b", "a"}), 1e-5);
+  EXPECT_CLOSE(cli("b,a"), ba, 1e-6) << "a list is a stack in its order";
 }
 
 TEST_F(Cli, InspectListsTensors) {

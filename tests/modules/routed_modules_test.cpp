@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
+#include "modules/module_fixtures.h"
 #include "mdl/modules/lora.h"
 #include "mdl/modules/lora_bank.h"
 #include "mdl/modules/module_set.h"
@@ -194,6 +195,33 @@ ModuleConfig lora_on(std::vector<std::string> targets) {
   c.lora.init = "random";
   c.targets.target_modules = std::move(targets);
   return c;
+}
+
+// Stacking is in each example's order, whatever order the modules were loaded in: a batch whose rows name
+// stack(a, b) and stack(b, a) of two bottleneck adapters gives each row what a set that loaded them in
+// that order (so applies them in that order) gives, and the two orders differ.
+TEST(FixedRouting, StacksApplyInEachExamplesOrderNotInLoadOrder) {
+  const std::string model = test::tiny_checkpoint("llama");
+  test::TempDir dir;
+  test::save_random_adapters(model, dir.path(), {"a", "b"}, 11);
+  torch::NoGradGuard g;
+  const at::Tensor ids = ids_batch().narrow(0, 0, 1);
+  auto in_order = [&](const std::vector<std::string>& order) {  // loaded, hence applied, in this order
+    ModuleSet set(load_model(model));
+    for (const auto& n : order) set.load(dir / n);
+    return run(*set.model(), ids);
+  };
+  const at::Tensor ab = in_order({"a", "b"}), ba = in_order({"b", "a"});
+  EXPECT_CHANGED(ab, ba);
+  ModuleSet set(load_model(model));
+  set.load(dir / "b");  // loaded in the order neither row names first
+  set.load(dir / "a");
+  RoutingContext rc;
+  rc.modules = {{{"a", 1.0}, {"b", 1.0}}, {{"b", 1.0}, {"a", 1.0}}, {{"a", 1.0}, {"b", 1.0}}};
+  const at::Tensor mixed = run(*set.model(), ids.repeat({3, 1}), &rc);
+  EXPECT_CLOSE(mixed.narrow(0, 0, 1), ab, 1e-5);
+  EXPECT_CLOSE(mixed.narrow(0, 1, 1), ba, 1e-5);
+  EXPECT_CLOSE(mixed.narrow(0, 2, 1), ab, 1e-5);
 }
 
 // One batch whose examples use different modules equals each example run alone with its modules.

@@ -24,6 +24,7 @@
 #include "mdl/serving/chat_template.h"
 #include "mdl/serving/engine.h"
 #include "mdl/tokenizers/tokenizer.h"
+#include "modules/module_fixtures.h"
 #include "serving/serve_util.h"
 #include "test_util.h"
 
@@ -65,14 +66,7 @@ class Serve : public ::testing::Test {
       set.add(name, c);
       set.save(name, modules_ + "/" + name);
     }
-    ModuleConfig adapter;
-    adapter.type = "adapter";
-    set.add("adapter_x", adapter);
-    {
-      torch::NoGradGuard g;
-      for (auto& [k, t] : set.tensors("adapter_x")) t.normal_(0, 0.2);
-    }
-    set.save("adapter_x", modules_ + "/adapter_x");
+    test::save_random_adapters(model_, modules_, {"adapter_x", "adapter_y"}, 1, 0.2);
     server_ = new Process(start_server(model_, modules_, *dir_ / "port",
                                        {"--max-body-bytes", "65536", "--admin-token", "test-admin-token"}));
   }
@@ -85,7 +79,8 @@ class Serve : public ::testing::Test {
     delete dir_;
   }
 
-  /// What the library generates for `prompt` with `modules` active (greedy unless told otherwise).
+  /// What the library generates for `prompt` with `modules` active, applied in the order given (greedy
+  /// unless told otherwise).
   static std::string library_text(const std::string& prompt, const std::vector<std::string>& modules, int64_t max_tokens,
                                   double temperature = 0, uint64_t seed = 0, bool ignore_eos = false) {
     ModuleSet set(load_model(model_));
@@ -195,6 +190,45 @@ TEST_F(Serve, EngineRequestsSubmittedTogetherEqualEachAlone) {
   EngineOptions wrong;
   wrong.lora_bank_dtype = "int8";
   EXPECT_THROW_WITH(Engine(load_model(model_), Tokenizer::from_file(model_), wrong), "--lora-bank-dtype", "int8");
+}
+
+// One decoding batch whose requests stack the same two adapters in opposite orders: each request gets
+// what the library gives with the adapters applied in its written order, though the engine loaded them in
+// the other one; the orders differ.
+TEST_F(Serve, StacksInOneBatchApplyInEachRequestsOrder) {
+  EngineOptions o;
+  o.model_dir = model_;
+  o.modules_dir = modules_;
+  Engine engine(load_model(model_), Tokenizer::from_file(model_), o);
+  engine.resolve("adapter_y");  // loaded first: attachment order y, x
+  engine.resolve("adapter_x");
+  const std::vector<std::string> models = {"stack(adapter_x, adapter_y)", "stack(adapter_y, adapter_x)", "lora_a",
+                                           "stack(adapter_x, adapter_y)"};
+  std::vector<CompletionRequest> batch;
+  for (const auto& m : models) {
+    CompletionRequest r;
+    r.prompt = engine.tokenizer().encode("the cat");
+    r.sampling.max_tokens = 12;
+    r.sampling.ignore_eos = true;
+    r.modules = engine.resolve(m);
+    batch.push_back(std::move(r));
+  }
+  const int64_t steps = engine.stats().decode_steps;
+  auto futures = engine.submit(std::move(batch));
+  std::vector<std::string> texts;
+  for (auto& f : futures) texts.push_back(f.get().text);
+  EXPECT_EQ(engine.stats().decode_steps - steps, 11) << "all four decoded in the same steps";
+  EXPECT_EQ(texts[0], library_text("the cat", {"adapter_x", "adapter_y"}, 12, 0, 0, true));
+  EXPECT_EQ(texts[1], library_text("the cat", {"adapter_y", "adapter_x"}, 12, 0, 0, true));
+  EXPECT_EQ(texts[3], texts[0]);
+  EXPECT_NE(texts[0], texts[1]) << "the two orders are different functions";
+  int status = 0;  // and over HTTP, where the server's cache loaded them in whatever order requests came
+  const json r = post(server_->port, "/v1/completions",
+                      json({{"model", "stack(adapter_y, adapter_x)"}, {"prompt", "the cat"}, {"max_tokens", 12},
+                            {"temperature", 0}, {"ignore_eos", true}}),
+                      &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  EXPECT_EQ(r["choices"][0]["text"], texts[1]);
 }
 
 TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {

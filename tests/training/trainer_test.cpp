@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
+#include "modules/module_fixtures.h"
 #include "mdl/core/autocast.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
@@ -327,6 +328,33 @@ TEST(Trainer, ResumeEndsBitIdenticalToAnUninterruptedRun) {
   for (const auto& [k, t] : straight.tensors("lora"))
     EXPECT_TRUE(at::equal(t, resumed.tensors("lora").at(k))) << k << " differs after resume";
   EXPECT_THROW_WITH(b.load_checkpoint(tmp / "nothing"), "is not a checkpoint");
+}
+
+// Routing by task stacks each task's modules in the order its table lists them, whatever order the set
+// loaded them in: a task of stack(a, b) and one of stack(b, a) over two bottleneck adapters predict what a
+// set that loaded them in that order predicts.
+TEST(Trainer, TaskRoutingStacksInTheTablesOrder) {
+  const std::string model = test::tiny_checkpoint("llama", "sequence_classification");
+  test::TempDir dir;
+  test::save_random_adapters(model, dir.path(), {"a", "b"}, 21);
+  test::write_file(dir / "d.jsonl", "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ab\"}\n"
+                                    "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ba\"}\n");
+  const Dataset data = load_jsonl(dir / "d.jsonl", Tokenizer::from_file(model), DatasetOptions());
+  auto in_order = [&](const std::vector<std::string>& order) {
+    ModuleSet set(load_model(model));
+    for (const auto& n : order) set.load(dir / n);
+    return predict_logits(*set.model(), data).narrow(0, 0, 1);
+  };
+  const at::Tensor ab = in_order({"a", "b"}), ba = in_order({"b", "a"});
+  EXPECT_CHANGED(ab, ba);
+  ModuleSet set(load_model(model));
+  set.load(dir / "b");
+  set.load(dir / "a");
+  ExampleRouting routing;
+  routing.by_task = {{"ab", {"a", "b"}}, {"ba", {"b", "a"}}};
+  const at::Tensor got = predict_logits(*set.model(), data, 64, routing);
+  EXPECT_CLOSE(got.narrow(0, 0, 1), ab, 1e-5);
+  EXPECT_CLOSE(got.narrow(0, 1, 1), ba, 1e-5);
 }
 
 // Continual learning with one module per task: training a later task's module leaves the earlier

@@ -43,70 +43,53 @@ std::vector<AttachedModules::Entry*> AttachedModules::running() {
 }
 
 at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
-  const ForwardContext& ctx = ForwardContext::current();
-  if (ctx.routing && !ctx.routing->modules.empty())
-    return forward_per_example(input, base, ctx.routing->modules);
-  return forward_running(running(), input, base);
+  const ModuleRouting routing = route(base.size(0));                                        // route
+  if (at::Tensor gathered = forward_gathered(input, base, routing); gathered.defined()) return gathered;
+  return compute(input, base, routing);                                                     // compute, aggregate
 }
 
-at::Tensor AttachedModules::forward_running(const std::vector<Entry*>& run, const at::Tensor& input,
-                                            const at::Tensor& base) {
-  at::Tensor out = base;
-  for (Entry* e : run) {
-    at::Tensor next = e->module->forward(input, out);
-    // A module that lengthens the sequence (a prompt) is on or off; scales apply to same-shape changes.
-    out = e->scale == 1.0 || next.sizes() != out.sizes() ? next : out + e->scale * (next - out);
+ModuleRouting AttachedModules::route(int64_t rows) {
+  const ForwardContext& ctx = ForwardContext::current();
+  if (!ctx.routing || ctx.routing->modules.empty()) {  // every row: the active modules in attachment order
+    std::vector<ModuleRouting::Choice> choices;
+    for (Entry* e : running()) choices.emplace_back(e - entries_.data(), e->scale);
+    return ModuleRouting::same_for_all(rows, std::move(choices));
   }
-  return out;
+  const auto& chosen = ctx.routing->modules;
+  MDL_CHECK(static_cast<int64_t>(chosen.size()) == rows, "[routing] the routing context names modules for ",
+            chosen.size(), " examples but the batch has ", rows);
+  std::vector<std::vector<ModuleRouting::Choice>> per_row(static_cast<size_t>(rows));
+  for (int64_t b = 0; b < rows; ++b)
+    for (const auto& c : chosen[static_cast<size_t>(b)]) {
+      Entry* e = find(c.name);
+      if (!e || c.scale == 0.0) continue;  // a module not at this site is absent here
+      MDL_CHECK(!e->merged, "[routing] module '", e->name, "' is merged into the base weights, so every example uses ",
+                "it; unmerge it to choose modules per example");
+      MDL_CHECK(e->module->prefix_positions() == 0, "[routing] module '", e->name, "' is a prefix: it lengthens every ",
+                "example's keys and values, so it cannot be chosen per example; give such requests a batch of their own");
+      per_row[static_cast<size_t>(b)].emplace_back(e - entries_.data(), c.scale);
+    }
+  return ModuleRouting::per_example(std::move(per_row));
+}
+
+at::Tensor AttachedModules::compute(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing) {
+  return dispatch_in_order(input, base, routing, [&](int64_t i, const at::Tensor& x, const at::Tensor& current) {
+    return entries_[static_cast<size_t>(i)].module->forward(x, current);
+  });
 }
 
 at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Tensor& weight,
                                            const at::Tensor& bias) {
   const ForwardContext& ctx = ForwardContext::current();
-  if (ctx.routing && !ctx.routing->modules.empty())
-    return forward_per_example(input, linear(input, weight, bias), ctx.routing->modules);
-  const std::vector<Entry*> run = running();  // once per call: the fold decision and the loop share it
-  if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
-  return forward_running(run, input, linear(input, weight, bias));
-}
-
-at::Tensor AttachedModules::forward_per_example(const at::Tensor& input, const at::Tensor& base,
-                                                const std::vector<std::vector<ModuleChoice>>& choices) {
-  const int64_t B = base.size(0);
-  MDL_CHECK(static_cast<int64_t>(choices.size()) == B, "[routing] the routing context names modules for ",
-            choices.size(), " examples but the batch has ", B);
-  if (at::Tensor gathered = forward_gathered(input, base, choices); gathered.defined()) return gathered;
-  at::Tensor out = base;
-  for (auto& e : entries_) {
-    std::vector<int64_t> rows;
-    std::vector<double> scales;
-    for (int64_t b = 0; b < B; ++b)
-      for (const auto& c : choices[static_cast<size_t>(b)])
-        if (c.name == e.name && c.scale != 0.0) rows.push_back(b), scales.push_back(c.scale);
-    MDL_CHECK(!e.merged, "[routing] module '", e.name, "' is merged into the base weights, so every example uses it; ",
-              "unmerge it to choose modules per example");
-    if (rows.empty()) continue;
-    MDL_CHECK(e.module->prefix_positions() == 0, "[routing] module '", e.name, "' is a prefix: it lengthens every ",
-              "example's keys and values, so it cannot be chosen per example; give such requests a batch of their own");
-    // Every example: no gather; else the chosen rows only, scattered back.
-    const bool all = static_cast<int64_t>(rows.size()) == B;
-    at::Tensor idx = all ? at::Tensor() : at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(base.device());
-    at::Tensor sub_in = all ? input : input.index_select(0, idx);
-    at::Tensor sub = all ? out : out.index_select(0, idx);
-    at::Tensor next = e.module->forward(sub_in, sub);
-    MDL_CHECK(next.sizes() == sub.sizes(), "[routing] module '", e.name, "' changes the sequence length (a prompt); ",
-              "per-example routing needs modules that keep shapes");
-    std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
-    view[0] = static_cast<int64_t>(rows.size());
-    at::Tensor s = at::tensor(scales, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
-    at::Tensor change = s.view(view) * (next - sub);
-    out = all ? out + change : out.index_add(0, idx, change);
+  if (!ctx.routing || ctx.routing->modules.empty()) {
+    const std::vector<Entry*> run = running();  // one LoRA alone at scale 1: folded into the projection
+    if (run.size() == 1 && run[0]->scale == 1.0) return run[0]->module->forward_linear(input, weight, bias);
   }
-  return out;
+  return forward(input, linear(input, weight, bias));
 }
 
-at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base,
-                                             const std::vector<std::vector<ModuleChoice>>& choices) {
+at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing) {
+  if (routing.is_shared() || routing.empty()) return {};  // the bank serves rows that differ
   // The bank holds every plain LoRA attached here, in attachment order, so it stays the same while
   // requests join and leave a batch (restacked only when modules are loaded, unloaded or changed).
   std::vector<LoraBank::Factors> factors;
@@ -117,36 +100,31 @@ at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::
     bank_index[i] = static_cast<int64_t>(factors.size());
     factors.push_back(f);
   }
-  // Each row's bank positions and scales; any chosen module the bank cannot run sends the batch to the
-  // general path (which also reports merged modules), as does a needed gradient (the bank is a copy).
-  const int64_t B = base.size(0);
-  std::vector<std::vector<std::pair<int64_t, double>>> rows(static_cast<size_t>(B));
+  // Any chosen module the bank cannot run sends the batch to the general path, as does a needed gradient
+  // (the bank is a copy).
   std::vector<bool> used(factors.size(), false);
-  size_t slots = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    for (const auto& c : choices[static_cast<size_t>(b)]) {
-      size_t i = 0;
-      while (i < entries_.size() && entries_[i].name != c.name) ++i;
-      if (i == entries_.size() || c.scale == 0.0) continue;  // not at this site
-      const int64_t k = bank_index[i];
+  for (int64_t b = 0; b < routing.rows; ++b)
+    for (const auto& [i, scale] : routing.of(b)) {
+      const int64_t k = bank_index[static_cast<size_t>(i)];
       if (k < 0) return {};
       const auto& f = factors[static_cast<size_t>(k)];
       if (at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad())) return {};
-      rows[static_cast<size_t>(b)].emplace_back(k, c.scale);
       used[static_cast<size_t>(k)] = true;
     }
-    slots = std::max(slots, rows[static_cast<size_t>(b)].size());
-  }
-  if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA (or none): the row-subset path costs no more
+  if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA: the row-subset path costs no more
   if (!bank_) bank_ = std::make_shared<LoraBank>();
   bank_->update(factors, ForwardContext::current().routing->lora_bank_dtype);
+  const int64_t B = routing.rows;
   at::Tensor out = base;
-  for (size_t s = 0; s < slots; ++s) {  // the s-th LoRA of every row (most rows choose one)
+  for (size_t s = 0; s < routing.steps(); ++s) {  // the s-th LoRA of every row (most rows choose one)
     std::vector<int64_t> idx(static_cast<size_t>(B), bank_->none());
     std::vector<double> scale(static_cast<size_t>(B), 0.0);
     for (int64_t b = 0; b < B; ++b)
-      if (s < rows[static_cast<size_t>(b)].size())
-        std::tie(idx[static_cast<size_t>(b)], scale[static_cast<size_t>(b)]) = rows[static_cast<size_t>(b)][s];
+      if (s < routing.of(b).size()) {
+        const auto& [i, w] = routing.of(b)[s];
+        idx[static_cast<size_t>(b)] = bank_index[static_cast<size_t>(i)];
+        scale[static_cast<size_t>(b)] = w;
+      }
     out = bank_->apply(input, out, at::tensor(idx, at::kLong).to(base.device()),
                        at::tensor(scale, at::kDouble).to(base.device()));
   }

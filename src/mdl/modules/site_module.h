@@ -11,6 +11,7 @@
 
 #include "mdl/backbones/layers.h"
 #include "mdl/core/site.h"
+#include "mdl/routing/module_routing.h"
 #include "mdl/routing/routing_context.h"
 
 namespace mdl {
@@ -43,15 +44,20 @@ class SiteModule : public torch::nn::Module {
 
 class LoraBank;
 
-/// The modules attached at one site, applied in attachment order. Each active module maps the current
-/// output to a new one, so additive modules (LoRA) sum their deltas and adapters stack. `scale` scales a
-/// module's change to the output (scale 0 = off, 1 = as trained).
+/// The modules attached at one site, and its forward as Algorithm 1: route (which modules each row uses,
+/// in order, weighted), compute each selected module on its rows, aggregate (each maps the row's current
+/// output to a new one, its change weighted: additive modules (LoRA) sum, adapters stack in the row's
+/// order). See routing/module_routing.h.
 ///
-/// Modules absorbed by an active fusion at this site are skipped (the fusion runs them).
+/// The route: without per-example choices, every row uses the active modules in attachment order, each at
+/// its `scale` (0 = off, 1 = as trained); modules an active fusion runs are skipped here (the fusion runs
+/// them). When the forward's routing context names modules per example, each example uses exactly its
+/// modules (active flags aside), in the order it names them, with its scales: one batch mixes examples
+/// with different modules, each module running once on the rows that chose it at a step.
 ///
-/// Fixed routing: when the forward's routing context names modules per example, each example uses
-/// exactly its modules (active flags aside) with its scales: every module runs once, on the rows of the
-/// examples that chose it, so one batch mixes examples with different modules.
+/// Fast paths, each a special case of that dispatch, tested equal to it: one LoRA folded into its
+/// projection (forward_linear); every chosen module a plain LoRA, at least two distinct: the gathered
+/// LoRA bank (forward_gathered).
 class AttachedModules : public SiteFunction {
  public:
   struct Entry {
@@ -71,16 +77,16 @@ class AttachedModules : public SiteFunction {
   Entry* find(const std::string& name);
 
  private:
-  /// The entries forward() runs, in order: active, unmerged, scale != 0, not run by an active fusion.
+  /// The entries the route by active flags uses, in order: active, unmerged, scale != 0, not run by an
+  /// active fusion.
   std::vector<Entry*> running();
-  /// Runs `run` in order on `base` (each entry's scale applied).
-  at::Tensor forward_running(const std::vector<Entry*>& run, const at::Tensor& input, const at::Tensor& base);
-  at::Tensor forward_per_example(const at::Tensor& input, const at::Tensor& base,
-                                 const std::vector<std::vector<ModuleChoice>>& choices);
-  /// The per-example path when every module chosen here is a plain LoRA and no gradient is needed: one
-  /// gathered low-rank product per choice slot (Punica's BGMV); undefined when it does not apply.
-  at::Tensor forward_gathered(const at::Tensor& input, const at::Tensor& base,
-                              const std::vector<std::vector<ModuleChoice>>& choices);
+  /// Algorithm 1's route for a batch of `rows`: entry indices per row, in order, with weights.
+  ModuleRouting route(int64_t rows);
+  /// Compute and aggregate: dispatch_in_order over the entries' modules.
+  at::Tensor compute(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing);
+  /// The fast path when every module chosen here is a plain LoRA, at least two distinct ones, and no
+  /// gradient is needed: one gathered low-rank product per step (Punica's BGMV); undefined otherwise.
+  at::Tensor forward_gathered(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing);
   std::vector<Entry> entries_;
   std::shared_ptr<LoraBank> bank_;
 };

@@ -21,8 +21,8 @@ struct ModuleChoice {
 struct RoutingContext {
   at::Tensor task_ids;      ///< (B) int64, for task-level routers
   at::Tensor language_ids;  ///< (B) int64
-  /// Per example, the modules it uses, in any order (they apply in attachment order); empty: every
-  /// example uses the site's active modules. A name not loaded at a site is simply absent there.
+  /// Per example, the modules it uses, in the order they apply (stack(a, b): a, then b on a's output);
+  /// empty: every example uses the site's active modules. A name not loaded at a site is absent there.
   std::vector<std::vector<ModuleChoice>> modules;
   /// Storage of the stacked LoRAs that a batch of examples with different LoRAs reads (LoraBank): float32
   /// (default), or float16, which halves the bytes each decoding step reads at a relative rounding of

@@ -123,8 +123,9 @@ std::vector<ModuleChoice> example_modules(const Example& e, const ExampleRouting
               what, "; add one, or drop the table to use every module");
     for (const auto& name : it->second) out.push_back({name, 1.0});
   };
-  add(r.by_task, e.task, "task");
+  // The language's modules first, the task's on their output (MAD-X stacks a task adapter on a language one).
   add(r.by_language, e.language, "language");
+  add(r.by_task, e.task, "task");
   return out;
 }
 
