@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <set>
 
 #include "mdl/aggregation/merge.h"
@@ -226,85 +227,6 @@ std::string resolve(const std::string& name, const ComposeOptions& o, int column
            o.modules_dir.empty() ? std::string("; no such directory") : "; not in the modules directory '" + o.modules_dir + "'");
 }
 
-struct Composer {
-  ModuleSet& set;
-  const ComposeOptions& o;
-  std::vector<std::string> used;
-
-  // A leaf or merge: loads it, applies `scale`, returns its name.
-  std::string leaf(const Composition& c, double scale) {
-    const std::string dir = c.kind == Composition::Kind::merge ? merged_module_dir(c, o) : module_dir(c, o);
-    std::string name = fs::path(dir).filename().string();
-    if (set.contains(name)) name += "_" + std::to_string(used.size());
-    set.load(dir, name, o.force);
-    if (scale != 1.0) set.set_scale(name, scale);
-    used.push_back(name);
-    return name;
-  }
-
-  void check_additive(const Composition& parent, const std::string& name, int column) {
-    const std::string& type = set.config(name).type;
-    MDL_CHECK(additive_module_type(type), "[compose] column ", column, ": ",
-              parent.kind == Composition::Kind::avg ? "avg" : "a sum", " combines additive modules (LoRA, sparse, "
-              "BitFit...); '", name, "' is a ", type, " module, which composes by function: use stack(...)");
-  }
-
-  void apply(const Composition& c, double scale) {
-    switch (c.kind) {
-      case Composition::Kind::module:
-      case Composition::Kind::merge:
-        leaf(c, scale * c.scale);
-        return;
-      case Composition::Kind::stack:
-        for (const auto& child : c.children) apply(child, scale * c.scale);  // load order = application order
-        return;
-      case Composition::Kind::sum:
-      case Composition::Kind::avg: {
-        double total = 0;
-        for (const auto& child : c.children) total += child.scale;
-        MDL_CHECK(c.kind == Composition::Kind::sum || std::abs(total) > 1e-12, "[compose] column ", c.column,
-                  ": avg weights sum to 0");
-        for (const auto& child : c.children) {
-          MDL_CHECK(child.kind == Composition::Kind::module || child.kind == Composition::Kind::merge, "[compose] column ",
-                    child.column, ": ", c.kind == Composition::Kind::avg ? "avg" : "a sum", " takes modules or merges, not '",
-                    child.to_string(), "'");
-          const double w = c.kind == Composition::Kind::avg ? child.scale / total : child.scale;
-          Composition leaf_c = child;
-          leaf_c.scale = 1.0;
-          const std::string name = leaf(leaf_c, scale * c.scale * w);
-          check_additive(c, name, child.column);
-        }
-        return;
-      }
-      case Composition::Kind::fuse: {
-        // A fresh attention fusion over the members (AdapterFusion; train it, or load a saved one by
-        // listing its directory after its members). Members must keep shapes: no prompts or prefixes.
-        ModuleConfig fusion;
-        fusion.type = "fusion";
-        for (const auto& child : c.children) {
-          MDL_CHECK(child.kind == Composition::Kind::module || child.kind == Composition::Kind::merge, "[compose] column ",
-                    child.column, ": fuse takes modules or merges, not '", child.to_string(), "'");
-          Composition leaf_c = child;
-          leaf_c.scale = 1.0;
-          const std::string name = leaf(leaf_c, 1.0);
-          const std::string& type = set.config(name).type;
-          MDL_CHECK(type != "prompt" && type != "prefix", "[compose] column ", child.column, ": cannot fuse '", name,
-                    "', a ", type, " module: it prepends positions and has no output for fusion to attend over; "
-                    "list prompt modules to concatenate them instead");
-          fusion.fusion.members.push_back(name);
-        }
-        MDL_CHECK(fusion.fusion.members.size() >= 2, "[compose] column ", c.column, ": fuse needs at least 2 modules");
-        std::string name = c.to_string();
-        std::replace(name.begin(), name.end(), '/', '_');
-        set.add(name, fusion);
-        if (scale * c.scale != 1.0) set.set_scale(name, scale * c.scale);
-        used.push_back(name);
-        return;
-      }
-    }
-  }
-};
-
 }  // namespace
 
 bool additive_module_type(const std::string& type) {
@@ -343,10 +265,119 @@ std::string merged_module_dir(const Composition& c, const ComposeOptions& o) {
   return dir;
 }
 
+std::vector<CompositionLeaf> plan_composition(const Composition& root, const ComposeOptions& o) {
+  std::vector<CompositionLeaf> out;
+  auto leaf = [&](const Composition& c, double scale, const std::string& within) {
+    CompositionLeaf l;
+    l.column = c.column;
+    l.scale = scale;
+    l.within = within;
+    if (c.kind == Composition::Kind::merge) {
+      l.kind = CompositionLeaf::Kind::merge;
+      l.dir = merged_module_dir(c, o);
+      Composition key = c;
+      key.scale = 1.0;
+      l.name = "merged-" + std::to_string(fnv1a(key.to_string()));
+    } else {
+      l.name = c.name;
+    }
+    return l;
+  };
+  const auto is_leaf = [](const Composition& c) {
+    return c.kind == Composition::Kind::module || c.kind == Composition::Kind::merge;
+  };
+  std::function<void(const Composition&, double)> walk = [&](const Composition& c, double scale) {
+    switch (c.kind) {
+      case Composition::Kind::module:
+      case Composition::Kind::merge:
+        out.push_back(leaf(c, scale * c.scale, ""));
+        return;
+      case Composition::Kind::stack:  // application order = written order
+        for (const auto& child : c.children) walk(child, scale * c.scale);
+        return;
+      case Composition::Kind::sum:
+      case Composition::Kind::avg: {
+        double total = 0;
+        for (const auto& child : c.children) total += child.scale;
+        MDL_CHECK(c.kind == Composition::Kind::sum || (std::abs(total) > 1e-12 && std::isfinite(total)), "[compose] column ",
+                  c.column, ": avg weights sum to ", total);
+        for (const auto& child : c.children) {
+          MDL_CHECK(is_leaf(child), "[compose] column ", child.column, ": ", c.kind == Composition::Kind::avg ? "avg" : "a sum",
+                    " takes modules or merges, not '", child.to_string(), "'");
+          const double w = c.kind == Composition::Kind::avg ? child.scale / total : child.scale;
+          Composition unit = child;
+          unit.scale = 1.0;
+          out.push_back(leaf(unit, scale * c.scale * w, c.kind == Composition::Kind::avg ? "avg" : "a sum"));
+        }
+        return;
+      }
+      case Composition::Kind::fuse: {
+        CompositionLeaf f;
+        f.kind = CompositionLeaf::Kind::fuse;
+        f.name = c.to_string();
+        f.scale = scale * c.scale;
+        f.column = c.column;
+        for (const auto& child : c.children) {
+          MDL_CHECK(is_leaf(child), "[compose] column ", child.column, ": fuse takes modules or merges, not '",
+                    child.to_string(), "'");
+          Composition unit = child;
+          unit.scale = 1.0;
+          f.members.push_back(leaf(unit, 1.0, ""));
+        }
+        MDL_CHECK(f.members.size() >= 2, "[compose] column ", c.column, ": fuse needs at least 2 modules");
+        out.push_back(std::move(f));
+        return;
+      }
+    }
+  };
+  walk(root, 1.0);
+  for (const auto& l : out)
+    MDL_CHECK(std::isfinite(l.scale), "[compose] column ", l.column, ": '", l.name, "' gets a scale of ", l.scale,
+              "; scales must be finite");
+  return out;
+}
+
 std::vector<std::string> compose(ModuleSet& set, const Composition& c, const ComposeOptions& o) {
-  Composer composer{set, o, {}};
-  composer.apply(c, 1.0);
-  return composer.used;
+  std::vector<std::string> used;
+  // A leaf loaded onto `set` under a name of its own (a directory loaded twice gets a second name).
+  auto load = [&](const CompositionLeaf& l) {
+    const std::string dir = l.kind == CompositionLeaf::Kind::merge ? l.dir : resolve(l.name, o, l.column);
+    std::string name = fs::path(dir).filename().string();
+    if (set.contains(name)) name += "_" + std::to_string(used.size());
+    set.load(dir, name, o.force);
+    return name;
+  };
+  for (const auto& l : plan_composition(c, o)) {
+    if (l.kind != CompositionLeaf::Kind::fuse) {
+      const std::string name = load(l);
+      if (l.scale != 1.0) set.set_scale(name, l.scale);
+      const std::string& type = set.config(name).type;
+      MDL_CHECK(l.within.empty() || additive_module_type(type), "[compose] column ", l.column, ": ", l.within,
+                " combines additive modules (LoRA, sparse, BitFit...); '", name, "' is a ", type, " module, which "
+                "composes by function: use stack(...)");
+      used.push_back(name);
+      continue;
+    }
+    // A fresh attention fusion over the members (AdapterFusion; train it, or load a saved one by listing
+    // its directory after its members). Members must keep shapes: no prompts or prefixes.
+    ModuleConfig fusion;
+    fusion.type = "fusion";
+    for (const auto& m : l.members) {
+      const std::string name = load(m);
+      used.push_back(name);
+      const std::string& type = set.config(name).type;
+      MDL_CHECK(type != "prompt" && type != "prefix", "[compose] column ", m.column, ": cannot fuse '", name, "', a ",
+                type, " module: it prepends positions and has no output for fusion to attend over; list prompt modules "
+                "to concatenate them instead");
+      fusion.fusion.members.push_back(name);
+    }
+    std::string name = l.name;
+    std::replace(name.begin(), name.end(), '/', '_');
+    set.add(name, fusion);
+    if (l.scale != 1.0) set.set_scale(name, l.scale);
+    used.push_back(name);
+  }
+  return used;
 }
 
 }  // namespace mdl

@@ -65,6 +65,24 @@ std::string merged_module_dir(const Composition& merge, const ComposeOptions& op
 /// column when neither exists.
 std::string module_dir(const Composition& c, const ComposeOptions& options);
 
+/// One module a composition uses, in application order: what every consumer (the CLI's compose, the
+/// serving engine's per-request choices) makes of an expression, from one interpreter (plan_composition).
+struct CompositionLeaf {
+  enum class Kind { module, merge, fuse };
+  Kind kind = Kind::module;
+  std::string name;      ///< module: as written; merge: "merged-<hash of its canonical text>"; fuse: canonical text
+  std::string dir;       ///< merge: the merged module's directory (computed on first use); else empty
+  double scale = 1.0;    ///< every enclosing scale multiplied in; avg weights normalised
+  std::string within;    ///< "avg" or "a sum" when inside one: the module must be additive (checked once loaded)
+  int column = 1;
+  std::vector<CompositionLeaf> members;  ///< fuse: the fused modules (modules or merges, scale 1)
+};
+
+/// The leaves of `c` in application order (stack: in order; sum and avg: their terms, weighted; merges
+/// computed now). Throws "[compose] column N: ..." for forms that make no sense (avg weights summing to
+/// 0, a sum or fuse over something that is not a module or a merge).
+std::vector<CompositionLeaf> plan_composition(const Composition& c, const ComposeOptions& options);
+
 /// Loads and configures the modules of `c` on `set` (activation, scales, stacking order); returns the
 /// names of the modules it uses, in application order.
 std::vector<std::string> compose(ModuleSet& set, const Composition& c, const ComposeOptions& options);

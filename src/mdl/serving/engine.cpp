@@ -67,67 +67,34 @@ Engine::~Engine() { drain(); }
 // ---- modules -------------------------------------------------------------------------------------------
 
 std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const std::vector<ModuleChoice>& extra) {
-  // 1. Without the lock: the leaves in application order, merges computed (file I/O and arithmetic).
+  // 1. Without the lock: the leaves in application order, merges computed (file I/O and arithmetic), by
+  // the one composition interpreter the CLI uses too.
   struct Leaf {
     std::string name, dir;  // dir: a merge's output (else where the cache finds the name)
     double scale = 1.0;
-    bool additive = false;  // inside a sum or avg: must be an additive module
+    std::string within;     // "avg" or "a sum": must be an additive module
   };
   std::vector<Leaf> leaves;
   if (!expression.empty() && expression != "base") {
-    Composition c;
+    std::vector<CompositionLeaf> plan;
     try {
-      c = parse_composition(expression);
+      ComposeOptions co;
+      co.model_dir = options_.model_dir;
+      co.modules_dir = options_.modules_dir;
+      plan = plan_composition(parse_composition(expression), co);
+    } catch (const RequestError&) {
+      throw;
     } catch (const Error& e) {
       throw RequestError(400, "model", e.what());
     }
-    ComposeOptions co;
-    co.model_dir = options_.model_dir;
-    co.modules_dir = options_.modules_dir;
-    // Leaves and merges become per-row choices; stack, sum and avg only arrange them.
-    std::function<void(const Composition&, double, bool)> walk = [&](const Composition& n, double scale, bool additive) {
-      switch (n.kind) {
-        case Composition::Kind::module:
-          leaves.push_back({n.name, "", scale * n.scale, additive});
-          return;
-        case Composition::Kind::merge: {
-          std::string dir;
-          try {
-            dir = merged_module_dir(n, co);
-          } catch (const RequestError&) {
-            throw;
-          } catch (const Error& e) {
-            throw RequestError(400, "model", e.what());
-          }
-          Composition key = n;
-          key.scale = 1.0;
-          leaves.push_back({"merged-" + std::to_string(fnv1a(key.to_string())), dir, scale * n.scale, additive});
-          return;
-        }
-        case Composition::Kind::stack:  // rows apply their modules in attachment order
-          for (const auto& child : n.children) walk(child, scale * n.scale, additive);
-          return;
-        case Composition::Kind::sum:
-        case Composition::Kind::avg: {
-          double total = 0;
-          for (const auto& child : n.children) total += child.scale;
-          if (n.kind == Composition::Kind::avg && !(std::abs(total) >= 1e-12 && std::isfinite(total)))
-            throw RequestError(400, "model", "[serve] avg weights sum to " + std::to_string(total) + " in '" + expression + "'");
-          for (const auto& child : n.children) {
-            Composition unit = child;
-            unit.scale = 1.0;
-            walk(unit, scale * n.scale * (n.kind == Composition::Kind::avg ? child.scale / total : child.scale), true);
-          }
-          return;
-        }
-        case Composition::Kind::fuse:
-          throw RequestError(400, "model", "[serve] fuse(...) creates a new fusion that needs training; serve a "
-                                           "trained fusion by its directory name");
-      }
-    };
-    walk(c, 1.0, false);
+    for (const auto& l : plan) {
+      if (l.kind == CompositionLeaf::Kind::fuse)
+        throw RequestError(400, "model", "[serve] fuse(...) creates a new fusion that needs training; serve a "
+                                         "trained fusion by its directory name");
+      leaves.push_back({l.name, l.dir, l.scale, l.within});
+    }
   }
-  for (const auto& e : extra) leaves.push_back({e.name, "", e.scale, false});
+  for (const auto& e : extra) leaves.push_back({e.name, "", e.scale, ""});
   for (const auto& l : leaves)
     if (!std::isfinite(l.scale))
       throw RequestError(400, "model", "[serve] module '" + l.name + "' gets a scale of " + std::to_string(l.scale) +
@@ -154,8 +121,8 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
     if (type == "prompt" || type == "prefix")
       throw RequestError(400, "model", "[serve] module '" + l.name + "' is " + type + " tuning: it lengthens every row's "
                                        "sequence, so it cannot share a batch; merge it or serve it on its own server");
-    if (l.additive && !additive_module_type(type))
-      throw RequestError(400, "model", "[serve] '" + l.name + "' is a " + type + " module; sums and averages combine "
+    if (!l.within.empty() && !additive_module_type(type))
+      throw RequestError(400, "model", "[serve] '" + l.name + "' is a " + type + " module; " + l.within + " combines "
                                            "additive modules (LoRA, sparse, BitFit); use stack(...) or a merge");
     out.push_back({l.name, l.scale});
   }
