@@ -130,6 +130,7 @@ TEST_P(Faults, ReportedBySurvivorWithinTheTimeout) {
   const std::string cfg = config(tmp_ / "killed", 100000);
   const std::string err0 = tmp_ / "rank0.err";
   std::vector<pid_t> pids;
+  std::fflush(nullptr);  // or the children's freopen writes this process's buffered output again
   for (int r = 0; r < 2; ++r) {
     const pid_t pid = fork();
     ASSERT_GE(pid, 0);
@@ -139,8 +140,7 @@ TEST_P(Faults, ReportedBySurvivorWithinTheTimeout) {
       setenv("MASTER_ADDR", "127.0.0.1", 1);
       setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
       setenv("MDL_DIST_TIMEOUT", "5", 1);
-      freopen("/dev/null", "w", stdout);
-      freopen(r == 0 ? err0.c_str() : "/dev/null", "w", stderr);
+      if (!freopen("/dev/null", "w", stdout) || !freopen(r == 0 ? err0.c_str() : "/dev/null", "w", stderr)) _exit(126);
       execl(std::getenv("MDL_BIN"), "mdl", "--threads", "1", "train", "--config", cfg.c_str(), static_cast<char*>(nullptr));
       _exit(127);
     }

@@ -65,7 +65,7 @@ TEST(HostileStreams, EveryChunkIsValidUtf8AndTheChunksAddUpToTheText) {
       o.model_dir = model;
       Engine engine(load_model(model), Tokenizer::from_file(model), o);
       int64_t chunks_checked = 0;
-      for (const std::vector<std::string> stop : {std::vector<std::string>{}, {"qqqzzz"}, {"ä€"}, {"ö"}})
+      for (const std::vector<std::string>& stop : {std::vector<std::string>{}, {"qqqzzz"}, {"ä€"}, {"ö"}})
         for (uint64_t seed = 0; seed < 4; ++seed) {
           CompletionRequest r;
           r.prompt = engine.tokenizer().encode("Grüße ");
@@ -288,7 +288,7 @@ TEST_F(Hostile, ScalesMustBeFinite) {
     const json r = complete(model, &status);
     EXPECT_EQ(status, 400) << model << " -> " << r.dump();
   }
-  for (const json modules : {json::array({"lora_a:nan"}), json::array({"lora_a:inf"}),
+  for (const json& modules : {json::array({"lora_a:nan"}), json::array({"lora_a:inf"}),
                              json::array({{{"name", "lora_a"}, {"scale", 1e308}}, {{"name", "lora_a"}, {"scale", 1e308}}})}) {
     int status = 0;
     const json r = request("/v1/completions", json({{"prompt", "a"}, {"modules", modules}}).dump(), &status);
@@ -438,10 +438,13 @@ TEST_F(Hostile, FuzzedRequestsNeverTakeTheServerDown) {
     auto r = c.Post(path.c_str(), path == "/v1/modules" ? kAdmin : httplib::Headers{}, body, "application/json");
     ASSERT_TRUE(r) << "no answer to request " << i << " on " << path << ": " << testing::PrintToString(body.substr(0, 200));
     ++answered;
-    if (r->get_header_value("Content-Type").find("application/json") != std::string::npos)
+    if (r->get_header_value("Content-Type").find("application/json") != std::string::npos) {
       EXPECT_FALSE(json::parse(r->body, nullptr, false).is_discarded()) << "an answer that is not JSON";
+    }
     EXPECT_NE(r->status, 500) << "a request made the server fail: " << r->body.substr(0, 300);
-    if (i % 50 == 0) ASSERT_TRUE(test::serving(*server_)) << "after request " << i;
+    if (i % 50 == 0) {
+      ASSERT_TRUE(test::serving(*server_)) << "after request " << i;
+    }
   }
   EXPECT_EQ(answered, kRequests);
 }

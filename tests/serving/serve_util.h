@@ -35,6 +35,7 @@ inline Process start_server(const std::string& model, const std::string& modules
                                    "--port", "0", "--port-file", port_file, "--max-batch", "8"};
   args.insert(args.end(), extra.begin(), extra.end());
   Process p;
+  std::fflush(nullptr);  // or the child's freopen writes this process's buffered output a second time
   p.pid = fork();
   if (p.pid == 0) {
     std::vector<char*> argv;

@@ -420,6 +420,11 @@ int listen_queue(int port) {
 TEST_F(Serve, ABurstOfConnectionsIsQueuedNotReset) {
   constexpr int kClients = 96;
   ASSERT_EQ(kill(server_->pid, SIGSTOP), 0);
+  // kill() only sends the signal: wait for the report that every thread has stopped, or an accept thread
+  // still running could take a connection out of the queue before it stops.
+  siginfo_t stopped{};
+  ASSERT_EQ(waitid(P_PID, static_cast<id_t>(server_->pid), &stopped, WSTOPPED), 0);
+  ASSERT_EQ(stopped.si_code, CLD_STOPPED);
   std::vector<std::future<int>> replies;
   for (int i = 0; i < kClients; ++i)
     replies.push_back(std::async(std::launch::async, [&] {
