@@ -13,6 +13,7 @@
 #include "mdl/backbones/model.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "cli/cli_util.h"
 #include "modules/module_fixtures.h"
@@ -344,11 +345,11 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
   ASSERT_EQ(mdl("train --config " + quote(config(tmp / "straight"))).code, 0);
 
   const std::string run = config(tmp / "run");
+  std::fflush(nullptr);  // or the child's freopen writes this process's buffered output a second time
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
-    std::freopen("/dev/null", "w", stdout);
-    std::freopen("/dev/null", "w", stderr);
+    if (!std::freopen("/dev/null", "w", stdout) || !std::freopen("/dev/null", "w", stderr)) _exit(126);
     execl(std::getenv("MDL_BIN"), "mdl", "train", "--config", run.c_str(), static_cast<char*>(nullptr));
     _exit(127);
   }
@@ -389,6 +390,23 @@ TEST_F(Cli, EveryCommandHasHelp) {
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
   }
+}
+
+// init-module's --type list is the module-type table: every type is named with its summary, the ones
+// that need more than options say what, and are refused as a --type.
+TEST_F(Cli, InitModuleListsEveryModuleType) {
+  const Result help = mdl("init-module --help");
+  ASSERT_EQ(help.code, 0) << help.err;
+  for (const auto& t : module_types()) {
+    EXPECT_NE(help.out.find(t.name + ": " + t.summary), std::string::npos) << t.name << "\n" << help.out;
+    if (!t.needs.empty()) {
+      EXPECT_NE(help.out.find("needs " + t.needs), std::string::npos) << t.name;
+    }
+  }
+  test::TempDir out;
+  const Result sparse = mdl("init-module --model " + quote(model("llama")) + " --type sparse --out " + quote(out / "s"));
+  EXPECT_NE(sparse.code, 0);
+  EXPECT_NE(sparse.err.find("--type"), std::string::npos) << sparse.err;
 }
 
 }  // namespace

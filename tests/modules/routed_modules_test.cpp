@@ -342,9 +342,9 @@ TEST(FixedRouting, DecodingRowsThroughTheFloat16BankEqualPerExampleRuns) {
   ModuleSet set = ranked_loras();
   torch::NoGradGuard g;
   const std::vector<std::vector<ModuleChoice>> choices = {{{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}};
+  set.set_lora_bank_storage(at::kHalf);
   RoutingContext rc;
   rc.modules = choices;
-  rc.lora_bank_dtype = at::kHalf;
   at::Tensor ids = at::tensor({5, 17, 29, 41}, at::kLong).view({4, 1});
   at::Tensor mixed = run(*set.model(), ids, &rc);
   for (int64_t b = 0; b < 4; ++b) {

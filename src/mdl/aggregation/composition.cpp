@@ -12,6 +12,7 @@
 #include "mdl/core/error.h"
 #include "mdl/core/hash.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 
 namespace mdl {
 namespace fs = std::filesystem;
@@ -229,11 +230,6 @@ std::string resolve(const std::string& name, const ComposeOptions& o, int column
 
 }  // namespace
 
-bool additive_module_type(const std::string& type) {
-  return type == "lora" || type == "sparse" || type == "bitfit" || type == "hyper_lora" || type == "lora_moe" ||
-         type == "poly_lora";
-}
-
 std::string module_dir(const Composition& c, const ComposeOptions& o) { return resolve(c.name, o, c.column); }
 
 std::string merged_module_dir(const Composition& c, const ComposeOptions& o) {
@@ -352,7 +348,7 @@ std::vector<std::string> compose(ModuleSet& set, const Composition& c, const Com
       const std::string name = load(l);
       if (l.scale != 1.0) set.set_scale(name, l.scale);
       const std::string& type = set.config(name).type;
-      MDL_CHECK(l.within.empty() || additive_module_type(type), "[compose] column ", l.column, ": ", l.within,
+      MDL_CHECK(l.within.empty() || module_type(type).additive, "[compose] column ", l.column, ": ", l.within,
                 " combines additive modules (LoRA, sparse, BitFit...); '", name, "' is a ", type, " module, which "
                 "composes by function: use stack(...)");
       used.push_back(name);

@@ -54,10 +54,6 @@ struct ComposeOptions {
   bool force = false;       ///< load modules made for another base when shapes fit
 };
 
-/// Whether modules of `type` add a change to their site's output (LoRA, sparse, BitFit...), so that sums
-/// and averages of them are sums of their changes; adapters and prompts compose by function instead.
-bool additive_module_type(const std::string& type);
-
 /// The directory of the module a merge node (`ties(a, b; density=0.5)`) produces: computed on first use
 /// under the cache directory, keyed by the canonical expression and the base model, then reused.
 std::string merged_module_dir(const Composition& merge, const ComposeOptions& options);

@@ -105,4 +105,9 @@ class BertImpl : public ModelImpl {
 
 Model create_bert(const ModelConfig& config) { return std::make_shared<BertImpl>(config); }
 
+ArchTargets bert_targets() {
+  // output.dense is the MLP's output; the attention's own output.dense is left alone.
+  return {{"query", "value"}, {"key", "value", "output.dense"}, {"attention.output.dense"}};
+}
+
 }  // namespace mdl

@@ -101,4 +101,9 @@ class Gpt2Impl : public ModelImpl {
 
 Model create_gpt2(const ModelConfig& config) { return std::make_shared<Gpt2Impl>(config); }
 
+ArchTargets gpt2_targets() {
+  // c_attn is the fused q/k/v projection (Conv1D); mlp.c_proj the MLP's output.
+  return {{"c_attn"}, {"c_attn", "mlp.c_proj"}, {}};
+}
+
 }  // namespace mdl

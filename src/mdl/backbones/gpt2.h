@@ -7,5 +7,7 @@ namespace mdl {
 
 /// A GPT-2 model (zero weights) for `config`, with the head its architecture names.
 Model create_gpt2(const ModelConfig& config);
+/// GPT-2's default PEFT targets.
+ArchTargets gpt2_targets();
 
 }  // namespace mdl

@@ -147,4 +147,8 @@ class LlamaImpl : public ModelImpl {
 
 Model create_llama(const ModelConfig& config) { return std::make_shared<LlamaImpl>(config); }
 
+ArchTargets llama_targets() {
+  return {{"q_proj", "v_proj"}, {"k_proj", "v_proj", "down_proj"}, {}};
+}
+
 }  // namespace mdl

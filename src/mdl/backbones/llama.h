@@ -7,5 +7,7 @@ namespace mdl {
 
 /// A Llama model (zero weights) for `config`, with the head its architecture names.
 Model create_llama(const ModelConfig& config);
+/// Llama's default PEFT targets.
+ArchTargets llama_targets();
 
 }  // namespace mdl

@@ -425,6 +425,16 @@ Model create_model(const ModelConfig& config) {
   MDL_FAIL("[model] unknown architecture");
 }
 
+ArchTargets arch_targets(Arch arch) {
+  switch (arch) {
+    case Arch::gpt2: return gpt2_targets();
+    case Arch::llama: return llama_targets();
+    case Arch::bert: return bert_targets();
+    case Arch::vit: return vit_targets();
+  }
+  MDL_FAIL("[model] unknown architecture");
+}
+
 int64_t estimated_parameters(const ModelConfig& c) {
   const int64_t C = c.hidden_size, L = c.n_layer, F = c.intermediate_size, D = c.head_dim;
   const int64_t q = c.n_head * D, kv = c.n_kv_head * D;

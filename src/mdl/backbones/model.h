@@ -174,6 +174,15 @@ using Model = std::shared_ptr<ModelImpl>;
 
 /// A model of `config`'s architecture with zero weights (call init_weights or load).
 Model create_model(const ModelConfig& config);
+
+/// The projections PEFT attaches to by default on an architecture, by their site-name suffixes (PEFT's
+/// target-module mappings); each architecture declares its own (e.g. gpt2_targets()).
+struct ArchTargets {
+  std::vector<std::string> attention;    ///< the query and value projections: LoRA and its kin
+  std::vector<std::string> ia3;          ///< keys, values and the MLP's output projection: (IA)^3
+  std::vector<std::string> ia3_exclude;  ///< suffixes (IA)^3 must not take although `ia3` matches them
+};
+ArchTargets arch_targets(Arch arch);
 /// How many parameters create_model(config) allocates, computed from the sizes alone (within a few
 /// percent; tested against every preset): what a config claims before anything is allocated.
 int64_t estimated_parameters(const ModelConfig& config);

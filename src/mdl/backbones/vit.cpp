@@ -155,4 +155,9 @@ class ViTImpl : public ModelImpl {
 
 Model create_vit(const ModelConfig& config) { return std::make_shared<ViTImpl>(config); }
 
+ArchTargets vit_targets() {
+  // output.dense is the MLP's output; the attention's own output.dense is left alone.
+  return {{"query", "value"}, {"key", "value", "output.dense"}, {"attention.output.dense"}};
+}
+
 }  // namespace mdl

@@ -8,5 +8,7 @@ namespace mdl {
 
 /// A ViT model (zero weights) for `config`, with the head its architecture names.
 Model create_vit(const ModelConfig& config);
+/// ViT's default PEFT targets.
+ArchTargets vit_targets();
 
 }  // namespace mdl

@@ -37,14 +37,17 @@
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
+#include "mdl/distributed/local_launch.h"
 #include "mdl/distributed/process_group.h"
 #include "mdl/serving/engine.h"
 #include "mdl/serving/server.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/tokenizer.h"
+#include "mdl/training/branch_train_merge.h"
 #include "mdl/training/train_config.h"
 #include <unistd.h>
 
@@ -396,10 +399,16 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
   auto seed = std::make_shared<uint64_t>(0);
   CLI::App* cmd = app.add_subcommand("init-module", "create a new (untrained) module for a checkpoint");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
-  cmd->add_option("--type", *type, "lora | ia3 | adapter | compacter | bitfit | layernorm | prompt | prefix | hyper_lora | lora_moe | poly_lora")
-      ->check(CLI::IsMember({"lora", "ia3", "adapter", "compacter", "bitfit", "layernorm", "prompt", "prefix", "hyper_lora",
-                             "lora_moe", "poly_lora"}))
-      ->capture_default_str();
+  std::vector<std::string> standalone;  // the types made from their options alone
+  std::string type_help;
+  for (const auto& t : module_types())
+    if (t.needs.empty()) {
+      standalone.push_back(t.name);
+      type_help += "\n  " + t.name + ": " + t.summary;
+    } else {
+      type_help += "\n  (" + t.name + ": " + t.summary + "; needs " + t.needs + ")";
+    }
+  cmd->add_option("--type", *type, "module type:" + type_help)->check(CLI::IsMember(standalone))->capture_default_str();
   cmd->add_option("--r", *r, "LoRA rank")->capture_default_str();
   cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r)");
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
@@ -597,107 +606,6 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
 }
 
 // ---- train / eval -------------------------------------------------------------------------------------
-// Branch-Train-Merge: rank r trains branches r, r + W, ... (a fresh copy of the module template each,
-// on the branch's data, no gradient exchange), then rank 0 merges every branch's module.
-void train_branches(const TrainConfig& c, ProcessGroup* group) {
-  const int world = group ? group->size() : 1, rank = group ? group->rank() : 0;
-  const auto& [template_name, module] = *c.modules.begin();
-  MDL_CHECK(!c.options.out_dir.empty(), "[train] Branch-Train-Merge needs options.out_dir");
-  std::vector<std::string> dirs;
-  for (size_t b = 0; b < c.branches.size(); ++b) {
-    const TrainBranch& branch = c.branches[b];
-    const std::string dir = (fs::path(c.options.out_dir) / "branches" / branch.name).string();
-    dirs.push_back(dir + "/module");
-    if (static_cast<int>(b % static_cast<size_t>(world)) != rank) continue;
-    LoadOptions lo;
-    lo.device = parse_device(c.device);
-    Model m = load_model(c.model, lo);
-    ModuleSet set(m);
-    for (const auto& d : c.load) set.load(d);
-    set.add(branch.name, module);
-    Dataset data = load_jsonl(branch.train_data, Tokenizer::from_file(c.model), c.data);
-    TrainOptions o = c.options;
-    o.out_dir = dir;
-    Trainer trainer(set, {branch.name}, o);  // no process group: branches exchange nothing
-    const std::string ckpt = dir + "/checkpoint";
-    if (c.resume && !find_checkpoint(ckpt).empty()) trainer.load_checkpoint(ckpt);
-    auto history = trainer.train(data);
-    set.save(branch.name, dir + "/module");
-    std::printf("[rank %d] branch %s: %zu examples, loss %.4f\n", rank, branch.name.c_str(), data.examples.size(),
-                history.empty() ? 0.0 : history.back().loss);
-    std::fflush(stdout);
-  }
-  if (group) group->barrier();  // every branch is written
-  if (rank != 0) return;
-  const std::string merged = (fs::path(c.options.out_dir) / "modules" / "merged").string();
-  merge_modules(c.model, dirs, c.branch_merge, merged);
-  std::printf("merged %zu branches (%s) into %s\n", dirs.size(), c.branch_merge.method.c_str(), merged.c_str());
-}
-
-// `mdl train --nproc N`: this command again as N processes with torchrun's variables, on a free port,
-// the thread budget split between them. Returns how many failed.
-int launch_local_workers(int n, int threads) {
-  std::vector<std::string> args;
-  {
-    std::ifstream in("/proc/self/cmdline", std::ios::binary);
-    std::string a;
-    while (std::getline(in, a, '\0')) args.push_back(a);
-  }
-  MDL_CHECK(!args.empty(), "[train] cannot read this process's command line");
-  std::vector<std::string> child = {args[0]};
-  const int budget = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
-  child.push_back("--threads");
-  child.push_back(std::to_string(std::max(1, budget / n)));
-  for (size_t i = 1; i < args.size(); ++i) {
-    if (args[i] == "--threads") { ++i; continue; }  // replaced by the per-worker share
-    if (args[i] == "--nproc") { ++i; continue; }
-    if (args[i].rfind("--nproc=", 0) == 0 || args[i].rfind("--threads=", 0) == 0) continue;
-    child.push_back(args[i]);
-  }
-  int port = 0;
-  {  // a free port for the rendezvous
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    MDL_CHECK(fd >= 0 && ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-                  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0,
-              "[train] cannot find a free port for the workers' rendezvous");
-    port = ntohs(addr.sin_port);
-    close(fd);
-  }
-  std::vector<pid_t> pids;
-  for (int r = 0; r < n; ++r) {
-    const pid_t pid = fork();
-    MDL_CHECK(pid >= 0, "[train] cannot start worker ", r);
-    if (pid == 0) {
-      setenv("RANK", std::to_string(r).c_str(), 1);
-      setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      setenv("WORLD_SIZE", std::to_string(n).c_str(), 1);
-      setenv("MASTER_ADDR", "127.0.0.1", 1);
-      setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      std::vector<char*> argv;
-      for (auto& a : child) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv("/proc/self/exe", argv.data());
-      _exit(127);
-    }
-    pids.push_back(pid);
-  }
-  int failed = 0;
-  for (int r = 0; r < n; ++r) {
-    int status = 0;
-    waitpid(pids[static_cast<size_t>(r)], &status, 0);
-    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
-      ++failed;
-      std::fprintf(stderr, "[train] worker %d %s %d\n", r, WIFSIGNALED(status) ? "killed by signal" : "exited with",
-                   WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
-    }
-  }
-  return failed;
-}
-
 void register_train(CLI::App& app, GlobalOptions& g) {
   auto config = std::make_shared<std::string>();
   auto help_config = std::make_shared<bool>(false);

@@ -16,6 +16,7 @@
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/report/plot.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "mdl/tokenizers/trainer.h"
@@ -117,7 +118,7 @@ ModuleConfig language_adapter(uint64_t seed) {
   c.adapter.config = "pfeiffer";
   c.adapter.reduction_factor = 8;
   c.adapter.non_linearity = "gelu";
-  c.targets = default_targets("adapter", Arch::llama, "pfeiffer");
+  c.targets = module_type("adapter").default_targets(Arch::llama, c);
   c.seed = seed;
   return c;
 }

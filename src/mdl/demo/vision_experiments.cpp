@@ -15,6 +15,7 @@
 #include "mdl/demo/demo_context.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/report/plot.h"
 #include "mdl/routing/routing_log.h"
 
@@ -115,7 +116,7 @@ ModuleConfig adapter(int64_t reduction, uint64_t seed) {
   c.adapter.config = "pfeiffer";
   c.adapter.reduction_factor = reduction;
   c.adapter.non_linearity = "gelu";
-  c.targets = default_targets("adapter", Arch::vit, "pfeiffer");
+  c.targets = module_type("adapter").default_targets(Arch::vit, c);
   c.seed = seed;
   return c;
 }

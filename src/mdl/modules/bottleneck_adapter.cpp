@@ -65,19 +65,4 @@ at::Tensor BottleneckAdapterImpl::forward(const at::Tensor& input, const at::Ten
   return options.residual ? current + a : a;
 }
 
-BiasDeltaImpl::BiasDeltaImpl(SiteLinearImpl& base) : base_(&base) {
-  bias = register_parameter("bias", at::zeros({base.site()->info().out_features}, base.weight.options()));
-}
-
-void BiasDeltaImpl::merge() {
-  torch::NoGradGuard g;
-  MDL_CHECK(base_->bias.defined(), "[bitfit] '", base_->site()->name(), "' has no bias to merge into");
-  base_->bias.add_(bias);
-}
-
-void BiasDeltaImpl::unmerge() {
-  torch::NoGradGuard g;
-  base_->bias.sub_(bias);
-}
-
 }  // namespace mdl

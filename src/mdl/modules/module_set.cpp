@@ -14,7 +14,7 @@
 #include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
-#include "mdl/modules/layernorm_tuning.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/unicode.h"
 
@@ -24,38 +24,14 @@ namespace mdl {
 
 void to_json(nlohmann::json& j, const ModuleConfig& c) {
   j = {{"type", c.type}, {"targets", c.targets}, {"seed", c.seed}};
-  if (c.type == "lora") j["options"] = c.lora;
-  else if (c.type == "ia3") j["options"] = c.ia3;
-  else if (c.type == "adapter") j["options"] = c.adapter;
-  else if (c.type == "sparse") j["options"] = c.sparse;
-  else if (c.type == "prompt") j["options"] = c.prompt;
-  else if (c.type == "prefix") j["options"] = c.prefix;
-  else if (c.type == "compacter") j["options"] = c.compacter;
-  else if (c.type == "hyper_lora") j["options"] = c.hyper;
-  else if (c.type == "lora_moe") j["options"] = c.lora_moe;
-  else if (c.type == "poly_lora") j["options"] = c.poly;
-  else if (c.type == "fusion") j["options"] = c.fusion;
-  else j["options"] = nlohmann::json::object();
+  module_type(c.type).options_to_json(c, j["options"]);
 }
 
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
   c = ModuleConfig();
   MDL_CHECK(j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
   c.type = j["type"].get<std::string>();
-  const nlohmann::json options = j.value("options", nlohmann::json::object());
-  if (c.type == "lora") c.lora = options.get<LoraOptions>();
-  else if (c.type == "ia3") c.ia3 = options.get<Ia3Options>();
-  else if (c.type == "adapter") c.adapter = options.get<AdapterOptions>();
-  else if (c.type == "sparse") c.sparse = options.get<SparseOptions>();
-  else if (c.type == "prompt") c.prompt = options.get<PromptTuningOptions>();
-  else if (c.type == "prefix") c.prefix = options.get<PrefixTuningOptions>();
-  else if (c.type == "compacter") c.compacter = options.get<CompacterOptions>();
-  else if (c.type == "hyper_lora") c.hyper = options.get<HyperLoraOptions>();
-  else if (c.type == "lora_moe") c.lora_moe = options.get<LoraMixtureOptions>();
-  else if (c.type == "poly_lora") c.poly = options.get<PolyLoraOptions>();
-  else if (c.type == "fusion") c.fusion = options.get<FusionOptions>();
-  else MDL_CHECK(c.type == "bitfit" || c.type == "layernorm", "[module] unknown module type '", c.type,
-                 "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe, poly_lora or fusion");
+  module_type(c.type).options_from_json(j.value("options", nlohmann::json::object()), c);
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
 }
@@ -70,37 +46,6 @@ std::string ParameterSummary::to_string() const {
   std::snprintf(buf, sizeof(buf), "trainable params: %lld || all params: %lld || trainable%%: %.4f",
                 static_cast<long long>(trainable), static_cast<long long>(total), percent());
   return buf;
-}
-
-TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config) {
-  TargetOptions t;
-  if (type == "lora" || type == "hyper_lora" || type == "lora_moe" || type == "poly_lora") {
-    t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn"}
-                       : arch == Arch::bert || arch == Arch::vit ? std::vector<std::string>{"query", "value"}
-                                            : std::vector<std::string>{"q_proj", "v_proj"};
-  } else if (type == "ia3") {
-    t.target_modules = arch == Arch::gpt2 ? std::vector<std::string>{"c_attn", "mlp.c_proj"}
-                       : arch == Arch::bert || arch == Arch::vit ? std::vector<std::string>{"key", "value", "output.dense"}
-                                            : std::vector<std::string>{"k_proj", "v_proj", "down_proj"};
-    if (arch == Arch::bert || arch == Arch::vit) t.exclude_modules = {"attention.output.dense"};
-  } else if (type == "adapter" || type == "compacter") {
-    // Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output").
-    if (adapter_config == "houlsby") t.target_regex = R"(.*\.(attn|self_attn|attention|mlp|output))";
-    else t.target_regex = R"(.*\.(mlp|output))";
-  } else if (type == "bitfit" || type == "sparse") {
-    t.target_modules = {"all-linear"};
-  } else if (type == "layernorm" || type == "prompt" || type == "prefix") {
-    t.target_regex = ".*";  // every norm site / the embedding site
-  }
-  return t;
-}
-
-SiteKind site_kind_of(const std::string& type) {
-  if (type == "adapter" || type == "compacter") return SiteKind::sublayer;
-  if (type == "layernorm") return SiteKind::norm;
-  if (type == "prompt") return SiteKind::embedding;
-  if (type == "prefix") return SiteKind::attention_kv;
-  return SiteKind::linear;
 }
 
 void check_module_name(const std::string& name) {
@@ -165,85 +110,45 @@ std::vector<std::shared_ptr<Site>> ModuleSet::fusion_sites(const std::string& na
 
 AttachedModules& ModuleSet::attached(const std::string& site_name) {
   Site& site = model_->site(site_name);
-  if (site.empty()) site.attach(std::make_shared<AttachedModules>());
+  if (site.empty()) {
+    auto fresh = std::make_shared<AttachedModules>();
+    fresh->set_lora_bank_storage(lora_bank_storage_);
+    site.attach(fresh);
+  }
   auto attached = std::dynamic_pointer_cast<AttachedModules>(site.function());
   MDL_CHECK(attached != nullptr, "[modules] site '", site_name, "' already holds a function that is not a module list");
   return *attached;
+}
+
+void ModuleSet::set_lora_bank_storage(at::ScalarType storage) {
+  MDL_CHECK(storage == at::kFloat || storage == at::kHalf, "[modules] the LoRA bank stores float32 or float16, got ",
+            storage);
+  lora_bank_storage_ = storage;
+  for (const auto& site : model_->sites())
+    if (auto a = std::dynamic_pointer_cast<AttachedModules>(site->function())) a->set_lora_bank_storage(storage);
 }
 
 void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, const std::map<std::string, at::Tensor>& init) {
   check_module_name(name);
   MDL_CHECK(!contains(name), "[modules] a module named '", name, "' already exists; remove it first or pick another name");
   ModuleConfig config = config_in;
+  const ModuleType& type = module_type(config.type);
   const bool no_targets = config.targets.target_modules.empty() && config.targets.target_regex.empty();
   if (no_targets) {
-    TargetOptions defaults = default_targets(config.type, model_->config().arch,
-                                             config.type == "compacter" ? config.compacter.config : config.adapter.config);
+    TargetOptions defaults = type.default_targets(model_->config().arch, config);
     defaults.layers_to_transform = config.targets.layers_to_transform;
     defaults.exclude_modules.insert(defaults.exclude_modules.end(), config.targets.exclude_modules.begin(),
                                     config.targets.exclude_modules.end());
     config.targets = defaults;
   }
-  const SiteKind kind = site_kind_of(config.type);
+  const auto selected = type.on_members_sites ? fusion_sites(name, config.fusion) : match_sites(*model_, config.targets, type.site_kind);
   Named named;
   named.config = config;
   uint64_t seed = config.seed;
-  const auto dtype = at::TensorOptions().dtype(model_->dtype()).device(model_->device());
-  const ModelConfig& mc = model_->config();
-  std::shared_ptr<PrefixEncoderImpl> prefix_encoder;
-  std::shared_ptr<PhmRulesImpl> phm_rules;
-  std::shared_ptr<HyperGeneratorImpl> hyper;
-  auto selected = config.type == "fusion" ? fusion_sites(name, config.fusion) : match_sites(*model_, config.targets, kind);
-  if (config.type == "hyper_lora") {
-    std::vector<SiteInfo> infos;
-    for (const auto& site : selected) infos.push_back(site->info());
-    hyper = std::make_shared<HyperGeneratorImpl>(config.hyper, infos, seed, dtype);
-  }
-  std::shared_ptr<SkillAllocationImpl> allocation;
-  if (config.type == "poly_lora" && config.poly.shared_allocation)
-    allocation = std::make_shared<SkillAllocationImpl>(config.poly, seed++, dtype);
-  if (config.type == "compacter") phm_rules = std::make_shared<PhmRulesImpl>(config.compacter.phm_dim, seed, dtype);
-  if (config.type == "prefix")
-    prefix_encoder = std::make_shared<PrefixEncoderImpl>(config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
-                                                         mc.n_kv_head * mc.head_dim, config.prefix, seed, dtype);
-  for (const auto& site : selected) {
-    std::shared_ptr<SiteModule> m;
-    if (config.type == "lora") m = std::make_shared<LoraImpl>(model_->linear(site->name()), config.lora, seed++);
-    else if (config.type == "ia3") m = std::make_shared<Ia3Impl>(model_->linear(site->name()), config.ia3, seed++);
-    else if (config.type == "adapter") m = std::make_shared<BottleneckAdapterImpl>(site->info(), config.adapter, seed++, dtype);
-    else if (config.type == "bitfit") m = std::make_shared<BiasDeltaImpl>(model_->linear(site->name()));
-    else if (config.type == "layernorm") m = std::make_shared<LayerNormTuningImpl>(model_->norm(site->name()));
-    else if (config.type == "hyper_lora")
-      m = std::make_shared<HyperLoraImpl>(site->info(), static_cast<int64_t>(named.parts.size()), hyper, named.parts.empty());
-    else if (config.type == "compacter")
-      m = std::make_shared<CompacterImpl>(site->info(), config.compacter, phm_rules, named.parts.empty(), seed++, dtype);
-    else if (config.type == "prefix")
-      m = std::make_shared<PrefixTuningImpl>(site->info(), mc.head_dim, prefix_encoder, named.parts.empty());
-    else if (config.type == "lora_moe")
-      m = std::make_shared<LoraMixtureImpl>(site->info(), config.lora_moe, seed++, dtype);
-    else if (config.type == "poly_lora") {
-      const bool shared = allocation != nullptr;
-      auto alloc = shared ? allocation : std::make_shared<SkillAllocationImpl>(config.poly, seed++, dtype);
-      m = std::make_shared<PolyLoraImpl>(site->info(), config.poly, alloc, !shared || named.parts.empty(), seed++, dtype);
-    }
-    else if (config.type == "fusion") {
-      std::vector<std::shared_ptr<SiteModule>> members;
-      for (const auto& member : config.fusion.members) members.push_back(module_at(member, site->name()));
-      m = std::make_shared<FusionImpl>(site->info(), config.fusion, members, seed++, dtype);
-    }
-    else if (config.type == "prompt")
-      m = std::make_shared<PromptTuningImpl>(site->info(), config.prompt, model_->token_embeddings(), seed++);
-    else if (config.type == "sparse") {
-      at::Tensor indices;
-      if (auto it = init.find(site->name() + ".indices"); it != init.end()) indices = it->second;
-      else if (auto sc = init.find(site->name()); sc != init.end()) indices = select_top_indices(sc->second, config.sparse.density);
-      else MDL_FAIL("[modules] sparse module '", name, "' has no selection for '", site->name(),
-                    "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
-      m = std::make_shared<SparseDiffImpl>(model_->linear(site->name()), indices.to(at::kLong));
-    }
-    else MDL_FAIL("[modules] unknown module type '", config.type, "'; expected lora, ia3, adapter, compacter, bitfit, layernorm, sparse, prompt, prefix, hyper_lora, lora_moe, poly_lora or fusion");
-    named.parts.push_back({site->name(), m});
-  }
+  const ModuleBuild build{*model_, name, config, init, selected, at::TensorOptions().dtype(model_->dtype()).device(model_->device()),
+                          [this](const std::string& m, const std::string& s) { return module_at(m, s); }};
+  const PartFactory make = type.prepare(build, seed);  // used only here: it refers to build and seed
+  for (size_t i = 0; i < selected.size(); ++i) named.parts.push_back({selected[i]->name(), make(*selected[i], i)});
   for (const auto& p : named.parts) {
     p.module->train(model_->is_training());  // a module attached to a model in eval mode evaluates too
     attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -256,7 +161,7 @@ void ModuleSet::remove(const std::string& name) {
   Named& n = get_mutable(name);
   for (const auto& other : order_) {
     const ModuleConfig& c = modules_.at(other).config;
-    MDL_CHECK(c.type != "fusion" || std::find(c.fusion.members.begin(), c.fusion.members.end(), name) == c.fusion.members.end(),
+    MDL_CHECK(!module_type(c.type).on_members_sites || std::find(c.fusion.members.begin(), c.fusion.members.end(), name) == c.fusion.members.end(),
               "[modules] '", name, "' is fused by '", other, "'; remove '", other, "' first");
   }
   if (n.merged) unmerge(name);
@@ -554,11 +459,11 @@ std::string ModuleSet::attach(const ModuleFiles& f, const std::string& name_in, 
 void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names,
                           const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
-  const SiteKind kind = site_kind_of(config_in.type);
+  const ModuleType& type = module_type(config_in.type);
   for (const auto& s : site_names) {
     MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
               " does not have; a module for another base model?");
-    MDL_CHECK(config_in.type == "fusion" || model_->site(s).info().kind == kind, "[modules] module '", name, "': site '", s,
+    MDL_CHECK(type.on_members_sites || model_->site(s).info().kind == type.site_kind, "[modules] module '", name, "': site '", s,
               "' is not of the kind a ", config_in.type, " module attaches to");
   }
   ModuleConfig config = config_in;

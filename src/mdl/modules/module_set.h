@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mdl/backbones/model.h"
+#include "mdl/modules/bitfit.h"
 #include "mdl/modules/bottleneck_adapter.h"
 #include "mdl/modules/compacter.h"
 #include "mdl/modules/fusion.h"
@@ -29,7 +30,7 @@ namespace mdl {
 
 /// Everything that defines a module before training: its type, its type's options and where it goes.
 struct ModuleConfig {
-  std::string type = "lora";  ///< lora | ia3 | adapter | compacter | bitfit | layernorm | sparse | prompt | prefix | hyper_lora | lora_moe | poly_lora | fusion
+  std::string type = "lora";  ///< a name in module_types() (module_type.h)
   LoraOptions lora;
   Ia3Options ia3;
   AdapterOptions adapter;
@@ -108,6 +109,9 @@ class ModuleSet {
   std::vector<at::Tensor> parameters(const std::vector<std::string>& names = {}) const;
   /// Freezes the backbone and makes the named modules (empty: all) trainable, the others frozen.
   void freeze_base(const std::vector<std::string>& trainable = {});
+  /// How every site stores the LoRAs that mixed batches gather (AttachedModules::set_lora_bank_storage):
+  /// float32 (default) or float16; sites that get modules later take it too.
+  void set_lora_bank_storage(at::ScalarType storage);
   /// Trainable / total parameters right now.
   ParameterSummary summary() const;
 
@@ -157,6 +161,7 @@ class ModuleSet {
   /// The sites every member of a fusion covers, in forward order (members checked: loaded, fusable).
   std::vector<std::shared_ptr<Site>> fusion_sites(const std::string& name, const FusionOptions& o) const;
   Model model_;
+  at::ScalarType lora_bank_storage_ = at::kFloat;
   std::map<std::string, Named> modules_;
   std::vector<std::string> order_;
 };
@@ -168,11 +173,5 @@ void check_module_name(const std::string& name);
 /// The file format of a module directory: "native" (module.json), "peft" or "adapterhub"
 /// (adapter_config.json), or "" when it holds no module (or those names are not regular files).
 std::string module_format(const std::string& dir);
-
-/// The kind of site a module type attaches to.
-SiteKind site_kind_of(const std::string& type);
-
-/// Default targets of a module type for an architecture (PEFT's defaults: q and v projections for LoRA).
-TargetOptions default_targets(const std::string& type, Arch arch, const std::string& adapter_config);
 
 }  // namespace mdl

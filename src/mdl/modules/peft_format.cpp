@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -10,6 +11,7 @@
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
+#include "mdl/modules/module_type.h"
 
 namespace fs = std::filesystem;
 
@@ -164,8 +166,9 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
 
 void write_peft(const ModuleSet& set, const std::string& name, const std::string& dir) {
   const ModuleConfig& c = set.config(name);
-  MDL_CHECK(c.type == "lora" || c.type == "ia3" || c.type == "prompt" || c.type == "prefix", "[peft] module '", name,
-            "' is a ", c.type, " module; PEFT files hold LoRA, (IA)^3, prompt or prefix tuning here (use the native format)");
+  const auto& formats = module_type(c.type).formats;
+  MDL_CHECK(std::find(formats.begin(), formats.end(), "peft") != formats.end(), "[peft] module '", name, "' is a ", c.type,
+            " module; PEFT files hold LoRA, (IA)^3, prompt or prefix tuning here (use the native format)");
   const ModelConfig& mc = set.model()->config();
   if (c.type == "prefix") {
     auto part = std::dynamic_pointer_cast<PrefixTuningImpl>(set.module_at(name, set.sites(name).front()));

@@ -113,7 +113,7 @@ at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::
     }
   if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA: the row-subset path costs no more
   if (!bank_) bank_ = std::make_shared<LoraBank>();
-  bank_->update(factors, ForwardContext::current().routing->lora_bank_dtype);
+  bank_->update(factors, bank_storage_);
   const int64_t B = routing.rows;
   at::Tensor out = base;
   for (size_t s = 0; s < routing.steps(); ++s) {  // the s-th LoRA of every row (most rows choose one)

@@ -74,6 +74,10 @@ class AttachedModules : public SiteFunction {
   int64_t prefix_positions() const override;
   void set_training(bool on) override;
   std::vector<Entry>& entries() { return entries_; }
+  /// Storage of the stacked LoRAs a batch of examples with different LoRAs reads (LoraBank): float32
+  /// (default), or float16, which halves the bytes each decoding step reads at a relative rounding of
+  /// 2^-11 on the LoRA factors (the serving engine's default). A setting of the site, not of a batch.
+  void set_lora_bank_storage(at::ScalarType storage) { bank_storage_ = storage; }
   Entry* find(const std::string& name);
 
  private:
@@ -89,6 +93,7 @@ class AttachedModules : public SiteFunction {
   at::Tensor forward_gathered(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing);
   std::vector<Entry> entries_;
   std::shared_ptr<LoraBank> bank_;
+  at::ScalarType bank_storage_ = at::kFloat;
 };
 
 }  // namespace mdl

@@ -4,10 +4,44 @@
 
 #include <algorithm>
 #include <map>
+#include <optional>
 
 #include "mdl/core/error.h"
+#include "mdl/core/forward_context.h"
+#include "mdl/routing/routing_context.h"
 
 namespace mdl {
+namespace {
+
+/// While alive, the current forward context narrowed to some rows of the batch: their task and language
+/// ids, token ids and module lists, so that a module run on those rows (a task-routed Polytropon, a hash
+/// router over token ids) reads its own rows' values, not the whole batch's.
+class RowsContext {
+ public:
+  RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows) : context_(ForwardContext::current()) {
+    if (const RoutingContext* rc = context_.routing) {
+      auto narrow = [&](const at::Tensor& t) { return t.defined() ? t.index_select(0, idx.to(t.device())) : t; };
+      routing_.task_ids = narrow(rc->task_ids);
+      routing_.language_ids = narrow(rc->language_ids);
+      if (!rc->modules.empty())
+        for (int64_t b : rows) routing_.modules.push_back(rc->modules.at(static_cast<size_t>(b)));
+      context_.routing = &routing_;
+    }
+    if (context_.input_ids && context_.input_ids->defined()) {
+      input_ids_ = context_.input_ids->index_select(0, idx.to(context_.input_ids->device()));
+      context_.input_ids = &input_ids_;
+    }
+    guard_.emplace(context_);
+  }
+
+ private:
+  ForwardContext context_;
+  RoutingContext routing_;
+  at::Tensor input_ids_;
+  std::optional<ForwardContextGuard> guard_;
+};
+
+}  // namespace
 
 ModuleRouting ModuleRouting::same_for_all(int64_t rows, std::vector<Choice> choices) {
   ModuleRouting r;
@@ -67,7 +101,13 @@ at::Tensor dispatch_in_order(const at::Tensor& input, const at::Tensor& base, co
       at::Tensor idx = all ? at::Tensor() : at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(base.device());
       at::Tensor sub_in = all ? input : input.index_select(0, idx);
       at::Tensor sub = all ? out : out.index_select(0, idx);
-      at::Tensor next = step(module, sub_in, sub);
+      at::Tensor next;
+      if (all) {
+        next = step(module, sub_in, sub);
+      } else {
+        RowsContext rows_context(idx, rows);
+        next = step(module, sub_in, sub);
+      }
       MDL_CHECK(next.sizes() == sub.sizes(), "[dispatch] module ", module, " changed its rows' shape from ", sub.sizes(),
                 " to ", next.sizes(), "; modules chosen per row must keep shapes (a prompt cannot be)");
       std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);

@@ -46,7 +46,8 @@ using ModuleStep = std::function<at::Tensor(int64_t module, const at::Tensor& in
 /// Runs the routing: step by step (each row's first module, then its second...), the rows that take the
 /// same module at a step as one call on their rows, its weighted change added back. A module that every
 /// row takes at one step with one weight runs on the whole batch without a gather (and, at weight 1, may
-/// lengthen the sequence: a prompt). input (B, ...), base (B, ...).
+/// lengthen the sequence: a prompt). A module run on some rows sees the forward context of those rows
+/// (their task, language and token ids). input (B, ...), base (B, ...).
 at::Tensor dispatch_in_order(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing,
                              const ModuleStep& step);
 

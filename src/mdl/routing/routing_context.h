@@ -24,10 +24,6 @@ struct RoutingContext {
   /// Per example, the modules it uses, in the order they apply (stack(a, b): a, then b on a's output);
   /// empty: every example uses the site's active modules. A name not loaded at a site is absent there.
   std::vector<std::vector<ModuleChoice>> modules;
-  /// Storage of the stacked LoRAs that a batch of examples with different LoRAs reads (LoraBank): float32
-  /// (default), or float16, which halves the bytes each decoding step reads at a relative rounding of
-  /// 2^-11 on the LoRA factors (the serving engine's default).
-  at::ScalarType lora_bank_dtype = at::kFloat;
 
   /// Fixed routing by id: example b uses `table[ids[b]]` (ids are task or language ids).
   static RoutingContext by_id(const at::Tensor& ids, const std::vector<std::vector<ModuleChoice>>& table,

@@ -14,6 +14,7 @@
 #include "mdl/core/hash.h"
 #include "mdl/core/log.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/serving/module_cache.h"
 #include "mdl/serving/request_error.h"
 #include "mdl/tokenizers/unicode.h"
@@ -52,11 +53,12 @@ Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
             options_.max_batch, " and ", options_.max_queue);
   model_->eval();
   for (auto& p : model_->parameters()) p.set_requires_grad(false);
+  lora_dtype_ = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
   set_ = std::make_unique<ModuleSet>(model_);
+  set_->set_lora_bank_storage(lora_dtype_);  // prefill and decoding read one bank, never restacked between them
   ModuleCacheOptions co;
   co.modules_dir = options_.modules_dir;
   co.budget_bytes = options_.module_cache_mb << 20;
-  lora_dtype_ = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
   co.lora_dtype = lora_dtype_;
   cache_ = std::make_unique<ModuleCache>(*set_, co);
   thread_ = std::thread([this] { loop(); });
@@ -118,10 +120,11 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
     cache_->acquire(l.name, l.dir);
     cache_->release(l.name);
     const std::string& type = set_->config(l.name).type;
-    if (type == "prompt" || type == "prefix")
+    const SiteKind kind = module_type(type).site_kind;
+    if (kind == SiteKind::embedding || kind == SiteKind::attention_kv)
       throw RequestError(400, "model", "[serve] module '" + l.name + "' is " + type + " tuning: it lengthens every row's "
                                        "sequence, so it cannot share a batch; merge it or serve it on its own server");
-    if (!l.within.empty() && !additive_module_type(type))
+    if (!l.within.empty() && !module_type(type).additive)
       throw RequestError(400, "model", "[serve] '" + l.name + "' is a " + type + " module; " + l.within + " combines "
                                            "additive modules (LoRA, sparse, BitFit); use stack(...) or a merge");
     out.push_back({l.name, l.scale});
@@ -351,7 +354,6 @@ void Engine::decode() {
   const int64_t B = static_cast<int64_t>(running_.size());
   std::vector<int64_t> tokens, positions;
   RoutingContext rc;
-  rc.lora_bank_dtype = lora_dtype_;
   for (const auto& s : running_) {
     tokens.push_back(s->last_token), positions.push_back(s->next_position);
     rc.modules.push_back(s->req.modules);
