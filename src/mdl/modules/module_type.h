@@ -37,7 +37,8 @@ struct ModuleBuild {
 };
 
 /// Makes the module's part at `site`, the `part`-th of its sites. State the parts share (a hypernetwork,
-/// a prefix encoder, Compacter's PHM rules, a shared skill allocation) lives in the closure.
+/// a prefix encoder, Compacter's PHM rules, a shared skill allocation) lives in the closure, which may
+/// refer to the ModuleBuild and seed it was prepared from: call it only while they live (inside add).
 using PartFactory = std::function<std::shared_ptr<SiteModule>(const Site& site, size_t part)>;
 
 /// One module type.
