@@ -64,6 +64,29 @@ TEST(ModuleType, ATypeWithoutOptionsRefusesSome) {
   EXPECT_NO_THROW((nlohmann::json{{"type", "bitfit"}, {"options", nlohmann::json::object()}}.get<ModuleConfig>()));
 }
 
+// A misspelt option or field is an error naming it and listing the real ones, for every type (the list
+// is what the type's options write): it never falls back to the default silently.
+TEST(ModuleType, AnUnknownOptionOrFieldIsRefusedNamingIt) {
+  for (const auto& t : module_types()) {
+    ModuleConfig c;
+    c.type = t.name;
+    nlohmann::json options;
+    t.options_to_json(c, options);
+    if (options.empty()) continue;  // option-less types: ATypeWithoutOptionsRefusesSome
+    const std::string first = options.begin().key();
+    nlohmann::json misspelt = options;
+    misspelt[first + "x"] = misspelt[first];
+    misspelt.erase(first);
+    const std::string said = "no option '" + first + "x'";
+    EXPECT_THROW_WITH((nlohmann::json{{"type", t.name}, {"options", misspelt}}.get<ModuleConfig>()), said.c_str(), first.c_str());
+  }
+  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", {{"lora_alpah", 16}}}}.get<ModuleConfig>()),
+                    "lora module has no option 'lora_alpah'", "lora_alpha");
+  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"target", {{"target_modules", {"q_proj"}}}}}.get<ModuleConfig>()),
+                    "no field 'target'", "targets");
+  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", 3}}.get<ModuleConfig>()), "must be a JSON object");
+}
+
 // Every type that needs nothing but its options, on every architecture: it lands on sites of its kind,
 // and LoRA and (IA)^3 on the projections the architecture declares.
 TEST(ModuleType, EveryStandaloneTypeAttachesAtSitesOfItsKind) {

@@ -29,7 +29,11 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
 
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
   c = ModuleConfig();
-  MDL_CHECK(j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
+  MDL_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
+  for (const auto& item : j.items())
+    MDL_CHECK(item.key() == "type" || item.key() == "options" || item.key() == "targets" || item.key() == "seed",
+              "[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are type, options, ",
+              "targets and seed");
   c.type = j["type"].get<std::string>();
   module_type(c.type).options_from_json(j.value("options", nlohmann::json::object()), c);
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();

@@ -10,11 +10,26 @@
 namespace mdl {
 namespace {
 
+/// Refuses keys of `options` that `written` (what to_json writes for these options) does not have: the
+/// to_json body is the one list of the fields, and a misspelt field is an error, not a default.
+void check_known_keys(const nlohmann::json& options, const nlohmann::json& written, const std::string& type) {
+  MDL_CHECK(options.is_object(), "[module] a ", type, " module's options must be a JSON object, got ", options.type_name());
+  for (const auto& item : options.items())
+    if (!written.contains(item.key())) {
+      std::string known;
+      for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
+      MDL_FAIL("[module] a ", type, " module has no option '", item.key().substr(0, 100), "'; its options are ", known);
+    }
+}
+
 /// JSON in and out of one options field of ModuleConfig.
 template <typename Options, Options ModuleConfig::*field>
 void options_entry(ModuleType& t) {
   t.options_to_json = [](const ModuleConfig& c, nlohmann::json& j) { j = c.*field; };
-  t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) { c.*field = j.get<Options>(); };
+  t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) {
+    check_known_keys(j, nlohmann::json(Options()), c.type);
+    c.*field = j.get<Options>();
+  };
 }
 
 /// A type without options: "options" is written as {} and must be an object when read.
