@@ -30,10 +30,13 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
   c = ModuleConfig();
   MDL_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
+  static const nlohmann::json written = ModuleConfig();  // the fields, as to_json lists them
   for (const auto& item : j.items())
-    MDL_CHECK(item.key() == "type" || item.key() == "options" || item.key() == "targets" || item.key() == "seed",
-              "[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are type, options, ",
-              "targets and seed");
+    if (!written.contains(item.key())) {
+      std::string known;
+      for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
+      MDL_FAIL("[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are ", known);
+    }
   c.type = j["type"].get<std::string>();
   module_type(c.type).options_from_json(j.value("options", nlohmann::json::object()), c);
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
