@@ -96,7 +96,7 @@ TEST_F(HostileCli, OutputsNeverOverwriteTheirInputsOrOtherFiles) {
   ASSERT_EQ(mdl("init-module --model " + quote(dir) + " --type lora --out " + quote(*dir_ / "l")).code, 0);
   const std::string before = test::read_file(dir + "/model.safetensors");
   fs::create_directory_symlink(dir, *dir_ / "alias");
-  for (const std::string out : {dir + "/", dir + "/../inplace", *dir_ / "alias"}) {
+  for (const std::string& out : {dir + "/", dir + "/../inplace", *dir_ / "alias"}) {
     const Result r = mdl("merge-into-base --model " + quote(dir) + " --modules " + quote(*dir_ / "l") + " --out " + quote(out));
     EXPECT_EQ(r.code, 1) << out;
     EXPECT_NE(r.err.find("is the base checkpoint"), std::string::npos) << r.err;

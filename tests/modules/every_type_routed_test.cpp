@@ -4,6 +4,9 @@
 // order), one batch equals a plain reference loop: each example alone, through a fresh model holding
 // only its modules, loaded in its order with its weights. Additive types commute (the table's `additive`
 // means that); prompts and prefixes, which lengthen the sequence, are refused per example with the reason.
+// Under the learned routers (every router kind) and the aggregators of a module group (weighted sum,
+// AdapterFusion attention, gate, parameter average), two modules of each type as members equal the
+// formula written out by hand over each member's own change at every site they cover.
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
@@ -12,9 +15,12 @@
 #include "backbones/fixtures.h"
 #include "modules/module_fixtures.h"
 #include "mdl/backbones/model.h"
+#include "mdl/core/forward_context.h"
+#include "mdl/modules/fusion.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/modules/module_type.h"
 #include "mdl/modules/targets.h"
+#include "mdl/routing/router.h"
 #include "mdl/routing/routing_context.h"
 
 namespace mdl {
@@ -139,6 +145,95 @@ TEST_P(EveryTypeRouted, OneBatchEqualsEachExampleThroughItsModulesInOrder) {
     EXPECT_CLOSE(yx, xy, 2e-5) << tc.type << " is declared additive";
   }
   EXPECT_CHANGED(want[0], reference(model, dir.path(), ids.narrow(0, 0, 1), {}, 0));
+}
+
+/// A group over "x" and "y" of the case's type at every site: attention, gate, a mixture under every
+/// router kind, and (plain LoRAs only) a parameter average; each equals the formula over the members' own
+/// changes, o_n = member_n(x, h) - h, written out here.
+TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormula) {
+  const Case& tc = GetParam();
+  const std::string model = test::tiny_checkpoint(tc.arch);
+  test::TempDir dir;
+  save_modules(model, dir.path(), tc.type);
+  torch::NoGradGuard g;
+  struct Kind {
+    std::string kind, router;
+    int64_t k = 1;
+    bool normalize = false;
+  };
+  std::vector<Kind> kinds = {{"attention", ""}, {"gate", ""}};
+  for (const std::string r : {"softmax", "top_k", "switch", "expert_choice", "hash", "gumbel"}) kinds.push_back({"mixture", r});
+  kinds.push_back({"mixture", "top_k", 2, true});
+  kinds.push_back({"average", "softmax"});
+  const at::Tensor ids = ids_batch(2).narrow(1, 0, 3);  // (2, 3): the rows' token ids (hash routing)
+  RoutingContext rc;
+  rc.task_ids = at::tensor({0, 1}, at::kLong);
+  ForwardContext fc;
+  fc.routing = &rc;
+  fc.input_ids = &ids;
+  for (const Kind& k : kinds) {
+    ModuleSet set(load_model(model));
+    set.model()->eval();
+    for (const std::string n : {"x", "y"}) set.load(dir / n);
+    ModuleConfig c;
+    c.type = "fusion";
+    c.fusion.members = {"x", "y"};
+    c.fusion.kind = k.kind;
+    c.fusion.router.kind = k.router.empty() ? "top_k" : k.router;
+    c.fusion.router.k = k.k;
+    c.fusion.router.normalize = k.normalize;
+    if (k.kind == "average") c.fusion.router.level = "example";
+    if (k.kind == "average" && tc.type != "lora") {  // refused: the members have no LoRA factors to average
+      const std::string is_a = "is a " + tc.type + " module";
+      EXPECT_THROW_WITH(set.add("f", c), "an average mixes its members' LoRA factors", is_a.c_str());
+      continue;
+    }
+    set.add("f", c);
+    set.model()->eval();
+    at::manual_seed(11);
+    for (auto& [name, t] : set.tensors("f")) t.add_(at::randn_like(t) * 0.5);
+    const std::string what = k.kind + "/" + k.router + "/" + std::to_string(k.k);
+    for (const std::string& site : set.sites("f")) {
+      auto f = std::dynamic_pointer_cast<FusionImpl>(set.module_at("f", site));
+      ASSERT_TRUE(f != nullptr);
+      const int64_t in = f->site().in_features, out = f->site().out_features;
+      at::Tensor x = at::randn({2, 3, in}), h = at::randn({2, 3, out});
+      ForwardContextGuard guard(fc);
+      const at::Tensor got = f->forward(x, h);
+      std::vector<at::Tensor> o;  // each member's own change
+      for (const std::string n : {"x", "y"}) o.push_back(set.module_at(n, site)->forward(x, h) - h);
+      at::Tensor want;
+      if (k.kind == "attention") {
+        at::Tensor q = at::matmul(h, f->query.t());
+        at::Tensor s0 = (q * at::matmul(o[0], f->key.t())).sum(-1), s1 = (q * at::matmul(o[1], f->key.t())).sum(-1);
+        at::Tensor a0 = 1 / (1 + (s1 - s0).exp());
+        want = h + a0.unsqueeze(-1) * at::matmul(o[0], f->value.t()) + (1 - a0).unsqueeze(-1) * at::matmul(o[1], f->value.t());
+      } else if (k.kind == "gate") {
+        at::Tensor g0 = at::sigmoid(at::matmul(h, f->gate_w[0]) + f->gate_b[0]);
+        at::Tensor g1 = at::sigmoid(at::matmul(h, f->gate_w[1]) + f->gate_b[1]);
+        want = h + g0.unsqueeze(-1) * o[0] + g1.unsqueeze(-1) * o[1];
+      } else if (k.kind == "mixture") {
+        // The policy's weights for these logits (the policies' own formulas are routing/router_test's).
+        RouterInput ri;
+        ri.token_ids = ids.reshape({-1});
+        const at::Tensor logits = k.router == "hash" ? at::Tensor() : at::matmul(x.reshape({6, in}), f->router_w.t());
+        at::Tensor w = make_router(c.fusion.router)->route(logits, 2, ri).dense_weights().view({2, 3, 2});
+        want = h + w.select(2, 0).unsqueeze(-1) * o[0] + w.select(2, 1).unsqueeze(-1) * o[1];
+      } else {  // average: per example, softmax over the mean token's scores; the LoRAs' factors averaged
+        want = h.clone();
+        for (int64_t b = 0; b < 2; ++b) {
+          at::Tensor p = at::softmax(at::mv(f->router_w, x[b].mean(0)), 0);
+          at::Tensor A[2], B[2];
+          double s = 0;
+          for (int n = 0; n < 2; ++n) ASSERT_TRUE(set.module_at(n == 0 ? "x" : "y", site)->low_rank(A[n], B[n], s));
+          at::Tensor Am = p[0] * A[0] + p[1] * A[1], Bm = p[0] * B[0] + p[1] * B[1];
+          want[b] += s * at::matmul(at::matmul(x[b], Am.t()), Bm.t());
+        }
+      }
+      EXPECT_CLOSE(got, want, 2e-5) << what << " at " << site;
+      EXPECT_CHANGED(got, h);
+    }
+  }
 }
 
 std::vector<Case> cases() {

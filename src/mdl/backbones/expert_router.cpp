@@ -16,17 +16,34 @@ RouterOptions config_router(const ModelConfig& c) {
   return router;
 }
 
-std::shared_ptr<Router> make_expert_router(const ModelConfig& c, const RouterOptions& options) {
-  MDL_CHECK(options.level != "task", "[model] ", c.architecture, "'s expert gates score tokens; task-level "
+namespace {
+void check_token_level(const std::string& architecture, const RouterOptions& options) {
+  MDL_CHECK(options.level != "task", "[model] ", architecture, "'s expert gates score tokens; task-level "
             "routing needs per-task logits (use a poly_lora or lora_moe module)");
-  return make_router(options);
+}
+}  // namespace
+
+ExpertMlp::ExpertMlp(const ModelConfig& config, const RouterOptions& options, std::string site, std::string shared_key,
+                     GateFn gate, int64_t experts, ExpertFn expert)
+    : architecture_(config.architecture) {
+  check_token_level(architecture_, options);
+  router_ = std::make_shared<LearnedRouter>(std::move(site), std::move(shared_key), options, std::move(gate));
+  experts_.count = experts;
+  experts_.out_features = config.hidden_size;
+  experts_.reads_current = false;
+  experts_.change = [expert = std::move(expert)](int64_t e, const at::Tensor& rows, const at::Tensor&) {
+    return expert(e, rows);
+  };
 }
 
-at::Tensor expert_mlp(const Router& router, const std::string& site, const std::string& shared_key, const at::Tensor& m,
-                      int64_t experts, const GateFn& gate, const ExpertFn& expert, bool training) {
-  const int64_t B = m.size(0), T = m.size(1), C = m.size(2);
-  Routing r = route_tokens(router, site, shared_key, m, experts, gate, at::Tensor(), training);
-  return dispatch(m.reshape({B * T, C}), r, C, expert).view({B, T, C});
+at::Tensor ExpertMlp::forward(const at::Tensor& m, bool training) {
+  const Routing r = router_->route(m, experts_.count, training);  // route
+  return sum_.combine(m, at::Tensor(), r, experts_);               // compute and aggregate
+}
+
+void ExpertMlp::set_router(const RouterOptions& options) {
+  check_token_level(architecture_, options);
+  router_->set_options(options);
 }
 
 }  // namespace mdl

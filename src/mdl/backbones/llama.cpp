@@ -55,18 +55,25 @@ class LlamaImpl : public ModelImpl {
       L.kv_site = add_site({p + ".self_attn.kv", SiteKind::attention_kv, C, c.n_kv_head * D, l});
       L.mlp_site = add_site({p + (c.num_experts > 0 ? ".block_sparse_moe" : ".mlp"), SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
+      if (c.num_experts > 0)
+        L.moe = std::make_shared<ExpertMlp>(
+            c, config_router(c), L.mlp_site->name(), "model.block_sparse_moe",
+            [gate = L.router_gate](const at::Tensor& rows) mutable { return gate(rows); }, c.num_experts,
+            [experts = L.experts, act = c.activation](int64_t e, const at::Tensor& rows) mutable {
+              Expert& X = experts[static_cast<size_t>(e)];
+              return X.w2(fn::gated_activation(X.w1(rows), X.w3(rows), act));
+            });
       layers_.push_back(L);
     }
     norm_ = add_norm(*body, "norm", "model.norm", NormImpl::Kind::rms_norm, C, c.norm_eps, -1);
     build_head(embed_);
-    if (c.num_experts > 0) router_ = make_expert_router(c, config_router(c));
   }
 
   void set_router(const RouterOptions& options) override {
     if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
-    router_ = make_expert_router(config_, options);
+    for (auto& L : layers_) L.moe->set_router(options);
   }
-  const Router* router() const override { return router_.get(); }
+  const Router* router() const override { return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy(); }
 
   at::Tensor hidden_states(const ModelInput& input) override {
     const at::Tensor& ids = input.input_ids;  // (B, T)
@@ -103,7 +110,7 @@ class LlamaImpl : public ModelImpl {
             at::Tensor m = L->post_norm(h);
             at::Tensor mlp = L->experts.empty()
                                  ? L->down(fn::gated_activation(L->gate(m), L->up(m), config_.activation))
-                                 : mixture_mlp(*L, m);
+                                 : L->moe->forward(m, is_training());
             h = h + L->mlp_site->apply(m, mlp);
             return L->out->apply(block_input, h);
           },
@@ -122,25 +129,14 @@ class LlamaImpl : public ModelImpl {
     SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
     SiteLinear router_gate{nullptr};  // Mixtral: (C -> E) router logits
     std::vector<Expert> experts;
+    std::shared_ptr<ExpertMlp> moe;   // Mixtral: the experts behind the router
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
 
-  /// Mixtral's sparse MLP: route each token, run every expert once on its tokens, sum weighted outputs.
-  at::Tensor mixture_mlp(Layer& L, const at::Tensor& m) {  // m (B, T, C)
-    return expert_mlp(
-        *router_, L.mlp_site->name(), "model.block_sparse_moe", m, static_cast<int64_t>(L.experts.size()),
-        [&](const at::Tensor& rows) { return L.router_gate(rows); },
-        [&](int64_t e, const at::Tensor& rows) {
-          Expert& X = L.experts[static_cast<size_t>(e)];
-          return X.w2(fn::gated_activation(X.w1(rows), X.w3(rows), config_.activation));
-        },
-        is_training());
-  }
   Embedding embed_{nullptr};
   Norm norm_{nullptr};
   std::shared_ptr<Site> embed_site_;
   std::vector<Layer> layers_;
-  std::shared_ptr<Router> router_;
 };
 
 }  // namespace

@@ -70,18 +70,25 @@ class ViTImpl : public ModelImpl {
       L.kv_site = add_site({p + ".attention.kv", SiteKind::attention_kv, C, C, l});
       L.mlp_site = add_site({p + ".output", SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
+      if (c.num_experts > 0)
+        L.moe = std::make_shared<ExpertMlp>(
+            c, config_router(c), L.mlp_site->name(), "vit.moe",
+            [gate = L.router_gate](const at::Tensor& rows) mutable { return gate(rows); }, c.num_experts,
+            [experts = L.experts, act = c.activation](int64_t e, const at::Tensor& rows) mutable {
+              Expert& X = experts[static_cast<size_t>(e)];
+              return X.out(fn::activation(X.inter(rows), act));
+            });
       layers_.push_back(L);
     }
     norm_ = add_norm(*body, "layernorm", "vit.layernorm", NormImpl::Kind::layer_norm, C, c.norm_eps, -1);
     build_head(Embedding{nullptr});
-    if (c.num_experts > 0) router_ = make_expert_router(c, config_router(c));
   }
 
   void set_router(const RouterOptions& options) override {
     if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
-    router_ = make_expert_router(config_, options);
+    for (auto& L : layers_) L.moe->set_router(options);
   }
-  const Router* router() const override { return router_.get(); }
+  const Router* router() const override { return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy(); }
 
   at::Tensor hidden_states(const ModelInput& in) override {
     const at::Tensor& pixels = in.pixel_values;  // (B, Ch, S, S)
@@ -113,7 +120,7 @@ class ViTImpl : public ModelImpl {
             at::Tensor h = block_input + L->attn_site->apply(a, L->attn_dense(ctx));
             at::Tensor m = L->norm_after(h);
             h = h + L->mlp_site->apply(m, L->experts.empty() ? L->out_dense(fn::activation(L->inter(m), act))
-                                                             : mixture_mlp(*L, m));
+                                                             : L->moe->forward(m, is_training()));
             return L->out->apply(block_input, h);
           },
           x, false);
@@ -130,25 +137,13 @@ class ViTImpl : public ModelImpl {
     SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
     SiteLinear router_gate{nullptr};  // upcycled: (C -> E) router logits
     std::vector<Expert> experts;
+    std::shared_ptr<ExpertMlp> moe;   // upcycled: the experts behind the router
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
-
-  /// The sparse MLP of an upcycled ViT: copies of the dense MLP behind the router.
-  at::Tensor mixture_mlp(Layer& L, const at::Tensor& m) {  // m (B, T, C)
-    return expert_mlp(
-        *router_, L.mlp_site->name(), "vit.moe", m, static_cast<int64_t>(L.experts.size()),
-        [&](const at::Tensor& rows) { return L.router_gate(rows); },
-        [&](int64_t e, const at::Tensor& rows) {
-          Expert& X = L.experts[static_cast<size_t>(e)];
-          return X.out(fn::activation(X.inter(rows), config_.activation));
-        },
-        is_training());
-  }
 
   at::Tensor cls_token_, position_, patch_weight_, patch_bias_;
   Norm norm_{nullptr};
   std::vector<Layer> layers_;
-  std::shared_ptr<Router> router_;
 };
 
 }  // namespace

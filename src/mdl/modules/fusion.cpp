@@ -6,7 +6,6 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
-#include "mdl/routing/mixture.h"
 
 namespace mdl {
 
@@ -21,73 +20,72 @@ void from_json(const nlohmann::json& j, FusionOptions& o) {
   o.temperature = j.value("temperature", o.temperature);
   if (j.contains("router")) o.router = j["router"].get<RouterOptions>();
   MDL_CHECK(o.members.size() >= 2, "[fusion] fuses at least 2 modules, got ", o.members.size());
-  MDL_CHECK(o.kind == "attention" || o.kind == "gate" || o.kind == "mixture", "[fusion] kind '", o.kind,
-            "' is unknown; expected attention, gate or mixture");
+  MDL_CHECK(o.kind == "attention" || o.kind == "gate" || o.kind == "mixture" || o.kind == "average", "[fusion] kind '",
+            o.kind, "' is unknown; expected attention, gate, mixture or average");
+  MDL_CHECK(o.kind != "average" || o.router.level == "example", "[fusion] an average mixes parameters once per example: "
+            "set router.level to example, not ", o.router.level);
   MDL_CHECK(o.kind != "mixture" || o.router.level != "task", "[fusion] a mixture's router scores the site's input: "
             "level token or example (task-level mixtures: poly_lora or lora_moe with num_tasks)");
   MDL_CHECK(o.temperature > 0, "[fusion] temperature must be > 0, got ", o.temperature);
 }
 
+FusionImpl::Parts FusionImpl::parts(const SiteInfo& site, const FusionOptions& o, int64_t N, uint64_t seed,
+                                    c10::TensorOptions dtype) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  Parts p;
+  if (o.kind == "attention") {  // as AdapterFusion: small random query and key, identity value
+    p.router = every_member_router();
+    p.aggregator = std::make_shared<AttentionFusion>(site.out_features, o.temperature, gen, dtype);
+  } else if (o.kind == "gate") {
+    p.router = every_member_router();
+    p.aggregator = std::make_shared<GateFusion>(N, site.out_features, dtype);
+  } else {  // mixture, average: a learned router over the members
+    at::Tensor gate = at::empty({N, site.in_features}).normal_(0.0, 0.02, gen).to(dtype);
+    p.router = std::make_shared<LearnedRouter>(site.name, "fusion", o.router, gate, "router");
+    if (o.kind == "mixture")
+      p.aggregator = std::make_shared<WeightedSum>();
+    else
+      p.aggregator = std::make_shared<ParameterAverage>();
+  }
+  p.aggregator->keep_weights(true);
+  return p;
+}
+
+namespace {
+std::vector<const SiteModule*> raw(const std::vector<std::shared_ptr<SiteModule>>& members) {
+  std::vector<const SiteModule*> out;
+  for (const auto& m : members) out.push_back(m.get());
+  return out;
+}
+}  // namespace
+
 FusionImpl::FusionImpl(const SiteInfo& site, const FusionOptions& o, std::vector<std::shared_ptr<SiteModule>> members,
                        uint64_t seed, c10::TensorOptions dtype)
-    : options(o), site_(site), members_(std::move(members)) {
-  const int64_t C = site.out_features, N = static_cast<int64_t>(members_.size());
-  for (const auto& m : members_) absorbed_.push_back(m.get());
-  auto gen = at::detail::createCPUGenerator(seed);
-  if (o.kind == "attention") {  // as AdapterFusion: small random query and key, identity value
-    query = register_parameter("query", at::empty({C, C}).normal_(0.0, 0.02, gen).to(dtype));
-    key = register_parameter("key", at::empty({C, C}).normal_(0.0, 0.02, gen).to(dtype));
-    value = register_parameter("value", at::eye(C).to(dtype));
-  } else if (o.kind == "gate") {
-    gate_w = register_parameter("gate_weight", at::zeros({N, C}).to(dtype));
-    gate_b = register_parameter("gate_bias", at::zeros({N}).to(dtype));
-  } else {
-    router_w = register_parameter("router", at::empty({N, site.in_features}).normal_(0.0, 0.02, gen).to(dtype));
-    router_ = make_router(o.router);
+    : FusionImpl(site, o, members, parts(site, o, static_cast<int64_t>(members.size()), seed, dtype)) {}
+
+FusionImpl::FusionImpl(const SiteInfo& site, const FusionOptions& o, std::vector<std::shared_ptr<SiteModule>> members,
+                       Parts p)
+    : ModuleGroupImpl("fusion", site, module_members(members, site.out_features, site.name), raw(members), p.router,
+                      p.aggregator),
+      options(o) {
+  if (auto* a = dynamic_cast<AttentionFusion*>(p.aggregator.get())) query = a->query, key = a->key, value = a->value;
+  if (auto* g = dynamic_cast<GateFusion*>(p.aggregator.get())) gate_w = g->weight, gate_b = g->bias;
+  if (auto* r = dynamic_cast<LearnedRouter*>(p.router.get())) router_w = r->gate();
+  if (o.kind == "average") {
+    at::Tensor A, B;
+    double scaling = 0;
+    for (size_t n = 0; n < members.size(); ++n)
+      MDL_CHECK(members[n]->low_rank(A, B, scaling), "[fusion] '", site.name, "': an average mixes its members' LoRA ",
+                "factors, but member '", o.members[n], "' is a ", members[n]->type(), " module; average plain LoRAs, or "
+                "combine other modules with kind mixture, attention or gate");
+    MDL_CHECK(this->members().stacked_low_rank(A, B, scaling), "[fusion] '", site.name, "': an average needs LoRAs of one "
+              "rank and scaling; the members' differ");
   }
 }
 
-at::Tensor FusionImpl::forward_mixture(const at::Tensor& input, const at::Tensor& current) {
-  MDL_CHECK(input.dim() == 3 && current.dim() == 3, "[fusion] mixture at '", site_.name, "' routes (B, T, C) inputs, got ",
-            input.sizes(), " and ", current.sizes());
-  const int64_t Bn = input.size(0), T = input.size(1), in = input.size(2), out = current.size(2);
-  const int64_t N = static_cast<int64_t>(members_.size());
-  Routing r = route_tokens(*router_, site_.name, "fusion", input, N,
-                           [&](const at::Tensor& rows) { return at::matmul(rows.to(router_w.scalar_type()), router_w.t()); },
-                           at::Tensor(), is_training());
-  // Each token's row carries its input and current output, so an expert sees both for its rows only.
-  at::Tensor rows = at::cat({input.reshape({Bn * T, in}).to(current.scalar_type()), current.reshape({Bn * T, out})}, 1);
-  at::Tensor y = dispatch(rows, r, out, [&](int64_t e, const at::Tensor& block) {
-    at::Tensor x = block.narrow(1, 0, in).unsqueeze(0), h = block.narrow(1, in, out).unsqueeze(0);  // (1, n, .)
-    at::Tensor next = members_[static_cast<size_t>(e)]->forward(x.to(input.scalar_type()), h);
-    MDL_CHECK(next.sizes() == h.sizes(), "[fusion] at '", site_.name, "': expert ", e, " changes the output's shape");
-    return (next - h).squeeze(0);
-  });
-  last_weights_ = r.dense_weights().detach().view({Bn, T, N});
-  return current + y.view({Bn, T, out});
-}
-
-at::Tensor FusionImpl::forward(const at::Tensor& input, const at::Tensor& current) {
-  if (options.kind == "mixture") return forward_mixture(input, current);
-  std::vector<at::Tensor> changes;
-  for (const auto& m : members_) {
-    at::Tensor next = m->forward(input, current);
-    MDL_CHECK(next.sizes() == current.sizes(), "[fusion] at '", site_.name, "': member ", m->type(),
-              " changes the output's shape (", current.sizes(), " -> ", next.sizes(), "); only same-shape modules fuse");
-    changes.push_back(next - current);
-  }
-  at::Tensor o = at::stack(changes, -2);                      // (..., N, C)
-  at::Tensor h = current.to(o.scalar_type());                 // (..., C)
-  if (options.kind == "attention") {
-    at::Tensor q = at::matmul(h, query.t()).unsqueeze(-2);      // (..., 1, C)
-    at::Tensor k = at::matmul(o, key.t());                      // (..., N, C)
-    at::Tensor a = at::softmax((q * k).sum(-1) / options.temperature, -1);  // (..., N)
-    last_weights_ = a.detach();
-    return current + (a.unsqueeze(-1) * at::matmul(o, value.t())).sum(-2);
-  }
-  at::Tensor g = at::sigmoid(at::matmul(h, gate_w.t()) + gate_b);  // (..., N)
-  last_weights_ = g.detach();
-  return current + (g.unsqueeze(-1) * o).sum(-2);
+void FusionImpl::set_temperature(double t) {
+  options.temperature = t;
+  if (auto* a = dynamic_cast<AttentionFusion*>(&aggregator())) a->temperature = t;
 }
 
 }  // namespace mdl

@@ -10,8 +10,13 @@
 //              softmax...) scoring the site's input; each token's selected experts run on its rows only
 //              (grouped dispatch), out = h + sum over its experts of weight * o_n. Experts of any module
 //              type: adapters, LoRAs, (IA)^3...
-// While a fusion is active its members are skipped at the sites it covers (it runs them itself); they
-// still act alone elsewhere. Members keep their own parameters; the fusion owns only its own.
+//   average:   SMEAR over trained LoRAs: a learned router scores each example (the mean of its tokens), and
+//              the members' factors are averaged with its weights before one low-rank product
+//              (out = h + s (x A_b^T) B_b^T, A_b = sum_n w_bn A_n); members must be plain LoRAs of one rank
+// A fusion is a module group (module_group.h): its members are ordinary modules, the kinds differ in the
+// group's router and aggregator. While a fusion is active its members are skipped at the sites it covers
+// (it runs them itself); they still act alone elsewhere. Members keep their own parameters; the fusion
+// owns only its router's or aggregator's.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
@@ -20,7 +25,7 @@
 #include <string>
 #include <vector>
 
-#include "mdl/modules/site_module.h"
+#include "mdl/modules/module_group.h"
 #include "mdl/routing/router.h"
 
 namespace mdl {
@@ -28,24 +33,21 @@ namespace mdl {
 /// Fusion settings.
 struct FusionOptions {
   std::vector<std::string> members;  ///< names of the fused modules (loaded before the fusion)
-  std::string kind = "attention";    ///< attention | gate | mixture
+  std::string kind = "attention";    ///< attention | gate | mixture | average
   double temperature = 1.0;          ///< attention: softmax temperature (AdapterFusion anneals 50 -> 1)
-  RouterOptions router;              ///< mixture: the routing policy (token or example level)
+  RouterOptions router;              ///< mixture: the routing policy (token or example level); average: example level
 };
 void to_json(nlohmann::json& j, const FusionOptions& o);
 void from_json(const nlohmann::json& j, FusionOptions& o);
 
-/// One site's fusion of its members' parts.
-class FusionImpl : public SiteModule {
+/// One site's fusion: a group over its members. attention and gate: every member on every row, combined
+/// by AttentionFusion or GateFusion; mixture: a LearnedRouter (parameter "router", (N, in)) over the
+/// members and a WeightedSum; average: the same router at example level and a ParameterAverage.
+class FusionImpl : public ModuleGroupImpl {
  public:
   FusionImpl(const SiteInfo& site, const FusionOptions& options, std::vector<std::shared_ptr<SiteModule>> members,
              uint64_t seed, c10::TensorOptions dtype);
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
-  std::string type() const override { return "fusion"; }
-  const std::vector<const SiteModule*>& absorbs() const override { return absorbed_; }
-  /// The members' weights (B, T, N) of the last forward: attention probabilities or gate values.
-  const at::Tensor& last_weights() const { return last_weights_; }
-  void set_temperature(double t) { options.temperature = t; }
+  void set_temperature(double t);
 
   FusionOptions options;
   at::Tensor query, key, value;  // attention: (C, C) each
@@ -53,12 +55,14 @@ class FusionImpl : public SiteModule {
   at::Tensor router_w;           // mixture: (N, in) router logits from the site's input
 
  private:
-  SiteInfo site_;
-  std::vector<std::shared_ptr<SiteModule>> members_;
-  std::vector<const SiteModule*> absorbed_;
-  std::shared_ptr<Router> router_;
-  at::Tensor forward_mixture(const at::Tensor& input, const at::Tensor& current);
-  at::Tensor last_weights_;
+  struct Parts {
+    std::shared_ptr<GroupRouter> router;
+    std::shared_ptr<Aggregator> aggregator;
+  };
+  static Parts parts(const SiteInfo& site, const FusionOptions& options, int64_t members, uint64_t seed,
+                     c10::TensorOptions dtype);
+  FusionImpl(const SiteInfo& site, const FusionOptions& options, std::vector<std::shared_ptr<SiteModule>> members,
+             Parts parts);
 };
 TORCH_MODULE(Fusion);
 

@@ -10,7 +10,7 @@
 #include <memory>
 #include <string>
 
-#include "mdl/modules/site_module.h"
+#include "mdl/modules/module_group.h"
 #include "mdl/routing/router.h"
 
 namespace mdl {
@@ -27,12 +27,12 @@ struct LoraMixtureOptions {
 void to_json(nlohmann::json& j, const LoraMixtureOptions& o);
 void from_json(const nlohmann::json& j, LoraMixtureOptions& o);
 
-/// One site's mixture of LoRAs.
-class LoraMixtureImpl : public SiteModule {
+/// One site's mixture of LoRAs: a group whose members are its E stacked LoRA experts, behind a
+/// LearnedRouter (parameters "router" (E, in) and, at task level, "task_logits" (tasks, E)), combined by a
+/// WeightedSum, or with `smear` by a ParameterAverage.
+class LoraMixtureImpl : public ModuleGroupImpl {
  public:
   LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed, c10::TensorOptions dtype);
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
-  std::string type() const override { return "lora_moe"; }
   /// Replaces the routing policy (the gate's parameters stay).
   void set_router(const RouterOptions& options);
 
@@ -44,8 +44,13 @@ class LoraMixtureImpl : public SiteModule {
   at::Tensor task_logits;  // (num_tasks, E) for task level, else undefined
 
  private:
-  SiteInfo site_;
-  std::shared_ptr<Router> router_;
+  struct Parts {
+    at::Tensor A, B;
+    std::shared_ptr<LearnedRouter> router;
+  };
+  static Parts parts(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& options, Parts parts);
+  std::shared_ptr<LearnedRouter> router_;
 };
 TORCH_MODULE(LoraMixture);
 

@@ -210,9 +210,9 @@ std::vector<ModuleType> make_types() {
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       std::shared_ptr<SkillAllocationImpl> shared;
-      if (b.config.poly.shared_allocation) shared = std::make_shared<SkillAllocationImpl>(b.config.poly, seed++, b.options);
+      if (b.config.poly.shared_allocation) shared = std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly), seed++, b.options);
       return [&b, &seed, shared](const Site& site, size_t part) {
-        auto allocation = shared ? shared : std::make_shared<SkillAllocationImpl>(b.config.poly, seed++, b.options);
+        auto allocation = shared ? shared : std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly), seed++, b.options);
         return std::make_shared<PolyLoraImpl>(site.info(), b.config.poly, allocation, !shared || part == 0, seed++, b.options);
       };
     };

@@ -12,7 +12,7 @@
 #include <memory>
 #include <string>
 
-#include "mdl/modules/site_module.h"
+#include "mdl/modules/module_group.h"
 
 namespace mdl {
 
@@ -29,25 +29,16 @@ struct PolyLoraOptions {
 void to_json(nlohmann::json& j, const PolyLoraOptions& o);
 void from_json(const nlohmann::json& j, PolyLoraOptions& o);
 
-/// The task-by-skill allocation logits (tasks, heads, skills).
-class SkillAllocationImpl : public torch::nn::Module {
- public:
-  SkillAllocationImpl(const PolyLoraOptions& options, uint64_t seed, c10::TensorOptions dtype);
-  /// Normalised skill weights (B, heads, skills) for task ids (B): relaxed-Bernoulli samples in training.
-  at::Tensor weights(const at::Tensor& task_ids, bool training) const;
-  PolyLoraOptions options;
-  at::Tensor logits;  // (tasks, heads, skills)
-};
-TORCH_MODULE(SkillAllocation);
+/// The allocation's settings in these options.
+SkillAllocationOptions allocation_options(const PolyLoraOptions& options);
 
-/// One site's skill inventory.
-class PolyLoraImpl : public SiteModule {
+/// One site's skill inventory: a group whose members are its S stacked skill LoRAs, behind a
+/// SkillAllocationRouter, combined by a ParameterAverage (per head for MHR).
+class PolyLoraImpl : public ModuleGroupImpl {
  public:
   /// `owner`: this part registers `allocation` as its parameter (the first site, or every site when not shared).
   PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options, std::shared_ptr<SkillAllocationImpl> allocation,
                bool owner, uint64_t seed, c10::TensorOptions dtype);
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
-  std::string type() const override { return "poly_lora"; }
   /// The task's averaged factors for skill weights (B, heads, S): A (B, r, in), B (B, out, r).
   std::pair<at::Tensor, at::Tensor> task_factors(const at::Tensor& weights) const;
   const std::shared_ptr<SkillAllocationImpl>& allocation() const { return allocation_; }
@@ -58,7 +49,12 @@ class PolyLoraImpl : public SiteModule {
   at::Tensor B;  // (S, out, r)
 
  private:
-  SiteInfo site_;
+  struct Parts {
+    at::Tensor A, B;
+  };
+  static Parts parts(const SiteInfo& site, const PolyLoraOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options, std::shared_ptr<SkillAllocationImpl> allocation,
+               bool owner, Parts parts);
   std::shared_ptr<SkillAllocationImpl> allocation_;
 };
 TORCH_MODULE(PolyLora);

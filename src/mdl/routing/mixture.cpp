@@ -54,6 +54,11 @@ Routing route_tokens(const Router& router, const std::string& site, const std::s
 }
 
 at::Tensor dispatch(const at::Tensor& x, const Routing& r, int64_t out_features, const ExpertFn& expert) {
+  return dispatch_with_rows(x, r, out_features,
+                            [&](int64_t e, const at::Tensor& rows, const at::Tensor&) { return expert(e, rows); });
+}
+
+at::Tensor dispatch_with_rows(const at::Tensor& x, const Routing& r, int64_t out_features, const ExpertRowsFn& expert) {
   MDL_CHECK(x.dim() == 2 && x.size(0) == r.rows, "[dispatch] inputs must be (", r.rows, ", C), got ", x.sizes());
   at::Tensor out = at::zeros({x.size(0), out_features}, x.options());
   if (r.expert.numel() == 0) return out;
@@ -68,11 +73,12 @@ at::Tensor dispatch(const at::Tensor& x, const Routing& r, int64_t out_features,
   // write a zero-filled (M, C) gradient).
   std::vector<int64_t> sizes(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + r.experts);
   std::vector<at::Tensor> blocks = xs.split_with_sizes(sizes, 0);
+  std::vector<at::Tensor> row_ids = rows.split_with_sizes(sizes, 0);
   std::vector<at::Tensor> ys;
   for (int64_t e = 0; e < r.experts; ++e) {
     const int64_t n = sizes[static_cast<size_t>(e)];
     if (n == 0) continue;
-    at::Tensor y = expert(e, blocks[static_cast<size_t>(e)]);
+    at::Tensor y = expert(e, blocks[static_cast<size_t>(e)], row_ids[static_cast<size_t>(e)]);
     MDL_CHECK(y.dim() == 2 && y.size(0) == n && y.size(1) == out_features, "[dispatch] expert ", e, " returned ",
               y.sizes(), " for ", n, " rows; expected (", n, ", ", out_features, ")");
     ys.push_back(y);

@@ -16,6 +16,8 @@ namespace mdl {
 
 /// Expert `e` applied to its rows (n, C) -> (n, out).
 using ExpertFn = std::function<at::Tensor(int64_t e, const at::Tensor& rows)>;
+/// Expert `e` applied to its rows (n, C), given their indices (n) among the rows of the dispatch -> (n, out).
+using ExpertRowsFn = std::function<at::Tensor(int64_t e, const at::Tensor& rows, const at::Tensor& row_ids)>;
 /// Router logits for rows (R, C) -> (R, E).
 using GateFn = std::function<at::Tensor(const at::Tensor& rows)>;
 
@@ -30,5 +32,8 @@ Routing route_tokens(const Router& router, const std::string& site, const std::s
 
 /// out (N, out_features) = sum over assignments of weight * expert(x[row]); `x` is (N, C).
 at::Tensor dispatch(const at::Tensor& x, const Routing& routing, int64_t out_features, const ExpertFn& expert);
+/// The same, each expert also given its rows' indices (to narrow the forward context to them).
+at::Tensor dispatch_with_rows(const at::Tensor& x, const Routing& routing, int64_t out_features,
+                              const ExpertRowsFn& expert);
 
 }  // namespace mdl

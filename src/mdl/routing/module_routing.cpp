@@ -11,37 +11,36 @@
 #include "mdl/routing/routing_context.h"
 
 namespace mdl {
-namespace {
-
-/// While alive, the current forward context narrowed to some rows of the batch: their task and language
-/// ids, token ids and module lists, so that a module run on those rows (a task-routed Polytropon, a hash
-/// router over token ids) reads its own rows' values, not the whole batch's.
-class RowsContext {
- public:
-  RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows) : context_(ForwardContext::current()) {
-    if (const RoutingContext* rc = context_.routing) {
-      auto narrow = [&](const at::Tensor& t) { return t.defined() ? t.index_select(0, idx.to(t.device())) : t; };
-      routing_.task_ids = narrow(rc->task_ids);
-      routing_.language_ids = narrow(rc->language_ids);
-      if (!rc->modules.empty())
-        for (int64_t b : rows) routing_.modules.push_back(rc->modules.at(static_cast<size_t>(b)));
-      context_.routing = &routing_;
-    }
-    if (context_.input_ids && context_.input_ids->defined()) {
-      input_ids_ = context_.input_ids->index_select(0, idx.to(context_.input_ids->device()));
-      context_.input_ids = &input_ids_;
-    }
-    guard_.emplace(context_);
+RowsContext::RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows) : context_(ForwardContext::current()) {
+  if (const RoutingContext* rc = context_.routing) {
+    auto narrow = [&](const at::Tensor& t) { return t.defined() ? t.index_select(0, idx.to(t.device())) : t; };
+    routing_.task_ids = narrow(rc->task_ids);
+    routing_.language_ids = narrow(rc->language_ids);
+    if (!rc->modules.empty())
+      for (int64_t b : rows) routing_.modules.push_back(rc->modules.at(static_cast<size_t>(b)));
+    context_.routing = &routing_;
   }
+  if (context_.input_ids && context_.input_ids->defined()) {
+    input_ids_ = context_.input_ids->index_select(0, idx.to(context_.input_ids->device()));
+    context_.input_ids = &input_ids_;
+  }
+  guard_.emplace(context_);
+}
 
- private:
-  ForwardContext context_;
-  RoutingContext routing_;
-  at::Tensor input_ids_;
-  std::optional<ForwardContextGuard> guard_;
-};
-
+namespace {
+std::vector<int64_t> host_examples(const at::Tensor& tokens, int64_t T, const ForwardContext& ctx) {
+  if (!ctx.routing || ctx.routing->modules.empty()) return {};  // only module lists are read on the host
+  at::Tensor e = at::div(tokens, T, "floor").to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(e.data_ptr<int64_t>(), e.data_ptr<int64_t>() + e.numel());
+}
 }  // namespace
+
+RowsContext::RowsContext(const at::Tensor& tokens, int64_t T)
+    : RowsContext(at::div(tokens, T, "floor"), host_examples(tokens, T, ForwardContext::current())) {
+  // input_ids_ holds the examples' rows (n, T); each row here is one token: keep its own id, (n, 1).
+  if (input_ids_.defined() && input_ids_.dim() == 2 && input_ids_.size(1) == T)
+    input_ids_ = input_ids_.gather(1, at::remainder(tokens, T).to(input_ids_.device()).unsqueeze(1));
+}
 
 ModuleRouting ModuleRouting::same_for_all(int64_t rows, std::vector<Choice> choices) {
   ModuleRouting r;

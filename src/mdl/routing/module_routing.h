@@ -15,8 +15,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <utility>
 #include <vector>
+
+#include "mdl/core/forward_context.h"
+#include "mdl/routing/routing_context.h"
 
 namespace mdl {
 
@@ -38,6 +42,26 @@ struct ModuleRouting {
   size_t steps() const;
   /// Whether no row uses any module.
   bool empty() const;
+};
+
+/// While alive, the current forward context narrowed to some rows of the batch: their task and language
+/// ids, token ids and module lists, so that a module run on those rows (a task-routed Polytropon, a hash
+/// router over token ids, a site with per-example modules inside an expert) reads its own rows' values,
+/// not the whole batch's.
+class RowsContext {
+ public:
+  /// Examples `idx` (n, int64, repeats allowed) of the batch; `rows` the same indices on the host.
+  RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows);
+  /// Single tokens of a (B, T) batch as n one-token examples: token rows `tokens` (n, int64, b * T + t).
+  RowsContext(const at::Tensor& tokens, int64_t T);
+  RowsContext(const RowsContext&) = delete;
+  RowsContext& operator=(const RowsContext&) = delete;
+
+ private:
+  ForwardContext context_;
+  RoutingContext routing_;
+  at::Tensor input_ids_;
+  std::optional<ForwardContextGuard> guard_;
 };
 
 /// Module `module` on some rows: their inputs and current outputs (first dimension: rows) -> new outputs.

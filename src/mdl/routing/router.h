@@ -51,6 +51,7 @@ struct Routing {
   at::Tensor expert;  ///< (M) int64: its expert
   at::Tensor weight;  ///< (M): its weight (differentiable for learned routers)
   at::Tensor dense;   ///< (N, E) weights of a dense router (every expert for every row); else undefined
+  at::Tensor head_dense;  ///< (N, heads, E) multi-head routing (MHR): each head's weights; else undefined
   at::Tensor logits;  ///< (N, E) router logits, when there are any (for the z-loss)
   at::Tensor probs;   ///< (N, E) softmax(logits), when there are logits (for the load-balancing loss)
   at::Tensor chosen;  ///< (E) float: rows that chose each expert before capacity dropping
