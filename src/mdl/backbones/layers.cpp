@@ -2,7 +2,7 @@
 
 #include <ATen/ATen.h>
 
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
 #include "mdl/core/linear.h"
 

@@ -8,7 +8,7 @@
 #include <ATen/ATen.h>
 
 #include "mdl/backbones/expert_router.h"
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
 
 namespace mdl {

@@ -11,7 +11,7 @@
 
 #include "mdl/backbones/activation_checkpoint.h"
 #include "mdl/backbones/bert.h"
-#include "mdl/backbones/fused_ops.h"
+#include "mdl/ops/fused_ops.h"
 #include "mdl/backbones/gpt2.h"
 #include "mdl/backbones/llama.h"
 #include "mdl/backbones/vit.h"

@@ -9,7 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
 #include "mdl/routing/mixture.h"
 

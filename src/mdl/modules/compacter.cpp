@@ -6,7 +6,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
 
 namespace mdl {

@@ -10,11 +10,9 @@
 #include "mdl/core/error.h"
 #include "mdl/core/hash.h"
 #include "mdl/core/log.h"
-#include "mdl/io/atomic_file.h"
-#include "mdl/io/json_file.h"
-#include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_type.h"
+#include "mdl/modules/native_format.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/tokenizers/unicode.h"
 
@@ -374,26 +372,7 @@ BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   return f;
 }
 
-void ModuleSet::save(const std::string& name, const std::string& dir) const {
-  const Named& n = get(name);
-  io::AtomicDirectory staged(dir);  // both files or neither
-  BaseFingerprint f = fingerprint(name);
-  int64_t count = 0;
-  auto tensors = this->tensors(name);
-  for (const auto& [k, t] : tensors) count += t.numel();
-  nlohmann::json j = {{"format", "mdl-module"},
-                      {"version", 1},
-                      {"name", name},
-                      {"type", n.config.type},
-                      {"config", n.config},
-                      {"sites", sites(name)},
-                      {"parameters", count},
-                      {"base", {{"architecture", f.architecture}, {"hidden_size", f.hidden_size}, {"n_layer", f.n_layer},
-                                {"vocab_size", f.vocab_size}, {"shapes_hash", f.shapes_hash}}}};
-  io::save_safetensors((fs::path(staged.path()) / "module.safetensors").string(), tensors, {{"format", "mdl-module"}});
-  io::write_text_atomic((fs::path(staged.path()) / "module.json").string(), j.dump(2) + "\n");
-  staged.commit();
-}
+void ModuleSet::save(const std::string& name, const std::string& dir) const { write_native(*this, name, dir); }
 
 std::string ModuleSet::load(const std::string& dir, const std::string& name, bool force) {
   return attach(read(dir), name, force);
@@ -412,32 +391,9 @@ ModuleFiles ModuleSet::read(const std::string& dir) const {
     f.tensors = std::move(peft.tensors);
     return f;
   }
-  const fs::path meta = path / "module.json";
   MDL_CHECK(f.format == "native", "[modules] '", dir,
             "' has neither module.json (mdl) nor adapter_config.json (PEFT or AdapterHub)");
-  const nlohmann::json j = io::read_json(meta.string());
-  MDL_CHECK(j.is_object() && j.value("format", std::string()) == "mdl-module", "[modules] '", meta.string(),
-            "' is not an mdl module (field 'format' must be \"mdl-module\")");
-  try {
-    f.config = j.at("config").get<ModuleConfig>();
-  } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
-  }
-  try {
-    f.sites = j.at("sites").get<std::vector<std::string>>();
-  } catch (const nlohmann::json::exception&) {
-    MDL_FAIL("[modules] '", meta.string(), "': field 'sites' must be a list of site names");
-  }
-  f.tensors = io::load_safetensors((path / "module.safetensors").string());
-  const auto& b = j.contains("base") && j["base"].is_object() ? j["base"] : nlohmann::json::object();
-  try {
-    f.made_for = BaseFingerprint{b.value("architecture", std::string()), b.value("hidden_size", int64_t(0)),
-                                 b.value("n_layer", int64_t(0)), b.value("vocab_size", int64_t(0)),
-                                 b.value("shapes_hash", std::string())};
-  } catch (const nlohmann::json::exception&) {
-    MDL_FAIL("[modules] '", meta.string(), "': field 'base' has a value of the wrong type");
-  }
-  return f;
+  return read_native(dir);
 }
 
 std::string ModuleSet::attach(const ModuleFiles& f, const std::string& name_in, bool force) {

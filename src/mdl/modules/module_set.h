@@ -2,7 +2,7 @@
 // gets its part, held in the site's AttachedModules. Modules are added, activated, scaled, merged and
 // saved by name; the backbone's own parameters are frozen and never modified except by an explicit merge.
 //
-// Native files: `module.json` (type, options, targets, the sites it covers, a fingerprint of the base
+// Native files (native_format.h): `module.json` (type, options, targets, the sites it covers, a fingerprint of the base
 // model) + `module.safetensors` ("<site>.<parameter>" -> tensor).
 #pragma once
 

@@ -1,12 +1,12 @@
 // Fused training ops: values and gradients equal the at:: compositions they replace, on the CPU loops
 // (float32) and on the generic path (float64, what other devices take); the LM loss through the model.
-#include "mdl/backbones/fused_ops.h"
+#include "mdl/ops/fused_ops.h"
 
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
 #include "backbones/fixtures.h"
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"

@@ -1,4 +1,4 @@
-#include "mdl/backbones/fused_ops.h"
+#include "mdl/ops/fused_ops.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>

@@ -1,11 +1,11 @@
-#include "mdl/backbones/functional.h"
+#include "mdl/ops/functional.h"
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <limits>
 
-#include "mdl/backbones/fused_ops.h"
+#include "mdl/ops/fused_ops.h"
 #include "mdl/core/error.h"
 
 namespace mdl::fn {
