@@ -409,5 +409,29 @@ TEST_F(Cli, InitModuleListsEveryModuleType) {
   EXPECT_NE(sparse.err.find("--type"), std::string::npos) << sparse.err;
 }
 
+// --help-options prints the type's field list; --option KEY=VALUE sets one of its options, checked
+// against that list (an unknown key names the known ones).
+TEST_F(Cli, InitModuleOptionsComeFromTheTypesFieldList) {
+  const Result help = mdl("init-module --type adapter --help-options");
+  ASSERT_EQ(help.code, 0) << help.err;
+  for (const auto& h : module_type("adapter").options_help())
+    EXPECT_NE(help.out.find(h.key), std::string::npos) << h.key << "\n" << help.out;
+  EXPECT_NE(help.out.find("bottleneck = hidden / reduction_factor"), std::string::npos) << help.out;
+  test::TempDir out;
+  const std::string base = "init-module --model " + quote(model("llama")) + " --type adapter ";
+  const Result made = mdl(base + "--option reduction_factor=4 --option non_linearity=gelu --out " + quote(out / "a"));
+  ASSERT_EQ(made.code, 0) << made.err;
+  const nlohmann::json meta = nlohmann::json::parse(test::read_file(out / "a" + "/module.json"));
+  EXPECT_EQ(meta["config"]["options"]["reduction_factor"], 4);
+  EXPECT_EQ(meta["config"]["options"]["non_linearity"], "gelu");
+  const Result unknown = mdl(base + "--option reduction=4 --out " + quote(out / "b"));
+  EXPECT_NE(unknown.code, 0);
+  EXPECT_NE(unknown.err.find("no option 'reduction'"), std::string::npos) << unknown.err;
+  EXPECT_NE(unknown.err.find("reduction_factor"), std::string::npos) << unknown.err;
+  const Result bad = mdl(base + "--option reduction_factor --out " + quote(out / "c"));
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("expected KEY=VALUE"), std::string::npos) << bad.err;
+}
+
 }  // namespace
 }  // namespace mdl

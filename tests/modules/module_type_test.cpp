@@ -1,6 +1,7 @@
 // The module-type table: every type's options survive module.json, every type that needs nothing but its
 // options attaches on every architecture at sites of its kind (the architecture's declared defaults for
 // LoRA and (IA)^3), and unknown types or stray options are refused naming what was expected.
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include <set>
@@ -8,6 +9,7 @@
 #include "backbones/fixtures.h"
 #include "mdl/backbones/model.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/core/fields.h"
 #include "mdl/modules/module_type.h"
 
 namespace mdl {
@@ -81,10 +83,36 @@ TEST(ModuleType, AnUnknownOptionOrFieldIsRefusedNamingIt) {
     EXPECT_THROW_WITH((nlohmann::json{{"type", t.name}, {"options", misspelt}}.get<ModuleConfig>()), said.c_str(), first.c_str());
   }
   EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", {{"lora_alpah", 16}}}}.get<ModuleConfig>()),
-                    "lora module has no option 'lora_alpah'", "lora_alpha");
+                    "[lora] no option 'lora_alpah'", "lora_alpha");
   EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"target", {{"target_modules", {"q_proj"}}}}}.get<ModuleConfig>()),
                     "no field 'target'", "targets");
   EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", 3}}.get<ModuleConfig>()), "must be a JSON object");
+}
+
+// Each type's options are described key by key, with the defaults it writes: the help, the JSON and
+// the unknown-key check come from one field list.
+TEST(ModuleType, EveryOptionIsDescribedWithTheDefaultItWrites) {
+  for (const auto& t : module_types()) {
+    ModuleConfig c;
+    c.type = t.name;
+    nlohmann::json options;
+    t.options_to_json(c, options);
+    const std::vector<FieldHelp> help = t.options_help();
+    std::vector<std::string> described;
+    for (const auto& h : help) {
+      EXPECT_FALSE(h.help.empty()) << t.name << "." << h.key;
+      described.push_back(h.key.substr(0, h.key.find('.')));  // a nested router's fields under "router."
+    }
+    described.erase(std::unique(described.begin(), described.end()), described.end());
+    std::vector<std::string> written;
+    for (const auto& item : options.items()) written.push_back(item.key());
+    std::sort(described.begin(), described.end());
+    EXPECT_EQ(described, written) << t.name;  // nlohmann's objects list keys sorted
+    for (const auto& h : help)
+      if (h.key.find('.') == std::string::npos) {
+        EXPECT_EQ(h.fallback, options[h.key].dump()) << t.name << "." << h.key;
+      }
+  }
 }
 
 // Every type that needs nothing but its options, on every architecture: it lands on sites of its kind,

@@ -33,6 +33,7 @@
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/core/log.h"
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
@@ -409,8 +410,18 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
       type_help += "\n  (" + t.name + ": " + t.summary + "; needs " + t.needs + ")";
     }
   cmd->add_option("--type", *type, "module type:" + type_help)->check(CLI::IsMember(standalone))->capture_default_str();
-  cmd->add_option("--r", *r, "LoRA rank")->capture_default_str();
-  cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r)");
+  cmd->add_flag_callback(
+      "--help-options",
+      [type] {
+        std::printf("%s", format_help(module_type(*type).options_help()).c_str());
+        throw CLI::Success();
+      },
+      "print the --type's options (keys for --option), their defaults and meanings, and exit");
+  auto option_values = std::make_shared<std::vector<std::string>>();
+  cmd->add_option("--option", *option_values,
+                  "KEY=VALUE: one of the type's options (repeatable; VALUE as JSON, else a string); see --help-options");
+  cmd->add_option("--r", *r, "LoRA rank (shorthand for --option r=N)")->capture_default_str();
+  cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r; shorthand for --option lora_alpha=X)");
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
   cmd->add_option("--config", *config_json, "the whole module config as JSON: {\"type\", \"options\", \"targets\"}");
   cmd->add_option("--seed", *seed, "initialisation seed")->capture_default_str();
@@ -432,6 +443,19 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
       config.lora.r = *r;
       config.lora.alpha = *alpha > 0 ? *alpha : static_cast<double>(*r);
       config.targets.target_modules = *targets;
+    }
+    if (!option_values->empty()) {  // over the options so far, through the type's field list
+      const ModuleType& t = module_type(config.type);
+      nlohmann::json options;
+      t.options_to_json(config, options);
+      for (const auto& kv : *option_values) {
+        const size_t eq = kv.find('=');
+        MDL_CHECK(eq != std::string::npos && eq > 0, "[--option] expected KEY=VALUE, got '", kv.substr(0, 100), "'");
+        const std::string key = kv.substr(0, eq), value = kv.substr(eq + 1);
+        nlohmann::json v = nlohmann::json::parse(value, nullptr, /*allow_exceptions=*/false);
+        options[key] = v.is_discarded() ? nlohmann::json(value) : v;
+      }
+      t.options_from_json(options, config);
     }
     config.seed = *seed;
     ModuleSet set(load_model(*model));

@@ -8,28 +8,35 @@
 
 #include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const AdapterOptions& o) {
-  j = {{"config", o.config}, {"reduction_factor", o.reduction_factor}, {"non_linearity", o.non_linearity},
-       {"residual", o.residual}, {"layer_norm", o.layer_norm}, {"scaling", o.scaling}};
+void to_json(nlohmann::json& j, const AdapterOptions& o) { j = adapter_fields().write(o); }
+
+const FieldList<AdapterOptions>& adapter_fields() {
+  static const FieldList<AdapterOptions> f = FieldList<AdapterOptions>("adapter")
+      .add("config", &AdapterOptions::config, "pfeiffer (after the MLP) | houlsby (after attention and MLP) | parallel")
+      .add("reduction_factor", &AdapterOptions::reduction_factor, "bottleneck = hidden / reduction_factor (at least 1)")
+      .add("non_linearity", &AdapterOptions::non_linearity, "relu | gelu | silu | tanh")
+      .add("residual", &AdapterOptions::residual, "sequential adapters add their input back")
+      .add("layer_norm", &AdapterOptions::layer_norm, "a LayerNorm on the adapter's input")
+      .add("scaling", &AdapterOptions::scaling, "parallel adapters' output scale s (He et al. use 4)")
+      .check([](const AdapterOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, AdapterOptions& o) {
-  o = AdapterOptions();
-  o.config = j.value("config", o.config);
-  o.reduction_factor = j.value("reduction_factor", o.reduction_factor);
-  o.non_linearity = j.value("non_linearity", o.non_linearity);
-  o.residual = j.value("residual", o.residual);
-  o.layer_norm = j.value("layer_norm", o.layer_norm);
-  o.scaling = j.value("scaling", o.scaling);
+void validate(const AdapterOptions& o) {
   MDL_CHECK(o.config == "pfeiffer" || o.config == "houlsby" || o.config == "parallel", "[adapter] config '", o.config,
             "' is unknown; expected pfeiffer, houlsby or parallel");
   MDL_CHECK(o.reduction_factor > 0, "[adapter] reduction_factor must be > 0, got ", o.reduction_factor);
   MDL_CHECK(o.non_linearity == "relu" || o.non_linearity == "gelu" || o.non_linearity == "silu" ||
                 o.non_linearity == "tanh",
             "[adapter] non_linearity '", o.non_linearity, "' is unknown; expected relu, gelu, silu or tanh");
+}
+
+void from_json(const nlohmann::json& j, AdapterOptions& o) {
+  o = adapter_fields().read(j);
 }
 
 BottleneckAdapterImpl::BottleneckAdapterImpl(const SiteInfo& site, const AdapterOptions& o, uint64_t seed,

@@ -12,6 +12,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Bottleneck adapter settings.
 struct AdapterOptions {
   std::string config = "pfeiffer";   ///< pfeiffer | houlsby | parallel
@@ -23,6 +26,10 @@ struct AdapterOptions {
 };
 void to_json(nlohmann::json& j, const AdapterOptions& o);
 void from_json(const nlohmann::json& j, AdapterOptions& o);
+/// The fields of AdapterOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<AdapterOptions>& adapter_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const AdapterOptions& o);
 
 /// One adapter at one sublayer site. Parameter names follow AdapterHub: adapter_down.0.{weight,bias},
 /// adapter_up.{weight,bias}.

@@ -8,21 +8,25 @@
 
 #include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const CompacterOptions& o) {
-  j = {{"config", o.config}, {"reduction_factor", o.reduction_factor}, {"phm_dim", o.phm_dim},
-       {"phm_rank", o.phm_rank}, {"non_linearity", o.non_linearity}};
+void to_json(nlohmann::json& j, const CompacterOptions& o) { j = compacter_fields().write(o); }
+
+const FieldList<CompacterOptions>& compacter_fields() {
+  static const FieldList<CompacterOptions> f = FieldList<CompacterOptions>("compacter")
+      .add("config", &CompacterOptions::config, "pfeiffer (Compacter++) | houlsby (Compacter)")
+      .add("reduction_factor", &CompacterOptions::reduction_factor,
+           "bottleneck = hidden / reduction_factor, rounded to a multiple of phm_dim")
+      .add("phm_dim", &CompacterOptions::phm_dim, "n: Kronecker terms and the size of the shared rule matrices")
+      .add("phm_rank", &CompacterOptions::phm_rank, "rank of the per-layer factors")
+      .add("non_linearity", &CompacterOptions::non_linearity, "relu | gelu | silu | tanh")
+      .check([](const CompacterOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, CompacterOptions& o) {
-  o = CompacterOptions();
-  o.config = j.value("config", o.config);
-  o.reduction_factor = j.value("reduction_factor", o.reduction_factor);
-  o.phm_dim = j.value("phm_dim", o.phm_dim);
-  o.phm_rank = j.value("phm_rank", o.phm_rank);
-  o.non_linearity = j.value("non_linearity", o.non_linearity);
+void validate(const CompacterOptions& o) {
   MDL_CHECK(o.config == "pfeiffer" || o.config == "houlsby", "[compacter] config '", o.config,
             "' is unknown; expected pfeiffer or houlsby");
   MDL_CHECK(o.reduction_factor > 0 && o.phm_dim > 0 && o.phm_rank > 0,
@@ -30,6 +34,10 @@ void from_json(const nlohmann::json& j, CompacterOptions& o) {
   MDL_CHECK(o.non_linearity == "relu" || o.non_linearity == "gelu" || o.non_linearity == "silu" ||
                 o.non_linearity == "tanh",
             "[compacter] non_linearity '", o.non_linearity, "' is unknown; expected relu, gelu, silu or tanh");
+}
+
+void from_json(const nlohmann::json& j, CompacterOptions& o) {
+  o = compacter_fields().read(j);
 }
 
 PhmRulesImpl::PhmRulesImpl(int64_t n, uint64_t seed, c10::TensorOptions dtype) {

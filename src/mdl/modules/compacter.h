@@ -13,6 +13,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Compacter settings (AdapterHub's CompacterConfig names where they exist).
 struct CompacterOptions {
   std::string config = "pfeiffer";     ///< pfeiffer (Compacter++) | houlsby (Compacter)
@@ -23,6 +26,10 @@ struct CompacterOptions {
 };
 void to_json(nlohmann::json& j, const CompacterOptions& o);
 void from_json(const nlohmann::json& j, CompacterOptions& o);
+/// The fields of CompacterOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<CompacterOptions>& compacter_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const CompacterOptions& o);
 
 /// The rule matrices shared by all layers: phm_rule_down and phm_rule_up, each (n, n, n).
 class PhmRulesImpl : public torch::nn::Module {

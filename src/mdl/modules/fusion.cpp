@@ -6,19 +6,23 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const FusionOptions& o) {
-  j = {{"members", o.members}, {"kind", o.kind}, {"temperature", o.temperature}, {"router", o.router}};
+void to_json(nlohmann::json& j, const FusionOptions& o) { j = fusion_fields().write(o); }
+
+const FieldList<FusionOptions>& fusion_fields() {
+  static const FieldList<FusionOptions> f = FieldList<FusionOptions>("fusion")
+      .add("members", &FusionOptions::members, "names of the fused modules, loaded before the fusion")
+      .add("kind", &FusionOptions::kind, "attention | gate | mixture | average")
+      .add("temperature", &FusionOptions::temperature, "attention: softmax temperature (AdapterFusion anneals 50 -> 1)")
+      .add("router", &FusionOptions::router, router_fields(), "mixture and average: the routing policy")
+      .check([](const FusionOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, FusionOptions& o) {
-  o = FusionOptions();
-  if (j.contains("members")) o.members = j["members"].get<std::vector<std::string>>();
-  o.kind = j.value("kind", o.kind);
-  o.temperature = j.value("temperature", o.temperature);
-  if (j.contains("router")) o.router = j["router"].get<RouterOptions>();
+void validate(const FusionOptions& o) {
   MDL_CHECK(o.members.size() >= 2, "[fusion] fuses at least 2 modules, got ", o.members.size());
   MDL_CHECK(o.kind == "attention" || o.kind == "gate" || o.kind == "mixture" || o.kind == "average", "[fusion] kind '",
             o.kind, "' is unknown; expected attention, gate, mixture or average");
@@ -27,6 +31,10 @@ void from_json(const nlohmann::json& j, FusionOptions& o) {
   MDL_CHECK(o.kind != "mixture" || o.router.level != "task", "[fusion] a mixture's router scores the site's input: "
             "level token or example (task-level mixtures: poly_lora or lora_moe with num_tasks)");
   MDL_CHECK(o.temperature > 0, "[fusion] temperature must be > 0, got ", o.temperature);
+}
+
+void from_json(const nlohmann::json& j, FusionOptions& o) {
+  o = fusion_fields().read(j);
 }
 
 FusionImpl::Parts FusionImpl::parts(const SiteInfo& site, const FusionOptions& o, int64_t N, uint64_t seed,

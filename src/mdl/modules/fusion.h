@@ -30,6 +30,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Fusion settings.
 struct FusionOptions {
   std::vector<std::string> members;  ///< names of the fused modules (loaded before the fusion)
@@ -39,6 +42,10 @@ struct FusionOptions {
 };
 void to_json(nlohmann::json& j, const FusionOptions& o);
 void from_json(const nlohmann::json& j, FusionOptions& o);
+/// The fields of FusionOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<FusionOptions>& fusion_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const FusionOptions& o);
 
 /// One site's fusion: a group over its members. attention and gate: every member on every row, combined
 /// by AttentionFusion or GateFusion; mixture: a LearnedRouter (parameter "router", (N, in)) over the

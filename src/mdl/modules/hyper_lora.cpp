@@ -7,24 +7,31 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const HyperLoraOptions& o) {
-  j = {{"num_tasks", o.num_tasks}, {"task_embedding_dim", o.task_embedding_dim},
-       {"site_embedding_dim", o.site_embedding_dim}, {"hidden", o.hidden}, {"r", o.r}, {"lora_alpha", o.alpha}};
+void to_json(nlohmann::json& j, const HyperLoraOptions& o) { j = hyper_lora_fields().write(o); }
+
+const FieldList<HyperLoraOptions>& hyper_lora_fields() {
+  static const FieldList<HyperLoraOptions> f = FieldList<HyperLoraOptions>("hyper_lora")
+      .add("num_tasks", &HyperLoraOptions::num_tasks, "learned task embeddings (task ids 0..num_tasks-1)")
+      .add("task_embedding_dim", &HyperLoraOptions::task_embedding_dim, "width of a task embedding")
+      .add("site_embedding_dim", &HyperLoraOptions::site_embedding_dim, "width of each targeted site's learned embedding")
+      .add("hidden", &HyperLoraOptions::hidden, "the generator's hidden width")
+      .add("r", &HyperLoraOptions::r, "rank of the generated LoRA")
+      .add("lora_alpha", &HyperLoraOptions::alpha, "the generated LoRA's alpha (scaling alpha / r)")
+      .check([](const HyperLoraOptions& o) { validate(o); });
+  return f;
+}
+
+void validate(const HyperLoraOptions& o) {
+  MDL_CHECK(o.num_tasks > 0 && o.task_embedding_dim > 0 && o.site_embedding_dim > 0 && o.hidden > 0 && o.r > 0,
+            "[hyper_lora] num_tasks, task_embedding_dim, site_embedding_dim, hidden and r must be > 0");
 }
 
 void from_json(const nlohmann::json& j, HyperLoraOptions& o) {
-  o = HyperLoraOptions();
-  o.num_tasks = j.value("num_tasks", o.num_tasks);
-  o.task_embedding_dim = j.value("task_embedding_dim", o.task_embedding_dim);
-  o.site_embedding_dim = j.value("site_embedding_dim", o.site_embedding_dim);
-  o.hidden = j.value("hidden", o.hidden);
-  o.r = j.value("r", o.r);
-  o.alpha = j.value("lora_alpha", o.alpha);
-  MDL_CHECK(o.num_tasks > 0 && o.task_embedding_dim > 0 && o.site_embedding_dim > 0 && o.hidden > 0 && o.r > 0,
-            "[hyper_lora] num_tasks, task_embedding_dim, site_embedding_dim, hidden and r must be > 0");
+  o = hyper_lora_fields().read(j);
 }
 
 static std::string shape_key(const SiteInfo& s) { return std::to_string(s.in_features) + "x" + std::to_string(s.out_features); }

@@ -14,6 +14,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Hypernetwork settings.
 struct HyperLoraOptions {
   int64_t num_tasks = 1;            ///< learned task embeddings
@@ -25,6 +28,10 @@ struct HyperLoraOptions {
 };
 void to_json(nlohmann::json& j, const HyperLoraOptions& o);
 void from_json(const nlohmann::json& j, HyperLoraOptions& o);
+/// The fields of HyperLoraOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<HyperLoraOptions>& hyper_lora_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const HyperLoraOptions& o);
 
 /// The shared generator: task and site embeddings, a trunk, and one A/B head per distinct site shape.
 class HyperGeneratorImpl : public torch::nn::Module {

@@ -6,18 +6,26 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const Ia3Options& o) {
-  j = {{"feedforward_modules", o.feedforward_modules}, {"init_ia3_weights", o.init_ones}};
+void to_json(nlohmann::json& j, const Ia3Options& o) { j = ia3_fields().write(o); }
+
+const FieldList<Ia3Options>& ia3_fields() {
+  static const FieldList<Ia3Options> f = FieldList<Ia3Options>("ia3")
+      .add(
+          "feedforward_modules", [](nlohmann::json& v, const Ia3Options& o) { v = o.feedforward_modules; },
+          [](const nlohmann::json& v, Ia3Options& o) {
+            if (v.is_array()) o.feedforward_modules = v.get<std::vector<std::string>>();
+          },
+          "site suffixes whose input is scaled (feed-forward); elsewhere the output is")
+      .add("init_ia3_weights", &Ia3Options::init_ones, "start at ones (identity); false draws N(1, 0.1) (tests)");
+  return f;
 }
 
 void from_json(const nlohmann::json& j, Ia3Options& o) {
-  o = Ia3Options();
-  if (j.contains("feedforward_modules") && j["feedforward_modules"].is_array())
-    o.feedforward_modules = j["feedforward_modules"].get<std::vector<std::string>>();
-  o.init_ones = j.value("init_ia3_weights", true);
+  o = ia3_fields().read(j);
 }
 
 bool Ia3Options::is_feedforward(const std::string& site) const {

@@ -11,6 +11,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// (IA)^3 settings (PEFT's IA3Config names).
 struct Ia3Options {
   std::vector<std::string> feedforward_modules = {"down_proj", "mlp.c_proj", "output.dense", "fc2"};  ///< sites whose input is scaled
@@ -20,6 +23,8 @@ struct Ia3Options {
 };
 void to_json(nlohmann::json& j, const Ia3Options& o);
 void from_json(const nlohmann::json& j, Ia3Options& o);
+/// The fields of Ia3Options: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<Ia3Options>& ia3_fields();
 
 /// An (IA)^3 vector at one linear site; `ia3_l` has PEFT's shape: (out, 1), or (1, in) when feed-forward.
 class Ia3Impl : public SiteModule {

@@ -11,37 +11,55 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/core/linear.h"
 #include "mdl/core/rebuild.h"
 #include "mdl/core/thin_gemm.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const LoraOptions& o) {
-  j = {{"r", o.r}, {"lora_alpha", o.alpha}, {"lora_dropout", o.dropout}, {"use_rslora", o.use_rslora},
-       {"use_dora", o.use_dora}, {"init_lora_weights", o.init}, {"lora_bias", o.bias},
-       {"rank_pattern", o.rank_pattern}, {"alpha_pattern", o.alpha_pattern}};
+void to_json(nlohmann::json& j, const LoraOptions& o) { j = lora_fields().write(o); }
+
+const FieldList<LoraOptions>& lora_fields() {
+  static const FieldList<LoraOptions> f = FieldList<LoraOptions>("lora")
+      .add("r", &LoraOptions::r, "rank")
+      .add("lora_alpha", &LoraOptions::alpha, "scaling numerator: alpha / r (alpha / sqrt(r) with use_rslora)")
+      .add("lora_dropout", &LoraOptions::dropout, "dropout on the module's input, training only")
+      .add("use_rslora", &LoraOptions::use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
+      .add("use_dora", &LoraOptions::use_dora, "weight-decomposed LoRA (DoRA: a magnitude vector)")
+      .add(
+          "init_lora_weights", [](nlohmann::json& v, const LoraOptions& o) { v = o.init; },
+          [](const nlohmann::json& v, LoraOptions& o) {
+            o.init = v.is_boolean() ? (v.get<bool>() ? "kaiming" : "random") : v.get<std::string>();
+          },
+          "A's init: true or kaiming (PEFT's default), gaussian (N(0, 1/r)), false or random (random B, for tests)")
+      .add("lora_bias", &LoraOptions::bias, "a trainable bias on B (PEFT's lora_bias)")
+      .add(
+          "rank_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.rank_pattern; },
+          [](const nlohmann::json& v, LoraOptions& o) {
+            if (v.is_object()) o.rank_pattern = v.get<std::map<std::string, int64_t>>();
+          },
+          "site regex -> rank, over r")
+      .add(
+          "alpha_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.alpha_pattern; },
+          [](const nlohmann::json& v, LoraOptions& o) {
+            if (v.is_object()) o.alpha_pattern = v.get<std::map<std::string, double>>();
+          },
+          "site regex -> alpha, over lora_alpha")
+      .check([](const LoraOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, LoraOptions& o) {
-  o = LoraOptions();
-  o.r = j.value("r", o.r);
-  o.alpha = j.value("lora_alpha", o.alpha);
-  o.dropout = j.value("lora_dropout", o.dropout);
-  o.use_rslora = j.value("use_rslora", o.use_rslora);
-  o.use_dora = j.value("use_dora", o.use_dora);
-  if (j.contains("init_lora_weights")) {
-    const auto& init = j["init_lora_weights"];
-    o.init = init.is_boolean() ? (init.get<bool>() ? "kaiming" : "random") : init.get<std::string>();
-  }
-  o.bias = j.value("lora_bias", o.bias);
-  if (j.contains("rank_pattern") && j["rank_pattern"].is_object()) o.rank_pattern = j["rank_pattern"].get<std::map<std::string, int64_t>>();
-  if (j.contains("alpha_pattern") && j["alpha_pattern"].is_object()) o.alpha_pattern = j["alpha_pattern"].get<std::map<std::string, double>>();
+void validate(const LoraOptions& o) {
   MDL_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
   MDL_CHECK(o.dropout >= 0 && o.dropout < 1, "[lora] lora_dropout must be in [0, 1), got ", o.dropout);
   MDL_CHECK(!(o.use_dora && o.bias), "[lora] use_dora with lora_bias is not supported (as in PEFT)");
   MDL_CHECK(o.init == "kaiming" || o.init == "gaussian" || o.init == "random", "[lora] init_lora_weights '", o.init,
             "' is unknown; expected true (kaiming), \"gaussian\" or false (random B, for tests)");
+}
+
+void from_json(const nlohmann::json& j, LoraOptions& o) {
+  o = lora_fields().read(j);
 }
 
 // PEFT matches pattern keys as a regex against the end of the module name (after a '.').

@@ -12,6 +12,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// LoRA settings (PEFT's LoraConfig names and defaults).
 struct LoraOptions {
   int64_t r = 8;                                   ///< rank
@@ -30,6 +33,10 @@ struct LoraOptions {
 };
 void to_json(nlohmann::json& j, const LoraOptions& o);
 void from_json(const nlohmann::json& j, LoraOptions& o);
+/// The fields of LoraOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<LoraOptions>& lora_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const LoraOptions& o);
 
 /// A LoRA module at one linear site.
 class LoraImpl : public SiteModule {

@@ -7,26 +7,33 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const LoraMixtureOptions& o) {
-  j = {{"experts", o.experts}, {"r", o.r}, {"lora_alpha", o.alpha}, {"router", o.router}, {"smear", o.smear},
-       {"num_tasks", o.num_tasks}};
+void to_json(nlohmann::json& j, const LoraMixtureOptions& o) { j = lora_moe_fields().write(o); }
+
+const FieldList<LoraMixtureOptions>& lora_moe_fields() {
+  static const FieldList<LoraMixtureOptions> f = FieldList<LoraMixtureOptions>("lora_moe")
+      .add("experts", &LoraMixtureOptions::experts, "LoRA experts per site")
+      .add("r", &LoraMixtureOptions::r, "each expert's rank")
+      .add("lora_alpha", &LoraMixtureOptions::alpha, "scaling alpha / r")
+      .add("router", &LoraMixtureOptions::router, router_fields(), "the routing policy")
+      .add("smear", &LoraMixtureOptions::smear, "average the experts' parameters per example (SMEAR; router level example or task)")
+      .add("num_tasks", &LoraMixtureOptions::num_tasks, "task-level routing: learned per-task logits for this many tasks")
+      .check([](const LoraMixtureOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, LoraMixtureOptions& o) {
-  o = LoraMixtureOptions();
-  o.experts = j.value("experts", o.experts);
-  o.r = j.value("r", o.r);
-  o.alpha = j.value("lora_alpha", o.alpha);
-  if (j.contains("router")) o.router = j["router"].get<RouterOptions>();
-  o.smear = j.value("smear", o.smear);
-  o.num_tasks = j.value("num_tasks", o.num_tasks);
+void validate(const LoraMixtureOptions& o) {
   MDL_CHECK(o.experts >= 1 && o.r >= 1, "[lora_moe] experts and r must be >= 1, got ", o.experts, " and ", o.r);
   MDL_CHECK(!o.smear || o.router.level != "token", "[lora_moe] smear averages parameters per example: set "
             "router.level to example or task, not token");
   MDL_CHECK(o.router.level != "task" || o.num_tasks > 0, "[lora_moe] task-level routing needs num_tasks > 0");
+}
+
+void from_json(const nlohmann::json& j, LoraMixtureOptions& o) {
+  o = lora_moe_fields().read(j);
 }
 
 LoraMixtureImpl::Parts LoraMixtureImpl::parts(const SiteInfo& site, const LoraMixtureOptions& o, uint64_t seed,

@@ -15,6 +15,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Mixture-of-LoRAs settings.
 struct LoraMixtureOptions {
   int64_t experts = 4;      ///< LoRA experts per site
@@ -26,6 +29,10 @@ struct LoraMixtureOptions {
 };
 void to_json(nlohmann::json& j, const LoraMixtureOptions& o);
 void from_json(const nlohmann::json& j, LoraMixtureOptions& o);
+/// The fields of LoraMixtureOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<LoraMixtureOptions>& lora_moe_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const LoraMixtureOptions& o);
 
 /// One site's mixture of LoRAs: a group whose members are its E stacked LoRA experts, behind a
 /// LearnedRouter (parameters "router" (E, in) and, at task level, "task_logits" (tasks, E)), combined by a

@@ -4,32 +4,20 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/modules/layernorm_tuning.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
 namespace {
 
-/// Refuses keys of `options` that `written` (what to_json writes for these options) does not have: the
-/// to_json body is the one list of the fields, and a misspelt field is an error, not a default.
-void check_known_keys(const nlohmann::json& options, const nlohmann::json& written, const std::string& type) {
-  MDL_CHECK(options.is_object(), "[module] a ", type, " module's options must be a JSON object, got ", options.type_name());
-  for (const auto& item : options.items())
-    if (!written.contains(item.key())) {
-      std::string known;
-      for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
-      MDL_FAIL("[module] a ", type, " module has no option '", item.key().substr(0, 100), "'; its options are ", known);
-    }
-}
-
-/// JSON in and out of one options field of ModuleConfig.
-template <typename Options, Options ModuleConfig::*field>
+/// JSON in and out of one options field of ModuleConfig, by the options' field list (which refuses a
+/// key it does not know, naming it and the known ones) and the list's help.
+template <typename Options, Options ModuleConfig::*field, const FieldList<Options>& (*fields)()>
 void options_entry(ModuleType& t) {
-  t.options_to_json = [](const ModuleConfig& c, nlohmann::json& j) { j = c.*field; };
-  t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) {
-    check_known_keys(j, nlohmann::json(Options()), c.type);
-    c.*field = j.get<Options>();
-  };
+  t.options_to_json = [](const ModuleConfig& c, nlohmann::json& j) { j = fields().write(c.*field); };
+  t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) { c.*field = fields().read(j); };
+  t.options_help = [] { return fields().help(); };
 }
 
 /// A type without options: "options" is written as {} and must be an object when read.
@@ -38,6 +26,7 @@ void no_options(ModuleType& t) {
   t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) {
     MDL_CHECK(j.is_object() && j.empty(), "[module] a ", c.type, " module takes no options; found ", j.dump().substr(0, 200));
   };
+  t.options_help = [] { return std::vector<FieldHelp>(); };
 }
 
 TargetOptions suffixes(std::vector<std::string> names, std::vector<std::string> exclude = {}) {
@@ -76,7 +65,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("lora", "low-rank update of a projection (DoRA, rsLoRA, PiSSA, rank patterns)", SiteKind::linear, true,
                         {"native", "peft", "adapterhub"});
-    options_entry<LoraOptions, &ModuleConfig::lora>(t);
+    options_entry<LoraOptions, &ModuleConfig::lora, &lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
@@ -87,7 +76,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("ia3", "(IA)^3: learned rescaling of a projection's output or input", SiteKind::linear, false,
                         {"native", "peft"});
-    options_entry<Ia3Options, &ModuleConfig::ia3>(t);
+    options_entry<Ia3Options, &ModuleConfig::ia3, &ia3_fields>(t);
     t.default_targets = [](Arch arch, const ModuleConfig&) {
       const ArchTargets a = arch_targets(arch);
       return suffixes(a.ia3, a.ia3_exclude);
@@ -101,7 +90,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("adapter", "bottleneck adapter after a sublayer (Houlsby, Pfeiffer, parallel)", SiteKind::sublayer, false,
                         {"native", "adapterhub"});
-    options_entry<AdapterOptions, &ModuleConfig::adapter>(t);
+    options_entry<AdapterOptions, &ModuleConfig::adapter, &adapter_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig& c) { return sublayers(c.adapter.config); };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
@@ -112,7 +101,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("compacter", "adapter with Kronecker-factored (PHM) weights shared across layers", SiteKind::sublayer,
                         false, {"native"});
-    options_entry<CompacterOptions, &ModuleConfig::compacter>(t);
+    options_entry<CompacterOptions, &ModuleConfig::compacter, &compacter_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig& c) { return sublayers(c.compacter.config); };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       auto rules = std::make_shared<PhmRulesImpl>(b.config.compacter.phm_dim, seed, b.options);
@@ -141,7 +130,7 @@ std::vector<ModuleType> make_types() {
     ModuleType& t = add("sparse", "sparse fine-tuning: a diff on a selected fraction of a projection's weights", SiteKind::linear,
                         true, {"native"});
     t.needs = "a selection per site (scores from a dense warm-up or Fisher information, or indices): mdl train makes it";
-    options_entry<SparseOptions, &ModuleConfig::sparse>(t);
+    options_entry<SparseOptions, &ModuleConfig::sparse, &sparse_fields>(t);
     t.default_targets = every_linear;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
       return [&b](const Site& site, size_t) {
@@ -156,7 +145,7 @@ std::vector<ModuleType> make_types() {
   }
   {
     ModuleType& t = add("prompt", "prompt tuning: virtual tokens before the input", SiteKind::embedding, false, {"native", "peft"});
-    options_entry<PromptTuningOptions, &ModuleConfig::prompt>(t);
+    options_entry<PromptTuningOptions, &ModuleConfig::prompt, &prompt_fields>(t);
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
@@ -167,7 +156,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("prefix", "prefix tuning: virtual keys and values in every attention layer", SiteKind::attention_kv, false,
                         {"native", "peft"});
-    options_entry<PrefixTuningOptions, &ModuleConfig::prefix>(t);
+    options_entry<PrefixTuningOptions, &ModuleConfig::prefix, &prefix_fields>(t);
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       const ModelConfig& mc = b.model.config();
@@ -181,7 +170,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("hyper_lora", "LoRA generated per task by a shared hypernetwork (HyperFormer-style)", SiteKind::linear,
                         true, {"native"});
-    options_entry<HyperLoraOptions, &ModuleConfig::hyper>(t);
+    options_entry<HyperLoraOptions, &ModuleConfig::hyper, &hyper_lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       std::vector<SiteInfo> infos;
@@ -195,7 +184,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("lora_moe", "a mixture of LoRA experts behind a learned router (MoLoRA, SMEAR)", SiteKind::linear, true,
                         {"native"});
-    options_entry<LoraMixtureOptions, &ModuleConfig::lora_moe>(t);
+    options_entry<LoraMixtureOptions, &ModuleConfig::lora_moe, &lora_moe_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
@@ -206,7 +195,7 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("poly_lora", "Polytropon: LoRA skills combined by a learned task-skill allocation", SiteKind::linear, true,
                         {"native"});
-    options_entry<PolyLoraOptions, &ModuleConfig::poly>(t);
+    options_entry<PolyLoraOptions, &ModuleConfig::poly, &poly_lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       std::shared_ptr<SkillAllocationImpl> shared;
@@ -222,7 +211,7 @@ std::vector<ModuleType> make_types() {
                         {"native"});
     t.on_members_sites = true;
     t.needs = "its member modules, loaded first";
-    options_entry<FusionOptions, &ModuleConfig::fusion>(t);
+    options_entry<FusionOptions, &ModuleConfig::fusion, &fusion_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig&) { return TargetOptions(); };  // its members' sites
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mdl/core/fields.h"
 #include "mdl/core/site.h"
 #include "mdl/io/model_config.h"
 #include "mdl/modules/targets.h"
@@ -58,6 +59,8 @@ struct ModuleType {
   /// Its options in and out of JSON (the "options" field of module.json).
   std::function<void(const ModuleConfig& config, nlohmann::json& options)> options_to_json;
   std::function<void(const nlohmann::json& options, ModuleConfig& config)> options_from_json;
+  /// Its options' keys, defaults and meanings (`mdl init-module --type T --help-options`).
+  std::function<std::vector<FieldHelp>()> options_help;
   /// Prepares the parts of one module; `seed` is advanced by what it draws.
   std::function<PartFactory(const ModuleBuild& build, uint64_t& seed)> prepare;
 };

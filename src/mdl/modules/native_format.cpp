@@ -25,6 +25,8 @@ ModuleFiles read_native(const std::string& dir) {
     f.config = j.at("config").get<ModuleConfig>();
   } catch (const nlohmann::json::exception& e) {
     MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
+  } catch (const Error& e) {  // a field list's refusal: an unknown option, a value of the wrong type or range
+    MDL_FAIL("[modules] '", meta.string(), "': bad field 'config': ", e.what());
   }
   try {
     f.sites = j.at("sites").get<std::vector<std::string>>();

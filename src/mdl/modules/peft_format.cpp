@@ -8,6 +8,7 @@
 #include <set>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
@@ -107,12 +108,12 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   PeftModule out;
   if (type == "LORA") {
     out.config.type = "lora";
-    out.config.lora = j.get<LoraOptions>();
+    out.config.lora = lora_fields().read(j, UnknownKeys::ignore);  // PEFT's config has more keys
     MDL_CHECK(j.value("bias", std::string("none")) == "none", "[peft] '", config_path, "': bias='",
               j.value("bias", std::string()), "' trains the base model's biases; only bias=\"none\" is supported");
   } else if (type == "IA3") {
     out.config.type = "ia3";
-    out.config.ia3 = j.get<Ia3Options>();
+    out.config.ia3 = ia3_fields().read(j, UnknownKeys::ignore);
   } else if (type == "PROMPT_TUNING") {
     return read_peft_prompt(dir, j, model);
   } else if (type == "PREFIX_TUNING") {
@@ -120,7 +121,7 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   } else {
     MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
   }
-  out.config.targets = j.get<TargetOptions>();
+  out.config.targets = target_fields().read(j, UnknownKeys::ignore);
 
   std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
   MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors",

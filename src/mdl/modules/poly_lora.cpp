@@ -7,26 +7,34 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const PolyLoraOptions& o) {
-  j = {{"num_tasks", o.num_tasks}, {"num_skills", o.num_skills}, {"r", o.r}, {"lora_alpha", o.alpha},
-       {"heads", o.heads}, {"temperature", o.temperature}, {"shared_allocation", o.shared_allocation}};
+void to_json(nlohmann::json& j, const PolyLoraOptions& o) { j = poly_lora_fields().write(o); }
+
+const FieldList<PolyLoraOptions>& poly_lora_fields() {
+  static const FieldList<PolyLoraOptions> f = FieldList<PolyLoraOptions>("poly_lora")
+      .add("num_tasks", &PolyLoraOptions::num_tasks, "rows of the task-by-skill allocation")
+      .add("num_skills", &PolyLoraOptions::num_skills, "skill LoRAs per site")
+      .add("r", &PolyLoraOptions::r, "rank of every skill")
+      .add("lora_alpha", &PolyLoraOptions::alpha, "scaling alpha / r")
+      .add("heads", &PolyLoraOptions::heads, "multi-head routing (MHR) heads; 1 is Polytropon")
+      .add("temperature", &PolyLoraOptions::temperature, "relaxed-Bernoulli temperature of the allocation in training")
+      .add("shared_allocation", &PolyLoraOptions::shared_allocation,
+           "one allocation for all sites (default: one per site, as Polytropon)")
+      .check([](const PolyLoraOptions& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, PolyLoraOptions& o) {
-  o = PolyLoraOptions();
-  o.num_tasks = j.value("num_tasks", o.num_tasks);
-  o.num_skills = j.value("num_skills", o.num_skills);
-  o.r = j.value("r", o.r);
-  o.alpha = j.value("lora_alpha", o.alpha);
-  o.heads = j.value("heads", o.heads);
-  o.temperature = j.value("temperature", o.temperature);
-  o.shared_allocation = j.value("shared_allocation", o.shared_allocation);
+void validate(const PolyLoraOptions& o) {
   MDL_CHECK(o.num_tasks >= 1 && o.num_skills >= 1 && o.r >= 1 && o.heads >= 1, "[poly_lora] num_tasks, num_skills, r "
             "and heads must be >= 1, got ", o.num_tasks, ", ", o.num_skills, ", ", o.r, ", ", o.heads);
   MDL_CHECK(o.temperature > 0, "[poly_lora] temperature must be > 0, got ", o.temperature);
+}
+
+void from_json(const nlohmann::json& j, PolyLoraOptions& o) {
+  o = poly_lora_fields().read(j);
 }
 
 SkillAllocationOptions allocation_options(const PolyLoraOptions& o) {

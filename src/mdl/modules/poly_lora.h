@@ -16,6 +16,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Polytropon / MHR settings.
 struct PolyLoraOptions {
   int64_t num_tasks = 1;
@@ -28,6 +31,10 @@ struct PolyLoraOptions {
 };
 void to_json(nlohmann::json& j, const PolyLoraOptions& o);
 void from_json(const nlohmann::json& j, PolyLoraOptions& o);
+/// The fields of PolyLoraOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<PolyLoraOptions>& poly_lora_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const PolyLoraOptions& o);
 
 /// The allocation's settings in these options.
 SkillAllocationOptions allocation_options(const PolyLoraOptions& options);

@@ -7,21 +7,32 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const PrefixTuningOptions& o) {
-  j = {{"num_virtual_tokens", o.num_virtual_tokens}, {"prefix_projection", o.prefix_projection},
-       {"encoder_hidden_size", o.encoder_hidden_size}};
+void to_json(nlohmann::json& j, const PrefixTuningOptions& o) { j = prefix_fields().write(o); }
+
+const FieldList<PrefixTuningOptions>& prefix_fields() {
+  static const FieldList<PrefixTuningOptions> f = FieldList<PrefixTuningOptions>("prefix")
+      .add("num_virtual_tokens", &PrefixTuningOptions::num_virtual_tokens, "prefix length n")
+      .add("prefix_projection", &PrefixTuningOptions::prefix_projection, "reparameterise through an MLP while training")
+      .add(
+          "encoder_hidden_size", [](nlohmann::json& v, const PrefixTuningOptions& o) { v = o.encoder_hidden_size; },
+          [](const nlohmann::json& v, PrefixTuningOptions& o) {
+            if (v.is_number_integer()) o.encoder_hidden_size = v.get<int64_t>();
+          },
+          "the MLP's hidden width (0 or null: the model's hidden size)")
+      .check([](const PrefixTuningOptions& o) { validate(o); });
+  return f;
+}
+
+void validate(const PrefixTuningOptions& o) {
+  MDL_CHECK(o.num_virtual_tokens > 0, "[prefix] num_virtual_tokens must be > 0, got ", o.num_virtual_tokens);
 }
 
 void from_json(const nlohmann::json& j, PrefixTuningOptions& o) {
-  o = PrefixTuningOptions();
-  o.num_virtual_tokens = j.value("num_virtual_tokens", o.num_virtual_tokens);
-  o.prefix_projection = j.value("prefix_projection", o.prefix_projection);
-  if (j.contains("encoder_hidden_size") && j["encoder_hidden_size"].is_number_integer())
-    o.encoder_hidden_size = j["encoder_hidden_size"].get<int64_t>();
-  MDL_CHECK(o.num_virtual_tokens > 0, "[prefix] num_virtual_tokens must be > 0, got ", o.num_virtual_tokens);
+  o = prefix_fields().read(j);
 }
 
 PrefixEncoderImpl::PrefixEncoderImpl(int64_t n_, int64_t n_layer_, int64_t hidden, int64_t kv_dim_,

@@ -14,6 +14,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Prefix tuning settings (PEFT's PrefixTuningConfig names).
 struct PrefixTuningOptions {
   int64_t num_virtual_tokens = 20;   ///< prefix length n
@@ -22,6 +25,10 @@ struct PrefixTuningOptions {
 };
 void to_json(nlohmann::json& j, const PrefixTuningOptions& o);
 void from_json(const nlohmann::json& j, PrefixTuningOptions& o);
+/// The fields of PrefixTuningOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<PrefixTuningOptions>& prefix_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const PrefixTuningOptions& o);
 
 /// Produces every layer's prefix keys and values: (n, n_layer * 2 * kv_dim). Parameter names follow PEFT:
 /// embedding.weight, transform.0.{weight,bias}, transform.2.{weight,bias}.

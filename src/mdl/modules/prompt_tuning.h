@@ -12,6 +12,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// Prompt tuning settings (PEFT's PromptTuningConfig names).
 struct PromptTuningOptions {
   int64_t num_virtual_tokens = 20;  ///< prompt length n
@@ -19,6 +22,10 @@ struct PromptTuningOptions {
 };
 void to_json(nlohmann::json& j, const PromptTuningOptions& o);
 void from_json(const nlohmann::json& j, PromptTuningOptions& o);
+/// The fields of PromptTuningOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<PromptTuningOptions>& prompt_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const PromptTuningOptions& o);
 
 /// A soft prompt at the embedding site; parameter `prompt_embeddings` (n, C) as PEFT names it.
 class PromptTuningImpl : public SiteModule {

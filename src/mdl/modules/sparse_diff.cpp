@@ -7,15 +7,25 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const SparseOptions& o) { j = {{"density", o.density}}; }
+void to_json(nlohmann::json& j, const SparseOptions& o) { j = sparse_fields().write(o); }
+
+const FieldList<SparseOptions>& sparse_fields() {
+  static const FieldList<SparseOptions> f = FieldList<SparseOptions>("sparse")
+      .add("density", &SparseOptions::density, "fraction of each targeted weight's entries that are trained")
+      .check([](const SparseOptions& o) { validate(o); });
+  return f;
+}
+
+void validate(const SparseOptions& o) {
+  MDL_CHECK(o.density > 0 && o.density <= 1, "[sparse] density must be in (0, 1], got ", o.density);
+}
 
 void from_json(const nlohmann::json& j, SparseOptions& o) {
-  o = SparseOptions();
-  o.density = j.value("density", o.density);
-  MDL_CHECK(o.density > 0 && o.density <= 1, "[sparse] density must be in (0, 1], got ", o.density);
+  o = sparse_fields().read(j);
 }
 
 SparseDiffImpl::SparseDiffImpl(SiteLinearImpl& base, at::Tensor idx)

@@ -14,6 +14,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 class ModelImpl;
 
 /// Sparse fine-tuning settings.
@@ -22,6 +25,10 @@ struct SparseOptions {
 };
 void to_json(nlohmann::json& j, const SparseOptions& o);
 void from_json(const nlohmann::json& j, SparseOptions& o);
+/// The fields of SparseOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<SparseOptions>& sparse_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const SparseOptions& o);
 
 /// A sparse difference at one linear site: y = (W + scatter(indices, values)) x + b.
 class SparseDiffImpl : public SiteModule {

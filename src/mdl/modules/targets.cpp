@@ -7,35 +7,53 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const TargetOptions& o) {
-  j = {{"target_modules", o.target_modules}, {"exclude_modules", o.exclude_modules},
-       {"layers_to_transform", o.layers_to_transform}};
-  if (!o.target_regex.empty()) j["target_regex"] = o.target_regex;
+const FieldList<TargetOptions>& target_fields() {
+  using T = TargetOptions;
+  static const FieldList<T> f = FieldList<T>("targets")
+      .add(
+          "target_modules", [](nlohmann::json& v, const T& o) { v = o.target_modules; },
+          [](const nlohmann::json& v, T& o) {
+            if (v.is_string()) {  // PEFT: "all-linear", or a regex over the full name
+              const std::string s = v.get<std::string>();
+              if (s == "all-linear") o.target_modules = {s};
+              else o.target_regex = s;
+            } else if (v.is_array()) {
+              o.target_modules = v.get<std::vector<std::string>>();
+            }
+          },
+          "suffixes of site names (q_proj), \"all-linear\" (every projection but the head), or a regex string")
+      .add(
+          "target_regex",
+          [](nlohmann::json& v, const T& o) {
+            v = o.target_regex.empty() ? nlohmann::json(nlohmann::json::value_t::discarded) : nlohmann::json(o.target_regex);
+          },
+          [](const nlohmann::json& v, T& o) {
+            if (v.is_string()) o.target_regex = v.get<std::string>();
+          },
+          "a full-match regex over site names (used when set)")
+      .add(
+          "exclude_modules", [](nlohmann::json& v, const T& o) { v = o.exclude_modules; },
+          [](const nlohmann::json& v, T& o) {
+            if (v.is_array()) o.exclude_modules = v.get<std::vector<std::string>>();
+          },
+          "suffixes never targeted")
+      .add(
+          "layers_to_transform", [](nlohmann::json& v, const T& o) { v = o.layers_to_transform; },
+          [](const nlohmann::json& v, T& o) {
+            if (v.is_number_integer()) o.layers_to_transform = {v.get<int>()};
+            else if (!v.is_null()) o.layers_to_transform = v.get<std::vector<int>>();
+          },
+          "only these blocks (empty: all)");
+  return f;
 }
 
-void from_json(const nlohmann::json& j, TargetOptions& o) {
-  o = TargetOptions();
-  if (j.contains("target_modules")) {
-    const auto& t = j["target_modules"];
-    if (t.is_string()) {
-      const std::string s = t.get<std::string>();
-      if (s == "all-linear") o.target_modules = {s};
-      else o.target_regex = s;  // PEFT: a string is a regex over the full name
-    } else if (t.is_array()) {
-      o.target_modules = t.get<std::vector<std::string>>();
-    }
-  }
-  if (j.contains("target_regex") && j["target_regex"].is_string()) o.target_regex = j["target_regex"].get<std::string>();
-  if (j.contains("exclude_modules") && j["exclude_modules"].is_array())
-    o.exclude_modules = j["exclude_modules"].get<std::vector<std::string>>();
-  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null()) {
-    if (j["layers_to_transform"].is_number_integer()) o.layers_to_transform = {j["layers_to_transform"].get<int>()};
-    else o.layers_to_transform = j["layers_to_transform"].get<std::vector<int>>();
-  }
-}
+void to_json(nlohmann::json& j, const TargetOptions& o) { j = target_fields().write(o); }
+
+void from_json(const nlohmann::json& j, TargetOptions& o) { o = target_fields().read(j); }
 
 std::string exact_sites_regex(const std::vector<std::string>& sites) {
   std::string regex;

@@ -13,6 +13,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 class ModelImpl;
 
 /// Site selection.
@@ -24,6 +27,8 @@ struct TargetOptions {
 };
 void to_json(nlohmann::json& j, const TargetOptions& o);
 void from_json(const nlohmann::json& j, TargetOptions& o);
+/// The fields of TargetOptions (PEFT's keys): JSON keys, defaults and meanings (core/fields.h).
+const FieldList<TargetOptions>& target_fields();
 
 /// A regex that matches exactly these site names (dots escaped), "(?:a|b|...)".
 std::string exact_sites_regex(const std::vector<std::string>& sites);

@@ -6,28 +6,35 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const RouterOptions& o) {
-  j = {{"kind", o.kind}, {"k", o.k}, {"normalize", o.normalize}, {"capacity_factor", o.capacity_factor},
-       {"temperature", o.temperature}, {"level", o.level}, {"shared", o.shared},
-       {"load_balancing_coef", o.load_balancing_coef}, {"z_loss_coef", o.z_loss_coef}, {"unit_weights", o.unit_weights}};
+void to_json(nlohmann::json& j, const RouterOptions& o) { j = router_fields().write(o); }
+
+const FieldList<RouterOptions>& router_fields() {
+  static const FieldList<RouterOptions> f = FieldList<RouterOptions>("router")
+      .add("kind", &RouterOptions::kind, "softmax | top_k | switch | expert_choice | hash | gumbel")
+      .add("k", &RouterOptions::k, "experts per row (top_k)")
+      .add("normalize", &RouterOptions::normalize, "top_k: renormalise the k weights to sum to one")
+      .add("capacity_factor", &RouterOptions::capacity_factor,
+           "top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)")
+      .add("temperature", &RouterOptions::temperature, "softmax / gumbel temperature")
+      .add("level", &RouterOptions::level, "token | example (the mean of its tokens) | task (learned per-task logits)")
+      .add("shared", &RouterOptions::shared, "one decision for all layers: the first routed layer's")
+      .add("load_balancing_coef", &RouterOptions::load_balancing_coef, "weight of the Switch load-balancing loss")
+      .add("z_loss_coef", &RouterOptions::z_loss_coef, "weight of the router z-loss")
+      .add("unit_weights", &RouterOptions::unit_weights, "selected experts weigh 1 (MoEfication: the sum of the groups)")
+      .check([](const RouterOptions& o) { validate(o); });
+  return f;
+}
+
+void validate(const RouterOptions& o) {
+  make_router(o);  // validates
 }
 
 void from_json(const nlohmann::json& j, RouterOptions& o) {
-  o = RouterOptions();
-  o.kind = j.value("kind", o.kind);
-  o.k = j.value("k", o.k);
-  o.normalize = j.value("normalize", o.normalize);
-  o.capacity_factor = j.value("capacity_factor", o.capacity_factor);
-  o.temperature = j.value("temperature", o.temperature);
-  o.level = j.value("level", o.level);
-  o.shared = j.value("shared", o.shared);
-  o.load_balancing_coef = j.value("load_balancing_coef", o.load_balancing_coef);
-  o.z_loss_coef = j.value("z_loss_coef", o.z_loss_coef);
-  o.unit_weights = j.value("unit_weights", o.unit_weights);
-  make_router(o);  // validates
+  o = router_fields().read(j);
 }
 
 at::Tensor Routing::dense_weights() const {

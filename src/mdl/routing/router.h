@@ -28,6 +28,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// How a router decides.
 struct RouterOptions {
   std::string kind = "top_k";    ///< softmax | top_k | switch | expert_choice | hash | gumbel
@@ -43,6 +46,10 @@ struct RouterOptions {
 };
 void to_json(nlohmann::json& j, const RouterOptions& o);
 void from_json(const nlohmann::json& j, RouterOptions& o);
+/// The fields of RouterOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<RouterOptions>& router_fields();
+/// Throws naming the field when a value is out of its range (its field list runs it after reading).
+void validate(const RouterOptions& o);
 
 /// A routing of N rows over E experts.
 struct Routing {

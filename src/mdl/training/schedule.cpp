@@ -5,22 +5,25 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const ScheduleOptions& o) {
-  j = {{"kind", o.kind}, {"lr", o.lr}, {"warmup_steps", o.warmup_steps}, {"total_steps", o.total_steps},
-       {"min_lr_ratio", o.min_lr_ratio}};
+const FieldList<ScheduleOptions>& schedule_fields() {
+  static const FieldList<ScheduleOptions> f = FieldList<ScheduleOptions>("options.schedule")
+      .add("kind", &ScheduleOptions::kind, "constant | linear | cosine learning-rate schedule")
+      .add("lr", &ScheduleOptions::lr, "peak learning rate")
+      .add("warmup_steps", &ScheduleOptions::warmup_steps, "linear warm-up steps")
+      .add("total_steps", &ScheduleOptions::total_steps, "where the decay ends (a run config's default: options.steps)")
+      .add("min_lr_ratio", &ScheduleOptions::min_lr_ratio, "the decay's floor as a fraction of lr")
+      .check([](const ScheduleOptions& o) { validate(o); });
+  return f;
 }
 
+void to_json(nlohmann::json& j, const ScheduleOptions& o) { j = schedule_fields().write(o); }
+
 void from_json(const nlohmann::json& j, ScheduleOptions& o) {
-  o = ScheduleOptions();
-  o.kind = j.value("kind", o.kind);
-  o.lr = j.value("lr", o.lr);
-  o.warmup_steps = j.value("warmup_steps", o.warmup_steps);
-  o.total_steps = j.value("total_steps", o.total_steps);
-  o.min_lr_ratio = j.value("min_lr_ratio", o.min_lr_ratio);
-  validate(o);
+  o = schedule_fields().read(j);
 }
 
 void validate(const ScheduleOptions& o) {

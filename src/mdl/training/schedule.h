@@ -9,6 +9,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 /// A learning-rate schedule.
 struct ScheduleOptions {
   std::string kind = "linear";  ///< constant | linear | cosine
@@ -19,6 +22,8 @@ struct ScheduleOptions {
 };
 void to_json(nlohmann::json& j, const ScheduleOptions& o);
 void from_json(const nlohmann::json& j, ScheduleOptions& o);
+/// The fields of ScheduleOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<ScheduleOptions>& schedule_fields();
 /// Checks kind and ranges, naming the field.
 void validate(const ScheduleOptions& o);
 

@@ -1,8 +1,11 @@
 #include "mdl/training/train_config.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
+
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/io/json_file.h"
 
 namespace mdl {
@@ -10,119 +13,85 @@ namespace {
 
 using nlohmann::json;
 
-// What each field means, by its path in the document. Defaults come from the structs themselves.
-const std::vector<std::pair<std::string, std::string>>& descriptions() {
-  static const std::vector<std::pair<std::string, std::string>> d = {
-      {"model", "checkpoint directory (Hugging Face layout) of the frozen backbone"},
-      {"modules", "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}}}"},
-      {"load", "existing module directories to load first (mdl, PEFT, AdapterHub)"},
-      {"train", "names of the modules to train; default: every module under 'modules'"},
-      {"train_data", "JSONL training file"},
-      {"eval_data", "JSONL evaluation file (optional)"},
-      {"data.kind", "classification | tagging | instruction | text"},
-      {"data.on_bad_record", "fail | skip (skipped records are counted and warned about)"},
-      {"data.max_length", "longer examples are truncated to this many tokens"},
-      {"data.labels", "label names in index order; empty: collected in order of appearance"},
-      {"options.steps", "optimiser steps"},
-      {"options.batch_size", "examples per micro-batch"},
-      {"options.grad_accumulation", "micro-batches per optimiser step"},
-      {"options.weight_decay", "AdamW decoupled weight decay"},
-      {"options.clip_grad_norm", "maximum global gradient norm (0: no clipping)"},
-      {"options.aux_loss_weight", "weight of the routers' auxiliary losses (load balancing, z-loss)"},
-      {"options.eval_every", "evaluate every N steps (0: at the end only)"},
-      {"options.checkpoint_every", "write a checkpoint every N steps (0: at the end only)"},
-      {"options.seed", "data order and per-step randomness"},
-      {"options.out_dir", "metrics.jsonl, checkpoint/ and the trained modules go here"},
-      {"options.train_base", "train the backbone's own parameters too (full fine-tuning, training from scratch)"},
-      {"options.early_stopping_patience", "stop after this many evaluations without improvement (0: never)"},
-      {"options.task_sampling", "multi-task data: proportional | temperature | uniform"},
-      {"options.sampling_temperature", "temperature sampling: n_i^(1/T), normalised"},
-      {"options.routing.by_task", "fixed routing: {\"task\": [\"module\", ...]}, the modules each task's examples use"},
-      {"options.routing.by_language", "fixed routing: {\"language\": [\"module\", ...]} (MAD-X language adapters)"},
-      {"options.precision", "fp32 | bf16 (autocast: matrix products in bfloat16, weights in float32) | fp16 (CUDA)"},
-      {"options.gradient_checkpointing", "rerun each layer during backward instead of keeping its activations "
-                                         "(less memory, ~1/3 more compute)"},
-      {"options.schedule.kind", "constant | linear | cosine learning-rate schedule"},
-      {"options.schedule.lr", "peak learning rate"},
-      {"options.schedule.warmup_steps", "linear warm-up steps"},
-      {"options.schedule.total_steps", "where the decay ends (default: options.steps)"},
-      {"options.schedule.min_lr_ratio", "the decay's floor as a fraction of lr"},
-      {"resume", "continue from <out_dir>/checkpoint when it exists"},
-      {"branches", "Branch-Train-Merge: [{\"name\", \"train_data\"}, ...], each trains the one 'modules' entry on its data"},
-      {"branch_merge.method", "how the branches merge: linear | task_arithmetic | ties | dare_linear | dare_ties | ..."},
-      {"branch_merge.density", "ties / dare: fraction of entries kept"},
-      {"branch_merge.lambda", "scale of the merged task vector"},
-      {"device", "cpu | cuda | cuda:N"},
-  };
-  return d;
+const FieldList<DatasetOptions>& data_fields() {
+  using D = DatasetOptions;
+  static const FieldList<D> f = FieldList<D>("data")
+      .add("kind", &D::kind, "classification | tagging | instruction | text")
+      .add("on_bad_record", &D::on_bad_record, "fail | skip (skipped records are counted and warned about)")
+      .add("max_length", &D::max_length, "longer examples are truncated to this many tokens")
+      .add("labels", &D::labels, "label names in index order; empty: collected in order of appearance");
+  return f;
 }
 
-json to_json_config(const TrainConfig& c) {
-  json modules = json::object();
-  for (const auto& [k, v] : c.modules) modules[k] = v;
-  json branches = json::array();
-  for (const auto& b : c.branches) branches.push_back({{"name", b.name}, {"train_data", b.train_data}});
-  json data = {{"kind", c.data.kind}, {"on_bad_record", c.data.on_bad_record}, {"max_length", c.data.max_length},
-               {"labels", c.data.labels}};
-  return {{"model", c.model}, {"modules", modules}, {"load", c.load}, {"train", c.train},
-          {"train_data", c.train_data}, {"eval_data", c.eval_data}, {"data", data}, {"options", c.options},
-          {"resume", c.resume}, {"device", c.device}, {"branches", branches},
-          {"branch_merge", {{"method", c.branch_merge.method}, {"density", c.branch_merge.density},
-                            {"lambda", c.branch_merge.lambda}}}};
+const FieldList<MergeOptions>& branch_merge_fields() {
+  using M = MergeOptions;
+  static const FieldList<M> f = FieldList<M>("branch_merge")
+      .add("method", &M::method, "how the branches merge: linear | task_arithmetic | ties | dare_linear | dare_ties | ...")
+      .add("density", &M::density, "ties / dare: fraction of entries kept")
+      .add("lambda", &M::lambda, "scale of the merged task vector");
+  return f;
 }
 
-void leaves(const json& j, const std::string& prefix, std::vector<std::pair<std::string, std::string>>& out) {
-  if (j.is_object() && !j.empty() && prefix != "modules") {
-    for (const auto& [k, v] : j.items()) leaves(v, prefix.empty() ? k : prefix + "." + k, out);
-  } else {
-    out.push_back({prefix, j.dump()});
-  }
+const FieldList<TrainConfig>& train_config_fields() {
+  using C = TrainConfig;
+  static const FieldList<C> f = FieldList<C>("train")
+      .add("model", &C::model, "checkpoint directory (Hugging Face layout) of the frozen backbone")
+      .add(
+          "modules",
+          [](json& v, const C& c) {
+            v = json::object();
+            for (const auto& [k, m] : c.modules) v[k] = m;
+          },
+          [](const json& v, C& c) {
+            MDL_CHECK(v.is_object(), "field 'modules' must be an object {\"name\": {module config}}");
+            for (const auto& [name, m] : v.items()) c.modules[name] = m.get<ModuleConfig>();
+          },
+          "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}}}")
+      .add("load", &C::load, "existing module directories to load first (mdl, PEFT, AdapterHub)")
+      .add("train", &C::train, "names of the modules to train; default: every module under 'modules'")
+      .add("train_data", &C::train_data, "JSONL training file")
+      .add("eval_data", &C::eval_data, "JSONL evaluation file (optional)")
+      .add("data", &C::data, data_fields(), "how to read both files")
+      .add("options", &C::options, train_options_fields(), "steps, batch, schedule, output...")
+      .add("resume", &C::resume, "continue from <out_dir>/checkpoint when it exists")
+      .add(
+          "branches",
+          [](json& v, const C& c) {
+            v = json::array();
+            for (const auto& b : c.branches) v.push_back({{"name", b.name}, {"train_data", b.train_data}});
+          },
+          [](const json& v, C& c) {
+            MDL_CHECK(v.is_array(), "field 'branches' must be an array of {\"name\", \"train_data\"}");
+            for (const auto& b : v) {
+              MDL_CHECK(b.is_object() && b.contains("name") && b["name"].is_string() && b.contains("train_data") &&
+                            b["train_data"].is_string(), "each of 'branches' must be {\"name\": str, \"train_data\": str}");
+              c.branches.push_back({b["name"].get<std::string>(), b["train_data"].get<std::string>()});
+            }
+          },
+          "Branch-Train-Merge: [{\"name\", \"train_data\"}, ...], each trains the one 'modules' entry on its data")
+      .add("branch_merge", &C::branch_merge, branch_merge_fields(), "how the branches merge")
+      .add("device", &C::device, "cpu | cuda | cuda:N");
+  return f;
 }
 
 }  // namespace
 
 TrainConfig parse_train_config(const std::string& text, const std::string& source) {
-  const json j = io::parse_json(text, source);
+  json j = io::parse_json(text, source);
   MDL_CHECK(j.is_object(), "[train] '", source, "' must hold a JSON object");
-  const json known = to_json_config(TrainConfig());
+  const std::vector<std::string> known = train_config_fields().keys();
   for (const auto& [k, v] : j.items())
-    MDL_CHECK(known.contains(k), "[train] '", source, "': unknown field '", k, "'; see mdl train --help-config");
+    MDL_CHECK(std::find(known.begin(), known.end(), k) != known.end(), "[train] '", source, "': unknown field '", k,
+              "'; see mdl train --help-config");
+  // The schedule's decay ends with the run unless the config says otherwise.
+  if (j.contains("options") && j["options"].is_object() &&
+      (!j["options"].contains("schedule") || !j["options"]["schedule"].is_object() ||
+       !j["options"]["schedule"].contains("total_steps")))
+    j["options"]["schedule"]["total_steps"] = j["options"].value("steps", TrainOptions().steps);
+  if (!j.contains("options")) j["options"] = {{"schedule", {{"total_steps", TrainOptions().steps}}}};
   TrainConfig c;
   try {
-    c.model = j.value("model", c.model);
-    if (j.contains("modules"))
-      for (const auto& [name, m] : j["modules"].items()) c.modules[name] = m.get<ModuleConfig>();
-    c.load = j.value("load", c.load);
-    c.train = j.value("train", c.train);
-    c.train_data = j.value("train_data", c.train_data);
-    c.eval_data = j.value("eval_data", c.eval_data);
-    if (j.contains("data")) {
-      const json& d = j["data"];
-      c.data.kind = d.value("kind", c.data.kind);
-      c.data.on_bad_record = d.value("on_bad_record", c.data.on_bad_record);
-      c.data.max_length = d.value("max_length", c.data.max_length);
-      c.data.labels = d.value("labels", c.data.labels);
-    }
-    json options = j.value("options", json::object());
-    if (!options.contains("schedule") || !options["schedule"].contains("total_steps"))
-      options["schedule"]["total_steps"] = options.value("steps", TrainOptions().steps);
-    c.options = options.get<TrainOptions>();
-    c.resume = j.value("resume", c.resume);
-    if (j.contains("branches")) {
-      MDL_CHECK(j["branches"].is_array(), "field 'branches' must be an array of {\"name\", \"train_data\"}");
-      for (const auto& b : j["branches"]) {
-        MDL_CHECK(b.is_object() && b.contains("name") && b["name"].is_string() && b.contains("train_data") &&
-                      b["train_data"].is_string(), "each of 'branches' must be {\"name\": str, \"train_data\": str}");
-        c.branches.push_back({b["name"].get<std::string>(), b["train_data"].get<std::string>()});
-      }
-    }
-    if (j.contains("branch_merge")) {
-      const json& m = j["branch_merge"];
-      c.branch_merge.method = m.value("method", c.branch_merge.method);
-      c.branch_merge.density = m.value("density", c.branch_merge.density);
-      c.branch_merge.lambda = m.value("lambda", c.branch_merge.lambda);
-    }
-    c.device = j.value("device", c.device);
+    c = train_config_fields().read(j);
   } catch (const json::exception& e) {
     MDL_FAIL("[train] '", source, "': ", e.what());
   } catch (const Error& e) {
@@ -143,20 +112,6 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   return c;
 }
 
-std::string train_config_help() {
-  std::vector<std::pair<std::string, std::string>> fields;
-  leaves(to_json_config(TrainConfig()), "", fields);
-  std::string out;
-  for (const auto& [path, def] : fields) {
-    std::string what;
-    for (const auto& [p, d] : descriptions())
-      if (p == path) what = d;
-    MDL_CHECK(!what.empty(), "[train] internal: field '", path, "' has no description");
-    char buf[512];
-    std::snprintf(buf, sizeof(buf), "%-32s %-14s %s\n", path.c_str(), def.c_str(), what.c_str());
-    out += buf;
-  }
-  return out;
-}
+std::string train_config_help() { return format_help(train_config_fields().help()); }
 
 }  // namespace mdl

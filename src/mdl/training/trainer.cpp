@@ -14,6 +14,7 @@
 
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/distributed/process_group.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/json_file.h"
@@ -26,61 +27,49 @@
 namespace mdl {
 namespace fs = std::filesystem;
 
-void to_json(nlohmann::json& j, const ExampleRouting& r) { j = {{"by_task", r.by_task}, {"by_language", r.by_language}}; }
-
-void from_json(const nlohmann::json& j, ExampleRouting& r) {
-  r = ExampleRouting();
-  MDL_CHECK(j.is_object(), "[train] 'routing' must be an object {\"by_task\": {...}, \"by_language\": {...}}, found ",
-            j.type_name());
-  for (const auto& [k, v] : j.items())
-    MDL_CHECK(k == "by_task" || k == "by_language", "[train] routing.", k, " is unknown; expected by_task or by_language");
-  if (j.contains("by_task")) r.by_task = j["by_task"].get<decltype(r.by_task)>();
-  if (j.contains("by_language")) r.by_language = j["by_language"].get<decltype(r.by_language)>();
+const FieldList<ExampleRouting>& example_routing_fields() {
+  static const FieldList<ExampleRouting> f = FieldList<ExampleRouting>("options.routing")
+      .add("by_task", &ExampleRouting::by_task, "fixed routing: {\"task\": [\"module\", ...]}, the modules each task's examples use")
+      .add("by_language", &ExampleRouting::by_language,
+           "fixed routing: {\"language\": [\"module\", ...]} (MAD-X language adapters, applied before the task's)");
+  return f;
 }
 
-void to_json(nlohmann::json& j, const TrainOptions& o) {
-  j = {{"schedule", o.schedule},
-       {"steps", o.steps},
-       {"batch_size", o.batch_size},
-       {"grad_accumulation", o.grad_accumulation},
-       {"weight_decay", o.weight_decay},
-       {"clip_grad_norm", o.clip_grad_norm},
-       {"aux_loss_weight", o.aux_loss_weight},
-       {"eval_every", o.eval_every},
-       {"checkpoint_every", o.checkpoint_every},
-       {"seed", o.seed},
-       {"out_dir", o.out_dir},
-       {"task_sampling", o.task_sampling},
-       {"sampling_temperature", o.sampling_temperature},
-       {"train_base", o.train_base},
-       {"early_stopping_patience", o.early_stopping_patience},
-       {"routing", o.routing},
-       {"precision", o.precision},
-       {"gradient_checkpointing", o.gradient_checkpointing}};
+void to_json(nlohmann::json& j, const ExampleRouting& r) { j = example_routing_fields().write(r); }
+
+void from_json(const nlohmann::json& j, ExampleRouting& r) { r = example_routing_fields().read(j); }
+
+const FieldList<TrainOptions>& train_options_fields() {
+  using O = TrainOptions;
+  static const FieldList<O> f = FieldList<O>("options")
+      .add("steps", &O::steps, "optimiser steps")
+      .add("batch_size", &O::batch_size, "examples per micro-batch")
+      .add("grad_accumulation", &O::grad_accumulation, "micro-batches per optimiser step")
+      .add("weight_decay", &O::weight_decay, "AdamW decoupled weight decay")
+      .add("clip_grad_norm", &O::clip_grad_norm, "maximum global gradient norm (0: no clipping)")
+      .add("aux_loss_weight", &O::aux_loss_weight, "weight of the routers' auxiliary losses (load balancing, z-loss)")
+      .add("eval_every", &O::eval_every, "evaluate every N steps (0: at the end only)")
+      .add("checkpoint_every", &O::checkpoint_every, "write a checkpoint every N steps (0: at the end only)")
+      .add("seed", &O::seed, "data order and per-step randomness")
+      .add("out_dir", &O::out_dir, "metrics.jsonl, checkpoint/ and the trained modules go here")
+      .add("train_base", &O::train_base, "train the backbone's own parameters too (full fine-tuning, training from scratch)")
+      .add("early_stopping_patience", &O::early_stopping_patience,
+           "stop after this many evaluations without improvement (0: never)")
+      .add("task_sampling", &O::task_sampling, "multi-task data: proportional | temperature | uniform")
+      .add("sampling_temperature", &O::sampling_temperature, "temperature sampling: n_i^(1/T), normalised")
+      .add("routing", &O::routing, example_routing_fields(), "fixed per-example module choice by task or language")
+      .add("precision", &O::precision,
+           "fp32 | bf16 (autocast: matrix products in bfloat16, weights in float32) | fp16 (CUDA)")
+      .add("gradient_checkpointing", &O::gradient_checkpointing,
+           "rerun each layer during backward instead of keeping its activations (less memory, ~1/3 more compute)")
+      .add("schedule", &O::schedule, schedule_fields(), "learning rate over steps")
+      .check([](const O& o) { validate(o); });
+  return f;
 }
 
-void from_json(const nlohmann::json& j, TrainOptions& o) {
-  o = TrainOptions();
-  if (j.contains("schedule")) o.schedule = j["schedule"].get<ScheduleOptions>();
-  o.steps = j.value("steps", o.steps);
-  o.batch_size = j.value("batch_size", o.batch_size);
-  o.grad_accumulation = j.value("grad_accumulation", o.grad_accumulation);
-  o.weight_decay = j.value("weight_decay", o.weight_decay);
-  o.clip_grad_norm = j.value("clip_grad_norm", o.clip_grad_norm);
-  o.aux_loss_weight = j.value("aux_loss_weight", o.aux_loss_weight);
-  o.eval_every = j.value("eval_every", o.eval_every);
-  o.checkpoint_every = j.value("checkpoint_every", o.checkpoint_every);
-  o.seed = j.value("seed", o.seed);
-  o.out_dir = j.value("out_dir", o.out_dir);
-  o.train_base = j.value("train_base", o.train_base);
-  o.early_stopping_patience = j.value("early_stopping_patience", o.early_stopping_patience);
-  o.task_sampling = j.value("task_sampling", o.task_sampling);
-  o.sampling_temperature = j.value("sampling_temperature", o.sampling_temperature);
-  if (j.contains("routing")) o.routing = j["routing"].get<ExampleRouting>();
-  o.precision = j.value("precision", o.precision);
-  o.gradient_checkpointing = j.value("gradient_checkpointing", o.gradient_checkpointing);
-  validate(o);
-}
+void to_json(nlohmann::json& j, const TrainOptions& o) { j = train_options_fields().write(o); }
+
+void from_json(const nlohmann::json& j, TrainOptions& o) { o = train_options_fields().read(j); }
 
 void validate(const TrainOptions& o) {
   validate(o.schedule);

@@ -27,6 +27,9 @@
 
 namespace mdl {
 
+template <class T>
+class FieldList;
+
 class ModuleSet;
 class ModelImpl;
 class ProcessGroup;
@@ -41,6 +44,8 @@ struct ExampleRouting {
 };
 void to_json(nlohmann::json& j, const ExampleRouting& r);
 void from_json(const nlohmann::json& j, ExampleRouting& r);
+/// The fields of ExampleRouting: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<ExampleRouting>& example_routing_fields();
 
 /// Training settings.
 struct TrainOptions {
@@ -65,6 +70,8 @@ struct TrainOptions {
 };
 void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
+/// The fields of TrainOptions: JSON keys, defaults and meanings (core/fields.h).
+const FieldList<TrainOptions>& train_options_fields();
 /// Throws naming the field when an option is out of its range (from_json and Trainer call it).
 void validate(const TrainOptions& o);
 
