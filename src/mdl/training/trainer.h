@@ -22,7 +22,10 @@
 #include <string>
 #include <vector>
 
+#include "mdl/training/batch.h"
 #include "mdl/training/dataset.h"
+#include "mdl/training/evaluation.h"
+#include "mdl/training/metrics.h"
 #include "mdl/training/schedule.h"
 
 namespace mdl {
@@ -33,19 +36,6 @@ class FieldList;
 class ModuleSet;
 class ModelImpl;
 class ProcessGroup;
-
-/// Fixed per-example routing (the survey's task- and language-level routing): an example uses the
-/// modules listed for its task plus those listed for its language (each table applies only when set;
-/// an example whose task or language a set table lacks is an error). Empty: every example uses every
-/// active module. MAD-X-style joint training of language adapters is `by_language`.
-struct ExampleRouting {
-  std::map<std::string, std::vector<std::string>> by_task, by_language;
-  bool empty() const { return by_task.empty() && by_language.empty(); }
-};
-void to_json(nlohmann::json& j, const ExampleRouting& r);
-void from_json(const nlohmann::json& j, ExampleRouting& r);
-/// The fields of ExampleRouting: JSON keys, defaults and meanings (core/fields.h).
-const FieldList<ExampleRouting>& example_routing_fields();
 
 /// Training settings.
 struct TrainOptions {
@@ -72,56 +62,12 @@ void to_json(nlohmann::json& j, const TrainOptions& o);
 void from_json(const nlohmann::json& j, TrainOptions& o);
 /// The fields of TrainOptions: JSON keys, defaults and meanings (core/fields.h).
 const FieldList<TrainOptions>& train_options_fields();
-/// Throws naming the field when an option is out of its range (from_json and Trainer call it).
+/// Throws naming the field when an option is out of its range (its field list and Trainer run it).
 void validate(const TrainOptions& o);
-
-/// One logged point.
-struct TrainMetrics {
-  int64_t step = 0;
-  double loss = 0;       ///< training loss of the step (task loss + weighted aux loss)
-  double lr = 0;
-  double eval = -1;      ///< accuracy (classification, tagging) or perplexity (LM); -1 when not evaluated
-  double f1 = -1;        ///< macro-F1 over the labels (classification, tagging); -1 when not evaluated
-  std::map<std::string, double> eval_tasks;  ///< `eval` per task, when the evaluation data has several
-  /// Routing statistics of the step's last micro-batch, when the model routes: aux_loss, entropy (mean
-  /// over routed sites), dropped_fraction (mean), max_load (the largest expert share at any site).
-  std::map<std::string, double> routing;
-};
-
-/// What an evaluation measures; NaN where it does not apply to the head.
-struct EvalMetrics {
-  double accuracy = std::numeric_limits<double>::quiet_NaN();    ///< classification: examples; tagging: labelled tokens
-  double macro_f1 = std::numeric_limits<double>::quiet_NaN();    ///< F1 per label (seen in truth or prediction), averaged
-  double perplexity = std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
-  /// Accuracy for classification heads, perplexity for LM heads.
-  double primary() const { return std::isnan(perplexity) ? accuracy : perplexity; }
-};
 
 /// The complete checkpoint at `dir`: `dir` itself, or `dir`.old when a run was killed between the two
 /// renames that swap a new checkpoint in; empty when neither holds one.
 std::string find_checkpoint(const std::string& dir);
-
-/// Reads a metrics.jsonl written by Trainer::train (errors name the file and line).
-std::vector<TrainMetrics> read_metrics(const std::string& path);
-/// Draws <dir>/loss.svg (training loss by step) and, when evaluations exist, <dir>/eval.svg.
-void write_training_plots(const std::string& dir, const std::vector<TrainMetrics>& metrics, bool eval_is_perplexity);
-
-/// Accuracy (sequence or token classification heads) or perplexity (causal LM head) of `model` with its
-/// attached modules on `data`, in batches, without gradients; examples carry their task and language ids
-/// and use the modules `routing` gives them.
-EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
-                             const ExampleRouting& routing = {});
-/// The head's outputs for every example of `data`, in order, batched as training batches them (padding,
-/// images, task and language ids, `routing`), without gradients, in evaluation mode: (N, L) float32 on the
-/// CPU for sequence classification heads.
-at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size = 64, const ExampleRouting& routing = {});
-/// evaluate_metrics(...).primary().
-double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16, const ExampleRouting& routing = {});
-/// Macro-F1 of predicted vs target class ids (N) over `num_classes` classes.
-double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes);
-/// evaluate() per task of a multi-task dataset (task -> metric).
-std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
-                                                const ExampleRouting& routing = {});
 
 /// Trains `trainable` modules of `set` (everything else frozen).
 class Trainer {

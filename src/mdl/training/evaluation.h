@@ -1,0 +1,47 @@
+// Evaluation of a model with its attached modules on a dataset, batched as training batches it (padding,
+// images, task and language ids, fixed routing), without gradients, in evaluation mode: accuracy and
+// macro-F1 for classification heads, perplexity for causal LM heads; per task; raw logits.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <string>
+
+#include "mdl/training/batch.h"
+#include "mdl/training/dataset.h"
+
+namespace mdl {
+
+class ModelImpl;
+
+/// What an evaluation measures; NaN where it does not apply to the head.
+struct EvalMetrics {
+  double accuracy = std::numeric_limits<double>::quiet_NaN();    ///< classification: examples; tagging: labelled tokens
+  double macro_f1 = std::numeric_limits<double>::quiet_NaN();    ///< F1 per label (seen in truth or prediction), averaged
+  double perplexity = std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
+  /// Accuracy for classification heads, perplexity for LM heads.
+  double primary() const { return std::isnan(perplexity) ? accuracy : perplexity; }
+};
+
+/// Accuracy (sequence or token classification heads) or perplexity (causal LM head) of `model` with its
+/// attached modules on `data`, in batches, without gradients; examples carry their task and language ids
+/// and use the modules `routing` gives them.
+EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
+                             const ExampleRouting& routing = {});
+/// The head's outputs for every example of `data`, in order, batched as training batches them (padding,
+/// images, task and language ids, `routing`), without gradients, in evaluation mode: (N, L) float32 on the
+/// CPU for sequence classification heads.
+at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size = 64, const ExampleRouting& routing = {});
+/// evaluate_metrics(...).primary().
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16, const ExampleRouting& routing = {});
+/// Macro-F1 of predicted vs target class ids (N) over `num_classes` classes.
+double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes);
+/// evaluate() per task of a multi-task dataset (task -> metric).
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
+                                                const ExampleRouting& routing = {});
+
+}  // namespace mdl
