@@ -25,7 +25,8 @@ void gemm(const Settings& s, Report& r) {
     if (s.quick && n > 1024) continue;
     double g = gemm_gflops(n, s);
     g_peak = std::max(g_peak, g);
-    r.add({"machine", "fp32 GEMM " + std::to_string(n) + "^3", g, "GFLOP/s", n == 2048 || (s.quick && n == 1024) ? "reference ceiling" : ""});
+    r.add({"machine", "fp32 GEMM " + std::to_string(n) + "^3", g, "GFLOP/s",
+           n == 2048 || (s.quick && n == 1024) ? "reference ceiling" : ""});
   }
 }
 
@@ -33,7 +34,8 @@ void gemm(const Settings& s, Report& r) {
 double matmul_flops_per_token(const ModelImpl& m) {
   double macs = 0;
   for (const auto& site : m.sites())
-    if (site->info().kind == SiteKind::linear) macs += double(site->info().in_features) * site->info().out_features;
+    if (site->info().kind == SiteKind::linear)
+      macs += double(site->info().in_features) * site->info().out_features;
   return 2 * macs;
 }
 
@@ -56,8 +58,10 @@ void forward(const Settings& s, Report& r) {
         char note[96];
         std::snprintf(note, sizeof(note), "%.2f of GEMM peak (%.1f GFLOP/s in projections)",
                       g_peak > 0 ? tps * flops / 1e9 / g_peak : 0.0, tps * flops / 1e9);
-        r.add({"backbone", "forward " + arch + "-" + preset + " batch " + std::to_string(batch) + " x " + std::to_string(T),
-               tps, "tokens/s", note});
+        r.add(
+            {"backbone",
+             "forward " + arch + "-" + preset + " batch " + std::to_string(batch) + " x " + std::to_string(T),
+             tps, "tokens/s", note});
       }
     }
   }

@@ -1,5 +1,7 @@
 #include "harness.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -7,7 +9,6 @@
 #include <fstream>
 #include <map>
 #include <string>
-#include <unistd.h>
 
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/threads.h"
@@ -21,8 +22,8 @@ std::vector<std::pair<std::string, std::function<void(const Settings&, Report&)>
 }  // namespace
 
 void Report::add(Row row) {
-  std::printf("  %-12s %-52s %12.2f %-10s %s\n", row.group.c_str(), row.name.c_str(), row.value, row.unit.c_str(),
-              row.note.c_str());
+  std::printf("  %-12s %-52s %12.2f %-10s %s\n", row.group.c_str(), row.name.c_str(), row.value,
+              row.unit.c_str(), row.note.c_str());
   std::fflush(stdout);
   rows_.push_back(std::move(row));
 }
@@ -98,7 +99,9 @@ ChildResult run_child(const std::string& name, const Settings& settings) {
   return r;
 }
 
-long peak_rss_bytes() { return status_bytes("VmHWM"); }
+long peak_rss_bytes() {
+  return status_bytes("VmHWM");
+}
 
 }  // namespace mdl::bench
 
@@ -108,10 +111,14 @@ int main(int argc, char** argv) {
   int threads = 0;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--quick") settings.quick = true, settings.min_seconds = 0.05;
-    else if (a.rfind("--filter=", 0) == 0) filter = a.substr(9);
-    else if (a.rfind("--threads=", 0) == 0) threads = std::stoi(a.substr(10));
-    else if (a.rfind("--child=", 0) == 0) child = a.substr(8);
+    if (a == "--quick")
+      settings.quick = true, settings.min_seconds = 0.05;
+    else if (a.rfind("--filter=", 0) == 0)
+      filter = a.substr(9);
+    else if (a.rfind("--threads=", 0) == 0)
+      threads = std::stoi(a.substr(10));
+    else if (a.rfind("--child=", 0) == 0)
+      child = a.substr(8);
     else if (a == "--help" || a == "-h") {
       std::printf("usage: mdl_bench [--quick] [--filter=SUBSTRING] [--threads=N]\nbenchmarks:");
       for (auto& [name, fn] : mdl::bench::registry()) std::printf(" %s", name.c_str());

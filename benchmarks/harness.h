@@ -11,11 +11,11 @@ namespace mdl::bench {
 
 /// One line of the report.
 struct Row {
-  std::string group;   ///< the benchmark family, e.g. "backbone"
-  std::string name;    ///< what was measured
-  double value = 0;    ///< the figure
-  std::string unit;    ///< its unit
-  std::string note;    ///< a ratio against the baseline measured in the same run, or context
+  std::string group;  ///< the benchmark family, e.g. "backbone"
+  std::string name;   ///< what was measured
+  double value = 0;   ///< the figure
+  std::string unit;   ///< its unit
+  std::string note;   ///< a ratio against the baseline measured in the same run, or context
 };
 
 /// Receives rows as a benchmark produces them.
@@ -30,8 +30,8 @@ class Report {
 
 /// Settings every benchmark sees.
 struct Settings {
-  bool quick = false;         ///< fewer repetitions and smaller sizes (smoke runs)
-  double min_seconds = 0.5;   ///< repeat each measurement until it took at least this long
+  bool quick = false;        ///< fewer repetitions and smaller sizes (smoke runs)
+  double min_seconds = 0.5;  ///< repeat each measurement until it took at least this long
 };
 
 /// Registers a benchmark; returns true so it can initialise a static.

@@ -24,7 +24,9 @@ std::string root() {
   return dir ? dir : "";
 }
 
-std::vector<std::string> inputs() { return {root() + "/m1", root() + "/m2", root() + "/m3"}; }
+std::vector<std::string> inputs() {
+  return {root() + "/m1", root() + "/m2", root() + "/m3"};
+}
 
 double streamed(const Settings&) {
   MergeOptions o;
@@ -51,7 +53,8 @@ double all_in_memory(const Settings&) {
   o.method = "ties";
   o.density = 0.5;
   std::map<std::string, at::Tensor> out;
-  for (const auto& [name, t] : all[0]) out[name] = merge_tensors({all[0].at(name), all[1].at(name), all[2].at(name)}, base.at(name), o, name);
+  for (const auto& [name, t] : all[0])
+    out[name] = merge_tensors({all[0].at(name), all[1].at(name), all[2].at(name)}, base.at(name), o, name);
   io::save_safetensors(root() + "/out2.safetensors", out);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -73,7 +76,8 @@ void merge_bench(const Settings& s, Report& r) {
   ChildResult stream = run_child("merge_streamed", s), naive = run_child("merge_all_in_memory", s);
   const double mb = 1024.0 * 1024.0;
   char note[128];
-  const std::string what = "3 x llama-" + preset + " (" + std::to_string(static_cast<int>(size / mb)) + " MiB each), ties";
+  const std::string what =
+      "3 x llama-" + preset + " (" + std::to_string(static_cast<int>(size / mb)) + " MiB each), ties";
   r.add({"merge", "mdl merge streamed, " + what, stream.seconds, "s", "wall time"});
   const double extra = static_cast<double>(stream.peak_rss - stream.baseline_rss);
   std::snprintf(note, sizeof(note), "%.2fx one checkpoint (target <= 1.5x)", extra / size);

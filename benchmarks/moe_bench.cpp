@@ -23,7 +23,9 @@ at::Tensor swiglu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w
 void moe_mlp(const Settings& s, Report& r) {
   const int64_t C = 384, I = 256, E = 8, K = 2;
   const int64_t N = s.quick ? 512 : 4096;
-  auto param = [](std::vector<int64_t> shape, double std) { return (at::randn(shape) * std).requires_grad_(true); };
+  auto param = [](std::vector<int64_t> shape, double std) {
+    return (at::randn(shape) * std).requires_grad_(true);
+  };
   // Each expert's weights are tensors of their own, as in the Mixtral backbone (slicing one stacked
   // parameter would make every slice's backward write a full-size gradient).
   at::Tensor gate = param({E, C}, 0.02);
@@ -44,19 +46,21 @@ void moe_mlp(const Settings& s, Report& r) {
   auto moe_step = [&] {
     clear();
     Routing routing = router->route(at::matmul(x, gate.t()), E, {});
-    at::Tensor y = dispatch(x, routing, C, [&](int64_t e, const at::Tensor& rows) {
-      return swiglu(rows, w1[e], w3[e], w2[e]);
-    });
+    at::Tensor y = dispatch(
+        x, routing, C, [&](int64_t e, const at::Tensor& rows) { return swiglu(rows, w1[e], w3[e], w2[e]); });
     y.sum().backward();
   };
   // The same experts as a group's members behind a LearnedRouter and a WeightedSum: the path of the
   // Mixtral and upcycled-ViT layers (backbones/expert_router.h) and of lora_moe and fusion mixtures.
-  LearnedRouter group_router("bench.moe", "bench", o, [&](const at::Tensor& rows) { return at::matmul(rows, gate.t()); });
+  LearnedRouter group_router("bench.moe", "bench", o,
+                             [&](const at::Tensor& rows) { return at::matmul(rows, gate.t()); });
   GroupMembers experts;
   experts.count = E;
   experts.out_features = C;
   experts.reads_current = false;
-  experts.change = [&](int64_t e, const at::Tensor& rows, const at::Tensor&) { return swiglu(rows, w1[e], w3[e], w2[e]); };
+  experts.change = [&](int64_t e, const at::Tensor& rows, const at::Tensor&) {
+    return swiglu(rows, w1[e], w3[e], w2[e]);
+  };
   WeightedSum sum;
   auto group_step = [&] {
     clear();
@@ -87,33 +91,37 @@ void moe_mlp(const Settings& s, Report& r) {
   Settings once = s;
   once.min_seconds = 0;
   const double naive = time_it(
-      [&] {
-        clear();
-        Routing routing = router->route(at::matmul(xn, gate.t()), E, {});
-        at::Tensor idx = routing.expert.view({K, naive_tokens}).t(), w = routing.weight.view({K, naive_tokens}).t();
-        std::vector<at::Tensor> outs;
-        for (int64_t t = 0; t < naive_tokens; ++t) {
-          at::Tensor xt = xn.narrow(0, t, 1);
-          at::Tensor yt = at::zeros({1, C});
-          for (int64_t j = 0; j < K; ++j) {
-            const int64_t e = idx[t][j].item<int64_t>();
-            yt = yt + w[t][j] * swiglu(xt, w1[e], w3[e], w2[e]);
-          }
-          outs.push_back(yt);
-        }
-        at::cat(outs, 0).sum().backward();
-      },
-      once) * static_cast<double>(N) / naive_tokens;
+                           [&] {
+                             clear();
+                             Routing routing = router->route(at::matmul(xn, gate.t()), E, {});
+                             at::Tensor idx = routing.expert.view({K, naive_tokens}).t(),
+                                        w = routing.weight.view({K, naive_tokens}).t();
+                             std::vector<at::Tensor> outs;
+                             for (int64_t t = 0; t < naive_tokens; ++t) {
+                               at::Tensor xt = xn.narrow(0, t, 1);
+                               at::Tensor yt = at::zeros({1, C});
+                               for (int64_t j = 0; j < K; ++j) {
+                                 const int64_t e = idx[t][j].item<int64_t>();
+                                 yt = yt + w[t][j] * swiglu(xt, w1[e], w3[e], w2[e]);
+                               }
+                               outs.push_back(yt);
+                             }
+                             at::cat(outs, 0).sum().backward();
+                           },
+                           once) *
+                       static_cast<double>(N) / naive_tokens;
   char note[128];
-  const std::string what = "top-2 of 8 SwiGLU experts (C=384, I=256), fwd+bwd, " + std::to_string(N) + " tokens";
+  const std::string what =
+      "top-2 of 8 SwiGLU experts (C=384, I=256), fwd+bwd, " + std::to_string(N) + " tokens";
   std::snprintf(note, sizeof(note), "%.2fx dense same active params (target <= 1.5x)", moe / dense);
   r.add({"moe", "grouped dispatch, " + what, N / moe, "tokens/s", note});
   r.add({"moe", "dense SwiGLU MLP I=512 (same active parameters)", N / dense, "tokens/s", "baseline"});
   std::snprintf(note, sizeof(note), "%.3fx the bare dispatch's time (target <= 1.05x)", group / moe);
-  r.add({"moe", "the experts as a group (LearnedRouter + WeightedSum, as the backbones run them)", N / group, "tokens/s", note});
-  std::snprintf(note, sizeof(note), "grouped dispatch is %.1fx faster", naive / moe);
-  r.add({"moe", "naive per-token loop (timed on " + std::to_string(naive_tokens) + " tokens, scaled)", N / naive,
+  r.add({"moe", "the experts as a group (LearnedRouter + WeightedSum, as the backbones run them)", N / group,
          "tokens/s", note});
+  std::snprintf(note, sizeof(note), "grouped dispatch is %.1fx faster", naive / moe);
+  r.add({"moe", "naive per-token loop (timed on " + std::to_string(naive_tokens) + " tokens, scaled)",
+         N / naive, "tokens/s", note});
 }
 
 }  // namespace

@@ -5,7 +5,6 @@
 // second, from one run: medians of 7 alternating rounds.
 #include <ATen/ATen.h>
 #include <torch/utils.h>
-
 #include <unistd.h>
 
 #include <algorithm>
@@ -66,15 +65,16 @@ struct Bench {
   Engine engine;
   std::vector<std::string> modules;
   int64_t max_tokens;
-  Bench(const std::string& model_dir, const std::string& modules_dir, int64_t max_batch, std::vector<std::string> mods,
-        int64_t max_tokens_, const std::string& bank_dtype = "float16")
-      : engine(load_model(model_dir), Tokenizer::from_file(model_dir), options(model_dir, modules_dir, max_batch, bank_dtype)),
+  Bench(const std::string& model_dir, const std::string& modules_dir, int64_t max_batch,
+        std::vector<std::string> mods, int64_t max_tokens_, const std::string& bank_dtype = "float16")
+      : engine(load_model(model_dir), Tokenizer::from_file(model_dir),
+               options(model_dir, modules_dir, max_batch, bank_dtype)),
         modules(std::move(mods)),
         max_tokens(max_tokens_) {
     run();  // warm-up: modules loaded, allocator warm
   }
-  static EngineOptions options(const std::string& model_dir, const std::string& modules_dir, int64_t max_batch,
-                               const std::string& bank_dtype) {
+  static EngineOptions options(const std::string& model_dir, const std::string& modules_dir,
+                               int64_t max_batch, const std::string& bank_dtype) {
     EngineOptions o;
     o.model_dir = model_dir;
     o.modules_dir = modules_dir;
@@ -101,7 +101,8 @@ struct Bench {
     std::vector<std::future<CompletionResult>> out = engine.submit(std::move(requests));
     int64_t tokens = 0;
     for (auto& f : out) tokens += static_cast<int64_t>(f.get().tokens.size());
-    return static_cast<double>(tokens) / std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return static_cast<double>(tokens) /
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
 };
 
@@ -113,9 +114,11 @@ double median(std::vector<double> v) {
 void serving(const Settings& s, Report& r) {
   const int64_t n = s.quick ? 4 : 32, max_tokens = s.quick ? 4 : 32;
   Fixture f(n);
-  std::vector<std::string> distinct, same(static_cast<size_t>(n), "lora0"), base(static_cast<size_t>(n), "base");
+  std::vector<std::string> distinct, same(static_cast<size_t>(n), "lora0"),
+      base(static_cast<size_t>(n), "base");
   for (int64_t i = 0; i < n; ++i) distinct.push_back("lora" + std::to_string(i));
-  Bench bd(f.model, f.modules, n, distinct, max_tokens), bd32(f.model, f.modules, n, distinct, max_tokens, "float32"),
+  Bench bd(f.model, f.modules, n, distinct, max_tokens),
+      bd32(f.model, f.modules, n, distinct, max_tokens, "float32"),
       bs(f.model, f.modules, n, same, max_tokens), bm(f.merged, "", n, base, max_tokens);
   // The three batched setups alternate for several rounds and the medians are compared, so drift of a
   // shared machine during the measurement does not land in the ratios.

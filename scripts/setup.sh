@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
-  build-essential cmake pkg-config ccache ninja-build
+  build-essential cmake pkg-config ccache ninja-build clang-format
   libtorch-dev libopenblas0-pthread libopenblas-dev libdnnl-dev
   nlohmann-json3-dev libcli11-dev libfmt-dev libspdlog-dev
   libre2-dev libutf8proc-dev zlib1g-dev

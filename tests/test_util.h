@@ -35,7 +35,9 @@ class TempDir {
     std::filesystem::remove_all(path_, ec);
   }
   const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return (std::filesystem::path(path_) / name).string(); }
+  std::string operator/(const std::string& name) const {
+    return (std::filesystem::path(path_) / name).string();
+  }
 
  private:
   std::string path_;
@@ -71,7 +73,8 @@ inline long peak_rss_kib() {
 /// Whether `pid` (a child of this process) has exited; it stays waitable (not reaped).
 inline bool child_exited(pid_t pid) {
   siginfo_t info{};
-  return pid > 0 && waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid;
+  return pid > 0 && waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 &&
+         info.si_pid == pid;
 }
 
 /// Waits for `done()`, checking every few milliseconds; gives up only when the child `pid` (if > 0) has
@@ -90,25 +93,29 @@ inline bool wait_until(const std::function<bool()>& done, pid_t pid = -1,
 }  // namespace mdl::test
 
 /// `got` equals `want` within `tol`, relative to want's largest magnitude (rel_diff).
-#define EXPECT_CLOSE(got, want, tol)                                                             \
+// (clang-format's string breaking does not settle on this macro.)
+// clang-format off
+#define EXPECT_CLOSE(got, want, tol) \
   EXPECT_LE(::mdl::test::rel_diff((got), (want)), (tol)) << #got " differs from " #want " by more than " #tol
+// clang-format on
 
 /// `got` differs from `want` by more than float32 rounding over a small model (1e-6 relative; two
 /// kernels' results differ by about 1e-7 here): a real change.
-#define EXPECT_CHANGED(got, want) \
-  EXPECT_GT(::mdl::test::rel_diff((got), (want)), 1e-6) << #got " is " #want " up to rounding: nothing changed"
+#define EXPECT_CHANGED(got, want)                       \
+  EXPECT_GT(::mdl::test::rel_diff((got), (want)), 1e-6) \
+      << #got " is " #want " up to rounding: nothing changed"
 
 /// Expects `stmt` to throw an exception whose message contains every one of the given substrings.
-#define EXPECT_THROW_WITH(stmt, ...)                                              \
-  do {                                                                            \
-    bool thrown_ = false;                                                         \
-    try {                                                                         \
-      stmt;                                                                       \
-    } catch (const std::exception& e_) {                                          \
-      thrown_ = true;                                                             \
-      for (const char* part_ : {__VA_ARGS__})                                     \
-        EXPECT_NE(std::string(e_.what()).find(part_), std::string::npos)          \
-            << "message: " << e_.what() << "\n  lacks: " << part_;                \
-    }                                                                             \
-    EXPECT_TRUE(thrown_) << "expected an exception from " #stmt;                  \
+#define EXPECT_THROW_WITH(stmt, ...)                                     \
+  do {                                                                   \
+    bool thrown_ = false;                                                \
+    try {                                                                \
+      stmt;                                                              \
+    } catch (const std::exception& e_) {                                 \
+      thrown_ = true;                                                    \
+      for (const char* part_ : {__VA_ARGS__})                            \
+        EXPECT_NE(std::string(e_.what()).find(part_), std::string::npos) \
+            << "message: " << e_.what() << "\n  lacks: " << part_;       \
+    }                                                                    \
+    EXPECT_TRUE(thrown_) << "expected an exception from " #stmt;         \
   } while (0)

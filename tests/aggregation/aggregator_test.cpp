@@ -73,7 +73,10 @@ TEST(ParameterAverage, AveragesEachHeadsSliceWithItsWeights) {
   GroupMembers m;
   m.count = 3;
   m.out_features = 6;
-  m.stacked_low_rank = [&](at::Tensor& a, at::Tensor& b, double& s) { a = A, b = B, s = 0.5; return true; };
+  m.stacked_low_rank = [&](at::Tensor& a, at::Tensor& b, double& s) {
+    a = A, b = B, s = 0.5;
+    return true;
+  };
   const at::Tensor x = at::randn({2, 5, 4});
   Routing r;  // per example and head: example 0 head 0 -> LoRA 0, head 1 -> LoRA 2; example 1 an even mix
   r.rows = 2;
@@ -92,7 +95,8 @@ TEST(ParameterAverage, AveragesEachHeadsSliceWithItsWeights) {
 
   GroupMembers not_lora = m;
   not_lora.stacked_low_rank = [](at::Tensor&, at::Tensor&, double&) { return false; };
-  EXPECT_THROW_WITH(avg.combine(x, at::Tensor(), r, not_lora), "parameter averaging needs members that are LoRAs");
+  EXPECT_THROW_WITH(avg.combine(x, at::Tensor(), r, not_lora),
+                    "parameter averaging needs members that are LoRAs");
   r.head_dense = at::zeros({2, 1, 3});
   EXPECT_THROW_WITH(avg.combine(x, at::Tensor(), r, m), "over 2 heads needs weights (B, 2, 3)");
 }

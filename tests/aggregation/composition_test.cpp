@@ -1,12 +1,13 @@
 // The composition language: valid expressions and their canonical form, invalid ones with their exact
 // messages, and what an expression does to a model's modules (sums, averages, stacks, merges, refusals).
+#include "mdl/aggregation/composition.h"
+
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
 #include <filesystem>
 
 #include "backbones/fixtures.h"
-#include "mdl/aggregation/composition.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -18,7 +19,8 @@ TEST(CompositionParser, ValidExpressions) {
   EXPECT_EQ(parse_composition("a:0.5 + b:0.5").to_string(), "sum(a:0.5, b:0.5)");
   EXPECT_EQ(parse_composition("ties(a, b, c; density=0.5)").to_string(), "ties(a, b, c; density=0.5)");
   EXPECT_EQ(parse_composition("a,b:-0.5").to_string(), "stack(a, b:-0.5)");
-  EXPECT_EQ(parse_composition("stack(de, svd(x, y; rank=4):2)").to_string(), "stack(de, svd(x, y; rank=4):2)");
+  EXPECT_EQ(parse_composition("stack(de, svd(x, y; rank=4):2)").to_string(),
+            "stack(de, svd(x, y; rank=4):2)");
   Composition c = parse_composition("stack(a, avg(b, c))");
   EXPECT_EQ(c.kind, Composition::Kind::stack);
   EXPECT_EQ(c.children[1].kind, Composition::Kind::avg);
@@ -51,14 +53,17 @@ void expect_message(const std::string& text, const std::string& message) {
 
 TEST(CompositionParser, ErrorsPointAtTheColumn) {
   expect_message("stack(a, b", "[compose] column 11: expected ')' to close 'stack(', found the end");
-  expect_message("foo(a)", "[compose] column 1: unknown function 'foo'; expected stack, avg, sum, fuse, or a merge: "
-                           "linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, slerp, cat, svd");
+  expect_message("foo(a)",
+                 "[compose] column 1: unknown function 'foo'; expected stack, avg, sum, fuse, or a merge: "
+                 "linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, slerp, cat, svd");
   expect_message("avg(a:x)", "[compose] column 7: expected a finite number, found 'x'");
   expect_message("a +", "[compose] column 4: expected a module name, found the end");
   expect_message("stack(a; density=1)", "[compose] column 8: only merges take parameters after ';'");
-  expect_message("ties(a, b; dens=1)", "[compose] column 12: unknown parameter 'dens'; expected density, rank, t, lambda or seed");
+  expect_message("ties(a, b; dens=1)",
+                 "[compose] column 12: unknown parameter 'dens'; expected density, rank, t, lambda or seed");
   expect_message("a b", "[compose] column 3: unexpected 'b' after a complete expression");
-  expect_message("", "[compose] column 1: empty expression; expected a module name or a function like stack(a, b)");
+  expect_message(
+      "", "[compose] column 1: empty expression; expected a module name or a function like stack(a, b)");
   expect_message("stack(a b)", "[compose] column 9: expected ',' or ')', found 'b'");
   expect_message("stack(a ü)", "[compose] column 9: expected ',' or ')', found 'ü'");  // a whole character
   expect_message("'open", "[compose] column 1: the quoted name is not closed: expected ' before the end");
@@ -137,9 +142,10 @@ TEST_F(Compose, SumsAveragesAndStacks) {
 }
 
 TEST_F(Compose, NonsenseIsRefusedWithTheReason) {
-  EXPECT_THROW_WITH(run("avg(a, c)"), "[compose] column 8: avg combines additive modules", "'c' is a adapter module",
-                    "use stack(...)");
-  EXPECT_THROW_WITH(run("stack(a, zzz)"), "[compose] column 10: unknown module 'zzz'", "not in the modules directory");
+  EXPECT_THROW_WITH(run("avg(a, c)"), "[compose] column 8: avg combines additive modules",
+                    "'c' is a adapter module", "use stack(...)");
+  EXPECT_THROW_WITH(run("stack(a, zzz)"), "[compose] column 10: unknown module 'zzz'",
+                    "not in the modules directory");
   EXPECT_THROW_WITH(run("fuse(p, c)"), "[compose] column 6: cannot fuse 'p', a prompt module",
                     "no output for fusion to attend over");
   EXPECT_THROW_WITH(run("fuse(c)"), "fuse needs at least 2 modules");

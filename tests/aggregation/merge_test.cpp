@@ -1,6 +1,8 @@
 // Merging: every method against hand-computed tensors, DARE's reproducibility and expectation, exact LoRA
 // concatenation, SVD truncation error equal to the discarded singular values, module merges equal to the
 // modules run together (scaling once, negative weights, mixed ranks, rsLoRA), streamed checkpoint merges.
+#include "mdl/aggregation/merge.h"
+
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
@@ -8,7 +10,6 @@
 #include <filesystem>
 
 #include "backbones/fixtures.h"
-#include "mdl/aggregation/merge.h"
 #include "mdl/io/checkpoint.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
@@ -17,7 +18,9 @@
 namespace mdl {
 namespace {
 
-at::Tensor vec(std::vector<float> v) { return at::tensor(v); }
+at::Tensor vec(std::vector<float> v) {
+  return at::tensor(v);
+}
 
 void expect_near(const at::Tensor& got, std::vector<double> want, double tol = 1e-6) {
   ASSERT_EQ(got.numel(), static_cast<int64_t>(want.size()));
@@ -38,7 +41,8 @@ TEST(MergeMethods, LinearAndTaskArithmetic) {
   sum.normalize = false;
   expect_near(merge_tensors({vec({1, 2}), vec({3, 6})}, {}, sum, "x"), {10, 20});
   // base + sum w_i (theta_i - base), a negative weight negates a task.
-  expect_near(merge_tensors({vec({2, 3}), vec({0, 5})}, vec({1, 1}), opts("task_arithmetic", {1, -0.5}), "x"), {2.5, 1});
+  expect_near(merge_tensors({vec({2, 3}), vec({0, 5})}, vec({1, 1}), opts("task_arithmetic", {1, -0.5}), "x"),
+              {2.5, 1});
   // Averaging identical inputs gives that input.
   at::Tensor a = at::randn({5, 3});
   EXPECT_TRUE(at::allclose(merge_tensors({a, a, a}, {}, opts("linear"), "x"), a));
@@ -57,7 +61,8 @@ TEST(MergeMethods, TiesBothConventions) {
   expect_near(merge_tensors({vec({2, -1, 4, 1.5}), vec({-2, 2, 3, 0.9})}, vec({1, 1, 1, 1}), l, "x"),
               {1 - 1.5, 1 - 1, 1 + 7.0 / 6, 1});
   expect_near(trim_to_density(vec({0.1f, -5, 2, -0.3f}), 0.5), {0, -5, 2, 0});
-  expect_near(merge_tensors({vec({1, -4}), vec({2, 1})}, {}, opts("magnitude_prune", {1, 1}, 0.5), "x"), {2, -4});
+  expect_near(merge_tensors({vec({1, -4}), vec({2, 1})}, {}, opts("magnitude_prune", {1, 1}, 0.5), "x"),
+              {2, -4});
 }
 
 TEST(MergeMethods, DareIsReproducibleAndUnbiased) {
@@ -69,7 +74,8 @@ TEST(MergeMethods, DareIsReproducibleAndUnbiased) {
   // PEFT: kept entries times 1/density exactly; mergekit: the L1 norm is kept.
   at::Tensor kept = a != 0;
   EXPECT_TRUE(at::allclose(a.masked_select(kept), tau.masked_select(kept) / 0.3));
-  EXPECT_NEAR(dare(tau, 0.3, MergeConvention::mergekit, 7).abs().sum().item<double>(), tau.abs().sum().item<double>(), 1e-2);
+  EXPECT_NEAR(dare(tau, 0.3, MergeConvention::mergekit, 7).abs().sum().item<double>(),
+              tau.abs().sum().item<double>(), 1e-2);
   // Over many seeds the mean approaches the input.
   at::Tensor mean = at::zeros_like(tau);
   const int n = 3000;
@@ -89,7 +95,8 @@ TEST(MergeMethods, DareIsReproducibleAndUnbiased) {
 TEST(MergeMethods, BlockedMergeEqualsWholeTensorMerge) {
   auto gen = at::detail::createCPUGenerator(3);
   const at::Tensor base = at::randn({700, 600}, gen);
-  std::vector<at::Tensor> in = {base + at::randn({700, 600}, gen), base + at::randn({700, 600}, gen), base - 0.5 * at::randn({700, 600}, gen)};
+  std::vector<at::Tensor> in = {base + at::randn({700, 600}, gen), base + at::randn({700, 600}, gen),
+                                base - 0.5 * at::randn({700, 600}, gen)};
   for (const std::string method : {"ties", "magnitude_prune", "task_arithmetic"}) {
     MergeOptions o = opts(method, {1, 0.5, 2}, 0.2);
     at::Tensor blocked = merge_tensors(in, base, o, "w");
@@ -104,7 +111,8 @@ TEST(MergeMethods, Slerp) {
   MergeOptions o = opts("slerp");
   expect_near(merge_tensors({vec({1, 0}), vec({0, 1})}, {}, o, "x"), {std::sqrt(0.5), std::sqrt(0.5)});
   o.t = 0.25;
-  expect_near(merge_tensors({vec({1, 0}), vec({0, 1})}, {}, o, "x"), {std::cos(M_PI / 8), std::sin(M_PI / 8)});
+  expect_near(merge_tensors({vec({1, 0}), vec({0, 1})}, {}, o, "x"),
+              {std::cos(M_PI / 8), std::sin(M_PI / 8)});
   expect_near(merge_tensors({vec({1, 1}), vec({2, 2})}, {}, o, "x"), {1.25, 1.25});  // parallel: linear
 }
 
@@ -114,7 +122,8 @@ TEST(MergeMethods, InvalidOptionsAreRefused) {
   EXPECT_THROW_WITH(validate(opts("ties", {}, 0.0), 2), "density must be in (0, 1], got 0");
   EXPECT_THROW_WITH(validate(opts("slerp"), 3), "slerp interpolates exactly 2 inputs, got 3");
   EXPECT_THROW_WITH(validate(opts("linear", {1, -1}), 2), "sum of the weights, which is 0");
-  EXPECT_THROW_WITH(merge_tensors({vec({1, 2}), vec({1, 2, 3})}, {}, opts("linear"), "w"), "'w': input 2 has shape [3]");
+  EXPECT_THROW_WITH(merge_tensors({vec({1, 2}), vec({1, 2, 3})}, {}, opts("linear"), "w"),
+                    "'w': input 2 has shape [3]");
 }
 
 TEST(LoraMerge, CatIsExactAndSvdErrorIsTheDiscardedSpectrum) {
@@ -182,7 +191,8 @@ TEST(LoraMerge, ModuleMergesEqualTheModulesTogether) {
     }
   }
   // PEFT inputs give a PEFT output with the same result.
-  MergeReport r = merge_modules(model, {tmp / "peft_a", tmp / "peft_b"}, opts("cat", {0.6, -1.2}), tmp / "m_peft");
+  MergeReport r =
+      merge_modules(model, {tmp / "peft_a", tmp / "peft_b"}, opts("cat", {0.6, -1.2}), tmp / "m_peft");
   EXPECT_EQ(r.format, "peft");
   EXPECT_TRUE(std::filesystem::exists(tmp / "m_peft/adapter_config.json"));
   ModuleSet merged(load_model(model));
@@ -211,10 +221,12 @@ TEST(CheckpointMerge, StreamedLinearAndTiesEqualTheTensorFormulas) {
   }
   MergeReport r = merge_checkpoints({dirs[1], dirs[2]}, "", opts("linear", {1, 3}), tmp / "lin");
   EXPECT_EQ(r.format, "checkpoint");
-  auto m1 = io::load_safetensors(dirs[1] + "/model.safetensors"), m2 = io::load_safetensors(dirs[2] + "/model.safetensors");
+  auto m1 = io::load_safetensors(dirs[1] + "/model.safetensors"),
+       m2 = io::load_safetensors(dirs[2] + "/model.safetensors");
   auto lin = io::load_safetensors(tmp / "lin/model.safetensors");
   EXPECT_EQ(lin.size(), m1.size());
-  for (const auto& [name, t] : lin) EXPECT_TRUE(at::allclose(t, (m1.at(name) + 3 * m2.at(name)) / 4, 1e-6, 1e-6)) << name;
+  for (const auto& [name, t] : lin)
+    EXPECT_TRUE(at::allclose(t, (m1.at(name) + 3 * m2.at(name)) / 4, 1e-6, 1e-6)) << name;
   EXPECT_NO_THROW(load_model(tmp / "lin"));  // config and tokenizer copied: a loadable checkpoint
   MergeOptions ties = opts("ties", {1, 1}, 0.3);
   merge_checkpoints({dirs[1], dirs[2]}, dirs[0], ties, tmp / "ties");
@@ -222,8 +234,9 @@ TEST(CheckpointMerge, StreamedLinearAndTiesEqualTheTensorFormulas) {
   auto got = io::load_safetensors(tmp / "ties/model.safetensors");
   const std::string w = "model.layers.0.self_attn.q_proj.weight";
   EXPECT_TRUE(at::allclose(got.at(w), merge_tensors({m1.at(w), m2.at(w)}, base.at(w), ties, w)));
-  EXPECT_THROW_WITH(merge_checkpoints({dirs[1], test::tiny_checkpoint("gpt2")}, "", opts("linear"), tmp / "bad"),
-                    "[merge]", "has no tensor");
+  EXPECT_THROW_WITH(
+      merge_checkpoints({dirs[1], test::tiny_checkpoint("gpt2")}, "", opts("linear"), tmp / "bad"), "[merge]",
+      "has no tensor");
   EXPECT_FALSE(std::filesystem::exists(tmp / "bad/model.safetensors"));
 }
 

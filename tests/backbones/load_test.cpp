@@ -61,7 +61,8 @@ TEST(Load, Gpt2WithoutPrefixAndWithAnUntiedHead) {
       [](auto& c) { c["tie_word_embeddings"] = false; });
   EXPECT_TRUE(at::allclose(logits_of(untied), want * 2, 1e-5, 1e-5));
   // ...and ignored when tied (HF's behaviour).
-  std::string tied_extra = variant(root, "tied-extra", src, [](auto& t) { t["lm_head.weight"] = t.at("transformer.wte.weight") * 2; });
+  std::string tied_extra = variant(root, "tied-extra", src,
+                                   [](auto& t) { t["lm_head.weight"] = t.at("transformer.wte.weight") * 2; });
   EXPECT_TRUE(at::equal(logits_of(tied_extra), want));
 }
 
@@ -97,24 +98,28 @@ TEST(Load, Bf16AndDeviceOptions) {
 TEST(Load, WrongBaseModelsAreRefusedWithNamesAndShapes) {
   const std::string src = test::tiny_checkpoint("gpt2");
   test::TempDir root;
-  std::string wrong = variant(root, "wrong-shape", src,
-                              [](auto& t) { t["transformer.h.1.mlp.c_fc.weight"] = at::zeros({64, 100}); });
+  std::string wrong = variant(root, "wrong-shape", src, [](auto& t) {
+    t["transformer.h.1.mlp.c_fc.weight"] = at::zeros({64, 100});
+  });
   EXPECT_THROW_WITH(load_model(wrong), "transformer.h.1.mlp.c_fc.weight", "[100, 64]", "[256, 64]",
                     "maybe the wrong base model");
   std::string missing = variant(root, "missing", src, [](auto& t) { t.erase("transformer.h.0.ln_2.bias"); });
   EXPECT_THROW_WITH(load_model(missing), "no tensor 'transformer.h.0.ln_2.bias'", "expected shape [64]");
-  std::string ints = variant(root, "ints", src,
-                             [](auto& t) { t["transformer.ln_f.weight"] = at::ones({64}, at::kInt); });
+  std::string ints =
+      variant(root, "ints", src, [](auto& t) { t["transformer.ln_f.weight"] = at::ones({64}, at::kInt); });
   EXPECT_THROW_WITH(load_model(ints), "transformer.ln_f.weight", "floating point");
   for (const float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
     std::string nan = variant(root, "nan" + std::to_string(bad > 0), src,
                               [&](auto& t) { t["transformer.h.1.attn.c_attn.weight"].view(-1)[7] = bad; });
-    EXPECT_THROW_WITH(load_model(nan), "transformer.h.1.attn.c_attn.weight", "1 values that are NaN or infinite");
+    EXPECT_THROW_WITH(load_model(nan), "transformer.h.1.attn.c_attn.weight",
+                      "1 values that are NaN or infinite");
   }
-  std::string arch = variant(root, "other-arch", src, [](auto&) {}, [](auto& c) {
-    c = {{"model_type", "llama"}, {"vocab_size", 384}, {"hidden_size", 64}, {"intermediate_size", 128},
-         {"num_hidden_layers", 2}, {"num_attention_heads", 4}};
-  });
+  std::string arch = variant(
+      root, "other-arch", src, [](auto&) {},
+      [](auto& c) {
+        c = {{"model_type", "llama"},    {"vocab_size", 384},      {"hidden_size", 64},
+             {"intermediate_size", 128}, {"num_hidden_layers", 2}, {"num_attention_heads", 4}};
+      });
   EXPECT_THROW_WITH(load_model(arch), "no tensor 'model.embed_tokens.weight'", "wrong base model");
 }
 
@@ -159,8 +164,8 @@ namespace {
 TEST(Load, EstimatedParametersAreWhatTheModelAllocates) {
   for (const std::string arch : {"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"})
     for (const std::string preset : {"tiny", "small"})
-      for (const HeadKind head : {HeadKind::causal_lm, HeadKind::sequence_classification, HeadKind::token_classification,
-                                  HeadKind::none}) {
+      for (const HeadKind head : {HeadKind::causal_lm, HeadKind::sequence_classification,
+                                  HeadKind::token_classification, HeadKind::none}) {
         if (arch == "bert" && head == HeadKind::causal_lm) continue;
         ModelConfig c = preset_config(arch, preset, 512, head, 3);
         for (const bool tied : {false, true}) {
@@ -170,13 +175,15 @@ TEST(Load, EstimatedParametersAreWhatTheModelAllocates) {
               << arch << " " << preset << " " << head_name(head) << (tied ? " tied" : "");
         }
       }
-  const nlohmann::json vit = {{"model_type", "vit"}, {"architectures", {"ViTForImageClassification"}},
-                              {"hidden_size", 32}, {"intermediate_size", 64}, {"num_hidden_layers", 2},
-                              {"num_attention_heads", 4}, {"image_size", 16}, {"patch_size", 4}, {"num_channels", 3},
-                              {"num_labels", 10}};
+  const nlohmann::json vit = {{"model_type", "vit"},    {"architectures", {"ViTForImageClassification"}},
+                              {"hidden_size", 32},      {"intermediate_size", 64},
+                              {"num_hidden_layers", 2}, {"num_attention_heads", 4},
+                              {"image_size", 16},       {"patch_size", 4},
+                              {"num_channels", 3},      {"num_labels", 10}};
   const ModelConfig c = parse_model_config(vit.dump(), "vit");
-  EXPECT_NEAR(static_cast<double>(estimated_parameters(c)) / static_cast<double>(create_model(c)->num_parameters()), 1.0,
-              0.01);
+  EXPECT_NEAR(
+      static_cast<double>(estimated_parameters(c)) / static_cast<double>(create_model(c)->num_parameters()),
+      1.0, 0.01);
 }
 
 // The probe's allocations: num_hidden_layers 1e9 grew to 10 GB, vocab_size 5000000 took 2.6 GB before the
@@ -196,7 +203,9 @@ TEST(Load, AConfigThatDoesNotFitIsRefusedBeforeAllocating) {
       {"vocab_size", 5000000, {"'vocab_size' is 5000000", "expected 1..4194304"}},
       {"vocab_size", 4000000, {"'vocab_size' 4000000", "token embedding of shape [4000000, 64]"}},
       {"hidden_size", 65536, {"'hidden_size' 65536", "token embedding"}},
-      {"intermediate_size", 200000, {"describes a model of about", "intermediate_size", "nothing was allocated"}},
+      {"intermediate_size",
+       200000,
+       {"describes a model of about", "intermediate_size", "nothing was allocated"}},
       {"num_attention_heads", 0, {"'num_attention_heads' must be > 0"}},
       {"num_key_value_heads", 0, {"'num_key_value_heads' is 0"}},
       {"rope_theta", 0, {"'rope_theta' is 0", "expected a finite number in [1e-06"}},
@@ -205,7 +214,8 @@ TEST(Load, AConfigThatDoesNotFitIsRefusedBeforeAllocating) {
   };
   const long before = test::peak_rss_kib();
   for (const auto& c : cases) {
-    const std::string dir = variant(root, c.field + c.value.dump(), src, [](auto&) {}, [&](auto& j) { j[c.field] = c.value; });
+    const std::string dir = variant(
+        root, c.field + c.value.dump(), src, [](auto&) {}, [&](auto& j) { j[c.field] = c.value; });
     try {
       load_model(dir);
       ADD_FAILURE() << c.field << " = " << c.value << " loaded";

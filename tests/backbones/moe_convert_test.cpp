@@ -1,13 +1,14 @@
 // Mixture-of-experts backbones: a Mixtral checkpoint from init-model round-trips; sparse upcycling with
 // identical experts equals the dense model under every router whose weights sum to one; MoEfication with
 // k = E equals the dense model and its report measures what top-k keeps; routing statistics are logged.
+#include "mdl/backbones/moe_convert.h"
+
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
-#include "mdl/backbones/moe_convert.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/routing/router.h"
 #include "mdl/routing/routing_log.h"
@@ -22,7 +23,9 @@ at::Tensor logits(ModelImpl& m, const at::Tensor& ids, RoutingLog* log = nullptr
   return m.forward(in);
 }
 
-at::Tensor sample_ids(int64_t vocab) { return at::arange(0, 48, at::kLong).view({3, 16}) * 7 % (vocab - 3) + 3; }
+at::Tensor sample_ids(int64_t vocab) {
+  return at::arange(0, 48, at::kLong).view({3, 16}) * 7 % (vocab - 3) + 3;
+}
 
 TEST(Mixtral, CheckpointLayoutAndRoutingLog) {
   const std::string dir = test::tiny_checkpoint("mixtral");
@@ -64,9 +67,9 @@ TEST(Upcycle, IdenticalExpertsEqualTheDenseModelForAnyNormalisedRouter) {
   at::Tensor ids = sample_ids(dense->config().vocab_size);
   at::Tensor want = logits(*dense, ids);
   std::vector<nlohmann::json> routers = {
-      {{"kind", "top_k"}, {"k", 2}},  {{"kind", "top_k"}, {"k", 1}, {"normalize", true}},
-      {{"kind", "softmax"}},          {{"kind", "hash"}},
-      {{"kind", "gumbel"}},           {{"kind", "top_k"}, {"k", 3}, {"level", "example"}},
+      {{"kind", "top_k"}, {"k", 2}}, {{"kind", "top_k"}, {"k", 1}, {"normalize", true}},
+      {{"kind", "softmax"}},         {{"kind", "hash"}},
+      {{"kind", "gumbel"}},          {{"kind", "top_k"}, {"k", 3}, {"level", "example"}},
   };
   for (const auto& r : routers) {
     moe->set_router(r.get<RouterOptions>());
@@ -81,7 +84,8 @@ TEST(Upcycle, IdenticalExpertsEqualTheDenseModelForAnyNormalisedRouter) {
   save_model(*moe, tmp.path());
   Model back = load_model(tmp.path());
   EXPECT_TRUE(at::allclose(logits(*back, ids), want, 1e-4, 1e-4));
-  EXPECT_THROW_WITH(upcycle(*load_model(test::tiny_checkpoint("gpt2")), o), "[upcycle] needs a dense Llama-family model");
+  EXPECT_THROW_WITH(upcycle(*load_model(test::tiny_checkpoint("gpt2")), o),
+                    "[upcycle] needs a dense Llama-family model");
 }
 
 TEST(Moefy, AllGroupsEqualDenseAndTopKKeepsMost) {
@@ -103,7 +107,8 @@ TEST(Moefy, AllGroupsEqualDenseAndTopKKeepsMost) {
     Model half = moefy(*dense, o, ids, &report);
     ASSERT_EQ(report.kept.size(), 2u);
     for (double k : report.kept) EXPECT_TRUE(k > 0.0 && k < 1.0) << k;
-    std::printf("[moefy %s] top-2 of 4 keeps %.3f of the dense MLP output\n", method.c_str(), report.mean_kept());
+    std::printf("[moefy %s] top-2 of 4 keeps %.3f of the dense MLP output\n", method.c_str(),
+                report.mean_kept());
     // Saved with its unit-weight router and reloaded: same logits.
     test::TempDir tmp;
     save_model(*half, tmp.path());

@@ -8,9 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "mdl/io/model_config.h"
 #include "mdl/io/safetensors.h"
@@ -54,8 +54,12 @@ inline at::Tensor softmax_rows(const at::Tensor& s) {
 inline at::Tensor gelu_tanh(const at::Tensor& x) {
   return 0.5 * x * (1 + (std::sqrt(2.0 / M_PI) * (x + 0.044715 * x.pow(3))).tanh());
 }
-inline at::Tensor gelu_erf(const at::Tensor& x) { return 0.5 * x * (1 + (x / std::sqrt(2.0)).erf()); }
-inline at::Tensor silu_ref(const at::Tensor& x) { return x / (1 + (-x).exp()); }
+inline at::Tensor gelu_erf(const at::Tensor& x) {
+  return 0.5 * x * (1 + (x / std::sqrt(2.0)).erf());
+}
+inline at::Tensor silu_ref(const at::Tensor& x) {
+  return x / (1 + (-x).exp());
+}
 
 // Causal (and windowed) attention scores mask: -inf where key j may not be seen from query i.
 inline at::Tensor causal_mask(int64_t T, int64_t window) {
@@ -77,7 +81,8 @@ inline at::Tensor gpt2(const Weights& w, const ModelConfig& c, const at::Tensor&
     at::Tensor qkv = a.mm(w(p + "attn.c_attn.weight")) + w(p + "attn.c_attn.bias");  // Conv1D: x @ W
     std::vector<at::Tensor> heads;
     for (int64_t hd = 0; hd < H; ++hd) {
-      at::Tensor q = qkv.narrow(1, hd * D, D), k = qkv.narrow(1, C + hd * D, D), v = qkv.narrow(1, 2 * C + hd * D, D);
+      at::Tensor q = qkv.narrow(1, hd * D, D), k = qkv.narrow(1, C + hd * D, D),
+                 v = qkv.narrow(1, 2 * C + hd * D, D);
       heads.push_back(softmax_rows(q.mm(k.t()) / std::sqrt(double(D)) + mask).mm(v));
     }
     h = h + at::cat(heads, 1).mm(w(p + "attn.c_proj.weight")) + w(p + "attn.c_proj.bias");
@@ -86,8 +91,9 @@ inline at::Tensor gpt2(const Weights& w, const ModelConfig& c, const at::Tensor&
     h = h + f.mm(w(p + "mlp.c_proj.weight")) + w(p + "mlp.c_proj.bias");
   }
   h = layer_norm(h, w("ln_f.weight"), w("ln_f.bias"), c.norm_eps);
-  at::Tensor head = w.t.count("lm_head.weight") && !c.tie_word_embeddings ? w.t.at("lm_head.weight").to(at::kDouble)
-                                                                           : w("wte.weight");
+  at::Tensor head = w.t.count("lm_head.weight") && !c.tie_word_embeddings
+                        ? w.t.at("lm_head.weight").to(at::kDouble)
+                        : w("wte.weight");
   return h.mm(head.t());
 }
 
@@ -128,8 +134,8 @@ inline at::Tensor llama_hidden(const Weights& w, const ModelConfig& c, const at:
     h = h + linear(at::cat(heads, 1), p + "self_attn.o_proj", c.o_bias);
     at::Tensor m = rms_norm(h, w(p + "post_attention_layernorm.weight"), c.norm_eps);
     if (c.num_experts == 0) {
-      h = h + linear(silu_ref(linear(m, p + "mlp.gate_proj", false)) * linear(m, p + "mlp.up_proj", false), p + "mlp.down_proj",
-                     false);
+      h = h + linear(silu_ref(linear(m, p + "mlp.gate_proj", false)) * linear(m, p + "mlp.up_proj", false),
+                     p + "mlp.down_proj", false);
       continue;
     }
     // Mixtral: token by token, softmax over the router logits, the k largest renormalised.
@@ -144,7 +150,8 @@ inline at::Tensor llama_hidden(const Weights& w, const ModelConfig& c, const at:
       for (int64_t j = 0; j < c.experts_per_token; ++j) total += ranked[j].first;
       for (int64_t j = 0; j < c.experts_per_token; ++j) {
         const std::string e = p + "block_sparse_moe.experts." + std::to_string(ranked[j].second) + ".";
-        at::Tensor y = linear(silu_ref(linear(x, e + "w1", false)) * linear(x, e + "w3", false), e + "w2", false);
+        at::Tensor y =
+            linear(silu_ref(linear(x, e + "w1", false)) * linear(x, e + "w3", false), e + "w2", false);
         out[t] += (ranked[j].first / total) * y[0];
       }
     }
@@ -154,7 +161,8 @@ inline at::Tensor llama_hidden(const Weights& w, const ModelConfig& c, const at:
 }
 
 inline at::Tensor llama(const Weights& w, const ModelConfig& c, const at::Tensor& ids) {
-  at::Tensor head = c.tie_word_embeddings ? w("embed_tokens.weight") : w.t.at("lm_head.weight").to(at::kDouble);
+  at::Tensor head =
+      c.tie_word_embeddings ? w("embed_tokens.weight") : w.t.at("lm_head.weight").to(at::kDouble);
   return llama_hidden(w, c, ids).mm(head.t());
 }
 
@@ -174,17 +182,19 @@ inline at::Tensor bert_classify(const Weights& w, const ModelConfig& c, const at
                v = linear(h, p + "attention.self.value");
     std::vector<at::Tensor> heads;
     for (int64_t hd = 0; hd < H; ++hd)
-      heads.push_back(softmax_rows(q.narrow(1, hd * D, D).mm(k.narrow(1, hd * D, D).t()) / std::sqrt(double(D)))
-                          .mm(v.narrow(1, hd * D, D)));
+      heads.push_back(
+          softmax_rows(q.narrow(1, hd * D, D).mm(k.narrow(1, hd * D, D).t()) / std::sqrt(double(D)))
+              .mm(v.narrow(1, hd * D, D)));
     at::Tensor a = layer_norm(h + linear(at::cat(heads, 1), p + "attention.output.dense"),
-                              w(p + "attention.output.LayerNorm.weight"), w(p + "attention.output.LayerNorm.bias"),
-                              c.norm_eps);
+                              w(p + "attention.output.LayerNorm.weight"),
+                              w(p + "attention.output.LayerNorm.bias"), c.norm_eps);
     at::Tensor i = gelu_erf(linear(a, p + "intermediate.dense"));
-    h = layer_norm(a + linear(i, p + "output.dense"), w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias"),
-                   c.norm_eps);
+    h = layer_norm(a + linear(i, p + "output.dense"), w(p + "output.LayerNorm.weight"),
+                   w(p + "output.LayerNorm.bias"), c.norm_eps);
   }
   at::Tensor pooled = linear(h.narrow(0, 0, 1), "pooler.dense").tanh();
-  return (pooled.mm(w.t.at("classifier.weight").to(at::kDouble).t()) + w.t.at("classifier.bias").to(at::kDouble))[0];
+  return (pooled.mm(w.t.at("classifier.weight").to(at::kDouble).t()) +
+          w.t.at("classifier.bias").to(at::kDouble))[0];
 }
 
 }  // namespace mdl::reference

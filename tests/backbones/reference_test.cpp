@@ -1,9 +1,10 @@
 // Each architecture's logits against the independent implementation in reference.h (max abs diff <= 1e-4).
+#include "backbones/reference.h"
+
 #include <ATen/ATen.h>
 #include <torch/utils.h>
 
 #include "backbones/fixtures.h"
-#include "backbones/reference.h"
 #include "mdl/backbones/model.h"
 
 namespace mdl {
@@ -107,8 +108,9 @@ TEST(Reference, LeftPaddedBatchMatchesEachSequenceAlone) {
   torch::NoGradGuard g;
   at::Tensor a = random_ids(5, m->config().vocab_size, 3), b = random_ids(8, m->config().vocab_size, 4);
   // Row 0: three pads then `a`; positions count real tokens only.
-  at::Tensor ids = at::stack({at::cat({at::zeros({3}, at::kLong), a}), b});                         // (2, 8)
-  at::Tensor mask = at::stack({at::cat({at::zeros({3}, at::kLong), at::ones({5}, at::kLong)}), at::ones({8}, at::kLong)});
+  at::Tensor ids = at::stack({at::cat({at::zeros({3}, at::kLong), a}), b});  // (2, 8)
+  at::Tensor mask =
+      at::stack({at::cat({at::zeros({3}, at::kLong), at::ones({5}, at::kLong)}), at::ones({8}, at::kLong)});
   ModelInput in;
   in.input_ids = ids;
   in.attention_mask = mask;
@@ -128,7 +130,8 @@ TEST(Reference, BertClassifierWithPaddingMask) {
   torch::NoGradGuard g;
   at::Tensor a = random_ids(6, c.vocab_size, 5), b = random_ids(9, c.vocab_size, 6);
   at::Tensor ids = at::stack({at::cat({a, at::zeros({3}, at::kLong)}), b});  // right padding
-  at::Tensor mask = at::stack({at::cat({at::ones({6}, at::kLong), at::zeros({3}, at::kLong)}), at::ones({9}, at::kLong)});
+  at::Tensor mask =
+      at::stack({at::cat({at::ones({6}, at::kLong), at::zeros({3}, at::kLong)}), at::ones({9}, at::kLong)});
   ModelInput in;
   in.input_ids = ids;
   in.attention_mask = mask;

@@ -37,7 +37,8 @@ TEST(Sites, NamedAsHuggingFaceModulePaths) {
   EXPECT_EQ(m->site("model.layers.0.self_attn.k_proj").info().out_features, c.n_kv_head * c.head_dim);
   EXPECT_EQ(m->site("model.layers.0").info().kind, SiteKind::hidden);
   EXPECT_EQ(m->site("model.embed_tokens").info().kind, SiteKind::embedding);
-  EXPECT_THROW_WITH(m->site("model.layers.0.attn.q"), "no site 'model.layers.0.attn.q'", "sites are named like");
+  EXPECT_THROW_WITH(m->site("model.layers.0.attn.q"), "no site 'model.layers.0.attn.q'",
+                    "sites are named like");
   Model g = load_model(test::tiny_checkpoint("gpt2"));
   EXPECT_EQ(g->site("transformer.h.0.attn.c_attn").info().out_features, 3 * g->config().hidden_size);
   Model b = load_model(test::tiny_checkpoint("bert"));
@@ -50,7 +51,8 @@ TEST(Sites, AttachedFunctionsChangeTheOutputAndDetachingRestoresIt) {
   ModelInput in;
   in.input_ids = at::arange(4, 12, at::kLong).view({1, -1});
   at::Tensor base = m->forward(in);
-  for (const std::string name : {"model.layers.0.mlp.down_proj", "model.layers.1", "model.embed_tokens", "lm_head"}) {
+  for (const std::string name :
+       {"model.layers.0.mlp.down_proj", "model.layers.1", "model.embed_tokens", "lm_head"}) {
     auto f = std::make_shared<AddConstant>(0.5);
     m->site(name).attach(f);
     EXPECT_FALSE(m->site(name).empty());

@@ -3,25 +3,28 @@
 // modules on its sites, upcycling to experts, and the errors for wrong inputs.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <nlohmann/json.hpp>
+
+#include "backbones/reference.h"
 #include "mdl/backbones/model.h"
 #include "mdl/backbones/moe_convert.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
-#include "backbones/reference.h"
 #include "test_util.h"
 
 namespace mdl {
 namespace {
 
 ModelConfig tiny_vit() {
-  nlohmann::json j = {{"model_type", "vit"}, {"architectures", {"ViTForImageClassification"}},
-                      {"hidden_size", 32}, {"num_hidden_layers", 2}, {"num_attention_heads", 4},
-                      {"intermediate_size", 64}, {"image_size", 8}, {"patch_size", 4}, {"num_channels", 3},
-                      {"num_labels", 5}, {"layer_norm_eps", 1e-12}, {"hidden_act", "gelu"}};
+  nlohmann::json j = {{"model_type", "vit"},      {"architectures", {"ViTForImageClassification"}},
+                      {"hidden_size", 32},        {"num_hidden_layers", 2},
+                      {"num_attention_heads", 4}, {"intermediate_size", 64},
+                      {"image_size", 8},          {"patch_size", 4},
+                      {"num_channels", 3},        {"num_labels", 5},
+                      {"layer_norm_eps", 1e-12},  {"hidden_act", "gelu"}};
   return parse_model_config(j.dump(), "tiny vit");
 }
 
@@ -42,7 +45,7 @@ at::Tensor reference_logits(const reference::Weights& w, const ModelConfig& c, c
   at::Tensor x = image.to(at::kDouble);
   at::Tensor proj = w("vit.embeddings.patch_embeddings.projection.weight").reshape({C, -1});  // (C, ch*P*P)
   std::vector<at::Tensor> tokens = {w("vit.embeddings.cls_token").reshape({C})};
-  for (int64_t i = 0; i < n; ++i)      // patches in row-major order
+  for (int64_t i = 0; i < n; ++i)  // patches in row-major order
     for (int64_t j = 0; j < n; ++j) {
       at::Tensor patch = x.narrow(1, i * P, P).narrow(2, j * P, P).reshape({-1});
       tokens.push_back(at::mv(proj, patch) + w("vit.embeddings.patch_embeddings.projection.bias"));
@@ -53,7 +56,8 @@ at::Tensor reference_logits(const reference::Weights& w, const ModelConfig& c, c
   };
   for (int64_t l = 0; l < c.n_layer; ++l) {
     const std::string p = "vit.encoder.layer." + std::to_string(l);
-    at::Tensor a = reference::layer_norm(h, w(p + ".layernorm_before.weight"), w(p + ".layernorm_before.bias"), c.norm_eps);
+    at::Tensor a = reference::layer_norm(h, w(p + ".layernorm_before.weight"),
+                                         w(p + ".layernorm_before.bias"), c.norm_eps);
     at::Tensor q = linear(a, p + ".attention.attention.query"), k = linear(a, p + ".attention.attention.key"),
                v = linear(a, p + ".attention.attention.value");
     std::vector<at::Tensor> heads;
@@ -62,7 +66,8 @@ at::Tensor reference_logits(const reference::Weights& w, const ModelConfig& c, c
       heads.push_back(at::matmul(reference::softmax_rows(at::matmul(qh, kh.t()) / std::sqrt(double(D))), vh));
     }
     h = h + linear(at::cat(heads, 1), p + ".attention.output.dense");
-    at::Tensor m = reference::layer_norm(h, w(p + ".layernorm_after.weight"), w(p + ".layernorm_after.bias"), c.norm_eps);
+    at::Tensor m = reference::layer_norm(h, w(p + ".layernorm_after.weight"), w(p + ".layernorm_after.bias"),
+                                         c.norm_eps);
     h = h + linear(reference::gelu_erf(linear(m, p + ".intermediate.dense")), p + ".output.dense");
   }
   h = reference::layer_norm(h, w("vit.layernorm.weight"), w("vit.layernorm.bias"), c.norm_eps);
@@ -80,13 +85,16 @@ TEST(ViT, HuggingFaceLayoutAndConfig) {
   test::TempDir tmp;
   const std::string dir = saved_vit(tmp);
   auto tensors = io::load_safetensors(dir + "/model.safetensors");
-  for (const char* name : {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings",
-                           "vit.embeddings.patch_embeddings.projection.weight", "vit.encoder.layer.1.attention.attention.query.bias",
-                           "vit.encoder.layer.0.attention.output.dense.weight", "vit.encoder.layer.0.intermediate.dense.weight",
-                           "vit.encoder.layer.0.output.dense.bias", "vit.encoder.layer.1.layernorm_before.weight",
-                           "vit.encoder.layer.1.layernorm_after.bias", "vit.layernorm.weight", "classifier.weight"})
+  for (const char* name :
+       {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings",
+        "vit.embeddings.patch_embeddings.projection.weight",
+        "vit.encoder.layer.1.attention.attention.query.bias",
+        "vit.encoder.layer.0.attention.output.dense.weight", "vit.encoder.layer.0.intermediate.dense.weight",
+        "vit.encoder.layer.0.output.dense.bias", "vit.encoder.layer.1.layernorm_before.weight",
+        "vit.encoder.layer.1.layernorm_after.bias", "vit.layernorm.weight", "classifier.weight"})
     EXPECT_TRUE(tensors.count(name)) << name;
-  EXPECT_EQ(tensors.at("vit.embeddings.patch_embeddings.projection.weight").sizes(), (at::IntArrayRef{32, 3, 4, 4}));
+  EXPECT_EQ(tensors.at("vit.embeddings.patch_embeddings.projection.weight").sizes(),
+            (at::IntArrayRef{32, 3, 4, 4}));
   EXPECT_EQ(tensors.at("vit.embeddings.position_embeddings").sizes(), (at::IntArrayRef{1, 5, 32}));
   EXPECT_EQ(tensors.size(), 4u + 2 * 16u + 2 + 2);  // embeddings, 16 per block, final norm, classifier
   auto j = nlohmann::json::parse(io::read_text(dir + "/config.json"));
@@ -109,7 +117,8 @@ TEST(ViT, LogitsMatchTheReference) {
   auto w = reference::load(dir, "");
   double worst = 0;
   for (int64_t b = 0; b < 3; ++b)
-    worst = std::max(worst, (got[b].to(at::kDouble) - reference_logits(w, c, pixels[b])).abs().max().item<double>());
+    worst = std::max(worst,
+                     (got[b].to(at::kDouble) - reference_logits(w, c, pixels[b])).abs().max().item<double>());
   std::printf("[vit] max |logits - reference| = %.3g\n", worst);
   EXPECT_LT(worst, 1e-5);
 }
@@ -130,7 +139,8 @@ TEST(ViT, ModulesAttachAtItsSites) {
   ModuleConfig adapter;
   adapter.type = "adapter";
   set.add("adapter", adapter);
-  EXPECT_EQ(set.sites("adapter"), (std::vector<std::string>{"vit.encoder.layer.0.output", "vit.encoder.layer.1.output"}));
+  EXPECT_EQ(set.sites("adapter"),
+            (std::vector<std::string>{"vit.encoder.layer.0.output", "vit.encoder.layer.1.output"}));
   ModuleConfig head;  // the classifier is a site too: a linear probe as a module
   head.targets.target_modules = {"classifier"};
   set.add("head", head);
@@ -183,9 +193,11 @@ TEST(ViT, WrongInputsAreClearErrors) {
   EXPECT_THROW_WITH(m->forward(in), "[vit] a Vision Transformer reads images", "pixel_values (B, 3, 8, 8)");
   in.pixel_values = at::rand({1, 1, 8, 8});
   EXPECT_THROW_WITH(m->forward(in), "pixel_values must be (B, 3, 8, 8), got [1, 1, 8, 8]");
-  nlohmann::json bad = {{"model_type", "vit"}, {"hidden_size", 32}, {"num_hidden_layers", 1}, {"num_attention_heads", 4},
-                        {"intermediate_size", 64}, {"image_size", 10}, {"patch_size", 4}};
-  EXPECT_THROW_WITH(parse_model_config(bad.dump(), "bad.json"), "'bad.json': image_size 10 must be a multiple of patch_size 4");
+  nlohmann::json bad = {{"model_type", "vit"},      {"hidden_size", 32},       {"num_hidden_layers", 1},
+                        {"num_attention_heads", 4}, {"intermediate_size", 64}, {"image_size", 10},
+                        {"patch_size", 4}};
+  EXPECT_THROW_WITH(parse_model_config(bad.dump(), "bad.json"),
+                    "'bad.json': image_size 10 must be a multiple of patch_size 4");
 }
 
 }  // namespace

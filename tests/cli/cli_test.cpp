@@ -2,20 +2,20 @@
 #include <ATen/ATen.h>
 #include <signal.h>
 #include <sys/wait.h>
-#include <unistd.h>
 #include <torch/utils.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
 
+#include "cli/cli_util.h"
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/model.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/modules/module_type.h"
 #include "mdl/tokenizers/tokenizer.h"
-#include "cli/cli_util.h"
 #include "modules/module_fixtures.h"
 #include "test_util.h"
 
@@ -52,7 +52,8 @@ TEST_F(Cli, InitModelWritesTheHuggingFaceLayout) {
   // Same seed, same bytes.
   test::TempDir again;
   ASSERT_EQ(mdl("init-model --arch llama --preset tiny --seed 3 --out " + quote(again / "m")).code, 0);
-  EXPECT_EQ(test::read_file(again / "m/model.safetensors"), test::read_file(model("llama") + "/model.safetensors"));
+  EXPECT_EQ(test::read_file(again / "m/model.safetensors"),
+            test::read_file(model("llama") + "/model.safetensors"));
 }
 
 // --modules 'stack(a, b)' applies a, then b on its output: the logits of a set that loaded them in that
@@ -61,8 +62,9 @@ TEST_F(Cli, StackAppliesModulesInTheWrittenOrder) {
   test::TempDir dir;
   test::save_random_adapters(model("llama"), dir.path(), {"a", "b"}, 31);
   auto cli = [&](const std::string& expr) {
-    const Result r = mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7,8 --modules-dir " + quote(dir.path()) +
-                         " --modules " + quote(expr) + " --out " + quote(dir / "o.safetensors"));
+    const Result r =
+        mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7,8 --modules-dir " + quote(dir.path()) +
+            " --modules " + quote(expr) + " --out " + quote(dir / "o.safetensors"));
     EXPECT_EQ(r.code, 0) << r.err;
     return io::load_safetensors(dir / "o.safetensors").at("logits").clone();
   };
@@ -100,7 +102,8 @@ TEST_F(Cli, TokenizeMatchesTheLibrary) {
 
 TEST_F(Cli, ForwardWritesTheLogitsOfTheLibrary) {
   test::TempDir out;
-  Result r = mdl("forward --model " + quote(model("gpt2")) + " --ids 5,6,7,8 --out " + quote(out / "l.safetensors"));
+  Result r =
+      mdl("forward --model " + quote(model("gpt2")) + " --ids 5,6,7,8 --out " + quote(out / "l.safetensors"));
   ASSERT_EQ(r.code, 0) << r.err;
   at::Tensor logits = io::load_safetensors(out / "l.safetensors").at("logits");
   Model m = load_model(model("gpt2"));
@@ -109,13 +112,15 @@ TEST_F(Cli, ForwardWritesTheLogitsOfTheLibrary) {
   in.input_ids = at::tensor(std::vector<int64_t>{5, 6, 7, 8}).view({1, -1});
   EXPECT_TRUE(at::allclose(logits, m->forward(in)[0]));
   EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{4, m->config().vocab_size}));
-  r = mdl("forward --model " + quote(model("bert")) + " --text 'a test' --out " + quote(out / "b.safetensors"));
+  r = mdl("forward --model " + quote(model("bert")) + " --text 'a test' --out " +
+          quote(out / "b.safetensors"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_EQ(io::load_safetensors(out / "b.safetensors").at("logits").sizes(), (std::vector<int64_t>{2}));
 }
 
 TEST_F(Cli, GenerateIsDeterministicAndMatchesTheLibrary) {
-  const std::string args = "generate --model " + quote(model("llama")) + " --prompt 'The quick' --max-tokens 10";
+  const std::string args =
+      "generate --model " + quote(model("llama")) + " --prompt 'The quick' --max-tokens 10";
   Result a = mdl(args + " --temperature 0.9 --seed 4"), b = mdl(args + " --temperature 0.9 --seed 4");
   ASSERT_EQ(a.code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
@@ -158,11 +163,14 @@ TEST_F(Cli, ErrorsAreOneLineAndNonZero) {
 
 TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
   test::TempDir out;
-  const std::string cfg = R"('{"type":"lora","options":{"init_lora_weights":false,"r":4},"targets":{"target_modules":"all-linear"}}')";
-  Result r = mdl("init-module --model " + quote(model("llama")) + " --config " + cfg + " --out " + quote(out / "lora1"));
+  const std::string cfg =
+      R"('{"type":"lora","options":{"init_lora_weights":false,"r":4},"targets":{"target_modules":"all-linear"}}')";
+  Result r = mdl("init-module --model " + quote(model("llama")) + " --config " + cfg + " --out " +
+                 quote(out / "lora1"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("trainable params:"), std::string::npos) << r.out;
-  r = mdl("init-module --model " + quote(model("llama")) + " --type ia3 --format peft --out " + quote(out / "ia3peft"));
+  r = mdl("init-module --model " + quote(model("llama")) + " --type ia3 --format peft --out " +
+          quote(out / "ia3peft"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(out / "ia3peft/adapter_config.json"));
 
@@ -174,15 +182,18 @@ TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
   r = mdl("inspect " + quote(out / "ia3peft"));
   EXPECT_NE(r.out.find("peft_type IA3"), std::string::npos) << r.out;
 
-  auto run_forward = [&](const std::string& extra, const std::string& file, const std::string& which = "llama") {
-    Result f = mdl("forward --model " + quote(model(which)) + " --ids 5,6,7,8 --out " + quote(out / file) + " " + extra);
+  auto run_forward = [&](const std::string& extra, const std::string& file,
+                         const std::string& which = "llama") {
+    Result f = mdl("forward --model " + quote(model(which)) + " --ids 5,6,7,8 --out " + quote(out / file) +
+                   " " + extra);
     EXPECT_EQ(f.code, 0) << f.err;
     return io::load_safetensors(out / file).at("logits").clone();
   };
   at::Tensor base = run_forward("", "base.safetensors");
   at::Tensor with = run_forward("--modules " + quote(out / "lora1"), "with.safetensors");
   at::Tensor zero = run_forward("--modules " + quote(out / "lora1") + ":0", "zero.safetensors");
-  at::Tensor both = run_forward("--modules " + quote(out / "lora1") + "," + quote(out / "ia3peft"), "both.safetensors");
+  at::Tensor both =
+      run_forward("--modules " + quote(out / "lora1") + "," + quote(out / "ia3peft"), "both.safetensors");
   EXPECT_CHANGED(with, base);
   EXPECT_CLOSE(zero, base, 1e-6);
   EXPECT_TRUE(at::allclose(both, with, 1e-5, 1e-5));  // (IA)^3 starts at ones
@@ -194,21 +205,26 @@ TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
     in.input_ids = at::tensor(std::vector<int64_t>{5, 6, 7, 8}).view({1, -1});
     EXPECT_TRUE(at::allclose(with, set.model()->forward(in)[0]));
   }
-  r = mdl("merge-into-base --model " + quote(model("llama")) + " --modules " + quote(out / "lora1") + " --out " +
-          quote(out / "merged"));
+  r = mdl("merge-into-base --model " + quote(model("llama")) + " --modules " + quote(out / "lora1") +
+          " --out " + quote(out / "merged"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(out / "merged/tokenizer.json"));
-  r = mdl("forward --model " + quote(out / "merged") + " --ids 5,6,7,8 --out " + quote(out / "m.safetensors"));
+  r = mdl("forward --model " + quote(out / "merged") + " --ids 5,6,7,8 --out " +
+          quote(out / "m.safetensors"));
   ASSERT_EQ(r.code, 0) << r.err;
   at::Tensor merged = io::load_safetensors(out / "m.safetensors").at("logits");
-  EXPECT_LE((merged - with).abs().max().item<double>(), 1e-5 * std::max(1.0, with.abs().max().item<double>()));
+  EXPECT_LE((merged - with).abs().max().item<double>(),
+            1e-5 * std::max(1.0, with.abs().max().item<double>()));
 
-  r = mdl("generate --model " + quote(model("llama")) + " --prompt hi --max-tokens 4 --modules " + quote(out / "lora1"));
+  r = mdl("generate --model " + quote(model("llama")) + " --prompt hi --max-tokens 4 --modules " +
+          quote(out / "lora1"));
   EXPECT_EQ(r.code, 0) << r.err;
-  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --modules " + quote(out / "lora1"));
+  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --modules " +
+          quote(out / "lora1"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("another base model"), std::string::npos) << r.err;
-  r = mdl("forward --model " + quote(model("gpt2")) + " --ids 1 --out /tmp/x.safetensors --modules /nonexistent/mod");
+  r = mdl("forward --model " + quote(model("gpt2")) +
+          " --ids 1 --out /tmp/x.safetensors --modules /nonexistent/mod");
   EXPECT_NE(r.err.find("/nonexistent/mod"), std::string::npos) << r.err;
 }
 
@@ -220,7 +236,8 @@ TEST_F(Cli, MixtureOfExpertsCommands) {
   EXPECT_EQ(config["architectures"][0], "MixtralForCausalLM");
   EXPECT_EQ(config["num_local_experts"], 8);
   EXPECT_EQ(config["num_experts_per_tok"], 2);
-  r = mdl("forward --model " + quote(tmp / "mixtral") + " --text 'the cat' --out " + quote(tmp / "l.safetensors") +
+  r = mdl("forward --model " + quote(tmp / "mixtral") + " --text 'the cat' --out " +
+          quote(tmp / "l.safetensors") +
           " --routing-stats --router '{\"kind\":\"switch\",\"capacity_factor\":1.0}'");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("model.layers.1.block_sparse_moe"), std::string::npos) << r.out;
@@ -229,17 +246,25 @@ TEST_F(Cli, MixtureOfExpertsCommands) {
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(tmp / "up/tokenizer.json"));
   // Identical experts, normalised top-2: the dense model's logits.
-  ASSERT_EQ(mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --out " + quote(tmp / "a.safetensors")).code, 0);
-  ASSERT_EQ(mdl("forward --model " + quote(tmp / "up") + " --ids 5,6,7 --out " + quote(tmp / "b.safetensors")).code, 0);
-  auto a = io::load_safetensors(tmp / "a.safetensors").at("logits"), b = io::load_safetensors(tmp / "b.safetensors").at("logits");
+  ASSERT_EQ(
+      mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --out " + quote(tmp / "a.safetensors"))
+          .code,
+      0);
+  ASSERT_EQ(
+      mdl("forward --model " + quote(tmp / "up") + " --ids 5,6,7 --out " + quote(tmp / "b.safetensors")).code,
+      0);
+  auto a = io::load_safetensors(tmp / "a.safetensors").at("logits"),
+       b = io::load_safetensors(tmp / "b.safetensors").at("logits");
   EXPECT_TRUE(at::allclose(a, b, 1e-4, 1e-4));
-  r = mdl("moefy --model " + quote(model("llama")) + " --experts 4 --top-k 2 --method activations --out " + quote(tmp / "mf"));
+  r = mdl("moefy --model " + quote(model("llama")) + " --experts 4 --top-k 2 --method activations --out " +
+          quote(tmp / "mf"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("layer 1: top-2 keeps"), std::string::npos) << r.out;
   r = mdl("upcycle --model " + quote(model("gpt2")) + " --out " + quote(tmp / "x"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("needs a dense Llama-family model"), std::string::npos) << r.err;
-  r = mdl("forward --model " + quote(model("llama")) + " --ids 1 --out " + quote(tmp / "c.safetensors") + " --router '{\"kind\":\"hash\"}'");
+  r = mdl("forward --model " + quote(model("llama")) + " --ids 1 --out " + quote(tmp / "c.safetensors") +
+          " --router '{\"kind\":\"hash\"}'");
   EXPECT_NE(r.err.find("is dense"), std::string::npos) << r.err;
 }
 
@@ -247,30 +272,36 @@ TEST_F(Cli, MergeAndCompositionExpressions) {
   test::TempDir tmp;
   for (const char* name : {"a", "b"}) {
     Result r = mdl("init-module --model " + quote(model("llama")) + " --type lora --seed " +
-                   std::string(name[0] == 'a' ? "1" : "2") + " --config '{\"type\":\"lora\",\"options\":{\"init_lora_weights\":false}}' --out " +
+                   std::string(name[0] == 'a' ? "1" : "2") +
+                   " --config '{\"type\":\"lora\",\"options\":{\"init_lora_weights\":false}}' --out " +
                    quote(tmp / name));
     ASSERT_EQ(r.code, 0) << r.err;
   }
-  Result r = mdl("merge --method cat --inputs " + quote(tmp / "a") + " " + quote(tmp / "b") + " --weights 0.5 0.5 --base " +
-                 quote(model("llama")) + " --out " + quote(tmp / "cat"));
+  Result r = mdl("merge --method cat --inputs " + quote(tmp / "a") + " " + quote(tmp / "b") +
+                 " --weights 0.5 0.5 --base " + quote(model("llama")) + " --out " + quote(tmp / "cat"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("LoRA rank 16"), std::string::npos) << r.out;
   // The merged module equals the expression a:0.5 + b:0.5 on forward.
-  ASSERT_EQ(mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --modules cat --modules-dir " + quote(tmp.path()) +
-                " --out " + quote(tmp / "x.safetensors")).code, 0);
-  r = mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --modules 'a:0.5 + b:0.5' --modules-dir " +
-          quote(tmp.path()) + " --out " + quote(tmp / "y.safetensors"));
+  ASSERT_EQ(mdl("forward --model " + quote(model("llama")) + " --ids 5,6,7 --modules cat --modules-dir " +
+                quote(tmp.path()) + " --out " + quote(tmp / "x.safetensors"))
+                .code,
+            0);
+  r = mdl("forward --model " + quote(model("llama")) +
+          " --ids 5,6,7 --modules 'a:0.5 + b:0.5' --modules-dir " + quote(tmp.path()) + " --out " +
+          quote(tmp / "y.safetensors"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(at::allclose(io::load_safetensors(tmp / "x.safetensors").at("logits"),
                            io::load_safetensors(tmp / "y.safetensors").at("logits"), 1e-4, 1e-4));
-  r = mdl("forward --model " + quote(model("llama")) + " --ids 5 --modules 'stack(a, b' --out " + quote(tmp / "z.safetensors"));
+  r = mdl("forward --model " + quote(model("llama")) + " --ids 5 --modules 'stack(a, b' --out " +
+          quote(tmp / "z.safetensors"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("[compose] column 11: expected ')' to close 'stack('"), std::string::npos) << r.err;
-  r = mdl("merge --method ties --inputs " + quote(model("llama")) + " " + quote(model("llama")) + " --density 0.5 --out " +
-          quote(tmp / "ck"));
+  r = mdl("merge --method ties --inputs " + quote(model("llama")) + " " + quote(model("llama")) +
+          " --density 0.5 --out " + quote(tmp / "ck"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(std::filesystem::exists(tmp / "ck/config.json"));
-  r = mdl("merge --method average --inputs " + quote(tmp / "a") + " --base " + quote(model("llama")) + " --out " + quote(tmp / "e"));
+  r = mdl("merge --method average --inputs " + quote(tmp / "a") + " --base " + quote(model("llama")) +
+          " --out " + quote(tmp / "e"));
   EXPECT_NE(r.err.find("unknown method 'average'"), std::string::npos) << r.err;
 }
 
@@ -282,11 +313,12 @@ TEST_F(Cli, TrainResumeAndEval) {
     for (const char* animal : {"cat", "dog"})
       lines += std::string("{\"text\": \"") + s + " " + animal + "\", \"label\": \"" + animal + "\"}\n";
   test::write_file(tmp / "data.jsonl", lines);
-  nlohmann::json config = {{"model", tmp / "m"},
-                           {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
-                           {"train_data", tmp / "data.jsonl"}, {"eval_data", tmp / "data.jsonl"},
-                           {"options", {{"steps", 6}, {"batch_size", 4}, {"out_dir", tmp / "run"},
-                                        {"schedule", {{"lr", 0.01}}}}}};
+  nlohmann::json config = {
+      {"model", tmp / "m"},
+      {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
+      {"train_data", tmp / "data.jsonl"},
+      {"eval_data", tmp / "data.jsonl"},
+      {"options", {{"steps", 6}, {"batch_size", 4}, {"out_dir", tmp / "run"}, {"schedule", {{"lr", 0.01}}}}}};
   test::write_file(tmp / "run.json", config.dump());
   Result r = mdl("train --config " + quote(tmp / "run.json"));
   ASSERT_EQ(r.code, 0) << r.err;
@@ -301,7 +333,8 @@ TEST_F(Cli, TrainResumeAndEval) {
   r = mdl("train --config " + quote(tmp / "run.json"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("at step 6"), std::string::npos) << r.out;
-  r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " + quote(tmp / "data.jsonl"));
+  r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " +
+          quote(tmp / "data.jsonl"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("accuracy: "), std::string::npos) << r.out;
   // A bad record: the error names the file and line; --on-bad-record skip counts and goes on.
@@ -329,15 +362,21 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
   for (const char* s : {"the", "a", "my", "one", "her", "his"})
     for (const char* animal : {"cat", "dog"})
       for (const char* v : {"sat", "ran", "ate"})
-        lines += std::string("{\"text\": \"") + s + " " + animal + " " + v + "\", \"label\": \"" + animal + "\"}\n";
+        lines += std::string("{\"text\": \"") + s + " " + animal + " " + v + "\", \"label\": \"" + animal +
+                 "\"}\n";
   test::write_file(tmp / "data.jsonl", lines);
   const int64_t steps = 400;
   auto config = [&](const std::string& out) {
-    nlohmann::json c = {{"model", tmp / "m"},
-                        {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
-                        {"train_data", tmp / "data.jsonl"},
-                        {"options", {{"steps", steps}, {"batch_size", 16}, {"checkpoint_every", 3}, {"out_dir", out},
-                                     {"schedule", {{"lr", 0.01}, {"kind", "cosine"}}}}}};
+    nlohmann::json c = {
+        {"model", tmp / "m"},
+        {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
+        {"train_data", tmp / "data.jsonl"},
+        {"options",
+         {{"steps", steps},
+          {"batch_size", 16},
+          {"checkpoint_every", 3},
+          {"out_dir", out},
+          {"schedule", {{"lr", 0.01}, {"kind", "cosine"}}}}}};
     const std::string path = out + ".json";
     test::write_file(path, c.dump());
     return path;
@@ -360,7 +399,8 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
         const std::string meta = tmp / "run/checkpoint/trainer.json";
         if (!std::filesystem::exists(meta)) return false;
         const auto j = nlohmann::json::parse(test::read_file(meta), nullptr, false);
-        if (j.is_object() && j.contains("step") && j["step"].is_number_integer()) seen = j["step"].get<int64_t>();
+        if (j.is_object() && j.contains("step") && j["step"].is_number_integer())
+          seen = j["step"].get<int64_t>();
         return seen >= 30;
       },
       pid);
@@ -384,8 +424,8 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
 }
 
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
-                          "upcycle", "moefy", "merge", "train", "eval"}) {
+  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module",
+                          "merge-into-base", "upcycle", "moefy", "merge", "train", "eval"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;
@@ -404,7 +444,8 @@ TEST_F(Cli, InitModuleListsEveryModuleType) {
     }
   }
   test::TempDir out;
-  const Result sparse = mdl("init-module --model " + quote(model("llama")) + " --type sparse --out " + quote(out / "s"));
+  const Result sparse =
+      mdl("init-module --model " + quote(model("llama")) + " --type sparse --out " + quote(out / "s"));
   EXPECT_NE(sparse.code, 0);
   EXPECT_NE(sparse.err.find("--type"), std::string::npos) << sparse.err;
 }
@@ -419,7 +460,8 @@ TEST_F(Cli, InitModuleOptionsComeFromTheTypesFieldList) {
   EXPECT_NE(help.out.find("bottleneck = hidden / reduction_factor"), std::string::npos) << help.out;
   test::TempDir out;
   const std::string base = "init-module --model " + quote(model("llama")) + " --type adapter ";
-  const Result made = mdl(base + "--option reduction_factor=4 --option non_linearity=gelu --out " + quote(out / "a"));
+  const Result made =
+      mdl(base + "--option reduction_factor=4 --option non_linearity=gelu --out " + quote(out / "a"));
   ASSERT_EQ(made.code, 0) << made.err;
   const nlohmann::json meta = nlohmann::json::parse(test::read_file(out / "a" + "/module.json"));
   EXPECT_EQ(meta["config"]["options"]["reduction_factor"], 4);

@@ -35,14 +35,14 @@ TEST_F(HostileCli, ServeFlagsOutOfRangeAreRefusedWithTheRangeAndTheReason) {
     std::string flag, value, range;
   };
   for (const Case& c : std::vector<Case>{{"--max-batch", "100000000", "[1, 1024]"},
-                                          {"--max-batch", "0", "[1, 1024]"},
-                                          {"--max-body-bytes", "-1", "[1024, 1073741824]"},
-                                          {"--port", "70000", "[0, 65535]"},
-                                          {"--port", "-1", "[0, 65535]"},
-                                          {"--max-queue", "0", "[1, 1000000]"},
-                                          {"--module-cache-mb", "0", "[1, 1048576]"},
-                                          {"--http-threads", "100000", "[0, 1024]"},
-                                          {"--max-batch", "ten", "[1, 1024]"}}) {
+                                         {"--max-batch", "0", "[1, 1024]"},
+                                         {"--max-body-bytes", "-1", "[1024, 1073741824]"},
+                                         {"--port", "70000", "[0, 65535]"},
+                                         {"--port", "-1", "[0, 65535]"},
+                                         {"--max-queue", "0", "[1, 1000000]"},
+                                         {"--module-cache-mb", "0", "[1, 1048576]"},
+                                         {"--http-threads", "100000", "[0, 1024]"},
+                                         {"--max-batch", "ten", "[1, 1024]"}}) {
     const Result r = mdl("serve --model " + quote(model()) + " " + c.flag + " " + c.value);
     EXPECT_GT(r.code, 0) << c.flag << " " << c.value;
     EXPECT_NE(r.err.find(c.flag), std::string::npos) << r.err;
@@ -74,16 +74,20 @@ TEST_F(HostileCli, DeepNestingAndNonFiniteScalesAreRefused) {
 TEST_F(HostileCli, ModuleNamesInAnyScriptAndQuotedWithSpaces) {
   const std::string dir = *dir_ / "mods";
   for (const std::string name : {"modül", "my module"}) {
-    const Result r = mdl("init-module --model " + quote(model()) + " --type adapter --out " + quote(dir + "/" + name));
+    const Result r =
+        mdl("init-module --model " + quote(model()) + " --type adapter --out " + quote(dir + "/" + name));
     ASSERT_EQ(r.code, 0) << r.err;
   }
-  for (const std::string expr : {"modül", "\"my module\"", "stack(modül, 'my module')", "stack(\"my module\", modül)"}) {
-    const Result r = mdl("forward --model " + quote(model()) + " --ids 1,2 --out " + quote(*dir_ / "o.safetensors") +
-                         " --modules-dir " + quote(dir) + " --modules " + quote(expr));
+  for (const std::string expr :
+       {"modül", "\"my module\"", "stack(modül, 'my module')", "stack(\"my module\", modül)"}) {
+    const Result r =
+        mdl("forward --model " + quote(model()) + " --ids 1,2 --out " + quote(*dir_ / "o.safetensors") +
+            " --modules-dir " + quote(dir) + " --modules " + quote(expr));
     EXPECT_EQ(r.code, 0) << expr << ": " << r.err;
   }
-  const Result r = mdl("forward --model " + quote(model()) + " --ids 1,2 --out " + quote(*dir_ / "o.safetensors") +
-                       " --modules-dir " + quote(dir) + " --modules " + quote("'my module"));
+  const Result r =
+      mdl("forward --model " + quote(model()) + " --ids 1,2 --out " + quote(*dir_ / "o.safetensors") +
+          " --modules-dir " + quote(dir) + " --modules " + quote("'my module"));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("the quoted name is not closed"), std::string::npos) << r.err;
 }
@@ -97,7 +101,8 @@ TEST_F(HostileCli, OutputsNeverOverwriteTheirInputsOrOtherFiles) {
   const std::string before = test::read_file(dir + "/model.safetensors");
   fs::create_directory_symlink(dir, *dir_ / "alias");
   for (const std::string& out : {dir + "/", dir + "/../inplace", *dir_ / "alias"}) {
-    const Result r = mdl("merge-into-base --model " + quote(dir) + " --modules " + quote(*dir_ / "l") + " --out " + quote(out));
+    const Result r = mdl("merge-into-base --model " + quote(dir) + " --modules " + quote(*dir_ / "l") +
+                         " --out " + quote(out));
     EXPECT_EQ(r.code, 1) << out;
     EXPECT_NE(r.err.find("is the base checkpoint"), std::string::npos) << r.err;
   }
@@ -115,7 +120,8 @@ TEST_F(HostileCli, OutputsNeverOverwriteTheirInputsOrOtherFiles) {
   // Over another checkpoint: replaced whole (a GPT-2 over a Llama leaves no Llama file behind).
   r = mdl("init-model --arch gpt2 --preset tiny --shard-mb 0.02 --out " + quote(dir));
   ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_FALSE(fs::exists(dir + "/model.safetensors")) << "the Llama's single file mixed into the sharded GPT-2";
+  EXPECT_FALSE(fs::exists(dir + "/model.safetensors"))
+      << "the Llama's single file mixed into the sharded GPT-2";
   EXPECT_TRUE(fs::exists(dir + "/model.safetensors.index.json"));
   r = mdl("inspect " + quote(dir));
   EXPECT_EQ(r.code, 0) << r.err;

@@ -21,11 +21,10 @@ struct Outer {
 };
 
 const FieldList<Inner>& inner_fields() {
-  static const FieldList<Inner> f = FieldList<Inner>("outer.inner")
-                                        .add("lr", &Inner::lr, "learning rate")
-                                        .check([](const Inner& i) {
-                                          MDL_CHECK(i.lr > 0, "[outer.inner] lr must be > 0, got ", i.lr);
-                                        });
+  static const FieldList<Inner> f =
+      FieldList<Inner>("outer.inner").add("lr", &Inner::lr, "learning rate").check([](const Inner& i) {
+        MDL_CHECK(i.lr > 0, "[outer.inner] lr must be > 0, got ", i.lr);
+      });
   return f;
 }
 
@@ -36,7 +35,8 @@ const FieldList<Outer>& outer_fields() {
           .add(
               "name",
               [](nlohmann::json& v, const Outer& o) {
-                v = o.name.empty() ? nlohmann::json(nlohmann::json::value_t::discarded) : nlohmann::json(o.name);
+                v = o.name.empty() ? nlohmann::json(nlohmann::json::value_t::discarded)
+                                   : nlohmann::json(o.name);
               },
               [](const nlohmann::json& v, Outer& o) { o.name = v.get<std::string>(); }, "left out when empty")
           .add("inner", &Outer::inner, inner_fields(), "nested");
@@ -60,12 +60,15 @@ TEST(Fields, WritesEveryFieldAndReadsThePresentOnesOverTheDefaults) {
 }
 
 TEST(Fields, RefusesUnknownKeysWrongTypesAndBadValuesNamingThem) {
-  EXPECT_THROW_WITH(outer_fields().read({{"stepz", 3}}), "[outer] no option 'stepz'", "the options are steps, name, inner");
-  EXPECT_EQ(outer_fields().read({{"stepz", 3}}, UnknownKeys::ignore).steps, 10);  // a foreign format's extra keys
+  EXPECT_THROW_WITH(outer_fields().read({{"stepz", 3}}), "[outer] no option 'stepz'",
+                    "the options are steps, name, inner");
+  EXPECT_EQ(outer_fields().read({{"stepz", 3}}, UnknownKeys::ignore).steps,
+            10);  // a foreign format's extra keys
   EXPECT_THROW_WITH(outer_fields().read({{"steps", "many"}}), "[outer] option 'steps'", "\"many\"");
   EXPECT_THROW_WITH(outer_fields().read({{"inner", {{"lr", -1}}}}), "[outer.inner] lr must be > 0, got -1");
   EXPECT_THROW_WITH(outer_fields().read({{"inner", {{"lrr", 1}}}}), "[outer.inner] no option 'lrr'");
-  EXPECT_THROW_WITH(outer_fields().read(nlohmann::json::array()), "[outer] options must be a JSON object, got array");
+  EXPECT_THROW_WITH(outer_fields().read(nlohmann::json::array()),
+                    "[outer] options must be a JSON object, got array");
 }
 
 TEST(Fields, DescribesEveryLeafWithItsDefault) {

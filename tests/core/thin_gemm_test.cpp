@@ -37,7 +37,8 @@ TEST(ThinGemm, LoraShapesGoToTheBackend) {
   const at::Tensor got = thin_mm(x, A.t());
   const at::Tensor sum = thin_addmm(c, x, A.t(), 0.5);
   thin_addmm_(d, x, A.t(), 0.5);
-  EXPECT_EQ(thin_gemm_backend_calls() - before, 3u) << "thin_mm, thin_addmm and thin_addmm_ each call it once";
+  EXPECT_EQ(thin_gemm_backend_calls() - before, 3u)
+      << "thin_mm, thin_addmm and thin_addmm_ each call it once";
   EXPECT_TRUE(got.equal(raw)) << "the tensor form is the raw form";
   EXPECT_LT(rel_diff(got, at::mm(x, A.t())), 1e-5);
   EXPECT_LT(rel_diff(sum, c + 0.5 * raw), 1e-5);

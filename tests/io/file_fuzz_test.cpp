@@ -35,16 +35,23 @@ class Mutator {
     const int edits = 1 + static_cast<int>(pick(3));
     for (int e = 0; e < edits && !s.empty(); ++e) {
       switch (pick(5)) {
-        case 0: s[pick(s.size())] = static_cast<char>(rng_() & 0xFF); break;
-        case 1: s.resize(pick(s.size())); break;
-        case 2: s.insert(pick(s.size()), std::string(1 + pick(8), static_cast<char>(rng_() & 0xFF))); break;
+        case 0:
+          s[pick(s.size())] = static_cast<char>(rng_() & 0xFF);
+          break;
+        case 1:
+          s.resize(pick(s.size()));
+          break;
+        case 2:
+          s.insert(pick(s.size()), std::string(1 + pick(8), static_cast<char>(rng_() & 0xFF)));
+          break;
         case 3: {
           const size_t at = pick(s.size()), n = pick(std::min<size_t>(64, s.size() - at));
           s.insert(pick(s.size()), s.substr(at, n));
           break;
         }
         default: {
-          static const char* numbers[] = {"-1", "0", "1e308", "9223372036854775807", "-9223372036854775808", "1e-300", "nan"};
+          static const char* numbers[] = {
+              "-1", "0", "1e308", "9223372036854775807", "-9223372036854775808", "1e-300", "nan"};
           s.insert(pick(s.size()), numbers[pick(7)]);
         }
       }
@@ -69,9 +76,9 @@ class Mutator {
       j[i] = value(j[i], depth + 1);
       return j;
     }
-    static const std::vector<json> extremes = {-1,   0,    1,   1000000000, int64_t{1} << 40, -(int64_t{1} << 40),
-                                               1e308, -0.5, "",  "\u00fc",  nullptr,          json::array(),
-                                               json::object(), true};
+    static const std::vector<json> extremes = {
+        -1,   0,  1,        1000000000, int64_t{1} << 40, -(int64_t{1} << 40), 1e308,
+        -0.5, "", "\u00fc", nullptr,    json::array(),    json::object(),      true};
     return extremes[pick(extremes.size())];
   }
 
@@ -104,9 +111,10 @@ uint64_t fuzz_seed(uint64_t n) {
 
 TEST(FileFuzz, MutatedSafetensorsLoadOrFailCleanly) {
   test::TempDir dir;
-  io::save_safetensors(dir / "seed.safetensors", {{"a", at::arange(12, at::kFloat).view({3, 4})},
-                                                  {"b", at::ones({5}, at::kHalf)},
-                                                  {"c", at::tensor(std::vector<int64_t>{1, 2, 3})}},
+  io::save_safetensors(dir / "seed.safetensors",
+                       {{"a", at::arange(12, at::kFloat).view({3, 4})},
+                        {"b", at::ones({5}, at::kHalf)},
+                        {"c", at::tensor(std::vector<int64_t>{1, 2, 3})}},
                        {{"format", "pt"}});
   const std::string seed = test::read_file(dir / "seed.safetensors");
   const uint64_t header = *reinterpret_cast<const uint64_t*>(seed.data());
@@ -125,7 +133,8 @@ TEST(FileFuzz, MutatedSafetensorsLoadOrFailCleanly) {
     const std::string file = dir / "x.safetensors";
     test::write_file(file, bytes);
     loaded += loads([&] {
-      for (const auto& [name, t] : io::load_safetensors(file)) (void)t.to(at::kDouble).sum().item<double>();  // touch every byte
+      for (const auto& [name, t] : io::load_safetensors(file))
+        (void)t.to(at::kDouble).sum().item<double>();  // touch every byte
     });
   }
   std::printf("[fuzz] safetensors: %d of %d mutations loaded\n", loaded, scaled(300));
@@ -133,7 +142,8 @@ TEST(FileFuzz, MutatedSafetensorsLoadOrFailCleanly) {
 
 TEST(FileFuzz, MutatedConfigsAndTokenizersParseOrFailCleanly) {
   const std::string src = test::tiny_checkpoint("llama");
-  const std::string config = test::read_file(src + "/config.json"), tokenizer = test::read_file(src + "/tokenizer.json");
+  const std::string config = test::read_file(src + "/config.json"),
+                    tokenizer = test::read_file(src + "/tokenizer.json");
   const json config_json = json::parse(config), tokenizer_json = json::parse(tokenizer);
   Mutator m(fuzz_seed(2));
   int configs = 0, tokenizers = 0;
@@ -142,7 +152,9 @@ TEST(FileFuzz, MutatedConfigsAndTokenizersParseOrFailCleanly) {
     configs += loads([&] { parse_model_config(c, "config.json"); });
   }
   for (int i = 0; i < scaled(200); ++i) {
-    const std::string t = i % 2 ? m.bytes(tokenizer) : m.value(tokenizer_json).dump(-1, ' ', false, json::error_handler_t::replace);
+    const std::string t = i % 2
+                              ? m.bytes(tokenizer)
+                              : m.value(tokenizer_json).dump(-1, ' ', false, json::error_handler_t::replace);
     tokenizers += loads([&] {
       const Tokenizer tok = Tokenizer::from_json(t, "tokenizer.json");
       const auto ids = tok.encode("the cat sat on the mat, ünïcödé 🙂");
@@ -150,7 +162,8 @@ TEST(FileFuzz, MutatedConfigsAndTokenizersParseOrFailCleanly) {
       tok.stable_length(ids, tok.decode(ids));
     });
   }
-  std::printf("[fuzz] configs: %d of %d parsed; tokenizers: %d of %d loaded\n", configs, scaled(300), tokenizers, scaled(200));
+  std::printf("[fuzz] configs: %d of %d parsed; tokenizers: %d of %d loaded\n", configs, scaled(300),
+              tokenizers, scaled(200));
 }
 
 // A whole checkpoint directory with a mutated config.json: whatever it says, load_model refuses it or
@@ -176,7 +189,8 @@ TEST(FileFuzz, MutatedCheckpointConfigsNeverAllocateBeyondTheFile) {
     });
   }
   std::printf("[fuzz] checkpoint configs: %d of %d loaded and ran\n", loaded, scaled(200));
-  EXPECT_LT(test::peak_rss_kib() - before, 300 * 1024) << "a mutated config allocated far beyond its checkpoint";
+  EXPECT_LT(test::peak_rss_kib() - before, 300 * 1024)
+      << "a mutated config allocated far beyond its checkpoint";
 }
 
 }  // namespace

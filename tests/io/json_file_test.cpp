@@ -3,10 +3,10 @@
 // column, never the bytes they found.
 #include "mdl/io/json_file.h"
 
-#include <nlohmann/json.hpp>
 #include <sys/stat.h>
 
 #include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
@@ -20,7 +20,8 @@ namespace fs = std::filesystem;
 TEST(ReadText, RefusesFifosDevicesDirectoriesAndOversizedFiles) {
   test::TempDir dir;
   ASSERT_EQ(mkfifo((dir / "fifo").c_str(), 0600), 0);
-  EXPECT_THROW_WITH(io::read_text(dir / "fifo"), "fifo", "not a regular file (a FIFO)");  // returns, no writer needed
+  EXPECT_THROW_WITH(io::read_text(dir / "fifo"), "fifo",
+                    "not a regular file (a FIFO)");  // returns, no writer needed
   fs::create_symlink("/dev/zero", dir / "zero.json");
   EXPECT_THROW_WITH(io::read_text(dir / "zero.json"), "zero.json", "a character device");
   EXPECT_THROW_WITH(io::read_text(dir.path()), "a directory");
@@ -43,7 +44,8 @@ TEST(JsonFile, ParseErrorsNameLineAndColumnButNotTheBytes) {
   }
   EXPECT_THROW_WITH(io::parse_json("", "empty.json"), "'empty.json' is not valid JSON: line 1, column 1");
   EXPECT_THROW_WITH(io::parse_json("[1, 2", "cut.json"), "'cut.json' is not valid JSON", "end of input");
-  EXPECT_THROW_WITH(io::parse_json("{\"a\": \"\xff\"}", "bytes.json", " (its header)"), "'bytes.json' (its header)");
+  EXPECT_THROW_WITH(io::parse_json("{\"a\": \"\xff\"}", "bytes.json", " (its header)"),
+                    "'bytes.json' (its header)");
   EXPECT_EQ(io::parse_json("{\"a\": [1, 2]}", "ok.json")["a"][1], 2);
   test::TempDir dir;
   test::write_file(dir / "m.json", "{\"format\": mdl}");

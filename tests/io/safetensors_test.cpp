@@ -24,8 +24,8 @@ TEST(Safetensors, RoundTripsEveryDtypeBitExact) {
   std::map<std::string, at::Tensor> tensors;
   auto gen = at::detail::createCPUGenerator(7);
   at::Tensor base = at::randn({3, 5}, gen) * 100;
-  for (auto type : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16, at::kLong, at::kInt, at::kShort, at::kChar,
-                    at::kByte, at::kBool}) {
+  for (auto type : {at::kDouble, at::kFloat, at::kHalf, at::kBFloat16, at::kLong, at::kInt, at::kShort,
+                    at::kChar, at::kByte, at::kBool}) {
     at::Tensor t = type == at::kBool ? base > 0 : base.to(type);
     tensors["t_" + std::string(c10::toString(type))] = t;
   }
@@ -56,7 +56,7 @@ TEST(Safetensors, LoadingIsZeroCopyAndWritesNeverReachTheFile) {
     SafetensorsFile file(dir / "a.safetensors");
     at::Tensor a = file.tensor("w"), b = file.tensor("w");
     EXPECT_EQ(a.data_ptr(), b.data_ptr());  // both alias the mapping
-    a.mul_(2);                               // copy-on-write: private to this process
+    a.mul_(2);                              // copy-on-write: private to this process
     EXPECT_EQ(b[3].item<float>(), 6.0f);
   }
   EXPECT_EQ(test::read_file(dir / "a.safetensors"), before);
@@ -75,7 +75,8 @@ TEST(Safetensors, WritesAtomicallyAndKeepsTheOldFileOnError) {
   size_t files = 0;
   for (auto& e : std::filesystem::directory_iterator(dir.path())) ++files, (void)e;
   EXPECT_EQ(files, 1u) << "a temporary file was left behind";
-  EXPECT_THROW_WITH(save_safetensors(dir / "missing/dir/a.safetensors", {{"w", at::ones({1})}}), "missing/dir");
+  EXPECT_THROW_WITH(save_safetensors(dir / "missing/dir/a.safetensors", {{"w", at::ones({1})}}),
+                    "missing/dir");
 }
 
 struct Corruption {
@@ -92,20 +93,30 @@ TEST(Safetensors, CorruptFilesGiveErrorsNamingFileAndTensor) {
       {"header beyond file", raw_file("{}", "", 1000), {"header is 1000 bytes", "incomplete download"}},
       {"invalid json", raw_file("{\"a\": [", ""), {"not valid JSON"}},
       {"not an object", raw_file("[1,2]", ""), {"must be a JSON object"}},
-      {"unknown dtype", raw_file(R"({"w":{"dtype":"F8","shape":[2],"data_offsets":[0,2]}})", "ab"), {"'w'", "F8"}},
+      {"unknown dtype",
+       raw_file(R"({"w":{"dtype":"F8","shape":[2],"data_offsets":[0,2]}})", "ab"),
+       {"'w'", "F8"}},
       {"missing offsets", raw_file(R"({"w":{"dtype":"F32","shape":[2]}})", data8), {"'w'", "data_offsets"}},
-      {"negative shape", raw_file(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data8),
+      {"negative shape",
+       raw_file(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data8),
        {"'w'", "non-negative"}},
-      {"out of range", raw_file(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data8),
+      {"out of range",
+       raw_file(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data8),
        {"'w'", "extend past the data section", "truncated"}},
-      {"byte count", raw_file(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8),
+      {"byte count",
+       raw_file(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data8),
        {"'w'", "needs 12 bytes", "span 8"}},
-      {"begin after end", raw_file(R"({"w":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}})", data8),
+      {"begin after end",
+       raw_file(R"({"w":{"dtype":"U8","shape":[0],"data_offsets":[8,4]}})", data8),
        {"'w'", "begin > end"}},
-      {"overlap", raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data8),
+      {"overlap",
+       raw_file(
+           R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+           data8),
        {"'a'", "'b'", "overlap"}},
       {"metadata not strings", raw_file(R"({"__metadata__":{"k":1}})", ""), {"__metadata__", "'k'"}},
-      {"huge shape", raw_file(R"({"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", data8),
+      {"huge shape",
+       raw_file(R"({"w":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", data8),
        {"'w'", "overflow"}},
   };
   TempDir dir;
@@ -120,7 +131,8 @@ TEST(Safetensors, CorruptFilesGiveErrorsNamingFileAndTensor) {
       thrown = true;
       std::string msg = e.what();
       EXPECT_NE(msg.find(path), std::string::npos) << msg;
-      for (const char* part : c.expected) EXPECT_NE(msg.find(part), std::string::npos) << msg << "\n lacks " << part;
+      for (const char* part : c.expected)
+        EXPECT_NE(msg.find(part), std::string::npos) << msg << "\n lacks " << part;
     }
     EXPECT_TRUE(thrown);
   }
@@ -132,7 +144,8 @@ TEST(Safetensors, MisalignedDataIsCopiedNotMisread) {
   std::string data = std::string(1, '\x07');
   float v[2] = {1.5f, -2.25f};
   data.append(reinterpret_cast<const char*>(v), sizeof(v));
-  std::string header = R"({"b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"f":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
+  std::string header =
+      R"({"b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"f":{"dtype":"F32","shape":[2],"data_offsets":[1,9]}})";
   header.append((8 - header.size() % 8) % 8, ' ');
   TempDir dir;
   test::write_file(dir / "m.safetensors", raw_file(header, data));

@@ -48,8 +48,8 @@ TEST_P(AdapterHubRoundTrip, KeysAndOutputsSurvive) {
   write_adapterhub(set, "a", tmp / "hub");
   EXPECT_TRUE(is_adapterhub_dir(tmp / "hub"));
   auto keys = io::load_safetensors(tmp / "hub/adapter.safetensors");
-  EXPECT_TRUE(keys.count(GetParam().expected_key)) << "missing " << GetParam().expected_key << "; first key "
-                                                   << keys.begin()->first;
+  EXPECT_TRUE(keys.count(GetParam().expected_key))
+      << "missing " << GetParam().expected_key << "; first key " << keys.begin()->first;
   ModuleSet other(load_model(dir));
   other.load(tmp / "hub", "a");
   EXPECT_EQ(other.sites("a"), set.sites("a"));
@@ -58,27 +58,39 @@ TEST_P(AdapterHubRoundTrip, KeysAndOutputsSurvive) {
 
 INSTANTIATE_TEST_SUITE_P(
     Layouts, AdapterHubRoundTrip,
-    ::testing::Values(
-        Case{"llama", {{"type", "adapter"}, {"options", {{"config", "houlsby"}}}},
-             "model.layers.0.attention_adapters.adapters.a.adapter_down.0.weight"},
-        Case{"gpt2", {{"type", "adapter"}, {"options", {{"reduction_factor", 4}}}},
-             "transformer.h.1.output_adapters.adapters.a.adapter_up.weight"},
-        Case{"bert", {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"layer_norm", true}}}},
-             "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.1.weight"},
-        Case{"bert", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 2.0}}}},
-             "bert.encoder.layer.1.output.adapters.a.adapter_down.0.bias"},
-        Case{"llama", {{"type", "lora"}, {"options", {{"r", 4}, {"lora_alpha", 16}}}},
-             "model.layers.1.self_attn.v_proj.loras.a.lora_B"}));
+    ::testing::Values(Case{"llama",
+                           {{"type", "adapter"}, {"options", {{"config", "houlsby"}}}},
+                           "model.layers.0.attention_adapters.adapters.a.adapter_down.0.weight"},
+                      Case{"gpt2",
+                           {{"type", "adapter"}, {"options", {{"reduction_factor", 4}}}},
+                           "transformer.h.1.output_adapters.adapters.a.adapter_up.weight"},
+                      Case{"bert",
+                           {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"layer_norm", true}}}},
+                           "bert.encoder.layer.0.attention.output.adapters.a.adapter_down.1.weight"},
+                      Case{"bert",
+                           {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 2.0}}}},
+                           "bert.encoder.layer.1.output.adapters.a.adapter_down.0.bias"},
+                      Case{"llama",
+                           {{"type", "lora"}, {"options", {{"r", 4}, {"lora_alpha", 16}}}},
+                           "model.layers.1.self_attn.v_proj.loras.a.lora_B"}));
 
 TEST(AdapterHub, HandBuiltLoraMatchesTheEquations) {
   const std::string base = test::tiny_checkpoint("bert");
   Model model = load_model(base);
   const ModelConfig& c = model->config();
   test::TempDir dir;
-  io::write_text_atomic(dir / "adapter_config.json", nlohmann::json{
-      {"config", {{"architecture", "lora"}, {"r", 2}, {"alpha", 6}, {"attn_matrices", {"q", "v"}},
-                  {"composition_mode", "add"}, {"selfattn_lora", true}}},
-      {"hidden_size", c.hidden_size}, {"model_type", "bert"}, {"name", "sst"}, {"version", "adapters.1.0.0"}}.dump());
+  io::write_text_atomic(dir / "adapter_config.json", nlohmann::json{{"config",
+                                                                     {{"architecture", "lora"},
+                                                                      {"r", 2},
+                                                                      {"alpha", 6},
+                                                                      {"attn_matrices", {"q", "v"}},
+                                                                      {"composition_mode", "add"},
+                                                                      {"selfattn_lora", true}}},
+                                                                    {"hidden_size", c.hidden_size},
+                                                                    {"model_type", "bert"},
+                                                                    {"name", "sst"},
+                                                                    {"version", "adapters.1.0.0"}}
+                                                         .dump());
   auto w = reference::load(base, "bert.");
   auto gen = at::detail::createCPUGenerator(8);
   std::map<std::string, at::Tensor> tensors;
@@ -103,14 +115,17 @@ TEST(AdapterHub, UnsupportedVariantsAreRefusedWithTheReason) {
   Model model = load_model(test::tiny_checkpoint("llama"));
   ModuleSet set(model);
   test::TempDir dir;
-  io::write_text_atomic(dir / "adapter_config.json",
-                        R"({"config": {"architecture": "bottleneck", "reduction_factor": 16, "original_ln_before": true}, "name": "x"})");
-  io::save_safetensors(dir / "adapter.safetensors", {{"model.layers.0.output_adapters.adapters.x.adapter_up.bias", at::zeros({64})}});
+  io::write_text_atomic(
+      dir / "adapter_config.json",
+      R"({"config": {"architecture": "bottleneck", "reduction_factor": 16, "original_ln_before": true}, "name": "x"})");
+  io::save_safetensors(dir / "adapter.safetensors",
+                       {{"model.layers.0.output_adapters.adapters.x.adapter_up.bias", at::zeros({64})}});
   EXPECT_THROW_WITH(set.load(dir.path()), "original_ln_before=true", "not supported yet");
   io::write_text_atomic(dir / "adapter_config.json",
                         R"({"config": {"architecture": "prefix_tuning"}, "name": "x"})");
   EXPECT_THROW_WITH(set.load(dir.path()), "architecture 'prefix_tuning' is not supported");
-  io::write_text_atomic(dir / "adapter_config.json", R"({"config": {"architecture": "lora"}, "name": "x", "hidden_size": 99})");
+  io::write_text_atomic(dir / "adapter_config.json",
+                        R"({"config": {"architecture": "lora"}, "name": "x", "hidden_size": 99})");
   EXPECT_THROW_WITH(set.load(dir.path()), "hidden_size 99", "another base model");
   std::filesystem::remove(dir / "adapter.safetensors");
   test::write_file(dir / "pytorch_adapter.bin", "pickle");

@@ -13,7 +13,6 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
-#include "modules/module_fixtures.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/forward_context.h"
 #include "mdl/modules/fusion.h"
@@ -22,6 +21,7 @@
 #include "mdl/modules/targets.h"
 #include "mdl/routing/router.h"
 #include "mdl/routing/routing_context.h"
+#include "modules/module_fixtures.h"
 
 namespace mdl {
 namespace {
@@ -29,7 +29,9 @@ namespace {
 struct Case {
   std::string arch, type;
 };
-std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.arch << "_" << c.type; }
+std::ostream& operator<<(std::ostream& os, const Case& c) {
+  return os << c.arch << "_" << c.type;
+}
 
 constexpr int64_t kTasks = 2;
 
@@ -72,7 +74,9 @@ void save_modules(const std::string& model, const std::string& dir, const std::s
   test::save_random_adapters(model, dir, {"z"}, 5);
 }
 
-at::Tensor ids_batch(int64_t rows) { return (at::arange(0, rows * 6, at::kLong).view({rows, 6}) * 7) % 50 + 3; }
+at::Tensor ids_batch(int64_t rows) {
+  return (at::arange(0, rows * 6, at::kLong).view({rows, 6}) * 7) % 50 + 3;
+}
 
 at::Tensor run(ModelImpl& m, const at::Tensor& ids, const RoutingContext& rc) {
   ModelInput in;
@@ -117,23 +121,28 @@ TEST_P(EveryTypeRouted, OneBatchEqualsEachExampleThroughItsModulesInOrder) {
   by_flags.task_ids = task_ids;
   const at::Tensor flagged = run(*set.model(), ids, by_flags);
   for (int64_t b = 0; b < 6; ++b)
-    EXPECT_CLOSE(flagged.narrow(0, b, 1), reference(model, dir.path(), ids.narrow(0, b, 1), {{"y", 1.3}, {"x", 0.7}}, tasks[b]),
-                 2e-5)
+    EXPECT_CLOSE(flagged.narrow(0, b, 1),
+                 reference(model, dir.path(), ids.narrow(0, b, 1), {{"y", 1.3}, {"x", 0.7}}, tasks[b]), 2e-5)
         << "active modules, row " << b;
 
   // Router 2: each example's own ordered, weighted list; sums and stacks, with an adapter either side.
   set.set_active("z", true);
   set.set_scale("x", 1.0);
   set.set_scale("y", 1.0);
-  const std::vector<std::vector<ModuleChoice>> lists = {
-      {{"x", 1.0}}, {{"y", 0.5}, {"x", 1.0}}, {{"x", 1.0}, {"y", 0.5}}, {{"x", 1.0}, {"z", 1.0}}, {{"z", 1.0}, {"y", -0.8}}, {}};
+  const std::vector<std::vector<ModuleChoice>> lists = {{{"x", 1.0}},
+                                                        {{"y", 0.5}, {"x", 1.0}},
+                                                        {{"x", 1.0}, {"y", 0.5}},
+                                                        {{"x", 1.0}, {"z", 1.0}},
+                                                        {{"z", 1.0}, {"y", -0.8}},
+                                                        {}};
   RoutingContext per_example;
   per_example.task_ids = task_ids;
   per_example.modules = lists;
   const at::Tensor mixed = run(*set.model(), ids, per_example);
   std::vector<at::Tensor> want;
   for (int64_t b = 0; b < 6; ++b) {
-    want.push_back(reference(model, dir.path(), ids.narrow(0, b, 1), lists[static_cast<size_t>(b)], tasks[b]));
+    want.push_back(
+        reference(model, dir.path(), ids.narrow(0, b, 1), lists[static_cast<size_t>(b)], tasks[b]));
     EXPECT_CLOSE(mixed.narrow(0, b, 1), want.back(), 2e-5) << "per-example modules, row " << b;
   }
   // Rows 1 and 2 hold the same weighted sum in two orders, on the same ids only in the reference: an
@@ -162,7 +171,8 @@ TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormul
     bool normalize = false;
   };
   std::vector<Kind> kinds = {{"attention", ""}, {"gate", ""}};
-  for (const std::string r : {"softmax", "top_k", "switch", "expert_choice", "hash", "gumbel"}) kinds.push_back({"mixture", r});
+  for (const std::string r : {"softmax", "top_k", "switch", "expert_choice", "hash", "gumbel"})
+    kinds.push_back({"mixture", r});
   kinds.push_back({"mixture", "top_k", 2, true});
   kinds.push_back({"average", "softmax"});
   const at::Tensor ids = ids_batch(2).narrow(1, 0, 3);  // (2, 3): the rows' token ids (hash routing)
@@ -205,9 +215,11 @@ TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormul
       at::Tensor want;
       if (k.kind == "attention") {
         at::Tensor q = at::matmul(h, f->query.t());
-        at::Tensor s0 = (q * at::matmul(o[0], f->key.t())).sum(-1), s1 = (q * at::matmul(o[1], f->key.t())).sum(-1);
+        at::Tensor s0 = (q * at::matmul(o[0], f->key.t())).sum(-1),
+                   s1 = (q * at::matmul(o[1], f->key.t())).sum(-1);
         at::Tensor a0 = 1 / (1 + (s1 - s0).exp());
-        want = h + a0.unsqueeze(-1) * at::matmul(o[0], f->value.t()) + (1 - a0).unsqueeze(-1) * at::matmul(o[1], f->value.t());
+        want = h + a0.unsqueeze(-1) * at::matmul(o[0], f->value.t()) +
+               (1 - a0).unsqueeze(-1) * at::matmul(o[1], f->value.t());
       } else if (k.kind == "gate") {
         at::Tensor g0 = at::sigmoid(at::matmul(h, f->gate_w[0]) + f->gate_b[0]);
         at::Tensor g1 = at::sigmoid(at::matmul(h, f->gate_w[1]) + f->gate_b[1]);
@@ -216,7 +228,8 @@ TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormul
         // The policy's weights for these logits (the policies' own formulas are routing/router_test's).
         RouterInput ri;
         ri.token_ids = ids.reshape({-1});
-        const at::Tensor logits = k.router == "hash" ? at::Tensor() : at::matmul(x.reshape({6, in}), f->router_w.t());
+        const at::Tensor logits =
+            k.router == "hash" ? at::Tensor() : at::matmul(x.reshape({6, in}), f->router_w.t());
         at::Tensor w = make_router(c.fusion.router)->route(logits, 2, ri).dense_weights().view({2, 3, 2});
         want = h + w.select(2, 0).unsqueeze(-1) * o[0] + w.select(2, 1).unsqueeze(-1) * o[1];
       } else {  // average: per example, softmax over the mean token's scores; the LoRAs' factors averaged
@@ -225,7 +238,8 @@ TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormul
           at::Tensor p = at::softmax(at::mv(f->router_w, x[b].mean(0)), 0);
           at::Tensor A[2], B[2];
           double s = 0;
-          for (int n = 0; n < 2; ++n) ASSERT_TRUE(set.module_at(n == 0 ? "x" : "y", site)->low_rank(A[n], B[n], s));
+          for (int n = 0; n < 2; ++n)
+            ASSERT_TRUE(set.module_at(n == 0 ? "x" : "y", site)->low_rank(A[n], B[n], s));
           at::Tensor Am = p[0] * A[0] + p[1] * A[1], Bm = p[0] * B[0] + p[1] * B[1];
           want[b] += s * at::matmul(at::matmul(x[b], Am.t()), Bm.t());
         }
@@ -246,7 +260,9 @@ std::vector<Case> cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllTypes, EveryTypeRouted, testing::ValuesIn(cases()),
-                         [](const testing::TestParamInfo<Case>& i) { return i.param.arch + "_" + i.param.type; });
+                         [](const testing::TestParamInfo<Case>& i) {
+                           return i.param.arch + "_" + i.param.type;
+                         });
 
 // The combinations that make no sense, refused with the reason: a module that lengthens the sequence
 // (prompt, prefix) cannot be one example's choice in a batch; a merged module is in every row already.

@@ -56,11 +56,13 @@ TEST(Fusion, AttentionEqualsTheFormulaAndWeightsSumToOne) {
   const int64_t C = f->value.size(0);
   at::Tensor x = at::randn({2, 3, C}), h = at::randn({2, 3, C});
   at::Tensor got = f->forward(x, h);
-  at::Tensor oc = set.module_at("c", site)->forward(x, h) - h, od = set.module_at("d", site)->forward(x, h) - h;
+  at::Tensor oc = set.module_at("c", site)->forward(x, h) - h,
+             od = set.module_at("d", site)->forward(x, h) - h;
   at::Tensor q = at::matmul(h, f->query.t());
   at::Tensor sc = (q * at::matmul(oc, f->key.t())).sum(-1), sd = (q * at::matmul(od, f->key.t())).sum(-1);
   at::Tensor ac = 1 / (1 + (sd - sc).exp()), ad = 1 - ac;
-  at::Tensor want = h + ac.unsqueeze(-1) * at::matmul(oc, f->value.t()) + ad.unsqueeze(-1) * at::matmul(od, f->value.t());
+  at::Tensor want =
+      h + ac.unsqueeze(-1) * at::matmul(oc, f->value.t()) + ad.unsqueeze(-1) * at::matmul(od, f->value.t());
   EXPECT_TRUE(at::allclose(got, want, 1e-5, 1e-5));
   EXPECT_TRUE(at::allclose(f->last_weights().sum(-1), at::ones({2, 3}), 1e-6));
 }
@@ -74,7 +76,8 @@ TEST(Fusion, GateEqualsTheFormulaAndEveryParameterLearns) {
       torch::NoGradGuard g;
       auto f = set.module_at("f", site);
       at::Tensor x = at::randn({1, 2, 64}), h = at::randn({1, 2, 64});
-      at::Tensor want = h + 0.5 * (set.module_at("c", site)->forward(x, h) - h) + 0.5 * (set.module_at("d", site)->forward(x, h) - h);
+      at::Tensor want = h + 0.5 * (set.module_at("c", site)->forward(x, h) - h) +
+                        0.5 * (set.module_at("d", site)->forward(x, h) - h);
       EXPECT_TRUE(at::allclose(f->forward(x, h), want, 1e-5, 1e-5));
     }
     set.freeze_base({"f"});
@@ -84,7 +87,8 @@ TEST(Fusion, GateEqualsTheFormulaAndEveryParameterLearns) {
       ASSERT_TRUE(t.grad().defined()) << kind << " " << k;
       EXPECT_GT(t.grad().abs().sum().item<double>(), 0.0) << kind << " " << k;
     }
-    for (const auto& [k, t] : set.tensors("c")) EXPECT_FALSE(t.grad().defined()) << "member " << k << " is frozen";
+    for (const auto& [k, t] : set.tensors("c"))
+      EXPECT_FALSE(t.grad().defined()) << "member " << k << " is frozen";
   }
 }
 
@@ -119,8 +123,9 @@ TEST(Fusion, MisuseIsRefused) {
   EXPECT_THROW_WITH(set.add("f", fusion_of({"c", "p"})), "cannot fuse 'p', a prompt module");
   EXPECT_THROW_WITH(set.add("f", fusion_of({"c", "zz"})), "no module named 'zz'");
   EXPECT_THROW_WITH(set.add("f", fusion_of({"c", "l"})), "share no site");
-  EXPECT_THROW_WITH(nlohmann::json({{"type", "fusion"}, {"options", {{"members", {"c"}}}}}).get<ModuleConfig>(),
-                    "fuses at least 2 modules, got 1");
+  EXPECT_THROW_WITH(
+      nlohmann::json({{"type", "fusion"}, {"options", {{"members", {"c"}}}}}).get<ModuleConfig>(),
+      "fuses at least 2 modules, got 1");
   set.add("f", fusion_of({"c", "d"}));
   EXPECT_THROW_WITH(set.remove("c"), "'c' is fused by 'f'; remove 'f' first");
   set.remove("f");

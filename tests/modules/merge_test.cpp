@@ -23,7 +23,8 @@ class Merge : public ::testing::TestWithParam<std::pair<std::string, nlohmann::j
 TEST_P(Merge, MergedEqualsUnmergedAndUnmergeRestores) {
   ModuleSet set(load_model(test::tiny_checkpoint(GetParam().first)));
   std::map<std::string, at::Tensor> original;
-  for (const auto& item : set.model()->named_parameters()) original[item.key()] = item.value().detach().clone();
+  for (const auto& item : set.model()->named_parameters())
+    original[item.key()] = item.value().detach().clone();
   set.add("m", GetParam().second.get<ModuleConfig>());
   // Train a step so every part (DoRA's magnitude, the bias) is non-trivial.
   set.freeze_base({"m"});
@@ -40,7 +41,8 @@ TEST_P(Merge, MergedEqualsUnmergedAndUnmergeRestores) {
   at::Tensor merged = logits(*set.model());
   const double scale = unmerged.abs().max().item<double>();
   const double d = (merged - unmerged).abs().max().item<double>();
-  std::printf("[merge %s] max |merged - unmerged| = %.3g (logits scale %.3g)\n", GetParam().second.dump().c_str(), d, scale);
+  std::printf("[merge %s] max |merged - unmerged| = %.3g (logits scale %.3g)\n",
+              GetParam().second.dump().c_str(), d, scale);
   EXPECT_LE(d, 1e-5 * std::max(1.0, scale));
   bool weights_changed = false;
   for (const auto& item : set.model()->named_parameters())
@@ -58,14 +60,23 @@ TEST_P(Merge, MergedEqualsUnmergedAndUnmergeRestores) {
 using nlohmann::json;
 INSTANTIATE_TEST_SUITE_P(
     Types, Merge,
-    ::testing::Values(std::make_pair(std::string("llama"), json{{"type", "lora"}, {"options", {{"init_lora_weights", false}}}}),
-                      std::make_pair(std::string("gpt2"), json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"lora_bias", true}}},
-                                                               {"targets", {{"target_modules", "all-linear"}}}}),
-                      std::make_pair(std::string("llama"), json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"use_dora", true}, {"use_rslora", true}}}}),
-                      std::make_pair(std::string("llama"), json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
-                      std::make_pair(std::string("bert"), json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
-                      std::make_pair(std::string("gpt2"), json{{"type", "bitfit"}}),
-                      std::make_pair(std::string("gpt2"), json{{"type", "layernorm"}})));
+    ::testing::Values(
+        std::make_pair(std::string("llama"),
+                       json{{"type", "lora"}, {"options", {{"init_lora_weights", false}}}}),
+        std::make_pair(std::string("gpt2"),
+                       json{{"type", "lora"},
+                            {"options", {{"init_lora_weights", false}, {"lora_bias", true}}},
+                            {"targets", {{"target_modules", "all-linear"}}}}),
+        std::make_pair(std::string("llama"),
+                       json{{"type", "lora"},
+                            {"options",
+                             {{"init_lora_weights", false}, {"use_dora", true}, {"use_rslora", true}}}}),
+        std::make_pair(std::string("llama"),
+                       json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
+        std::make_pair(std::string("bert"),
+                       json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}),
+        std::make_pair(std::string("gpt2"), json{{"type", "bitfit"}}),
+        std::make_pair(std::string("gpt2"), json{{"type", "layernorm"}})));
 
 }  // namespace
 }  // namespace mdl

@@ -21,7 +21,8 @@ namespace {
 namespace fs = std::filesystem;
 
 // Rewrites the tensors of a module file with `edit`.
-void edit_tensors(const std::string& file, const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
+void edit_tensors(const std::string& file,
+                  const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
   std::map<std::string, at::Tensor> owned;
   for (auto& [k, v] : io::load_safetensors(file)) owned[k] = v.clone();
   edit(owned);
@@ -35,15 +36,20 @@ TEST(ModuleFiles, NonFiniteAndIntegerWeightsAreRefusedNamingTheTensor) {
   set.add("m", ModuleConfig());
   for (const std::string format : {"native", "peft"}) {
     const std::string out = dir / format;
-    if (format == "native") set.save("m", out);
-    else write_peft(set, "m", out);
-    const std::string file = out + (format == "native" ? "/module.safetensors" : "/adapter_model.safetensors");
+    if (format == "native")
+      set.save("m", out);
+    else
+      write_peft(set, "m", out);
+    const std::string file =
+        out + (format == "native" ? "/module.safetensors" : "/adapter_model.safetensors");
     const auto original = io::load_safetensors(file);
     const std::string first = original.begin()->first;
-    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    for (const float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
       edit_tensors(file, [&](auto& t) { t[first].view(-1)[0] = bad; });
       ModuleSet other(load_model(model));
-      EXPECT_THROW_WITH(other.load(out, "m"), "values that are NaN or infinite", "a corrupt or diverged module");
+      EXPECT_THROW_WITH(other.load(out, "m"), "values that are NaN or infinite",
+                        "a corrupt or diverged module");
       EXPECT_FALSE(other.contains("m")) << "a refused module stays out";
     }
     edit_tensors(file, [&](auto& t) { t[first] = t[first].to(at::kInt); });
@@ -66,13 +72,14 @@ TEST(ModuleFiles, APeftRankThatContradictsItsTensorsIsRefused) {
   j["r"] = 8;
   test::write_file(dir / "peft/adapter_config.json", j.dump());
   ModuleSet other(load_model(model));
-  EXPECT_THROW_WITH(other.load(dir / "peft", "m"), "adapter_config.json' gives site", "rank 8 (r or rank_pattern)",
-                    "has rank 4", "contradict");
+  EXPECT_THROW_WITH(other.load(dir / "peft", "m"), "adapter_config.json' gives site",
+                    "rank 8 (r or rank_pattern)", "has rank 4", "contradict");
 }
 
 TEST(ModuleFiles, NamesAreDirectoryNames) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-  for (const std::string name : {"modül", "my module", "日本", "a.b-c_d"}) EXPECT_NO_THROW(set.add(name, ModuleConfig())) << name;
+  for (const std::string name : {"modül", "my module", "日本", "a.b-c_d"})
+    EXPECT_NO_THROW(set.add(name, ModuleConfig())) << name;
   EXPECT_THROW_WITH(set.add("", ModuleConfig()), "it is empty");
   EXPECT_THROW_WITH(set.add("a/b", ModuleConfig()), "it has a '/'");
   EXPECT_THROW_WITH(set.add(".hidden", ModuleConfig()), "it starts with '.'");

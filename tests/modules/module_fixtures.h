@@ -15,8 +15,8 @@ namespace mdl::test {
 
 /// Saves one adapter per name under `dir`/<name>, for the checkpoint `model`; weights N(0, std^2), seeded
 /// by `seed` and the name's position.
-inline void save_random_adapters(const std::string& model, const std::string& dir, const std::vector<std::string>& names,
-                                 uint64_t seed, double std = 0.3) {
+inline void save_random_adapters(const std::string& model, const std::string& dir,
+                                 const std::vector<std::string>& names, uint64_t seed, double std = 0.3) {
   ModuleSet set(load_model(model));
   ModuleConfig adapter;
   adapter.type = "adapter";

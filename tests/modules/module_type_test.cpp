@@ -1,16 +1,16 @@
 // The module-type table: every type's options survive module.json, every type that needs nothing but its
 // options attaches on every architecture at sites of its kind (the architecture's declared defaults for
 // LoRA and (IA)^3), and unknown types or stray options are refused naming what was expected.
+#include "mdl/modules/module_type.h"
+
 #include <algorithm>
 #include <nlohmann/json.hpp>
-
 #include <set>
 
 #include "backbones/fixtures.h"
 #include "mdl/backbones/model.h"
-#include "mdl/modules/module_set.h"
 #include "mdl/core/fields.h"
-#include "mdl/modules/module_type.h"
+#include "mdl/modules/module_set.h"
 
 namespace mdl {
 namespace {
@@ -63,7 +63,8 @@ TEST(ModuleType, OptionsSurviveModuleJson) {
 TEST(ModuleType, ATypeWithoutOptionsRefusesSome) {
   const nlohmann::json j = {{"type", "bitfit"}, {"options", {{"r", 8}}}};
   EXPECT_THROW_WITH(j.get<ModuleConfig>(), "bitfit module takes no options", "\"r\"");
-  EXPECT_NO_THROW((nlohmann::json{{"type", "bitfit"}, {"options", nlohmann::json::object()}}.get<ModuleConfig>()));
+  EXPECT_NO_THROW(
+      (nlohmann::json{{"type", "bitfit"}, {"options", nlohmann::json::object()}}.get<ModuleConfig>()));
 }
 
 // A misspelt option or field is an error naming it and listing the real ones, for every type (the list
@@ -80,13 +81,16 @@ TEST(ModuleType, AnUnknownOptionOrFieldIsRefusedNamingIt) {
     misspelt[first + "x"] = misspelt[first];
     misspelt.erase(first);
     const std::string said = "no option '" + first + "x'";
-    EXPECT_THROW_WITH((nlohmann::json{{"type", t.name}, {"options", misspelt}}.get<ModuleConfig>()), said.c_str(), first.c_str());
+    EXPECT_THROW_WITH((nlohmann::json{{"type", t.name}, {"options", misspelt}}.get<ModuleConfig>()),
+                      said.c_str(), first.c_str());
   }
   EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", {{"lora_alpah", 16}}}}.get<ModuleConfig>()),
                     "[lora] no option 'lora_alpah'", "lora_alpha");
-  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"target", {{"target_modules", {"q_proj"}}}}}.get<ModuleConfig>()),
-                    "no field 'target'", "targets");
-  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", 3}}.get<ModuleConfig>()), "must be a JSON object");
+  EXPECT_THROW_WITH(
+      (nlohmann::json{{"type", "lora"}, {"target", {{"target_modules", {"q_proj"}}}}}.get<ModuleConfig>()),
+      "no field 'target'", "targets");
+  EXPECT_THROW_WITH((nlohmann::json{{"type", "lora"}, {"options", 3}}.get<ModuleConfig>()),
+                    "must be a JSON object");
 }
 
 // Each type's options are described key by key, with the defaults it writes: the help, the JSON and
@@ -133,7 +137,9 @@ TEST(ModuleType, EveryStandaloneTypeAttachesAtSitesOfItsKind) {
       ASSERT_FALSE(set.sites(t.name).empty());
       for (const auto& s : set.sites(t.name)) {
         EXPECT_EQ(set.model()->site(s).info().kind, t.site_kind) << s;
-        const auto& want = t.name == "lora" ? declared.attention : t.name == "ia3" ? declared.ia3 : std::vector<std::string>{};
+        const auto& want = t.name == "lora"  ? declared.attention
+                           : t.name == "ia3" ? declared.ia3
+                                             : std::vector<std::string>{};
         if (want.empty()) continue;
         bool matched = false;
         for (const auto& suffix : want) matched |= name_matches_suffix(s, suffix);

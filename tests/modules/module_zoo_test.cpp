@@ -22,7 +22,9 @@ struct Case {
   nlohmann::json config;
 };
 
-std::ostream& operator<<(std::ostream& os, const Case& c) { return os << c.label; }
+std::ostream& operator<<(std::ostream& os, const Case& c) {
+  return os << c.label;
+}
 
 at::Tensor logits(ModelImpl& m) {
   ModelInput in;
@@ -47,7 +49,8 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
       n += out * b + b + b * out + out + (c.adapter.layer_norm ? 2 * out : 0);
     } else if (c.type == "lora_moe") {
       const LoraMixtureOptions& m = c.lora_moe;
-      n += m.experts * m.r * (in + out) + m.experts * in + (m.router.level == "task" ? m.num_tasks * m.experts : 0);
+      n += m.experts * m.r * (in + out) + m.experts * in +
+           (m.router.level == "task" ? m.num_tasks * m.experts : 0);
     } else if (c.type == "bitfit") {
       n += out;
     } else if (c.type == "layernorm") {
@@ -58,8 +61,9 @@ int64_t closed_form(const ModuleSet& set, const std::string& name) {
       n += k * (out / k) * r + k * r * (b / k) + b + k * (b / k) * r + k * r * (out / k) + out;
     }
   }
-  if (c.type == "compacter") n += 2 * c.compacter.phm_dim * c.compacter.phm_dim * c.compacter.phm_dim;  // shared rules
-  if (c.type == "hyper_lora") {  // one shared generator
+  if (c.type == "compacter")
+    n += 2 * c.compacter.phm_dim * c.compacter.phm_dim * c.compacter.phm_dim;  // shared rules
+  if (c.type == "hyper_lora") {                                                // one shared generator
     const HyperLoraOptions& h = c.hyper;
     const int64_t sites = static_cast<int64_t>(set.sites(name).size());
     n += h.num_tasks * h.task_embedding_dim + sites * h.site_embedding_dim +
@@ -96,7 +100,8 @@ TEST_P(ModuleZoo, NewModuleIsIdentityStepTouchesOnlyModuleSaveLoadIsExact) {
 
   // One optimiser step.
   std::map<std::string, at::Tensor> base_before;
-  for (const auto& item : set.model()->named_parameters()) base_before[item.key()] = item.value().detach().clone();
+  for (const auto& item : set.model()->named_parameters())
+    base_before[item.key()] = item.value().detach().clone();
   std::map<std::string, at::Tensor> module_before;
   for (const auto& [k, t] : set.tensors("m")) module_before[k] = t.detach().clone();
   torch::optim::SGD opt(set.parameters({"m"}), torch::optim::SGDOptions(0.5));
@@ -128,31 +133,52 @@ std::vector<Case> cases() {
   using nlohmann::json;
   return {
       {"lora_llama", "llama", {{"type", "lora"}}},
-      {"lora_gpt2_all_linear_rslora", "gpt2",
-       {{"type", "lora"}, {"options", {{"r", 4}, {"lora_alpha", 16}, {"use_rslora", true}}},
-        {"targets", {{"target_modules", "all-linear"}}}}},
-      {"lora_bert_gaussian_patterns", "bert",
+      {"lora_gpt2_all_linear_rslora",
+       "gpt2",
        {{"type", "lora"},
-        {"options", {{"r", 2}, {"init_lora_weights", "gaussian"}, {"rank_pattern", {{"value", 6}}}, {"alpha_pattern", {{"query", 3.0}}}}}}},
+        {"options", {{"r", 4}, {"lora_alpha", 16}, {"use_rslora", true}}},
+        {"targets", {{"target_modules", "all-linear"}}}}},
+      {"lora_bert_gaussian_patterns",
+       "bert",
+       {{"type", "lora"},
+        {"options",
+         {{"r", 2},
+          {"init_lora_weights", "gaussian"},
+          {"rank_pattern", {{"value", 6}}},
+          {"alpha_pattern", {{"query", 3.0}}}}}}},
       {"lora_bias", "llama", {{"type", "lora"}, {"options", {{"lora_bias", true}}}}},
-      {"dora", "llama", {{"type", "lora"}, {"options", {{"use_dora", true}, {"r", 4}}}, {"targets", {{"target_modules", {"q_proj", "o_proj", "down_proj"}}}}}},
+      {"dora",
+       "llama",
+       {{"type", "lora"},
+        {"options", {{"use_dora", true}, {"r", 4}}},
+        {"targets", {{"target_modules", {"q_proj", "o_proj", "down_proj"}}}}}},
       {"ia3_llama", "llama", {{"type", "ia3"}}},
       {"ia3_gpt2", "gpt2", {{"type", "ia3"}}},
       {"adapter_pfeiffer", "llama", {{"type", "adapter"}, {"options", {{"reduction_factor", 8}}}}},
-      {"adapter_houlsby_bert", "bert", {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"non_linearity", "gelu"}}}}},
-      {"adapter_parallel_ln", "gpt2", {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
+      {"adapter_houlsby_bert",
+       "bert",
+       {{"type", "adapter"}, {"options", {{"config", "houlsby"}, {"non_linearity", "gelu"}}}}},
+      {"adapter_parallel_ln",
+       "gpt2",
+       {{"type", "adapter"}, {"options", {{"config", "parallel"}, {"scaling", 4.0}, {"layer_norm", true}}}}},
       {"bitfit", "gpt2", {{"type", "bitfit"}}},
       {"layernorm_bert", "bert", {{"type", "layernorm"}}},
       {"hyper_lora_llama", "llama", {{"type", "hyper_lora"}, {"options", {{"num_tasks", 3}, {"r", 2}}}}},
       {"compacter_pp_llama", "llama", {{"type", "compacter"}, {"options", {{"reduction_factor", 8}}}}},
-      {"compacter_houlsby_gpt2", "gpt2",
-       {{"type", "compacter"}, {"options", {{"config", "houlsby"}, {"phm_dim", 8}, {"phm_rank", 2}, {"reduction_factor", 4}}}}},
+      {"compacter_houlsby_gpt2",
+       "gpt2",
+       {{"type", "compacter"},
+        {"options", {{"config", "houlsby"}, {"phm_dim", 8}, {"phm_rank", 2}, {"reduction_factor", 4}}}}},
       {"layernorm_llama_rms", "llama", {{"type", "layernorm"}}},
       {"lora_moe_top2", "llama", {{"type", "lora_moe"}, {"options", {{"experts", 4}, {"r", 2}}}}},
-      {"lora_moe_switch_gpt2", "gpt2",
+      {"lora_moe_switch_gpt2",
+       "gpt2",
        {{"type", "lora_moe"}, {"options", {{"experts", 3}, {"r", 2}, {"router", {{"kind", "switch"}}}}}}},
-      {"lora_moe_smear", "llama",
-       {{"type", "lora_moe"}, {"options", {{"experts", 3}, {"smear", true}, {"router", {{"kind", "softmax"}, {"level", "example"}}}}}}},
+      {"lora_moe_smear",
+       "llama",
+       {{"type", "lora_moe"},
+        {"options",
+         {{"experts", 3}, {"smear", true}, {"router", {{"kind", "softmax"}, {"level", "example"}}}}}}},
   };
 }
 
@@ -229,7 +255,8 @@ TEST(Lora, TrainingNodesEqualTheComposedEquationsInEveryGradient) {
 
 TEST(HyperLora, TasksMaterializeAndNewTasksFromAnEmbedding) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-  ModuleConfig c = nlohmann::json{{"type", "hyper_lora"}, {"options", {{"num_tasks", 2}, {"r", 2}}}}.get<ModuleConfig>();
+  ModuleConfig c =
+      nlohmann::json{{"type", "hyper_lora"}, {"options", {{"num_tasks", 2}, {"r", 2}}}}.get<ModuleConfig>();
   set.add("h", c);
   set.freeze_base({"h"});
   torch::optim::SGD opt(set.parameters({"h"}), torch::optim::SGDOptions(0.5));
@@ -261,12 +288,14 @@ TEST(HyperLora, TasksMaterializeAndNewTasksFromAnEmbedding) {
 
 TEST(Compacter, PhmWeightIsASumOfKroneckerProducts) {
   auto gen = at::detail::createCPUGenerator(4);
-  at::Tensor rule = at::randn({4, 4, 4}, gen), left = at::randn({4, 6, 2}, gen), right = at::randn({4, 2, 3}, gen);
+  at::Tensor rule = at::randn({4, 4, 4}, gen), left = at::randn({4, 6, 2}, gen),
+             right = at::randn({4, 2, 3}, gen);
   at::Tensor want = at::zeros({24, 12});
   for (int i = 0; i < 4; ++i) want += at::kron(rule[i], left[i].mm(right[i]));
   EXPECT_LE((phm_weight(rule, left, right) - want).abs().max().item<double>(), 1e-5);
-  EXPECT_THROW_WITH(nlohmann::json({{"type", "compacter"}, {"options", {{"config", "lstm"}}}}).get<ModuleConfig>(),
-                    "config 'lstm' is unknown");
+  EXPECT_THROW_WITH(
+      nlohmann::json({{"type", "compacter"}, {"options", {{"config", "lstm"}}}}).get<ModuleConfig>(),
+      "config 'lstm' is unknown");
 }
 
 TEST(ModuleSet, TargetsActivationScalesAndErrors) {
@@ -276,7 +305,8 @@ TEST(ModuleSet, TargetsActivationScalesAndErrors) {
   c.targets.layers_to_transform = {1};
   c.lora.init = "random";
   set.add("a", c);
-  EXPECT_EQ(set.sites("a"), (std::vector<std::string>{"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
+  EXPECT_EQ(set.sites("a"),
+            (std::vector<std::string>{"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}));
   ModuleConfig all;
   all.targets.target_modules = {"all-linear"};
   all.targets.exclude_modules = {"mlp.up_proj"};
@@ -307,9 +337,11 @@ TEST(ModuleSet, TargetsActivationScalesAndErrors) {
   EXPECT_THROW_WITH(set.add("a", c), "already exists");
   ModuleConfig none;
   none.targets.target_modules = {"nonexistent_proj"};
-  EXPECT_THROW_WITH(set.add("d", none), "no site of LlamaForCausalLM matches nonexistent_proj", "model.layers.0.self_attn.q_proj");
+  EXPECT_THROW_WITH(set.add("d", none), "no site of LlamaForCausalLM matches nonexistent_proj",
+                    "model.layers.0.self_attn.q_proj");
   EXPECT_THROW_WITH(set.set_active("zzz", true), "no module named 'zzz'", "loaded: a, c");
-  EXPECT_THROW_WITH(nlohmann::json({{"type", "lora"}, {"options", {{"r", 0}}}}).get<ModuleConfig>(), "r must be > 0");
+  EXPECT_THROW_WITH(nlohmann::json({{"type", "lora"}, {"options", {{"r", 0}}}}).get<ModuleConfig>(),
+                    "r must be > 0");
   EXPECT_THROW_WITH(nlohmann::json({{"type", "magic"}}).get<ModuleConfig>(), "unknown module type 'magic'");
   ModuleConfig adapter;
   adapter.type = "adapter";
@@ -334,7 +366,8 @@ TEST(ModuleSet, WrongBaseModelIsRefusedAndFingerprintMismatchOnlyWarns) {
   auto tensors = io::load_safetensors(tmp / "m/module.safetensors");
   tensors["model.layers.0.self_attn.q_proj.lora_A"] = at::zeros({8, 99});
   io::save_safetensors(tmp / "m/module.safetensors", tensors);
-  EXPECT_THROW_WITH(llama.load(tmp / "m", "z"), "model.layers.0.self_attn.q_proj.lora_A", "[8, 99]", "[8, 64]");
+  EXPECT_THROW_WITH(llama.load(tmp / "m", "z"), "model.layers.0.self_attn.q_proj.lora_A", "[8, 99]",
+                    "[8, 64]");
   EXPECT_FALSE(llama.contains("z"));
   EXPECT_THROW_WITH(llama.load(tmp.path() + "/nothing"), "is not a directory");
 }

@@ -52,7 +52,8 @@ TEST(NativeFormat, AModuleJsonThatIsNotOneIsRefusedNamingTheField) {
     test::write_file(meta, j.dump());
   };
   with([](nlohmann::json& j) { j["format"] = "peft"; });
-  EXPECT_THROW_WITH(read_native(out), meta.c_str(), "is not an mdl module", "'format' must be \"mdl-module\"");
+  EXPECT_THROW_WITH(read_native(out), meta.c_str(), "is not an mdl module",
+                    "'format' must be \"mdl-module\"");
   with([](nlohmann::json& j) { j["sites"] = "q_proj"; });
   EXPECT_THROW_WITH(read_native(out), meta.c_str(), "field 'sites' must be a list of site names");
   with([](nlohmann::json& j) { j["config"]["options"] = {{"r", "four"}}; });

@@ -16,7 +16,9 @@
 namespace mdl {
 namespace {
 
-at::Tensor ids() { return at::arange(4, 16, at::kLong); }
+at::Tensor ids() {
+  return at::arange(4, 16, at::kLong);
+}
 
 at::Tensor logits(ModelImpl& m) {
   torch::NoGradGuard g;
@@ -33,8 +35,12 @@ TEST(Peft, HandBuiltLoraDirectoryMatchesTheEquations) {
     test::TempDir dir;
     const int64_t r = 4;
     const double alpha = 8;
-    nlohmann::json config = {{"peft_type", "LORA"}, {"r", r}, {"lora_alpha", alpha}, {"use_rslora", rslora},
-                             {"target_modules", {"q_proj", "v_proj"}}, {"task_type", "CAUSAL_LM"},
+    nlohmann::json config = {{"peft_type", "LORA"},
+                             {"r", r},
+                             {"lora_alpha", alpha},
+                             {"use_rslora", rslora},
+                             {"target_modules", {"q_proj", "v_proj"}},
+                             {"task_type", "CAUSAL_LM"},
                              {"some_future_field", {{"ignored", true}}}};
     io::write_text_atomic(dir / "adapter_config.json", config.dump());
     auto gen = at::detail::createCPUGenerator(rslora ? 2 : 1);
@@ -69,8 +75,9 @@ TEST(Peft, Gpt2Conv1DAdapterUsesRankByInAndOutByRank) {
   Model model = load_model(base);
   const int64_t C = model->config().hidden_size, r = 2;
   test::TempDir dir;
-  io::write_text_atomic(dir / "adapter_config.json",
-                        R"({"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["c_attn"],"fan_in_fan_out":true})");
+  io::write_text_atomic(
+      dir / "adapter_config.json",
+      R"({"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["c_attn"],"fan_in_fan_out":true})");
   auto gen = at::detail::createCPUGenerator(3);
   auto w = reference::load(base, "transformer.");
   std::map<std::string, at::Tensor> tensors;
@@ -108,11 +115,15 @@ TEST_P(PeftRoundTrip, WrittenAndReadBackIdentically) {
 
 INSTANTIATE_TEST_SUITE_P(
     Types, PeftRoundTrip,
-    ::testing::Values(nlohmann::json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"r", 4}, {"rank_pattern", {{"v_proj", 2}}}}}},
-                      nlohmann::json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"use_dora", true}, {"lora_alpha", 32}}},
-                                     {"targets", {{"target_modules", {"q_proj", "down_proj"}}}}},
-                      nlohmann::json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"lora_bias", true}}}},
-                      nlohmann::json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}));
+    ::testing::Values(
+        nlohmann::json{
+            {"type", "lora"},
+            {"options", {{"init_lora_weights", false}, {"r", 4}, {"rank_pattern", {{"v_proj", 2}}}}}},
+        nlohmann::json{{"type", "lora"},
+                       {"options", {{"init_lora_weights", false}, {"use_dora", true}, {"lora_alpha", 32}}},
+                       {"targets", {{"target_modules", {"q_proj", "down_proj"}}}}},
+        nlohmann::json{{"type", "lora"}, {"options", {{"init_lora_weights", false}, {"lora_bias", true}}}},
+        nlohmann::json{{"type", "ia3"}, {"options", {{"init_ia3_weights", false}}}}));
 
 TEST(Peft, BadDirectoriesAreRefusedWithReasons) {
   Model model = load_model(test::tiny_checkpoint("llama"));
@@ -127,9 +138,10 @@ TEST(Peft, BadDirectoriesAreRefusedWithReasons) {
   io::save_safetensors(dir / "adapter_model.safetensors",
                        {{"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight", at::zeros({2, 64})}});
   EXPECT_THROW_WITH(set.load(dir.path()), "targets 'transformer.h.0.attn.c_attn'", "another base model");
-  io::save_safetensors(dir / "adapter_model.safetensors",
-                       {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", at::zeros({2, 64})},
-                        {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", at::zeros({99, 2})}});
+  io::save_safetensors(
+      dir / "adapter_model.safetensors",
+      {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", at::zeros({2, 64})},
+       {"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", at::zeros({99, 2})}});
   EXPECT_THROW_WITH(set.load(dir.path()), "q_proj.lora_B", "[99, 2]", "[64, 2]");
   EXPECT_TRUE(set.names().empty());
   set.add("ad", nlohmann::json{{"type", "adapter"}}.get<ModuleConfig>());

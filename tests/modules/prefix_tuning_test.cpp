@@ -31,7 +31,8 @@ TEST_P(Prefix, EqualsACacheOfRealTokens) {
   first.input_ids = at::tensor(prefix_ids).view({1, -1});
   first.cache = &cache;
   set.model()->forward(first);
-  const std::vector<at::Tensor> prefix_k = cache.k, prefix_v = cache.v;  // before the real tokens are appended
+  const std::vector<at::Tensor> prefix_k = cache.k,
+                                prefix_v = cache.v;  // before the real tokens are appended
   at::Tensor ids = at::arange(30, 36, at::kLong).view({1, -1});
   ModelInput rest;
   rest.input_ids = ids;
@@ -100,7 +101,8 @@ TEST(PrefixTuning, ProjectionTrainsFoldsAndRoundTrips) {
   test::TempDir tmp;
   set.save("p", tmp / "native");
   write_peft(set, "p", tmp / "peft");
-  EXPECT_EQ(nlohmann::json::parse(io::read_text(tmp / "peft/adapter_config.json"))["peft_type"], "PREFIX_TUNING");
+  EXPECT_EQ(nlohmann::json::parse(io::read_text(tmp / "peft/adapter_config.json"))["peft_type"],
+            "PREFIX_TUNING");
   for (const std::string sub : {"native", "peft"}) {
     ModuleSet other(load_model(dir));
     other.load(tmp / sub, "p");
@@ -138,7 +140,8 @@ TEST(PrefixTuning, SeveralPrefixesConcatenate) {
   one.add("p", both);
   {
     torch::NoGradGuard g;
-    encoder(one, "p")->embedding.copy_(at::cat({encoder(set, "p2")->embedding, encoder(set, "p1")->embedding}, 0));
+    encoder(one, "p")->embedding.copy_(
+        at::cat({encoder(set, "p2")->embedding, encoder(set, "p1")->embedding}, 0));
   }
   torch::NoGradGuard g;
   ModelInput in;

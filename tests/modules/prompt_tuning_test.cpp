@@ -31,7 +31,8 @@ TEST_P(Prompt, EqualsTypingThePromptTokens) {
   const std::vector<int64_t> prompt_ids = {11, 12, 13, 14, 15};
   {
     torch::NoGradGuard g;
-    set.tensors("p").at(site + ".prompt_embeddings")
+    set.tensors("p")
+        .at(site + ".prompt_embeddings")
         .copy_(set.model()->token_embeddings().index_select(0, at::tensor(prompt_ids)));
   }
   torch::NoGradGuard g;
@@ -74,7 +75,8 @@ TEST(PromptTuning, SeveralPromptsConcatenate) {
     const std::string name = "p" + std::to_string(i);
     set.add(name, c);
     torch::NoGradGuard g;
-    set.tensors(name).at(set.sites(name).at(0) + ".prompt_embeddings")
+    set.tensors(name)
+        .at(set.sites(name).at(0) + ".prompt_embeddings")
         .copy_(set.model()->token_embeddings().index_select(0, at::tensor(tokens[i])));
   }
   torch::NoGradGuard g;

@@ -9,21 +9,24 @@
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
-#include "modules/module_fixtures.h"
 #include "mdl/modules/lora.h"
 #include "mdl/modules/lora_bank.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
+#include "modules/module_fixtures.h"
 
 namespace mdl {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-at::Tensor ids_batch() { return at::arange(3, 27, at::kLong).view({3, 8}) % 50 + 3; }
+at::Tensor ids_batch() {
+  return at::arange(3, 27, at::kLong).view({3, 8}) % 50 + 3;
+}
 
-at::Tensor run(ModelImpl& m, const at::Tensor& ids, const RoutingContext* rc = nullptr, RoutingLog* log = nullptr) {
+at::Tensor run(ModelImpl& m, const at::Tensor& ids, const RoutingContext* rc = nullptr,
+               RoutingLog* log = nullptr) {
   ModelInput in;
   in.input_ids = ids;
   in.routing = rc;
@@ -101,7 +104,8 @@ TEST(PolyLora, OneHotAllocationEqualsThatSkillsLora) {
   at::Tensor want = run(*ref.model(), ids_batch());
   EXPECT_TRUE(at::allclose(got, want, 1e-5, 1e-5)) << (got - want).abs().max();
   set.set_active("poly", false);
-  EXPECT_FALSE(at::allclose(got, run(*set.model(), ids_batch()), 1e-5, 1e-5)) << "the skill must change the output";
+  EXPECT_FALSE(at::allclose(got, run(*set.model(), ids_batch()), 1e-5, 1e-5))
+      << "the skill must change the output";
 }
 
 TEST(PolyLora, MhrHeadsTakeTheirColumnsFromTheirSkill) {
@@ -132,7 +136,8 @@ TEST(PolyLora, NeedsTaskIdsAndSharesAllocationWhenAsked) {
   for (const auto& [k, t] : set.tensors("poly")) allocations += k.find("allocation") != std::string::npos;
   EXPECT_EQ(allocations, 1);
   torch::NoGradGuard g;
-  EXPECT_THROW_WITH(run(*set.model(), ids_batch()), "[routing] 'model.layers.0.self_attn.q_proj' routes by task: pass task ids");
+  EXPECT_THROW_WITH(run(*set.model(), ids_batch()),
+                    "[routing] 'model.layers.0.self_attn.q_proj' routes by task: pass task ids");
   RoutingContext rc;
   rc.task_ids = at::tensor({0, 5, 1}, at::kLong);
   EXPECT_THROW_WITH(run(*set.model(), ids_batch(), &rc), "task id 5 out of range", "2 tasks");
@@ -141,10 +146,11 @@ TEST(PolyLora, NeedsTaskIdsAndSharesAllocationWhenAsked) {
 // Brute force: per token, the router's top-2 over softmax(gate x), sum of w_e s B_e A_e x.
 TEST(LoraMixture, EqualsPerTokenBruteForce) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-  ModuleConfig c = nlohmann::json({{"type", "lora_moe"},
-                                   {"options", {{"experts", 4}, {"r", 3}, {"lora_alpha", 6}}},
-                                   {"targets", {{"target_modules", {"q_proj"}}, {"layers_to_transform", {0}}}}})
-                       .get<ModuleConfig>();
+  ModuleConfig c =
+      nlohmann::json({{"type", "lora_moe"},
+                      {"options", {{"experts", 4}, {"r", 3}, {"lora_alpha", 6}}},
+                      {"targets", {{"target_modules", {"q_proj"}}, {"layers_to_transform", {0}}}}})
+          .get<ModuleConfig>();
   set.add("mix", c);
   randomize(set, "mix", 4);
   auto part = std::dynamic_pointer_cast<LoraMixtureImpl>(set.module_at("mix", set.sites("mix")[0]));
@@ -168,11 +174,16 @@ TEST(LoraMixture, EqualsPerTokenBruteForce) {
 
 TEST(LoraMixture, SmearAveragesParametersPerExample) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-  ModuleConfig c = nlohmann::json({{"type", "lora_moe"},
-                                   {"options", {{"experts", 3}, {"r", 2}, {"lora_alpha", 2}, {"smear", true},
-                                                {"router", {{"kind", "softmax"}, {"level", "example"}}}}},
-                                   {"targets", {{"target_modules", {"v_proj"}}, {"layers_to_transform", {1}}}}})
-                       .get<ModuleConfig>();
+  ModuleConfig c =
+      nlohmann::json({{"type", "lora_moe"},
+                      {"options",
+                       {{"experts", 3},
+                        {"r", 2},
+                        {"lora_alpha", 2},
+                        {"smear", true},
+                        {"router", {{"kind", "softmax"}, {"level", "example"}}}}},
+                      {"targets", {{"target_modules", {"v_proj"}}, {"layers_to_transform", {1}}}}})
+          .get<ModuleConfig>();
   set.add("smear", c);
   randomize(set, "smear", 5);
   auto part = std::dynamic_pointer_cast<LoraMixtureImpl>(set.module_at("smear", set.sites("smear")[0]));
@@ -260,7 +271,8 @@ TEST(FixedRouting, MixedBatchEqualsPerExampleRuns) {
 /// The tiny Llama with LoRAs "r2", "r4" and "r8" (random, non-zero) on every projection, in eval mode.
 ModuleSet ranked_loras() {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
-  for (const auto& [name, r] : std::vector<std::pair<std::string, int64_t>>{{"r2", 2}, {"r4", 4}, {"r8", 8}}) {
+  for (const auto& [name, r] :
+       std::vector<std::pair<std::string, int64_t>>{{"r2", 2}, {"r4", 4}, {"r8", 8}}) {
     ModuleConfig c = lora_on({"all-linear"});
     c.lora.r = r;
     c.seed = static_cast<uint64_t>(r);
@@ -270,8 +282,9 @@ ModuleSet ranked_loras() {
   return set;
 }
 
-// Heterogeneous LoRA batches go through the gathered bank (two small products per row and site): LoRAs of ranks 2, 4 and 8, a row with two LoRAs at different scales, a row with none; every
-// row equals its own run, and so does the row-subset path the bank replaces (taken with gradients on).
+// Heterogeneous LoRA batches go through the gathered bank (two small products per row and site): LoRAs of
+// ranks 2, 4 and 8, a row with two LoRAs at different scales, a row with none; every row equals its own run,
+// and so does the row-subset path the bank replaces (taken with gradients on).
 TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
   ModuleSet set = ranked_loras();
   const std::vector<std::vector<ModuleChoice>> choices = {
@@ -300,7 +313,8 @@ TEST(FixedRouting, GatheredLorasOfDifferentRanksEqualPerExampleRuns) {
   part->B.add_(0.5);
   at::Tensor changed = run(*set.model(), ids, &rc);
   EXPECT_FALSE(at::allclose(changed.narrow(0, 0, 1), gathered.narrow(0, 0, 1), 1e-5, 1e-5));
-  EXPECT_TRUE(at::allclose(changed.narrow(0, 1, 1), gathered.narrow(0, 1, 1), 1e-5, 1e-5));  // row 1 has no r8
+  EXPECT_TRUE(
+      at::allclose(changed.narrow(0, 1, 1), gathered.narrow(0, 1, 1), 1e-5, 1e-5));  // row 1 has no r8
 }
 
 // The bank on its own against the LoRA equations: ranks 3, 5 and 16 (padded), an output width that is
@@ -341,7 +355,8 @@ TEST(LoraBank, MatchesTheLoraEquationsInBothStorages) {
 TEST(FixedRouting, DecodingRowsThroughTheFloat16BankEqualPerExampleRuns) {
   ModuleSet set = ranked_loras();
   torch::NoGradGuard g;
-  const std::vector<std::vector<ModuleChoice>> choices = {{{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}};
+  const std::vector<std::vector<ModuleChoice>> choices = {
+      {{"r8", 1.0}}, {{"r2", 1.0}}, {{"r4", 0.5}, {"r8", 2.0}}, {}};
   set.set_lora_bank_storage(at::kHalf);
   RoutingContext rc;
   rc.modules = choices;

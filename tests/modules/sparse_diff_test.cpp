@@ -47,7 +47,8 @@ TEST(Sparse, DenseWarmUpSelectionTrainingSaveLoadAndMerge) {
   c.targets.target_modules = {"mlp.down_proj"};
   c.targets.layers_to_transform = {1};
   set.add("s", c, scores);
-  EXPECT_TRUE(at::equal(set.tensors("s").at(site + ".indices"), at::tensor(std::vector<int64_t>{7, 300, 4000})));
+  EXPECT_TRUE(
+      at::equal(set.tensors("s").at(site + ".indices"), at::tensor(std::vector<int64_t>{7, 300, 4000})));
   set.freeze_base({"s"});
   EXPECT_EQ(set.summary().trainable, 3);
 
@@ -81,7 +82,8 @@ TEST(Sparse, FisherScoresAndMissingSelection) {
   Model m = load_model(test::tiny_checkpoint("gpt2"));
   for (auto& p : m->parameters()) p.set_requires_grad(false);
   auto scores = fisher_scores(*m, 2, [&](int64_t i) { return m->forward(batch()).pow(2).mean() * (i + 1); });
-  EXPECT_EQ(scores.at("transformer.h.0.attn.c_attn").sizes(), m->linear("transformer.h.0.attn.c_attn").weight.sizes());
+  EXPECT_EQ(scores.at("transformer.h.0.attn.c_attn").sizes(),
+            m->linear("transformer.h.0.attn.c_attn").weight.sizes());
   EXPECT_GT(scores.at("transformer.h.1.mlp.c_fc").sum().item<double>(), 0);
   EXPECT_GE(scores.at("transformer.h.1.mlp.c_fc").min().item<double>(), 0);
   for (auto& p : m->parameters()) EXPECT_FALSE(p.requires_grad());

@@ -6,13 +6,13 @@
 #include <torch/autograd.h>
 
 #include "backbones/fixtures.h"
-#include "mdl/ops/functional.h"
 #include "mdl/backbones/model.h"
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
 #include "mdl/core/linear.h"
 #include "mdl/core/rebuild.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 namespace {

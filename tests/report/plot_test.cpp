@@ -49,11 +49,14 @@ TEST(Plot, BadInputIsRefusedWithTheMismatchNamed) {
   test::TempDir dir;
   PlotOptions o;
   EXPECT_THROW_WITH(write_line_plot(dir / "a.png", {{"x", {0}, {1}}}, o), "name the file *.svg");
-  EXPECT_THROW_WITH(write_line_plot(dir / "a.svg", {{"x", {0, 1}, {1}}}, o), "series 'x' has 2 x values but 1 y values");
+  EXPECT_THROW_WITH(write_line_plot(dir / "a.svg", {{"x", {0, 1}, {1}}}, o),
+                    "series 'x' has 2 x values but 1 y values");
   o.log_y = true;
   EXPECT_THROW_WITH(write_line_plot(dir / "a.svg", {{"x", {0, 1}, {1, 0}}}, o), "logarithmic axis");
-  EXPECT_THROW_WITH(write_bar_plot(dir / "b.svg", {"a", "b"}, {"s"}, {{1}}, o), "series 's' has 1 values for 2 categories");
-  EXPECT_THROW_WITH(write_heatmap(dir / "h.svg", {"r"}, {"a", "b"}, {{1}}, o), "row 'r' has 1 values for 2 columns");
+  EXPECT_THROW_WITH(write_bar_plot(dir / "b.svg", {"a", "b"}, {"s"}, {{1}}, o),
+                    "series 's' has 1 values for 2 categories");
+  EXPECT_THROW_WITH(write_heatmap(dir / "h.svg", {"r"}, {"a", "b"}, {{1}}, o),
+                    "row 'r' has 1 values for 2 columns");
   EXPECT_FALSE(fs::exists(dir / "a.svg"));
 }
 

@@ -44,7 +44,8 @@ TEST(LearnedRouter, RoutesTheGatesScoresUnderItsPolicyAndSwapsIt) {
   torch::nn::Module none;
   scored.register_parameters(none);
   EXPECT_TRUE(none.named_parameters().is_empty());
-  EXPECT_TRUE(at::equal(scored.route(x, 2, false).dense_weights().argmax(-1), x.reshape({10, 4}).narrow(1, 0, 2).argmax(-1)));
+  EXPECT_TRUE(at::equal(scored.route(x, 2, false).dense_weights().argmax(-1),
+                        x.reshape({10, 4}).narrow(1, 0, 2).argmax(-1)));
 }
 
 TEST(SkillAllocationRouter, RoutesEachExampleByItsTasksRowPerHeadAndLogsIt) {
@@ -69,7 +70,8 @@ TEST(SkillAllocationRouter, RoutesEachExampleByItsTasksRowPerHeadAndLogsIt) {
   EXPECT_CLOSE(r.head_dense, w / w.sum(-1, true), 1e-6);
   ASSERT_EQ(log.stats().size(), 1u);
   EXPECT_EQ(log.stats()[0].site, "site");
-  EXPECT_THROW_WITH(router.route(at::randn({2, 7, 8}), 3, false), "the allocation has 4 skills, the group 3 members");
+  EXPECT_THROW_WITH(router.route(at::randn({2, 7, 8}), 3, false),
+                    "the allocation has 4 skills, the group 3 members");
   torch::nn::Module owner;
   router.register_parameters(owner);
   EXPECT_TRUE(owner.named_parameters().contains("allocation.allocation"));

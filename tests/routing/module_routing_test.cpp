@@ -13,9 +13,12 @@ namespace {
 // Three toy modules that do not commute: what they make of `current` depends on the order.
 at::Tensor toy(int64_t m, const at::Tensor& x, const at::Tensor& current) {
   switch (m) {
-    case 0: return current * 2.0 + 1.0;
-    case 1: return current + x * x;
-    default: return at::tanh(current) * 3.0;
+    case 0:
+      return current * 2.0 + 1.0;
+    case 1:
+      return current + x * x;
+    default:
+      return at::tanh(current) * 3.0;
   }
 }
 
@@ -40,8 +43,10 @@ TEST(ModuleRouting, EachRowRunsItsModulesInItsOrder) {
   const std::vector<ModuleRouting> cases = {
       ModuleRouting::same_for_all(5, {{0, 1.0}, {1, 0.5}, {2, 1.0}}),
       ModuleRouting::same_for_all(5, {{2, 1.0}, {1, 0.5}, {0, 1.0}}),
-      ModuleRouting::per_example({{{0, 1.0}, {1, 1.0}}, {{1, 1.0}, {0, 1.0}}, {}, {{2, 0.3}}, {{0, -1.0}, {2, 2.0}, {1, 1.0}}}),
-      ModuleRouting::per_example({{{1, 0.5}}, {{1, 2.0}}, {{1, 1.0}}, {{1, 0.0}}, {{1, 1.0}}}),  // all rows, weights differ
+      ModuleRouting::per_example(
+          {{{0, 1.0}, {1, 1.0}}, {{1, 1.0}, {0, 1.0}}, {}, {{2, 0.3}}, {{0, -1.0}, {2, 2.0}, {1, 1.0}}}),
+      ModuleRouting::per_example(
+          {{{1, 0.5}}, {{1, 2.0}}, {{1, 1.0}}, {{1, 0.0}}, {{1, 1.0}}}),  // all rows, weights differ
       ModuleRouting::per_example({{}, {}, {}, {}, {}}),
   };
   for (size_t i = 0; i < cases.size(); ++i) {

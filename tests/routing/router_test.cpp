@@ -1,5 +1,7 @@
 // Every router against a brute-force loop written here, capacity dropping counts, and the auxiliary
 // losses on hand-computed inputs.
+#include "mdl/routing/router.h"
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -11,7 +13,6 @@
 
 #include "mdl/core/forward_context.h"
 #include "mdl/routing/mixture.h"
-#include "mdl/routing/router.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
 #include "test_util.h"
@@ -28,7 +29,8 @@ std::vector<double> softmax_row(const at::Tensor& logits, int64_t n) {
   std::vector<double> p;
   double m = -1e300, z = 0;
   for (int64_t e = 0; e < logits.size(1); ++e) m = std::max(m, logits[n][e].item<double>());
-  for (int64_t e = 0; e < logits.size(1); ++e) p.push_back(std::exp(logits[n][e].item<double>() - m)), z += p.back();
+  for (int64_t e = 0; e < logits.size(1); ++e)
+    p.push_back(std::exp(logits[n][e].item<double>() - m)), z += p.back();
   for (double& v : p) v /= z;
   return p;
 }
@@ -44,7 +46,8 @@ Routing route(const RouterOptions& o, const at::Tensor& logits, RouterInput in =
   return make_router(o)->route(logits, logits.defined() ? logits.size(1) : 4, in);
 }
 
-void expect_dense_near(const at::Tensor& got, const std::vector<std::vector<double>>& want, double tol = 1e-6) {
+void expect_dense_near(const at::Tensor& got, const std::vector<std::vector<double>>& want,
+                       double tol = 1e-6) {
   ASSERT_EQ(got.size(0), static_cast<int64_t>(want.size()));
   for (size_t n = 0; n < want.size(); ++n)
     for (size_t e = 0; e < want[n].size(); ++e)
@@ -103,8 +106,10 @@ TEST(Router, CapacityDroppingMatchesBruteForce) {
       for (int64_t n = 0; n < 20; ++n) {
         auto p = softmax_row(logits, n);
         const int64_t e = ranked(p)[slot];
-        if (fill[e] < capacity) ++fill[e], want[n][e] = p[e];
-        else ++dropped;
+        if (fill[e] < capacity)
+          ++fill[e], want[n][e] = p[e];
+        else
+          ++dropped;
       }
     EXPECT_GT(dropped, 0);
     EXPECT_EQ(r.dropped, dropped) << "k = " << k;
@@ -144,7 +149,8 @@ TEST(Router, ExpertChoiceMatchesBruteForce) {
   }
   expect_dense_near(r.dense_weights(), want);
   int64_t untaken = 0;
-  for (const auto& row : want) untaken += std::all_of(row.begin(), row.end(), [](double v) { return v == 0.0; });
+  for (const auto& row : want)
+    untaken += std::all_of(row.begin(), row.end(), [](double v) { return v == 0.0; });
   EXPECT_EQ(r.dropped, untaken);
   RouterInput causal;
   causal.causal = true;
@@ -200,7 +206,8 @@ TEST(Router, InvalidOptionsAreRefused) {
 TEST(RoutingLosses, LoadBalancingEqualsFormula) {
   at::Tensor probs = at::tensor({0.7, 0.3, 0.4, 0.6}, at::kDouble).view({2, 2});
   // f = chosen / N, P = mean probs = (0.55, 0.45); loss = E * sum f P.
-  EXPECT_NEAR(load_balancing_loss(probs, at::tensor({1.0, 1.0})).item<double>(), 2 * (0.5 * 0.55 + 0.5 * 0.45), 1e-12);
+  EXPECT_NEAR(load_balancing_loss(probs, at::tensor({1.0, 1.0})).item<double>(),
+              2 * (0.5 * 0.55 + 0.5 * 0.45), 1e-12);
   EXPECT_NEAR(load_balancing_loss(probs, at::tensor({2.0, 0.0})).item<double>(), 2 * 0.55, 1e-12);
 }
 
@@ -263,8 +270,9 @@ TEST(Routing, ExampleLevelDecidesOncePerExample) {
   ForwardContext ctx;
   ctx.routing_log = &log;
   ForwardContextGuard guard(ctx);
-  Routing r = route_tokens(*router, "site", "k", x, E, [&](const at::Tensor& rows) { return rows.mm(gate.t()); },
-                           at::Tensor(), false);
+  Routing r = route_tokens(
+      *router, "site", "k", x, E, [&](const at::Tensor& rows) { return rows.mm(gate.t()); }, at::Tensor(),
+      false);
   at::Tensor w = r.dense_weights().view({B, T, E});
   Routing per_example = router->route(x.mean(1).mm(gate.t()), E, {});
   for (int64_t t = 0; t < T; ++t) EXPECT_TRUE(at::allclose(w.select(1, t), per_example.dense_weights()));
@@ -305,7 +313,8 @@ TEST(Routing, TaskLevelNeedsTaskIds) {
   EXPECT_GT(w[0][0][1].item<double>(), 0.9);  // example 0 is task 1 -> expert 1
   EXPECT_GT(w[1][2][0].item<double>(), 0.9);
   rc.task_ids = at::tensor({2, 0}, at::kLong);
-  EXPECT_THROW_WITH(route_tokens(*router, "s", "k", at::randn({2, 3, 4}), 2, none, table, false), "task id 2 out of range");
+  EXPECT_THROW_WITH(route_tokens(*router, "s", "k", at::randn({2, 3, 4}), 2, none, table, false),
+                    "task id 2 out of range");
 }
 
 }  // namespace

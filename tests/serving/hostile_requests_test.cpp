@@ -32,7 +32,9 @@ using test::Process;
 
 const httplib::Headers kAdmin = {{"Authorization", "Bearer s3cret"}};
 
-bool valid_utf8(const std::string& s) { return unicode::valid_utf8(s) == s; }
+bool valid_utf8(const std::string& s) {
+  return unicode::valid_utf8(s) == s;
+}
 
 /// A tiny checkpoint whose tokenizer is trained on text full of multi-byte characters (so that tokens
 /// are pieces of characters or whole ones), or on the built-in sample.
@@ -45,7 +47,9 @@ std::string checkpoint(const test::TempDir& dir, const std::string& arch, bool m
   if (multibyte) {
     std::string text;
     for (int i = 0; i < 40; ++i)
-      text += "Grüße aus Köln, schönes Wetter! Ça coûte 5 € — naïve café. Привет мир. 日本語のテキスト。 🙂🚀 ";
+      text +=
+          "Grüße aus Köln, schönes Wetter! Ça coûte 5 € — naïve café. Привет мир. 日本語のテキスト。 "
+          "🙂🚀 ";
     test::write_file(dir / "corpus.txt", text);
     o.corpus_files = {dir / "corpus.txt"};
   }
@@ -134,13 +138,15 @@ class Hostile : public ::testing::Test {
     model_ = checkpoint(*dir_, "llama", false);
     // A ChatML template, so that chat streams too.
     json tc = json::parse(test::read_file(model_ + "/tokenizer_config.json"));
-    tc["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    tc["chat_template"] =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
     test::write_file(model_ + "/tokenizer_config.json", tc.dump());
     modules_ = *dir_ / "modules";
     fs::create_directories(modules_);
     ModuleSet set(load_model(model_));
     uint64_t seed = 0;
-    for (const std::string name : {"lora_a", "modül", "my module", "日本"}) {  // names in any script, with spaces
+    for (const std::string name :
+         {"lora_a", "modül", "my module", "日本"}) {  // names in any script, with spaces
       ModuleConfig c;
       c.lora.init = "random";
       c.seed = ++seed;
@@ -158,7 +164,8 @@ class Hostile : public ::testing::Test {
     test::write_file(modules_ + "/garbage/module.json", "{\"format\": SECRET-CONTENT");
     // Outside the modules directory: a valid module the server must not load unless allowed.
     set.save("lora_a", *dir_ / "outside/lora_a");
-    server_ = new Process(test::start_server(model_, modules_, *dir_ / "port", {"--admin-token", "s3cret"}, *dir_ / "stderr"));
+    server_ = new Process(
+        test::start_server(model_, modules_, *dir_ / "port", {"--admin-token", "s3cret"}, *dir_ / "stderr"));
     ASSERT_GT(server_->port, 0);
   }
   static void TearDownTestSuite() {
@@ -174,7 +181,8 @@ class Hostile : public ::testing::Test {
   }
   /// A completion's text through `model`; its status in `status`.
   static json complete(const std::string& model, int* status) {
-    return request("/v1/completions", json({{"model", model}, {"prompt", "the"}, {"max_tokens", 4}}).dump(), status);
+    return request("/v1/completions", json({{"model", model}, {"prompt", "the"}, {"max_tokens", 4}}).dump(),
+                   status);
   }
 
   static test::TempDir* dir_;
@@ -196,10 +204,15 @@ TEST_F(Hostile, StreamsOfEveryTokenizerAreValidJson) {
       httplib::Client c("127.0.0.1", p->port);
       c.set_read_timeout(120);
       const bool chat = p == server_ && seed >= 4;  // the Llama server has a chat template
-      json body = {{"max_tokens", 60}, {"stream", true}, {"seed", seed}, {"temperature", 1.5},
+      json body = {{"max_tokens", 60},
+                   {"stream", true},
+                   {"seed", seed},
+                   {"temperature", 1.5},
                    {"stop", seed % 2 ? json::array({"qqqzzz"}) : json::array()}};
-      if (chat) body["messages"] = {{{"role", "user"}, {"content", "hällo"}}};
-      else body["prompt"] = "hello";
+      if (chat)
+        body["messages"] = {{{"role", "user"}, {"content", "hällo"}}};
+      else
+        body["prompt"] = "hello";
       if (p == &other && seed >= 4) continue;
       auto r = c.Post(chat ? "/v1/chat/completions" : "/v1/completions", body.dump(), "application/json");
       ASSERT_TRUE(r) << "no response";
@@ -224,15 +237,16 @@ TEST_F(Hostile, NonAsciiAndInvalidUtf8NamesGetJsonErrors) {
   for (const std::string path : {"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
     for (const std::string model : {"ü", "\xC3", "a\xFF\xFE", "日本語"}) {
       json body = {{"prompt", "hi"}, {"input", "hi"}, {"messages", {{{"role", "user"}, {"content", "hi"}}}}};
-      const std::string text =
-          body.dump().substr(0, body.dump().size() - 1) + ",\"model\":\"" + model + "\"}";  // raw bytes, even invalid
+      const std::string text = body.dump().substr(0, body.dump().size() - 1) + ",\"model\":\"" + model +
+                               "\"}";  // raw bytes, even invalid
       int status = 0;
       const json r = request(path, text, &status);
       ASSERT_TRUE(r.is_object()) << path << " " << testing::PrintToString(model) << ": not a JSON body";
       EXPECT_GE(status, 400) << path;
       EXPECT_LT(status, 500) << path;
       ASSERT_TRUE(r.contains("error")) << r.dump();
-      ASSERT_TRUE(test::serving(*server_)) << "after " << path << " with model " << testing::PrintToString(model);
+      ASSERT_TRUE(test::serving(*server_))
+          << "after " << path << " with model " << testing::PrintToString(model);
     }
 }
 
@@ -241,8 +255,8 @@ TEST_F(Hostile, ModuleNamesInAnyScriptAndQuotedWithSpaces) {
   int status = 0;
   json base = complete("base", &status);
   ASSERT_EQ(status, 200);
-  for (const std::string model : {"modül", "日本", "\"my module\"", "'my module':0.5", "stack(modül, \"my module\")",
-                                  "modül:0.5 + 日本:0.5"}) {
+  for (const std::string model : {"modül", "日本", "\"my module\"", "'my module':0.5",
+                                  "stack(modül, \"my module\")", "modül:0.5 + 日本:0.5"}) {
     const json r = complete(model, &status);
     EXPECT_EQ(status, 200) << model << " -> " << r.dump();
   }
@@ -251,7 +265,9 @@ TEST_F(Hostile, ModuleNamesInAnyScriptAndQuotedWithSpaces) {
   const json models = json::parse(httplib::Client("127.0.0.1", server_->port).Get("/v1/models")->body);
   std::vector<std::string> ids;
   for (const auto& m : models["data"]) ids.push_back(m["id"]);
-  const auto listed = [&](const std::string& id) { return std::find(ids.begin(), ids.end(), id) != ids.end(); };
+  const auto listed = [&](const std::string& id) {
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
   for (const std::string want : {"modül", "my module", "日本", "lora_a"})
     EXPECT_TRUE(listed(want)) << want << " is not listed in " << models.dump();
   for (const std::string junk : {"loop", "fifo", "zero"})
@@ -272,7 +288,8 @@ TEST_F(Hostile, DeepNestingIsRefusedWithTheLimit) {
     int status = 0;
     const json r = complete(model, &status);
     EXPECT_EQ(status, 400) << f;
-    EXPECT_NE(r["error"]["message"].get<std::string>().find("nest at most 32 levels"), std::string::npos) << r.dump().substr(0, 300);
+    EXPECT_NE(r["error"]["message"].get<std::string>().find("nest at most 32 levels"), std::string::npos)
+        << r.dump().substr(0, 300);
     ASSERT_TRUE(test::serving(*server_)) << "after 10,000 nested " << f;
   }
   std::string ok = "lora_a";
@@ -283,13 +300,15 @@ TEST_F(Hostile, DeepNestingIsRefusedWithTheLimit) {
 }
 
 TEST_F(Hostile, ScalesMustBeFinite) {
-  for (const std::string model : {"lora_a:1e999", "lora_a:nan", "lora_a:inf", "avg(lora_a:1e308, lora_a:1e308)"}) {
+  for (const std::string model :
+       {"lora_a:1e999", "lora_a:nan", "lora_a:inf", "avg(lora_a:1e308, lora_a:1e308)"}) {
     int status = 0;
     const json r = complete(model, &status);
     EXPECT_EQ(status, 400) << model << " -> " << r.dump();
   }
-  for (const json& modules : {json::array({"lora_a:nan"}), json::array({"lora_a:inf"}),
-                             json::array({{{"name", "lora_a"}, {"scale", 1e308}}, {{"name", "lora_a"}, {"scale", 1e308}}})}) {
+  for (const json& modules :
+       {json::array({"lora_a:nan"}), json::array({"lora_a:inf"}),
+        json::array({{{"name", "lora_a"}, {"scale", 1e308}}, {{"name", "lora_a"}, {"scale", 1e308}}})}) {
     int status = 0;
     const json r = request("/v1/completions", json({{"prompt", "a"}, {"modules", modules}}).dump(), &status);
     EXPECT_EQ(status, modules[0].is_object() ? 200 : 400) << modules.dump() << " -> " << r.dump();
@@ -303,7 +322,8 @@ TEST_F(Hostile, ModuleManagementNeedsTheTokenAndStaysInsideTheModulesDirectory) 
   int status = 0;
   json r = request("/v1/modules", json({{"name", "x1"}, {"path", inside}}).dump(), &status);
   EXPECT_EQ(status, 401) << r.dump();
-  r = request("/v1/modules", json({{"name", "x1"}, {"path", inside}}).dump(), &status, {{"Authorization", "Bearer wrong"}});
+  r = request("/v1/modules", json({{"name", "x1"}, {"path", inside}}).dump(), &status,
+              {{"Authorization", "Bearer wrong"}});
   EXPECT_EQ(status, 401) << r.dump();
   auto del = httplib::Client("127.0.0.1", server_->port).Delete("/v1/modules/lora_a");
   ASSERT_TRUE(del);
@@ -387,7 +407,8 @@ TEST_F(Hostile, OversizedFormBodiesNameTheirOwnLimit) {
 }
 
 // A few hundred random and mutated requests: invalid UTF-8, deep nesting, huge numbers, wrong types,
-// truncated JSON. Bounded in count ($MDL_FUZZ_SCALE times 300 by hand); each gets an answer (no crash, no hang) and the server keeps serving.
+// truncated JSON. Bounded in count ($MDL_FUZZ_SCALE times 300 by hand); each gets an answer (no crash, no
+// hang) and the server keeps serving.
 TEST_F(Hostile, FuzzedRequestsNeverTakeTheServerDown) {
   std::mt19937_64 rng(20261202);
   const std::vector<json> seeds = {
@@ -397,10 +418,22 @@ TEST_F(Hostile, FuzzedRequestsNeverTakeTheServerDown) {
       {{"input", {"a", "b"}}, {"model", "lora_a"}},
       {{"prompt", "x"}, {"modules", {"lora_a:0.5", "modül"}}, {"max_tokens", 2}, {"stop", {"a"}}},
   };
-  const std::vector<std::string> paths = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/classify",
-                                          "/v1/modules"};
-  const std::vector<json> odd = {nullptr, true, -1, 0, 1e308, -1e308, 9223372036854775807LL, "", "\xC3\xA4", "\xEF\xBF\xBD",
-                                 std::string(3000, 'z'), json::array(), json::object(), json::array({nullptr, 1})};
+  const std::vector<std::string> paths = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings",
+                                          "/v1/classify", "/v1/modules"};
+  const std::vector<json> odd = {nullptr,
+                                 true,
+                                 -1,
+                                 0,
+                                 1e308,
+                                 -1e308,
+                                 9223372036854775807LL,
+                                 "",
+                                 "\xC3\xA4",
+                                 "\xEF\xBF\xBD",
+                                 std::string(3000, 'z'),
+                                 json::array(),
+                                 json::object(),
+                                 json::array({nullptr, 1})};
   auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
   int answered = 0;
   const char* scale = std::getenv("MDL_FUZZ_SCALE");  // a longer run by hand: MDL_FUZZ_SCALE=50
@@ -409,9 +442,9 @@ TEST_F(Hostile, FuzzedRequestsNeverTakeTheServerDown) {
     json j = seeds[pick(seeds.size())];
     const int edits = 1 + static_cast<int>(pick(3));
     for (int e = 0; e < edits; ++e) {
-      static const std::vector<std::string> keys = {"prompt", "max_tokens", "model", "modules", "temperature", "top_p",
-                                                    "top_k", "seed", "stop", "stream", "messages", "input", "ignore_eos",
-                                                    "name", "path"};
+      static const std::vector<std::string> keys = {
+          "prompt", "max_tokens", "model",    "modules", "temperature", "top_p", "top_k", "seed",
+          "stop",   "stream",     "messages", "input",   "ignore_eos",  "name",  "path"};
       const std::string key = keys[pick(keys.size())];
       if (key == "model" && pick(2)) {
         std::string m;
@@ -427,16 +460,25 @@ TEST_F(Hostile, FuzzedRequestsNeverTakeTheServerDown) {
     std::string body = j.dump(-1, ' ', false, json::error_handler_t::replace);
     for (size_t at; (at = body.find("\xEF\xBF\xBD")) != std::string::npos;) body.replace(at, 3, "\xFF\xFE");
     switch (pick(4)) {  // byte-level mutations on top
-      case 0: body.resize(pick(body.size() + 1)); break;
-      case 1: body[pick(body.size())] = static_cast<char>(rng() & 0xFF); break;
-      case 2: body.insert(pick(body.size()), std::string(1 + pick(4), static_cast<char>(0x80 | (rng() & 0x3F)))); break;
-      default: break;
+      case 0:
+        body.resize(pick(body.size() + 1));
+        break;
+      case 1:
+        body[pick(body.size())] = static_cast<char>(rng() & 0xFF);
+        break;
+      case 2:
+        body.insert(pick(body.size()), std::string(1 + pick(4), static_cast<char>(0x80 | (rng() & 0x3F))));
+        break;
+      default:
+        break;
     }
     httplib::Client c("127.0.0.1", server_->port);
     c.set_read_timeout(120);
     const std::string path = paths[pick(paths.size())];
-    auto r = c.Post(path.c_str(), path == "/v1/modules" ? kAdmin : httplib::Headers{}, body, "application/json");
-    ASSERT_TRUE(r) << "no answer to request " << i << " on " << path << ": " << testing::PrintToString(body.substr(0, 200));
+    auto r =
+        c.Post(path.c_str(), path == "/v1/modules" ? kAdmin : httplib::Headers{}, body, "application/json");
+    ASSERT_TRUE(r) << "no answer to request " << i << " on " << path << ": "
+                   << testing::PrintToString(body.substr(0, 200));
     ++answered;
     if (r->get_header_value("Content-Type").find("application/json") != std::string::npos) {
       EXPECT_FALSE(json::parse(r->body, nullptr, false).is_discarded()) << "an answer that is not JSON";

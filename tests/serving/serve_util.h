@@ -25,14 +25,16 @@ struct Process {
 
 /// Starts `mdl serve --model MODEL --modules MODULES` on any free port, plus `extra` flags; returns once it
 /// listens (the port file appears) or has exited. Its stderr goes to `stderr_file` when given.
-inline Process start_server(const std::string& model, const std::string& modules, const std::string& port_file,
-                            const std::vector<std::string>& extra = {}, const std::string& stderr_file = "") {
+inline Process start_server(const std::string& model, const std::string& modules,
+                            const std::string& port_file, const std::vector<std::string>& extra = {},
+                            const std::string& stderr_file = "") {
   namespace fs = std::filesystem;
   fs::remove(port_file);
   const char* bin = std::getenv("MDL_BIN");
   EXPECT_NE(bin, nullptr) << "MDL_BIN is not set (run through ctest)";
-  std::vector<std::string> args = {"mdl", "--log-level", "warn", "serve", "--model", model, "--modules", modules,
-                                   "--port", "0", "--port-file", port_file, "--max-batch", "8"};
+  std::vector<std::string> args = {"mdl",         "--log-level", "warn",        "serve",  "--model",
+                                   model,         "--modules",   modules,       "--port", "0",
+                                   "--port-file", port_file,     "--max-batch", "8"};
   args.insert(args.end(), extra.begin(), extra.end());
   Process p;
   std::fflush(nullptr);  // or the child's freopen writes this process's buffered output a second time
@@ -61,11 +63,14 @@ inline void kill_server(Process& p) {
 }
 
 /// Whether the server process is still running (not exited, not killed).
-inline bool alive(const Process& p) { return p.pid > 0 && !child_exited(p.pid); }
+inline bool alive(const Process& p) {
+  return p.pid > 0 && !child_exited(p.pid);
+}
 
 /// POSTs `body` to `path`; the parsed JSON reply (discarded if not JSON), its status in `status`.
 inline nlohmann::json post(int port, const std::string& path, const std::string& body, int* status = nullptr,
-                           const httplib::Headers& headers = {}, const std::string& content_type = "application/json") {
+                           const httplib::Headers& headers = {},
+                           const std::string& content_type = "application/json") {
   httplib::Client c("127.0.0.1", port);
   c.set_read_timeout(120);
   auto r = c.Post(path.c_str(), headers, body, content_type.c_str());
@@ -75,8 +80,8 @@ inline nlohmann::json post(int port, const std::string& path, const std::string&
   return nlohmann::json::parse(r->body, nullptr, false);
 }
 
-inline nlohmann::json post(int port, const std::string& path, const nlohmann::json& body, int* status = nullptr,
-                           const httplib::Headers& headers = {}) {
+inline nlohmann::json post(int port, const std::string& path, const nlohmann::json& body,
+                           int* status = nullptr, const httplib::Headers& headers = {}) {
   return post(port, path, body.dump(), status, headers);
 }
 

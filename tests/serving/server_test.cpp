@@ -5,18 +5,18 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <torch/utils.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <torch/utils.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
 #include <fstream>
-#include <map>
-#include <sstream>
 #include <future>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "mdl/backbones/generate.h"
@@ -46,17 +46,20 @@ class Serve : public ::testing::Test {
     dir_ = new test::TempDir();
     model_ = *dir_ / "model";
     modules_ = *dir_ / "modules";
-    const std::string init = std::string(std::getenv("MDL_BIN")) + " init-model --arch llama --preset tiny --seed 3 --out " +
-                             model_ + " > /dev/null";
+    const std::string init = std::string(std::getenv("MDL_BIN")) +
+                             " init-model --arch llama --preset tiny --seed 3 --out " + model_ +
+                             " > /dev/null";
     ASSERT_EQ(std::system(init.c_str()), 0);
     // A ChatML template, so /v1/chat/completions has something to render.
     json tc = json::parse(test::read_file(model_ + "/tokenizer_config.json"), nullptr, false);
     if (!tc.is_object()) tc = json::object();
-    tc["chat_template"] = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
+    tc["chat_template"] =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
     test::write_file(model_ + "/tokenizer_config.json", tc.dump());
     // LoRAs of ranks 2, 4, 8 and an adapter, all with random (non-zero) weights so that they matter.
     ModuleSet set(load_model(model_));
-    for (const auto& [name, r] : std::vector<std::pair<std::string, int64_t>>{{"lora_a", 4}, {"lora_b", 8}, {"lora_c", 2}}) {
+    for (const auto& [name, r] :
+         std::vector<std::pair<std::string, int64_t>>{{"lora_a", 4}, {"lora_b", 8}, {"lora_c", 2}}) {
       ModuleConfig c;
       c.lora.r = r;
       c.lora.alpha = 2.0 * static_cast<double>(r);
@@ -81,8 +84,9 @@ class Serve : public ::testing::Test {
 
   /// What the library generates for `prompt` with `modules` active, applied in the order given (greedy
   /// unless told otherwise).
-  static std::string library_text(const std::string& prompt, const std::vector<std::string>& modules, int64_t max_tokens,
-                                  double temperature = 0, uint64_t seed = 0, bool ignore_eos = false) {
+  static std::string library_text(const std::string& prompt, const std::vector<std::string>& modules,
+                                  int64_t max_tokens, double temperature = 0, uint64_t seed = 0,
+                                  bool ignore_eos = false) {
     ModuleSet set(load_model(model_));
     for (const auto& m : modules) {
       set.load(modules_ + "/" + m, m);
@@ -100,11 +104,14 @@ class Serve : public ::testing::Test {
     return tok.decode(r.tokens);
   }
 
-  static json complete(const std::string& model, const std::string& prompt, int64_t max_tokens, double temperature = 0,
-                       int64_t seed = 0) {
+  static json complete(const std::string& model, const std::string& prompt, int64_t max_tokens,
+                       double temperature = 0, int64_t seed = 0) {
     int status = 0;
     json r = post(server_->port, "/v1/completions",
-                  json({{"model", model}, {"prompt", prompt}, {"max_tokens", max_tokens}, {"temperature", temperature},
+                  json({{"model", model},
+                        {"prompt", prompt},
+                        {"max_tokens", max_tokens},
+                        {"temperature", temperature},
                         {"seed", seed}}),
                   &status);
     EXPECT_EQ(status, 200) << r.dump();
@@ -123,28 +130,33 @@ TEST_F(Serve, CompletionsEqualTheLibrarysGenerate) {
   for (const std::string model : {"base", "lora_a", "adapter_x"}) {
     json r = complete(model, "the cat sat", 10);
     ASSERT_TRUE(r.contains("choices")) << r.dump();
-    const std::string want = library_text("the cat sat", model == "base" ? std::vector<std::string>{} : std::vector<std::string>{model}, 10);
+    const std::string want = library_text(
+        "the cat sat", model == "base" ? std::vector<std::string>{} : std::vector<std::string>{model}, 10);
     EXPECT_EQ(r["choices"][0]["text"].get<std::string>(), want) << model;
     EXPECT_EQ(r["object"], "text_completion");
     EXPECT_GT(r["usage"]["prompt_tokens"].get<int64_t>(), 0);
   }
   // The modules really change the output.
-  EXPECT_NE(complete("lora_a", "the cat sat", 10)["choices"][0]["text"], complete("base", "the cat sat", 10)["choices"][0]["text"]);
+  EXPECT_NE(complete("lora_a", "the cat sat", 10)["choices"][0]["text"],
+            complete("base", "the cat sat", 10)["choices"][0]["text"]);
 }
 
 TEST_F(Serve, MixedBatchEqualsEachRequestAlone) {
-  const std::vector<std::string> models = {"base", "lora_a", "lora_b", "lora_c", "adapter_x", "lora_a:0.5 + lora_b:0.5",
-                                           "lora_c", "lora_b"};
-  const std::vector<std::string> prompts = {"a dog", "the cat sat on", "one", "my fox ran", "her", "the", "a cat", "dog dog"};
+  const std::vector<std::string> models = {
+      "base", "lora_a", "lora_b", "lora_c", "adapter_x", "lora_a:0.5 + lora_b:0.5", "lora_c", "lora_b"};
+  const std::vector<std::string> prompts = {"a dog", "the cat sat on", "one",    "my fox ran", "her",
+                                            "the",   "a cat",          "dog dog"};
   std::vector<std::string> alone;
   for (size_t i = 0; i < models.size(); ++i)
-    alone.push_back(complete(models[i], prompts[i], 12, i % 2 ? 0.8 : 0.0, static_cast<int64_t>(i))["choices"][0]["text"]);
+    alone.push_back(complete(models[i], prompts[i], 12, i % 2 ? 0.8 : 0.0,
+                             static_cast<int64_t>(i))["choices"][0]["text"]);
   std::vector<std::future<json>> together;
   for (size_t i = 0; i < models.size(); ++i)
     together.push_back(std::async(std::launch::async, [&, i] {
       return complete(models[i], prompts[i], 12, i % 2 ? 0.8 : 0.0, static_cast<int64_t>(i));
     }));
-  for (size_t i = 0; i < models.size(); ++i) EXPECT_EQ(together[i].get()["choices"][0]["text"], alone[i]) << models[i];
+  for (size_t i = 0; i < models.size(); ++i)
+    EXPECT_EQ(together[i].get()["choices"][0]["text"], alone[i]) << models[i];
   // The engine did batch them.
   httplib::Client c("127.0.0.1", server_->port);
   auto m = c.Get("/metrics");
@@ -157,7 +169,8 @@ TEST_F(Serve, MixedBatchEqualsEachRequestAlone) {
 // give the tokens each gets alone, with the float16 bank (the default) and the float32 one; a bad request
 // among them is refused before any is queued.
 TEST_F(Serve, EngineRequestsSubmittedTogetherEqualEachAlone) {
-  const std::vector<std::string> models = {"lora_a", "lora_b", "base", "lora_c", "lora_a:0.5 + lora_b:0.5", "lora_b"};
+  const std::vector<std::string> models = {"lora_a", "lora_b", "base", "lora_c", "lora_a:0.5 + lora_b:0.5",
+                                           "lora_b"};
   for (const std::string dtype : {"float16", "float32"}) {
     EngineOptions o;
     o.model_dir = model_;
@@ -178,7 +191,8 @@ TEST_F(Serve, EngineRequestsSubmittedTogetherEqualEachAlone) {
     std::vector<CompletionRequest> batch;
     for (size_t i = 0; i < models.size(); ++i) batch.push_back(request(i));
     auto together = engine.submit(std::move(batch));
-    for (size_t i = 0; i < models.size(); ++i) EXPECT_EQ(together[i].get().tokens, alone[i]) << dtype << " " << models[i];
+    for (size_t i = 0; i < models.size(); ++i)
+      EXPECT_EQ(together[i].get().tokens, alone[i]) << dtype << " " << models[i];
     EXPECT_EQ(engine.stats().decode_steps - steps_before, 9) << "all six decoded in the same 9 steps";
     std::vector<CompletionRequest> bad;
     bad.push_back(request(0));
@@ -189,7 +203,8 @@ TEST_F(Serve, EngineRequestsSubmittedTogetherEqualEachAlone) {
   }
   EngineOptions wrong;
   wrong.lora_bank_dtype = "int8";
-  EXPECT_THROW_WITH(Engine(load_model(model_), Tokenizer::from_file(model_), wrong), "--lora-bank-dtype", "int8");
+  EXPECT_THROW_WITH(Engine(load_model(model_), Tokenizer::from_file(model_), wrong), "--lora-bank-dtype",
+                    "int8");
 }
 
 // One decoding batch whose requests stack the same two adapters in opposite orders: each request gets
@@ -202,8 +217,8 @@ TEST_F(Serve, StacksInOneBatchApplyInEachRequestsOrder) {
   Engine engine(load_model(model_), Tokenizer::from_file(model_), o);
   engine.resolve("adapter_y");  // loaded first: attachment order y, x
   engine.resolve("adapter_x");
-  const std::vector<std::string> models = {"stack(adapter_x, adapter_y)", "stack(adapter_y, adapter_x)", "lora_a",
-                                           "stack(adapter_x, adapter_y)"};
+  const std::vector<std::string> models = {"stack(adapter_x, adapter_y)", "stack(adapter_y, adapter_x)",
+                                           "lora_a", "stack(adapter_x, adapter_y)"};
   std::vector<CompletionRequest> batch;
   for (const auto& m : models) {
     CompletionRequest r;
@@ -224,8 +239,11 @@ TEST_F(Serve, StacksInOneBatchApplyInEachRequestsOrder) {
   EXPECT_NE(texts[0], texts[1]) << "the two orders are different functions";
   int status = 0;  // and over HTTP, where the server's cache loaded them in whatever order requests came
   const json r = post(server_->port, "/v1/completions",
-                      json({{"model", "stack(adapter_y, adapter_x)"}, {"prompt", "the cat"}, {"max_tokens", 12},
-                            {"temperature", 0}, {"ignore_eos", true}}),
+                      json({{"model", "stack(adapter_y, adapter_x)"},
+                            {"prompt", "the cat"},
+                            {"max_tokens", 12},
+                            {"temperature", 0},
+                            {"ignore_eos", true}}),
                       &status);
   ASSERT_EQ(status, 200) << r.dump();
   EXPECT_EQ(r["choices"][0]["text"], texts[1]);
@@ -236,7 +254,11 @@ TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
   httplib::Client c("127.0.0.1", server_->port);
   std::string body;
   auto r = c.Post("/v1/completions",
-                  json({{"model", "lora_b"}, {"prompt", "the cat sat"}, {"max_tokens", 16}, {"temperature", 0}, {"stream", true}})
+                  json({{"model", "lora_b"},
+                        {"prompt", "the cat sat"},
+                        {"max_tokens", 16},
+                        {"temperature", 0},
+                        {"stream", true}})
                       .dump(),
                   "application/json");
   ASSERT_TRUE(r);
@@ -263,15 +285,18 @@ TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
 
 TEST_F(Serve, ModulesLoadAndUnloadAtRuntime) {
   int status = 0;
-  json r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status, kAdmin);
+  json r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}),
+                &status, kAdmin);
   EXPECT_EQ(status, 201) << r.dump();
   httplib::Client c("127.0.0.1", server_->port);
   auto models = c.Get("/v1/models");
   ASSERT_TRUE(models);
   EXPECT_NE(models->body.find("\"extra\""), std::string::npos);
   EXPECT_NE(models->body.find("\"lora_c\""), std::string::npos);  // offered by the modules directory
-  EXPECT_EQ(complete("extra", "my fox", 8)["choices"][0]["text"], complete("lora_b", "my fox", 8)["choices"][0]["text"]);
-  r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status, kAdmin);
+  EXPECT_EQ(complete("extra", "my fox", 8)["choices"][0]["text"],
+            complete("lora_b", "my fox", 8)["choices"][0]["text"]);
+  r = post(server_->port, "/v1/modules", json({{"name", "extra"}, {"path", modules_ + "/lora_b"}}), &status,
+           kAdmin);
   EXPECT_EQ(status, 409) << r.dump();
   auto del = c.Delete("/v1/modules/extra", kAdmin);
   ASSERT_TRUE(del);
@@ -285,24 +310,30 @@ TEST_F(Serve, ModulesLoadAndUnloadAtRuntime) {
 
 TEST_F(Serve, ChatEmbeddingsAndMetrics) {
   int status = 0;
-  json chat = post(server_->port, "/v1/chat/completions",
-                   json({{"messages", {{{"role", "user"}, {"content", "hello"}}}}, {"max_tokens", 6}, {"temperature", 0}}), &status);
+  json chat = post(
+      server_->port, "/v1/chat/completions",
+      json({{"messages", {{{"role", "user"}, {"content", "hello"}}}}, {"max_tokens", 6}, {"temperature", 0}}),
+      &status);
   ASSERT_EQ(status, 200) << chat.dump();
   EXPECT_EQ(chat["object"], "chat.completion");
   // The same as a completion of the rendered prompt's tokens.
   Tokenizer tok = Tokenizer::from_file(model_);
   const auto ids = tok.encode(render_chat(ChatFormat::chatml, {{"user", "hello"}}), false);
-  json plain = post(server_->port, "/v1/completions", json({{"prompt", ids}, {"max_tokens", 6}, {"temperature", 0}}), &status);
+  json plain = post(server_->port, "/v1/completions",
+                    json({{"prompt", ids}, {"max_tokens", 6}, {"temperature", 0}}), &status);
   EXPECT_EQ(chat["choices"][0]["message"]["content"], plain["choices"][0]["text"]);
-  json emb = post(server_->port, "/v1/embeddings", json({{"input", {"a cat", "a dog"}}, {"model", "lora_a"}}), &status);
+  json emb = post(server_->port, "/v1/embeddings", json({{"input", {"a cat", "a dog"}}, {"model", "lora_a"}}),
+                  &status);
   ASSERT_EQ(status, 200) << emb.dump();
   ASSERT_EQ(emb["data"].size(), 2u);
-  EXPECT_EQ(emb["data"][0]["embedding"].size(), static_cast<size_t>(load_model(model_)->config().hidden_size));
+  EXPECT_EQ(emb["data"][0]["embedding"].size(),
+            static_cast<size_t>(load_model(model_)->config().hidden_size));
   httplib::Client c("127.0.0.1", server_->port);
   auto m = c.Get("/metrics");
   ASSERT_TRUE(m);
-  for (const char* name : {"mdl_requests_total", "mdl_generated_tokens_total", "mdl_tokens_per_second", "mdl_queue_length",
-                           "mdl_module_cache_evictions_total", "# TYPE mdl_requests_total counter"})
+  for (const char* name :
+       {"mdl_requests_total", "mdl_generated_tokens_total", "mdl_tokens_per_second", "mdl_queue_length",
+        "mdl_module_cache_evictions_total", "# TYPE mdl_requests_total counter"})
     EXPECT_NE(m->body.find(name), std::string::npos) << name;
 }
 
@@ -317,16 +348,25 @@ TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
       {"/v1/completions", "{not json", 400, "", "not valid JSON"},
       {"/v1/completions", "[1, 2]", 400, "", "must be a JSON object"},
       {"/v1/completions", json({{"max_tokens", 3}}).dump(), 400, "prompt", "missing field 'prompt'"},
-      {"/v1/completions", json({{"prompt", "a"}, {"model", "no_such_module"}}).dump(), 404, "model", "unknown module 'no_such_module'"},
-      {"/v1/completions", json({{"prompt", "a"}, {"model", "../model"}}).dump(), 400, "model", "invalid module name"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "no_such_module"}}).dump(), 404, "model",
+       "unknown module 'no_such_module'"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "../model"}}).dump(), 400, "model",
+       "invalid module name"},
       {"/v1/completions", json({{"prompt", "a"}, {"model", "ties(lora_a"}}).dump(), 400, "model", "column"},
-      {"/v1/completions", json({{"prompt", "a"}, {"model", "avg(adapter_x, lora_a)"}}).dump(), 400, "model", "additive"},
-      {"/v1/completions", json({{"prompt", long_prompt.substr(0, 3000)}}).dump(), 400, "prompt", "the context holds"},
-      {"/v1/completions", json({{"prompt", "a"}, {"temperature", -1}}).dump(), 400, "temperature", "'temperature' must be"},
-      {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p", "'top_p' must be in (0, 1]"},
-      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", 0}}).dump(), 400, "max_tokens", "'max_tokens' must be >= 1"},
-      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", "ten"}}).dump(), 400, "max_tokens", "must be an integer, found string"},
-      {"/v1/completions", json({{"prompt", "a"}, {"modules", {"lora_a:x"}}}).dump(), 400, "modules[0]", "must be a finite number"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "avg(adapter_x, lora_a)"}}).dump(), 400, "model",
+       "additive"},
+      {"/v1/completions", json({{"prompt", long_prompt.substr(0, 3000)}}).dump(), 400, "prompt",
+       "the context holds"},
+      {"/v1/completions", json({{"prompt", "a"}, {"temperature", -1}}).dump(), 400, "temperature",
+       "'temperature' must be"},
+      {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p",
+       "'top_p' must be in (0, 1]"},
+      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", 0}}).dump(), 400, "max_tokens",
+       "'max_tokens' must be >= 1"},
+      {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", "ten"}}).dump(), 400, "max_tokens",
+       "must be an integer, found string"},
+      {"/v1/completions", json({{"prompt", "a"}, {"modules", {"lora_a:x"}}}).dump(), 400, "modules[0]",
+       "must be a finite number"},
       {"/v1/completions", json({{"prompt", {1, -5}}}).dump(), 400, "prompt", "token ids must be integers"},
       {"/v1/completions", json({{"prompt", long_prompt}}).dump(), 413, "", "over the limit"},
       {"/v1/classify", json({{"input", "a"}}).dump(), 400, "model", "no sequence classification head"},
@@ -359,13 +399,16 @@ TEST_F(Serve, LoadTestSixtyFourClients) {
       if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
     return 0L;
   };
-  const std::vector<std::string> models = {"base", "lora_a", "lora_b", "lora_c", "adapter_x", "lora_a:0.3 + lora_c:0.7"};
+  const std::vector<std::string> models = {"base",   "lora_a",    "lora_b",
+                                           "lora_c", "adapter_x", "lora_a:0.3 + lora_c:0.7"};
   constexpr int kMaxPerClient = 2000;  // bounded in count as well as in time
   std::atomic<int64_t> ok{0}, failed{0};
   std::mutex first_failure_mu;
   std::string first_failure;
   const auto start = std::chrono::steady_clock::now();
-  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  auto elapsed = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
   long warm = 0;
   std::vector<std::thread> clients;
   for (int i = 0; i < 64; ++i)
@@ -375,8 +418,11 @@ TEST_F(Serve, LoadTestSixtyFourClients) {
       // Half the clients keep their connection, half open one per request (the accept path under load).
       c.set_keep_alive(i % 2 == 0);
       for (int n = 0; n < kMaxPerClient && elapsed() < seconds; ++n) {
-        const json body = {{"model", models[static_cast<size_t>(i + n) % models.size()]}, {"prompt", "the cat"},
-                           {"max_tokens", 4 + (i + n) % 8}, {"temperature", 0.7}, {"seed", i * 1000 + n}};
+        const json body = {{"model", models[static_cast<size_t>(i + n) % models.size()]},
+                           {"prompt", "the cat"},
+                           {"max_tokens", 4 + (i + n) % 8},
+                           {"temperature", 0.7},
+                           {"seed", i * 1000 + n}};
         auto r = c.Post("/v1/completions", body.dump(), "application/json");
         if (r && r->status == 200) {
           ++ok;
@@ -392,8 +438,8 @@ TEST_F(Serve, LoadTestSixtyFourClients) {
   warm = rss();
   for (auto& t : clients) t.join();
   const long end = rss();
-  std::printf("[load] %lld requests in %.0f s (%lld failed), RSS %ld -> %ld KiB\n", static_cast<long long>(ok.load()),
-              seconds, static_cast<long long>(failed.load()), warm, end);
+  std::printf("[load] %lld requests in %.0f s (%lld failed), RSS %ld -> %ld KiB\n",
+              static_cast<long long>(ok.load()), seconds, static_cast<long long>(failed.load()), warm, end);
   EXPECT_EQ(failed.load(), 0) << "the first: " << first_failure;
   EXPECT_GT(ok.load(), 64);
   EXPECT_LT(static_cast<double>(end), 1.25 * static_cast<double>(warm)) << "resident memory grew";
@@ -409,7 +455,8 @@ int listen_queue(int port) {
     std::istringstream f(line);
     std::string sl, local, remote, state, queues;
     f >> sl >> local >> remote >> state >> queues;
-    if (state != "0A" || std::stoi(local.substr(local.find(':') + 1), nullptr, 16) != port) continue;  // 0A: LISTEN
+    if (state != "0A" || std::stoi(local.substr(local.find(':') + 1), nullptr, 16) != port)
+      continue;                                                          // 0A: LISTEN
     return std::stoi(queues.substr(queues.find(':') + 1), nullptr, 16);  // tx_queue:rx_queue
   }
   return -1;
@@ -435,8 +482,8 @@ TEST_F(Serve, ABurstOfConnectionsIsQueuedNotReset) {
       return r ? r->status : -static_cast<int>(r.error());
     }));
   // Wait until the kernel holds them all (with a backlog of 5 it never does: the limit then ends it).
-  const bool queued = test::wait_until([&] { return listen_queue(server_->port) >= kClients; }, -1,
-                                       std::chrono::seconds(30));
+  const bool queued =
+      test::wait_until([&] { return listen_queue(server_->port) >= kClients; }, -1, std::chrono::seconds(30));
   ASSERT_EQ(kill(server_->pid, SIGCONT), 0);
   EXPECT_TRUE(queued) << listen_queue(server_->port) << " connections queued";
   int ok = 0;
@@ -445,15 +492,20 @@ TEST_F(Serve, ABurstOfConnectionsIsQueuedNotReset) {
     const int status = r.get();
     status == 200 ? ++ok : ++other[status];
   }
-  EXPECT_EQ(ok, kClients) << "statuses other than 200 (negative: httplib errors): " << testing::PrintToString(other);
+  EXPECT_EQ(ok, kClients) << "statuses other than 200 (negative: httplib errors): "
+                          << testing::PrintToString(other);
 }
 
 // An encoder: /v1/classify on a BERT sequence classifier gives, per text, the library's probabilities.
 TEST(ServeEncoder, ClassifyEqualsTheLibrarysForward) {
   test::TempDir dir;
   const std::string model = dir / "bert";
-  ASSERT_EQ(std::system((std::string(std::getenv("MDL_BIN")) + " init-model --arch bert --head sequence_classification "
-                         "--num-labels 3 --out " + model + " > /dev/null").c_str()), 0);
+  ASSERT_EQ(std::system((std::string(std::getenv("MDL_BIN")) +
+                         " init-model --arch bert --head sequence_classification "
+                         "--num-labels 3 --out " +
+                         model + " > /dev/null")
+                            .c_str()),
+            0);
   fs::create_directories(dir / "modules");
   Process p = start_server(model, dir / "modules", dir / "port");
   int status = 0;
@@ -472,7 +524,8 @@ TEST(ServeEncoder, ClassifyEqualsTheLibrarysForward) {
     at::Tensor probs = at::softmax(m->forward(in)[0], -1);
     const auto& got = r["data"][i];
     ASSERT_EQ(got["scores"].size(), 3u);
-    for (int64_t c = 0; c < 3; ++c) EXPECT_NEAR(got["scores"][c].get<double>(), probs[c].item<double>(), 1e-5);
+    for (int64_t c = 0; c < 3; ++c)
+      EXPECT_NEAR(got["scores"][c].get<double>(), probs[c].item<double>(), 1e-5);
     EXPECT_EQ(got["label_id"].get<int64_t>(), probs.argmax().item<int64_t>());
   }
 }
@@ -501,8 +554,13 @@ TEST_F(Serve, SigtermUnderLoadEndsEveryStartedStream) {
         req.method = "POST";
         req.path = "/v1/completions";
         req.set_header("Content-Type", "application/json");
-        req.body = json({{"model", i % 2 ? "lora_a" : "base"}, {"prompt", "the cat"}, {"max_tokens", 24},
-                         {"ignore_eos", true}, {"temperature", 0.7}, {"seed", i * 1000 + n}, {"stream", true}})
+        req.body = json({{"model", i % 2 ? "lora_a" : "base"},
+                         {"prompt", "the cat"},
+                         {"max_tokens", 24},
+                         {"ignore_eos", true},
+                         {"temperature", 0.7},
+                         {"seed", i * 1000 + n},
+                         {"stream", true}})
                        .dump();
         std::string body;
         req.content_receiver = [&](const char* data, size_t len, uint64_t, uint64_t) {
@@ -539,8 +597,8 @@ TEST_F(Serve, SigtermUnderLoadEndsEveryStartedStream) {
   for (auto& t : clients) t.join();
   int wstatus = 0;
   waitpid(p.pid, &wstatus, 0);
-  std::printf("[sigterm] %d streams complete, %d cut, %d refused, %d without a response\n", complete.load(), cut.load(),
-              refused.load(), no_response.load());
+  std::printf("[sigterm] %d streams complete, %d cut, %d refused, %d without a response\n", complete.load(),
+              cut.load(), refused.load(), no_response.load());
   EXPECT_EQ(cut.load(), 0) << "a started stream ended early; its end: " << first_cut;
   EXPECT_GE(complete.load(), kClients);
   EXPECT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0) << "exit status " << wstatus;
@@ -561,8 +619,12 @@ TEST_F(Serve, SigtermFinishesInFlightRequestsAndExitsZero) {
     req.method = "POST";
     req.path = "/v1/completions";
     req.set_header("Content-Type", "application/json");
-    req.body = json({{"model", "lora_a"}, {"prompt", "the"}, {"max_tokens", kTokens}, {"temperature", 0},
-                     {"ignore_eos", true}, {"stream", true}})
+    req.body = json({{"model", "lora_a"},
+                     {"prompt", "the"},
+                     {"max_tokens", kTokens},
+                     {"temperature", 0},
+                     {"ignore_eos", true},
+                     {"stream", true}})
                    .dump();
     std::string body;
     bool told = false;
@@ -596,10 +658,12 @@ TEST_F(Serve, SigtermFinishesInFlightRequestsAndExitsZero) {
     }
     const json e = json::parse(line);
     text += e["choices"][0]["text"].get<std::string>();
-    if (!e["choices"][0]["finish_reason"].is_null()) finish += e["choices"][0]["finish_reason"].get<std::string>();
+    if (!e["choices"][0]["finish_reason"].is_null())
+      finish += e["choices"][0]["finish_reason"].get<std::string>();
   }
   EXPECT_EQ(finish, "length+done") << "the stream ends with its final event, then [DONE]";
-  EXPECT_EQ(text, library_text("the", {"lora_a"}, kTokens, 0, 0, true)) << "answered in full, not cut at the signal";
+  EXPECT_EQ(text, library_text("the", {"lora_a"}, kTokens, 0, 0, true))
+      << "answered in full, not cut at the signal";
   int wstatus = 0;
   waitpid(server_->pid, &wstatus, 0);
   server_->pid = -1;

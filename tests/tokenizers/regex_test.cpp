@@ -17,10 +17,10 @@ using V = std::vector<std::string>;
 TEST(Regex, Gpt2PatternWithEmulatedLookahead) {
   Regex re(kGpt2Pattern);
   EXPECT_EQ(pieces(re, "Hello world"), (V{"Hello", " world"}));
-  EXPECT_EQ(pieces(re, "a  b"), (V{"a", " ", " b"}));        // \s+(?!\S) gives the last space back
+  EXPECT_EQ(pieces(re, "a  b"), (V{"a", " ", " b"}));  // \s+(?!\S) gives the last space back
   EXPECT_EQ(pieces(re, "a   b"), (V{"a", "  ", " b"}));
   EXPECT_EQ(pieces(re, "hello\n\nworld"), (V{"hello", "\n", "\n", "world"}));
-  EXPECT_EQ(pieces(re, "hi   "), (V{"hi", "   "}));          // at the end the whole run stays
+  EXPECT_EQ(pieces(re, "hi   "), (V{"hi", "   "}));  // at the end the whole run stays
   EXPECT_EQ(pieces(re, "it's x 's"), (V{"it", "'s", " x", " '", "s"}));
   EXPECT_EQ(pieces(re, "year 2024!!"), (V{"year", " 2024", "!!"}));
   EXPECT_EQ(pieces(re, "naïve café"), (V{"naïve", " café"}));
@@ -29,7 +29,8 @@ TEST(Regex, Gpt2PatternWithEmulatedLookahead) {
 }
 
 TEST(Regex, Llama3Pattern) {
-  Regex re(R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)");
+  Regex re(
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)");
   EXPECT_EQ(pieces(re, "I'M 12345 ok\n\nyes"), (V{"I", "'M", " ", "123", "45", " ok", "\n\n", "yes"}));
   EXPECT_EQ(pieces(re, "x  y"), (V{"x", " ", " y"}));
 }

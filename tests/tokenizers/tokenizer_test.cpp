@@ -53,7 +53,9 @@ TEST(Tokenizer, Llama3LayoutSplitThenByteLevelWithIgnoreMerges) {
       {"type", "Sequence"},
       {"pretokenizers",
        {{{"type", "Split"},
-         {"pattern", {{"Regex", R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}}},
+         {"pattern",
+          {{"Regex",
+            R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)"}}},
          {"behavior", "Isolated"},
          {"invert", false}},
         {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
@@ -62,7 +64,8 @@ TEST(Tokenizer, Llama3LayoutSplitThenByteLevelWithIgnoreMerges) {
   Tokenizer tok = Tokenizer::from_json(j.dump());
   EXPECT_EQ(tok.pre_tokenize("I'M 12345"), (std::vector<std::string>{"I", "'M", G, "123", "45"}));
   EXPECT_EQ(tok.encode("a hello the"), (Ids{97, 260, 258}));
-  for (const std::string text : {"Numbers 1234567 and\n\n  spaces", "x  y"}) EXPECT_EQ(tok.decode(tok.encode(text)), text);
+  for (const std::string text : {"Numbers 1234567 and\n\n  spaces", "x  y"})
+    EXPECT_EQ(tok.decode(tok.encode(text)), text);
 }
 
 TEST(Tokenizer, MetaspaceBpeWithByteFallback) {
@@ -71,24 +74,41 @@ TEST(Tokenizer, MetaspaceBpeWithByteFallback) {
   for (int b = 0; b < 256; ++b) std::snprintf(name, sizeof(name), "<0x%02X>", b), vocab[name] = 3 + b;
   const std::string M = "\xE2\x96\x81";  // "▁"
   vocab[M] = 259, vocab["h"] = 260, vocab["e"] = 261, vocab["l"] = 262, vocab["o"] = 263;
-  vocab[M + "h"] = 264, vocab["ll"] = 265, vocab[M + "he"] = 266, vocab[M + "hell"] = 267, vocab[M + "hello"] = 268;
-  json j = {
-      {"added_tokens", {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
-                        {{"id", 1}, {"content", "<s>"}, {"special", true}},
-                        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
-      {"normalizer", {{"type", "Sequence"}, {"normalizers", {{{"type", "Prepend"}, {"prepend", M}},
-                                                              {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", M}}}}}},
-      {"pre_tokenizer", nullptr},
-      {"post_processor", {{"type", "TemplateProcessing"},
-                          {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}}, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                          {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
-      {"decoder", {{"type", "Sequence"}, {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", M}}}, {"content", " "}},
-                                                        {{"type", "ByteFallback"}}, {{"type", "Fuse"}},
-                                                        {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
-      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"unk_token", "<unk>"}, {"byte_fallback", true}, {"fuse_unk", true},
-                 {"merges", json::array()}}}};
+  vocab[M + "h"] = 264, vocab["ll"] = 265, vocab[M + "he"] = 266, vocab[M + "hell"] = 267,
+            vocab[M + "hello"] = 268;
+  json j = {{"added_tokens",
+             {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+              {{"id", 1}, {"content", "<s>"}, {"special", true}},
+              {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
+            {"normalizer",
+             {{"type", "Sequence"},
+              {"normalizers",
+               {{{"type", "Prepend"}, {"prepend", M}},
+                {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", M}}}}}},
+            {"pre_tokenizer", nullptr},
+            {"post_processor",
+             {{"type", "TemplateProcessing"},
+              {"single",
+               {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+              {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}}},
+            {"decoder",
+             {{"type", "Sequence"},
+              {"decoders",
+               {{{"type", "Replace"}, {"pattern", {{"String", M}}}, {"content", " "}},
+                {{"type", "ByteFallback"}},
+                {{"type", "Fuse"}},
+                {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}}},
+            {"model",
+             {{"type", "BPE"},
+              {"vocab", vocab},
+              {"unk_token", "<unk>"},
+              {"byte_fallback", true},
+              {"fuse_unk", true},
+              {"merges", json::array()}}}};
   // Merges in the newer [left, right] pair form.
-  for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{{M, "h"}, {"l", "l"}, {M + "h", "e"}, {M + "he", "ll"}, {M + "hell", "o"}})
+  for (auto [a, b] : std::vector<std::pair<std::string, std::string>>{
+           {M, "h"}, {"l", "l"}, {M + "h", "e"}, {M + "he", "ll"}, {M + "hell", "o"}})
     j["model"]["merges"].push_back(json::array({a, b}));
   Tokenizer tok = Tokenizer::from_json(j.dump());
   EXPECT_EQ(tok.encode("hello hello w"), (Ids{1, 268, 268, 259, 3 + 0x77}));
@@ -100,17 +120,22 @@ TEST(Tokenizer, MetaspaceBpeWithByteFallback) {
 }
 
 TEST(Tokenizer, WordPieceWithBertNormalizer) {
-  json vocab = {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4}, {"world", 5}, {",", 6}, {"!", 7},
-                {"un", 8}, {"##aff", 9}, {"##able", 10}, {"cafe", 11}};
-  json j = {{"added_tokens", {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
-                              {{"id", 1}, {"content", "[UNK]"}, {"special", true}},
-                              {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
-                              {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
+  json vocab = {{"[PAD]", 0}, {"[UNK]", 1}, {"[CLS]", 2}, {"[SEP]", 3}, {"hello", 4},   {"world", 5},
+                {",", 6},     {"!", 7},     {"un", 8},    {"##aff", 9}, {"##able", 10}, {"cafe", 11}};
+  json j = {{"added_tokens",
+             {{{"id", 0}, {"content", "[PAD]"}, {"special", true}},
+              {{"id", 1}, {"content", "[UNK]"}, {"special", true}},
+              {{"id", 2}, {"content", "[CLS]"}, {"special", true}},
+              {{"id", 3}, {"content", "[SEP]"}, {"special", true}}}},
             {"normalizer", {{"type", "BertNormalizer"}, {"lowercase", true}, {"strip_accents", nullptr}}},
             {"pre_tokenizer", {{"type", "BertPreTokenizer"}}},
             {"post_processor", {{"type", "BertProcessing"}, {"sep", {"[SEP]", 3}}, {"cls", {"[CLS]", 2}}}},
             {"decoder", {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", true}}},
-            {"model", {{"type", "WordPiece"}, {"vocab", vocab}, {"unk_token", "[UNK]"}, {"continuing_subword_prefix", "##"}}}};
+            {"model",
+             {{"type", "WordPiece"},
+              {"vocab", vocab},
+              {"unk_token", "[UNK]"},
+              {"continuing_subword_prefix", "##"}}}};
   Tokenizer tok = Tokenizer::from_json(j.dump());
   EXPECT_EQ(tok.encode("Hello, UNAFFABLE world!"), (Ids{2, 4, 6, 8, 9, 10, 5, 7, 3}));
   EXPECT_EQ(tok.encode("Café xyz", false), (Ids{11, 1}));
@@ -121,29 +146,40 @@ TEST(Tokenizer, WordPieceWithBertNormalizer) {
 TEST(Tokenizer, BadFilesAreReportedWithTheirSource) {
   EXPECT_THROW_WITH(Tokenizer::from_json("{", "x/tokenizer.json"), "x/tokenizer.json", "not valid JSON");
   EXPECT_THROW_WITH(Tokenizer::from_json("{}", "t.json"), "t.json", "no object field 'model'");
-  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"Unigram","vocab":[]}})", "t.json"), "Unigram", "t.json");
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"Unigram","vocab":[]}})", "t.json"), "Unigram",
+                    "t.json");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},
-      "pre_tokenizer":{"type":"Fancy"}})", "t.json"), "pre_tokenizer type 'Fancy'", "t.json");
+      "pre_tokenizer":{"type":"Fancy"}})",
+                                         "t.json"),
+                    "pre_tokenizer type 'Fancy'", "t.json");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":["a b"]}})"),
                     "merge #0 'a b'");
   EXPECT_THROW_WITH(Tokenizer::from_file("/nonexistent/tokenizer.json"), "does not exist");
   // Ids out of range: negative ones crashed every command, 2e8 sized the table at 6.4 GB.
-  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":-5},"merges":[]}})", "t.json"),
-                    "model.vocab: token 'b' has id -5", "ids are in [0, 2) for 2 entries", "t.json");
-  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":200000000},"merges":[]}})"),
-                    "token 'b' has id 200000000");
+  EXPECT_THROW_WITH(
+      Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":-5},"merges":[]}})", "t.json"),
+      "model.vocab: token 'b' has id -5", "ids are in [0, 2) for 2 entries", "t.json");
+  EXPECT_THROW_WITH(
+      Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":200000000},"merges":[]}})"),
+      "token 'b' has id 200000000");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":2},"merges":[]},
-      "added_tokens":[{"id":3,"content":"<s>"}]})"), "no token with id 1 and no added token takes it");
+      "added_tokens":[{"id":3,"content":"<s>"}]})"),
+                    "no token with id 1 and no added token takes it");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":1,"b":1},"merges":[]}})"),
                     "id 1 is taken twice");
   // A hole an added token fills is fine (as in tokenizers whose special tokens are not in model.vocab).
   EXPECT_EQ(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0,"b":2},"merges":[]},
-      "added_tokens":[{"id":1,"content":"<s>"}]})").vocab_size(), 3);
-  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"WordPiece","vocab":{"[UNK]":0,"x":-1}}})"), "has id -1");
+      "added_tokens":[{"id":1,"content":"<s>"}]})")
+                .vocab_size(),
+            3);
+  EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"WordPiece","vocab":{"[UNK]":0,"x":-1}}})"),
+                    "has id -1");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},
-      "added_tokens":[{"id":-3,"content":"<s>"}]})"), "added_tokens: '<s>' has id -3");
+      "added_tokens":[{"id":-3,"content":"<s>"}]})"),
+                    "added_tokens: '<s>' has id -3");
   EXPECT_THROW_WITH(Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},
-      "added_tokens":[{"id":200000000,"content":"<s>"}]})"), "has id 200000000", "a gap of at most 1024");
+      "added_tokens":[{"id":200000000,"content":"<s>"}]})"),
+                    "has id 200000000", "a gap of at most 1024");
   Tokenizer no_unk = Tokenizer::from_json(R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]}})");
   EXPECT_THROW_WITH(no_unk.encode("b"), "'b' is not in the BPE vocabulary");
 }

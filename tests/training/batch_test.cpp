@@ -60,7 +60,8 @@ TEST(Batch, ATaskOrLanguageATableLacksIsRefusedNamingIt) {
   Dataset untagged = d;
   untagged.tasks.clear();
   for (auto& e : untagged.examples) e.task.clear();
-  EXPECT_THROW_WITH(collate(untagged, {0}, 0, at::kCPU, r), "the data's task '' has no entry in routing.by_task");
+  EXPECT_THROW_WITH(collate(untagged, {0}, 0, at::kCPU, r),
+                    "the data's task '' has no entry in routing.by_task");
 }
 
 }  // namespace

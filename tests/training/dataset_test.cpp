@@ -26,9 +26,10 @@ DatasetOptions kind(const std::string& k) {
 
 TEST(Dataset, EveryKindParses) {
   test::TempDir tmp;
-  test::write_file(tmp / "cls.jsonl", "{\"text\": \"the cat\", \"label\": \"pos\", \"task\": \"sst\"}\n\n"
-                                      "{\"text\": \"a dog\", \"label\": \"neg\", \"language\": \"en\"}\n"
-                                      "{\"text\": \"the cat\", \"label\": \"pos\", \"task\": \"nli\"}\n");
+  test::write_file(tmp / "cls.jsonl",
+                   "{\"text\": \"the cat\", \"label\": \"pos\", \"task\": \"sst\"}\n\n"
+                   "{\"text\": \"a dog\", \"label\": \"neg\", \"language\": \"en\"}\n"
+                   "{\"text\": \"the cat\", \"label\": \"pos\", \"task\": \"nli\"}\n");
   Dataset d = load_jsonl(tmp / "cls.jsonl", tokenizer(), kind("classification"));
   ASSERT_EQ(d.examples.size(), 3u);
   EXPECT_EQ(d.labels, (std::vector<std::string>{"pos", "neg"}));
@@ -59,7 +60,9 @@ TEST(Dataset, EveryKindParses) {
 TEST(Dataset, BadRecordsNameFileLineAndField) {
   test::TempDir tmp;
   const std::string f = tmp / "bad.jsonl";
-  test::write_file(f, "{\"text\": \"ok\", \"label\": 0}\n{\"text\": \"no label\"}\n{not json\n{\"text\": 3, \"label\": 1}\n");
+  test::write_file(
+      f,
+      "{\"text\": \"ok\", \"label\": 0}\n{\"text\": \"no label\"}\n{not json\n{\"text\": 3, \"label\": 1}\n");
   const std::string where = "[data] " + f + ":2: missing field 'label'";
   EXPECT_THROW_WITH(load_jsonl(f, tokenizer(), kind("classification")), where.c_str());
   DatasetOptions skip = kind("classification");
@@ -70,7 +73,8 @@ TEST(Dataset, BadRecordsNameFileLineAndField) {
   test::write_file(f, "{not json\n");
   EXPECT_THROW_WITH(load_jsonl(f, tokenizer(), kind("text")), ":1: invalid JSON");
   test::write_file(f, "{\"text\": 3}\n");
-  EXPECT_THROW_WITH(load_jsonl(f, tokenizer(), kind("text")), ":1: field 'text' must be a string, found number");
+  EXPECT_THROW_WITH(load_jsonl(f, tokenizer(), kind("text")),
+                    ":1: field 'text' must be a string, found number");
   DatasetOptions fixed = kind("classification");
   fixed.labels = {"a", "b"};
   test::write_file(f, "{\"text\": \"x\", \"label\": \"c\"}\n");
@@ -96,7 +100,8 @@ TEST(Idx, GzippedImagesAndLabelsRoundTrip) {
   at::Tensor l = read_idx(tmp / "lab.idx");
   EXPECT_EQ(l[0].item<int32_t>(), 258);
   EXPECT_EQ(l[1].item<int32_t>(), -2);
-  test::write_file(tmp / "short.idx", std::string(reinterpret_cast<const char*>(header), sizeof(header)) + "abc");
+  test::write_file(tmp / "short.idx",
+                   std::string(reinterpret_cast<const char*>(header), sizeof(header)) + "abc");
   EXPECT_THROW_WITH(read_idx(tmp / "short.idx"), "data ends after 3 of 12 bytes (shape [2, 2, 3])");
   test::write_file(tmp / "bad.idx", "PK\x03\x04");
   EXPECT_THROW_WITH(read_idx(tmp / "bad.idx"), "does not start with an IDX magic number");

@@ -21,7 +21,9 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string classifier() { return test::tiny_checkpoint("llama", "sequence_classification"); }
+std::string classifier() {
+  return test::tiny_checkpoint("llama", "sequence_classification");
+}
 
 Dataset data_of(const test::TempDir& dir, const std::string& lines, DatasetOptions o = {}) {
   test::write_file(dir / "d.jsonl", lines);
@@ -40,8 +42,10 @@ TrainOptions small_run(int64_t steps) {
 // The probe's label of 1000000000 built a table of 10^9 names; --on-bad-record skip did not catch it.
 TEST(HostileTraining, HugeIntegerLabelsAreRefusedWithTheLine) {
   test::TempDir dir;
-  const std::string lines = "{\"text\": \"a cat\", \"label\": 1}\n{\"text\": \"a dog\", \"label\": 1000000000}\n";
-  EXPECT_THROW_WITH(data_of(dir, lines), "d.jsonl:2", "label 1000000000 out of range", "class ids in 0..65535");
+  const std::string lines =
+      "{\"text\": \"a cat\", \"label\": 1}\n{\"text\": \"a dog\", \"label\": 1000000000}\n";
+  EXPECT_THROW_WITH(data_of(dir, lines), "d.jsonl:2", "label 1000000000 out of range",
+                    "class ids in 0..65535");
   DatasetOptions skip;
   skip.on_bad_record = "skip";
   const Dataset d = data_of(dir, lines, skip);
@@ -65,7 +69,8 @@ TEST(HostileTraining, SizesPastMemoryAreRefusedBeforeTheFirstStep) {
 TEST(HostileTraining, ANonFiniteLossStopsTheRunAtItsStep) {
   test::TempDir dir;
   std::string lines;
-  for (int i = 0; i < 8; ++i) lines += "{\"text\": \"the cat " + std::to_string(i) + "\", \"label\": " + std::to_string(i % 2) + "}\n";
+  for (int i = 0; i < 8; ++i)
+    lines += "{\"text\": \"the cat " + std::to_string(i) + "\", \"label\": " + std::to_string(i % 2) + "}\n";
   const Dataset data = data_of(dir, lines);
   ModuleSet set(load_model(classifier()));
   set.add("lora", ModuleConfig());
@@ -75,8 +80,8 @@ TEST(HostileTraining, ANonFiniteLossStopsTheRunAtItsStep) {
   }
   const auto before = set.tensors("lora").begin()->second.clone();
   Trainer t(set, {"lora"}, small_run(5));
-  EXPECT_THROW_WITH(t.train(data), "[train] step 1: the loss is", "on a batch of 4 examples (line", "no update was made",
-                    "options.schedule.lr");
+  EXPECT_THROW_WITH(t.train(data), "[train] step 1: the loss is", "on a batch of 4 examples (line",
+                    "no update was made", "options.schedule.lr");
   EXPECT_EQ(t.step(), 0);
   EXPECT_TRUE(at::equal(set.tensors("lora").begin()->second, before));
 }
@@ -86,7 +91,8 @@ TEST(HostileTraining, ANonFiniteLossStopsTheRunAtItsStep) {
 TEST(HostileTraining, ACheckpointWithBadFieldsIsRefusedOnResume) {
   test::TempDir dir;
   std::string lines;
-  for (int i = 0; i < 8; ++i) lines += "{\"text\": \"a dog " + std::to_string(i) + "\", \"label\": " + std::to_string(i % 2) + "}\n";
+  for (int i = 0; i < 8; ++i)
+    lines += "{\"text\": \"a dog " + std::to_string(i) + "\", \"label\": " + std::to_string(i % 2) + "}\n";
   const Dataset data = data_of(dir, lines);
   ModuleSet set(load_model(classifier()));
   set.add("lora", ModuleConfig());
@@ -99,13 +105,14 @@ TEST(HostileTraining, ACheckpointWithBadFieldsIsRefusedOnResume) {
     json value;
     std::string message;
   };
-  for (const Case& c : std::vector<Case>{{"step", -5, "field 'step' is -5"},
-                                         {"step", 10, "field 'step' is 10; a checkpoint of this run is at a step in 0..4"},
-                                         {"step", "two", "field 'step' must be an integer"},
-                                         {"modules", "lora", "field 'modules' must be a list"},
-                                         {"modules", json::array({"other"}), "this run trains other modules"},
-                                         {"best", "high", "field 'best' must be a finite number or null"},
-                                         {"evals_since_best", -1, "field 'evals_since_best' must be an integer >= 0"}}) {
+  for (const Case& c :
+       std::vector<Case>{{"step", -5, "field 'step' is -5"},
+                         {"step", 10, "field 'step' is 10; a checkpoint of this run is at a step in 0..4"},
+                         {"step", "two", "field 'step' must be an integer"},
+                         {"modules", "lora", "field 'modules' must be a list"},
+                         {"modules", json::array({"other"}), "this run trains other modules"},
+                         {"best", "high", "field 'best' must be a finite number or null"},
+                         {"evals_since_best", -1, "field 'evals_since_best' must be an integer >= 0"}}) {
     json j = good;
     j[c.field] = c.value;
     test::write_file(dir / "ckpt/trainer.json", j.dump());
@@ -117,12 +124,14 @@ TEST(HostileTraining, ACheckpointWithBadFieldsIsRefusedOnResume) {
   test::write_file(dir / "ckpt/trainer.json", good.dump());
   auto moments = io::load_safetensors(dir / "ckpt/optimizer.safetensors");
   std::map<std::string, at::Tensor> broken;
-  for (const auto& [k, v] : moments) broken[k] = k.find(".exp_avg_sq") != std::string::npos ? at::zeros({3}) : v.clone();
+  for (const auto& [k, v] : moments)
+    broken[k] = k.find(".exp_avg_sq") != std::string::npos ? at::zeros({3}) : v.clone();
   io::save_safetensors(dir / "ckpt/optimizer.safetensors", broken);
   ModuleSet other(load_model(classifier()));
   other.add("lora", ModuleConfig());
   Trainer t(other, {"lora"}, small_run(4));
-  EXPECT_THROW_WITH(t.load_checkpoint(dir / "ckpt"), "optimizer.safetensors", ".exp_avg_sq' is missing or not a floating tensor of shape");
+  EXPECT_THROW_WITH(t.load_checkpoint(dir / "ckpt"), "optimizer.safetensors",
+                    ".exp_avg_sq' is missing or not a floating tensor of shape");
 }
 
 }  // namespace

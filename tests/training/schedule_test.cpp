@@ -38,7 +38,8 @@ TEST(Schedule, WarmupThenDecay) {
 
 TEST(Schedule, InvalidOptionsAreRefused) {
   EXPECT_THROW_WITH(schedule("step", 0, 10), "[schedule] kind 'step' is unknown");
-  EXPECT_THROW_WITH(schedule("linear", 10, 10), "needs total_steps > warmup_steps, got total_steps 10 and warmup_steps 10");
+  EXPECT_THROW_WITH(schedule("linear", 10, 10),
+                    "needs total_steps > warmup_steps, got total_steps 10 and warmup_steps 10");
   EXPECT_THROW_WITH(schedule("cosine", 0, 10, 2.0), "min_lr_ratio must be in [0, 1], got 2");
 }
 

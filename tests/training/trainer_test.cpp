@@ -3,17 +3,17 @@
 #include "mdl/training/trainer.h"
 
 #include <ATen/ATen.h>
+#include <torch/utils.h>
 
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "backbones/fixtures.h"
-#include "modules/module_fixtures.h"
 #include "mdl/core/autocast.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/routing/routing_context.h"
-#include <torch/utils.h>
 #include "mdl/tokenizers/tokenizer.h"
+#include "modules/module_fixtures.h"
 
 namespace mdl {
 namespace {
@@ -28,7 +28,10 @@ Dataset animals() {
   for (const auto& s : starts)
     for (const auto& e : ends)
       for (const char* animal : {"cat", "dog"})
-        lines += nlohmann::json({{"text", s + " " + animal + " " + e}, {"label", std::string(animal) == "cat" ? 1 : 0}}).dump() + "\n";
+        lines += nlohmann::json(
+                     {{"text", s + " " + animal + " " + e}, {"label", std::string(animal) == "cat" ? 1 : 0}})
+                     .dump() +
+                 "\n";
   test::write_file(tmp / "animals.jsonl", lines);
   return load_jsonl(tmp / "animals.jsonl", Tokenizer::from_file(dir), DatasetOptions());
 }
@@ -69,7 +72,8 @@ TEST(Trainer, LoraLearnsATaskTheFrozenBackboneDoesNot) {
   const double before = trainer.evaluate(data);
   auto history = trainer.train(data, &data);
   const double after = trainer.evaluate(data);
-  std::printf("[trainer] accuracy %.3f -> %.3f, loss %.3f -> %.3f\n", before, after, history.front().loss, history.back().loss);
+  std::printf("[trainer] accuracy %.3f -> %.3f, loss %.3f -> %.3f\n", before, after, history.front().loss,
+              history.back().loss);
   EXPECT_LT(before, 0.8);
   EXPECT_GE(after, 0.95);
   EXPECT_LT(history.back().loss, history.front().loss);
@@ -143,7 +147,8 @@ TEST(Trainer, LoraLearnsSequenceLabelling) {
   Dataset three = data;
   three.labels.push_back("VERB");
   three.examples[0].targets.back() = 2;
-  EXPECT_THROW_WITH(Trainer(set, {"lora"}, options(4)).train(three), "the data has 3 labels but the model's head has 2");
+  EXPECT_THROW_WITH(Trainer(set, {"lora"}, options(4)).train(three),
+                    "the data has 3 labels but the model's head has 2");
 }
 
 // A mixture of LoRAs behind a top-2 token router: the load-balancing loss enters the objective with
@@ -168,7 +173,8 @@ TEST(Trainer, RoutedModulesAddAuxLossesAndLogRoutingStatistics) {
   o.out_dir.clear();
   auto without = Trainer(b, {"moe"}, o).train(data);
   const auto& r = with_aux.front().routing;
-  ASSERT_TRUE(r.count("aux_loss") && r.count("entropy") && r.count("max_load")) << "routing statistics missing";
+  ASSERT_TRUE(r.count("aux_loss") && r.count("entropy") && r.count("max_load"))
+      << "routing statistics missing";
   EXPECT_GT(r.at("aux_loss"), 0.1);  // 0.5 x a load-balancing loss near 1 per routed site
   EXPECT_GT(r.at("max_load"), 0.0);
   EXPECT_LE(r.at("max_load"), 1.0);
@@ -220,7 +226,8 @@ TEST(Trainer, LanguageRoutingTrainsOneModulePerLanguage) {
   EXPECT_LE(one_module, 0.6);
   ExampleRouting missing;
   missing.by_language = {{"en", {"lang_en"}}};
-  EXPECT_THROW_WITH(evaluate(*set.model(), both, 16, missing), "language 'de' has no entry in routing.by_language");
+  EXPECT_THROW_WITH(evaluate(*set.model(), both, 16, missing),
+                    "language 'de' has no entry in routing.by_language");
 }
 
 // bf16 autocast on CPU: matrix products run in bfloat16, LoRA still learns the task, and a resumed run
@@ -292,7 +299,8 @@ TEST_P(ModuleTypes, ReachNinetyFivePercent) {
   ModuleConfig c;
   c.type = GetParam();
   if (c.type == "lora") c.targets.target_modules = {"all-linear"};
-  if (c.type == "prefix") c.prefix.num_virtual_tokens = 8, c.prefix.prefix_projection = true;  // reparameterised
+  if (c.type == "prefix")
+    c.prefix.num_virtual_tokens = 8, c.prefix.prefix_projection = true;  // reparameterised
   set.add("m", c);
   // LoRA learns in 60 steps at 2e-2; the adapter and the prefix need 300 steps at 1e-2 here.
   TrainOptions o = options(c.type == "lora" ? 60 : 300);
@@ -337,8 +345,9 @@ TEST(Trainer, TaskRoutingStacksInTheTablesOrder) {
   const std::string model = test::tiny_checkpoint("llama", "sequence_classification");
   test::TempDir dir;
   test::save_random_adapters(model, dir.path(), {"a", "b"}, 21);
-  test::write_file(dir / "d.jsonl", "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ab\"}\n"
-                                    "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ba\"}\n");
+  test::write_file(dir / "d.jsonl",
+                   "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ab\"}\n"
+                   "{\"text\": \"the cat sat\", \"label\": 0, \"task\": \"ba\"}\n");
   const Dataset data = load_jsonl(dir / "d.jsonl", Tokenizer::from_file(model), DatasetOptions());
   auto in_order = [&](const std::vector<std::string>& order) {
     ModuleSet set(load_model(model));
@@ -395,7 +404,8 @@ TEST(Trainer, BackboneFromScratchWithBestCheckpointAndResume) {
   std::string lines;
   for (const char* s : {"the", "a", "my", "one"})
     for (const char* a : {"cat", "dog"})
-      for (const char* v : {"sat", "ran"}) lines += nlohmann::json({{"text", std::string(s) + " " + a + " " + v}}).dump() + "\n";
+      for (const char* v : {"sat", "ran"})
+        lines += nlohmann::json({{"text", std::string(s) + " " + a + " " + v}}).dump() + "\n";
   test::write_file(tmp / "text.jsonl", lines);
   DatasetOptions text;
   text.kind = "text";
@@ -458,8 +468,10 @@ TEST(Trainer, PolytroponLearnsFourConflictingTasks) {
     for (const std::string w1 : {"cat", "dog"})
       for (const std::string w2 : {"cat", "dog"}) {
         const std::string text = s + " " + w1 + " and " + w2;
-        const std::vector<std::pair<std::string, bool>> tasks = {
-            {"first_cat", w1 == "cat"}, {"second_cat", w2 == "cat"}, {"first_dog", w1 == "dog"}, {"same", w1 == w2}};
+        const std::vector<std::pair<std::string, bool>> tasks = {{"first_cat", w1 == "cat"},
+                                                                 {"second_cat", w2 == "cat"},
+                                                                 {"first_dog", w1 == "dog"},
+                                                                 {"same", w1 == w2}};
         for (const auto& [task, yes] : tasks)
           lines += nlohmann::json({{"text", text}, {"label", yes ? 1 : 0}, {"task", task}}).dump() + "\n";
       }
@@ -481,7 +493,8 @@ TEST(Trainer, PolytroponLearnsFourConflictingTasks) {
   auto history = trainer.train(data, &data);  // evaluated at the end, per task too
   std::printf("[polytropon] loss %.3f -> %.3f\n", history.front().loss, history.back().loss);
   const auto per_task = evaluate_per_task(*set.model(), data, o.batch_size);
-  EXPECT_EQ(history.back().eval_tasks, per_task);  // evaluation is deterministic: no Gumbel noise in eval mode
+  EXPECT_EQ(history.back().eval_tasks,
+            per_task);  // evaluation is deterministic: no Gumbel noise in eval mode
   for (const auto& [task, accuracy] : per_task) {
     std::printf("[polytropon] %s: %.3f\n", task.c_str(), accuracy);
     EXPECT_GE(accuracy, 0.9) << task;

@@ -13,13 +13,14 @@ namespace mdl {
 
 at::Tensor example_weights(const Routing& r, int64_t B, int64_t T) {
   if (r.head_dense.defined()) {
-    MDL_CHECK(r.head_dense.size(0) == B, "[aggregate] per-head weights for ", r.head_dense.size(0), " examples, batch ", B);
+    MDL_CHECK(r.head_dense.size(0) == B, "[aggregate] per-head weights for ", r.head_dense.size(0),
+              " examples, batch ", B);
     return r.head_dense;
   }
   at::Tensor w = r.dense_weights();  // (rows, E)
   if (r.rows == B * T && T > 1) w = w.view({B, T, r.experts}).select(1, 0);
-  MDL_CHECK(w.size(0) == B, "[aggregate] a routing of ", r.rows, " rows is neither per example (", B, ") nor per token (",
-            B * T, ")");
+  MDL_CHECK(w.size(0) == B, "[aggregate] a routing of ", r.rows, " rows is neither per example (", B,
+            ") nor per token (", B * T, ")");
   return w.unsqueeze(1);
 }
 
@@ -39,15 +40,18 @@ at::Tensor WeightedSum::combine(const at::Tensor& input, const at::Tensor& curre
   };
   at::Tensor y;
   if (!m.reads_current) {
-    y = dispatch_with_rows(input.reshape({B * T, in}), r, out, [&](int64_t e, const at::Tensor& x, const at::Tensor& ids) {
-      return on_rows(e, x, at::Tensor(), ids);
-    });
+    y = dispatch_with_rows(input.reshape({B * T, in}), r, out,
+                           [&](int64_t e, const at::Tensor& x, const at::Tensor& ids) {
+                             return on_rows(e, x, at::Tensor(), ids);
+                           });
   } else {
     MDL_CHECK(current.defined(), "[aggregate] these members read the current output, and there is none here");
     // Each token's row carries its input and current output, so a member sees both for its rows only.
-    at::Tensor rows = at::cat({input.reshape({B * T, in}).to(current.scalar_type()), current.reshape({B * T, out})}, 1);
+    at::Tensor rows =
+        at::cat({input.reshape({B * T, in}).to(current.scalar_type()), current.reshape({B * T, out})}, 1);
     y = dispatch_with_rows(rows, r, out, [&](int64_t e, const at::Tensor& block, const at::Tensor& ids) {
-      at::Tensor x = block.narrow(1, 0, in).unsqueeze(1), h = block.narrow(1, in, out).unsqueeze(1);  // (n, 1, .)
+      at::Tensor x = block.narrow(1, 0, in).unsqueeze(1),
+                 h = block.narrow(1, in, out).unsqueeze(1);  // (n, 1, .)
       return on_rows(e, x.to(input.scalar_type()), h, ids).squeeze(1);
     });
   }
@@ -66,7 +70,8 @@ at::Tensor all_changes(const at::Tensor& input, const at::Tensor& current, const
 
 }  // namespace
 
-AttentionFusion::AttentionFusion(int64_t C, double t, at::Generator& gen, c10::TensorOptions dtype) : temperature(t) {
+AttentionFusion::AttentionFusion(int64_t C, double t, at::Generator& gen, c10::TensorOptions dtype)
+    : temperature(t) {
   query = at::empty({C, C}).normal_(0.0, 0.02, gen).to(dtype);
   key = at::empty({C, C}).normal_(0.0, 0.02, gen).to(dtype);
   value = at::eye(C).to(dtype);
@@ -80,11 +85,11 @@ void AttentionFusion::register_parameters(torch::nn::Module& owner) {
 
 at::Tensor AttentionFusion::combine(const at::Tensor& input, const at::Tensor& current, const Routing&,
                                     const GroupMembers& m) {
-  at::Tensor o = all_changes(input, current, m);                               // (..., N, C)
-  at::Tensor h = current.to(o.scalar_type());                                  // (..., C)
-  at::Tensor q = at::matmul(h, query.t()).unsqueeze(-2);                       // (..., 1, C)
-  at::Tensor k = at::matmul(o, key.t());                                       // (..., N, C)
-  at::Tensor a = at::softmax((q * k).sum(-1) / temperature, -1);               // (..., N)
+  at::Tensor o = all_changes(input, current, m);                  // (..., N, C)
+  at::Tensor h = current.to(o.scalar_type());                     // (..., C)
+  at::Tensor q = at::matmul(h, query.t()).unsqueeze(-2);          // (..., 1, C)
+  at::Tensor k = at::matmul(o, key.t());                          // (..., N, C)
+  at::Tensor a = at::softmax((q * k).sum(-1) / temperature, -1);  // (..., N)
   if (keep_weights_) last_weights_ = a.detach();
   return (a.unsqueeze(-1) * at::matmul(o, value.t())).sum(-2);
 }
@@ -99,10 +104,11 @@ void GateFusion::register_parameters(torch::nn::Module& owner) {
   bias = owner.register_parameter("gate_bias", bias);
 }
 
-at::Tensor GateFusion::combine(const at::Tensor& input, const at::Tensor& current, const Routing&, const GroupMembers& m) {
-  at::Tensor o = all_changes(input, current, m);                     // (..., N, C)
+at::Tensor GateFusion::combine(const at::Tensor& input, const at::Tensor& current, const Routing&,
+                               const GroupMembers& m) {
+  at::Tensor o = all_changes(input, current, m);  // (..., N, C)
   at::Tensor h = current.to(o.scalar_type());
-  at::Tensor g = at::sigmoid(at::matmul(h, weight.t()) + bias);      // (..., N)
+  at::Tensor g = at::sigmoid(at::matmul(h, weight.t()) + bias);  // (..., N)
   if (keep_weights_) last_weights_ = g.detach();
   return (g.unsqueeze(-1) * o).sum(-2);
 }
@@ -110,8 +116,8 @@ at::Tensor GateFusion::combine(const at::Tensor& input, const at::Tensor& curren
 std::pair<at::Tensor, at::Tensor> ParameterAverage::average(const at::Tensor& A, const at::Tensor& B,
                                                             const at::Tensor& w) const {
   const int64_t E = A.size(0), r = A.size(1), in = A.size(2), out = B.size(1), h = heads_, Bn = w.size(0);
-  MDL_CHECK(w.dim() == 3 && w.size(1) == h && w.size(2) == E, "[aggregate] parameter averaging of ", E, " members over ",
-            h, " heads needs weights (B, ", h, ", ", E, "), got ", w.sizes());
+  MDL_CHECK(w.dim() == 3 && w.size(1) == h && w.size(2) == E, "[aggregate] parameter averaging of ", E,
+            " members over ", h, " heads needs weights (B, ", h, ", ", E, "), got ", w.sizes());
   at::Tensor wa = w.to(A.scalar_type());
   // Head j of A covers input columns [j in/h, (j+1) in/h); head j of B covers output rows likewise.
   at::Tensor a = at::einsum("bhs,srhd->brhd", {wa, A.view({E, r, h, in / h})}).reshape({Bn, r, in});
@@ -121,11 +127,14 @@ std::pair<at::Tensor, at::Tensor> ParameterAverage::average(const at::Tensor& A,
 
 at::Tensor ParameterAverage::combine(const at::Tensor& input, const at::Tensor&, const Routing& routing,
                                      const GroupMembers& m) {
-  MDL_CHECK(input.dim() == 3, "[aggregate] parameter averaging runs on (B, T, C) inputs, got ", input.sizes());
+  MDL_CHECK(input.dim() == 3, "[aggregate] parameter averaging runs on (B, T, C) inputs, got ",
+            input.sizes());
   at::Tensor A, B;
   double scaling = 1.0;
-  MDL_CHECK(m.stacked_low_rank && m.stacked_low_rank(A, B, scaling), "[aggregate] parameter averaging needs members that "
-            "are LoRAs of one rank and scaling (their factors are averaged); average representations with a weighted sum");
+  MDL_CHECK(m.stacked_low_rank && m.stacked_low_rank(A, B, scaling),
+            "[aggregate] parameter averaging needs members that "
+            "are LoRAs of one rank and scaling (their factors are averaged); average representations with a "
+            "weighted sum");
   at::Tensor w = example_weights(routing, input.size(0), input.size(1));  // (B, heads, E)
   if (keep_weights_) last_weights_ = w.detach().mean(1).unsqueeze(1).expand({-1, input.size(1), -1});
   auto [a, b] = average(A, B, w);

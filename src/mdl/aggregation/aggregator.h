@@ -3,12 +3,14 @@
 // an aggregator computes the members it needs on the rows that need them and returns the group's change
 // to the site's current output:
 //   weighted sum       sum over each row's routed members of weight * change (mixtures of experts: LoRA,
-//                      adapter or feed-forward experts; every member with weight 1 is plain parallel composition)
+//                      adapter or feed-forward experts; every member with weight 1 is plain parallel
+//                      composition)
 //   attention          AdapterFusion (Pfeiffer et al., 2021): q = Wq h, k_n = Wk o_n, v_n = Wv o_n,
 //                      a = softmax_n(q . k_n / temperature), change = sum_n a_n v_n (h the current output,
 //                      o_n member n's change; Wv starts as the identity)
-//   gate               g_n = sigmoid(w_n . h + b_n), change = sum_n g_n o_n (w = 0, b = 0: half strength each)
-//   parameter average  the members' LoRA factors averaged with each example's weights, then one low-rank
+//   gate               g_n = sigmoid(w_n . h + b_n), change = sum_n g_n o_n (w = 0, b = 0: half strength
+//   each) parameter average  the members' LoRA factors averaged with each example's weights, then one
+//   low-rank
 //                      product per example (SMEAR, Polytropon; per head for MHR): parameter aggregation
 // An aggregator's parameters are registered by the module that holds it, under the names it gives.
 #pragma once
@@ -108,7 +110,8 @@ class ParameterAverage : public Aggregator {
   at::Tensor combine(const at::Tensor& input, const at::Tensor& current, const Routing& routing,
                      const GroupMembers& members) override;
   /// Averaged factors for per-example weights (B, heads, E): A (B, r, in), B (B, out, r).
-  std::pair<at::Tensor, at::Tensor> average(const at::Tensor& A, const at::Tensor& B, const at::Tensor& weights) const;
+  std::pair<at::Tensor, at::Tensor> average(const at::Tensor& A, const at::Tensor& B,
+                                            const at::Tensor& weights) const;
 
  private:
   int64_t heads_;

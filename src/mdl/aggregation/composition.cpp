@@ -20,8 +20,9 @@ namespace fs = std::filesystem;
 namespace {
 
 const std::set<std::string>& merge_methods() {
-  static const std::set<std::string> m = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                          "magnitude_prune", "slerp", "cat", "svd"};
+  static const std::set<std::string> m = {"linear",    "task_arithmetic", "ties",  "dare_linear",
+                                          "dare_ties", "magnitude_prune", "slerp", "cat",
+                                          "svd"};
   return m;
 }
 
@@ -72,8 +73,12 @@ class Parser {
     return false;
   }
   // list := sum (',' sum)*: applied in order (the CLI's "a,b:0.5"); sum := term ('+' term)*.
-  Composition list() { return sequence(',', Composition::Kind::stack, [this] { return sum(); }); }
-  Composition sum() { return sequence('+', Composition::Kind::sum, [this] { return term(); }); }
+  Composition list() {
+    return sequence(',', Composition::Kind::stack, [this] { return sum(); });
+  }
+  Composition sum() {
+    return sequence('+', Composition::Kind::sum, [this] { return term(); });
+  }
   template <class Next>
   Composition sequence(char separator, Composition::Kind kind, Next next) {
     const int col = static_cast<int>(pos_) + 1;
@@ -89,8 +94,8 @@ class Parser {
   double number() {
     skip();
     const size_t start = pos_;
-    while (pos_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '.' || s_[pos_] == '-' ||
-                                s_[pos_] == '+' || s_[pos_] == 'e' || s_[pos_] == 'E'))
+    while (pos_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '.' ||
+                                s_[pos_] == '-' || s_[pos_] == '+' || s_[pos_] == 'e' || s_[pos_] == 'E'))
       ++pos_;
     const std::string text = s_.substr(start, pos_ - start);
     try {
@@ -140,14 +145,20 @@ class Parser {
         pos_ = start;
         fail("compositions nest at most " + std::to_string(kMaxNesting) + " levels deep");
       }
-      if (word == "stack") c.kind = Composition::Kind::stack;
-      else if (word == "avg") c.kind = Composition::Kind::avg;
-      else if (word == "sum") c.kind = Composition::Kind::sum;
-      else if (word == "fuse") c.kind = Composition::Kind::fuse;
-      else if (merge_methods().count(word)) c.kind = Composition::Kind::merge;
+      if (word == "stack")
+        c.kind = Composition::Kind::stack;
+      else if (word == "avg")
+        c.kind = Composition::Kind::avg;
+      else if (word == "sum")
+        c.kind = Composition::Kind::sum;
+      else if (word == "fuse")
+        c.kind = Composition::Kind::fuse;
+      else if (merge_methods().count(word))
+        c.kind = Composition::Kind::merge;
       else {
         pos_ = start;
-        fail("unknown function '" + word + "'; expected stack, avg, sum, fuse, or a merge: linear, task_arithmetic, "
+        fail("unknown function '" + word +
+             "'; expected stack, avg, sum, fuse, or a merge: linear, task_arithmetic, "
              "ties, dare_linear, dare_ties, magnitude_prune, slerp, cat, svd");
       }
       c.name = word;
@@ -161,7 +172,8 @@ class Parser {
         do {
           skip();
           const size_t k = pos_;
-          while (pos_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '_')) ++pos_;
+          while (pos_ < s_.size() && (std::isalnum(static_cast<unsigned char>(s_[pos_])) || s_[pos_] == '_'))
+            ++pos_;
           const std::string key = s_.substr(k, pos_ - k);
           static const std::set<std::string> keys = {"density", "rank", "t", "lambda", "seed"};
           if (!keys.count(key)) {
@@ -172,8 +184,9 @@ class Parser {
           c.params[key] = number();
         } while (eat(','));
       }
-      if (!eat(')')) fail(pos_ < s_.size() ? "expected ',' or ')', found " + found()
-                                           : "expected ')' to close '" + word + "(', found the end");
+      if (!eat(')'))
+        fail(pos_ < s_.size() ? "expected ',' or ')', found " + found()
+                              : "expected ')' to close '" + word + "(', found the end");
       --depth_;
     } else {
       c.kind = Composition::Kind::module;
@@ -203,7 +216,11 @@ std::string Composition::to_string() const {
     const bool plain = !name.empty() && std::all_of(name.begin(), name.end(), name_char);
     out = plain ? name : (name.find('"') == std::string::npos ? "\"" + name + "\"" : "'" + name + "'");
   } else {
-    out = kind == Kind::sum ? "sum" : kind == Kind::avg ? "avg" : kind == Kind::stack ? "stack" : kind == Kind::fuse ? "fuse" : name;
+    out = kind == Kind::sum     ? "sum"
+          : kind == Kind::avg   ? "avg"
+          : kind == Kind::stack ? "stack"
+          : kind == Kind::fuse  ? "fuse"
+                                : name;
     out += "(";
     for (size_t i = 0; i < children.size(); ++i) out += (i ? ", " : "") + children[i].to_string();
     if (!params.empty()) {
@@ -217,23 +234,30 @@ std::string Composition::to_string() const {
   return out;
 }
 
-Composition parse_composition(const std::string& text) { return Parser(text).parse(); }
+Composition parse_composition(const std::string& text) {
+  return Parser(text).parse();
+}
 
 namespace {
 
 std::string resolve(const std::string& name, const ComposeOptions& o, int column) {
-  if (!o.modules_dir.empty() && fs::exists(fs::path(o.modules_dir) / name)) return (fs::path(o.modules_dir) / name).string();
+  if (!o.modules_dir.empty() && fs::exists(fs::path(o.modules_dir) / name))
+    return (fs::path(o.modules_dir) / name).string();
   if (fs::exists(name)) return name;
   MDL_FAIL("[compose] column ", column, ": unknown module '", name, "'",
-           o.modules_dir.empty() ? std::string("; no such directory") : "; not in the modules directory '" + o.modules_dir + "'");
+           o.modules_dir.empty() ? std::string("; no such directory")
+                                 : "; not in the modules directory '" + o.modules_dir + "'");
 }
 
 }  // namespace
 
-std::string module_dir(const Composition& c, const ComposeOptions& o) { return resolve(c.name, o, c.column); }
+std::string module_dir(const Composition& c, const ComposeOptions& o) {
+  return resolve(c.name, o, c.column);
+}
 
 std::string merged_module_dir(const Composition& c, const ComposeOptions& o) {
-  MDL_CHECK(c.kind == Composition::Kind::merge, "[compose] column ", c.column, ": '", c.to_string(), "' is not a merge");
+  MDL_CHECK(c.kind == Composition::Kind::merge, "[compose] column ", c.column, ": '", c.to_string(),
+            "' is not a merge");
   MDL_CHECK(!o.model_dir.empty(), "[compose] column ", c.column, ": merging needs the base model directory");
   std::vector<std::string> inputs;
   MergeOptions m;
@@ -245,17 +269,27 @@ std::string merged_module_dir(const Composition& c, const ComposeOptions& o) {
     m.weights.push_back(child.scale);
   }
   for (const auto& [k, v] : c.params) {
-    if (k == "density") m.density = v;
-    else if (k == "rank") m.rank = static_cast<int64_t>(v);
-    else if (k == "t") m.t = v;
-    else if (k == "lambda") m.lambda = v;
-    else if (k == "seed") m.seed = static_cast<uint64_t>(v);
+    if (k == "density")
+      m.density = v;
+    else if (k == "rank")
+      m.rank = static_cast<int64_t>(v);
+    else if (k == "t")
+      m.t = v;
+    else if (k == "lambda")
+      m.lambda = v;
+    else if (k == "seed")
+      m.seed = static_cast<uint64_t>(v);
   }
   Composition key = c;
   key.scale = 1.0;
-  const std::string cache = !o.cache_dir.empty() ? o.cache_dir
-                            : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) / ".mdl-merged").string();
-  const std::string dir = (fs::path(cache) / std::to_string(fnv1a(key.to_string() + "|" + o.model_dir))).string();
+  const std::string cache =
+      !o.cache_dir.empty()
+          ? o.cache_dir
+          : (fs::path(o.modules_dir.empty() ? fs::temp_directory_path().string() : o.modules_dir) /
+             ".mdl-merged")
+                .string();
+  const std::string dir =
+      (fs::path(cache) / std::to_string(fnv1a(key.to_string() + "|" + o.model_dir))).string();
   if (!fs::exists(fs::path(dir) / "module.json") && !fs::exists(fs::path(dir) / "adapter_config.json"))
     merge_modules(o.model_dir, inputs, m, dir);
   return dir;
@@ -295,11 +329,12 @@ std::vector<CompositionLeaf> plan_composition(const Composition& root, const Com
       case Composition::Kind::avg: {
         double total = 0;
         for (const auto& child : c.children) total += child.scale;
-        MDL_CHECK(c.kind == Composition::Kind::sum || (std::abs(total) > 1e-12 && std::isfinite(total)), "[compose] column ",
-                  c.column, ": avg weights sum to ", total);
+        MDL_CHECK(c.kind == Composition::Kind::sum || (std::abs(total) > 1e-12 && std::isfinite(total)),
+                  "[compose] column ", c.column, ": avg weights sum to ", total);
         for (const auto& child : c.children) {
-          MDL_CHECK(is_leaf(child), "[compose] column ", child.column, ": ", c.kind == Composition::Kind::avg ? "avg" : "a sum",
-                    " takes modules or merges, not '", child.to_string(), "'");
+          MDL_CHECK(is_leaf(child), "[compose] column ", child.column, ": ",
+                    c.kind == Composition::Kind::avg ? "avg" : "a sum", " takes modules or merges, not '",
+                    child.to_string(), "'");
           const double w = c.kind == Composition::Kind::avg ? child.scale / total : child.scale;
           Composition unit = child;
           unit.scale = 1.0;
@@ -314,8 +349,8 @@ std::vector<CompositionLeaf> plan_composition(const Composition& root, const Com
         f.scale = scale * c.scale;
         f.column = c.column;
         for (const auto& child : c.children) {
-          MDL_CHECK(is_leaf(child), "[compose] column ", child.column, ": fuse takes modules or merges, not '",
-                    child.to_string(), "'");
+          MDL_CHECK(is_leaf(child), "[compose] column ", child.column,
+                    ": fuse takes modules or merges, not '", child.to_string(), "'");
           Composition unit = child;
           unit.scale = 1.0;
           f.members.push_back(leaf(unit, 1.0, ""));
@@ -328,8 +363,8 @@ std::vector<CompositionLeaf> plan_composition(const Composition& root, const Com
   };
   walk(root, 1.0);
   for (const auto& l : out)
-    MDL_CHECK(std::isfinite(l.scale), "[compose] column ", l.column, ": '", l.name, "' gets a scale of ", l.scale,
-              "; scales must be finite");
+    MDL_CHECK(std::isfinite(l.scale), "[compose] column ", l.column, ": '", l.name, "' gets a scale of ",
+              l.scale, "; scales must be finite");
   return out;
 }
 
@@ -349,7 +384,8 @@ std::vector<std::string> compose(ModuleSet& set, const Composition& c, const Com
       if (l.scale != 1.0) set.set_scale(name, l.scale);
       const std::string& type = set.config(name).type;
       MDL_CHECK(l.within.empty() || module_type(type).additive, "[compose] column ", l.column, ": ", l.within,
-                " combines additive modules (LoRA, sparse, BitFit...); '", name, "' is a ", type, " module, which "
+                " combines additive modules (LoRA, sparse, BitFit...); '", name, "' is a ", type,
+                " module, which "
                 "composes by function: use stack(...)");
       used.push_back(name);
       continue;
@@ -362,9 +398,11 @@ std::vector<std::string> compose(ModuleSet& set, const Composition& c, const Com
       const std::string name = load(m);
       used.push_back(name);
       const std::string& type = set.config(name).type;
-      MDL_CHECK(type != "prompt" && type != "prefix", "[compose] column ", m.column, ": cannot fuse '", name, "', a ",
-                type, " module: it prepends positions and has no output for fusion to attend over; list prompt modules "
-                "to concatenate them instead");
+      MDL_CHECK(
+          type != "prompt" && type != "prefix", "[compose] column ", m.column, ": cannot fuse '", name,
+          "', a ", type,
+          " module: it prepends positions and has no output for fusion to attend over; list prompt modules "
+          "to concatenate them instead");
       fusion.fusion.members.push_back(name);
     }
     std::string name = l.name;

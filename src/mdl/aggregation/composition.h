@@ -3,18 +3,20 @@
 //
 //   list   := expr (',' expr)*                             (applied in order, as stack: "a,b:0.5")
 //   expr   := term ('+' term)*
-//   term   := NAME [':' NUMBER]  |  FUNC '(' expr (',' expr)* [';' KEY '=' NUMBER (',' KEY '=' NUMBER)*] ')' [':' NUMBER]
-//   FUNC   := stack | avg | sum | fuse | linear | task_arithmetic | ties | dare_linear | dare_ties |
+//   term   := NAME [':' NUMBER]  |  FUNC '(' expr (',' expr)* [';' KEY '=' NUMBER (',' KEY '=' NUMBER)*] ')'
+//   [':' NUMBER] FUNC   := stack | avg | sum | fuse | linear | task_arithmetic | ties | dare_linear |
+//   dare_ties |
 //             magnitude_prune | slerp | cat | svd
-//   NAME   := letters (any script), digits, _ - . / ~  |  "any name"  |  'any name'   (quoted: spaces, commas)
-//   NUMBER := a finite decimal number; functions nest at most 32 levels deep
+//   NAME   := letters (any script), digits, _ - . / ~  |  "any name"  |  'any name'   (quoted: spaces,
+//   commas) NUMBER := a finite decimal number; functions nest at most 32 levels deep
 //
 //   stack(lang/de, task/nli)     task adapter applied to the language adapter's output (MAD-X)
 //   avg(a:0.7, b:0.3)            output average, weights normalised to sum to one
 //   a:0.5 + b:0.5                weighted sum of the modules' contributions
 //   ties(a, b, c; density=0.5)   a merged module (computed once, cached by its expression), then used
 //   fuse(a, b, c)                a new attention fusion (AdapterFusion) over the modules' outputs, to train;
-//                                a trained one loads as a module listed after its members: a, b, c, fusion_dir
+//                                a trained one loads as a module listed after its members: a, b, c,
+//                                fusion_dir
 //
 // Names are module directories: relative to the modules directory when one is given, else paths.
 // Parse errors give the column; semantic errors (unknown modules, avg over adapters, fuse over prompts)
@@ -37,7 +39,7 @@ struct Composition {
   double scale = 1.0;  ///< ":NUMBER"
   std::vector<Composition> children;
   std::map<std::string, double> params;  ///< merge parameters (density, rank, t, lambda, seed)
-  int column = 1;      ///< where it starts in the text (1-based)
+  int column = 1;                        ///< where it starts in the text (1-based)
 
   /// Canonical text (also the cache key of a merge).
   std::string to_string() const;
@@ -66,10 +68,12 @@ std::string module_dir(const Composition& c, const ComposeOptions& options);
 struct CompositionLeaf {
   enum class Kind { module, merge, fuse };
   Kind kind = Kind::module;
-  std::string name;      ///< module: as written; merge: "merged-<hash of its canonical text>"; fuse: canonical text
-  std::string dir;       ///< merge: the merged module's directory (computed on first use); else empty
-  double scale = 1.0;    ///< every enclosing scale multiplied in; avg weights normalised
-  std::string within;    ///< "avg" or "a sum" when inside one: the module must be additive (checked once loaded)
+  std::string
+      name;  ///< module: as written; merge: "merged-<hash of its canonical text>"; fuse: canonical text
+  std::string dir;     ///< merge: the merged module's directory (computed on first use); else empty
+  double scale = 1.0;  ///< every enclosing scale multiplied in; avg weights normalised
+  std::string
+      within;  ///< "avg" or "a sum" when inside one: the module must be additive (checked once loaded)
   int column = 1;
   std::vector<CompositionLeaf> members;  ///< fuse: the fused modules (modules or merges, scale 1)
 };

@@ -19,12 +19,15 @@
 namespace mdl {
 namespace fs = std::filesystem;
 
-bool is_module_dir(const std::string& dir) { return !module_format(dir).empty(); }
+bool is_module_dir(const std::string& dir) {
+  return !module_format(dir).empty();
+}
 
-MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base, const MergeOptions& o,
-                              const std::string& out) {
+MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
+                              const MergeOptions& o, const std::string& out) {
   validate(o, inputs.size());
-  MDL_CHECK(o.method != "cat" && o.method != "svd", "[merge] '", o.method, "' merges LoRA modules; for checkpoints use ",
+  MDL_CHECK(o.method != "cat" && o.method != "svd", "[merge] '", o.method,
+            "' merges LoRA modules; for checkpoints use ",
             "linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune or slerp");
   torch::NoGradGuard no_grad;
   std::vector<std::unique_ptr<io::CheckpointReader>> readers;
@@ -36,23 +39,25 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
   for (const auto& name : names) {
     const auto shape = readers[0]->shape(name);
     for (size_t i = 1; i < readers.size(); ++i) {
-      MDL_CHECK(readers[i]->contains(name), "[merge] '", inputs[i], "' has no tensor '", name, "' (", inputs[0],
-                " has); are they fine-tunes of the same base model?");
-      MDL_CHECK(readers[i]->shape(name) == shape, "[merge] tensor '", name, "' is ", shape_str(readers[i]->shape(name)),
-                " in '", inputs[i], "' but ", shape_str(shape), " in '", inputs[0], "'");
+      MDL_CHECK(readers[i]->contains(name), "[merge] '", inputs[i], "' has no tensor '", name, "' (",
+                inputs[0], " has); are they fine-tunes of the same base model?");
+      MDL_CHECK(readers[i]->shape(name) == shape, "[merge] tensor '", name, "' is ",
+                shape_str(readers[i]->shape(name)), " in '", inputs[i], "' but ", shape_str(shape), " in '",
+                inputs[0], "'");
     }
-    MDL_CHECK(!base_reader || base_reader->contains(name), "[merge] the base '", base, "' has no tensor '", name, "'");
+    MDL_CHECK(!base_reader || base_reader->contains(name), "[merge] the base '", base, "' has no tensor '",
+              name, "'");
     entries.push_back({name, readers[0]->dtype(name), shape, 0, 0});
   }
   for (size_t i = 1; i < readers.size(); ++i)
-    MDL_CHECK(readers[i]->names().size() == names.size(), "[merge] '", inputs[i], "' has ", readers[i]->names().size(),
-              " tensors, '", inputs[0], "' has ", names.size());
+    MDL_CHECK(readers[i]->names().size() == names.size(), "[merge] '", inputs[i], "' has ",
+              readers[i]->names().size(), " tensors, '", inputs[0], "' has ", names.size());
   io::AtomicDirectory staged(out);  // the merged checkpoint whole, or the old one as it was
   MergeReport report;
   report.format = "checkpoint";
   io::SafetensorsWriter writer((fs::path(staged.path()) / "model.safetensors").string(), entries,
                                {{"format", "pt"}, {"merged_by", "mdl merge " + o.method}});
-  for (const auto& name : names) {  // one tensor at a time: bounded memory
+  for (const auto& name : names) {   // one tensor at a time: bounded memory
     std::vector<at::Tensor> values;  // zero-copy views of the mappings, released after use
     for (const auto& r : readers) values.push_back(r->tensor(name));
     at::Tensor b = base_reader ? base_reader->tensor(name) : at::Tensor();
@@ -71,17 +76,19 @@ MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std:
   return report;
 }
 
-MergeReport merge_modules(const std::string& model_dir, const std::vector<std::string>& inputs, const MergeOptions& o,
-                          const std::string& out) {
+MergeReport merge_modules(const std::string& model_dir, const std::vector<std::string>& inputs,
+                          const MergeOptions& o, const std::string& out) {
   validate(o, inputs.size());
   torch::NoGradGuard no_grad;
   ModuleSet set(load_model(model_dir));
   std::vector<std::string> names;
-  for (size_t i = 0; i < inputs.size(); ++i) names.push_back(set.load(inputs[i], "input" + std::to_string(i)));
+  for (size_t i = 0; i < inputs.size(); ++i)
+    names.push_back(set.load(inputs[i], "input" + std::to_string(i)));
   const ModuleConfig& first = set.config(names[0]);
   for (size_t i = 1; i < names.size(); ++i)
-    MDL_CHECK(set.config(names[i]).type == first.type, "[merge] '", inputs[i], "' is a ", set.config(names[i]).type,
-              " module but '", inputs[0], "' is a ", first.type, "; merge modules of one type");
+    MDL_CHECK(set.config(names[i]).type == first.type, "[merge] '", inputs[i], "' is a ",
+              set.config(names[i]).type, " module but '", inputs[0], "' is a ", first.type,
+              "; merge modules of one type");
   MergeReport report;
   report.format = module_format(inputs[0]);
   auto weight = [&](size_t i) { return o.weights.empty() ? 1.0 : o.weights[i]; };
@@ -102,10 +109,12 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
     }
     std::vector<std::string> sites;
     for (const auto& site_ptr : set.model()->sites())
-      if (std::any_of(parts.begin(), parts.end(), [&](const auto& p) { return p.count(site_ptr->name()) > 0; }))
+      if (std::any_of(parts.begin(), parts.end(),
+                      [&](const auto& p) { return p.count(site_ptr->name()) > 0; }))
         sites.push_back(site_ptr->name());
     config.type = "lora";
-    MDL_CHECK(!dora || o.method != "cat", "[merge] cat is exact only for plain LoRA: DoRA's magnitude rescales the "
+    MDL_CHECK(!dora || o.method != "cat",
+              "[merge] cat is exact only for plain LoRA: DoRA's magnitude rescales the "
               "whole delta; use svd or another method for DoRA inputs");
     std::map<std::string, int64_t> site_rank;
     for (const auto& site : sites) {
@@ -124,14 +133,16 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
         factors.push_back({lora->A, lora->B, lora->scaling});
         w.push_back(weight(i));
         deltas.push_back(lora->delta_weight().to(at::kFloat));
-        if (lora->magnitude.defined()) magnitudes.push_back(lora->magnitude.to(at::kFloat)), magnitude_weights.push_back(weight(i));
+        if (lora->magnitude.defined())
+          magnitudes.push_back(lora->magnitude.to(at::kFloat)), magnitude_weights.push_back(weight(i));
       }
       LoraFactors merged;
       if (o.method == "cat") {
         merged = lora_cat(factors, w);
       } else {
         MergeOptions on_deltas = o;
-        if (o.method == "svd") on_deltas.method = "linear", on_deltas.normalize = false;  // the weighted sum, factorised
+        if (o.method == "svd")
+          on_deltas.method = "linear", on_deltas.normalize = false;  // the weighted sum, factorised
         at::Tensor delta = merge_tensors(deltas, at::Tensor(), on_deltas, site);
         SvdFactors f = lora_svd(delta, o.rank > 0 ? o.rank : max_rank);
         merged = f.factors;
@@ -147,12 +158,14 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
         MDL_CHECK(!magnitudes.empty(), "[merge] internal: DoRA site without magnitude");
         at::Tensor m = at::zeros_like(magnitudes[0]);
         double sum = 0;
-        for (size_t i = 0; i < magnitudes.size(); ++i) m += magnitude_weights[i] * magnitudes[i], sum += magnitude_weights[i];
+        for (size_t i = 0; i < magnitudes.size(); ++i)
+          m += magnitude_weights[i] * magnitudes[i], sum += magnitude_weights[i];
         tensors[site + ".lora_magnitude_vector"] = m / sum;
       }
     }
     config.lora.r = report.rank;
-    config.lora.alpha = static_cast<double>(report.rank);  // scaling 1: every weight and scaling is in B already
+    config.lora.alpha =
+        static_cast<double>(report.rank);  // scaling 1: every weight and scaling is in B already
     config.lora.use_dora = dora;
     for (const auto& [site, r] : site_rank)
       if (r != report.rank) {
@@ -161,11 +174,11 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
       }
     config.targets.target_regex = exact_sites_regex(sites);
   } else {
-    MDL_CHECK(o.method != "cat" && o.method != "svd", "[merge] '", o.method, "' merges LoRA factors; '", inputs[0],
-              "' is a ", first.type, " module");
+    MDL_CHECK(o.method != "cat" && o.method != "svd", "[merge] '", o.method, "' merges LoRA factors; '",
+              inputs[0], "' is a ", first.type, " module");
     for (size_t i = 1; i < names.size(); ++i)
-      MDL_CHECK(set.sites(names[i]) == set.sites(names[0]), "[merge] '", inputs[i], "' covers other sites than '",
-                inputs[0], "'; parameter-wise merging needs the same sites");
+      MDL_CHECK(set.sites(names[i]) == set.sites(names[0]), "[merge] '", inputs[i],
+                "' covers other sites than '", inputs[0], "'; parameter-wise merging needs the same sites");
     config = first;
     config.targets = TargetOptions();
     config.targets.target_regex = exact_sites_regex(set.sites(names[0]));
@@ -179,9 +192,12 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
   for (const auto& n : names) set.remove(n);
   set.add("merged", config);
   set.load_tensors("merged", tensors, "the merge of " + std::to_string(inputs.size()) + " modules");
-  if (report.format == "native") set.save("merged", out);
-  else if (report.format == "peft") write_peft(set, "merged", out);
-  else write_adapterhub(set, "merged", out);
+  if (report.format == "native")
+    set.save("merged", out);
+  else if (report.format == "peft")
+    write_peft(set, "merged", out);
+  else
+    write_adapterhub(set, "merged", out);
   report.tensors = static_cast<int64_t>(tensors.size());
   for (const auto& [k, t] : tensors) report.output_bytes += t.numel() * t.element_size();
   return report;

@@ -18,22 +18,22 @@ namespace mdl {
 
 /// What a merge did.
 struct MergeReport {
-  int64_t tensors = 0;            ///< tensors written
+  int64_t tensors = 0;  ///< tensors written
   int64_t output_bytes = 0;
-  int64_t rank = 0;               ///< LoRA output rank (largest site rank)
+  int64_t rank = 0;                 ///< LoRA output rank (largest site rank)
   double max_discarded_energy = 0;  ///< svd: the largest per-site fraction of sigma^2 dropped
   double max_svd_error = 0;         ///< svd: the largest per-site ||delta - BA||_F
-  std::string format;             ///< checkpoint | native | peft | adapterhub
+  std::string format;               ///< checkpoint | native | peft | adapterhub
 };
 
 /// Merges Hugging Face checkpoint directories into `out` (config and tokenizer files of the first input);
 /// `base` (optional) is the checkpoint the task vectors are taken against.
-MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base, const MergeOptions& options,
-                              const std::string& out);
+MergeReport merge_checkpoints(const std::vector<std::string>& inputs, const std::string& base,
+                              const MergeOptions& options, const std::string& out);
 
 /// Merges module directories (native, PEFT or AdapterHub) made for the checkpoint `model` into `out`.
-MergeReport merge_modules(const std::string& model, const std::vector<std::string>& inputs, const MergeOptions& options,
-                          const std::string& out);
+MergeReport merge_modules(const std::string& model, const std::vector<std::string>& inputs,
+                          const MergeOptions& options, const std::string& out);
 
 /// True if `dir` holds a module (module.json or adapter_config.json), false for a checkpoint.
 bool is_module_dir(const std::string& dir);

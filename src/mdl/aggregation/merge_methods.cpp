@@ -15,16 +15,25 @@
 namespace mdl {
 
 void to_json(nlohmann::json& j, const MergeOptions& o) {
-  j = {{"method", o.method}, {"weights", o.weights}, {"density", o.density}, {"lambda", o.lambda},
-       {"normalize", o.normalize}, {"t", o.t}, {"rank", o.rank},
-       {"convention", o.convention == MergeConvention::peft ? "peft" : "mergekit"}, {"seed", o.seed}};
+  j = {{"method", o.method},
+       {"weights", o.weights},
+       {"density", o.density},
+       {"lambda", o.lambda},
+       {"normalize", o.normalize},
+       {"t", o.t},
+       {"rank", o.rank},
+       {"convention", o.convention == MergeConvention::peft ? "peft" : "mergekit"},
+       {"seed", o.seed}};
 }
 
 void validate(const MergeOptions& o, size_t n) {
-  static const std::vector<std::string> methods = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                                                   "magnitude_prune", "slerp", "cat", "svd"};
-  MDL_CHECK(std::find(methods.begin(), methods.end(), o.method) != methods.end(), "[merge] unknown method '", o.method,
-            "'; expected linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, slerp, cat or svd");
+  static const std::vector<std::string> methods = {"linear",    "task_arithmetic", "ties",  "dare_linear",
+                                                   "dare_ties", "magnitude_prune", "slerp", "cat",
+                                                   "svd"};
+  MDL_CHECK(std::find(methods.begin(), methods.end(), o.method) != methods.end(), "[merge] unknown method '",
+            o.method,
+            "'; expected linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune, slerp, cat "
+            "or svd");
   MDL_CHECK(n >= 1, "[merge] no inputs");
   MDL_CHECK(o.weights.empty() || o.weights.size() == n, "[merge] ", o.weights.size(), " weights for ", n,
             " inputs; give one weight per input");
@@ -35,7 +44,8 @@ void validate(const MergeOptions& o, size_t n) {
   if (o.method == "linear" && o.normalize && !o.weights.empty()) {
     double sum = 0;
     for (double w : o.weights) sum += w;
-    MDL_CHECK(std::abs(sum) > 1e-12, "[merge] linear averaging divides by the sum of the weights, which is 0; use "
+    MDL_CHECK(std::abs(sum) > 1e-12,
+              "[merge] linear averaging divides by the sum of the weights, which is 0; use "
               "task_arithmetic for weights that cancel");
   }
 }
@@ -84,7 +94,9 @@ at::Tensor slerp(const at::Tensor& a, const at::Tensor& b, double t) {
 
 namespace {
 
-double weight(const MergeOptions& o, size_t i) { return o.weights.empty() ? 1.0 : o.weights[i]; }
+double weight(const MergeOptions& o, size_t i) {
+  return o.weights.empty() ? 1.0 : o.weights[i];
+}
 
 // TIES' sign election and disjoint mean over (already trimmed or dropped) task vectors.
 at::Tensor disjoint_merge(const std::vector<at::Tensor>& taus, const MergeOptions& o) {
@@ -98,7 +110,8 @@ at::Tensor disjoint_merge(const std::vector<at::Tensor>& taus, const MergeOption
     divisor += (o.convention == MergeConvention::peft ? 1.0 : weight(o, i)) * agree;
   }
   // Entries where nobody agrees stay zero.
-  return at::where(divisor != 0, numerator / at::where(divisor != 0, divisor, at::ones_like(divisor)), at::zeros_like(numerator));
+  return at::where(divisor != 0, numerator / at::where(divisor != 0, divisor, at::ones_like(divisor)),
+                   at::zeros_like(numerator));
 }
 
 }  // namespace
@@ -128,7 +141,8 @@ at::Tensor merge_block(const std::vector<at::Tensor>& x, const at::Tensor& b, co
     }
   } else if (o.method == "ties" || o.method == "dare_ties") {
     for (size_t i = 0; i < taus.size(); ++i)
-      taus[i] = o.method == "ties" ? trim_below(taus[i], thresholds[i]) : dare(taus[i], o.density, o.convention, seed + i);
+      taus[i] = o.method == "ties" ? trim_below(taus[i], thresholds[i])
+                                   : dare(taus[i], o.density, o.convention, seed + i);
     merged = disjoint_merge(taus, o);
   } else {
     MDL_FAIL("[merge] method '", o.method, "' works on LoRA modules (factors), not on single tensors");
@@ -151,10 +165,12 @@ double blocked_threshold(const at::Tensor& input, const at::Tensor& base, double
     return (base.defined() ? t - base.narrow(0, r, m).to(at::kFloat) : t).abs();
   };
   float max_abs = 0;
-  for (int64_t r = 0; r < rows; r += step) max_abs = std::max(max_abs, block(r, std::min(step, rows - r)).max().item<float>());
+  for (int64_t r = 0; r < rows; r += step)
+    max_abs = std::max(max_abs, block(r, std::min(step, rows - r)).max().item<float>());
   auto count_at_least = [&](float t) {
     int64_t c = 0;
-    for (int64_t r = 0; r < rows; r += step) c += (block(r, std::min(step, rows - r)) >= t).sum().item<int64_t>();
+    for (int64_t r = 0; r < rows; r += step)
+      c += (block(r, std::min(step, rows - r)) >= t).sum().item<int64_t>();
     return c;
   };
   uint32_t lo = 0, hi = 0;  // invariant: count(>= bits lo) >= keep
@@ -192,9 +208,11 @@ void merge_tensors_into(const std::vector<at::Tensor>& inputs, const at::Tensor&
   const int64_t step = small ? 1 : std::max<int64_t>(1, kBlockElements / (inputs[0].numel() / rows));
   if (o.method == "ties" || o.method == "magnitude_prune")
     for (size_t i = 0; i < inputs.size(); ++i)
-      thresholds[i] = small ? magnitude_threshold(base.defined() ? inputs[i].to(at::kFloat) - base.to(at::kFloat)
-                                                                 : inputs[i].to(at::kFloat), o.density)
-                            : blocked_threshold(inputs[i], base, o.density, step);
+      thresholds[i] =
+          small ? magnitude_threshold(base.defined() ? inputs[i].to(at::kFloat) - base.to(at::kFloat)
+                                                     : inputs[i].to(at::kFloat),
+                                      o.density)
+                : blocked_threshold(inputs[i], base, o.density, step);
   const uint64_t seed = fnv1a(name, kFnvOffset ^ o.seed);  // stable across builds and stream orders
   for (int64_t r = 0, block = 0; r < rows; r += step, ++block) {
     const int64_t n = std::min(step, rows - r);
@@ -231,7 +249,7 @@ SvdFactors lora_svd(const at::Tensor& delta, int64_t rank) {
   auto [U, S, Vh] = at::linalg_svd(delta.to(at::kDouble), /*full_matrices=*/false);
   SvdFactors out;
   out.factors.B = (U.narrow(1, 0, r) * S.narrow(0, 0, r)).to(at::kFloat);  // (out, r)
-  out.factors.A = Vh.narrow(0, 0, r).to(at::kFloat);                     // (r, in)
+  out.factors.A = Vh.narrow(0, 0, r).to(at::kFloat);                       // (r, in)
   out.factors.scaling = 1.0;
   const double total = S.pow(2).sum().item<double>();
   const double discarded = total - S.narrow(0, 0, r).pow(2).sum().item<double>();

@@ -17,9 +17,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <nlohmann/json_fwd.hpp>
 
 #include <functional>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -27,7 +27,8 @@ namespace mdl {
 
 /// Where PEFT and mergekit disagree.
 enum class MergeConvention {
-  mergekit,  ///< TIES: sign of the weighted sum, divide by the sum of agreeing weights; DARE: keep the L1 norm
+  mergekit,  ///< TIES: sign of the weighted sum, divide by the sum of agreeing weights; DARE: keep the L1
+             ///< norm
   peft,      ///< TIES: sign of the unweighted sum, divide by the count of agreeing entries; DARE: 1 / density
 };
 
@@ -41,7 +42,7 @@ struct MergeOptions {
   double t = 0.5;                 ///< slerp: 0 = first input, 1 = second
   int64_t rank = 0;               ///< svd: target rank (0: the largest input rank)
   MergeConvention convention = MergeConvention::mergekit;
-  uint64_t seed = 0;              ///< dare: with the tensor's name, fixes the drop mask
+  uint64_t seed = 0;  ///< dare: with the tensor's name, fixes the drop mask
 };
 void to_json(nlohmann::json& j, const MergeOptions& o);
 /// Checks the method and ranges, naming the field.
@@ -51,12 +52,13 @@ void validate(const MergeOptions& o, size_t inputs);
 /// DARE's mask (with options.seed), so a tensor's result does not depend on the order of the stream.
 /// Tensors above 1M entries are merged in blocks of rows (trim thresholds still over the whole tensor;
 /// DARE masks, and mergekit's L1 rescaling, per block), so temporaries stay small.
-at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& options,
-                         const std::string& name);
+at::Tensor merge_tensors(const std::vector<at::Tensor>& inputs, const at::Tensor& base,
+                         const MergeOptions& options, const std::string& name);
 /// As merge_tensors, handing the result to `sink` in blocks of whole rows, in order (one block for small
 /// tensors), so a caller can write it out without holding the whole result.
-void merge_tensors_into(const std::vector<at::Tensor>& inputs, const at::Tensor& base, const MergeOptions& options,
-                        const std::string& name, const std::function<void(const at::Tensor&)>& sink);
+void merge_tensors_into(const std::vector<at::Tensor>& inputs, const at::Tensor& base,
+                        const MergeOptions& options, const std::string& name,
+                        const std::function<void(const at::Tensor&)>& sink);
 
 /// `tau` with all but its top-`density` fraction of entries (by magnitude) set to zero (entries tied
 /// with the threshold magnitude are all kept).

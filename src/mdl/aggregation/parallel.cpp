@@ -11,7 +11,9 @@ std::vector<at::Tensor> parallel_forward(ModelImpl& model, const ModelInput& in,
   MDL_CHECK(!branches.empty(), "[parallel] no branches");
   MDL_CHECK(in.cache == nullptr, "[parallel] runs without a KV cache: each branch would need its own");
   const int64_t N = static_cast<int64_t>(branches.size()), B = in.input_ids.size(0);
-  auto repeat = [N](const at::Tensor& t) { return t.defined() ? at::cat(std::vector<at::Tensor>(N, t), 0) : t; };
+  auto repeat = [N](const at::Tensor& t) {
+    return t.defined() ? at::cat(std::vector<at::Tensor>(N, t), 0) : t;
+  };
   ModelInput rep = in;
   rep.input_ids = repeat(in.input_ids);
   rep.attention_mask = repeat(in.attention_mask);

@@ -13,7 +13,8 @@
 namespace mdl {
 
 /// The model's output for `in` under each branch's modules (branch k: its list of module choices; an
-/// empty list is the base model). `in.routing` may carry task ids; its module lists are replaced. No KV cache.
+/// empty list is the base model). `in.routing` may carry task ids; its module lists are replaced. No KV
+/// cache.
 std::vector<at::Tensor> parallel_forward(ModelImpl& model, const ModelInput& in,
                                          const std::vector<std::vector<ModuleChoice>>& branches);
 

@@ -4,8 +4,8 @@
 
 #include <ATen/ATen.h>
 
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 namespace {
@@ -19,7 +19,8 @@ class BertImpl : public ModelImpl {
     word_ = emb->register_module("word_embeddings", Embedding(c.vocab_size, C));
     position_ = emb->register_module("position_embeddings", Embedding(c.max_position, C));
     token_type_ = emb->register_module("token_type_embeddings", Embedding(c.type_vocab_size, C));
-    emb_norm_ = add_norm(*emb, "LayerNorm", "bert.embeddings.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, -1);
+    emb_norm_ = add_norm(*emb, "LayerNorm", "bert.embeddings.LayerNorm", NormImpl::Kind::layer_norm, C,
+                         c.norm_eps, -1);
     embed_site_ = add_site({"bert.embeddings.word_embeddings", SiteKind::embedding, C, C, -1});
     auto encoder = add_container(*body, "encoder");
     auto layer = add_container(*encoder, "layer");
@@ -34,13 +35,14 @@ class BertImpl : public ModelImpl {
       L.value = add_linear(*self, "value", p + ".attention.self.value", C, C, true, l);
       auto attn_out = add_container(*attention, "output");
       L.attn_dense = add_linear(*attn_out, "dense", p + ".attention.output.dense", C, C, true, l);
-      L.attn_norm = add_norm(*attn_out, "LayerNorm", p + ".attention.output.LayerNorm", NormImpl::Kind::layer_norm, C,
-                             c.norm_eps, l);
+      L.attn_norm = add_norm(*attn_out, "LayerNorm", p + ".attention.output.LayerNorm",
+                             NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       auto inter = add_container(*block, "intermediate");
       L.inter = add_linear(*inter, "dense", p + ".intermediate.dense", C, I, true, l);
       auto out = add_container(*block, "output");
       L.out_dense = add_linear(*out, "dense", p + ".output.dense", I, C, true, l);
-      L.out_norm = add_norm(*out, "LayerNorm", p + ".output.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
+      L.out_norm =
+          add_norm(*out, "LayerNorm", p + ".output.LayerNorm", NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       L.attn_site = add_site({p + ".attention", SiteKind::sublayer, C, C, l});
       L.kv_site = add_site({p + ".attention.kv", SiteKind::attention_kv, C, C, l});
       L.mlp_site = add_site({p + ".output", SiteKind::sublayer, C, C, l});
@@ -63,7 +65,8 @@ class BertImpl : public ModelImpl {
     MDL_CHECK(kv_prefix_positions() + T <= config_.max_position, "[bert] ", kv_prefix_positions() + T,
               " positions exceed max_position_embeddings ", config_.max_position);
     at::Tensor pos = positions(in, B, 0, T);
-    at::Tensor types = in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, ids.size(1)}, long_opts);
+    at::Tensor types =
+        in.token_type_ids.defined() ? in.token_type_ids : at::zeros({B, ids.size(1)}, long_opts);
     if (n_virtual > 0) types = at::cat({at::zeros({B, n_virtual}, long_opts), types}, 1);
     x = emb_norm_(x + position_(pos) + token_type_(types));
     at::Tensor bias;
@@ -91,7 +94,8 @@ class BertImpl : public ModelImpl {
 
  private:
   struct Layer {
-    SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
+    SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr},
+        out_dense{nullptr};
     Norm attn_norm{nullptr}, out_norm{nullptr};
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
@@ -103,7 +107,9 @@ class BertImpl : public ModelImpl {
 
 }  // namespace
 
-Model create_bert(const ModelConfig& config) { return std::make_shared<BertImpl>(config); }
+Model create_bert(const ModelConfig& config) {
+  return std::make_shared<BertImpl>(config);
+}
 
 ArchTargets bert_targets() {
   // output.dense is the MLP's output; the attention's own output.dense is left alone.

@@ -1,6 +1,7 @@
 #include "mdl/backbones/expert_router.h"
 
 #include <ATen/ATen.h>
+
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
@@ -18,13 +19,14 @@ RouterOptions config_router(const ModelConfig& c) {
 
 namespace {
 void check_token_level(const std::string& architecture, const RouterOptions& options) {
-  MDL_CHECK(options.level != "task", "[model] ", architecture, "'s expert gates score tokens; task-level "
+  MDL_CHECK(options.level != "task", "[model] ", architecture,
+            "'s expert gates score tokens; task-level "
             "routing needs per-task logits (use a poly_lora or lora_moe module)");
 }
 }  // namespace
 
-ExpertMlp::ExpertMlp(const ModelConfig& config, const RouterOptions& options, std::string site, std::string shared_key,
-                     GateFn gate, int64_t experts, ExpertFn expert)
+ExpertMlp::ExpertMlp(const ModelConfig& config, const RouterOptions& options, std::string site,
+                     std::string shared_key, GateFn gate, int64_t experts, ExpertFn expert)
     : architecture_(config.architecture) {
   check_token_level(architecture_, options);
   router_ = std::make_shared<LearnedRouter>(std::move(site), std::move(shared_key), options, std::move(gate));
@@ -38,7 +40,7 @@ ExpertMlp::ExpertMlp(const ModelConfig& config, const RouterOptions& options, st
 
 at::Tensor ExpertMlp::forward(const at::Tensor& m, bool training) {
   const Routing r = router_->route(m, experts_.count, training);  // route
-  return sum_.combine(m, at::Tensor(), r, experts_);               // compute and aggregate
+  return sum_.combine(m, at::Tensor(), r, experts_);              // compute and aggregate
 }
 
 void ExpertMlp::set_router(const RouterOptions& options) {

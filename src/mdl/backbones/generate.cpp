@@ -20,7 +20,9 @@ void validate(const GenerateOptions& o) {
   MDL_CHECK(o.top_p > 0 && o.top_p <= 1, "[generate] top_p must be in (0, 1], got ", o.top_p);
 }
 
-Sampler::Sampler(const GenerateOptions& options) : options_(options), rng_(options.seed) { validate(options); }
+Sampler::Sampler(const GenerateOptions& options) : options_(options), rng_(options.seed) {
+  validate(options);
+}
 
 int64_t Sampler::sample(const at::Tensor& logits) {
   at::Tensor l = logits.detach().to(at::kCPU, at::kDouble).contiguous();  // (V)
@@ -37,7 +39,8 @@ int64_t Sampler::sample(const at::Tensor& logits) {
   const double max_logit = data[order[0]];
   std::vector<double> probs(keep);
   double total = 0;
-  for (int64_t i = 0; i < keep; ++i) total += probs[i] = std::exp((data[order[i]] - max_logit) / options_.temperature);
+  for (int64_t i = 0; i < keep; ++i)
+    total += probs[i] = std::exp((data[order[i]] - max_logit) / options_.temperature);
   if (options_.top_p < 1.0) {
     double cumulative = 0;
     int64_t n = 0;
@@ -66,7 +69,7 @@ GenerateResult generate(ModelImpl& model, const std::vector<int64_t>& prompt, co
   MDL_CHECK(static_cast<int64_t>(prompt.size()) < config.max_position, "[generate] prompt of ", prompt.size(),
             " tokens does not fit the context of ", config.max_position, " positions");
   Sampler sampler(options);
-  const std::vector<int64_t> stops = options.ignore_eos ? std::vector<int64_t>{}
+  const std::vector<int64_t> stops = options.ignore_eos               ? std::vector<int64_t>{}
                                      : options.stop_token_ids.empty() ? config.eos_token_ids
                                                                       : options.stop_token_ids;
   torch::NoGradGuard no_grad;

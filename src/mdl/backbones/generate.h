@@ -15,20 +15,22 @@ namespace mdl {
 
 /// Sampling settings of one generation.
 struct GenerateOptions {
-  int64_t max_tokens = 32;            ///< new tokens at most
-  double temperature = 0.0;           ///< 0 = greedy (argmax)
-  int64_t top_k = 0;                  ///< keep the k most likely tokens; 0 = all
-  double top_p = 1.0;                 ///< keep the smallest set whose probability reaches p; 1 = all
-  uint64_t seed = 0;                  ///< sampling seed: same seed, same tokens
-  std::vector<int64_t> stop_token_ids;  ///< generation ends after emitting one of these (default: the config's EOS)
-  bool ignore_eos = false;            ///< no stop token at all: only max_tokens or the context end it (vLLM's ignore_eos)
-  bool use_cache = true;              ///< false recomputes the whole sequence each step (reference path)
+  int64_t max_tokens = 32;   ///< new tokens at most
+  double temperature = 0.0;  ///< 0 = greedy (argmax)
+  int64_t top_k = 0;         ///< keep the k most likely tokens; 0 = all
+  double top_p = 1.0;        ///< keep the smallest set whose probability reaches p; 1 = all
+  uint64_t seed = 0;         ///< sampling seed: same seed, same tokens
+  std::vector<int64_t>
+      stop_token_ids;  ///< generation ends after emitting one of these (default: the config's EOS)
+  bool ignore_eos =
+      false;              ///< no stop token at all: only max_tokens or the context end it (vLLM's ignore_eos)
+  bool use_cache = true;  ///< false recomputes the whole sequence each step (reference path)
 };
 
 /// What a generation produced.
 struct GenerateResult {
-  std::vector<int64_t> tokens;        ///< new tokens (a stop token included)
-  std::string finish_reason;          ///< "stop", "length" (max tokens or context) or "callback"
+  std::vector<int64_t> tokens;  ///< new tokens (a stop token included)
+  std::string finish_reason;    ///< "stop", "length" (max tokens or context) or "callback"
   double prefill_seconds = 0;
   double decode_seconds = 0;
 };

@@ -4,8 +4,8 @@
 
 #include <ATen/ATen.h>
 
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 namespace {
@@ -53,8 +53,8 @@ class Gpt2Impl : public ModelImpl {
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, wte_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
     const int64_t last = kv_prefix_positions() + past + T;
-    MDL_CHECK(last <= config_.max_position, "[gpt2] ", last, " positions exceed n_positions ", config_.max_position,
-              "; shorten the prompt or max tokens");
+    MDL_CHECK(last <= config_.max_position, "[gpt2] ", last, " positions exceed n_positions ",
+              config_.max_position, "; shorten the prompt or max tokens");
     x = x + wpe_(positions(in, B, past, T));
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1)
@@ -99,7 +99,9 @@ class Gpt2Impl : public ModelImpl {
 
 }  // namespace
 
-Model create_gpt2(const ModelConfig& config) { return std::make_shared<Gpt2Impl>(config); }
+Model create_gpt2(const ModelConfig& config) {
+  return std::make_shared<Gpt2Impl>(config);
+}
 
 ArchTargets gpt2_targets() {
   // c_attn is the fused q/k/v projection (Conv1D); mlp.c_proj the MLP's output.

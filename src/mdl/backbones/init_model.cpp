@@ -42,9 +42,10 @@ HeadKind parse_head(const std::string& name) {
            "'; expected causal_lm, sequence_classification, token_classification or none");
 }
 
-ModelConfig preset_config(const std::string& arch_name_in, const std::string& preset, int64_t vocab_size, HeadKind head,
-                          int64_t num_labels) {
-  MDL_CHECK(preset == "tiny" || preset == "small", "[init-model] unknown preset '", preset, "'; expected tiny or small");
+ModelConfig preset_config(const std::string& arch_name_in, const std::string& preset, int64_t vocab_size,
+                          HeadKind head, int64_t num_labels) {
+  MDL_CHECK(preset == "tiny" || preset == "small", "[init-model] unknown preset '", preset,
+            "'; expected tiny or small");
   const bool tiny = preset == "tiny";
   ModelConfig c;
   c.arch = parse_arch(arch_name_in);
@@ -104,10 +105,11 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   const HeadKind head = options.head.empty()
                             ? (arch == Arch::bert ? HeadKind::sequence_classification : HeadKind::causal_lm)
                             : parse_head(options.head);
-  MDL_CHECK(!(arch == Arch::bert && head == HeadKind::causal_lm),
-            "[init-model] BERT is an encoder; use --head sequence_classification, token_classification or none");
-  MDL_CHECK(options.preset == "tiny" || options.preset == "small", "[init-model] unknown preset '", options.preset,
-            "'; expected tiny or small");
+  MDL_CHECK(
+      !(arch == Arch::bert && head == HeadKind::causal_lm),
+      "[init-model] BERT is an encoder; use --head sequence_classification, token_classification or none");
+  MDL_CHECK(options.preset == "tiny" || options.preset == "small", "[init-model] unknown preset '",
+            options.preset, "'; expected tiny or small");
 
   // Tokenizer first: the model's vocabulary follows it.
   std::vector<std::string> texts;
@@ -127,7 +129,8 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   const std::string tokenizer_json = train_tokenizer(texts, trainer);
   Tokenizer tokenizer = Tokenizer::from_json(tokenizer_json, "trained tokenizer");
   const int64_t tok_vocab = tokenizer.vocab_size();
-  const int64_t model_vocab = std::max<int64_t>((tok_vocab + 63) / 64 * 64, options.preset == "small" ? 8192 : 0);
+  const int64_t model_vocab =
+      std::max<int64_t>((tok_vocab + 63) / 64 * 64, options.preset == "small" ? 8192 : 0);
 
   ModelConfig config = preset_config(options.arch, options.preset, model_vocab, head, options.num_labels);
   const SpecialTokens special = special_tokens_of(trainer.kind);
@@ -154,8 +157,9 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   if (!special.unk.empty()) tc["unk_token"] = special.unk;
   if (!special.pad.empty()) tc["pad_token"] = special.pad;
   if (arch == Arch::llama) tc["add_bos_token"] = true, tc["add_eos_token"] = false;
-  if (arch == Arch::bert) tc["do_lower_case"] = true, tc["cls_token"] = "[CLS]", tc["sep_token"] = "[SEP]",
-                          tc["mask_token"] = "[MASK]";
+  if (arch == Arch::bert)
+    tc["do_lower_case"] = true, tc["cls_token"] = "[CLS]", tc["sep_token"] = "[SEP]",
+    tc["mask_token"] = "[MASK]";
   io::write_text_atomic((fs::path(out.path()) / "tokenizer_config.json").string(), tc.dump(2) + "\n");
   out.commit();
   return {config, model->num_parameters(), tok_vocab};

@@ -12,20 +12,20 @@ namespace mdl {
 
 /// What to create.
 struct InitModelOptions {
-  std::string arch = "gpt2";               ///< gpt2 | llama | mistral | qwen2 | mixtral | bert
-  std::string preset = "tiny";             ///< tiny (milliseconds) | small (~10-30M parameters)
-  uint64_t seed = 0;                       ///< weight initialisation seed
-  std::string head;                        ///< causal_lm | sequence_classification | token_classification | none;
-                                           ///< empty: causal_lm for decoders, sequence_classification for BERT
-  int64_t num_labels = 2;                  ///< classification heads
-  std::vector<std::string> corpus_files;   ///< text to train the tokenizer on; empty: a built-in sample
-  int64_t vocab_size = 0;                  ///< tokenizer target size; 0: the preset's
-  int64_t max_shard_bytes = 0;             ///< > 0: write sharded safetensors with an index
+  std::string arch = "gpt2";    ///< gpt2 | llama | mistral | qwen2 | mixtral | bert
+  std::string preset = "tiny";  ///< tiny (milliseconds) | small (~10-30M parameters)
+  uint64_t seed = 0;            ///< weight initialisation seed
+  std::string head;             ///< causal_lm | sequence_classification | token_classification | none;
+                                ///< empty: causal_lm for decoders, sequence_classification for BERT
+  int64_t num_labels = 2;       ///< classification heads
+  std::vector<std::string> corpus_files;  ///< text to train the tokenizer on; empty: a built-in sample
+  int64_t vocab_size = 0;                 ///< tokenizer target size; 0: the preset's
+  int64_t max_shard_bytes = 0;            ///< > 0: write sharded safetensors with an index
 };
 
 /// The hyper-parameters of a preset for an architecture, with the given vocabulary size and head.
-ModelConfig preset_config(const std::string& arch, const std::string& preset, int64_t vocab_size, HeadKind head,
-                          int64_t num_labels);
+ModelConfig preset_config(const std::string& arch, const std::string& preset, int64_t vocab_size,
+                          HeadKind head, int64_t num_labels);
 
 /// Parses a head name (see InitModelOptions::head).
 HeadKind parse_head(const std::string& name);

@@ -2,9 +2,9 @@
 
 #include <ATen/ATen.h>
 
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
 #include "mdl/core/linear.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 
@@ -51,7 +51,9 @@ at::Tensor NormImpl::normalize(const at::Tensor& x) const {
   return at::layer_norm(x, {x.size(-1)}, {}, {}, eps);
 }
 
-EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) { weight = register_parameter("weight", at::zeros({num, dim})); }
+EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim) {
+  weight = register_parameter("weight", at::zeros({num, dim}));
+}
 
 at::Tensor EmbeddingImpl::forward(const at::Tensor& ids) {
   if (ids.numel() > 0) {

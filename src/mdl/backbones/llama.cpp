@@ -8,8 +8,8 @@
 #include <ATen/ATen.h>
 
 #include "mdl/backbones/expert_router.h"
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 namespace {
@@ -26,7 +26,8 @@ class LlamaImpl : public ModelImpl {
       const std::string p = "model.layers." + std::to_string(l);
       auto block = add_container(*layers, std::to_string(l));
       Layer L;
-      L.input_norm = add_norm(*block, "input_layernorm", p + ".input_layernorm", NormImpl::Kind::rms_norm, C, c.norm_eps, l);
+      L.input_norm = add_norm(*block, "input_layernorm", p + ".input_layernorm", NormImpl::Kind::rms_norm, C,
+                              c.norm_eps, l);
       auto attn = add_container(*block, "self_attn");
       L.q = add_linear(*attn, "q_proj", p + ".self_attn.q_proj", C, c.n_head * D, c.qkv_bias, l);
       L.k = add_linear(*attn, "k_proj", p + ".self_attn.k_proj", C, c.n_kv_head * D, c.qkv_bias, l);
@@ -53,7 +54,8 @@ class LlamaImpl : public ModelImpl {
       }
       L.attn_site = add_site({p + ".self_attn", SiteKind::sublayer, C, C, l});
       L.kv_site = add_site({p + ".self_attn.kv", SiteKind::attention_kv, C, c.n_kv_head * D, l});
-      L.mlp_site = add_site({p + (c.num_experts > 0 ? ".block_sparse_moe" : ".mlp"), SiteKind::sublayer, C, C, l});
+      L.mlp_site =
+          add_site({p + (c.num_experts > 0 ? ".block_sparse_moe" : ".mlp"), SiteKind::sublayer, C, C, l});
       L.out = add_site({p, SiteKind::hidden, C, C, l});
       if (c.num_experts > 0)
         L.moe = std::make_shared<ExpertMlp>(
@@ -73,7 +75,9 @@ class LlamaImpl : public ModelImpl {
     if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
     for (auto& L : layers_) L.moe->set_router(options);
   }
-  const Router* router() const override { return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy(); }
+  const Router* router() const override {
+    return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy();
+  }
 
   at::Tensor hidden_states(const ModelInput& input) override {
     const at::Tensor& ids = input.input_ids;  // (B, T)
@@ -84,7 +88,8 @@ class LlamaImpl : public ModelImpl {
     int64_t n_virtual = 0;
     at::Tensor x = embed_with_virtual_tokens(*embed_site_, ids, embed_(ids), in, n_virtual);  // (B, T, C)
     const int64_t T = x.size(1);
-    auto [cos, sin] = fn::rope_tables(positions(in, B, past, T).to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
+    auto [cos, sin] =
+        fn::rope_tables(positions(in, B, past, T).to(x.device()), D, config_.rope_theta);  // (B, 1, T, D)
     at::Tensor bias;
     if (in.attention_mask.defined() || T > 1 || config_.sliding_window > 0)
       bias = fn::attention_bias(in.attention_mask, B, T, past, true, config_.sliding_window, x.scalar_type(),
@@ -129,7 +134,7 @@ class LlamaImpl : public ModelImpl {
     SiteLinear q{nullptr}, k{nullptr}, v{nullptr}, o{nullptr}, gate{nullptr}, up{nullptr}, down{nullptr};
     SiteLinear router_gate{nullptr};  // Mixtral: (C -> E) router logits
     std::vector<Expert> experts;
-    std::shared_ptr<ExpertMlp> moe;   // Mixtral: the experts behind the router
+    std::shared_ptr<ExpertMlp> moe;  // Mixtral: the experts behind the router
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
 
@@ -141,7 +146,9 @@ class LlamaImpl : public ModelImpl {
 
 }  // namespace
 
-Model create_llama(const ModelConfig& config) { return std::make_shared<LlamaImpl>(config); }
+Model create_llama(const ModelConfig& config) {
+  return std::make_shared<LlamaImpl>(config);
+}
 
 ArchTargets llama_targets() {
   return {{"q_proj", "v_proj"}, {"k_proj", "v_proj", "down_proj"}, {}};

@@ -11,7 +11,6 @@
 
 #include "mdl/backbones/activation_checkpoint.h"
 #include "mdl/backbones/bert.h"
-#include "mdl/ops/fused_ops.h"
 #include "mdl/backbones/gpt2.h"
 #include "mdl/backbones/llama.h"
 #include "mdl/backbones/vit.h"
@@ -20,11 +19,14 @@
 #include "mdl/core/log.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/checkpoint.h"
+#include "mdl/ops/fused_ops.h"
 
 namespace mdl {
 namespace {
 
-bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+bool starts_with(const std::string& s, const std::string& p) {
+  return s.rfind(p, 0) == 0;
+}
 bool ends_with(const std::string& s, const std::string& p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
 }
@@ -37,7 +39,8 @@ bool is_known_buffer(const std::string& name) {
 
 }  // namespace
 
-std::pair<at::Tensor, at::Tensor> KVCache::append(int layer, const at::Tensor& new_k, const at::Tensor& new_v) {
+std::pair<at::Tensor, at::Tensor> KVCache::append(int layer, const at::Tensor& new_k,
+                                                  const at::Tensor& new_v) {
   if (static_cast<int>(k.size()) <= layer) k.resize(layer + 1), v.resize(layer + 1);
   if (!k[layer].defined()) {
     k[layer] = new_k;
@@ -51,7 +54,8 @@ std::pair<at::Tensor, at::Tensor> KVCache::append(int layer, const at::Tensor& n
 
 ModelImpl::ModelImpl(ModelConfig config) : config_(std::move(config)) {}
 
-std::shared_ptr<torch::nn::Module> ModelImpl::add_container(torch::nn::Module& parent, const std::string& name) {
+std::shared_ptr<torch::nn::Module> ModelImpl::add_container(torch::nn::Module& parent,
+                                                            const std::string& name) {
   return parent.register_module(name, std::make_shared<torch::nn::Module>(name));
 }
 
@@ -66,7 +70,7 @@ SiteLinear ModelImpl::add_linear(torch::nn::Module& parent, const std::string& l
 }
 
 Norm ModelImpl::add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full,
-                        NormImpl::Kind kind, int64_t dim, double eps, int layer) {
+                         NormImpl::Kind kind, int64_t dim, double eps, int layer) {
   Norm norm(kind, dim, eps, SiteInfo{full, SiteKind::norm, dim, dim, layer});
   parent.register_module(local, norm);
   register_site(norm->site());
@@ -118,7 +122,8 @@ std::shared_ptr<Site> ModelImpl::add_site(SiteInfo info) {
 }
 
 void ModelImpl::register_site(std::shared_ptr<Site> site) {
-  MDL_CHECK(site_index_.emplace(site->name(), site.get()).second, "[model] two sites named '", site->name(), "'");
+  MDL_CHECK(site_index_.emplace(site->name(), site.get()).second, "[model] two sites named '", site->name(),
+            "'");
   sites_.push_back(std::move(site));
 }
 
@@ -190,7 +195,8 @@ SiteLinearImpl& ModelImpl::linear(const std::string& name) const {
 }
 
 void ModelImpl::set_router(const RouterOptions&) {
-  MDL_FAIL("[model] ", config_.architecture, " is dense: it has no mixture-of-experts layers to route; upcycle it "
+  MDL_FAIL("[model] ", config_.architecture,
+           " is dense: it has no mixture-of-experts layers to route; upcycle it "
            "first (mdl upcycle) or attach lora_moe modules");
 }
 
@@ -246,28 +252,34 @@ at::Tensor ModelImpl::lm_loss(const ModelInput& in, const at::Tensor& targets, i
                                 at::Reduction::Mean, ignore_index);
 }
 
-at::Tensor ModelImpl::embed_with_virtual_tokens(const Site& site, const at::Tensor& ids, const at::Tensor& embeddings,
-                                                ModelInput& in, int64_t& virtual_tokens) const {
-  at::Tensor x = site.apply(ids, embeddings);  // (B, T + n, C): n virtual tokens prepended by input composition
+at::Tensor ModelImpl::embed_with_virtual_tokens(const Site& site, const at::Tensor& ids,
+                                                const at::Tensor& embeddings, ModelInput& in,
+                                                int64_t& virtual_tokens) const {
+  at::Tensor x =
+      site.apply(ids, embeddings);  // (B, T + n, C): n virtual tokens prepended by input composition
   virtual_tokens = x.size(1) - ids.size(1);
-  MDL_CHECK(virtual_tokens >= 0 && x.size(0) == ids.size(0) && x.size(2) == embeddings.size(2), "[model] the function at '",
-            site.name(), "' returned ", x.sizes(), " for embeddings ", embeddings.sizes(),
-            "; it may only prepend positions");
+  MDL_CHECK(virtual_tokens >= 0 && x.size(0) == ids.size(0) && x.size(2) == embeddings.size(2),
+            "[model] the function at '", site.name(), "' returned ", x.sizes(), " for embeddings ",
+            embeddings.sizes(), "; it may only prepend positions");
   if (virtual_tokens > 0) {
     const int64_t B = ids.size(0);
     auto long_opts = ids.options().dtype(at::kLong);
     if (in.position_ids.defined())  // the real tokens' positions move up by n, the virtual ones come first
       in.position_ids = at::cat({at::arange(virtual_tokens, long_opts).expand({B, virtual_tokens}),
-                                 in.position_ids + virtual_tokens}, 1);
+                                 in.position_ids + virtual_tokens},
+                                1);
     if (in.attention_mask.defined())
-      in.attention_mask = at::cat({at::ones({B, virtual_tokens}, in.attention_mask.options()), in.attention_mask}, 1);
+      in.attention_mask =
+          at::cat({at::ones({B, virtual_tokens}, in.attention_mask.options()), in.attention_mask}, 1);
   }
   // Cached passes after a prompt: a mask that lacks the virtual positions sees them (always visible).
   if (in.attention_mask.defined() && in.cache) {
     const int64_t want = in.cache->length() + x.size(1);
     if (in.attention_mask.size(1) < want)
-      in.attention_mask = at::cat({at::ones({x.size(0), want - in.attention_mask.size(1)}, in.attention_mask.options()),
-                                   in.attention_mask}, 1);
+      in.attention_mask =
+          at::cat({at::ones({x.size(0), want - in.attention_mask.size(1)}, in.attention_mask.options()),
+                   in.attention_mask},
+                  1);
   }
   return x;
 }
@@ -281,7 +293,7 @@ at::Tensor ModelImpl::head(const at::Tensor& hidden, const ModelInput& in) {
     case HeadKind::sequence_classification: {
       if (pooler_) {
         at::Tensor pooled = at::tanh(pooler_(hidden.select(1, 0)));  // (B, C) from the first token
-        return classifier_(pooled);                                   // (B, L)
+        return classifier_(pooled);                                  // (B, L)
       }
       if (config_.arch == Arch::vit) return classifier_(hidden.select(1, 0));  // (B, L) from [CLS]
       const int64_t B = hidden.size(0), T = hidden.size(1);
@@ -307,7 +319,8 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
   std::set<std::string> used;
   auto resolve = [&](const std::string& name) -> std::string {
     if (reader.contains(name)) return name;
-    if (starts_with(name, prefix) && reader.contains(name.substr(prefix.size()))) return name.substr(prefix.size());
+    if (starts_with(name, prefix) && reader.contains(name.substr(prefix.size())))
+      return name.substr(prefix.size());
     for (const auto& [now, old] : {std::pair<std::string, std::string>{"LayerNorm.weight", "LayerNorm.gamma"},
                                    {"LayerNorm.bias", "LayerNorm.beta"}}) {
       if (ends_with(name, now)) {
@@ -331,8 +344,8 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
     at::Tensor& param = item.value();
     const std::string disk = resolve(name);
     if (disk.empty()) {
-      MDL_CHECK(is_head(name) && options.init_missing_head, "[load] '", reader.path(), "' has no tensor '", name,
-                "' (expected shape ", param.sizes(), "); maybe the wrong base model or config.json?");
+      MDL_CHECK(is_head(name) && options.init_missing_head, "[load] '", reader.path(), "' has no tensor '",
+                name, "' (expected shape ", param.sizes(), "); maybe the wrong base model or config.json?");
       at::Tensor init = at::zeros(param.sizes());
       if (param.dim() == 2) init.normal_(0.0, config_.initializer_range, gen);
       param.set_data(init);
@@ -344,9 +357,9 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
     MDL_CHECK(at::isFloatingType(t.scalar_type()), "[load] tensor '", disk, "' in '", reader.file_of(disk),
               "' has dtype ", reader.dtype(disk), "; model weights must be floating point");
     if (conv1d_.count(name)) t = t.t();  // Conv1D stores (in, out)
-    MDL_CHECK(t.sizes() == param.sizes(), "[load] tensor '", disk, "' in '", reader.file_of(disk), "' has shape ",
-              t.sizes(), " but ", config_.architecture, " with this config.json expects ", param.sizes(),
-              "; maybe the wrong base model?");
+    MDL_CHECK(t.sizes() == param.sizes(), "[load] tensor '", disk, "' in '", reader.file_of(disk),
+              "' has shape ", t.sizes(), " but ", config_.architecture, " with this config.json expects ",
+              param.sizes(), "; maybe the wrong base model?");
     const int64_t bad = t.numel() - at::isfinite(t).sum().item<int64_t>();
     MDL_CHECK(bad == 0, "[load] tensor '", disk, "' in '", reader.file_of(disk), "' has ", bad,
               " values that are NaN or infinite; a corrupt or diverged checkpoint");
@@ -355,7 +368,8 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
   if (!initialised.empty()) {
     std::string names;
     for (const auto& n : initialised) names += (names.empty() ? "" : ", ") + n;
-    log_warn("[load] '" + reader.path() + "' has no " + head_name(config_.head) + " head; newly initialised: " + names);
+    log_warn("[load] '" + reader.path() + "' has no " + head_name(config_.head) +
+             " head; newly initialised: " + names);
   }
   std::vector<std::string> unused;
   for (const auto& name : reader.names()) {
@@ -412,25 +426,37 @@ int64_t ModelImpl::num_parameters() const {
   return n;
 }
 
-c10::Device ModelImpl::device() const { return parameters().front().device(); }
-c10::ScalarType ModelImpl::dtype() const { return parameters().front().scalar_type(); }
+c10::Device ModelImpl::device() const {
+  return parameters().front().device();
+}
+c10::ScalarType ModelImpl::dtype() const {
+  return parameters().front().scalar_type();
+}
 
 Model create_model(const ModelConfig& config) {
   switch (config.arch) {
-    case Arch::gpt2: return create_gpt2(config);
-    case Arch::llama: return create_llama(config);
-    case Arch::bert: return create_bert(config);
-    case Arch::vit: return create_vit(config);
+    case Arch::gpt2:
+      return create_gpt2(config);
+    case Arch::llama:
+      return create_llama(config);
+    case Arch::bert:
+      return create_bert(config);
+    case Arch::vit:
+      return create_vit(config);
   }
   MDL_FAIL("[model] unknown architecture");
 }
 
 ArchTargets arch_targets(Arch arch) {
   switch (arch) {
-    case Arch::gpt2: return gpt2_targets();
-    case Arch::llama: return llama_targets();
-    case Arch::bert: return bert_targets();
-    case Arch::vit: return vit_targets();
+    case Arch::gpt2:
+      return gpt2_targets();
+    case Arch::llama:
+      return llama_targets();
+    case Arch::bert:
+      return bert_targets();
+    case Arch::vit:
+      return vit_targets();
   }
   MDL_FAIL("[model] unknown architecture");
 }
@@ -442,24 +468,41 @@ int64_t estimated_parameters(const ModelConfig& c) {
   const bool gated = c.arch == Arch::llama;
   int64_t mlp = (gated ? 3 : 2) * C * F + (c.mlp_bias ? F + C + (gated ? F : 0) : 0);
   if (c.num_experts > 0) mlp = mlp * c.num_experts + C * c.num_experts;  // experts and the router
-  const int64_t norms = (c.arch == Arch::llama ? 2 : 4) * C;           // RMSNorm weight; LayerNorm weight and bias
+  const int64_t norms = (c.arch == Arch::llama ? 2 : 4) * C;  // RMSNorm weight; LayerNorm weight and bias
   int64_t total = L * (attention + mlp + norms);
   switch (c.arch) {
-    case Arch::gpt2: total += c.vocab_size * C + c.max_position * C + 2 * C; break;
-    case Arch::llama: total += c.vocab_size * C + C; break;
-    case Arch::bert: total += (c.vocab_size + c.max_position + c.type_vocab_size) * C + 2 * C; break;
-    case Arch::vit: total += c.num_channels * c.patch_size * c.patch_size * C + C + (c.num_patches() + 2) * C + 2 * C; break;
+    case Arch::gpt2:
+      total += c.vocab_size * C + c.max_position * C + 2 * C;
+      break;
+    case Arch::llama:
+      total += c.vocab_size * C + C;
+      break;
+    case Arch::bert:
+      total += (c.vocab_size + c.max_position + c.type_vocab_size) * C + 2 * C;
+      break;
+    case Arch::vit:
+      total += c.num_channels * c.patch_size * c.patch_size * C + C + (c.num_patches() + 2) * C + 2 * C;
+      break;
   }
   switch (c.head) {
-    case HeadKind::causal_lm: total += c.tie_word_embeddings ? 0 : c.vocab_size * C; break;
-    case HeadKind::sequence_classification: total += c.num_labels * (C + 1) + (c.arch == Arch::bert ? C * C + C : 0); break;
-    case HeadKind::token_classification: total += c.num_labels * (C + 1); break;
-    case HeadKind::none: total += c.arch == Arch::bert ? C * C + C : 0; break;
+    case HeadKind::causal_lm:
+      total += c.tie_word_embeddings ? 0 : c.vocab_size * C;
+      break;
+    case HeadKind::sequence_classification:
+      total += c.num_labels * (C + 1) + (c.arch == Arch::bert ? C * C + C : 0);
+      break;
+    case HeadKind::token_classification:
+      total += c.num_labels * (C + 1);
+      break;
+    case HeadKind::none:
+      total += c.arch == Arch::bert ? C * C + C : 0;
+      break;
   }
   return total;
 }
 
-void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointReader& reader, const std::string& file) {
+void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointReader& reader,
+                                  const std::string& file) {
   const bool gpt2 = c.arch == Arch::gpt2;
   int64_t layers = 0, elements = 0;
   std::vector<int64_t> embedding;
@@ -471,9 +514,10 @@ void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointRead
     elements += n;
     // "<...>.layers.7.<...>", "h.7.", "layer.7.": the block index.
     for (const char* block : {"layers.", "h.", "layer."}) {
-      const size_t at = name.rfind(std::string(".") + block) != std::string::npos ? name.rfind(std::string(".") + block) + 1
-                        : name.rfind(block, 0) == 0                             ? 0
-                                                                                : std::string::npos;
+      const size_t at = name.rfind(std::string(".") + block) != std::string::npos
+                            ? name.rfind(std::string(".") + block) + 1
+                        : name.rfind(block, 0) == 0 ? 0
+                                                    : std::string::npos;
       if (at == std::string::npos) continue;
       const size_t digits = at + std::strlen(block);
       size_t end = digits;
@@ -486,20 +530,23 @@ void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointRead
         embedding = shape, embedding_name = name;
   }
   const char* layers_field = gpt2 ? "n_layer" : "num_hidden_layers";
-  MDL_CHECK(layers == 0 || layers == c.n_layer, "[load] '", file, "': field '", layers_field, "' is ", c.n_layer,
-            " but the checkpoint '", reader.path(), "' has ", layers, " layers; fix config.json or use its checkpoint");
+  MDL_CHECK(layers == 0 || layers == c.n_layer, "[load] '", file, "': field '", layers_field, "' is ",
+            c.n_layer, " but the checkpoint '", reader.path(), "' has ", layers,
+            " layers; fix config.json or use its checkpoint");
   if (!embedding.empty())
-    MDL_CHECK(embedding.size() == 2 && embedding[0] == c.vocab_size && embedding[1] == c.hidden_size, "[load] '", file,
-              "': fields 'vocab_size' ", c.vocab_size, " and '", gpt2 ? "n_embd" : "hidden_size", "' ", c.hidden_size,
-              " need a token embedding of shape [", c.vocab_size, ", ", c.hidden_size, "], but '", embedding_name,
-              "' is ", shape_str(embedding), "; fix config.json or use its checkpoint");
+    MDL_CHECK(embedding.size() == 2 && embedding[0] == c.vocab_size && embedding[1] == c.hidden_size,
+              "[load] '", file, "': fields 'vocab_size' ", c.vocab_size, " and '",
+              gpt2 ? "n_embd" : "hidden_size", "' ", c.hidden_size, " need a token embedding of shape [",
+              c.vocab_size, ", ", c.hidden_size, "], but '", embedding_name, "' is ", shape_str(embedding),
+              "; fix config.json or use its checkpoint");
   // The rest of the sizes (intermediate_size, heads, experts) by the parameter count they imply; a new
   // classification head and a pooler may be missing from the file.
   const int64_t expected = estimated_parameters(c);
   const int64_t allowance = c.hidden_size * (c.hidden_size + c.num_labels + 2) + (int64_t{1} << 20);
-  MDL_CHECK(expected <= elements + elements / 4 + allowance, "[load] '", file, "' describes a model of about ",
-            expected, " parameters, but the checkpoint '", reader.path(), "' holds ", elements,
-            "; a size field (", gpt2 ? "n_inner" : "intermediate_size", ", the head counts, num_local_experts...) is "
+  MDL_CHECK(expected <= elements + elements / 4 + allowance, "[load] '", file,
+            "' describes a model of about ", expected, " parameters, but the checkpoint '", reader.path(),
+            "' holds ", elements, "; a size field (", gpt2 ? "n_inner" : "intermediate_size",
+            ", the head counts, num_local_experts...) is "
             "wrong; nothing was allocated");
 }
 
@@ -516,7 +563,8 @@ Model load_model(const std::string& dir, const LoadOptions& options) {
 void save_model(const ModelImpl& model, const std::string& dir, int64_t max_shard_bytes) {
   std::filesystem::create_directories(dir);
   io::save_checkpoint_tensors(dir, model.hf_tensors(), {{"format", "pt"}}, max_shard_bytes);
-  io::write_text_atomic((std::filesystem::path(dir) / "config.json").string(), model_config_to_json(model.config()));
+  io::write_text_atomic((std::filesystem::path(dir) / "config.json").string(),
+                        model_config_to_json(model.config()));
 }
 
 }  // namespace mdl

@@ -44,8 +44,9 @@ struct ModelInput {
   at::Tensor token_type_ids;  ///< (B, T) BERT segment ids; optional (zeros)
   at::Tensor position_ids;    ///< (B, T); optional (cached + 0..T-1)
   KVCache* cache = nullptr;   ///< decoders: read and extended in place
-  const RoutingContext* routing = nullptr;  ///< task/language ids, per-example modules (see routing/); optional
-  RoutingLog* routing_log = nullptr;        ///< receives routers' statistics and auxiliary losses; optional
+  const RoutingContext* routing =
+      nullptr;                        ///< task/language ids, per-example modules (see routing/); optional
+  RoutingLog* routing_log = nullptr;  ///< receives routers' statistics and auxiliary losses; optional
 };
 
 /// How to load a checkpoint (the per-run settings, apart from the checkpoint's own hyper-parameters).
@@ -67,8 +68,8 @@ class ModelImpl : public torch::nn::Module {
   /// Final hidden states (B, T, C), after the final norm for pre-norm models.
   virtual at::Tensor hidden_states(const ModelInput& in) = 0;
   /// The head's output: causal LM (B, T, V); sequence classification (B, L), read at the last real token
-  /// for decoders, through the pooler at the first token for BERT and at the [CLS] token for ViT; token classification (B, T, L);
-  /// no head: the hidden states (B, T, C).
+  /// for decoders, through the pooler at the first token for BERT and at the [CLS] token for ViT; token
+  /// classification (B, T, L); no head: the hidden states (B, T, C).
   at::Tensor forward(const ModelInput& in);
   /// The final hidden states (B, T, C) as forward() computes them (modules, routing context, cache),
   /// without the head: what embeddings pool.
@@ -126,8 +127,8 @@ class ModelImpl : public torch::nn::Module {
   SiteLinear add_linear(torch::nn::Module& parent, const std::string& local, const std::string& full,
                         int64_t in, int64_t out, bool bias, int layer, bool conv1d = false);
   /// A norm registered as `local` under `parent` and exposed as a site named `full`.
-  Norm add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full, NormImpl::Kind kind,
-                int64_t dim, double eps, int layer);
+  Norm add_norm(torch::nn::Module& parent, const std::string& local, const std::string& full,
+                NormImpl::Kind kind, int64_t dim, double eps, int layer);
   /// Applies the embedding site. A function there may prepend n virtual tokens (prompt tuning); then
   /// `in`'s mask and positions are extended to cover them and `virtual_tokens` is set to n (the
   /// architecture drops them from its final hidden states, so outputs align with the input tokens).
@@ -161,13 +162,13 @@ class ModelImpl : public torch::nn::Module {
   std::map<std::string, Site*> site_index_;
   std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
   std::map<std::string, NormImpl*> norms_;          ///< norm sites' layers
-  at::Tensor token_embeddings_;                      ///< set by build_head
-  std::set<std::string> conv1d_;                  ///< parameter names stored (in, out) on disk
-  std::set<std::string> residual_projections_;    ///< GPT-2 init scaling
+  at::Tensor token_embeddings_;                     ///< set by build_head
+  std::set<std::string> conv1d_;                    ///< parameter names stored (in, out) on disk
+  std::set<std::string> residual_projections_;      ///< GPT-2 init scaling
   SiteLinear lm_head_{nullptr};
-  bool checkpoint_layers_ = false;                ///< gradient checkpointing (set_gradient_checkpointing)
-  SiteLinear classifier_{nullptr};                ///< score / classifier
-  SiteLinear pooler_{nullptr};                    ///< BERT pooler dense
+  bool checkpoint_layers_ = false;  ///< gradient checkpointing (set_gradient_checkpointing)
+  SiteLinear classifier_{nullptr};  ///< score / classifier
+  SiteLinear pooler_{nullptr};      ///< BERT pooler dense
 };
 
 using Model = std::shared_ptr<ModelImpl>;

@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <numeric>
 
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/functional.h"
 #include "mdl/routing/mixture.h"
 
 namespace mdl {
@@ -18,14 +18,16 @@ namespace {
 
 void check_dense_llama(const ModelImpl& model, const char* where) {
   const ModelConfig& c = model.config();
-  MDL_CHECK(c.arch == Arch::llama && c.num_experts == 0, "[", where, "] needs a dense Llama-family model (SwiGLU MLP, "
-            "the Mixtral expert layout); got ", c.architecture, c.num_experts > 0 ? " which already has experts" : "");
+  MDL_CHECK(c.arch == Arch::llama && c.num_experts == 0, "[", where,
+            "] needs a dense Llama-family model (SwiGLU MLP, "
+            "the Mixtral expert layout); got ",
+            c.architecture, c.num_experts > 0 ? " which already has experts" : "");
   MDL_CHECK(!c.mlp_bias, "[", where, "] Mixtral experts have no biases, but this model's MLP has (mlp_bias)");
 }
 
 ModelConfig mixtral_config(const ModelConfig& dense, int64_t experts, int64_t top_k) {
-  MDL_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "[moe] top_k must be in 1..experts, got top_k ", top_k,
-            " with ", experts, " experts");
+  MDL_CHECK(experts >= 1 && top_k >= 1 && top_k <= experts, "[moe] top_k must be in 1..experts, got top_k ",
+            top_k, " with ", experts, " experts");
   ModelConfig c = dense;
   if (dense.arch == Arch::vit) {  // same model type, experts in the config
     c.num_experts = experts;
@@ -91,7 +93,8 @@ class Recorder : public SiteFunction {
 };
 
 /// Balanced k-means: `features` (I, D) rows into E groups of I / E each; returns each row's group.
-std::vector<int64_t> balanced_kmeans(const at::Tensor& features, int64_t E, int64_t iterations, uint64_t seed) {
+std::vector<int64_t> balanced_kmeans(const at::Tensor& features, int64_t E, int64_t iterations,
+                                     uint64_t seed) {
   const int64_t I = features.size(0), cap = I / E;
   at::Tensor f = features.to(at::kFloat);
   f = f / f.norm(2, {1}, true).clamp_min(1e-12);
@@ -130,8 +133,10 @@ std::string vit_dense_name(const std::string& name) {
 
 Model upcycle(const ModelImpl& dense, const UpcycleOptions& o) {
   const bool vit = dense.config().arch == Arch::vit;
-  if (vit) MDL_CHECK(dense.config().num_experts == 0, "[upcycle] this ViT already has experts");
-  else check_dense_llama(dense, "upcycle");
+  if (vit)
+    MDL_CHECK(dense.config().num_experts == 0, "[upcycle] this ViT already has experts");
+  else
+    check_dense_llama(dense, "upcycle");
   torch::NoGradGuard no_grad;
   ModelConfig c = mixtral_config(dense.config(), o.experts, o.top_k);
   c.router_json = o.router_json;
@@ -147,9 +152,12 @@ Model upcycle(const ModelImpl& dense, const UpcycleOptions& o) {
     if (!vit_source.empty() || (!vit && parse_expert(name, layer, expert, w))) {
       at::Tensor src = from.at(vit ? vit_source : dense_name(layer, w));
       at::Tensor copy = src.to(at::kFloat).clone();
-      if (o.noise > 0) copy += at::empty_like(copy).normal_(0.0, 1.0, gen) * (o.noise * src.to(at::kFloat).std().item<double>());
+      if (o.noise > 0)
+        copy +=
+            at::empty_like(copy).normal_(0.0, 1.0, gen) * (o.noise * src.to(at::kFloat).std().item<double>());
       p.value().copy_(copy);
-    } else if (name.find(".block_sparse_moe.gate.") != std::string::npos || name.find(".moe.gate.") != std::string::npos) {
+    } else if (name.find(".block_sparse_moe.gate.") != std::string::npos ||
+               name.find(".moe.gate.") != std::string::npos) {
       p.value().copy_(at::empty(p.value().sizes()).normal_(0.0, c.initializer_range, gen));
     } else {
       auto it = from.find(name);
@@ -161,7 +169,8 @@ Model upcycle(const ModelImpl& dense, const UpcycleOptions& o) {
 }
 
 double MoefyReport::mean_kept() const {
-  return kept.empty() ? 0.0 : std::accumulate(kept.begin(), kept.end(), 0.0) / static_cast<double>(kept.size());
+  return kept.empty() ? 0.0
+                      : std::accumulate(kept.begin(), kept.end(), 0.0) / static_cast<double>(kept.size());
 }
 
 Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_ids, MoefyReport* report) {
@@ -169,9 +178,10 @@ Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_id
   const ModelConfig& dc = dense.config();
   MDL_CHECK(o.method == "weights" || o.method == "activations", "[moefy] method '", o.method,
             "' is unknown; expected weights or activations");
-  MDL_CHECK(dc.intermediate_size % o.experts == 0, "[moefy] ", o.experts, " experts must divide the MLP width ",
-            dc.intermediate_size);
-  MDL_CHECK(o.method == "weights" || sample_ids.defined(), "[moefy] co-activation clustering needs sample token ids");
+  MDL_CHECK(dc.intermediate_size % o.experts == 0, "[moefy] ", o.experts,
+            " experts must divide the MLP width ", dc.intermediate_size);
+  MDL_CHECK(o.method == "weights" || sample_ids.defined(),
+            "[moefy] co-activation clustering needs sample token ids");
   torch::NoGradGuard no_grad;
   // The dense MLP inputs on the sample, per layer (for co-activations and the report).
   std::vector<at::Tensor> inputs;
@@ -179,7 +189,8 @@ Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_id
     auto recorder = std::make_shared<Recorder>();  // returns the dense MLP's own output: a plain dense pass
     {
       AttachGuard guard;
-      for (int64_t l = 0; l < dc.n_layer; ++l) guard.attach(dense.site("model.layers." + std::to_string(l) + ".mlp"), recorder);
+      for (int64_t l = 0; l < dc.n_layer; ++l)
+        guard.attach(dense.site("model.layers." + std::to_string(l) + ".mlp"), recorder);
       ModelInput in;
       in.input_ids = sample_ids.to(dense.device());
       dense.forward(in);
@@ -202,15 +213,18 @@ Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_id
     at::Tensor wu = from.at(p + ".mlp.up_proj.weight").to(at::kFloat);    // (I, C)
     at::Tensor wd = from.at(p + ".mlp.down_proj.weight").to(at::kFloat);  // (C, I)
     at::Tensor h;  // (N, I) intermediate activations on the sample
-    if (!inputs.empty()) h = fn::activation(at::matmul(inputs[l], wg.t()), dc.activation) * at::matmul(inputs[l], wu.t());
+    if (!inputs.empty())
+      h = fn::activation(at::matmul(inputs[l], wg.t()), dc.activation) * at::matmul(inputs[l], wu.t());
     at::Tensor features = o.method == "weights" ? wg : h.t();
-    std::vector<int64_t> group = balanced_kmeans(features, E, o.iterations, o.seed + static_cast<uint64_t>(l));
+    std::vector<int64_t> group =
+        balanced_kmeans(features, E, o.iterations, o.seed + static_cast<uint64_t>(l));
     at::Tensor router = at::empty({E, dc.hidden_size});
     at::Tensor g = at::tensor(group, at::kLong);
     std::vector<at::Tensor> members;  // each group's neurons
     for (int64_t e = 0; e < E; ++e) {
       at::Tensor idx = (g == e).nonzero().reshape({-1});
-      MDL_CHECK(idx.numel() == G, "[moefy] group ", e, " of layer ", l, " has ", idx.numel(), " neurons, expected ", G);
+      MDL_CHECK(idx.numel() == G, "[moefy] group ", e, " of layer ", l, " has ", idx.numel(),
+                " neurons, expected ", G);
       const std::string ep = p + ".block_sparse_moe.experts." + std::to_string(e);
       to.at(ep + ".w1.weight").copy_(wg.index_select(0, idx));
       to.at(ep + ".w3.weight").copy_(wu.index_select(0, idx));
@@ -229,7 +243,8 @@ Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_id
         return at::matmul(a * at::matmul(rows, wu.index_select(0, idx).t()), wd.index_select(1, idx).t());
       });
       at::Tensor y_dense = at::matmul(h, wd.t());
-      report->kept.push_back(1.0 - (y_dense - y).pow(2).sum().item<double>() / y_dense.pow(2).sum().clamp_min(1e-30).item<double>());
+      report->kept.push_back(1.0 - (y_dense - y).pow(2).sum().item<double>() /
+                                       y_dense.pow(2).sum().clamp_min(1e-30).item<double>());
     }
   }
   for (auto& [name, t] : to) {

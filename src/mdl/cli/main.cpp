@@ -11,8 +11,8 @@ int main(int argc, char** argv) {
   CLI::App app{"mdl: modular deep learning (modules, routing, aggregation) on Transformer backbones", "mdl"};
   app.require_subcommand(1);
   app.failure_message([](const CLI::App* failed, const CLI::Error& e) {
-    return "mdl: error: " + std::string(e.what()) + " (see mdl " + (failed->get_parent() ? failed->get_name() + " " : "") +
-           "--help)\n";
+    return "mdl: error: " + std::string(e.what()) + " (see mdl " +
+           (failed->get_parent() ? failed->get_name() + " " : "") + "--help)\n";
   });
   app.set_version_flag("--version", "mdl 0.1.0");
   mdl::cli::GlobalOptions globals;

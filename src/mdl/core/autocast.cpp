@@ -16,8 +16,10 @@ c10::ScalarType autocast_dtype(const std::string& precision) {
 AutocastGuard::AutocastGuard(c10::Device device, c10::ScalarType dtype) {
   if (dtype == c10::kFloat) return;
   cuda_ = device.is_cuda();
-  MDL_CHECK(cuda_ || dtype == c10::kBFloat16, "[autocast] CPU autocast supports bf16 only, got ", c10::toString(dtype));
-  MDL_CHECK(cuda_ || device.is_cpu(), "[autocast] device ", device.str(), " has no autocast here; use cpu or cuda");
+  MDL_CHECK(cuda_ || dtype == c10::kBFloat16, "[autocast] CPU autocast supports bf16 only, got ",
+            c10::toString(dtype));
+  MDL_CHECK(cuda_ || device.is_cpu(), "[autocast] device ", device.str(),
+            " has no autocast here; use cpu or cuda");
   if (cuda_) {
     was_enabled_ = at::autocast::is_enabled();
     was_dtype_ = at::autocast::get_autocast_gpu_dtype();

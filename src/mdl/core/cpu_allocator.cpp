@@ -21,28 +21,38 @@ namespace {
 // preset ~20% slower (cause not found; glibc already reuses those from its heap), while every block that
 // matters at batch 32 (activations of 6 MiB and up) is above 5 MiB.
 constexpr size_t kLarge = size_t(5) << 20;
-constexpr size_t kHugePage = size_t(2) << 20;   // and rounded to 2 MiB pages
-constexpr size_t kSmallAlign = 64;              // as c10's default CPU allocator
+constexpr size_t kHugePage = size_t(2) << 20;  // and rounded to 2 MiB pages
+constexpr size_t kSmallAlign = 64;             // as c10's default CPU allocator
 
 class CachingCpuAllocator final : public c10::Allocator {
  public:
   explicit CachingCpuAllocator(int64_t limit) : limit_(limit) {}
 
 #ifdef MDL_TORCH_ALLOCATE_CONST
-  c10::DataPtr allocate(size_t n) const override { return allocate_impl(n); }
+  c10::DataPtr allocate(size_t n) const override {
+    return allocate_impl(n);
+  }
 #else
-  c10::DataPtr allocate(size_t n) override { return allocate_impl(n); }
-  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+  c10::DataPtr allocate(size_t n) override {
+    return allocate_impl(n);
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    std::memcpy(dest, src, count);
+  }
 #endif
 
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  c10::DeleterFnPtr raw_deleter() const override {
+    return &release;
+  }
 
   CpuAllocatorStats stats() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return {hits_, misses_, cached_, limit_, live_.load(), peak_.load()};
   }
 
-  void reset_peak() const { peak_.store(live_.load()); }
+  void reset_peak() const {
+    peak_.store(live_.load());
+  }
 
  private:
   c10::DataPtr allocate_impl(size_t n) const {
@@ -115,7 +125,9 @@ class CachingCpuAllocator final : public c10::Allocator {
 
 CachingCpuAllocator* g_allocator = nullptr;
 
-void CachingCpuAllocator::release(void* p) { g_allocator->give_back(p); }
+void CachingCpuAllocator::release(void* p) {
+  g_allocator->give_back(p);
+}
 
 void CachingCpuAllocator::release_small(void* p) {
   g_allocator->live_.fetch_sub(static_cast<int64_t>(malloc_usable_size(p)), std::memory_order_relaxed);
@@ -146,9 +158,13 @@ void install_cpu_allocator(int64_t limit) {
   });
 }
 
-bool cpu_allocator_installed() { return g_allocator != nullptr; }
+bool cpu_allocator_installed() {
+  return g_allocator != nullptr;
+}
 
-CpuAllocatorStats cpu_allocator_stats() { return g_allocator ? g_allocator->stats() : CpuAllocatorStats{}; }
+CpuAllocatorStats cpu_allocator_stats() {
+  return g_allocator ? g_allocator->stats() : CpuAllocatorStats{};
+}
 
 void reset_cpu_peak_bytes() {
   if (g_allocator) g_allocator->reset_peak();

@@ -12,12 +12,12 @@ namespace mdl {
 
 /// Counters of the allocator since installation.
 struct CpuAllocatorStats {
-  int64_t large_hits = 0;     ///< large allocations served from the cache
-  int64_t large_misses = 0;   ///< large allocations that went to the system
-  int64_t cached_bytes = 0;   ///< bytes held in the cache now
-  int64_t limit_bytes = 0;    ///< the cache's limit
-  int64_t live_bytes = 0;     ///< bytes held by live tensors now (as requested, rounded to the block size)
-  int64_t peak_bytes = 0;     ///< the most live_bytes has been since install or reset_cpu_peak_bytes()
+  int64_t large_hits = 0;    ///< large allocations served from the cache
+  int64_t large_misses = 0;  ///< large allocations that went to the system
+  int64_t cached_bytes = 0;  ///< bytes held in the cache now
+  int64_t limit_bytes = 0;   ///< the cache's limit
+  int64_t live_bytes = 0;    ///< bytes held by live tensors now (as requested, rounded to the block size)
+  int64_t peak_bytes = 0;    ///< the most live_bytes has been since install or reset_cpu_peak_bytes()
 };
 
 /// Installs the allocator as libtorch's CPU allocator (idempotent). `cache_limit_bytes` <= 0: a quarter of

@@ -14,7 +14,8 @@ c10::Device parse_device(const std::string& name) {
               "use --device cpu");
     int index = 0;
     if (name.size() > 4) {
-      MDL_CHECK(name[4] == ':' && name.size() > 5, "[device] cannot parse '", name, "'; expected cuda or cuda:N");
+      MDL_CHECK(name[4] == ':' && name.size() > 5, "[device] cannot parse '", name,
+                "'; expected cuda or cuda:N");
       try {
         index = std::stoi(name.substr(5));
       } catch (const std::exception&) {
@@ -38,11 +39,16 @@ c10::ScalarType parse_dtype(const std::string& name) {
 
 std::string dtype_name(c10::ScalarType dtype) {
   switch (dtype) {
-    case c10::kFloat: return "f32";
-    case c10::kBFloat16: return "bf16";
-    case c10::kHalf: return "f16";
-    case c10::kDouble: return "f64";
-    default: return c10::toString(dtype);
+    case c10::kFloat:
+      return "f32";
+    case c10::kBFloat16:
+      return "bf16";
+    case c10::kHalf:
+      return "f16";
+    case c10::kDouble:
+      return "f64";
+    default:
+      return c10::toString(dtype);
   }
 }
 

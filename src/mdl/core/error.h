@@ -29,8 +29,8 @@ std::string shape_str(const std::vector<int64_t>& shape);
 }  // namespace mdl
 
 /// MDL_CHECK(cond, "[where] what was expected, got ", value, "; hint") throws mdl::Error.
-#define MDL_CHECK(cond, ...)                                       \
-  do {                                                             \
+#define MDL_CHECK(cond, ...)                                             \
+  do {                                                                   \
     if (!(cond)) throw ::mdl::Error(::mdl::detail::concat(__VA_ARGS__)); \
   } while (0)
 

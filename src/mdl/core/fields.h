@@ -2,7 +2,8 @@
 // it means. The one list writes the struct (every field), reads it (the keys present, over the struct's
 // defaults; a key the list does not know is refused, naming it and the known ones, unless the caller
 // reads a foreign format that carries more, like PEFT's adapter_config.json; a value of the wrong type
-// names its key), checks it (the struct's validate) and describes it (key, default, meaning: `mdl train --help-config`, `mdl init-module
+// names its key), checks it (the struct's validate) and describes it (key, default, meaning: `mdl train
+// --help-config`, `mdl init-module
 // --help-options`, and the `--option KEY=VALUE` flags checked against it).
 //
 //   const FieldList<SparseOptions>& sparse_fields() {
@@ -13,9 +14,8 @@
 //   }
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,14 +47,16 @@ class FieldList {
   /// to_json/from_json).
   template <class V>
   FieldList& add(std::string key, V T::*member, std::string help) {
-    return add(std::move(key), [member](nlohmann::json& v, const T& o) { v = o.*member; },
-               [member](const nlohmann::json& v, T& o) { o.*member = v.get<V>(); }, std::move(help));
+    return add(
+        std::move(key), [member](nlohmann::json& v, const T& o) { v = o.*member; },
+        [member](const nlohmann::json& v, T& o) { o.*member = v.get<V>(); }, std::move(help));
   }
   /// A nested struct with a field list of its own: written and read (and checked) by that list, and
   /// described field by field under "key.".
   template <class V>
   FieldList& add(std::string key, V T::*member, const FieldList<V>& nested, std::string help) {
-    add(std::move(key), [member, &nested](nlohmann::json& v, const T& o) { v = nested.write(o.*member); },
+    add(
+        std::move(key), [member, &nested](nlohmann::json& v, const T& o) { v = nested.write(o.*member); },
         [member, &nested](const nlohmann::json& v, T& o) { o.*member = nested.read(v); }, std::move(help));
     fields_.back().nested = [&nested](const std::string& prefix) { return nested.help(prefix); };
     return *this;
@@ -77,7 +79,8 @@ class FieldList {
     for (const auto& f : fields_) {
       nlohmann::json v;
       f.write(v, o);
-      if (!v.is_discarded()) j[f.key] = std::move(v);  // a writer may leave a field out (PEFT has no such key)
+      if (!v.is_discarded())
+        j[f.key] = std::move(v);  // a writer may leave a field out (PEFT has no such key)
     }
     return j;
   }
@@ -86,15 +89,16 @@ class FieldList {
     MDL_CHECK(j.is_object(), "[", where_, "] options must be a JSON object, got ", j.type_name());
     if (unknown == UnknownKeys::refuse)
       for (const auto& item : j.items())
-        MDL_CHECK(find(item.key()) != nullptr, "[", where_, "] no option '", item.key().substr(0, 100), "'; the options are ",
-                  keys_text());
+        MDL_CHECK(find(item.key()) != nullptr, "[", where_, "] no option '", item.key().substr(0, 100),
+                  "'; the options are ", keys_text());
     T o{};
     for (const auto& f : fields_) {
       if (!j.contains(f.key)) continue;
       try {
         f.read(j[f.key], o);
       } catch (const nlohmann::json::exception& e) {
-        MDL_FAIL("[", where_, "] option '", f.key, "': ", e.what(), " (got ", j[f.key].dump().substr(0, 80), ")");
+        MDL_FAIL("[", where_, "] option '", f.key, "': ", e.what(), " (got ", j[f.key].dump().substr(0, 80),
+                 ")");
       }
     }
     if (check_) check_(o);
@@ -113,7 +117,8 @@ class FieldList {
   }
   /// Every field with T's default and its meaning; nested lists field by field under "prefix.key.".
   std::vector<FieldHelp> help(const std::string& prefix = "") const {
-    const nlohmann::json defaults = write(T{});
+    const T fallback = T();  // value-initialised and named: GCC 12 at -O3 warns on the braced temporary
+    const nlohmann::json defaults = write(fallback);
     std::vector<FieldHelp> out;
     for (const auto& f : fields_) {
       const std::string path = prefix.empty() ? f.key : prefix + "." + f.key;

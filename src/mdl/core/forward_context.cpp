@@ -10,7 +10,11 @@ const ForwardContext& ForwardContext::current() {
   return g_current ? *g_current : none;
 }
 
-ForwardContextGuard::ForwardContextGuard(const ForwardContext& context) : previous_(g_current) { g_current = &context; }
-ForwardContextGuard::~ForwardContextGuard() { g_current = previous_; }
+ForwardContextGuard::ForwardContextGuard(const ForwardContext& context) : previous_(g_current) {
+  g_current = &context;
+}
+ForwardContextGuard::~ForwardContextGuard() {
+  g_current = previous_;
+}
 
 }  // namespace mdl

@@ -19,11 +19,11 @@ class RoutingLog;
 
 /// Per-forward information for site functions.
 struct ForwardContext {
-  int64_t past = 0;                        ///< positions already in the KV cache (0 on a fresh pass)
-  bool causal = false;                     ///< decoder (causal attention): a token may not see later tokens
-  const at::Tensor* input_ids = nullptr;   ///< (B, T) the pass's token ids, when the model has them
-  const RoutingContext* routing = nullptr; ///< task/language ids and per-example module choices; optional
-  RoutingLog* routing_log = nullptr;       ///< routers record statistics and auxiliary losses here; optional
+  int64_t past = 0;                         ///< positions already in the KV cache (0 on a fresh pass)
+  bool causal = false;                      ///< decoder (causal attention): a token may not see later tokens
+  const at::Tensor* input_ids = nullptr;    ///< (B, T) the pass's token ids, when the model has them
+  const RoutingContext* routing = nullptr;  ///< task/language ids and per-example module choices; optional
+  RoutingLog* routing_log = nullptr;        ///< routers record statistics and auxiliary losses here; optional
 
   /// The context of the forward running on this thread (a default one outside any forward).
   static const ForwardContext& current();

@@ -19,9 +19,8 @@ std::shared_ptr<spdlog::logger> logger() {
 }  // namespace
 
 void set_log_level(LogLevel level) {
-  static const spdlog::level::level_enum map[] = {spdlog::level::debug, spdlog::level::info,
-                                                  spdlog::level::warn, spdlog::level::err,
-                                                  spdlog::level::off};
+  static const spdlog::level::level_enum map[] = {
+      spdlog::level::debug, spdlog::level::info, spdlog::level::warn, spdlog::level::err, spdlog::level::off};
   logger()->set_level(map[static_cast<int>(level)]);
 }
 
@@ -34,9 +33,17 @@ LogLevel parse_log_level(const std::string& name) {
   MDL_FAIL("[log] unknown log level '", name, "'; expected debug, info, warn, error or off");
 }
 
-void log_debug(const std::string& message) { logger()->debug(message); }
-void log_info(const std::string& message) { logger()->info(message); }
-void log_warn(const std::string& message) { logger()->warn(message); }
-void log_error(const std::string& message) { logger()->error(message); }
+void log_debug(const std::string& message) {
+  logger()->debug(message);
+}
+void log_info(const std::string& message) {
+  logger()->info(message);
+}
+void log_warn(const std::string& message) {
+  logger()->warn(message);
+}
+void log_error(const std::string& message) {
+  logger()->error(message);
+}
 
 }  // namespace mdl

@@ -14,12 +14,14 @@ namespace mdl {
 
 /// What a site computes, so attachable functions can check they fit.
 enum class SiteKind {
-  linear,     ///< y = W x + b; input (..., in), output (..., out)
-  sublayer,   ///< an attention or MLP sublayer: input its (normed) input, output its result before the residual
-  hidden,     ///< a block's output hidden state (B, T, C)
-  embedding,  ///< token embeddings (B, T, C)
-  norm,       ///< a LayerNorm / RMSNorm: input its input, output its normalised and scaled result
-  attention_kv,  ///< an attention's keys and values: output stack(k, v) (2, B, Hkv, S, D); may prepend positions
+  linear,        ///< y = W x + b; input (..., in), output (..., out)
+  sublayer,      ///< an attention or MLP sublayer: input its (normed) input, output its result before the
+                 ///< residual
+  hidden,        ///< a block's output hidden state (B, T, C)
+  embedding,     ///< token embeddings (B, T, C)
+  norm,          ///< a LayerNorm / RMSNorm: input its input, output its normalised and scaled result
+  attention_kv,  ///< an attention's keys and values: output stack(k, v) (2, B, Hkv, S, D); may prepend
+                 ///< positions
 };
 
 /// Name and shape of a site. Names are the Hugging Face module paths

@@ -12,8 +12,8 @@
 #include <thread>
 
 #include "mdl/core/device.h"
-#include "mdl/core/threads.h"
 #include "mdl/core/error.h"
+#include "mdl/core/threads.h"
 #include "mdl/demo/demo_context.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/modules/module_set.h"
@@ -47,9 +47,11 @@ Sizes sizes_for(DemoSize size) {
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
     s.transfer_steps = 2000, s.task_train = 6000, s.task_steps = 250, s.poly_steps = 800;
-    s.lm_hidden = 160, s.lm_layers = 4, s.lm_heads = 4, s.lm_intermediate = 384, s.vocab = 1536, s.seq_len = 48;
+    s.lm_hidden = 160, s.lm_layers = 4, s.lm_heads = 4, s.lm_intermediate = 384, s.vocab = 1536,
+    s.seq_len = 48;
     s.lm_texts_per_language = 6000, s.lm_pretrain_steps = 1500;
-    s.language_adapter_steps = 1200, s.text_task_train = 4000, s.text_task_steps = 600, s.text_task_test = 1000;
+    s.language_adapter_steps = 1200, s.text_task_train = 4000, s.text_task_steps = 600,
+    s.text_task_test = 1000;
   }
   return s;
 }
@@ -57,13 +59,19 @@ Sizes sizes_for(DemoSize size) {
 // ---- progress ----
 
 Progress::Progress(int64_t total_steps, bool enabled, std::string report, std::string peer)
-    : total_(std::max<int64_t>(1, total_steps)), report_(std::move(report)), peer_(std::move(peer)), enabled_(enabled),
-      tty_(isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()), last_draw_(start_) {}
+    : total_(std::max<int64_t>(1, total_steps)),
+      report_(std::move(report)),
+      peer_(std::move(peer)),
+      enabled_(enabled),
+      tty_(isatty(STDERR_FILENO) != 0),
+      start_(std::chrono::steady_clock::now()),
+      last_draw_(start_) {}
 
 void Progress::stage(const std::string& name, int64_t steps) {
   stage_ = name, stage_steps_ = steps, stage_done_ = 0;
-  if (enabled_ && !tty_) std::fprintf(stderr, "[demo] %3d%% %s (%lld steps)\n", static_cast<int>(100 * done_ / total_),
-                                      name.c_str(), static_cast<long long>(steps));
+  if (enabled_ && !tty_)
+    std::fprintf(stderr, "[demo] %3d%% %s (%lld steps)\n", static_cast<int>(100 * done_ / total_),
+                 name.c_str(), static_cast<long long>(steps));
   draw(true);
 }
 
@@ -102,12 +110,14 @@ void Progress::draw(bool force) {
       text += " |" + peer_stage;
     }
   }
-  const double frac = std::min(1.0, static_cast<double>(done) / static_cast<double>(std::max<int64_t>(1, total)));
+  const double frac =
+      std::min(1.0, static_cast<double>(done) / static_cast<double>(std::max<int64_t>(1, total)));
   const int width = 30, filled = static_cast<int>(frac * width);
   std::string bar(static_cast<size_t>(filled), '#');
   bar.resize(width, '.');
   const double elapsed = std::chrono::duration<double>(now - start_).count();
-  std::fprintf(stderr, "\r\033[K[%s] %3d%% %5.0fs  %.120s", bar.c_str(), static_cast<int>(frac * 100), elapsed, text.c_str());
+  std::fprintf(stderr, "\r\033[K[%s] %3d%% %5.0fs  %.120s", bar.c_str(), static_cast<int>(frac * 100),
+               elapsed, text.c_str());
   std::fflush(stderr);
 }
 
@@ -202,13 +212,17 @@ std::string hex64(uint64_t h) {
   return buf;
 }
 
-bool cache_complete(const std::string& dir) { return fs::exists(fs::path(dir) / "pretrain.json"); }
+bool cache_complete(const std::string& dir) {
+  return fs::exists(fs::path(dir) / "pretrain.json");
+}
 
 namespace {
 
 std::string default_cache_dir() {
-  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg) return (fs::path(xdg) / "mdl" / "demo").string();
-  if (const char* home = std::getenv("HOME"); home && *home) return (fs::path(home) / ".cache" / "mdl" / "demo").string();
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
+    return (fs::path(xdg) / "mdl" / "demo").string();
+  if (const char* home = std::getenv("HOME"); home && *home)
+    return (fs::path(home) / ".cache" / "mdl" / "demo").string();
   return (fs::temp_directory_path() / "mdl-demo-cache").string();
 }
 
@@ -219,7 +233,8 @@ void print_summary(const DemoOptions& options, const nlohmann::json& r) {
     std::snprintf(buf, sizeof(buf), "%5.1f%%", 100.0 * v.get<double>());
     return std::string(buf);
   };
-  std::printf("\nmdl demo (%s run) — figures in %s/report.md\n\n", r["run"]["size"].get<std::string>().c_str(), options.out_dir.c_str());
+  std::printf("\nmdl demo (%s run) — figures in %s/report.md\n\n",
+              r["run"]["size"].get<std::string>().c_str(), options.out_dir.c_str());
   if (r.contains("vision_backbone"))
     std::printf("ViT on Fashion-MNIST: test accuracy %s, %lld parameters%s\n",
                 pct(r["vision_backbone"]["test_accuracy"]).c_str(),
@@ -228,18 +243,24 @@ void print_summary(const DemoOptions& options, const nlohmann::json& r) {
   if (r.contains("transfer")) {
     std::printf("\nTransfer to digits          accuracy   trainable params\n");
     for (const auto& m : r["transfer"]["methods"])
-      std::printf("  %-24s %s   %9lld (%.2f%%)\n", m["method"].get<std::string>().c_str(), pct(m["accuracy"]).c_str(),
-                  static_cast<long long>(m["trainable_parameters"].get<int64_t>()), m["trainable_percent"].get<double>());
+      std::printf("  %-24s %s   %9lld (%.2f%%)\n", m["method"].get<std::string>().c_str(),
+                  pct(m["accuracy"]).c_str(),
+                  static_cast<long long>(m["trainable_parameters"].get<int64_t>()),
+                  m["trainable_percent"].get<double>());
   }
   if (r.contains("continual"))
-    std::printf("\nContinual (5 tasks)  final mean accuracy: modules %s, sequential full FT %s; forgetting: modules %s, "
-                "full FT %s\n", pct(r["continual"]["modules"]["final_mean"]).c_str(),
-                pct(r["continual"]["sequential_full_ft"]["final_mean"]).c_str(),
-                pct(r["continual"]["modules"]["forgetting"]).c_str(),
-                pct(r["continual"]["sequential_full_ft"]["forgetting"]).c_str());
+    std::printf(
+        "\nContinual (5 tasks)  final mean accuracy: modules %s, sequential full FT %s; forgetting: modules "
+        "%s, "
+        "full FT %s\n",
+        pct(r["continual"]["modules"]["final_mean"]).c_str(),
+        pct(r["continual"]["sequential_full_ft"]["final_mean"]).c_str(),
+        pct(r["continual"]["modules"]["forgetting"]).c_str(),
+        pct(r["continual"]["sequential_full_ft"]["forgetting"]).c_str());
   if (r.contains("polytropon"))
     std::printf("Multi-task routing   mean accuracy: Polytropon %s, one shared LoRA %s\n",
-                pct(r["polytropon"]["mean_accuracy"]).c_str(), pct(r["polytropon"]["shared_lora_mean_accuracy"]).c_str());
+                pct(r["polytropon"]["mean_accuracy"]).c_str(),
+                pct(r["polytropon"]["shared_lora_mean_accuracy"]).c_str());
   if (r.contains("moe"))
     std::printf("Mixture of experts   digits accuracy: upcycled top-2-of-4 %s vs dense %s\n",
                 pct(r["moe"]["accuracy"]).c_str(), pct(r["moe"]["dense_accuracy"]).c_str());
@@ -253,14 +274,15 @@ void print_summary(const DemoOptions& options, const nlohmann::json& r) {
     std::printf("\nCross-lingual word order (zero-shot)   decoder  task: none  on English  MAD-X\n");
     for (const auto& l : r["crosslingual"]["languages"])
       std::printf("  %-36s %s    %s       %s       %s\n", l["language"].get<std::string>().c_str(),
-                  pct(l["backbone_alone"]).c_str(), pct(l["no_language_adapter"]).c_str(), pct(l["english_adapter"]).c_str(),
-                  pct(l["madx"]).c_str());
+                  pct(l["backbone_alone"]).c_str(), pct(l["no_language_adapter"]).c_str(),
+                  pct(l["english_adapter"]).c_str(), pct(l["madx"]).c_str());
   }
   std::printf("\nExpected directions:\n");
   for (const auto& c : r["checks"])
     std::printf("  [%s] %s (%s)\n", c["holds"].get<bool>() ? "holds" : "DOES NOT HOLD",
                 c["claim"].get<std::string>().c_str(), c["detail"].get<std::string>().c_str());
-  if (r.contains("serve_command")) std::printf("\nServe the trained modules:\n  %s\n", r["serve_command"].get<std::string>().c_str());
+  if (r.contains("serve_command"))
+    std::printf("\nServe the trained modules:\n  %s\n", r["serve_command"].get<std::string>().c_str());
 }
 
 }  // namespace
@@ -274,7 +296,8 @@ nlohmann::json run_demo(const DemoOptions& options) {
   ctx.figures_dir = (fs::path(options.out_dir) / "figures").string();
   ctx.modules_dir = (fs::path(options.out_dir) / "modules").string();
   ctx.models_dir = (fs::path(options.out_dir) / "models").string();
-  for (const auto& d : {ctx.cache_dir, ctx.figures_dir, ctx.modules_dir, ctx.models_dir}) fs::create_directories(d);
+  for (const auto& d : {ctx.cache_dir, ctx.figures_dir, ctx.modules_dir, ctx.models_dir})
+    fs::create_directories(d);
   const auto start = std::chrono::steady_clock::now();
   const bool vit_cached = !options.no_cache && cache_complete(vit_cache_path(ctx));
   MDL_CHECK(options.part == "all" || options.part == "vision" || options.part == "language", "[demo] part '",
@@ -284,8 +307,9 @@ nlohmann::json run_demo(const DemoOptions& options) {
                         (language ? planned_language_steps(ctx.sizes) : 0),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
-  ctx.results["run"] = {{"size", size_name(options.size)}, {"part", options.part}, {"seed", options.seed}, {"device", options.device},
-                        {"cores", available_cores()}, {"processes", 1}};
+  ctx.results["run"] = {
+      {"size", size_name(options.size)}, {"part", options.part},       {"seed", options.seed},
+      {"device", options.device},        {"cores", available_cores()}, {"processes", 1}};
   ctx.results["figures"] = nlohmann::json::array();
   if (vision) run_vision(ctx);
   if (language) run_language(ctx);
@@ -293,7 +317,8 @@ nlohmann::json run_demo(const DemoOptions& options) {
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);
   nlohmann::json checks = nlohmann::json::array();
-  for (const auto& c : ctx.checks) checks.push_back({{"claim", c.claim}, {"holds", c.holds}, {"detail", c.detail}});
+  for (const auto& c : ctx.checks)
+    checks.push_back({{"claim", c.claim}, {"holds", c.holds}, {"detail", c.detail}});
   ctx.results["checks"] = checks;
   if (options.write_outputs) write_outputs(options, ctx.results);
   return ctx.results;

@@ -4,10 +4,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
-#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -85,7 +85,8 @@ struct Context {
 };
 
 /// Training settings for the demo: AdamW, warm-up then cosine decay, the run's seed.
-TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t batch, bool train_base = false);
+TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t batch,
+                           bool train_base = false);
 /// Trains `trainable` modules of `set` (or the whole model with train_base), showing progress under
 /// `stage`; returns each step's metrics.
 std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<std::string>& trainable,

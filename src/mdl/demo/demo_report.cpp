@@ -72,20 +72,25 @@ std::vector<Section> sections(const json& r) {
   if (r.contains("vision_backbone")) {
     const json& v = r["vision_backbone"];
     Section s{"vision_backbone", "1. Vision backbone: a small ViT on Fashion-MNIST", {}, {}};
-    s.text.push_back("A `ViTForImageClassification` (Hugging Face layout: it loads, saves and takes modules like the other "
-                     "backbones), trained from scratch" + std::string(v["cached"].get<bool>() ? " (loaded from the cache)" : "") +
-                     ".");
-    s.tables.push_back({{"parameters", "pretraining steps", "training images", "test accuracy", "seconds"},
-                        {{std::to_string(v["parameters"].get<int64_t>()), std::to_string(v["pretrain_steps"].get<int64_t>()),
-                          std::to_string(v["pretrain_examples"].get<int64_t>()), pct(v["test_accuracy"]),
-                          num(v["pretrain_seconds"], "%.1f")}}});
+    s.text.push_back(
+        "A `ViTForImageClassification` (Hugging Face layout: it loads, saves and takes modules like the "
+        "other "
+        "backbones), trained from scratch" +
+        std::string(v["cached"].get<bool>() ? " (loaded from the cache)" : "") + ".");
+    s.tables.push_back(
+        {{"parameters", "pretraining steps", "training images", "test accuracy", "seconds"},
+         {{std::to_string(v["parameters"].get<int64_t>()), std::to_string(v["pretrain_steps"].get<int64_t>()),
+           std::to_string(v["pretrain_examples"].get<int64_t>()), pct(v["test_accuracy"]),
+           num(v["pretrain_seconds"], "%.1f")}}});
     out.push_back(s);
   }
   if (r.contains("transfer")) {
     Section s{"transfer", "2. Transfer to handwritten digits", {}, {}};
-    s.text.push_back("The Fashion-MNIST ViT adapted to MNIST digits (" + std::to_string(r["transfer"]["train_examples"].get<int64_t>()) +
-                     " training, " + std::to_string(r["transfer"]["test_examples"].get<int64_t>()) +
-                     " test images). The linear probe is a full-rank LoRA on the classifier, so it is saved as a module too.");
+    s.text.push_back("The Fashion-MNIST ViT adapted to MNIST digits (" +
+                     std::to_string(r["transfer"]["train_examples"].get<int64_t>()) + " training, " +
+                     std::to_string(r["transfer"]["test_examples"].get<int64_t>()) +
+                     " test images). The linear probe is a full-rank LoRA on the classifier, so it is saved "
+                     "as a module too.");
     Table t{{"method", "accuracy", "trainable parameters", "% of the model", "seconds"}, {}};
     for (const auto& m : r["transfer"]["methods"])
       t.rows.push_back({m["method"].get<std::string>(), pct(m["accuracy"]),
@@ -97,9 +102,11 @@ std::vector<Section> sections(const json& r) {
   if (r.contains("continual")) {
     const json& c = r["continual"];
     Section s{"continual", "3. Continual learning: five two-class tasks in sequence", {}, {}};
-    s.text.push_back("Fashion-MNIST split into five tasks of two classes each, labelled 0/1 within the task, learned one "
-                     "after the other. Accuracy of each task's decision at the end; forgetting = mean drop from right after "
-                     "learning a task to the end.");
+    s.text.push_back(
+        "Fashion-MNIST split into five tasks of two classes each, labelled 0/1 within the task, learned one "
+        "after the other. Accuracy of each task's decision at the end; forgetting = mean drop from right "
+        "after "
+        "learning a task to the end.");
     Table t{{"", "task 1", "task 2", "task 3", "task 4", "task 5", "mean", "forgetting"}, {}};
     auto row = [&](const std::string& name, const json& v, const json& mean, const json& forgetting) {
       std::vector<std::string> cells = {name};
@@ -110,8 +117,8 @@ std::vector<Section> sections(const json& r) {
     };
     row("backbone alone (no training)", c["backbone_alone"], json(), json());
     row("a module per task", c["modules"]["final"], c["modules"]["final_mean"], c["modules"]["forgetting"]);
-    row("sequential full fine-tuning", c["sequential_full_ft"]["final"], c["sequential_full_ft"]["final_mean"],
-        c["sequential_full_ft"]["forgetting"]);
+    row("sequential full fine-tuning", c["sequential_full_ft"]["final"],
+        c["sequential_full_ft"]["final_mean"], c["sequential_full_ft"]["forgetting"]);
     s.tables.push_back(t);
     Table m{{"after learning", "task 1", "task 2", "task 3", "task 4", "task 5"}, {}};
     const json& acc = c["sequential_full_ft"]["accuracy_after_each_task"];
@@ -126,9 +133,10 @@ std::vector<Section> sections(const json& r) {
   if (r.contains("polytropon")) {
     const json& p = r["polytropon"];
     Section s{"polytropon", "4. Multi-task routing: Polytropon", {}, {}};
-    s.text.push_back("The same five tasks learned jointly. Their labels conflict (0/1 means something else in each task), "
-                     "so one shared module cannot serve them all; Polytropon routes each task to a learned mix of " +
-                     std::to_string(p["skills"].get<int64_t>()) + " skill LoRAs.");
+    s.text.push_back(
+        "The same five tasks learned jointly. Their labels conflict (0/1 means something else in each task), "
+        "so one shared module cannot serve them all; Polytropon routes each task to a learned mix of " +
+        std::to_string(p["skills"].get<int64_t>()) + " skill LoRAs.");
     Table t{{"", "task 1", "task 2", "task 3", "task 4", "task 5", "mean"}, {}};
     std::vector<std::string> a = {"Polytropon"}, b = {"one shared LoRA"};
     for (const auto& x : p["accuracy"]) a.push_back(pct(x));
@@ -141,11 +149,15 @@ std::vector<Section> sections(const json& r) {
   if (r.contains("moe")) {
     const json& m = r["moe"];
     Section s{"moe", "5. Mixture of experts: the ViT upcycled", {}, {}};
-    s.text.push_back("Every MLP copied into 4 experts behind a new top-2 router (sparse upcycling), then fine-tuned on the "
-                     "digits with a load-balancing loss (0.01); compared with the dense model's full fine-tuning.");
+    s.text.push_back(
+        "Every MLP copied into 4 experts behind a new top-2 router (sparse upcycling), then fine-tuned on "
+        "the "
+        "digits with a load-balancing loss (0.01); compared with the dense model's full fine-tuning.");
     Table t{{"model", "digits accuracy", "parameters"}, {}};
-    t.rows.push_back({"upcycled, before fine-tuning", pct(m["accuracy_before_training"]), std::to_string(m["parameters"].get<int64_t>())});
-    t.rows.push_back({"upcycled top-2-of-4, fine-tuned", pct(m["accuracy"]), std::to_string(m["parameters"].get<int64_t>())});
+    t.rows.push_back({"upcycled, before fine-tuning", pct(m["accuracy_before_training"]),
+                      std::to_string(m["parameters"].get<int64_t>())});
+    t.rows.push_back({"upcycled top-2-of-4, fine-tuned", pct(m["accuracy"]),
+                      std::to_string(m["parameters"].get<int64_t>())});
     t.rows.push_back({"dense, fully fine-tuned", pct(m["dense_accuracy"]), "–"});
     s.tables.push_back(t);
     Table l{{"layer", "expert 0", "expert 1", "expert 2", "expert 3"}, {}};
@@ -159,10 +171,12 @@ std::vector<Section> sections(const json& r) {
   }
   if (r.contains("merging")) {
     Section s{"merging", "6. Merging task modules", {}, {}};
-    s.text.push_back("Five LoRAs on the attention (query, value), each trained on one pair of digits (0/1, 2/3, ...) under "
-                     "the shared digits head of experiment 2 (the linear probe), merged into one module; each pair's "
-                     "accuracy (the decision between its two digits) with the merged module, its own module and the head "
-                     "alone, and accuracy on all ten digits.");
+    s.text.push_back(
+        "Five LoRAs on the attention (query, value), each trained on one pair of digits (0/1, 2/3, ...) "
+        "under "
+        "the shared digits head of experiment 2 (the linear probe), merged into one module; each pair's "
+        "accuracy (the decision between its two digits) with the merged module, its own module and the head "
+        "alone, and accuracy on all ten digits.");
     Table t{{"module", "0/1", "2/3", "4/5", "6/7", "8/9", "mean", "10-way"}, {}};
     for (const auto& m : r["merging"]["methods"]) {
       std::vector<std::string> cells = {m["method"].get<std::string>()};
@@ -177,22 +191,28 @@ std::vector<Section> sections(const json& r) {
   if (r.contains("crosslingual")) {
     const json& c = r["crosslingual"];
     Section s{"crosslingual", "7. Cross-lingual transfer (MAD-X)", {}, {}};
-    s.text.push_back("A small Llama-style decoder pretrained here on fortune cookies in eight languages (perplexity " +
-                     num(c["pretrain"]["perplexity"], "%.1f") + " on held-out text), a language adapter per language "
-                     "(LM objective), and a task adapter trained on English pairs only, stacked on the English adapter. Task: " +
-                     c["task"]["name"].get<std::string>() + ". A pair counts as right when the model finds the original "
-                     "more likely. Zero-shot accuracy per language: the decoder alone, and the task adapter with no "
-                     "language adapter, on the English adapter, and on the language's own adapter (MAD-X).");
+    s.text.push_back(
+        "A small Llama-style decoder pretrained here on fortune cookies in eight languages (perplexity " +
+        num(c["pretrain"]["perplexity"], "%.1f") +
+        " on held-out text), a language adapter per language "
+        "(LM objective), and a task adapter trained on English pairs only, stacked on the English adapter. "
+        "Task: " +
+        c["task"]["name"].get<std::string>() +
+        ". A pair counts as right when the model finds the original "
+        "more likely. Zero-shot accuracy per language: the decoder alone, and the task adapter with no "
+        "language adapter, on the English adapter, and on the language's own adapter (MAD-X).");
     Table p{{"language", "perplexity, backbone", "perplexity, with its adapter"}, {}};
     for (const auto& l : c["language_model_perplexity"])
-      p.rows.push_back({l["language"].get<std::string>(), num(l["backbone"], "%.1f"), num(l["with_language_adapter"], "%.1f")});
+      p.rows.push_back({l["language"].get<std::string>(), num(l["backbone"], "%.1f"),
+                        num(l["with_language_adapter"], "%.1f")});
     s.tables.push_back(p);
-    Table t{{"language", "test pairs", "decoder alone", "task adapter, no language adapter", "on the English adapter",
-             "MAD-X (own adapter)"},
+    Table t{{"language", "test pairs", "decoder alone", "task adapter, no language adapter",
+             "on the English adapter", "MAD-X (own adapter)"},
             {}};
     for (const auto& l : c["languages"])
       t.rows.push_back({l["language"].get<std::string>(), std::to_string(l["test_pairs"].get<int64_t>()),
-                        pct(l["backbone_alone"]), pct(l["no_language_adapter"]), pct(l["english_adapter"]), pct(l["madx"])});
+                        pct(l["backbone_alone"]), pct(l["no_language_adapter"]), pct(l["english_adapter"]),
+                        pct(l["madx"])});
     s.tables.push_back(t);
     out.push_back(s);
   }
@@ -211,15 +231,18 @@ void write_report(const DemoOptions& options, const json& r) {
   std::ostringstream md, html;
   const std::string title = "mdl demo: what modularity buys";
   md << "# " << title << "\n\n";
-  md << "Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"] << ", " << r["run"]["cores"]
-     << " cores, " << r["run"]["processes"] << " process(es), " << num(r["run"]["seconds"], "%.0f")
-     << " s. Every figure is also in `results.json`.\n\n";
+  md << "Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"] << ", "
+     << r["run"]["cores"] << " cores, " << r["run"]["processes"] << " process(es), "
+     << num(r["run"]["seconds"], "%.0f") << " s. Every figure is also in `results.json`.\n\n";
   html << "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" << title << "</title>\n"
-       << "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse;"
-          "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child,th:first-child{"
+       << "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 "
+          "1em}table{border-collapse:collapse;"
+          "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em "
+          ".6em;text-align:right}td:first-child,th:first-child{"
           "text-align:left}img{max-width:100%}.holds{color:#060}.fails{color:#a00}</style></head><body>\n";
-  html << "<h1>" << title << "</h1>\n<p>Run: " << r["run"]["size"].get<std::string>() << ", seed " << r["run"]["seed"]
-       << ", " << r["run"]["cores"] << " cores, " << r["run"]["processes"] << " process(es), " << num(r["run"]["seconds"], "%.0f")
+  html << "<h1>" << title << "</h1>\n<p>Run: " << r["run"]["size"].get<std::string>() << ", seed "
+       << r["run"]["seed"] << ", " << r["run"]["cores"] << " cores, " << r["run"]["processes"]
+       << " process(es), " << num(r["run"]["seconds"], "%.0f")
        << " s. Every figure is also in <code>results.json</code>.</p>\n";
   md << "## Expected directions\n\n";
   html << "<h2>Expected directions</h2>\n<ul>\n";
@@ -240,14 +263,17 @@ void write_report(const DemoOptions& options, const json& r) {
     for (const auto& f : r["figures"]) {
       if (f["section"] != s.key) continue;
       md << "![" << f["caption"].get<std::string>() << "](" << f["file"].get<std::string>() << ")\n\n";
-      html << "<figure><img src=\"" << f["file"].get<std::string>() << "\" alt=\"" << escape(f["caption"].get<std::string>())
-           << "\"><figcaption>" << escape(f["caption"].get<std::string>()) << "</figcaption></figure>\n";
+      html << "<figure><img src=\"" << f["file"].get<std::string>() << "\" alt=\""
+           << escape(f["caption"].get<std::string>()) << "\"><figcaption>"
+           << escape(f["caption"].get<std::string>()) << "</figcaption></figure>\n";
     }
   }
   if (r.contains("serve_command")) {
-    md << "## Serving the trained modules\n\n```\n" << r["serve_command"].get<std::string>() << "\n"
+    md << "## Serving the trained modules\n\n```\n"
+       << r["serve_command"].get<std::string>() << "\n"
        << r["serve_example"].get<std::string>() << "\n```\n";
-    html << "<h2>Serving the trained modules</h2>\n<pre>" << escape(r["serve_command"].get<std::string>()) << "\n"
+    html << "<h2>Serving the trained modules</h2>\n<pre>" << escape(r["serve_command"].get<std::string>())
+         << "\n"
          << escape(r["serve_example"].get<std::string>()) << "</pre>\n";
   }
   html << "</body></html>\n";

@@ -47,14 +47,15 @@ std::vector<LanguageText> read_languages(const Context& ctx) {
                            ? it->second
                            : package_files(package, ctx.options.fortunes_root, ctx.options.dpkg_info);
     auto entries = read_fortunes(files);
-    MDL_CHECK(entries.size() >= 8, "[demo] only ", entries.size(), " fortunes for language '", language, "' (package ",
-              package, "); expected hundreds");
+    MDL_CHECK(entries.size() >= 8, "[demo] only ", entries.size(), " fortunes for language '", language,
+              "' (package ", package, "); expected hundreds");
     std::mt19937_64 rng(ctx.options.seed + fnv1a(language));
     std::shuffle(entries.begin(), entries.end(), rng);
     LanguageText t{language, {}, {}};
     const size_t held = entries.size() / 4;
     t.held_out.assign(entries.begin(), entries.begin() + static_cast<std::ptrdiff_t>(held));
-    for (size_t i = held; i < entries.size() && static_cast<int64_t>(t.lm.size()) < ctx.sizes.lm_texts_per_language; ++i) {
+    for (size_t i = held;
+         i < entries.size() && static_cast<int64_t>(t.lm.size()) < ctx.sizes.lm_texts_per_language; ++i) {
       if (plain_words(entries[i]).size() < 3) continue;
       t.lm.push_back(plain_text(entries[i]));
     }
@@ -70,7 +71,8 @@ std::vector<int64_t> encode(const Tokenizer& tok, const std::string& text, int64
 }
 
 /// Causal-LM data: every language's texts, each example tagged with its language.
-Dataset lm_dataset(const std::vector<LanguageText>& langs, const Tokenizer& tok, int64_t max_len, bool held_out) {
+Dataset lm_dataset(const std::vector<LanguageText>& langs, const Tokenizer& tok, int64_t max_len,
+                   bool held_out) {
   Dataset d;
   for (const auto& l : langs) {
     d.languages.push_back(l.language);
@@ -126,9 +128,10 @@ ModuleConfig language_adapter(uint64_t seed) {
 std::string key_of(const Context& ctx, const std::vector<LanguageText>& langs) {
   const Sizes& s = ctx.sizes;
   std::string key = "polyglot|" + std::to_string(s.lm_hidden) + "|" + std::to_string(s.lm_layers) + "|" +
-                    std::to_string(s.lm_heads) + "|" + std::to_string(s.lm_intermediate) + "|" + std::to_string(s.vocab) +
-                    "|" + std::to_string(s.seq_len) + "|" + std::to_string(s.lm_pretrain_steps) + "|" +
-                    std::to_string(s.lm_batch) + "|" + std::to_string(ctx.options.seed) + "|" + ctx.options.device;
+                    std::to_string(s.lm_heads) + "|" + std::to_string(s.lm_intermediate) + "|" +
+                    std::to_string(s.vocab) + "|" + std::to_string(s.seq_len) + "|" +
+                    std::to_string(s.lm_pretrain_steps) + "|" + std::to_string(s.lm_batch) + "|" +
+                    std::to_string(ctx.options.seed) + "|" + ctx.options.device;
   uint64_t h = fnv1a(key);
   for (const auto& l : langs)
     for (const auto& t : l.lm) h = fnv1a(t, h);  // the data itself
@@ -167,8 +170,8 @@ at::Tensor sequence_nll(ModelImpl& model, const std::vector<std::vector<int64_t>
   }
   ModelInput in;
   in.input_ids = ids.to(model.device());
-  at::Tensor logp = at::log_softmax(model.forward(in).narrow(1, 0, T - 1).to(at::kFloat), -1);             // (n, T-1, V)
-  at::Tensor nll = -logp.gather(2, in.input_ids.narrow(1, 1, T - 1).unsqueeze(-1)).squeeze(-1);          // (n, T-1)
+  at::Tensor logp = at::log_softmax(model.forward(in).narrow(1, 0, T - 1).to(at::kFloat), -1);  // (n, T-1, V)
+  at::Tensor nll = -logp.gather(2, in.input_ids.narrow(1, 1, T - 1).unsqueeze(-1)).squeeze(-1);  // (n, T-1)
   at::Tensor m = real.narrow(1, 1, T - 1).to(nll.device());
   return (nll * m).sum(1) / m.sum(1).clamp_min(1);
 }
@@ -179,7 +182,9 @@ std::vector<double> mean_nll(ModelImpl& model, const std::vector<std::vector<int
   std::vector<double> out;
   for (size_t s = 0; s < seqs.size(); s += static_cast<size_t>(batch)) {
     const size_t e = std::min(seqs.size(), s + static_cast<size_t>(batch));
-    at::Tensor per = sequence_nll(model, {seqs.begin() + static_cast<std::ptrdiff_t>(s), seqs.begin() + static_cast<std::ptrdiff_t>(e)}).cpu();
+    at::Tensor per = sequence_nll(model, {seqs.begin() + static_cast<std::ptrdiff_t>(s),
+                                          seqs.begin() + static_cast<std::ptrdiff_t>(e)})
+                         .cpu();
     for (int64_t i = 0; i < per.size(0); ++i) out.push_back(per[i].item<double>());
   }
   return out;
@@ -233,9 +238,13 @@ void run_language(Context& ctx) {
   }
   const Tokenizer tok = Tokenizer::from_file((fs::path(dir) / "tokenizer.json").string());
   Model lm = load_model(dir, load);
-  nlohmann::json result = {{"pretrain", {{"perplexity", info["perplexity"]}, {"texts", info["texts"]},
-                                         {"parameters", info["parameters"]}, {"seconds", info["seconds"]},
-                                         {"cached", cached}, {"path", dir}}}};
+  nlohmann::json result = {{"pretrain",
+                            {{"perplexity", info["perplexity"]},
+                             {"texts", info["texts"]},
+                             {"parameters", info["parameters"]},
+                             {"seconds", info["seconds"]},
+                             {"cached", cached},
+                             {"path", dir}}}};
 
   // Language adapters, all trained in one run: each example goes through its own language's adapter.
   auto stage_start = std::chrono::steady_clock::now();
@@ -248,7 +257,8 @@ void run_language(Context& ctx) {
     lang_options.routing.by_language[langs[i].language] = {name};
   }
   std::vector<std::string> lang_names = lm_set.names();
-  const Dataset lm_data = lm_dataset(langs, tok, s.seq_len, false), held = lm_dataset(langs, tok, s.seq_len, true);
+  const Dataset lm_data = lm_dataset(langs, tok, s.seq_len, false),
+                held = lm_dataset(langs, tok, s.seq_len, true);
   train(ctx, lm_set, lang_names, lang_options, lm_data, "language adapters (8 languages, LM objective)");
   nlohmann::json perplexity = nlohmann::json::array();
   for (const auto& l : langs) {
@@ -268,31 +278,37 @@ void run_language(Context& ctx) {
   // by its mean next-token loss; the task adapter, stacked on the English adapter (MAD-X), learns on
   // English pairs to give the original the lower loss. Zero-shot, each language's pairs are scored with
   // the task adapter on that language's adapter, on the English adapter, and on none.
-  using EncodedPairs = std::pair<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>>;  // originals, shuffled
+  using EncodedPairs =
+      std::pair<std::vector<std::vector<int64_t>>, std::vector<std::vector<int64_t>>>;  // originals, shuffled
   auto encode_pairs = [&](const std::vector<WordOrderPair>& pairs) {
     EncodedPairs out;
     for (const auto& p : pairs)
-      out.first.push_back(encode(tok, p.original, s.seq_len)), out.second.push_back(encode(tok, p.shuffled, s.seq_len));
+      out.first.push_back(encode(tok, p.original, s.seq_len)),
+          out.second.push_back(encode(tok, p.shuffled, s.seq_len));
     return out;
   };
   const LanguageText& english = langs.front();
-  const auto en = word_order_pairs(english.held_out, s.text_task_train + s.text_task_test, ctx.options.seed + 100);
+  const auto en =
+      word_order_pairs(english.held_out, s.text_task_train + s.text_task_test, ctx.options.seed + 100);
   MDL_CHECK(static_cast<int64_t>(en.size()) > s.text_task_test, "[demo] only ", en.size(),
             " English word-order pairs; expected more than ", s.text_task_test);
   std::map<std::string, std::vector<WordOrderPair>> tests;
   tests["en"].assign(en.begin(), en.begin() + s.text_task_test);
   const std::vector<WordOrderPair> en_train(en.begin() + s.text_task_test, en.end());
   for (size_t i = 1; i < langs.size(); ++i)
-    tests[langs[i].language] = word_order_pairs(langs[i].held_out, s.text_task_test, ctx.options.seed + 100 + i);
+    tests[langs[i].language] =
+        word_order_pairs(langs[i].held_out, s.text_task_test, ctx.options.seed + 100 + i);
 
-  lm_set.add("word-order", language_adapter(ctx.options.seed + 90));  // after the language adapters: stacked on them
+  lm_set.add("word-order",
+             language_adapter(ctx.options.seed + 90));  // after the language adapters: stacked on them
   lm_set.freeze_base({"word-order"});
   use_language(lm_set, langs, "en");
   const auto train_ids = encode_pairs(en_train);
   std::vector<double> history;
   {
     ctx.progress->stage("task adapter on English (word order)", s.text_task_steps);
-    torch::optim::AdamW opt(lm_set.parameters({"word-order"}), torch::optim::AdamWOptions(1e-3).weight_decay(0.0));
+    torch::optim::AdamW opt(lm_set.parameters({"word-order"}),
+                            torch::optim::AdamWOptions(1e-3).weight_decay(0.0));
     std::mt19937_64 rng(ctx.options.seed + 95);
     std::uniform_int_distribution<size_t> pick(0, en_train.size() - 1);
     lm->train();
@@ -304,7 +320,8 @@ void run_language(Context& ctx) {
       for (size_t r : rows) batch.push_back(train_ids.second[r]);
       at::Tensor nll = sequence_nll(*lm, batch);  // (2n)
       // -log sigmoid(loss(shuffled) - loss(original)): the original should cost less.
-      at::Tensor loss = at::softplus(nll.narrow(0, 0, s.lm_batch) - nll.narrow(0, s.lm_batch, s.lm_batch)).mean();
+      at::Tensor loss =
+          at::softplus(nll.narrow(0, 0, s.lm_batch) - nll.narrow(0, s.lm_batch, s.lm_batch)).mean();
       opt.zero_grad();
       loss.backward();
       opt.step();
@@ -322,8 +339,8 @@ void run_language(Context& ctx) {
     for (size_t k = 0; k < a.size(); ++k) right += a[k] < b[k];
     return a.empty() ? std::nan("") : static_cast<double>(right) / static_cast<double>(a.size());
   };
-  const double train_accuracy = pair_accuracy(encode_pairs(
-      std::vector<WordOrderPair>(en_train.begin(), en_train.begin() + std::min<size_t>(en_train.size(), 600))));
+  const double train_accuracy = pair_accuracy(encode_pairs(std::vector<WordOrderPair>(
+      en_train.begin(), en_train.begin() + std::min<size_t>(en_train.size(), 600))));
   nlohmann::json rows = nlohmann::json::array();
   std::vector<double> none, with_en, madx, backbone_only;
   std::vector<std::string> names;
@@ -340,15 +357,23 @@ void run_language(Context& ctx) {
     const double b = pair_accuracy(d);
     use_language(lm_set, langs, l.language);
     const double c = pair_accuracy(d);
-    rows.push_back({{"language", l.language}, {"test_pairs", pairs.size()}, {"backbone_alone", z}, {"no_language_adapter", a},
-                    {"english_adapter", b}, {"madx", c}});
-    none.push_back(a), with_en.push_back(b), madx.push_back(c), backbone_only.push_back(z), names.push_back(l.language);
+    rows.push_back({{"language", l.language},
+                    {"test_pairs", pairs.size()},
+                    {"backbone_alone", z},
+                    {"no_language_adapter", a},
+                    {"english_adapter", b},
+                    {"madx", c}});
+    none.push_back(a), with_en.push_back(b), madx.push_back(c), backbone_only.push_back(z),
+        names.push_back(l.language);
     if (l.language != "en") ++compared, better += c > b;
   }
-  result["task"] = {{"name", "word order: which of two orders of a sentence's words (lower-cased, no punctuation) is "
-                             "the original, by the decoder's mean next-token loss"},
-                    {"train_pairs", en_train.size()}, {"steps", s.text_task_steps},
-                    {"english_train_accuracy", train_accuracy}, {"loss", history}};
+  result["task"] = {{"name",
+                     "word order: which of two orders of a sentence's words (lower-cased, no punctuation) is "
+                     "the original, by the decoder's mean next-token loss"},
+                    {"train_pairs", en_train.size()},
+                    {"steps", s.text_task_steps},
+                    {"english_train_accuracy", train_accuracy},
+                    {"loss", history}};
   result["languages"] = rows;
   seconds["zero_shot_evaluation"] = seconds_since(stage_start);
   result["seconds"] = seconds;
@@ -358,11 +383,15 @@ void run_language(Context& ctx) {
   // task adapter, stackable per request, e.g. "lang-de,word-order").
   const std::string model_dir = (fs::path(ctx.models_dir) / "polyglot").string();
   save_model(*lm, model_dir);
-  io::write_text_atomic((fs::path(model_dir) / "tokenizer.json").string(), io::read_text((fs::path(dir) / "tokenizer.json").string()));
-  for (const auto& name : lm_set.names()) lm_set.save(name, (fs::path(ctx.modules_dir) / "text" / name).string());
-  ctx.results["serve_command"] = mdl_command() + " serve --model " + model_dir + " --modules " + (fs::path(ctx.modules_dir) / "text").string();
-  ctx.results["serve_example"] = "curl -s localhost:8080/v1/completions -d '{\"model\": \"lang-de\", "
-                                 "\"prompt\": \"der hund\", \"max_tokens\": 12}'";
+  io::write_text_atomic((fs::path(model_dir) / "tokenizer.json").string(),
+                        io::read_text((fs::path(dir) / "tokenizer.json").string()));
+  for (const auto& name : lm_set.names())
+    lm_set.save(name, (fs::path(ctx.modules_dir) / "text" / name).string());
+  ctx.results["serve_command"] = mdl_command() + " serve --model " + model_dir + " --modules " +
+                                 (fs::path(ctx.modules_dir) / "text").string();
+  ctx.results["serve_example"] =
+      "curl -s localhost:8080/v1/completions -d '{\"model\": \"lang-de\", "
+      "\"prompt\": \"der hund\", \"max_tokens\": 12}'";
 
   PlotOptions plot;
   plot.title = "Zero-shot word-order accuracy by language (task adapter trained on English pairs)";
@@ -371,22 +400,28 @@ void run_language(Context& ctx) {
                  {"decoder alone", "task adapter, no language adapter", "task adapter on the English adapter",
                   "MAD-X (task adapter on the language's own adapter)"},
                  {backbone_only, none, with_en, madx}, plot);
-  ctx.figure("crosslingual", "figures/crosslingual_accuracy.svg",
-             "Share of pairs whose original order the model finds more likely, per language: the decoder alone; the "
-             "English task adapter alone, on the English adapter, on the language's own adapter");
+  ctx.figure(
+      "crosslingual", "figures/crosslingual_accuracy.svg",
+      "Share of pairs whose original order the model finds more likely, per language: the decoder alone; the "
+      "English task adapter alone, on the English adapter, on the language's own adapter");
   plot = PlotOptions();
   plot.title = "Multilingual decoder: pretraining loss";
   plot.x_label = "step", plot.y_label = "loss";
-  write_line_plot((fs::path(ctx.figures_dir) / "polyglot_pretraining_loss.svg").string(), {step_series("pretraining", info["loss"].get<std::vector<double>>())}, plot);
-  ctx.figure("crosslingual", "figures/polyglot_pretraining_loss.svg", "Pretraining loss of the multilingual decoder");
+  write_line_plot((fs::path(ctx.figures_dir) / "polyglot_pretraining_loss.svg").string(),
+                  {step_series("pretraining", info["loss"].get<std::vector<double>>())}, plot);
+  ctx.figure("crosslingual", "figures/polyglot_pretraining_loss.svg",
+             "Pretraining loss of the multilingual decoder");
   plot.title = "English task adapter: training loss (pairwise)";
-  write_line_plot((fs::path(ctx.figures_dir) / "task_adapter_loss.svg").string(), {step_series("task adapter", history)}, plot);
-  ctx.figure("crosslingual", "figures/task_adapter_loss.svg", "Training loss of the English word-order adapter");
+  write_line_plot((fs::path(ctx.figures_dir) / "task_adapter_loss.svg").string(),
+                  {step_series("task adapter", history)}, plot);
+  ctx.figure("crosslingual", "figures/task_adapter_loss.svg",
+             "Training loss of the English word-order adapter");
   ctx.check("the English task adapter learns the task (English test accuracy above the decoder's alone)",
             with_en.front() > backbone_only.front(),
-            "English test " + pct(with_en.front()) + " vs " + pct(backbone_only.front()) + " for the decoder alone, training " +
-                pct(train_accuracy));
-  ctx.check("the MAD-X stack beats the English adapter on most languages", compared > 0 && 2 * better > compared,
+            "English test " + pct(with_en.front()) + " vs " + pct(backbone_only.front()) +
+                " for the decoder alone, training " + pct(train_accuracy));
+  ctx.check("the MAD-X stack beats the English adapter on most languages",
+            compared > 0 && 2 * better > compared,
             std::to_string(better) + " of " + std::to_string(compared) + " languages");
 }
 

@@ -186,7 +186,8 @@ std::string pretrain_vit(Context& ctx, const ImageSet& train_set, const ImageSet
   plot.x_label = "step", plot.y_label = "training loss";
   write_line_plot((fs::path(ctx.figures_dir) / "vit_pretraining_loss.svg").string(),
                   {step_series("loss", info["loss"].get<std::vector<double>>())}, plot);
-  ctx.figure("vision_backbone", "figures/vit_pretraining_loss.svg", "Training loss of the ViT on Fashion-MNIST");
+  ctx.figure("vision_backbone", "figures/vit_pretraining_loss.svg",
+             "Training loss of the ViT on Fashion-MNIST");
   return dir;
 }
 
@@ -197,8 +198,10 @@ void transfer(Context& ctx, const std::string& vit, const Dataset& train_d, cons
   struct Method {
     std::string name, key;
   };
-  const std::vector<Method> methods = {{"linear probe", "probe"}, {"LoRA r=4 (all projections) + head", "lora"},
-                                       {"bottleneck adapter + head", "adapter"}, {"full fine-tuning", "full"}};
+  const std::vector<Method> methods = {{"linear probe", "probe"},
+                                       {"LoRA r=4 (all projections) + head", "lora"},
+                                       {"bottleneck adapter + head", "adapter"},
+                                       {"full fine-tuning", "full"}};
   nlohmann::json rows = nlohmann::json::array();
   std::vector<Series> curves;
   std::vector<double> accs, params;
@@ -213,24 +216,33 @@ void transfer(Context& ctx, const std::string& vit, const Dataset& train_d, cons
     const std::string head = m.key == "probe" ? "digits-probe" : "digits-" + m.key + "-head";
     if (m.key != "full") set.add(head, lora(10, {"classifier"}, ctx.options.seed)), trainable.push_back(head);
     // LoRA on every projection ("dense" covers the attention output and both MLP layers).
-    if (m.key == "lora") set.add("digits-lora", lora(4, {"query", "key", "value", "dense"}, ctx.options.seed + 1)), trainable.push_back("digits-lora");
-    if (m.key == "adapter") set.add("digits-adapter", adapter(2, ctx.options.seed + 2)), trainable.push_back("digits-adapter");
+    if (m.key == "lora")
+      set.add("digits-lora", lora(4, {"query", "key", "value", "dense"}, ctx.options.seed + 1)),
+          trainable.push_back("digits-lora");
+    if (m.key == "adapter")
+      set.add("digits-adapter", adapter(2, ctx.options.seed + 2)), trainable.push_back("digits-adapter");
     const bool full = m.key == "full";
-    auto history = train(ctx, set, trainable, train_options(ctx, s.transfer_steps, full ? 1e-3 : 1e-2, s.batch, full),
-                         train_d, "transfer to digits: " + m.name);
+    auto history =
+        train(ctx, set, trainable, train_options(ctx, s.transfer_steps, full ? 1e-3 : 1e-2, s.batch, full),
+              train_d, "transfer to digits: " + m.name);
     const double seconds = seconds_since(start);
     const double acc = accuracy(predict_logits(*model, test_d), truth);
     const int64_t trainable_params = full ? total : set.summary().trainable;
-    rows.push_back({{"method", m.name}, {"accuracy", acc}, {"trainable_parameters", trainable_params},
-                    {"trainable_percent", 100.0 * static_cast<double>(trainable_params) / static_cast<double>(total)},
-                    {"seconds", seconds}});
+    rows.push_back(
+        {{"method", m.name},
+         {"accuracy", acc},
+         {"trainable_parameters", trainable_params},
+         {"trainable_percent", 100.0 * static_cast<double>(trainable_params) / static_cast<double>(total)},
+         {"seconds", seconds}});
     curves.push_back(step_series(m.name, losses(history)));
     accs.push_back(acc);
     params.push_back(static_cast<double>(trainable_params));
     for (const auto& name : trainable) set.save(name, (fs::path(ctx.modules_dir) / "vision" / name).string());
   }
-  ctx.results["transfer"] = {{"train_examples", train_d.examples.size()}, {"test_examples", test_d.examples.size()},
-                             {"steps", s.transfer_steps}, {"methods", rows}};
+  ctx.results["transfer"] = {{"train_examples", train_d.examples.size()},
+                             {"test_examples", test_d.examples.size()},
+                             {"steps", s.transfer_steps},
+                             {"methods", rows}};
   PlotOptions plot;
   plot.title = "Transfer to MNIST digits: training loss";
   plot.x_label = "step", plot.y_label = "loss";
@@ -240,8 +252,10 @@ void transfer(Context& ctx, const std::string& vit, const Dataset& train_d, cons
   plot.y_label = "accuracy";
   std::vector<std::string> names;
   for (const auto& m : methods) names.push_back(m.key);
-  write_bar_plot((fs::path(ctx.figures_dir) / "transfer_accuracy.svg").string(), names, {"accuracy"}, {accs}, plot);
-  ctx.figure("transfer", "figures/transfer_accuracy.svg", "Digit accuracy per method (probe, LoRA, adapter, full)");
+  write_bar_plot((fs::path(ctx.figures_dir) / "transfer_accuracy.svg").string(), names, {"accuracy"}, {accs},
+                 plot);
+  ctx.figure("transfer", "figures/transfer_accuracy.svg",
+             "Digit accuracy per method (probe, LoRA, adapter, full)");
   const double best_module = std::max(accs[1], accs[2]);
   ctx.check("modules come near full fine-tuning at a small fraction of the parameters",
             best_module >= accs[3] - 0.05 && std::max(params[1], params[2]) < 0.2 * params[3],
@@ -261,8 +275,9 @@ TaskData fashion_tasks(Context& ctx, const ImageSet& train, const ImageSet& test
   for (int k = 0; k < kTasks; ++k) {
     const std::string task = "task" + std::to_string(k + 1);
     const std::vector<std::string> names = {kFashion[2 * k], kFashion[2 * k + 1]};
-    t.train.push_back(dataset(sample(pair(train, 2 * k, 2 * k + 1, true), ctx.sizes.task_train, ctx.options.seed + 10 + k),
-                              names, task));
+    t.train.push_back(
+        dataset(sample(pair(train, 2 * k, 2 * k + 1, true), ctx.sizes.task_train, ctx.options.seed + 10 + k),
+                names, task));
     t.test.push_back(dataset(pair(test, 2 * k, 2 * k + 1, true), names, task));
   }
   // Test sets carry every task's name, so that task ids are the same as in the mixed training data.
@@ -314,13 +329,17 @@ void continual(Context& ctx, const std::string& vit, const TaskData& tasks) {
   auto summarise = [&](const std::vector<std::vector<double>>& acc) {
     std::vector<double> final_row = acc[kTasks - 1], drops;
     for (int j = 0; j + 1 < kTasks; ++j) drops.push_back(acc[j][j] - acc[kTasks - 1][j]);
-    return nlohmann::json{{"accuracy_after_each_task", matrix_json(acc)}, {"final", final_row},
-                          {"final_mean", mean(final_row)}, {"forgetting", mean(drops)}};
+    return nlohmann::json{{"accuracy_after_each_task", matrix_json(acc)},
+                          {"final", final_row},
+                          {"final_mean", mean(final_row)},
+                          {"forgetting", mean(drops)}};
   };
   std::vector<std::string> task_names;
   for (int k = 0; k < kTasks; ++k) task_names.push_back(kFashion[2 * k] + "/" + kFashion[2 * k + 1]);
-  ctx.results["continual"] = {{"tasks", task_names}, {"steps_per_task", s.task_steps},
-                              {"backbone_alone", untrained}, {"modules", summarise(modules)},
+  ctx.results["continual"] = {{"tasks", task_names},
+                              {"steps_per_task", s.task_steps},
+                              {"backbone_alone", untrained},
+                              {"modules", summarise(modules)},
                               {"sequential_full_ft", summarise(full)}};
   std::vector<double> just_learned;
   for (int k = 0; k < kTasks; ++k) just_learned.push_back(full[k][k]);
@@ -332,12 +351,14 @@ void continual(Context& ctx, const std::string& vit, const TaskData& tasks) {
   write_bar_plot((fs::path(ctx.figures_dir) / "continual_accuracy.svg").string(), short_names,
                  {"modules, at the end", "full FT, just learned", "full FT, at the end"},
                  {modules[kTasks - 1], just_learned, full[kTasks - 1]}, plot);
-  ctx.figure("continual", "figures/continual_accuracy.svg",
-             "Each task's accuracy: with its module at the end, and with sequential full fine-tuning right after "
-             "learning it and at the end");
+  ctx.figure(
+      "continual", "figures/continual_accuracy.svg",
+      "Each task's accuracy: with its module at the end, and with sequential full fine-tuning right after "
+      "learning it and at the end");
   std::vector<Series> first;  // task 1's accuracy as tasks are added
-  for (const auto& [name, acc] : {std::pair<std::string, const std::vector<std::vector<double>>*>{"modules", &modules},
-                                  {"sequential full FT", &full}}) {
+  for (const auto& [name, acc] :
+       {std::pair<std::string, const std::vector<std::vector<double>>*>{"modules", &modules},
+        {"sequential full FT", &full}}) {
     Series line{name, {}, {}};
     for (int k = 0; k < kTasks; ++k) line.x.push_back(k + 1), line.y.push_back((*acc)[k][0]);
     first.push_back(line);
@@ -345,8 +366,10 @@ void continual(Context& ctx, const std::string& vit, const TaskData& tasks) {
   plot.title = "Task 1 accuracy as later tasks are learned";
   plot.x_label = "tasks learned";
   write_line_plot((fs::path(ctx.figures_dir) / "continual_task1.svg").string(), first, plot);
-  ctx.figure("continual", "figures/continual_task1.svg", "Task 1 (T-shirt vs Trouser) accuracy after each new task");
-  const double fm = ctx.results["continual"]["modules"]["forgetting"], ff = ctx.results["continual"]["sequential_full_ft"]["forgetting"];
+  ctx.figure("continual", "figures/continual_task1.svg",
+             "Task 1 (T-shirt vs Trouser) accuracy after each new task");
+  const double fm = ctx.results["continual"]["modules"]["forgetting"],
+               ff = ctx.results["continual"]["sequential_full_ft"]["forgetting"];
   ctx.check("no forgetting with a module per task", std::abs(fm) < 1e-9, "mean accuracy drop " + pct(fm));
   ctx.check("clear forgetting with sequential full fine-tuning", ff > 0.05, "mean accuracy drop " + pct(ff));
 }
@@ -376,7 +399,10 @@ void polytropon(Context& ctx, const std::string& vit, const TaskData& tasks) {
     auto* part = dynamic_cast<PolyLoraImpl*>(set.module_at("fashion-polytropon", sites.front()).get());
     MDL_CHECK(part != nullptr, "[demo] the Polytropon module has no skill allocation");
     torch::NoGradGuard no_grad;
-    at::Tensor w = part->allocation()->weights(at::arange(kTasks, at::kLong).to(ctx.device), false).mean(1).cpu();  // (tasks, skills)
+    at::Tensor w = part->allocation()
+                       ->weights(at::arange(kTasks, at::kLong).to(ctx.device), false)
+                       .mean(1)
+                       .cpu();  // (tasks, skills)
     for (int k = 0; k < kTasks; ++k) {
       std::vector<double> row;
       for (int64_t j = 0; j < w.size(1); ++j) row.push_back(w[k][j].item<double>());
@@ -392,18 +418,25 @@ void polytropon(Context& ctx, const std::string& vit, const TaskData& tasks) {
           "multi-task: one shared LoRA");
     for (int k = 0; k < kTasks; ++k) shared_acc.push_back(binary_accuracy(*model, tasks.test[k]));
   }
-  ctx.results["polytropon"] = {{"skills", 4}, {"accuracy", poly_acc}, {"mean_accuracy", mean(poly_acc)},
-                               {"shared_lora_accuracy", shared_acc}, {"shared_lora_mean_accuracy", mean(shared_acc)},
-                               {"allocation", matrix_json(allocation)}, {"steps", s.poly_steps}};
+  ctx.results["polytropon"] = {{"skills", 4},
+                               {"accuracy", poly_acc},
+                               {"mean_accuracy", mean(poly_acc)},
+                               {"shared_lora_accuracy", shared_acc},
+                               {"shared_lora_mean_accuracy", mean(shared_acc)},
+                               {"allocation", matrix_json(allocation)},
+                               {"steps", s.poly_steps}};
   PlotOptions plot;
   plot.title = "Polytropon: learned task-by-skill allocation";
   plot.x_label = "skill", plot.y_label = "task";
   std::vector<std::string> rows, cols;
   for (int k = 0; k < kTasks; ++k) rows.push_back("task " + std::to_string(k + 1));
   for (int j = 0; j < 4; ++j) cols.push_back("skill " + std::to_string(j + 1));
-  write_heatmap((fs::path(ctx.figures_dir) / "polytropon_allocation.svg").string(), rows, cols, allocation, plot);
-  ctx.figure("polytropon", "figures/polytropon_allocation.svg", "Polytropon's learned allocation (rows sum to one)");
-  ctx.check("task routing (Polytropon) beats one shared module on conflicting tasks", mean(poly_acc) > mean(shared_acc),
+  write_heatmap((fs::path(ctx.figures_dir) / "polytropon_allocation.svg").string(), rows, cols, allocation,
+                plot);
+  ctx.figure("polytropon", "figures/polytropon_allocation.svg",
+             "Polytropon's learned allocation (rows sum to one)");
+  ctx.check("task routing (Polytropon) beats one shared module on conflicting tasks",
+            mean(poly_acc) > mean(shared_acc),
             "Polytropon " + pct(mean(poly_acc)) + " vs shared LoRA " + pct(mean(shared_acc)));
 }
 
@@ -444,9 +477,14 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
     }
   }
   save_model(*moe, (fs::path(ctx.models_dir) / "vit-moe-digits").string());
-  ctx.results["moe"] = {{"experts", 4}, {"top_k", 2}, {"accuracy_before_training", before}, {"accuracy", acc},
-                        {"dense_accuracy", ctx.results["transfer"]["full_ft_accuracy"]}, {"seconds", seconds},
-                        {"expert_load", matrix_json(load)}, {"max_load", max_load},
+  ctx.results["moe"] = {{"experts", 4},
+                        {"top_k", 2},
+                        {"accuracy_before_training", before},
+                        {"accuracy", acc},
+                        {"dense_accuracy", ctx.results["transfer"]["full_ft_accuracy"]},
+                        {"seconds", seconds},
+                        {"expert_load", matrix_json(load)},
+                        {"max_load", max_load},
                         {"parameters", moe->num_parameters()}};
   PlotOptions plot;
   plot.title = "Upcycled ViT: share of tokens per expert";
@@ -455,12 +493,13 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
   for (size_t l = 0; l < load.size(); ++l) rows.push_back("layer " + std::to_string(l));
   for (int e = 0; e < 4; ++e) cols.push_back("expert " + std::to_string(e));
   write_heatmap((fs::path(ctx.figures_dir) / "moe_expert_load.svg").string(), rows, cols, load, plot);
-  ctx.figure("moe", "figures/moe_expert_load.svg", "Expert load per layer after fine-tuning (uniform = 0.25)");
+  ctx.figure("moe", "figures/moe_expert_load.svg",
+             "Expert load per layer after fine-tuning (uniform = 0.25)");
   plot = PlotOptions();
   plot.title = "Upcycled ViT fine-tuned on digits: training loss (incl. load-balancing loss)";
   plot.x_label = "step", plot.y_label = "loss";
-  write_line_plot((fs::path(ctx.figures_dir) / "moe_loss.svg").string(), {step_series("upcycled top-2-of-4", losses(history))},
-                  plot);
+  write_line_plot((fs::path(ctx.figures_dir) / "moe_loss.svg").string(),
+                  {step_series("upcycled top-2-of-4", losses(history))}, plot);
   ctx.figure("moe", "figures/moe_loss.svg", "Training loss of the upcycled model");
 }
 
@@ -485,21 +524,24 @@ void merging(Context& ctx, const std::string& vit, const ImageSet& train_set, co
   for (int k = 0; k < kTasks; ++k) {
     const std::string name = "digits-pair" + std::to_string(k + 1);
     classes.push_back({2 * k, 2 * k + 1});
-    const Dataset tr = dataset(sample(pair(train_set, 2 * k, 2 * k + 1, false), s.task_train, ctx.options.seed + 50 + k), kDigits);
+    const Dataset tr = dataset(
+        sample(pair(train_set, 2 * k, 2 * k + 1, false), s.task_train, ctx.options.seed + 50 + k), kDigits);
     tests.push_back(dataset(pair(test, 2 * k, 2 * k + 1, false), kDigits));
     use("");
     probe_only.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
     set.add(name, lora(8, {"query", "value"}, ctx.options.seed + 60 + k));
     use(name);
-    train(ctx, set, {name}, train_options(ctx, s.task_steps, 5e-3, s.batch), tr, "merging: digit pair module " +
-          std::to_string(k + 1));
+    train(ctx, set, {name}, train_options(ctx, s.task_steps, 5e-3, s.batch), tr,
+          "merging: digit pair module " + std::to_string(k + 1));
     own.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
     dirs.push_back((fs::path(ctx.modules_dir) / "vision" / name).string());
     set.save(name, dirs.back());
   }
   use("");
   nlohmann::json methods = nlohmann::json::array();
-  methods.push_back({{"method", "shared head only"}, {"task_accuracy", probe_only}, {"mean_task_accuracy", mean(probe_only)},
+  methods.push_back({{"method", "shared head only"},
+                     {"task_accuracy", probe_only},
+                     {"mean_task_accuracy", mean(probe_only)},
                      {"ten_way_accuracy", accuracy(predict_logits(*model, all), labels_of(all))}});
   methods.push_back({{"method", "own module"}, {"task_accuracy", own}, {"mean_task_accuracy", mean(own)}});
   std::vector<std::vector<double>> bars = {probe_only, own};
@@ -508,9 +550,10 @@ void merging(Context& ctx, const std::string& vit, const ImageSet& train_set, co
     std::string label, method;
     double lambda, density;
   };
-  // Task arithmetic sums the task vectors: scaled by 0.4, the usual choice for several tasks (Ilharco et al.).
-  for (const M& m : {M{"linear (average)", "linear", 1.0, 1.0}, M{"task arithmetic (0.4)", "task_arithmetic", 0.4, 1.0},
-                     M{"TIES", "ties", 1.0, 0.5}}) {
+  // Task arithmetic sums the task vectors: scaled by 0.4, the usual choice for several tasks (Ilharco et
+  // al.).
+  for (const M& m : {M{"linear (average)", "linear", 1.0, 1.0},
+                     M{"task arithmetic (0.4)", "task_arithmetic", 0.4, 1.0}, M{"TIES", "ties", 1.0, 0.5}}) {
     MergeOptions o;
     o.method = m.method;
     o.lambda = m.lambda;
@@ -522,50 +565,58 @@ void merging(Context& ctx, const std::string& vit, const ImageSet& train_set, co
     const std::string name = set.load(out);
     use(name);
     std::vector<double> acc;
-    for (int k = 0; k < kTasks; ++k) acc.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
+    for (int k = 0; k < kTasks; ++k)
+      acc.push_back(accuracy(predict_logits(*model, tests[k]), labels_of(tests[k]), classes[k]));
     const double ten_way = accuracy(predict_logits(*model, all), labels_of(all));
-    methods.push_back({{"method", m.label}, {"task_accuracy", acc}, {"mean_task_accuracy", mean(acc)},
+    methods.push_back({{"method", m.label},
+                       {"task_accuracy", acc},
+                       {"mean_task_accuracy", mean(acc)},
                        {"ten_way_accuracy", ten_way}});
     bars.push_back(acc);
     series.push_back(m.label);
     set.remove(name);
   }
-  ctx.results["merging"] = {{"tasks", {"0/1", "2/3", "4/5", "6/7", "8/9"}}, {"methods", methods},
-                            {"steps_per_task", s.task_steps}};
+  ctx.results["merging"] = {
+      {"tasks", {"0/1", "2/3", "4/5", "6/7", "8/9"}}, {"methods", methods}, {"steps_per_task", s.task_steps}};
   PlotOptions plot;
   plot.title = "Merging five digit-pair LoRAs: accuracy per task";
   plot.y_label = "accuracy";
   write_bar_plot((fs::path(ctx.figures_dir) / "merging_accuracy.svg").string(),
                  {"0/1", "2/3", "4/5", "6/7", "8/9"}, series, bars, plot);
-  ctx.figure("merging", "figures/merging_accuracy.svg", "Each digit pair's accuracy with its own module and with merges");
+  ctx.figure("merging", "figures/merging_accuracy.svg",
+             "Each digit pair's accuracy with its own module and with merges");
   double best = 0;
   std::string best_name;
   for (size_t i = 2; i < methods.size(); ++i)
-    if (methods[i]["mean_task_accuracy"].get<double>() > best) best = methods[i]["mean_task_accuracy"], best_name = methods[i]["method"];
+    if (methods[i]["mean_task_accuracy"].get<double>() > best)
+      best = methods[i]["mean_task_accuracy"], best_name = methods[i]["method"];
   ctx.check("a merged module keeps most of what the task modules add over the shared head",
             best - mean(probe_only) >= 0.5 * (mean(own) - mean(probe_only)),
-            best_name + " " + pct(best) + " vs own modules " + pct(mean(own)) + " and the shared head alone " + pct(mean(probe_only)));
+            best_name + " " + pct(best) + " vs own modules " + pct(mean(own)) +
+                " and the shared head alone " + pct(mean(probe_only)));
 }
 
 }  // namespace
 
 std::string vit_cache_path(const Context& ctx) {
   const Sizes& s = ctx.sizes;
-  std::string key = model_config_to_json(vit_config(s)) + "|fashion-mnist|" + std::to_string(s.pretrain_examples) + "|" +
-                    std::to_string(s.pretrain_steps) + "|" + std::to_string(s.batch) + "|" +
-                    std::to_string(ctx.options.seed) + "|" + ctx.options.device;
+  std::string key = model_config_to_json(vit_config(s)) + "|fashion-mnist|" +
+                    std::to_string(s.pretrain_examples) + "|" + std::to_string(s.pretrain_steps) + "|" +
+                    std::to_string(s.batch) + "|" + std::to_string(ctx.options.seed) + "|" +
+                    ctx.options.device;
   return (fs::path(ctx.cache_dir) / ("vit-" + hex64(fnv1a(key)))).string();
 }
 
 int64_t planned_vision_steps(const Sizes& s, bool cached) {
-  return (cached ? 0 : s.pretrain_steps) + 5 * s.transfer_steps + 3 * kTasks * s.task_steps + 2 * s.poly_steps;
+  return (cached ? 0 : s.pretrain_steps) + 5 * s.transfer_steps + 3 * kTasks * s.task_steps +
+         2 * s.poly_steps;
 }
 
 void run_vision(Context& ctx) {
   const Sizes& s = ctx.sizes;
   const ImageSet fashion_train = read_fashion_mnist(ctx.options.fashion_mnist_dir, true);
-  const ImageSet fashion_test = sample(read_fashion_mnist(ctx.options.fashion_mnist_dir, false), s.test_examples,
-                                       ctx.options.seed + 2);
+  const ImageSet fashion_test =
+      sample(read_fashion_mnist(ctx.options.fashion_mnist_dir, false), s.test_examples, ctx.options.seed + 2);
   const std::string vit = pretrain_vit(ctx, fashion_train, fashion_test);
   // Digits: a seeded split of the npm package's 10,000 images.
   const ImageSet digits = sample(read_mnist_digits(ctx.options.mnist_dir), 1 << 30, ctx.options.seed + 3);

@@ -31,8 +31,14 @@ int launch_local_workers(int n, int threads) {
   child.push_back("--threads");
   child.push_back(std::to_string(std::max(1, budget / n)));
   for (size_t i = 1; i < args.size(); ++i) {
-    if (args[i] == "--threads") { ++i; continue; }  // replaced by the per-worker share
-    if (args[i] == "--nproc") { ++i; continue; }
+    if (args[i] == "--threads") {
+      ++i;
+      continue;
+    }  // replaced by the per-worker share
+    if (args[i] == "--nproc") {
+      ++i;
+      continue;
+    }
     if (args[i].rfind("--nproc=", 0) == 0 || args[i].rfind("--threads=", 0) == 0) continue;
     child.push_back(args[i]);
   }
@@ -73,7 +79,8 @@ int launch_local_workers(int n, int threads) {
     waitpid(pids[static_cast<size_t>(r)], &status, 0);
     if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0)) {
       ++failed;
-      std::fprintf(stderr, "[train] worker %d %s %d\n", r, WIFSIGNALED(status) ? "killed by signal" : "exited with",
+      std::fprintf(stderr, "[train] worker %d %s %d\n", r,
+                   WIFSIGNALED(status) ? "killed by signal" : "exited with",
                    WIFSIGNALED(status) ? WTERMSIG(status) : WEXITSTATUS(status));
     }
   }

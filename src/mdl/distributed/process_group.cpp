@@ -1,10 +1,10 @@
 #include "mdl/distributed/process_group.h"
 
 #include <ATen/ATen.h>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <cstdlib>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef USE_C10D_NCCL  // CUDA builds of libtorch: NCCL for CUDA tensors
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -34,8 +34,8 @@ DistributedOptions DistributedOptions::from_env() {
   o.master_port = env_int("MASTER_PORT", o.master_port);
   if (const char* a = std::getenv("MASTER_ADDR"); a && *a) o.master_addr = a;
   if (const char* t = std::getenv("MDL_DIST_TIMEOUT"); t && *t) o.timeout_seconds = std::atof(t);
-  MDL_CHECK(o.world_size >= 1 && o.rank < o.world_size, "[distributed] RANK ", o.rank, " must be below WORLD_SIZE ",
-            o.world_size);
+  MDL_CHECK(o.world_size >= 1 && o.rank < o.world_size, "[distributed] RANK ", o.rank,
+            " must be below WORLD_SIZE ", o.world_size);
   MDL_CHECK(o.timeout_seconds > 0, "[distributed] MDL_DIST_TIMEOUT must be > 0 seconds");
   return o;
 }
@@ -74,12 +74,14 @@ ProcessGroup::ProcessGroup(const DistributedOptions& o) : options_(o), impl_(std
     }
 #endif
     auto options = c10d::ProcessGroupGloo::Options::create(impl_->timeout);
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(o.master_addr == "localhost" ? "127.0.0.1" : o.master_addr));
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
+        o.master_addr == "localhost" ? "127.0.0.1" : o.master_addr));
     options->threads = 1;
     impl_->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, o.rank, o.world_size, options);
   } catch (const std::exception& e) {
-    MDL_FAIL("[distributed] rank ", o.rank, " of ", o.world_size, " could not join the group at ", o.master_addr, ":",
-             o.master_port, " within ", o.timeout_seconds, " s (", e.what(), "); check MASTER_ADDR/MASTER_PORT and that "
+    MDL_FAIL("[distributed] rank ", o.rank, " of ", o.world_size, " could not join the group at ",
+             o.master_addr, ":", o.master_port, " within ", o.timeout_seconds, " s (", e.what(),
+             "); check MASTER_ADDR/MASTER_PORT and that "
              "every rank started");
   }
 }
@@ -125,6 +127,8 @@ void ProcessGroup::broadcast(const std::vector<at::Tensor>& tensors, int root) {
   }
 }
 
-void ProcessGroup::barrier() { impl_->wait(impl_->pg->barrier(), "barrier", options_.rank); }
+void ProcessGroup::barrier() {
+  impl_->wait(impl_->pg->barrier(), "barrier", options_.rank);
+}
 
 }  // namespace mdl

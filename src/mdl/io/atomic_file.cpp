@@ -74,13 +74,15 @@ AtomicDirectory::AtomicDirectory(std::string target) : target_(std::move(target)
     MDL_CHECK(fs::is_directory(t, ec), "[atomic_dir] '", target_, "' exists and is not a directory");
     for (const auto& e : fs::directory_iterator(t, ec))
       MDL_CHECK(replaceable_entry(e), "[atomic_dir] '", target_, "' holds '", e.path().filename().string(),
-                "', which is not a checkpoint's or a module's file; the directory is replaced as a whole, so choose "
+                "', which is not a checkpoint's or a module's file; the directory is replaced as a whole, so "
+                "choose "
                 "a new or empty one");
   }
   if (!t.parent_path().empty()) fs::create_directories(t.parent_path());
   temp_ = target_ + ".tmp." + std::to_string(getpid()) + "." + std::to_string(counter++);
   fs::create_directories(temp_, ec);
-  MDL_CHECK(!ec, "[atomic_dir] cannot create '", temp_, "': ", ec.message(), "; is the parent directory writable?");
+  MDL_CHECK(!ec, "[atomic_dir] cannot create '", temp_, "': ", ec.message(),
+            "; is the parent directory writable?");
 }
 
 AtomicDirectory::~AtomicDirectory() {
@@ -97,8 +99,8 @@ void AtomicDirectory::commit() {
   if (fs::exists(target_, ec)) {
     aside = target_ + ".old." + std::to_string(getpid());
     fs::remove_all(aside, ec);
-    MDL_CHECK(::rename(target_.c_str(), aside.c_str()) == 0, "[atomic_dir] cannot move '", target_, "' aside: ",
-              std::strerror(errno));
+    MDL_CHECK(::rename(target_.c_str(), aside.c_str()) == 0, "[atomic_dir] cannot move '", target_,
+              "' aside: ", std::strerror(errno));
   }
   if (::rename(temp_.c_str(), target_.c_str()) != 0) {
     const int err = errno;
@@ -138,11 +140,14 @@ std::string read_text(const std::string& path, size_t max_bytes) {
   struct stat st {};
   MDL_CHECK(::fstat(fd, &st) == 0, "[read] cannot stat '", path, "': ", std::strerror(errno));
   MDL_CHECK(S_ISREG(st.st_mode), "[read] '", path, "' is not a regular file (",
-            S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device" : S_ISDIR(st.st_mode) ? "a directory"
-            : "a special file", "); mdl reads only regular files");
+            S_ISFIFO(st.st_mode)  ? "a FIFO"
+            : S_ISCHR(st.st_mode) ? "a character device"
+            : S_ISDIR(st.st_mode) ? "a directory"
+                                  : "a special file",
+            "); mdl reads only regular files");
   const auto size = static_cast<size_t>(st.st_size);
-  MDL_CHECK(size <= max_bytes, "[read] '", path, "' is ", size, " bytes; files of this kind are read whole and limited to ",
-            max_bytes, " bytes");
+  MDL_CHECK(size <= max_bytes, "[read] '", path, "' is ", size,
+            " bytes; files of this kind are read whole and limited to ", max_bytes, " bytes");
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   std::string out(size, '\0');
   size_t got = 0;

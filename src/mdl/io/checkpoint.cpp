@@ -33,9 +33,10 @@ CheckpointReader::CheckpointReader(const std::string& path) : path_(path) {
         // A shard is a file of this directory: an absolute name or one that climbs out ("../../etc/passwd")
         // is refused (links inside the directory, as in the Hugging Face cache, are followed as usual).
         const fs::path name = fs::path(it.value().get<std::string>()).lexically_normal();
-        MDL_CHECK(!name.empty() && name.is_relative() && *name.begin() != "..", "[checkpoint] '", index.string(),
-                  "' maps '", it.key(), "' to '", it.value().get<std::string>(), "', which is not a file inside '",
-                  dir.string(), "'; shards are named relative to the checkpoint directory");
+        MDL_CHECK(!name.empty() && name.is_relative() && *name.begin() != "..", "[checkpoint] '",
+                  index.string(), "' maps '", it.key(), "' to '", it.value().get<std::string>(),
+                  "', which is not a file inside '", dir.string(),
+                  "'; shards are named relative to the checkpoint directory");
         const std::string shard = (dir / name).string();
         MDL_CHECK(fs::exists(shard), "[checkpoint] '", index.string(), "' maps '", it.key(), "' to '", shard,
                   "', which does not exist; incomplete download?");
@@ -70,7 +71,9 @@ const std::string& CheckpointReader::file_of(const std::string& name) const {
   return it->second;
 }
 
-void CheckpointReader::release(const std::string& name) const { open(file_of(name)).release(name); }
+void CheckpointReader::release(const std::string& name) const {
+  open(file_of(name)).release(name);
+}
 
 at::Tensor CheckpointReader::tensor(const std::string& name) const {
   const SafetensorsFile& f = open(file_of(name));

@@ -1,8 +1,7 @@
 #include "mdl/io/json_file.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
+#include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
@@ -15,7 +14,8 @@ nlohmann::json parse_json(const std::string& text, const std::string& source, co
   } catch (const nlohmann::json::parse_error& e) {
     // e.byte is 1-based: the character after the last one read.
     const size_t at = std::min(e.byte > 0 ? e.byte - 1 : 0, text.size());
-    const size_t line = 1 + static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
+    const size_t line = 1 + static_cast<size_t>(std::count(
+                                text.begin(), text.begin() + static_cast<std::ptrdiff_t>(at), '\n'));
     const size_t line_start = text.rfind('\n', at == 0 ? 0 : at - 1);
     const size_t column = at - (line_start == std::string::npos || at == 0 ? 0 : line_start + 1) + 1;
     // nlohmann's message ends "...; last read: '<bytes>'": keep only what it expected.
@@ -24,7 +24,8 @@ nlohmann::json parse_json(const std::string& text, const std::string& source, co
     if (cut != std::string::npos) what.resize(cut);
     const size_t colon = what.find(": ", what.find("parse error"));
     if (colon != std::string::npos) what = what.substr(colon + 2);
-    MDL_FAIL("[json] '", source, "'", part, " is not valid JSON: line ", line, ", column ", column, ": ", what);
+    MDL_FAIL("[json] '", source, "'", part, " is not valid JSON: line ", line, ", column ", column, ": ",
+             what);
   }
 }
 

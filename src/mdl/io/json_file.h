@@ -3,9 +3,8 @@
 // server must not echo it back).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <cstddef>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace mdl::io {

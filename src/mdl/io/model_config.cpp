@@ -1,7 +1,6 @@
 #include "mdl/io/model_config.h"
 
 #include <cmath>
-
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -16,8 +15,8 @@ using json = nlohmann::json;
 
 // Upper bounds of a config's sizes: far above any released checkpoint, far below what would exhaust memory
 // before a tensor is read.
-constexpr int64_t kMaxVocab = int64_t{1} << 22, kMaxHidden = int64_t{1} << 16, kMaxLayers = 1024, kMaxHeads = 1024,
-                  kMaxIntermediate = int64_t{1} << 18, kMaxPositions = int64_t{1} << 22;
+constexpr int64_t kMaxVocab = int64_t{1} << 22, kMaxHidden = int64_t{1} << 16, kMaxLayers = 1024,
+                  kMaxHeads = 1024, kMaxIntermediate = int64_t{1} << 18, kMaxPositions = int64_t{1} << 22;
 
 struct Reader {
   const json& j;
@@ -64,8 +63,8 @@ struct Reader {
     return v;
   }
   int64_t in_range(const char* key, int64_t v, int64_t lo, int64_t hi) const {
-    MDL_CHECK(v >= lo && v <= hi, "[config] '", source, "': field '", key, "' is ", v, "; expected ", lo, "..", hi,
-              " (what a checkpoint can hold; the model is sized by it)");
+    MDL_CHECK(v >= lo && v <= hi, "[config] '", source, "': field '", key, "' is ", v, "; expected ", lo,
+              "..", hi, " (what a checkpoint can hold; the model is sized by it)");
     return v;
   }
   std::string str_or(const char* key, const std::string& fallback) const {
@@ -82,7 +81,8 @@ HeadKind head_from_architecture(const std::string& a) {
     return a.size() >= suffix.size() && a.compare(a.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
   if (ends("ForCausalLM") || ends("LMHeadModel")) return HeadKind::causal_lm;
-  if (ends("ForSequenceClassification") || ends("ForImageClassification")) return HeadKind::sequence_classification;
+  if (ends("ForSequenceClassification") || ends("ForImageClassification"))
+    return HeadKind::sequence_classification;
   if (ends("ForTokenClassification")) return HeadKind::token_classification;
   if (ends("Model")) return HeadKind::none;
   MDL_FAIL("[config] architecture '", a,
@@ -96,8 +96,9 @@ void read_experts(const Reader& r, ModelConfig& c) {
   c.num_experts = r.required_int("num_local_experts", 1024);
   c.experts_per_token = r.int_or("num_experts_per_tok", 2);
   c.router_aux_loss_coef = r.num_or("router_aux_loss_coef", 0.0, 0.0, 1e6);
-  MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts, "[config] '", r.source,
-            "': num_experts_per_tok ", c.experts_per_token, " must be in 1..num_local_experts (", c.num_experts, ")");
+  MDL_CHECK(c.num_experts > 0 && c.experts_per_token > 0 && c.experts_per_token <= c.num_experts,
+            "[config] '", r.source, "': num_experts_per_tok ", c.experts_per_token,
+            " must be in 1..num_local_experts (", c.num_experts, ")");
   if (r.has("mdl_router")) {
     MDL_CHECK(r.j["mdl_router"].is_object(), "[config] '", r.source, "': 'mdl_router' must be an object");
     c.router_json = r.j["mdl_router"].dump();
@@ -111,47 +112,67 @@ Arch parse_arch(const std::string& name) {
   if (name == "llama" || name == "mistral" || name == "qwen2" || name == "mixtral") return Arch::llama;
   if (name == "bert") return Arch::bert;
   if (name == "vit") return Arch::vit;
-  MDL_FAIL("[config] unknown architecture '", name, "'; expected gpt2, llama, mistral, qwen2, mixtral, bert or vit");
+  MDL_FAIL("[config] unknown architecture '", name,
+           "'; expected gpt2, llama, mistral, qwen2, mixtral, bert or vit");
 }
 
 std::string arch_name(Arch arch) {
   switch (arch) {
-    case Arch::gpt2: return "gpt2";
-    case Arch::llama: return "llama";
-    case Arch::bert: return "bert";
-    case Arch::vit: return "vit";
+    case Arch::gpt2:
+      return "gpt2";
+    case Arch::llama:
+      return "llama";
+    case Arch::bert:
+      return "bert";
+    case Arch::vit:
+      return "vit";
   }
   return "?";
 }
 
 std::string head_name(HeadKind head) {
   switch (head) {
-    case HeadKind::none: return "none";
-    case HeadKind::causal_lm: return "causal_lm";
-    case HeadKind::sequence_classification: return "sequence_classification";
-    case HeadKind::token_classification: return "token_classification";
+    case HeadKind::none:
+      return "none";
+    case HeadKind::causal_lm:
+      return "causal_lm";
+    case HeadKind::sequence_classification:
+      return "sequence_classification";
+    case HeadKind::token_classification:
+      return "token_classification";
   }
   return "?";
 }
 
 std::string ModelConfig::body_prefix() const {
   switch (arch) {
-    case Arch::gpt2: return "transformer";
-    case Arch::llama: return "model";
-    case Arch::bert: return "bert";
-    case Arch::vit: return "vit";
+    case Arch::gpt2:
+      return "transformer";
+    case Arch::llama:
+      return "model";
+    case Arch::bert:
+      return "bert";
+    case Arch::vit:
+      return "vit";
   }
   return "";
 }
 
 std::string architecture_name(Arch arch, HeadKind head) {
-  std::string family = arch == Arch::gpt2 ? "GPT2" : arch == Arch::llama ? "Llama" : arch == Arch::vit ? "ViT" : "Bert";
+  std::string family = arch == Arch::gpt2    ? "GPT2"
+                       : arch == Arch::llama ? "Llama"
+                       : arch == Arch::vit   ? "ViT"
+                                             : "Bert";
   if (arch == Arch::vit && head == HeadKind::sequence_classification) return "ViTForImageClassification";
   switch (head) {
-    case HeadKind::none: return family + "Model";
-    case HeadKind::causal_lm: return arch == Arch::gpt2 ? "GPT2LMHeadModel" : family + "ForCausalLM";
-    case HeadKind::sequence_classification: return family + "ForSequenceClassification";
-    case HeadKind::token_classification: return family + "ForTokenClassification";
+    case HeadKind::none:
+      return family + "Model";
+    case HeadKind::causal_lm:
+      return arch == Arch::gpt2 ? "GPT2LMHeadModel" : family + "ForCausalLM";
+    case HeadKind::sequence_classification:
+      return family + "ForSequenceClassification";
+    case HeadKind::token_classification:
+      return family + "ForTokenClassification";
   }
   return family;
 }
@@ -166,8 +187,9 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   MDL_CHECK(!c.model_type.empty(), "[config] '", source, "' is missing required field 'model_type'");
   c.arch = parse_arch(c.model_type);
   if (r.has("architectures")) {
-    MDL_CHECK(j["architectures"].is_array() && !j["architectures"].empty() && j["architectures"][0].is_string(),
-              "[config] '", source, "': 'architectures' must be a non-empty array of strings");
+    MDL_CHECK(
+        j["architectures"].is_array() && !j["architectures"].empty() && j["architectures"][0].is_string(),
+        "[config] '", source, "': 'architectures' must be a non-empty array of strings");
     c.architecture = j["architectures"][0].get<std::string>();
   } else {
     c.architecture = architecture_name(c.arch, c.is_decoder() ? HeadKind::causal_lm : HeadKind::none);
@@ -206,10 +228,12 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.qkv_bias = qwen2 ? true : r.bool_or("attention_bias", false);
       c.o_bias = qwen2 ? false : c.qkv_bias;
       c.mlp_bias = r.bool_or("mlp_bias", false);
-      if (c.model_type == "mistral" || c.model_type == "mixtral" || (qwen2 && r.bool_or("use_sliding_window", false)))
+      if (c.model_type == "mistral" || c.model_type == "mixtral" ||
+          (qwen2 && r.bool_or("use_sliding_window", false)))
         c.sliding_window = r.int_or("sliding_window", 0, 0, kMaxPositions);
       if (c.model_type == "mixtral") read_experts(r, c);
-      MDL_CHECK(!r.has("rope_scaling"), "[config] '", source, "': field 'rope_scaling' (", j["rope_scaling"].dump(),
+      MDL_CHECK(!r.has("rope_scaling"), "[config] '", source, "': field 'rope_scaling' (",
+                j["rope_scaling"].dump(),
                 ") is not supported yet; remove it only if the checkpoint was trained without it");
       c.bos_token_id = r.int_or("bos_token_id", 1);
       break;
@@ -244,7 +268,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       c.activation = r.str_or("hidden_act", "gelu");
       c.qkv_bias = r.bool_or("qkv_bias", true);
       c.o_bias = c.mlp_bias = true;
-      if (r.has("num_local_experts")) read_experts(r, c);  // mdl's upcycled ViT: every MLP a mixture of experts
+      if (r.has("num_local_experts"))
+        read_experts(r, c);  // mdl's upcycled ViT: every MLP a mixture of experts
       break;
   }
   c.head_dim = r.int_or("head_dim", std::max<int64_t>(c.hidden_size / c.n_head, 1), 1, 4096);
@@ -322,8 +347,10 @@ std::string model_config_to_json(const ModelConfig& c) {
         j["num_experts_per_tok"] = c.experts_per_token;
         j["router_aux_loss_coef"] = c.router_aux_loss_coef;
         j["output_router_logits"] = false;
-        if (!c.router_json.empty()) j["mdl_router"] = json::parse(c.router_json);
-        else j.erase("mdl_router");
+        if (!c.router_json.empty())
+          j["mdl_router"] = json::parse(c.router_json);
+        else
+          j.erase("mdl_router");
       }
       break;
     case Arch::bert:
@@ -352,8 +379,10 @@ std::string model_config_to_json(const ModelConfig& c) {
         j["num_local_experts"] = c.num_experts;
         j["num_experts_per_tok"] = c.experts_per_token;
         j["router_aux_loss_coef"] = c.router_aux_loss_coef;
-        if (!c.router_json.empty()) j["mdl_router"] = json::parse(c.router_json);
-        else j.erase("mdl_router");
+        if (!c.router_json.empty())
+          j["mdl_router"] = json::parse(c.router_json);
+        else
+          j.erase("mdl_router");
       }
       break;
   }

@@ -18,45 +18,49 @@ enum class HeadKind { none, causal_lm, sequence_classification, token_classifica
 /// Fixed model hyper-parameters (llama.cpp's hparams): what a checkpoint is, not how it is run.
 struct ModelConfig {
   Arch arch = Arch::llama;
-  std::string model_type;        ///< "gpt2", "llama", "mistral", "qwen2", "mixtral", "bert", "vit"
-  std::string architecture;      ///< architectures[0], e.g. "LlamaForCausalLM"
+  std::string model_type;    ///< "gpt2", "llama", "mistral", "qwen2", "mixtral", "bert", "vit"
+  std::string architecture;  ///< architectures[0], e.g. "LlamaForCausalLM"
   HeadKind head = HeadKind::causal_lm;
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t n_layer = 0;
   int64_t n_head = 0;
-  int64_t n_kv_head = 0;         ///< grouped-query attention; == n_head for multi-head attention
+  int64_t n_kv_head = 0;  ///< grouped-query attention; == n_head for multi-head attention
   int64_t head_dim = 0;
   int64_t intermediate_size = 0;
   int64_t max_position = 0;
   double norm_eps = 1e-5;
-  double rope_theta = 10000.0;   ///< llama family only
-  int64_t sliding_window = 0;    ///< Mistral; 0 = none
+  double rope_theta = 10000.0;  ///< llama family only
+  int64_t sliding_window = 0;   ///< Mistral; 0 = none
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;         ///< Qwen2 and GPT-2/BERT have q/k/v biases
+  bool qkv_bias = false;  ///< Qwen2 and GPT-2/BERT have q/k/v biases
   bool o_bias = false;
   bool mlp_bias = false;
-  std::string activation;        ///< "gelu", "gelu_new", "silu", "relu"
-  int64_t type_vocab_size = 0;   ///< BERT token types
-  int64_t num_labels = 0;        ///< classification heads
+  std::string activation;       ///< "gelu", "gelu_new", "silu", "relu"
+  int64_t type_vocab_size = 0;  ///< BERT token types
+  int64_t num_labels = 0;       ///< classification heads
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
   double initializer_range = 0.02;
-  int64_t image_size = 0;        ///< ViT: images are image_size x image_size
-  int64_t patch_size = 0;        ///< ViT: square patches, each one token
-  int64_t num_channels = 0;      ///< ViT: image channels
-  int64_t num_experts = 0;       ///< Mixtral `num_local_experts` (also an upcycled ViT's): > 0 makes every MLP a sparse mixture of experts
-  int64_t experts_per_token = 2; ///< Mixtral `num_experts_per_tok` (top-k, weights renormalised)
+  int64_t image_size = 0;    ///< ViT: images are image_size x image_size
+  int64_t patch_size = 0;    ///< ViT: square patches, each one token
+  int64_t num_channels = 0;  ///< ViT: image channels
+  int64_t num_experts = 0;   ///< Mixtral `num_local_experts` (also an upcycled ViT's): > 0 makes every MLP a
+                             ///< sparse mixture of experts
+  int64_t experts_per_token = 2;      ///< Mixtral `num_experts_per_tok` (top-k, weights renormalised)
   double router_aux_loss_coef = 0.0;  ///< Mixtral's load-balancing loss weight in training
-  std::string router_json;       ///< mdl's `mdl_router` field: RouterOptions replacing the top-k default (upcycled, MoEfied)
-  std::string raw_json;          ///< the original file, unknown fields included
+  std::string router_json;            ///< mdl's `mdl_router` field: RouterOptions replacing the top-k default
+                                      ///< (upcycled, MoEfied)
+  std::string raw_json;               ///< the original file, unknown fields included
 
   /// Body prefix of the full model's tensor names: "transformer", "model", "bert" or "vit".
   std::string body_prefix() const;
   bool is_decoder() const { return arch == Arch::gpt2 || arch == Arch::llama; }
   /// ViT: patches per image (the sequence is these plus the [CLS] token).
-  int64_t num_patches() const { return patch_size > 0 ? (image_size / patch_size) * (image_size / patch_size) : 0; }
+  int64_t num_patches() const {
+    return patch_size > 0 ? (image_size / patch_size) * (image_size / patch_size) : 0;
+  }
 };
 
 /// Parses config.json text; `source` names the file in errors. A missing required field is an error

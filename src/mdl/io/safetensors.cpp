@@ -59,7 +59,8 @@ struct SafetensorsFile::Mapping {
   }
 };
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path), mapping_(std::make_shared<Mapping>()) {
+SafetensorsFile::SafetensorsFile(const std::string& path)
+    : path_(path), mapping_(std::make_shared<Mapping>()) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);  // a FIFO must not block the open
   MDL_CHECK(fd >= 0, "[safetensors] cannot open '", path, "': ", std::strerror(errno));
   struct stat st {};
@@ -180,7 +181,8 @@ at::Tensor SafetensorsFile::tensor(const std::string& name) const {
     return copy;
   }
   std::shared_ptr<Mapping> keep = mapping_;
-  return at::from_blob(ptr, e.shape, [keep](void*) {}, options);
+  return at::from_blob(
+      ptr, e.shape, [keep](void*) {}, options);
 }
 
 void SafetensorsFile::release(const std::string& name) const {
@@ -189,7 +191,9 @@ void SafetensorsFile::release(const std::string& name) const {
   auto* base = static_cast<uint8_t*>(mapping_->data);
   const uintptr_t from = (reinterpret_cast<uintptr_t>(base + data_start_ + e.begin) + page - 1) / page * page;
   const uintptr_t to = reinterpret_cast<uintptr_t>(base + data_start_ + e.end) / page * page;
-  if (to > from) madvise(reinterpret_cast<void*>(from), to - from, MADV_DONTNEED);  // clean pages: re-read if touched again
+  if (to > from)
+    madvise(reinterpret_cast<void*>(from), to - from,
+            MADV_DONTNEED);  // clean pages: re-read if touched again
 }
 
 std::map<std::string, at::Tensor> load_safetensors(const std::string& path) {
@@ -214,7 +218,8 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Tensor
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
   for (auto& e : entries) {
-    MDL_CHECK(e.name != "__metadata__", "[safetensors] '", path, "': '__metadata__' is not a valid tensor name");
+    MDL_CHECK(e.name != "__metadata__", "[safetensors] '", path,
+              "': '__metadata__' is not a valid tensor name");
     uint64_t n = static_cast<uint64_t>(find_dtype(e.dtype)->size);
     for (int64_t d : e.shape) n *= static_cast<uint64_t>(d);
     e.begin = offset, e.end = offset + n;
@@ -234,36 +239,38 @@ SafetensorsWriter::~SafetensorsWriter() = default;
 
 void SafetensorsWriter::write(const at::Tensor& tensor) {
   const std::string& path = impl_->file.path();
-  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path, "': more tensors written than declared (",
-            impl_->entries.size(), ")");
+  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path,
+            "': more tensors written than declared (", impl_->entries.size(), ")");
   const TensorEntry& e = impl_->entries[impl_->next];
   at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
-  MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && t.sizes().vec() == e.shape, "[safetensors] '", path,
-            "': tensor '", e.name, "' declared ", e.dtype, " ", shape_str(e.shape), ", written ",
-            safetensors_dtype_name(t.scalar_type()), " ", shape_str(t.sizes().vec()));
-  MDL_CHECK(impl_->part_bytes == 0, "[safetensors] '", path, "': tensor '", e.name, "' was being written in parts");
+  MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && t.sizes().vec() == e.shape,
+            "[safetensors] '", path, "': tensor '", e.name, "' declared ", e.dtype, " ", shape_str(e.shape),
+            ", written ", safetensors_dtype_name(t.scalar_type()), " ", shape_str(t.sizes().vec()));
+  MDL_CHECK(impl_->part_bytes == 0, "[safetensors] '", path, "': tensor '", e.name,
+            "' was being written in parts");
   impl_->file.write(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size());
   ++impl_->next;
 }
 
 void SafetensorsWriter::write_part(const at::Tensor& rows) {
   const std::string& path = impl_->file.path();
-  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path, "': more tensors written than declared (",
-            impl_->entries.size(), ")");
+  MDL_CHECK(impl_->next < impl_->entries.size(), "[safetensors] '", path,
+            "': more tensors written than declared (", impl_->entries.size(), ")");
   const TensorEntry& e = impl_->entries[impl_->next];
   at::Tensor t = rows.detach().to(at::kCPU).contiguous();
   const uint64_t n = static_cast<uint64_t>(t.numel()) * t.element_size();
   MDL_CHECK(safetensors_dtype_name(t.scalar_type()) == e.dtype && impl_->part_bytes + n <= e.end - e.begin,
-            "[safetensors] '", path, "': a part of tensor '", e.name, "' (", safetensors_dtype_name(t.scalar_type()), " ",
-            shape_str(t.sizes().vec()), ") does not fit its declared ", e.dtype, " ", shape_str(e.shape));
+            "[safetensors] '", path, "': a part of tensor '", e.name, "' (",
+            safetensors_dtype_name(t.scalar_type()), " ", shape_str(t.sizes().vec()),
+            ") does not fit its declared ", e.dtype, " ", shape_str(e.shape));
   impl_->file.write(t.data_ptr(), static_cast<size_t>(n));
   impl_->part_bytes += n;
   if (impl_->part_bytes == e.end - e.begin) impl_->part_bytes = 0, ++impl_->next;
 }
 
 void SafetensorsWriter::commit() {
-  MDL_CHECK(impl_->next == impl_->entries.size(), "[safetensors] '", impl_->file.path(), "': ", impl_->next, " of ",
-            impl_->entries.size(), " declared tensors written");
+  MDL_CHECK(impl_->next == impl_->entries.size(), "[safetensors] '", impl_->file.path(), "': ", impl_->next,
+            " of ", impl_->entries.size(), " declared tensors written");
   impl_->file.commit();
 }
 

@@ -17,9 +17,9 @@ namespace mdl::io {
 /// One tensor's header entry.
 struct TensorEntry {
   std::string name;
-  std::string dtype;           ///< safetensors dtype name: F32, BF16, I64, BOOL...
+  std::string dtype;  ///< safetensors dtype name: F32, BF16, I64, BOOL...
   std::vector<int64_t> shape;
-  uint64_t begin = 0;          ///< byte offsets relative to the start of the data section
+  uint64_t begin = 0;  ///< byte offsets relative to the start of the data section
   uint64_t end = 0;
 };
 

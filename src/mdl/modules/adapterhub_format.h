@@ -1,6 +1,7 @@
 // AdapterHub (`adapters` library) directories: `adapter_config.json` ({"config": {...}, "name", "model_type",
 // "hidden_size", ...}) + `adapter.safetensors`, keys with the adapter's name:
-//   bottleneck: <layer>.attention_adapters|output_adapters.adapters.<name>.adapter_down.0.weight (Llama, GPT-2),
+//   bottleneck: <layer>.attention_adapters|output_adapters.adapters.<name>.adapter_down.0.weight (Llama,
+//   GPT-2),
 //               bert.encoder.layer.N.attention.output|output.adapters.<name>...                  (BERT)
 //   LoRA:       <module>.loras.<name>.lora_A (r, in), .lora_B (out, r)
 // Read and written: bottleneck adapters whose residual and norms match mdl's (original_ln_before false, as in

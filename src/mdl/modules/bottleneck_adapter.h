@@ -5,7 +5,6 @@
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
-
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -17,12 +16,12 @@ class FieldList;
 
 /// Bottleneck adapter settings.
 struct AdapterOptions {
-  std::string config = "pfeiffer";   ///< pfeiffer | houlsby | parallel
-  int64_t reduction_factor = 16;     ///< bottleneck = hidden / reduction_factor (at least 1)
+  std::string config = "pfeiffer";     ///< pfeiffer | houlsby | parallel
+  int64_t reduction_factor = 16;       ///< bottleneck = hidden / reduction_factor (at least 1)
   std::string non_linearity = "relu";  ///< relu | gelu | silu | tanh
-  bool residual = true;              ///< sequential adapters add their input back
-  bool layer_norm = false;           ///< a LayerNorm on the adapter's input
-  double scaling = 1.0;              ///< parallel adapters' s (He et al. use 4)
+  bool residual = true;                ///< sequential adapters add their input back
+  bool layer_norm = false;             ///< a LayerNorm on the adapter's input
+  double scaling = 1.0;                ///< parallel adapters' s (He et al. use 4)
 };
 void to_json(nlohmann::json& j, const AdapterOptions& o);
 void from_json(const nlohmann::json& j, AdapterOptions& o);
@@ -35,7 +34,8 @@ void validate(const AdapterOptions& o);
 /// adapter_up.{weight,bias}.
 class BottleneckAdapterImpl : public SiteModule {
  public:
-  BottleneckAdapterImpl(const SiteInfo& site, const AdapterOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  BottleneckAdapterImpl(const SiteInfo& site, const AdapterOptions& options, uint64_t seed,
+                        c10::TensorOptions dtype);
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "adapter"; }
   AdapterOptions options;

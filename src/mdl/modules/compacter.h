@@ -4,9 +4,8 @@
 // (after the MLP: Compacter++) or Houlsby (after attention and MLP: Compacter).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -18,10 +17,11 @@ class FieldList;
 
 /// Compacter settings (AdapterHub's CompacterConfig names where they exist).
 struct CompacterOptions {
-  std::string config = "pfeiffer";     ///< pfeiffer (Compacter++) | houlsby (Compacter)
-  int64_t reduction_factor = 32;       ///< bottleneck = hidden / reduction_factor, rounded to a multiple of phm_dim
-  int64_t phm_dim = 4;                 ///< n: number of Kronecker terms and size of the rule matrices
-  int64_t phm_rank = 1;                ///< r: rank of the per-layer factors
+  std::string config = "pfeiffer";  ///< pfeiffer (Compacter++) | houlsby (Compacter)
+  int64_t reduction_factor =
+      32;                ///< bottleneck = hidden / reduction_factor, rounded to a multiple of phm_dim
+  int64_t phm_dim = 4;   ///< n: number of Kronecker terms and size of the rule matrices
+  int64_t phm_rank = 1;  ///< r: rank of the per-layer factors
   std::string non_linearity = "gelu";  ///< relu | gelu | silu | tanh
 };
 void to_json(nlohmann::json& j, const CompacterOptions& o);
@@ -39,14 +39,15 @@ class PhmRulesImpl : public torch::nn::Module {
 };
 TORCH_MODULE(PhmRules);
 
-/// W (in, out) = sum_i kron(rule_i, left_i @ right_i); rule (n, n, n), left (n, in/n, r), right (n, r, out/n).
+/// W (in, out) = sum_i kron(rule_i, left_i @ right_i); rule (n, n, n), left (n, in/n, r), right (n, r,
+/// out/n).
 at::Tensor phm_weight(const at::Tensor& rule, const at::Tensor& left, const at::Tensor& right);
 
 /// One Compacter adapter at one sublayer site.
 class CompacterImpl : public SiteModule {
  public:
-  CompacterImpl(const SiteInfo& site, const CompacterOptions& options, std::shared_ptr<PhmRulesImpl> rules, bool owner,
-                uint64_t seed, c10::TensorOptions dtype);
+  CompacterImpl(const SiteInfo& site, const CompacterOptions& options, std::shared_ptr<PhmRulesImpl> rules,
+                bool owner, uint64_t seed, c10::TensorOptions dtype);
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "compacter"; }
   CompacterOptions options;

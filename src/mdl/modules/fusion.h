@@ -19,9 +19,8 @@
 // owns only its router's or aggregator's.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -38,7 +37,7 @@ struct FusionOptions {
   std::vector<std::string> members;  ///< names of the fused modules (loaded before the fusion)
   std::string kind = "attention";    ///< attention | gate | mixture | average
   double temperature = 1.0;          ///< attention: softmax temperature (AdapterFusion anneals 50 -> 1)
-  RouterOptions router;              ///< mixture: the routing policy (token or example level); average: example level
+  RouterOptions router;  ///< mixture: the routing policy (token or example level); average: example level
 };
 void to_json(nlohmann::json& j, const FusionOptions& o);
 void from_json(const nlohmann::json& j, FusionOptions& o);
@@ -52,8 +51,8 @@ void validate(const FusionOptions& o);
 /// members and a WeightedSum; average: the same router at example level and a ParameterAverage.
 class FusionImpl : public ModuleGroupImpl {
  public:
-  FusionImpl(const SiteInfo& site, const FusionOptions& options, std::vector<std::shared_ptr<SiteModule>> members,
-             uint64_t seed, c10::TensorOptions dtype);
+  FusionImpl(const SiteInfo& site, const FusionOptions& options,
+             std::vector<std::shared_ptr<SiteModule>> members, uint64_t seed, c10::TensorOptions dtype);
   void set_temperature(double t);
 
   FusionOptions options;
@@ -68,8 +67,8 @@ class FusionImpl : public ModuleGroupImpl {
   };
   static Parts parts(const SiteInfo& site, const FusionOptions& options, int64_t members, uint64_t seed,
                      c10::TensorOptions dtype);
-  FusionImpl(const SiteInfo& site, const FusionOptions& options, std::vector<std::shared_ptr<SiteModule>> members,
-             Parts parts);
+  FusionImpl(const SiteInfo& site, const FusionOptions& options,
+             std::vector<std::shared_ptr<SiteModule>> members, Parts parts);
 };
 TORCH_MODULE(Fusion);
 

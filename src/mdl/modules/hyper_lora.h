@@ -4,10 +4,9 @@
 // and materialize() turns the generated weights into an ordinary LoRA module (to save, merge or serve).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <map>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -19,12 +18,12 @@ class FieldList;
 
 /// Hypernetwork settings.
 struct HyperLoraOptions {
-  int64_t num_tasks = 1;            ///< learned task embeddings
+  int64_t num_tasks = 1;  ///< learned task embeddings
   int64_t task_embedding_dim = 16;
-  int64_t site_embedding_dim = 8;   ///< one learned embedding per targeted site (its layer and role)
-  int64_t hidden = 64;              ///< generator width
-  int64_t r = 4;                    ///< rank of the generated LoRA
-  double alpha = 8;                 ///< its alpha (scaling alpha / r)
+  int64_t site_embedding_dim = 8;  ///< one learned embedding per targeted site (its layer and role)
+  int64_t hidden = 64;             ///< generator width
+  int64_t r = 4;                   ///< rank of the generated LoRA
+  double alpha = 8;                ///< its alpha (scaling alpha / r)
 };
 void to_json(nlohmann::json& j, const HyperLoraOptions& o);
 void from_json(const nlohmann::json& j, HyperLoraOptions& o);
@@ -58,7 +57,8 @@ TORCH_MODULE(HyperGenerator);
 /// One site's generated LoRA.
 class HyperLoraImpl : public SiteModule {
  public:
-  HyperLoraImpl(const SiteInfo& site, int64_t index, std::shared_ptr<HyperGeneratorImpl> generator, bool owner);
+  HyperLoraImpl(const SiteInfo& site, int64_t index, std::shared_ptr<HyperGeneratorImpl> generator,
+                bool owner);
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "hyper_lora"; }
   const std::shared_ptr<HyperGeneratorImpl>& generator() const { return generator_; }

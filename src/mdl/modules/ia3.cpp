@@ -10,17 +10,22 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const Ia3Options& o) { j = ia3_fields().write(o); }
+void to_json(nlohmann::json& j, const Ia3Options& o) {
+  j = ia3_fields().write(o);
+}
 
 const FieldList<Ia3Options>& ia3_fields() {
-  static const FieldList<Ia3Options> f = FieldList<Ia3Options>("ia3")
-      .add(
-          "feedforward_modules", [](nlohmann::json& v, const Ia3Options& o) { v = o.feedforward_modules; },
-          [](const nlohmann::json& v, Ia3Options& o) {
-            if (v.is_array()) o.feedforward_modules = v.get<std::vector<std::string>>();
-          },
-          "site suffixes whose input is scaled (feed-forward); elsewhere the output is")
-      .add("init_ia3_weights", &Ia3Options::init_ones, "start at ones (identity); false draws N(1, 0.1) (tests)");
+  static const FieldList<Ia3Options> f =
+      FieldList<Ia3Options>("ia3")
+          .add(
+              "feedforward_modules",
+              [](nlohmann::json& v, const Ia3Options& o) { v = o.feedforward_modules; },
+              [](const nlohmann::json& v, Ia3Options& o) {
+                if (v.is_array()) o.feedforward_modules = v.get<std::vector<std::string>>();
+              },
+              "site suffixes whose input is scaled (feed-forward); elsewhere the output is")
+          .add("init_ia3_weights", &Ia3Options::init_ones,
+               "start at ones (identity); false draws N(1, 0.1) (tests)");
   return f;
 }
 
@@ -40,8 +45,8 @@ Ia3Impl::Ia3Impl(SiteLinearImpl& base, const Ia3Options& o, uint64_t seed) : bas
   const SiteInfo& info = base.site()->info();
   MDL_CHECK(info.kind == SiteKind::linear, "[ia3] '", info.name, "' is not a linear site");
   feedforward = o.is_feedforward(info.name);
-  std::vector<int64_t> shape = feedforward ? std::vector<int64_t>{1, info.in_features}
-                                           : std::vector<int64_t>{info.out_features, 1};
+  std::vector<int64_t> shape =
+      feedforward ? std::vector<int64_t>{1, info.in_features} : std::vector<int64_t>{info.out_features, 1};
   at::Tensor init = at::ones(shape);
   if (!o.init_ones) init.normal_(1.0, 0.1, at::detail::createCPUGenerator(seed));
   ia3_l = register_parameter("ia3_l", init.to(base.weight.options()));

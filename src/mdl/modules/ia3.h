@@ -3,7 +3,6 @@
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
-
 #include <string>
 #include <vector>
 
@@ -16,7 +15,8 @@ class FieldList;
 
 /// (IA)^3 settings (PEFT's IA3Config names).
 struct Ia3Options {
-  std::vector<std::string> feedforward_modules = {"down_proj", "mlp.c_proj", "output.dense", "fc2"};  ///< sites whose input is scaled
+  std::vector<std::string> feedforward_modules = {"down_proj", "mlp.c_proj", "output.dense",
+                                                  "fc2"};  ///< sites whose input is scaled
   bool init_ones = true;  ///< init_ia3_weights; false draws N(1, 0.1) (tests)
   /// True if `site` is a feed-forward site (suffix match).
   bool is_feedforward(const std::string& site) const;

@@ -18,35 +18,40 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const LoraOptions& o) { j = lora_fields().write(o); }
+void to_json(nlohmann::json& j, const LoraOptions& o) {
+  j = lora_fields().write(o);
+}
 
 const FieldList<LoraOptions>& lora_fields() {
-  static const FieldList<LoraOptions> f = FieldList<LoraOptions>("lora")
-      .add("r", &LoraOptions::r, "rank")
-      .add("lora_alpha", &LoraOptions::alpha, "scaling numerator: alpha / r (alpha / sqrt(r) with use_rslora)")
-      .add("lora_dropout", &LoraOptions::dropout, "dropout on the module's input, training only")
-      .add("use_rslora", &LoraOptions::use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
-      .add("use_dora", &LoraOptions::use_dora, "weight-decomposed LoRA (DoRA: a magnitude vector)")
-      .add(
-          "init_lora_weights", [](nlohmann::json& v, const LoraOptions& o) { v = o.init; },
-          [](const nlohmann::json& v, LoraOptions& o) {
-            o.init = v.is_boolean() ? (v.get<bool>() ? "kaiming" : "random") : v.get<std::string>();
-          },
-          "A's init: true or kaiming (PEFT's default), gaussian (N(0, 1/r)), false or random (random B, for tests)")
-      .add("lora_bias", &LoraOptions::bias, "a trainable bias on B (PEFT's lora_bias)")
-      .add(
-          "rank_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.rank_pattern; },
-          [](const nlohmann::json& v, LoraOptions& o) {
-            if (v.is_object()) o.rank_pattern = v.get<std::map<std::string, int64_t>>();
-          },
-          "site regex -> rank, over r")
-      .add(
-          "alpha_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.alpha_pattern; },
-          [](const nlohmann::json& v, LoraOptions& o) {
-            if (v.is_object()) o.alpha_pattern = v.get<std::map<std::string, double>>();
-          },
-          "site regex -> alpha, over lora_alpha")
-      .check([](const LoraOptions& o) { validate(o); });
+  static const FieldList<LoraOptions> f =
+      FieldList<LoraOptions>("lora")
+          .add("r", &LoraOptions::r, "rank")
+          .add("lora_alpha", &LoraOptions::alpha,
+               "scaling numerator: alpha / r (alpha / sqrt(r) with use_rslora)")
+          .add("lora_dropout", &LoraOptions::dropout, "dropout on the module's input, training only")
+          .add("use_rslora", &LoraOptions::use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
+          .add("use_dora", &LoraOptions::use_dora, "weight-decomposed LoRA (DoRA: a magnitude vector)")
+          .add(
+              "init_lora_weights", [](nlohmann::json& v, const LoraOptions& o) { v = o.init; },
+              [](const nlohmann::json& v, LoraOptions& o) {
+                o.init = v.is_boolean() ? (v.get<bool>() ? "kaiming" : "random") : v.get<std::string>();
+              },
+              "A's init: true or kaiming (PEFT's default), gaussian (N(0, 1/r)), false or random (random B, "
+              "for tests)")
+          .add("lora_bias", &LoraOptions::bias, "a trainable bias on B (PEFT's lora_bias)")
+          .add(
+              "rank_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.rank_pattern; },
+              [](const nlohmann::json& v, LoraOptions& o) {
+                if (v.is_object()) o.rank_pattern = v.get<std::map<std::string, int64_t>>();
+              },
+              "site regex -> rank, over r")
+          .add(
+              "alpha_pattern", [](nlohmann::json& v, const LoraOptions& o) { v = o.alpha_pattern; },
+              [](const nlohmann::json& v, LoraOptions& o) {
+                if (v.is_object()) o.alpha_pattern = v.get<std::map<std::string, double>>();
+              },
+              "site regex -> alpha, over lora_alpha")
+          .check([](const LoraOptions& o) { validate(o); });
   return f;
 }
 
@@ -54,8 +59,8 @@ void validate(const LoraOptions& o) {
   MDL_CHECK(o.r > 0, "[lora] r must be > 0, got ", o.r);
   MDL_CHECK(o.dropout >= 0 && o.dropout < 1, "[lora] lora_dropout must be in [0, 1), got ", o.dropout);
   MDL_CHECK(!(o.use_dora && o.bias), "[lora] use_dora with lora_bias is not supported (as in PEFT)");
-  MDL_CHECK(o.init == "kaiming" || o.init == "gaussian" || o.init == "random", "[lora] init_lora_weights '", o.init,
-            "' is unknown; expected true (kaiming), \"gaussian\" or false (random B, for tests)");
+  MDL_CHECK(o.init == "kaiming" || o.init == "gaussian" || o.init == "random", "[lora] init_lora_weights '",
+            o.init, "' is unknown; expected true (kaiming), \"gaussian\" or false (random B, for tests)");
 }
 
 void from_json(const nlohmann::json& j, LoraOptions& o) {
@@ -78,7 +83,8 @@ std::pair<int64_t, double> LoraOptions::rank_alpha_for(const std::string& site) 
 }
 
 double LoraOptions::scaling(int64_t rank, double alpha_value) const {
-  return use_rslora ? alpha_value / std::sqrt(static_cast<double>(rank)) : alpha_value / static_cast<double>(rank);
+  return use_rslora ? alpha_value / std::sqrt(static_cast<double>(rank))
+                    : alpha_value / static_cast<double>(rank);
 }
 
 namespace {
@@ -216,8 +222,7 @@ struct LoraLinearFn : torch::autograd::Function<LoraLinearFn> {
 
 }  // namespace
 
-LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
-    : options(o), base_(&base) {
+LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed) : options(o), base_(&base) {
   const SiteInfo& info = base.site()->info();
   MDL_CHECK(info.kind == SiteKind::linear, "[lora] '", info.name, "' is not a linear site");
   std::tie(rank, alpha) = o.rank_alpha_for(info.name);
@@ -229,7 +234,8 @@ LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
   if (o.init == "gaussian") {
     a.normal_(0.0, 1.0 / static_cast<double>(rank), gen);
   } else {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));  // kaiming_uniform(a=sqrt(5)), as nn.Linear
+    const double bound =
+        1.0 / std::sqrt(static_cast<double>(in));  // kaiming_uniform(a=sqrt(5)), as nn.Linear
     a.uniform_(-bound, bound, gen);
   }
   at::Tensor b = at::zeros({out, rank});
@@ -239,11 +245,14 @@ LoraImpl::LoraImpl(SiteLinearImpl& base, const LoraOptions& o, uint64_t seed)
   B = register_parameter("lora_B", b.to(opts));
   if (o.bias) lora_bias = register_parameter("lora_bias", at::zeros({out}, opts));
   if (o.use_dora) {
-    magnitude = register_parameter("lora_magnitude_vector", base.weight.detach().norm(2, {1}).to(opts));  // (out)
+    magnitude =
+        register_parameter("lora_magnitude_vector", base.weight.detach().norm(2, {1}).to(opts));  // (out)
   }
 }
 
-at::Tensor LoraImpl::delta_weight() const { return scaling * at::matmul(B, A); }  // (out, in)
+at::Tensor LoraImpl::delta_weight() const {
+  return scaling * at::matmul(B, A);
+}  // (out, in)
 
 bool LoraImpl::low_rank(at::Tensor& a, at::Tensor& b, double& s) const {
   if (!plain() || (options.dropout > 0 && is_training())) return false;
@@ -265,7 +274,8 @@ at::Tensor LoraImpl::forward(const at::Tensor& input, const at::Tensor& current)
     return thin_addmm(current.reshape({-1, out}), xa, B.t(), scaling).view(current.sizes());
   }
   // s (B (A x) + c): the scaling goes into B and c (tiny) rather than over the (..., out) result.
-  at::Tensor lora = at::linear(at::linear(x, A), B * scaling, lora_bias.defined() ? lora_bias * scaling : lora_bias);
+  at::Tensor lora =
+      at::linear(at::linear(x, A), B * scaling, lora_bias.defined() ? lora_bias * scaling : lora_bias);
   if (!magnitude.defined()) return current + lora;
   // DoRA: y = f * (W x + s B A x) + b with f = m / ||W + s B A||_row, written as PEFT does on top of the
   // current output W x + b.
@@ -296,7 +306,8 @@ void LoraImpl::merge() {
   SiteLinearImpl& base = *base_;
   at::Tensor delta = delta_weight().to(base.weight.scalar_type());
   if (lora_bias.defined()) {
-    MDL_CHECK(base.bias.defined(), "[lora] cannot merge lora_bias into '", base.site()->name(), "', which has no bias");
+    MDL_CHECK(base.bias.defined(), "[lora] cannot merge lora_bias into '", base.site()->name(),
+              "', which has no bias");
     base.bias.add_(scaling * lora_bias);
   }
   if (magnitude.defined()) {

@@ -1,11 +1,10 @@
 // LoRA (Hu et al., 2021) at a linear site: y = W x + b + s (B A dropout(x) + c), A (r, in), B (out, r),
-// optional bias c, s = alpha / r, or alpha / sqrt(r) with rsLoRA. DoRA (Liu et al., 2024) rescales each output row:
-// y = m / ||W + s B A||_row * (W + s B A) x + b, with the norm detached as in the paper and PEFT.
+// optional bias c, s = alpha / r, or alpha / sqrt(r) with rsLoRA. DoRA (Liu et al., 2024) rescales each
+// output row: y = m / ||W + s B A||_row * (W + s B A) x + b, with the norm detached as in the paper and PEFT.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <map>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -17,15 +16,15 @@ class FieldList;
 
 /// LoRA settings (PEFT's LoraConfig names and defaults).
 struct LoraOptions {
-  int64_t r = 8;                                   ///< rank
-  double alpha = 8;                                ///< lora_alpha
-  double dropout = 0.0;                            ///< lora_dropout on the module's input, training only
-  bool use_rslora = false;                         ///< scaling alpha / sqrt(r) instead of alpha / r
-  bool use_dora = false;                           ///< weight-decomposed LoRA (magnitude vector)
-  std::string init = "kaiming";                    ///< A's init: kaiming (uniform, PEFT's default) | gaussian (N(0, 1/r))
-  bool bias = false;                               ///< a trainable bias on B (PEFT lora_bias)
-  std::map<std::string, int64_t> rank_pattern;     ///< site regex -> rank
-  std::map<std::string, double> alpha_pattern;     ///< site regex -> alpha
+  int64_t r = 8;                 ///< rank
+  double alpha = 8;              ///< lora_alpha
+  double dropout = 0.0;          ///< lora_dropout on the module's input, training only
+  bool use_rslora = false;       ///< scaling alpha / sqrt(r) instead of alpha / r
+  bool use_dora = false;         ///< weight-decomposed LoRA (magnitude vector)
+  std::string init = "kaiming";  ///< A's init: kaiming (uniform, PEFT's default) | gaussian (N(0, 1/r))
+  bool bias = false;             ///< a trainable bias on B (PEFT lora_bias)
+  std::map<std::string, int64_t> rank_pattern;  ///< site regex -> rank
+  std::map<std::string, double> alpha_pattern;  ///< site regex -> alpha
 
   /// Rank and alpha for a site after the patterns.
   std::pair<int64_t, double> rank_alpha_for(const std::string& site) const;
@@ -70,8 +69,8 @@ class LoraImpl : public SiteModule {
  private:
   /// No DoRA magnitude and no LoRA bias: y = W x + s B A x, which the fused nodes compute.
   bool plain() const { return !magnitude.defined() && !lora_bias.defined(); }
-  SiteLinearImpl* base_;                // the site's projection, owned by the model
-  at::Tensor merged_scale_;             // DoRA: m / ||W + sBA|| at merge time, to unmerge exactly
+  SiteLinearImpl* base_;     // the site's projection, owned by the model
+  at::Tensor merged_scale_;  // DoRA: m / ||W + sBA|| at merge time, to unmerge exactly
 };
 TORCH_MODULE(Lora);
 

@@ -19,10 +19,11 @@ void LoraBank::update(const std::vector<Factors>& loras, at::ScalarType storage)
   std::vector<int64_t> versions;
   for (const auto& f : loras) {
     ids.push_back(f.A.data_ptr()), ids.push_back(f.B.data_ptr());
-    versions.push_back(static_cast<int64_t>(f.A._version())), versions.push_back(static_cast<int64_t>(f.B._version()));
+    versions.push_back(static_cast<int64_t>(f.A._version())),
+        versions.push_back(static_cast<int64_t>(f.B._version()));
   }
-  MDL_CHECK(storage == at::kFloat || storage == at::kHalf, "[lora_bank] storage must be float32 or float16, got ",
-            c10::toString(storage));
+  MDL_CHECK(storage == at::kFloat || storage == at::kHalf,
+            "[lora_bank] storage must be float32 or float16, got ", c10::toString(storage));
   if (at_.defined() && ids == ids_ && versions == versions_ && storage == storage_) return;
   MDL_CHECK(!loras.empty(), "[lora_bank] nothing to stack");
   int64_t r_max = 0;
@@ -34,15 +35,16 @@ void LoraBank::update(const std::vector<Factors>& loras, at::ScalarType storage)
   std::vector<double> scaling(static_cast<size_t>(n + 1), 0.0);
   for (int64_t i = 0; i < n; ++i) {
     const Factors& f = loras[static_cast<size_t>(i)];
-    MDL_CHECK(f.A.size(1) == in && f.B.size(0) == out, "[lora_bank] LoRA ", i, " is (", f.B.size(0), " x ", f.A.size(1),
-              "), the site is (", out, " x ", in, ")");
+    MDL_CHECK(f.A.size(1) == in && f.B.size(0) == out, "[lora_bank] LoRA ", i, " is (", f.B.size(0), " x ",
+              f.A.size(1), "), the site is (", out, " x ", in, ")");
     const int64_t r = f.A.size(0);
     a_t[i].narrow(1, 0, r).copy_(f.A.detach().t());
     b_t[i].narrow(0, 0, r).copy_(f.B.detach().t());
     scaling[static_cast<size_t>(i)] = f.scaling;
   }
   if (storage != a_t.scalar_type()) a_t = a_t.to(storage), b_t = b_t.to(storage);
-  at_ = a_t, bt_ = b_t, scaling_ = std::move(scaling), n_ = n, storage_ = storage, ids_ = std::move(ids), versions_ = std::move(versions);
+  at_ = a_t, bt_ = b_t, scaling_ = std::move(scaling), n_ = n, storage_ = storage, ids_ = std::move(ids),
+  versions_ = std::move(versions);
 }
 
 namespace {
@@ -75,9 +77,11 @@ __attribute__((target("avx2,f16c"))) inline __m256 load_half8(const uint16_t* p)
 
 /// lora_row with float16 factors (r a multiple of 8), converted to float32 as they are read. AVX2 + FMA +
 /// F16C where the CPU has them (every x86-64 since 2013), else a portable loop.
-__attribute__((target("avx2,fma,f16c"))) void lora_row_f16_avx2(const float* __restrict x, const uint16_t* __restrict At,
-                                                                 const uint16_t* __restrict Bt, float* __restrict h,
-                                                                 float* __restrict y, int in, int r, int out, float s) {
+__attribute__((target("avx2,fma,f16c"))) void lora_row_f16_avx2(const float* __restrict x,
+                                                                const uint16_t* __restrict At,
+                                                                const uint16_t* __restrict Bt,
+                                                                float* __restrict h, float* __restrict y,
+                                                                int in, int r, int out, float s) {
   // h = A x, up to 32 ranks at a time in registers (a running sum kept in memory would make every
   // step wait for the previous one's store).
   for (int k0 = 0; k0 < r; k0 += 32) {
@@ -101,15 +105,16 @@ __attribute__((target("avx2,fma,f16c"))) void lora_row_f16_avx2(const float* __r
     const __m256 hv = _mm256_set1_ps(hk);
     const uint16_t* b = Bt + static_cast<int64_t>(k) * out;
     int o = 0;
-    for (; o + 8 <= out; o += 8) _mm256_storeu_ps(y + o, _mm256_fmadd_ps(hv, load_half8(b + o), _mm256_loadu_ps(y + o)));
+    for (; o + 8 <= out; o += 8)
+      _mm256_storeu_ps(y + o, _mm256_fmadd_ps(hv, load_half8(b + o), _mm256_loadu_ps(y + o)));
     for (; o < out; ++o) y[o] += hk * _cvtsh_ss(b[o]);
   }
 }
 
 #endif
 
-void lora_row_f16_portable(const float* x, const uint16_t* At, const uint16_t* Bt, float* h, float* y, int in, int r,
-                           int out, float s) {
+void lora_row_f16_portable(const float* x, const uint16_t* At, const uint16_t* Bt, float* h, float* y, int in,
+                           int r, int out, float s) {
   auto f = [](uint16_t v) { return static_cast<float>(c10::Half(v, c10::Half::from_bits())); };
   for (int k = 0; k < r; ++k) h[k] = 0.0f;
   for (int i = 0; i < in; ++i)
@@ -134,10 +139,11 @@ RowF16 pick_row_f16() {
 /// on one thread: a second one, woken per site, made a 32-LoRA step slower (its wake-up and OpenBLAS's
 /// spinning threads cost more than the 30-100 us it saved). Longer rows (prompts) take two thin products per
 /// row (core/thin_gemm).
-at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::Tensor& a_t, const at::Tensor& b_t,
-                     const std::vector<double>& scaling, const at::Tensor& idx, const at::Tensor& scale, int64_t none) {
-  const int rows = static_cast<int>(x.size(0)), in = static_cast<int>(a_t.size(1)), r = static_cast<int>(a_t.size(2)),
-            out = static_cast<int>(b_t.size(2));
+at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::Tensor& a_t,
+                     const at::Tensor& b_t, const std::vector<double>& scaling, const at::Tensor& idx,
+                     const at::Tensor& scale, int64_t none) {
+  const int rows = static_cast<int>(x.size(0)), in = static_cast<int>(a_t.size(1)),
+            r = static_cast<int>(a_t.size(2)), out = static_cast<int>(b_t.size(2));
   const at::Tensor xs = x.reshape({rows, -1, in}).contiguous();  // (B, T, in)
   const int T = static_cast<int>(xs.size(1));
   at::Tensor result = current.reshape({rows, T, out}).clone(at::MemoryFormat::Contiguous);  // (B, T, out)
@@ -157,11 +163,11 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::T
       const int64_t a = ip[row] * in * r, b = ip[row] * r * out;
       const float s = static_cast<float>(sp[row] * scaling[static_cast<size_t>(ip[row])]);
       if (half)
-        row_f16(X0 + row * in, static_cast<const uint16_t*>(A0) + a, static_cast<const uint16_t*>(B0) + b, h.data(),
-                Y0 + row * out, in, r, out, s);
+        row_f16(X0 + row * in, static_cast<const uint16_t*>(A0) + a, static_cast<const uint16_t*>(B0) + b,
+                h.data(), Y0 + row * out, in, r, out, s);
       else
-        lora_row(X0 + row * in, static_cast<const float*>(A0) + a, static_cast<const float*>(B0) + b, h.data(),
-                 Y0 + row * out, in, r, out, s);
+        lora_row(X0 + row * in, static_cast<const float*>(A0) + a, static_cast<const float*>(B0) + b,
+                 h.data(), Y0 + row * out, in, r, out, s);
     }
     return result.view(current.sizes());
   }
@@ -171,8 +177,10 @@ at::Tensor apply_cpu(const at::Tensor& x, const at::Tensor& current, const at::T
     if (ip[row] == none || sp[row] == 0.0) continue;
     at::Tensor a32, b32;  // float16 storage: this row's factors in float32 for sgemm
     if (half) a32 = a_t[ip[row]].to(at::kFloat), b32 = b_t[ip[row]].to(at::kFloat);
-    const float* A = half ? a32.data_ptr<float>() : static_cast<const float*>(A0) + ip[row] * in * r;   // (in, r)
-    const float* B = half ? b32.data_ptr<float>() : static_cast<const float*>(B0) + ip[row] * r * out;  // (r, out)
+    const float* A =
+        half ? a32.data_ptr<float>() : static_cast<const float*>(A0) + ip[row] * in * r;  // (in, r)
+    const float* B =
+        half ? b32.data_ptr<float>() : static_cast<const float*>(B0) + ip[row] * r * out;  // (r, out)
     const float* X = X0 + static_cast<int64_t>(row) * T * in;
     float* Y = Y0 + static_cast<int64_t>(row) * T * out;
     thin_sgemm('N', 'N', T, r, in, 1.0f, X, in, A, r, 0.0f, H, r);  // (T, r)
@@ -190,13 +198,13 @@ at::Tensor LoraBank::apply(const at::Tensor& x, const at::Tensor& current, const
     return apply_cpu(x, current, at_, bt_, scaling_, idx, scale, n_);
   // Elsewhere (CUDA, half precision): gather each row's factors, then two batched products.
   const int64_t rows = x.size(0);
-  at::Tensor x3 = x.reshape({rows, -1, x.size(-1)});           // (B, T, in)
-  at::Tensor a = at_.index_select(0, idx);                     // (B, in, r)
-  at::Tensor b = bt_.index_select(0, idx);                     // (B, r, out)
-  at::Tensor h = at::bmm(x3.to(a.scalar_type()), a);           // (B, T, r)
+  at::Tensor x3 = x.reshape({rows, -1, x.size(-1)});  // (B, T, in)
+  at::Tensor a = at_.index_select(0, idx);            // (B, in, r)
+  at::Tensor b = bt_.index_select(0, idx);            // (B, r, out)
+  at::Tensor h = at::bmm(x3.to(a.scalar_type()), a);  // (B, T, r)
   const at::Tensor scaling = at::tensor(scaling_, at::kDouble).to(idx.device()).index_select(0, idx);
   h = h * (scale.to(at::kDouble) * scaling).to(h.scalar_type()).view({-1, 1, 1});
-  at::Tensor delta = at::bmm(h, b);                            // (B, T, out)
+  at::Tensor delta = at::bmm(h, b);  // (B, T, out)
   return current + delta.view(current.sizes()).to(current.scalar_type());
 }
 

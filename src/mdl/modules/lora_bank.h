@@ -6,11 +6,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 #include <vector>
-
-#include <c10/core/ScalarType.h>
 
 namespace mdl {
 
@@ -27,15 +26,16 @@ class LoraBank {
   int64_t none() const { return n_; }
   /// current + scale[b] * B[idx[b]] A[idx[b]] x[b] for every row b. x (B, T, in) or (B, in),
   /// current (B, T, out) or (B, out), idx (B) int64, scale (B) in current's dtype.
-  at::Tensor apply(const at::Tensor& x, const at::Tensor& current, const at::Tensor& idx, const at::Tensor& scale) const;
+  at::Tensor apply(const at::Tensor& x, const at::Tensor& current, const at::Tensor& idx,
+                   const at::Tensor& scale) const;
 
  private:
-  std::vector<const void*> ids_;     // the stacked A tensors' storage, to notice a different set
-  std::vector<int64_t> versions_;    // their in-place versions, to notice changed weights
+  std::vector<const void*> ids_;   // the stacked A tensors' storage, to notice a different set
+  std::vector<int64_t> versions_;  // their in-place versions, to notice changed weights
   int64_t n_ = 0;
   at::ScalarType storage_ = at::kFloat;
-  at::Tensor at_, bt_;               // A^T (N + 1, in, r_max), B^T (N + 1, r_max, out)
-  std::vector<double> scaling_;      // (N + 1); kept out of B, so float16 storage holds B's own values
+  at::Tensor at_, bt_;           // A^T (N + 1, in, r_max), B^T (N + 1, r_max, out)
+  std::vector<double> scaling_;  // (N + 1); kept out of B, so float16 storage holds B's own values
 };
 
 }  // namespace mdl

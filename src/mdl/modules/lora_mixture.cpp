@@ -11,23 +11,30 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const LoraMixtureOptions& o) { j = lora_moe_fields().write(o); }
+void to_json(nlohmann::json& j, const LoraMixtureOptions& o) {
+  j = lora_moe_fields().write(o);
+}
 
 const FieldList<LoraMixtureOptions>& lora_moe_fields() {
-  static const FieldList<LoraMixtureOptions> f = FieldList<LoraMixtureOptions>("lora_moe")
-      .add("experts", &LoraMixtureOptions::experts, "LoRA experts per site")
-      .add("r", &LoraMixtureOptions::r, "each expert's rank")
-      .add("lora_alpha", &LoraMixtureOptions::alpha, "scaling alpha / r")
-      .add("router", &LoraMixtureOptions::router, router_fields(), "the routing policy")
-      .add("smear", &LoraMixtureOptions::smear, "average the experts' parameters per example (SMEAR; router level example or task)")
-      .add("num_tasks", &LoraMixtureOptions::num_tasks, "task-level routing: learned per-task logits for this many tasks")
-      .check([](const LoraMixtureOptions& o) { validate(o); });
+  static const FieldList<LoraMixtureOptions> f =
+      FieldList<LoraMixtureOptions>("lora_moe")
+          .add("experts", &LoraMixtureOptions::experts, "LoRA experts per site")
+          .add("r", &LoraMixtureOptions::r, "each expert's rank")
+          .add("lora_alpha", &LoraMixtureOptions::alpha, "scaling alpha / r")
+          .add("router", &LoraMixtureOptions::router, router_fields(), "the routing policy")
+          .add("smear", &LoraMixtureOptions::smear,
+               "average the experts' parameters per example (SMEAR; router level example or task)")
+          .add("num_tasks", &LoraMixtureOptions::num_tasks,
+               "task-level routing: learned per-task logits for this many tasks")
+          .check([](const LoraMixtureOptions& o) { validate(o); });
   return f;
 }
 
 void validate(const LoraMixtureOptions& o) {
-  MDL_CHECK(o.experts >= 1 && o.r >= 1, "[lora_moe] experts and r must be >= 1, got ", o.experts, " and ", o.r);
-  MDL_CHECK(!o.smear || o.router.level != "token", "[lora_moe] smear averages parameters per example: set "
+  MDL_CHECK(o.experts >= 1 && o.r >= 1, "[lora_moe] experts and r must be >= 1, got ", o.experts, " and ",
+            o.r);
+  MDL_CHECK(!o.smear || o.router.level != "token",
+            "[lora_moe] smear averages parameters per example: set "
             "router.level to example or task, not token");
   MDL_CHECK(o.router.level != "task" || o.num_tasks > 0, "[lora_moe] task-level routing needs num_tasks > 0");
 }
@@ -36,8 +43,8 @@ void from_json(const nlohmann::json& j, LoraMixtureOptions& o) {
   o = lora_moe_fields().read(j);
 }
 
-LoraMixtureImpl::Parts LoraMixtureImpl::parts(const SiteInfo& site, const LoraMixtureOptions& o, uint64_t seed,
-                                              c10::TensorOptions dtype) {
+LoraMixtureImpl::Parts LoraMixtureImpl::parts(const SiteInfo& site, const LoraMixtureOptions& o,
+                                              uint64_t seed, c10::TensorOptions dtype) {
   MDL_CHECK(site.kind == SiteKind::linear, "[lora_moe] '", site.name, "' is not a linear site");
   const int64_t E = o.experts, in = site.in_features, out = site.out_features;
   auto gen = at::detail::createCPUGenerator(seed);
@@ -56,10 +63,13 @@ LoraMixtureImpl::LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions&
     : LoraMixtureImpl(site, o, parts(site, o, seed, dtype)) {}
 
 LoraMixtureImpl::LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& o, Parts p)
-    : ModuleGroupImpl("lora_moe", site, stacked_lora_members(p.A, p.B, o.alpha / static_cast<double>(o.r)), {}, p.router,
+    : ModuleGroupImpl("lora_moe", site, stacked_lora_members(p.A, p.B, o.alpha / static_cast<double>(o.r)),
+                      {}, p.router,
                       o.smear ? std::shared_ptr<Aggregator>(std::make_shared<ParameterAverage>())
                               : std::make_shared<WeightedSum>()),
-      options(o), scaling(o.alpha / static_cast<double>(o.r)), router_(p.router) {
+      options(o),
+      scaling(o.alpha / static_cast<double>(o.r)),
+      router_(p.router) {
   // The experts' factors are the group's parameters (the members read these tensors).
   A = register_parameter("lora_A", p.A);
   B = register_parameter("lora_B", p.B);

@@ -5,9 +5,8 @@
 // example (SMEAR, Muqeeth et al., 2023: parameter aggregation, one forward pass).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/module_group.h"
@@ -20,12 +19,12 @@ class FieldList;
 
 /// Mixture-of-LoRAs settings.
 struct LoraMixtureOptions {
-  int64_t experts = 4;      ///< LoRA experts per site
-  int64_t r = 8;            ///< each expert's rank
-  double alpha = 8;         ///< scaling alpha / r
-  RouterOptions router;     ///< default top-2 of the experts, token level
-  bool smear = false;       ///< average the experts' parameters per example (router level example or task)
-  int64_t num_tasks = 0;    ///< task-level routing: learned per-task logits
+  int64_t experts = 4;    ///< LoRA experts per site
+  int64_t r = 8;          ///< each expert's rank
+  double alpha = 8;       ///< scaling alpha / r
+  RouterOptions router;   ///< default top-2 of the experts, token level
+  bool smear = false;     ///< average the experts' parameters per example (router level example or task)
+  int64_t num_tasks = 0;  ///< task-level routing: learned per-task logits
 };
 void to_json(nlohmann::json& j, const LoraMixtureOptions& o);
 void from_json(const nlohmann::json& j, LoraMixtureOptions& o);
@@ -39,7 +38,8 @@ void validate(const LoraMixtureOptions& o);
 /// WeightedSum, or with `smear` by a ParameterAverage.
 class LoraMixtureImpl : public ModuleGroupImpl {
  public:
-  LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed,
+                  c10::TensorOptions dtype);
   /// Replaces the routing policy (the gate's parameters stay).
   void set_router(const RouterOptions& options);
 
@@ -55,7 +55,8 @@ class LoraMixtureImpl : public ModuleGroupImpl {
     at::Tensor A, B;
     std::shared_ptr<LearnedRouter> router;
   };
-  static Parts parts(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed, c10::TensorOptions dtype);
+  static Parts parts(const SiteInfo& site, const LoraMixtureOptions& options, uint64_t seed,
+                     c10::TensorOptions dtype);
   LoraMixtureImpl(const SiteInfo& site, const LoraMixtureOptions& options, Parts parts);
   std::shared_ptr<LearnedRouter> router_;
 };

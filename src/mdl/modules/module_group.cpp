@@ -15,7 +15,8 @@ GroupMembers module_members(const std::vector<std::shared_ptr<SiteModule>>& modu
     const auto& module = modules[static_cast<size_t>(e)];
     at::Tensor next = module->forward(x, current);
     MDL_CHECK(next.sizes() == current.sizes(), "[group] at '", site, "': member ", e, " (", module->type(),
-              ") changes the output's shape (", current.sizes(), " -> ", next.sizes(), "); only same-shape modules "
+              ") changes the output's shape (", current.sizes(), " -> ", next.sizes(),
+              "); only same-shape modules "
               "combine");
     return next - current;
   };
@@ -57,19 +58,25 @@ GroupMembers stacked_lora_members(const at::Tensor& A, const at::Tensor& B, doub
 ModuleGroupImpl::ModuleGroupImpl(std::string type, const SiteInfo& site, GroupMembers members,
                                  std::vector<const SiteModule*> absorbed, std::shared_ptr<GroupRouter> router,
                                  std::shared_ptr<Aggregator> aggregator)
-    : type_(std::move(type)), site_(site), members_(std::move(members)), absorbed_(std::move(absorbed)),
-      router_(std::move(router)), aggregator_(std::move(aggregator)) {
+    : type_(std::move(type)),
+      site_(site),
+      members_(std::move(members)),
+      absorbed_(std::move(absorbed)),
+      router_(std::move(router)),
+      aggregator_(std::move(aggregator)) {
   MDL_CHECK(members_.count >= 1, "[group] '", site_.name, "': a ", type_, " needs at least one member");
   router_->register_parameters(*this);
   aggregator_->register_parameters(*this);
 }
 
 at::Tensor ModuleGroupImpl::forward(const at::Tensor& input, const at::Tensor& current) {
-  MDL_CHECK(input.dim() == 3 || input.dim() == 2, "[group] a ", type_, " at '", site_.name, "' expects (B, T, in) or ",
-            "(B, in) inputs, got ", input.sizes());
-  if (input.dim() == 2) return forward(input.unsqueeze(1), current.unsqueeze(1)).squeeze(1);  // a head on pooled rows
-  const Routing routing = aggregator_->uses_routing() ? router_->route(input, members_.count, is_training())  // route
-                                                      : Routing();
+  MDL_CHECK(input.dim() == 3 || input.dim() == 2, "[group] a ", type_, " at '", site_.name,
+            "' expects (B, T, in) or ", "(B, in) inputs, got ", input.sizes());
+  if (input.dim() == 2)
+    return forward(input.unsqueeze(1), current.unsqueeze(1)).squeeze(1);  // a head on pooled rows
+  const Routing routing = aggregator_->uses_routing()
+                              ? router_->route(input, members_.count, is_training())  // route
+                              : Routing();
   at::Tensor change = aggregator_->combine(input, current, routing, members_);  // compute and aggregate
   return current + change.to(current.scalar_type());
 }

@@ -27,13 +27,15 @@ void to_json(nlohmann::json& j, const ModuleConfig& c) {
 
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
   c = ModuleConfig();
-  MDL_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(), "[module] config needs a string field 'type'");
+  MDL_CHECK(j.is_object() && j.contains("type") && j["type"].is_string(),
+            "[module] config needs a string field 'type'");
   static const nlohmann::json written = ModuleConfig();  // the fields, as to_json lists them
   for (const auto& item : j.items())
     if (!written.contains(item.key())) {
       std::string known;
       for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
-      MDL_FAIL("[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are ", known);
+      MDL_FAIL("[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are ",
+               known);
     }
   c.type = j["type"].get<std::string>();
   module_type(c.type).options_from_json(j.value("options", nlohmann::json::object()), c);
@@ -54,15 +56,17 @@ std::string ParameterSummary::to_string() const {
 }
 
 void check_module_name(const std::string& name) {
-  const char* broken = name.empty()                         ? "it is empty"
-                       : name.size() > 200                  ? "it is over 200 bytes"
-                       : unicode::valid_utf8(name) != name  ? "it is not valid UTF-8"
-                       : name[0] == '.'                     ? "it starts with '.'"
+  const char* broken = name.empty()                          ? "it is empty"
+                       : name.size() > 200                   ? "it is over 200 bytes"
+                       : unicode::valid_utf8(name) != name   ? "it is not valid UTF-8"
+                       : name[0] == '.'                      ? "it starts with '.'"
                        : name.find('/') != std::string::npos ? "it has a '/'"
-                       : std::any_of(name.begin(), name.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; })
+                       : std::any_of(name.begin(), name.end(),
+                                     [](char c) { return static_cast<unsigned char>(c) < 0x20 || c == 0x7F; })
                            ? "it has a control character"
                            : nullptr;
-  MDL_CHECK(broken == nullptr, "[modules] invalid module name '", unicode::valid_utf8(name.substr(0, 200)), "': ", broken,
+  MDL_CHECK(broken == nullptr, "[modules] invalid module name '", unicode::valid_utf8(name.substr(0, 200)),
+            "': ", broken,
             "; a name is a directory name (letters of any script, digits, spaces, '_', '-', '.')");
 }
 
@@ -72,7 +76,8 @@ std::string module_format(const std::string& dir) {
   const fs::path path(dir);
   std::error_code ec;
   if (fs::is_regular_file(path / "module.json", ec)) return "native";
-  if (fs::is_regular_file(path / "adapter_config.json", ec)) return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
+  if (fs::is_regular_file(path / "adapter_config.json", ec))
+    return is_adapterhub_dir(dir) ? "adapterhub" : "peft";
   return "";
 }
 
@@ -87,29 +92,35 @@ const ModuleSet::Named& ModuleSet::get(const std::string& name) const {
   if (it == modules_.end()) {
     std::string known;
     for (const auto& n : order_) known += (known.empty() ? "" : ", ") + n;
-    MDL_FAIL("[modules] no module named '", name, "'", known.empty() ? "; none is loaded" : "; loaded: " + known);
+    MDL_FAIL("[modules] no module named '", name, "'",
+             known.empty() ? "; none is loaded" : "; loaded: " + known);
   }
   return it->second;
 }
 
-std::vector<std::shared_ptr<Site>> ModuleSet::fusion_sites(const std::string& name, const FusionOptions& o) const {
+std::vector<std::shared_ptr<Site>> ModuleSet::fusion_sites(const std::string& name,
+                                                           const FusionOptions& o) const {
   for (const auto& member : o.members) {
     const Named& m = get(member);  // throws naming the loaded modules if absent
     MDL_CHECK(member != name, "[modules] fusion '", name, "' cannot fuse itself");
-    MDL_CHECK(!m.merged, "[modules] cannot fuse '", member, "': it is merged into the base weights; unmerge it first");
-    MDL_CHECK(m.config.type != "prompt" && m.config.type != "prefix", "[modules] cannot fuse '", member, "', a ",
-              m.config.type, " module: it prepends positions and has no output for fusion to attend over");
+    MDL_CHECK(!m.merged, "[modules] cannot fuse '", member,
+              "': it is merged into the base weights; unmerge it first");
+    MDL_CHECK(m.config.type != "prompt" && m.config.type != "prefix", "[modules] cannot fuse '", member,
+              "', a ", m.config.type,
+              " module: it prepends positions and has no output for fusion to attend over");
   }
   std::vector<std::shared_ptr<Site>> out;
   for (const auto& site : model_->sites()) {
     bool all = true;
     for (const auto& member : o.members) {
       const auto& parts = get(member).parts;
-      all = all && std::any_of(parts.begin(), parts.end(), [&](const Part& p) { return p.site == site->name(); });
+      all = all &&
+            std::any_of(parts.begin(), parts.end(), [&](const Part& p) { return p.site == site->name(); });
     }
     if (all) out.push_back(site);
   }
-  MDL_CHECK(!out.empty(), "[modules] fusion '", name, "': its members share no site, so there is nothing to fuse");
+  MDL_CHECK(!out.empty(), "[modules] fusion '", name,
+            "': its members share no site, so there is nothing to fuse");
   return out;
 }
 
@@ -121,21 +132,25 @@ AttachedModules& ModuleSet::attached(const std::string& site_name) {
     site.attach(fresh);
   }
   auto attached = std::dynamic_pointer_cast<AttachedModules>(site.function());
-  MDL_CHECK(attached != nullptr, "[modules] site '", site_name, "' already holds a function that is not a module list");
+  MDL_CHECK(attached != nullptr, "[modules] site '", site_name,
+            "' already holds a function that is not a module list");
   return *attached;
 }
 
 void ModuleSet::set_lora_bank_storage(at::ScalarType storage) {
-  MDL_CHECK(storage == at::kFloat || storage == at::kHalf, "[modules] the LoRA bank stores float32 or float16, got ",
-            storage);
+  MDL_CHECK(storage == at::kFloat || storage == at::kHalf,
+            "[modules] the LoRA bank stores float32 or float16, got ", storage);
   lora_bank_storage_ = storage;
   for (const auto& site : model_->sites())
-    if (auto a = std::dynamic_pointer_cast<AttachedModules>(site->function())) a->set_lora_bank_storage(storage);
+    if (auto a = std::dynamic_pointer_cast<AttachedModules>(site->function()))
+      a->set_lora_bank_storage(storage);
 }
 
-void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, const std::map<std::string, at::Tensor>& init) {
+void ModuleSet::add(const std::string& name, const ModuleConfig& config_in,
+                    const std::map<std::string, at::Tensor>& init) {
   check_module_name(name);
-  MDL_CHECK(!contains(name), "[modules] a module named '", name, "' already exists; remove it first or pick another name");
+  MDL_CHECK(!contains(name), "[modules] a module named '", name,
+            "' already exists; remove it first or pick another name");
   ModuleConfig config = config_in;
   const ModuleType& type = module_type(config.type);
   const bool no_targets = config.targets.target_modules.empty() && config.targets.target_regex.empty();
@@ -146,14 +161,21 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in, cons
                                     config.targets.exclude_modules.end());
     config.targets = defaults;
   }
-  const auto selected = type.on_members_sites ? fusion_sites(name, config.fusion) : match_sites(*model_, config.targets, type.site_kind);
+  const auto selected = type.on_members_sites ? fusion_sites(name, config.fusion)
+                                              : match_sites(*model_, config.targets, type.site_kind);
   Named named;
   named.config = config;
   uint64_t seed = config.seed;
-  const ModuleBuild build{*model_, name, config, init, selected, at::TensorOptions().dtype(model_->dtype()).device(model_->device()),
+  const ModuleBuild build{*model_,
+                          name,
+                          config,
+                          init,
+                          selected,
+                          at::TensorOptions().dtype(model_->dtype()).device(model_->device()),
                           [this](const std::string& m, const std::string& s) { return module_at(m, s); }};
   const PartFactory make = type.prepare(build, seed);  // used only here: it refers to build and seed
-  for (size_t i = 0; i < selected.size(); ++i) named.parts.push_back({selected[i]->name(), make(*selected[i], i)});
+  for (size_t i = 0; i < selected.size(); ++i)
+    named.parts.push_back({selected[i]->name(), make(*selected[i], i)});
   for (const auto& p : named.parts) {
     p.module->train(model_->is_training());  // a module attached to a model in eval mode evaluates too
     attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -166,22 +188,28 @@ void ModuleSet::remove(const std::string& name) {
   Named& n = get_mutable(name);
   for (const auto& other : order_) {
     const ModuleConfig& c = modules_.at(other).config;
-    MDL_CHECK(!module_type(c.type).on_members_sites || std::find(c.fusion.members.begin(), c.fusion.members.end(), name) == c.fusion.members.end(),
+    MDL_CHECK(!module_type(c.type).on_members_sites ||
+                  std::find(c.fusion.members.begin(), c.fusion.members.end(), name) == c.fusion.members.end(),
               "[modules] '", name, "' is fused by '", other, "'; remove '", other, "' first");
   }
   if (n.merged) unmerge(name);
   for (const auto& p : n.parts) {
     auto& entries = attached(p.site).entries();
-    entries.erase(std::remove_if(entries.begin(), entries.end(), [&](const auto& e) { return e.name == name; }),
-                  entries.end());
+    entries.erase(
+        std::remove_if(entries.begin(), entries.end(), [&](const auto& e) { return e.name == name; }),
+        entries.end());
     if (entries.empty()) model_->site(p.site).attach(nullptr);
   }
   modules_.erase(name);
   order_.erase(std::remove(order_.begin(), order_.end(), name), order_.end());
 }
 
-std::vector<std::string> ModuleSet::names() const { return order_; }
-const ModuleConfig& ModuleSet::config(const std::string& name) const { return get(name).config; }
+std::vector<std::string> ModuleSet::names() const {
+  return order_;
+}
+const ModuleConfig& ModuleSet::config(const std::string& name) const {
+  return get(name).config;
+}
 
 std::shared_ptr<SiteModule> ModuleSet::module_at(const std::string& name, const std::string& site) const {
   for (const auto& p : get(name).parts)
@@ -200,15 +228,18 @@ void ModuleSet::set_active(const std::string& name, bool active) {
 }
 
 void ModuleSet::set_scale(const std::string& name, double scale) {
-  MDL_CHECK(!get(name).merged, "[modules] '", name, "' is merged into the base weights; unmerge it before rescaling");
+  MDL_CHECK(!get(name).merged, "[modules] '", name,
+            "' is merged into the base weights; unmerge it before rescaling");
   for (const auto& p : get(name).parts) attached(p.site).find(name)->scale = scale;
 }
 
 std::map<std::string, at::Tensor> ModuleSet::tensors(const std::string& name) const {
   std::map<std::string, at::Tensor> out;
   for (const auto& p : get(name).parts) {
-    for (const auto& item : p.module->named_parameters(/*recurse=*/true)) out[p.site + "." + item.key()] = item.value();
-    for (const auto& item : p.module->named_buffers(/*recurse=*/true)) out[p.site + "." + item.key()] = item.value();
+    for (const auto& item : p.module->named_parameters(/*recurse=*/true))
+      out[p.site + "." + item.key()] = item.value();
+    for (const auto& item : p.module->named_buffers(/*recurse=*/true))
+      out[p.site + "." + item.key()] = item.value();
   }
   return out;
 }
@@ -228,11 +259,13 @@ void ModuleSet::load_tensors(const std::string& name, const std::map<std::string
     MDL_CHECK(it != tensors.end(), "[modules] '", source, "' has no tensor for '", key, "' (expected shape ",
               param.sizes(), ")");
     MDL_CHECK(it->second.sizes() == param.sizes(), "[modules] '", source, "': tensor '", key, "' has shape ",
-              it->second.sizes(), " but the site in this model needs ", param.sizes(), "; a module for another base model?");
-    MDL_CHECK(it->second.scalar_type() == param.scalar_type() || at::isFloatingType(it->second.scalar_type()) ==
-                                                                     at::isFloatingType(param.scalar_type()),
-              "[modules] '", source, "': tensor '", key, "' is ", it->second.scalar_type(), " but this parameter is ",
-              param.scalar_type(), "; a module's weights are floating point (its indices integers)");
+              it->second.sizes(), " but the site in this model needs ", param.sizes(),
+              "; a module for another base model?");
+    MDL_CHECK(it->second.scalar_type() == param.scalar_type() ||
+                  at::isFloatingType(it->second.scalar_type()) == at::isFloatingType(param.scalar_type()),
+              "[modules] '", source, "': tensor '", key, "' is ", it->second.scalar_type(),
+              " but this parameter is ", param.scalar_type(),
+              "; a module's weights are floating point (its indices integers)");
     if (at::isFloatingType(it->second.scalar_type())) {
       const int64_t bad = it->second.numel() - at::isfinite(it->second).sum().item<int64_t>();
       MDL_CHECK(bad == 0, "[modules] '", source, "': tensor '", key, "' has ", bad,
@@ -241,8 +274,8 @@ void ModuleSet::load_tensors(const std::string& name, const std::map<std::string
     param.copy_(it->second);
   }
   for (const auto& [key, t] : tensors)
-    MDL_CHECK(mine.count(key), "[modules] '", source, "': tensor '", key, "' belongs to no site of module '", name,
-              "'; a module for another base model?");
+    MDL_CHECK(mine.count(key), "[modules] '", source, "': tensor '", key, "' belongs to no site of module '",
+              name, "'; a module for another base model?");
 }
 
 std::vector<at::Tensor> ModuleSet::parameters(const std::vector<std::string>& names) const {
@@ -300,7 +333,9 @@ void ModuleSet::unmerge(const std::string& name) {
   n.merged = false;
 }
 
-bool ModuleSet::merged(const std::string& name) const { return get(name).merged; }
+bool ModuleSet::merged(const std::string& name) const {
+  return get(name).merged;
+}
 
 std::shared_ptr<HyperGeneratorImpl> ModuleSet::hyper_generator(const std::string& name) const {
   auto h = std::dynamic_pointer_cast<HyperLoraImpl>(get(name).parts.front().module);
@@ -347,8 +382,8 @@ void ModuleSet::fold(const std::string& name) {
   if (!old->projection) return;
   PrefixTuningOptions o = n.config.prefix;
   o.prefix_projection = false;
-  auto folded = std::make_shared<PrefixEncoderImpl>(old->n, old->n_layer, model_->config().hidden_size, old->kv_dim, o,
-                                                    0, old->embedding.options());
+  auto folded = std::make_shared<PrefixEncoderImpl>(old->n, old->n_layer, model_->config().hidden_size,
+                                                    old->kv_dim, o, 0, old->embedding.options());
   {
     torch::NoGradGuard g;
     folded->embedding.copy_(old->all());
@@ -364,7 +399,9 @@ BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   uint64_t h = kFnvOffset;  // over "site:in:out;"
   for (const auto& p : get(name).parts) {
     const SiteInfo& info = model_->site(p.site).info();
-    h = fnv1a(info.name + ":" + std::to_string(info.in_features) + ":" + std::to_string(info.out_features) + ";", h);
+    h = fnv1a(
+        info.name + ":" + std::to_string(info.in_features) + ":" + std::to_string(info.out_features) + ";",
+        h);
   }
   char buf[20];
   std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
@@ -372,7 +409,9 @@ BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   return f;
 }
 
-void ModuleSet::save(const std::string& name, const std::string& dir) const { write_native(*this, name, dir); }
+void ModuleSet::save(const std::string& name, const std::string& dir) const {
+  write_native(*this, name, dir);
+}
 
 std::string ModuleSet::load(const std::string& dir, const std::string& name, bool force) {
   return attach(read(dir), name, force);
@@ -419,15 +458,16 @@ std::string ModuleSet::attach(const ModuleFiles& f, const std::string& name_in, 
   return name;
 }
 
-void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in, const std::vector<std::string>& site_names,
+void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in,
+                          const std::vector<std::string>& site_names,
                           const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
   const ModuleType& type = module_type(config_in.type);
   for (const auto& s : site_names) {
-    MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ", model_->config().architecture,
-              " does not have; a module for another base model?");
-    MDL_CHECK(type.on_members_sites || model_->site(s).info().kind == type.site_kind, "[modules] module '", name, "': site '", s,
-              "' is not of the kind a ", config_in.type, " module attaches to");
+    MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ",
+              model_->config().architecture, " does not have; a module for another base model?");
+    MDL_CHECK(type.on_members_sites || model_->site(s).info().kind == type.site_kind, "[modules] module '",
+              name, "': site '", s, "' is not of the kind a ", config_in.type, " module attaches to");
   }
   ModuleConfig config = config_in;
   // Exact sites: a regex of their names, so add() selects exactly these.

@@ -2,8 +2,8 @@
 // gets its part, held in the site's AttachedModules. Modules are added, activated, scaled, merged and
 // saved by name; the backbone's own parameters are frozen and never modified except by an explicit merge.
 //
-// Native files (native_format.h): `module.json` (type, options, targets, the sites it covers, a fingerprint of the base
-// model) + `module.safetensors` ("<site>.<parameter>" -> tensor).
+// Native files (native_format.h): `module.json` (type, options, targets, the sites it covers, a fingerprint
+// of the base model) + `module.safetensors` ("<site>.<parameter>" -> tensor).
 #pragma once
 
 #include <map>
@@ -41,9 +41,9 @@ struct ModuleConfig {
   HyperLoraOptions hyper;
   LoraMixtureOptions lora_moe;
   PolyLoraOptions poly;
-  FusionOptions fusion;       ///< fusion: its members (loaded first); sites = those every member covers
-  TargetOptions targets;      ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
-  uint64_t seed = 0;          ///< initialisation seed
+  FusionOptions fusion;   ///< fusion: its members (loaded first); sites = those every member covers
+  TargetOptions targets;  ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
+  uint64_t seed = 0;      ///< initialisation seed
 };
 void to_json(nlohmann::json& j, const ModuleConfig& c);
 void from_json(const nlohmann::json& j, ModuleConfig& c);
@@ -68,11 +68,11 @@ struct ParameterSummary {
 /// A module directory read into memory and not attached to anything yet (ModuleSet::read).
 struct ModuleFiles {
   std::string dir;
-  std::string format;                          ///< "native", "peft" or "adapterhub"
+  std::string format;  ///< "native", "peft" or "adapterhub"
   ModuleConfig config;
-  std::vector<std::string> sites;              ///< where its parts go
-  std::map<std::string, at::Tensor> tensors;   ///< "<site>.<parameter>" -> tensor
-  BaseFingerprint made_for;                    ///< native: the base it was saved from (else empty)
+  std::vector<std::string> sites;             ///< where its parts go
+  std::map<std::string, at::Tensor> tensors;  ///< "<site>.<parameter>" -> tensor
+  BaseFingerprint made_for;                   ///< native: the base it was saved from (else empty)
 };
 
 class ModuleSet {
@@ -83,7 +83,8 @@ class ModuleSet {
   /// Creates module `name` at the sites its targets select; throws if the name is taken. A sparse module
   /// takes, per site, either "<site>.indices" or selection scores "<site>" (change_scores, fisher_scores)
   /// from `init`.
-  void add(const std::string& name, const ModuleConfig& config, const std::map<std::string, at::Tensor>& init = {});
+  void add(const std::string& name, const ModuleConfig& config,
+           const std::map<std::string, at::Tensor>& init = {});
   void remove(const std::string& name);
   bool contains(const std::string& name) const { return modules_.count(name) > 0; }
   std::vector<std::string> names() const;
@@ -104,7 +105,8 @@ class ModuleSet {
   /// their own dtype): what a server storing the module in `dtype` computes with, on every path.
   void round_tensors(const std::string& name, at::ScalarType dtype);
   /// Copies tensors into module `name`, checking every name and shape.
-  void load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors, const std::string& source);
+  void load_tensors(const std::string& name, const std::map<std::string, at::Tensor>& tensors,
+                    const std::string& source);
   /// Parameters to optimise for `names` (empty: every module).
   std::vector<at::Tensor> parameters(const std::vector<std::string>& names = {}) const;
   /// Freezes the backbone and makes the named modules (empty: all) trainable, the others frozen.
@@ -124,7 +126,8 @@ class ModuleSet {
   /// Hypernetwork modules: use learned task `task`, or an explicit task embedding (a new task).
   void set_task(const std::string& name, int64_t task);
   void set_task_embedding(const std::string& name, const at::Tensor& embedding);
-  /// Writes what hypernetwork module `name` generates for its current task as a plain LoRA module `lora_name`.
+  /// Writes what hypernetwork module `name` generates for its current task as a plain LoRA module
+  /// `lora_name`.
   void materialize(const std::string& name, const std::string& lora_name);
 
   /// The fingerprint of this model for the sites `name` covers.

@@ -24,7 +24,8 @@ void options_entry(ModuleType& t) {
 void no_options(ModuleType& t) {
   t.options_to_json = [](const ModuleConfig&, nlohmann::json& j) { j = nlohmann::json::object(); };
   t.options_from_json = [](const nlohmann::json& j, ModuleConfig& c) {
-    MDL_CHECK(j.is_object() && j.empty(), "[module] a ", c.type, " module takes no options; found ", j.dump().substr(0, 200));
+    MDL_CHECK(j.is_object() && j.empty(), "[module] a ", c.type, " module takes no options; found ",
+              j.dump().substr(0, 200));
   };
   t.options_help = [] { return std::vector<FieldHelp>(); };
 }
@@ -40,9 +41,15 @@ TargetOptions regex(std::string r) {
   t.target_regex = std::move(r);
   return t;
 }
-TargetOptions attention_targets(Arch arch, const ModuleConfig&) { return suffixes(arch_targets(arch).attention); }
-TargetOptions every_linear(Arch, const ModuleConfig&) { return suffixes({"all-linear"}); }
-TargetOptions every_site(Arch, const ModuleConfig&) { return regex(".*"); }  // every site of the type's kind
+TargetOptions attention_targets(Arch arch, const ModuleConfig&) {
+  return suffixes(arch_targets(arch).attention);
+}
+TargetOptions every_linear(Arch, const ModuleConfig&) {
+  return suffixes({"all-linear"});
+}
+TargetOptions every_site(Arch, const ModuleConfig&) {
+  return regex(".*");
+}  // every site of the type's kind
 /// Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output"); the
 /// Pfeiffer configuration takes the MLP's only.
 TargetOptions sublayers(const std::string& config) {
@@ -51,7 +58,8 @@ TargetOptions sublayers(const std::string& config) {
 
 std::vector<ModuleType> make_types() {
   std::vector<ModuleType> types;
-  auto add = [&](std::string name, std::string summary, SiteKind kind, bool additive, std::vector<std::string> formats) -> ModuleType& {
+  auto add = [&](std::string name, std::string summary, SiteKind kind, bool additive,
+                 std::vector<std::string> formats) -> ModuleType& {
     ModuleType t;
     t.name = std::move(name);
     t.summary = std::move(summary);
@@ -63,8 +71,8 @@ std::vector<ModuleType> make_types() {
   };
 
   {
-    ModuleType& t = add("lora", "low-rank update of a projection (DoRA, rsLoRA, PiSSA, rank patterns)", SiteKind::linear, true,
-                        {"native", "peft", "adapterhub"});
+    ModuleType& t = add("lora", "low-rank update of a projection (DoRA, rsLoRA, PiSSA, rank patterns)",
+                        SiteKind::linear, true, {"native", "peft", "adapterhub"});
     options_entry<LoraOptions, &ModuleConfig::lora, &lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
@@ -74,8 +82,8 @@ std::vector<ModuleType> make_types() {
     };
   }
   {
-    ModuleType& t = add("ia3", "(IA)^3: learned rescaling of a projection's output or input", SiteKind::linear, false,
-                        {"native", "peft"});
+    ModuleType& t = add("ia3", "(IA)^3: learned rescaling of a projection's output or input",
+                        SiteKind::linear, false, {"native", "peft"});
     options_entry<Ia3Options, &ModuleConfig::ia3, &ia3_fields>(t);
     t.default_targets = [](Arch arch, const ModuleConfig&) {
       const ArchTargets a = arch_targets(arch);
@@ -88,8 +96,8 @@ std::vector<ModuleType> make_types() {
     };
   }
   {
-    ModuleType& t = add("adapter", "bottleneck adapter after a sublayer (Houlsby, Pfeiffer, parallel)", SiteKind::sublayer, false,
-                        {"native", "adapterhub"});
+    ModuleType& t = add("adapter", "bottleneck adapter after a sublayer (Houlsby, Pfeiffer, parallel)",
+                        SiteKind::sublayer, false, {"native", "adapterhub"});
     options_entry<AdapterOptions, &ModuleConfig::adapter, &adapter_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig& c) { return sublayers(c.adapter.config); };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
@@ -99,14 +107,15 @@ std::vector<ModuleType> make_types() {
     };
   }
   {
-    ModuleType& t = add("compacter", "adapter with Kronecker-factored (PHM) weights shared across layers", SiteKind::sublayer,
-                        false, {"native"});
+    ModuleType& t = add("compacter", "adapter with Kronecker-factored (PHM) weights shared across layers",
+                        SiteKind::sublayer, false, {"native"});
     options_entry<CompacterOptions, &ModuleConfig::compacter, &compacter_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig& c) { return sublayers(c.compacter.config); };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       auto rules = std::make_shared<PhmRulesImpl>(b.config.compacter.phm_dim, seed, b.options);
       return [&b, &seed, rules](const Site& site, size_t part) {
-        return std::make_shared<CompacterImpl>(site.info(), b.config.compacter, rules, part == 0, seed++, b.options);
+        return std::make_shared<CompacterImpl>(site.info(), b.config.compacter, rules, part == 0, seed++,
+                                               b.options);
       };
     };
   }
@@ -115,7 +124,9 @@ std::vector<ModuleType> make_types() {
     no_options(t);
     t.default_targets = every_linear;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
-      return [&b](const Site& site, size_t) { return std::make_shared<BiasDeltaImpl>(b.model.linear(site.name())); };
+      return [&b](const Site& site, size_t) {
+        return std::make_shared<BiasDeltaImpl>(b.model.linear(site.name()));
+      };
     };
   }
   {
@@ -123,53 +134,64 @@ std::vector<ModuleType> make_types() {
     no_options(t);
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
-      return [&b](const Site& site, size_t) { return std::make_shared<LayerNormTuningImpl>(b.model.norm(site.name())); };
+      return [&b](const Site& site, size_t) {
+        return std::make_shared<LayerNormTuningImpl>(b.model.norm(site.name()));
+      };
     };
   }
   {
-    ModuleType& t = add("sparse", "sparse fine-tuning: a diff on a selected fraction of a projection's weights", SiteKind::linear,
-                        true, {"native"});
-    t.needs = "a selection per site (scores from a dense warm-up or Fisher information, or indices): mdl train makes it";
+    ModuleType& t =
+        add("sparse", "sparse fine-tuning: a diff on a selected fraction of a projection's weights",
+            SiteKind::linear, true, {"native"});
+    t.needs =
+        "a selection per site (scores from a dense warm-up or Fisher information, or indices): mdl train "
+        "makes it";
     options_entry<SparseOptions, &ModuleConfig::sparse, &sparse_fields>(t);
     t.default_targets = every_linear;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
       return [&b](const Site& site, size_t) {
         at::Tensor indices;
-        if (auto it = b.init.find(site.name() + ".indices"); it != b.init.end()) indices = it->second;
-        else if (auto sc = b.init.find(site.name()); sc != b.init.end()) indices = select_top_indices(sc->second, b.config.sparse.density);
-        else MDL_FAIL("[modules] sparse module '", b.name, "' has no selection for '", site.name(),
-                      "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
+        if (auto it = b.init.find(site.name() + ".indices"); it != b.init.end())
+          indices = it->second;
+        else if (auto sc = b.init.find(site.name()); sc != b.init.end())
+          indices = select_top_indices(sc->second, b.config.sparse.density);
+        else
+          MDL_FAIL("[modules] sparse module '", b.name, "' has no selection for '", site.name(),
+                   "'; pass scores from change_scores (dense warm-up) or fisher_scores, or indices");
         return std::make_shared<SparseDiffImpl>(b.model.linear(site.name()), indices.to(at::kLong));
       };
     };
   }
   {
-    ModuleType& t = add("prompt", "prompt tuning: virtual tokens before the input", SiteKind::embedding, false, {"native", "peft"});
+    ModuleType& t = add("prompt", "prompt tuning: virtual tokens before the input", SiteKind::embedding,
+                        false, {"native", "peft"});
     options_entry<PromptTuningOptions, &ModuleConfig::prompt, &prompt_fields>(t);
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
-        return std::make_shared<PromptTuningImpl>(site.info(), b.config.prompt, b.model.token_embeddings(), seed++);
+        return std::make_shared<PromptTuningImpl>(site.info(), b.config.prompt, b.model.token_embeddings(),
+                                                  seed++);
       };
     };
   }
   {
-    ModuleType& t = add("prefix", "prefix tuning: virtual keys and values in every attention layer", SiteKind::attention_kv, false,
-                        {"native", "peft"});
+    ModuleType& t = add("prefix", "prefix tuning: virtual keys and values in every attention layer",
+                        SiteKind::attention_kv, false, {"native", "peft"});
     options_entry<PrefixTuningOptions, &ModuleConfig::prefix, &prefix_fields>(t);
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       const ModelConfig& mc = b.model.config();
-      auto encoder = std::make_shared<PrefixEncoderImpl>(b.config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
-                                                         mc.n_kv_head * mc.head_dim, b.config.prefix, seed, b.options);
+      auto encoder =
+          std::make_shared<PrefixEncoderImpl>(b.config.prefix.num_virtual_tokens, mc.n_layer, mc.hidden_size,
+                                              mc.n_kv_head * mc.head_dim, b.config.prefix, seed, b.options);
       return [encoder, head_dim = mc.head_dim](const Site& site, size_t part) {
         return std::make_shared<PrefixTuningImpl>(site.info(), head_dim, encoder, part == 0);
       };
     };
   }
   {
-    ModuleType& t = add("hyper_lora", "LoRA generated per task by a shared hypernetwork (HyperFormer-style)", SiteKind::linear,
-                        true, {"native"});
+    ModuleType& t = add("hyper_lora", "LoRA generated per task by a shared hypernetwork (HyperFormer-style)",
+                        SiteKind::linear, true, {"native"});
     options_entry<HyperLoraOptions, &ModuleConfig::hyper, &hyper_lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
@@ -182,8 +204,8 @@ std::vector<ModuleType> make_types() {
     };
   }
   {
-    ModuleType& t = add("lora_moe", "a mixture of LoRA experts behind a learned router (MoLoRA, SMEAR)", SiteKind::linear, true,
-                        {"native"});
+    ModuleType& t = add("lora_moe", "a mixture of LoRA experts behind a learned router (MoLoRA, SMEAR)",
+                        SiteKind::linear, true, {"native"});
     options_entry<LoraMixtureOptions, &ModuleConfig::lora_moe, &lora_moe_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
@@ -193,22 +215,26 @@ std::vector<ModuleType> make_types() {
     };
   }
   {
-    ModuleType& t = add("poly_lora", "Polytropon: LoRA skills combined by a learned task-skill allocation", SiteKind::linear, true,
-                        {"native"});
+    ModuleType& t = add("poly_lora", "Polytropon: LoRA skills combined by a learned task-skill allocation",
+                        SiteKind::linear, true, {"native"});
     options_entry<PolyLoraOptions, &ModuleConfig::poly, &poly_lora_fields>(t);
     t.default_targets = attention_targets;
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       std::shared_ptr<SkillAllocationImpl> shared;
-      if (b.config.poly.shared_allocation) shared = std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly), seed++, b.options);
+      if (b.config.poly.shared_allocation)
+        shared = std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly), seed++, b.options);
       return [&b, &seed, shared](const Site& site, size_t part) {
-        auto allocation = shared ? shared : std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly), seed++, b.options);
-        return std::make_shared<PolyLoraImpl>(site.info(), b.config.poly, allocation, !shared || part == 0, seed++, b.options);
+        auto allocation = shared ? shared
+                                 : std::make_shared<SkillAllocationImpl>(allocation_options(b.config.poly),
+                                                                         seed++, b.options);
+        return std::make_shared<PolyLoraImpl>(site.info(), b.config.poly, allocation, !shared || part == 0,
+                                              seed++, b.options);
       };
     };
   }
   {
-    ModuleType& t = add("fusion", "AdapterFusion: attention, a gate or a mixture over loaded modules", SiteKind::linear, false,
-                        {"native"});
+    ModuleType& t = add("fusion", "AdapterFusion: attention, a gate or a mixture over loaded modules",
+                        SiteKind::linear, false, {"native"});
     t.on_members_sites = true;
     t.needs = "its member modules, loaded first";
     options_entry<FusionOptions, &ModuleConfig::fusion, &fusion_fields>(t);
@@ -216,7 +242,8 @@ std::vector<ModuleType> make_types() {
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
         std::vector<std::shared_ptr<SiteModule>> members;
-        for (const auto& member : b.config.fusion.members) members.push_back(b.member_at(member, site.name()));
+        for (const auto& member : b.config.fusion.members)
+          members.push_back(b.member_at(member, site.name()));
         return std::make_shared<FusionImpl>(site.info(), b.config.fusion, members, seed++, b.options);
       };
     };

@@ -4,13 +4,12 @@
 // switching on type names; a new type is one entry in module_type.cpp.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <ATen/ATen.h>
 
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -28,11 +27,11 @@ struct ModuleConfig;
 /// What a type's factory is given when one module is added.
 struct ModuleBuild {
   ModelImpl& model;
-  const std::string& name;                         ///< the module's name (for errors)
-  const ModuleConfig& config;                      ///< targets already resolved
-  const std::map<std::string, at::Tensor>& init;   ///< per-site initial values some types need (sparse)
-  const std::vector<std::shared_ptr<Site>>& sites; ///< the sites it covers, in forward order
-  at::TensorOptions options;                       ///< the model's dtype and device
+  const std::string& name;                          ///< the module's name (for errors)
+  const ModuleConfig& config;                       ///< targets already resolved
+  const std::map<std::string, at::Tensor>& init;    ///< per-site initial values some types need (sparse)
+  const std::vector<std::shared_ptr<Site>>& sites;  ///< the sites it covers, in forward order
+  at::TensorOptions options;                        ///< the model's dtype and device
   /// A loaded module's part at a site (what fusion combines).
   std::function<std::shared_ptr<SiteModule>(const std::string& module, const std::string& site)> member_at;
 };
@@ -45,7 +44,7 @@ using PartFactory = std::function<std::shared_ptr<SiteModule>(const Site& site, 
 /// One module type.
 struct ModuleType {
   std::string name;
-  std::string summary;           ///< one line for --help
+  std::string summary;  ///< one line for --help
   SiteKind site_kind = SiteKind::linear;
   bool on_members_sites = false;  ///< attaches where its members are (fusion), whatever their kind
   /// Its change adds to the site's output (a delta on the projection), so a sum of such modules is a sum

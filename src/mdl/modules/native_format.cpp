@@ -59,9 +59,14 @@ void write_native(const ModuleSet& set, const std::string& name, const std::stri
                       {"config", config},
                       {"sites", set.sites(name)},
                       {"parameters", count},
-                      {"base", {{"architecture", f.architecture}, {"hidden_size", f.hidden_size}, {"n_layer", f.n_layer},
-                                {"vocab_size", f.vocab_size}, {"shapes_hash", f.shapes_hash}}}};
-  io::save_safetensors((fs::path(staged.path()) / "module.safetensors").string(), tensors, {{"format", "mdl-module"}});
+                      {"base",
+                       {{"architecture", f.architecture},
+                        {"hidden_size", f.hidden_size},
+                        {"n_layer", f.n_layer},
+                        {"vocab_size", f.vocab_size},
+                        {"shapes_hash", f.shapes_hash}}}};
+  io::save_safetensors((fs::path(staged.path()) / "module.safetensors").string(), tensors,
+                       {{"format", "mdl-module"}});
   io::write_text_atomic((fs::path(staged.path()) / "module.json").string(), j.dump(2) + "\n");
   staged.commit();
 }

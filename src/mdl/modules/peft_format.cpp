@@ -29,7 +29,8 @@ const std::vector<std::pair<std::string, std::string>> kLoraNames = {
     {".lora_magnitude_vector.weight", "lora_magnitude_vector"},
     {".lora_magnitude_vector", "lora_magnitude_vector"},
 };
-const std::vector<std::pair<std::string, std::string>> kIa3Names = {{".ia3_l.weight", "ia3_l"}, {".ia3_l", "ia3_l"}};
+const std::vector<std::pair<std::string, std::string>> kIa3Names = {{".ia3_l.weight", "ia3_l"},
+                                                                    {".ia3_l", "ia3_l"}};
 
 bool ends_with(const std::string& s, const std::string& p) {
   return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
@@ -37,10 +38,14 @@ bool ends_with(const std::string& s, const std::string& p) {
 
 std::string task_type(HeadKind head) {
   switch (head) {
-    case HeadKind::causal_lm: return "CAUSAL_LM";
-    case HeadKind::sequence_classification: return "SEQ_CLS";
-    case HeadKind::token_classification: return "TOKEN_CLS";
-    case HeadKind::none: return "FEATURE_EXTRACTION";
+    case HeadKind::causal_lm:
+      return "CAUSAL_LM";
+    case HeadKind::sequence_classification:
+      return "SEQ_CLS";
+    case HeadKind::token_classification:
+      return "TOKEN_CLS";
+    case HeadKind::none:
+      return "FEATURE_EXTRACTION";
   }
   return "";
 }
@@ -84,9 +89,9 @@ PeftModule read_peft_prefix(const std::string& dir, const ModelImpl& model) {
   MDL_CHECK(tensors.count("prompt_embeddings"), "[peft] '", weights, "' has no tensor 'prompt_embeddings'");
   at::Tensor p = tensors.at("prompt_embeddings");
   const int64_t kv = mc.n_kv_head * mc.head_dim;
-  MDL_CHECK(p.dim() == 2 && p.size(1) == mc.n_layer * 2 * kv, "[peft] '", weights, "': prompt_embeddings has shape ",
-            p.sizes(), ", this model needs (num_virtual_tokens, ", mc.n_layer * 2 * kv, ") = (n, layers x 2 x ", kv,
-            "); a prefix for another base model?");
+  MDL_CHECK(p.dim() == 2 && p.size(1) == mc.n_layer * 2 * kv, "[peft] '", weights,
+            "': prompt_embeddings has shape ", p.sizes(), ", this model needs (num_virtual_tokens, ",
+            mc.n_layer * 2 * kv, ") = (n, layers x 2 x ", kv, "); a prefix for another base model?");
   PeftModule out;
   out.config.type = "prefix";
   out.config.prefix.num_virtual_tokens = p.size(0);
@@ -110,7 +115,8 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
     out.config.type = "lora";
     out.config.lora = lora_fields().read(j, UnknownKeys::ignore);  // PEFT's config has more keys
     MDL_CHECK(j.value("bias", std::string("none")) == "none", "[peft] '", config_path, "': bias='",
-              j.value("bias", std::string()), "' trains the base model's biases; only bias=\"none\" is supported");
+              j.value("bias", std::string()),
+              "' trains the base model's biases; only bias=\"none\" is supported");
   } else if (type == "IA3") {
     out.config.type = "ia3";
     out.config.ia3 = ia3_fields().read(j, UnknownKeys::ignore);
@@ -119,18 +125,22 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   } else if (type == "PREFIX_TUNING") {
     return read_peft_prefix(dir, model);
   } else {
-    MDL_FAIL("[peft] '", config_path, "': peft_type '", type, "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
+    MDL_FAIL("[peft] '", config_path, "': peft_type '", type,
+             "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
   }
   out.config.targets = target_fields().read(j, UnknownKeys::ignore);
 
   std::string weights = (fs::path(dir) / "adapter_model.safetensors").string();
   MDL_CHECK(fs::exists(weights), "[peft] '", dir, "' has no adapter_model.safetensors",
-            fs::exists(fs::path(dir) / "adapter_model.bin") ? " (only adapter_model.bin, a pickle mdl does not read)" : "");
+            fs::exists(fs::path(dir) / "adapter_model.bin")
+                ? " (only adapter_model.bin, a pickle mdl does not read)"
+                : "");
   const auto& names = type == "LORA" ? kLoraNames : kIa3Names;
   const std::string body = model.config().body_prefix() + ".";
   std::set<std::string> seen;
   for (auto& [key, tensor] : io::load_safetensors(weights)) {
-    MDL_CHECK(key.rfind(kPrefix, 0) == 0, "[peft] '", weights, "': tensor '", key, "' does not start with '", kPrefix, "'");
+    MDL_CHECK(key.rfind(kPrefix, 0) == 0, "[peft] '", weights, "': tensor '", key, "' does not start with '",
+              kPrefix, "'");
     std::string rest = key.substr(kPrefix.size()), param;
     for (const auto& [suffix, mine] : names) {
       if (ends_with(rest, suffix)) {
@@ -139,7 +149,8 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
         break;
       }
     }
-    MDL_CHECK(!param.empty(), "[peft] '", weights, "': tensor '", key, "' is not a ", type, " tensor mdl knows");
+    MDL_CHECK(!param.empty(), "[peft] '", weights, "': tensor '", key, "' is not a ", type,
+              " tensor mdl knows");
     // BertModel / GPT2Model / LlamaModel checkpoints name modules without the body prefix.
     std::string site = rest;
     bool known = model.find_site(site) != nullptr;
@@ -168,34 +179,46 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
 void write_peft(const ModuleSet& set, const std::string& name, const std::string& dir) {
   const ModuleConfig& c = set.config(name);
   const auto& formats = module_type(c.type).formats;
-  MDL_CHECK(std::find(formats.begin(), formats.end(), "peft") != formats.end(), "[peft] module '", name, "' is a ", c.type,
+  MDL_CHECK(std::find(formats.begin(), formats.end(), "peft") != formats.end(), "[peft] module '", name,
+            "' is a ", c.type,
             " module; PEFT files hold LoRA, (IA)^3, prompt or prefix tuning here (use the native format)");
   const ModelConfig& mc = set.model()->config();
   if (c.type == "prefix") {
     auto part = std::dynamic_pointer_cast<PrefixTuningImpl>(set.module_at(name, set.sites(name).front()));
     const at::Tensor p = part->encoder()->all().detach().contiguous();  // folded, as PEFT saves it
-    nlohmann::json pj = {{"peft_type", "PREFIX_TUNING"}, {"num_virtual_tokens", p.size(0)},
-                         {"token_dim", mc.n_kv_head * mc.head_dim}, {"num_transformer_submodules", 1},
-                         {"num_attention_heads", mc.n_kv_head}, {"num_layers", mc.n_layer},
-                         {"prefix_projection", false}, {"encoder_hidden_size", mc.hidden_size},
-                         {"task_type", task_type(mc.head)}, {"base_model_name_or_path", mc.model_type},
+    nlohmann::json pj = {{"peft_type", "PREFIX_TUNING"},
+                         {"num_virtual_tokens", p.size(0)},
+                         {"token_dim", mc.n_kv_head * mc.head_dim},
+                         {"num_transformer_submodules", 1},
+                         {"num_attention_heads", mc.n_kv_head},
+                         {"num_layers", mc.n_layer},
+                         {"prefix_projection", false},
+                         {"encoder_hidden_size", mc.hidden_size},
+                         {"task_type", task_type(mc.head)},
+                         {"base_model_name_or_path", mc.model_type},
                          {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
-    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
-                         {{"format", "pt"}});
+    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
+                         {{"prompt_embeddings", p}}, {{"format", "pt"}});
     io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
     staged.commit();
     return;
   }
   if (c.type == "prompt") {
     const at::Tensor p = set.tensors(name).begin()->second.detach();
-    nlohmann::json pj = {{"peft_type", "PROMPT_TUNING"}, {"num_virtual_tokens", p.size(0)}, {"token_dim", p.size(1)},
-                         {"num_transformer_submodules", 1}, {"num_attention_heads", mc.n_head},
-                         {"num_layers", mc.n_layer}, {"prompt_tuning_init", "RANDOM"}, {"task_type", task_type(mc.head)},
-                         {"base_model_name_or_path", mc.model_type}, {"inference_mode", true}};
+    nlohmann::json pj = {{"peft_type", "PROMPT_TUNING"},
+                         {"num_virtual_tokens", p.size(0)},
+                         {"token_dim", p.size(1)},
+                         {"num_transformer_submodules", 1},
+                         {"num_attention_heads", mc.n_head},
+                         {"num_layers", mc.n_layer},
+                         {"prompt_tuning_init", "RANDOM"},
+                         {"task_type", task_type(mc.head)},
+                         {"base_model_name_or_path", mc.model_type},
+                         {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
-    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), {{"prompt_embeddings", p}},
-                         {{"format", "pt"}});
+    io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
+                         {{"prompt_embeddings", p}}, {{"format", "pt"}});
     io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
     staged.commit();
     return;
@@ -230,16 +253,23 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
     const size_t dot = key.rfind('.');
     const std::string site = key.substr(0, dot), param = key.substr(dot + 1);
     std::string suffix;
-    if (param == "lora_A") suffix = ".lora_A.weight";
-    else if (param == "lora_B") suffix = ".lora_B.weight";
-    else if (param == "lora_bias") suffix = ".lora_B.bias";
-    else if (param == "lora_magnitude_vector") suffix = ".lora_magnitude_vector";
-    else if (param == "ia3_l") suffix = ".ia3_l";
-    else MDL_FAIL("[peft] parameter '", key, "' has no PEFT name");
+    if (param == "lora_A")
+      suffix = ".lora_A.weight";
+    else if (param == "lora_B")
+      suffix = ".lora_B.weight";
+    else if (param == "lora_bias")
+      suffix = ".lora_B.bias";
+    else if (param == "lora_magnitude_vector")
+      suffix = ".lora_magnitude_vector";
+    else if (param == "ia3_l")
+      suffix = ".ia3_l";
+    else
+      MDL_FAIL("[peft] parameter '", key, "' has no PEFT name");
     out[kPrefix + site + suffix] = t.detach();
   }
   io::AtomicDirectory staged(dir);  // both files or neither
-  io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), out, {{"format", "pt"}});
+  io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), out,
+                       {{"format", "pt"}});
   io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), j.dump(2) + "\n");
   staged.commit();
 }

@@ -18,8 +18,8 @@ namespace mdl {
 /// A PEFT directory read into mdl's terms.
 struct PeftModule {
   ModuleConfig config;
-  std::vector<std::string> sites;               ///< mdl site names, in file order
-  std::map<std::string, at::Tensor> tensors;    ///< "<site>.<mdl parameter>" -> tensor
+  std::vector<std::string> sites;             ///< mdl site names, in file order
+  std::map<std::string, at::Tensor> tensors;  ///< "<site>.<mdl parameter>" -> tensor
 };
 
 /// Reads `dir` for `model` (site names are resolved against it: HF paths with or without the body prefix).

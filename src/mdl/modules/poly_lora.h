@@ -7,9 +7,8 @@
 // the forward's routing context.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/module_group.h"
@@ -23,11 +22,12 @@ class FieldList;
 struct PolyLoraOptions {
   int64_t num_tasks = 1;
   int64_t num_skills = 4;
-  int64_t r = 4;                 ///< rank of every skill
-  double alpha = 8;              ///< scaling alpha / r
-  int64_t heads = 1;             ///< MHR heads (1 = Polytropon)
-  double temperature = 1.0;      ///< Gumbel-sigmoid relaxation temperature (training)
-  bool shared_allocation = false;  ///< one allocation matrix for all sites (default: one per site, as Polytropon)
+  int64_t r = 4;             ///< rank of every skill
+  double alpha = 8;          ///< scaling alpha / r
+  int64_t heads = 1;         ///< MHR heads (1 = Polytropon)
+  double temperature = 1.0;  ///< Gumbel-sigmoid relaxation temperature (training)
+  bool shared_allocation =
+      false;  ///< one allocation matrix for all sites (default: one per site, as Polytropon)
 };
 void to_json(nlohmann::json& j, const PolyLoraOptions& o);
 void from_json(const nlohmann::json& j, PolyLoraOptions& o);
@@ -43,9 +43,11 @@ SkillAllocationOptions allocation_options(const PolyLoraOptions& options);
 /// SkillAllocationRouter, combined by a ParameterAverage (per head for MHR).
 class PolyLoraImpl : public ModuleGroupImpl {
  public:
-  /// `owner`: this part registers `allocation` as its parameter (the first site, or every site when not shared).
-  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options, std::shared_ptr<SkillAllocationImpl> allocation,
-               bool owner, uint64_t seed, c10::TensorOptions dtype);
+  /// `owner`: this part registers `allocation` as its parameter (the first site, or every site when not
+  /// shared).
+  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options,
+               std::shared_ptr<SkillAllocationImpl> allocation, bool owner, uint64_t seed,
+               c10::TensorOptions dtype);
   /// The task's averaged factors for skill weights (B, heads, S): A (B, r, in), B (B, out, r).
   std::pair<at::Tensor, at::Tensor> task_factors(const at::Tensor& weights) const;
   const std::shared_ptr<SkillAllocationImpl>& allocation() const { return allocation_; }
@@ -59,9 +61,10 @@ class PolyLoraImpl : public ModuleGroupImpl {
   struct Parts {
     at::Tensor A, B;
   };
-  static Parts parts(const SiteInfo& site, const PolyLoraOptions& options, uint64_t seed, c10::TensorOptions dtype);
-  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options, std::shared_ptr<SkillAllocationImpl> allocation,
-               bool owner, Parts parts);
+  static Parts parts(const SiteInfo& site, const PolyLoraOptions& options, uint64_t seed,
+                     c10::TensorOptions dtype);
+  PolyLoraImpl(const SiteInfo& site, const PolyLoraOptions& options,
+               std::shared_ptr<SkillAllocationImpl> allocation, bool owner, Parts parts);
   std::shared_ptr<SkillAllocationImpl> allocation_;
 };
 TORCH_MODULE(PolyLora);

@@ -11,19 +11,24 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const PrefixTuningOptions& o) { j = prefix_fields().write(o); }
+void to_json(nlohmann::json& j, const PrefixTuningOptions& o) {
+  j = prefix_fields().write(o);
+}
 
 const FieldList<PrefixTuningOptions>& prefix_fields() {
-  static const FieldList<PrefixTuningOptions> f = FieldList<PrefixTuningOptions>("prefix")
-      .add("num_virtual_tokens", &PrefixTuningOptions::num_virtual_tokens, "prefix length n")
-      .add("prefix_projection", &PrefixTuningOptions::prefix_projection, "reparameterise through an MLP while training")
-      .add(
-          "encoder_hidden_size", [](nlohmann::json& v, const PrefixTuningOptions& o) { v = o.encoder_hidden_size; },
-          [](const nlohmann::json& v, PrefixTuningOptions& o) {
-            if (v.is_number_integer()) o.encoder_hidden_size = v.get<int64_t>();
-          },
-          "the MLP's hidden width (0 or null: the model's hidden size)")
-      .check([](const PrefixTuningOptions& o) { validate(o); });
+  static const FieldList<PrefixTuningOptions> f =
+      FieldList<PrefixTuningOptions>("prefix")
+          .add("num_virtual_tokens", &PrefixTuningOptions::num_virtual_tokens, "prefix length n")
+          .add("prefix_projection", &PrefixTuningOptions::prefix_projection,
+               "reparameterise through an MLP while training")
+          .add(
+              "encoder_hidden_size",
+              [](nlohmann::json& v, const PrefixTuningOptions& o) { v = o.encoder_hidden_size; },
+              [](const nlohmann::json& v, PrefixTuningOptions& o) {
+                if (v.is_number_integer()) o.encoder_hidden_size = v.get<int64_t>();
+              },
+              "the MLP's hidden width (0 or null: the model's hidden size)")
+          .check([](const PrefixTuningOptions& o) { validate(o); });
   return f;
 }
 
@@ -62,10 +67,11 @@ at::Tensor PrefixEncoderImpl::all() const {
   return at::linear(at::tanh(at::linear(embedding, w0, b0)), w2, b2);  // (n, n_layer * 2 * kv_dim)
 }
 
-PrefixTuningImpl::PrefixTuningImpl(const SiteInfo& site, int64_t head_dim, std::shared_ptr<PrefixEncoderImpl> encoder,
-                                   bool owner)
+PrefixTuningImpl::PrefixTuningImpl(const SiteInfo& site, int64_t head_dim,
+                                   std::shared_ptr<PrefixEncoderImpl> encoder, bool owner)
     : layer_(site.layer), head_dim_(head_dim), owner_(owner), encoder_(std::move(encoder)) {
-  MDL_CHECK(site.kind == SiteKind::attention_kv, "[prefix] '", site.name, "' is not an attention key/value site");
+  MDL_CHECK(site.kind == SiteKind::attention_kv, "[prefix] '", site.name,
+            "' is not an attention key/value site");
   MDL_CHECK(layer_ >= 0 && layer_ < encoder_->n_layer, "[prefix] site '", site.name, "' is layer ", layer_,
             " of a prefix for ", encoder_->n_layer, " layers");
   if (owner_) register_module("encoder", encoder_);

@@ -5,9 +5,8 @@
 // All layers of one module share one PrefixEncoder: (n, n_layer * 2 * kv_dim), PEFT's layout.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -19,9 +18,9 @@ class FieldList;
 
 /// Prefix tuning settings (PEFT's PrefixTuningConfig names).
 struct PrefixTuningOptions {
-  int64_t num_virtual_tokens = 20;   ///< prefix length n
-  bool prefix_projection = false;    ///< reparameterise through an MLP while training
-  int64_t encoder_hidden_size = 0;   ///< the MLP's hidden width (0: the model's hidden size)
+  int64_t num_virtual_tokens = 20;  ///< prefix length n
+  bool prefix_projection = false;   ///< reparameterise through an MLP while training
+  int64_t encoder_hidden_size = 0;  ///< the MLP's hidden width (0: the model's hidden size)
 };
 void to_json(nlohmann::json& j, const PrefixTuningOptions& o);
 void from_json(const nlohmann::json& j, PrefixTuningOptions& o);
@@ -34,8 +33,8 @@ void validate(const PrefixTuningOptions& o);
 /// embedding.weight, transform.0.{weight,bias}, transform.2.{weight,bias}.
 class PrefixEncoderImpl : public torch::nn::Module {
  public:
-  PrefixEncoderImpl(int64_t n, int64_t n_layer, int64_t hidden, int64_t kv_dim, const PrefixTuningOptions& options,
-                    uint64_t seed, c10::TensorOptions dtype);
+  PrefixEncoderImpl(int64_t n, int64_t n_layer, int64_t hidden, int64_t kv_dim,
+                    const PrefixTuningOptions& options, uint64_t seed, c10::TensorOptions dtype);
   /// (n, n_layer * 2 * kv_dim)
   at::Tensor all() const;
   int64_t n, n_layer, kv_dim;
@@ -48,7 +47,8 @@ TORCH_MODULE(PrefixEncoder);
 class PrefixTuningImpl : public SiteModule {
  public:
   /// `owner`: this part registers the shared encoder (so its parameters are counted and saved once).
-  PrefixTuningImpl(const SiteInfo& site, int64_t head_dim, std::shared_ptr<PrefixEncoderImpl> encoder, bool owner);
+  PrefixTuningImpl(const SiteInfo& site, int64_t head_dim, std::shared_ptr<PrefixEncoderImpl> encoder,
+                   bool owner);
   /// current: stack(k, v) (2, B, Hkv, S, D) -> (2, B, Hkv, n + S, D)
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "prefix"; }

@@ -11,35 +11,40 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const PromptTuningOptions& o) { j = prompt_fields().write(o); }
+void to_json(nlohmann::json& j, const PromptTuningOptions& o) {
+  j = prompt_fields().write(o);
+}
 
 const FieldList<PromptTuningOptions>& prompt_fields() {
-  static const FieldList<PromptTuningOptions> f = FieldList<PromptTuningOptions>("prompt")
-      .add("num_virtual_tokens", &PromptTuningOptions::num_virtual_tokens, "prompt length n")
-      .add(
-          "prompt_tuning_init", [](nlohmann::json& v, const PromptTuningOptions& o) { v = o.init; },
-          [](const nlohmann::json& v, PromptTuningOptions& o) {
-            std::string init = v.get<std::string>();
-            for (auto& ch : init) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-            o.init = init;
-          },
-          "vocab (copies of random rows of the embedding table) | random (N(0, 0.02)); PEFT's upper case too")
-      .check([](const PromptTuningOptions& o) { validate(o); });
+  static const FieldList<PromptTuningOptions> f =
+      FieldList<PromptTuningOptions>("prompt")
+          .add("num_virtual_tokens", &PromptTuningOptions::num_virtual_tokens, "prompt length n")
+          .add(
+              "prompt_tuning_init", [](nlohmann::json& v, const PromptTuningOptions& o) { v = o.init; },
+              [](const nlohmann::json& v, PromptTuningOptions& o) {
+                std::string init = v.get<std::string>();
+                for (auto& ch : init) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+                o.init = init;
+              },
+              "vocab (copies of random rows of the embedding table) | random (N(0, 0.02)); PEFT's upper case "
+              "too")
+          .check([](const PromptTuningOptions& o) { validate(o); });
   return f;
 }
 
 void validate(const PromptTuningOptions& o) {
   MDL_CHECK(o.num_virtual_tokens > 0, "[prompt] num_virtual_tokens must be > 0, got ", o.num_virtual_tokens);
   MDL_CHECK(o.init == "vocab" || o.init == "random", "[prompt] prompt_tuning_init '", o.init,
-            "' is not supported; expected vocab or random (TEXT needs a tokenizer: give the token ids' rows instead)");
+            "' is not supported; expected vocab or random (TEXT needs a tokenizer: give the token ids' rows "
+            "instead)");
 }
 
 void from_json(const nlohmann::json& j, PromptTuningOptions& o) {
   o = prompt_fields().read(j);
 }
 
-PromptTuningImpl::PromptTuningImpl(const SiteInfo& site, const PromptTuningOptions& o, const at::Tensor& embeddings,
-                                   uint64_t seed) {
+PromptTuningImpl::PromptTuningImpl(const SiteInfo& site, const PromptTuningOptions& o,
+                                   const at::Tensor& embeddings, uint64_t seed) {
   MDL_CHECK(site.kind == SiteKind::embedding, "[prompt] '", site.name, "' is not an embedding site");
   auto gen = at::detail::createCPUGenerator(seed);
   const int64_t n = o.num_virtual_tokens, C = site.out_features;

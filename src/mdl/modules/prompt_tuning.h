@@ -5,7 +5,6 @@
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
-
 #include <string>
 
 #include "mdl/modules/site_module.h"
@@ -18,7 +17,7 @@ class FieldList;
 /// Prompt tuning settings (PEFT's PromptTuningConfig names).
 struct PromptTuningOptions {
   int64_t num_virtual_tokens = 20;  ///< prompt length n
-  std::string init = "vocab";       ///< vocab: copies of random rows of the embedding table | random: N(0, 0.02)
+  std::string init = "vocab";  ///< vocab: copies of random rows of the embedding table | random: N(0, 0.02)
 };
 void to_json(nlohmann::json& j, const PromptTuningOptions& o);
 void from_json(const nlohmann::json& j, PromptTuningOptions& o);
@@ -31,7 +30,8 @@ void validate(const PromptTuningOptions& o);
 class PromptTuningImpl : public SiteModule {
  public:
   /// `embeddings` is the backbone's token embedding table (V, C), used by the vocab init.
-  PromptTuningImpl(const SiteInfo& site, const PromptTuningOptions& options, const at::Tensor& embeddings, uint64_t seed);
+  PromptTuningImpl(const SiteInfo& site, const PromptTuningOptions& options, const at::Tensor& embeddings,
+                   uint64_t seed);
   /// input: token ids (B, T); current: embeddings (B, T, C) -> (B, n + T, C) on a fresh pass.
   at::Tensor forward(const at::Tensor& input, const at::Tensor& current) override;
   std::string type() const override { return "prompt"; }

@@ -14,7 +14,8 @@
 namespace mdl {
 
 void SiteModule::merge() {
-  MDL_FAIL("[merge] a ", type(), " module cannot be merged into the base weights; LoRA (incl. DoRA), (IA)^3, ",
+  MDL_FAIL("[merge] a ", type(),
+           " module cannot be merged into the base weights; LoRA (incl. DoRA), (IA)^3, ",
            "sparse diffs, BitFit and LayerNorm tuning can");
 }
 const std::vector<const SiteModule*>& SiteModule::absorbs() const {
@@ -22,7 +23,9 @@ const std::vector<const SiteModule*>& SiteModule::absorbs() const {
   return none;
 }
 
-void SiteModule::unmerge() { MDL_FAIL("[unmerge] a ", type(), " module is never merged"); }
+void SiteModule::unmerge() {
+  MDL_FAIL("[unmerge] a ", type(), " module is never merged");
+}
 
 at::Tensor SiteModule::forward_linear(const at::Tensor& input, const at::Tensor& weight,
                                       const at::Tensor& bias) {
@@ -43,9 +46,9 @@ std::vector<AttachedModules::Entry*> AttachedModules::running() {
 }
 
 at::Tensor AttachedModules::forward(const at::Tensor& input, const at::Tensor& base) {
-  const ModuleRouting routing = route(base.size(0));                                        // route
+  const ModuleRouting routing = route(base.size(0));  // route
   if (at::Tensor gathered = forward_gathered(input, base, routing); gathered.defined()) return gathered;
-  return compute(input, base, routing);                                                     // compute, aggregate
+  return compute(input, base, routing);  // compute, aggregate
 }
 
 ModuleRouting AttachedModules::route(int64_t rows) {
@@ -63,19 +66,24 @@ ModuleRouting AttachedModules::route(int64_t rows) {
     for (const auto& c : chosen[static_cast<size_t>(b)]) {
       Entry* e = find(c.name);
       if (!e || c.scale == 0.0) continue;  // a module not at this site is absent here
-      MDL_CHECK(!e->merged, "[routing] module '", e->name, "' is merged into the base weights, so every example uses ",
+      MDL_CHECK(!e->merged, "[routing] module '", e->name,
+                "' is merged into the base weights, so every example uses ",
                 "it; unmerge it to choose modules per example");
-      MDL_CHECK(e->module->prefix_positions() == 0, "[routing] module '", e->name, "' is a prefix: it lengthens every ",
-                "example's keys and values, so it cannot be chosen per example; give such requests a batch of their own");
+      MDL_CHECK(e->module->prefix_positions() == 0, "[routing] module '", e->name,
+                "' is a prefix: it lengthens every ",
+                "example's keys and values, so it cannot be chosen per example; give such requests a batch "
+                "of their own");
       per_row[static_cast<size_t>(b)].emplace_back(e - entries_.data(), c.scale);
     }
   return ModuleRouting::per_example(std::move(per_row));
 }
 
-at::Tensor AttachedModules::compute(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing) {
-  return dispatch_in_order(input, base, routing, [&](int64_t i, const at::Tensor& x, const at::Tensor& current) {
-    return entries_[static_cast<size_t>(i)].module->forward(x, current);
-  });
+at::Tensor AttachedModules::compute(const at::Tensor& input, const at::Tensor& base,
+                                    const ModuleRouting& routing) {
+  return dispatch_in_order(input, base, routing,
+                           [&](int64_t i, const at::Tensor& x, const at::Tensor& current) {
+                             return entries_[static_cast<size_t>(i)].module->forward(x, current);
+                           });
 }
 
 at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Tensor& weight,
@@ -88,7 +96,8 @@ at::Tensor AttachedModules::forward_linear(const at::Tensor& input, const at::Te
   return forward(input, linear(input, weight, bias));
 }
 
-at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base, const ModuleRouting& routing) {
+at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::Tensor& base,
+                                             const ModuleRouting& routing) {
   if (routing.is_shared() || routing.empty()) return {};  // the bank serves rows that differ
   // The bank holds every plain LoRA attached here, in attachment order, so it stays the same while
   // requests join and leave a batch (restacked only when modules are loaded, unloaded or changed).
@@ -111,7 +120,8 @@ at::Tensor AttachedModules::forward_gathered(const at::Tensor& input, const at::
       if (at::GradMode::is_enabled() && (f.A.requires_grad() || f.B.requires_grad())) return {};
       used[static_cast<size_t>(k)] = true;
     }
-  if (std::count(used.begin(), used.end(), true) < 2) return {};  // one LoRA: the row-subset path costs no more
+  if (std::count(used.begin(), used.end(), true) < 2)
+    return {};  // one LoRA: the row-subset path costs no more
   if (!bank_) bank_ = std::make_shared<LoraBank>();
   bank_->update(factors, bank_storage_);
   const int64_t B = routing.rows;

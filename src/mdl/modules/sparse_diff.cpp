@@ -11,12 +11,16 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const SparseOptions& o) { j = sparse_fields().write(o); }
+void to_json(nlohmann::json& j, const SparseOptions& o) {
+  j = sparse_fields().write(o);
+}
 
 const FieldList<SparseOptions>& sparse_fields() {
-  static const FieldList<SparseOptions> f = FieldList<SparseOptions>("sparse")
-      .add("density", &SparseOptions::density, "fraction of each targeted weight's entries that are trained")
-      .check([](const SparseOptions& o) { validate(o); });
+  static const FieldList<SparseOptions> f =
+      FieldList<SparseOptions>("sparse")
+          .add("density", &SparseOptions::density,
+               "fraction of each targeted weight's entries that are trained")
+          .check([](const SparseOptions& o) { validate(o); });
   return f;
 }
 
@@ -34,8 +38,9 @@ SparseDiffImpl::SparseDiffImpl(SiteLinearImpl& base, at::Tensor idx)
   MDL_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "[sparse] indices for '", site,
             "' must be a 1-D int64 tensor, got ", idx.sizes(), " ", c10::toString(idx.scalar_type()));
   if (idx.numel() > 0) {
-    MDL_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < out_ * in_, "[sparse] indices for '", site,
-              "' must be in [0, ", out_ * in_, ") for its (", out_, ", ", in_, ") weight; a module for another base?");
+    MDL_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < out_ * in_,
+              "[sparse] indices for '", site, "' must be in [0, ", out_ * in_, ") for its (", out_, ", ", in_,
+              ") weight; a module for another base?");
   }
   indices = register_buffer("indices", idx.to(base.weight.device()));
   values = register_parameter("values", at::zeros({idx.numel()}, base.weight.options()));
@@ -76,8 +81,8 @@ std::map<std::string, at::Tensor> change_scores(const ModelImpl& base, const Mod
     if (site->info().kind != SiteKind::linear) continue;
     const at::Tensor& a = base.linear(site->name()).weight;
     const at::Tensor& b = tuned.linear(site->name()).weight;
-    MDL_CHECK(a.sizes() == b.sizes(), "[sparse] '", site->name(), "' is ", a.sizes(), " in the base and ", b.sizes(),
-              " in the warm-up model");
+    MDL_CHECK(a.sizes() == b.sizes(), "[sparse] '", site->name(), "' is ", a.sizes(), " in the base and ",
+              b.sizes(), " in the warm-up model");
     out[site->name()] = (b.detach() - a.detach()).abs();
   }
   return out;

@@ -4,10 +4,9 @@
 // A module stores `indices` (flat, int64) and `values`, so it is small on disk; it merges exactly.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <functional>
 #include <map>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 #include "mdl/modules/site_module.h"

@@ -3,9 +3,8 @@
 // name; layers to transform; modules to exclude.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -20,8 +19,9 @@ class ModelImpl;
 
 /// Site selection.
 struct TargetOptions {
-  std::vector<std::string> target_modules;   ///< suffixes of site names; "all-linear" = every projection but the head
-  std::string target_regex;                  ///< full-match regex over site names (used when set)
+  std::vector<std::string>
+      target_modules;        ///< suffixes of site names; "all-linear" = every projection but the head
+  std::string target_regex;  ///< full-match regex over site names (used when set)
   std::vector<int> layers_to_transform;      ///< only these blocks (empty: all)
   std::vector<std::string> exclude_modules;  ///< suffixes never targeted
 };
@@ -37,6 +37,7 @@ std::string exact_sites_regex(const std::vector<std::string>& sites);
 bool name_matches_suffix(const std::string& name, const std::string& suffix);
 
 /// The sites of `model` of the given kind that `targets` select, in forward order; throws if none.
-std::vector<std::shared_ptr<Site>> match_sites(const ModelImpl& model, const TargetOptions& targets, SiteKind kind);
+std::vector<std::shared_ptr<Site>> match_sites(const ModelImpl& model, const TargetOptions& targets,
+                                               SiteKind kind);
 
 }  // namespace mdl

@@ -5,8 +5,8 @@
 #include <cmath>
 #include <limits>
 
-#include "mdl/ops/fused_ops.h"
 #include "mdl/core/error.h"
+#include "mdl/ops/fused_ops.h"
 
 namespace mdl::fn {
 
@@ -14,7 +14,7 @@ std::pair<at::Tensor, at::Tensor> rope_tables(const at::Tensor& positions, int64
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(positions.device());
   at::Tensor inv_freq = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, f32) / static_cast<double>(head_dim));
   at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq;  // (B, T, D/2)
-  at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);            // (B, 1, T, D)
+  at::Tensor emb = at::cat({freqs, freqs}, -1).unsqueeze(1);             // (B, 1, T, D)
   return {emb.cos(), emb.sin()};
 }
 
@@ -27,8 +27,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   return (x * cos.to(x.scalar_type())) + (rotated * sin.to(x.scalar_type()));
 }
 
-at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t query_len, int64_t past, bool causal,
-                          int64_t sliding_window, c10::ScalarType dtype, c10::Device device) {
+at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t query_len, int64_t past,
+                          bool causal, int64_t sliding_window, c10::ScalarType dtype, c10::Device device) {
   const int64_t keys = past + query_len;
   auto opts = at::TensorOptions().device(device);
   at::Tensor allowed = at::ones({batch, 1, query_len, keys}, opts.dtype(at::kBool));  // (B, 1, T, S)
@@ -48,9 +48,9 @@ at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t que
   }
   // A query that may see no key at all (a padding position) attends to itself: its output is ignored, and
   // this keeps it finite, so it cannot poison later layers through 0 * NaN.
-  at::Tensor none = allowed.any(-1, /*keepdim=*/true).logical_not();                   // (B, 1, T, 1)
+  at::Tensor none = allowed.any(-1, /*keepdim=*/true).logical_not();  // (B, 1, T, 1)
   at::Tensor self = at::arange(0, keys, opts.dtype(at::kLong)).unsqueeze(0) ==
-                    at::arange(past, keys, opts.dtype(at::kLong)).unsqueeze(1);          // (T, S)
+                    at::arange(past, keys, opts.dtype(at::kLong)).unsqueeze(1);  // (T, S)
   allowed = allowed.logical_or(none.logical_and(self));
   at::Tensor bias = at::zeros({batch, 1, query_len, keys}, opts.dtype(dtype));
   // -inf is safe: every row keeps at least one key (above), so no softmax row is all -inf.

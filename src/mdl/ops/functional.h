@@ -20,8 +20,8 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tens
 /// Additive attention bias (B, 1, T, S): 0 where query t may see key s, -inf where not.
 /// `key_mask` (B, S) marks real tokens with 1 (undefined: all real); `past` cached keys precede the T
 /// queries; `causal` hides later keys; `sliding_window` > 0 hides keys more than that far behind.
-at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t query_len, int64_t past, bool causal,
-                          int64_t sliding_window, c10::ScalarType dtype, c10::Device device);
+at::Tensor attention_bias(const at::Tensor& key_mask, int64_t batch, int64_t query_len, int64_t past,
+                          bool causal, int64_t sliding_window, c10::ScalarType dtype, c10::Device device);
 
 /// softmax(q k^T / sqrt(D) + bias) v for q (B, H, T, D), k and v (B, Hkv, S, D), H a multiple of Hkv
 /// (grouped-query attention: head h reads key/value head h / (H / Hkv)); bias (B or 1, 1 or H, T, S) or

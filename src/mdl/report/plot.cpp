@@ -21,8 +21,9 @@ std::mutex& plplot_mutex() {
 }
 
 // Tableau's ten categorical colours: distinguishable, also in grey print.
-constexpr int kPalette[10][3] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44}, {214, 39, 40}, {148, 103, 189},
-                                 {140, 86, 75},  {227, 119, 194}, {127, 127, 127}, {188, 189, 34}, {23, 190, 207}};
+constexpr int kPalette[10][3] = {{31, 119, 180},  {255, 127, 14}, {44, 160, 44},   {214, 39, 40},
+                                 {148, 103, 189}, {140, 86, 75},  {227, 119, 194}, {127, 127, 127},
+                                 {188, 189, 34},  {23, 190, 207}};
 constexpr int kFirstSeriesColour = 2;  // 0: background, 1: axes and text
 
 /// PLplot treats '#' as an escape; user text is shown as written.
@@ -50,10 +51,14 @@ bool has_svg_driver() {
 /// Holds the PLplot lock for its lifetime (PLplot has global state).
 class Figure {
  public:
-  Figure(const std::string& path, const PlotOptions& o) : lock_(plplot_mutex()), path_(path), tmp_(path + ".tmp") {
-    MDL_CHECK(fs::path(path).extension() == ".svg", "[plot] '", path, "': figures are written as SVG; name the file *.svg");
-    MDL_CHECK(o.width > 0 && o.height > 0, "[plot] '", path, "': size must be positive, got ", o.width, "x", o.height);
-    MDL_CHECK(has_svg_driver(), "[plot] PLplot has no svg driver; install Debian's libplplot17 (scripts/setup.sh does)");
+  Figure(const std::string& path, const PlotOptions& o)
+      : lock_(plplot_mutex()), path_(path), tmp_(path + ".tmp") {
+    MDL_CHECK(fs::path(path).extension() == ".svg", "[plot] '", path,
+              "': figures are written as SVG; name the file *.svg");
+    MDL_CHECK(o.width > 0 && o.height > 0, "[plot] '", path, "': size must be positive, got ", o.width, "x",
+              o.height);
+    MDL_CHECK(has_svg_driver(),
+              "[plot] PLplot has no svg driver; install Debian's libplplot17 (scripts/setup.sh does)");
     if (fs::path(path).has_parent_path()) fs::create_directories(fs::path(path).parent_path());
     PLINT stream = 0;
     plmkstrm(&stream);
@@ -63,7 +68,8 @@ class Figure {
     plscmap0n(16);
     plscol0(0, 255, 255, 255);
     plscol0(1, 0, 0, 0);
-    for (int i = 0; i < 10; ++i) plscol0(kFirstSeriesColour + i, kPalette[i][0], kPalette[i][1], kPalette[i][2]);
+    for (int i = 0; i < 10; ++i)
+      plscol0(kFirstSeriesColour + i, kPalette[i][0], kPalette[i][1], kPalette[i][2]);
     plinit();
     pladv(0);
     open_ = true;
@@ -100,8 +106,8 @@ void write_line_plot(const std::string& path, const std::vector<Series>& series,
   std::vector<std::vector<PLFLT>> xs(series.size()), ys(series.size());
   for (size_t s = 0; s < series.size(); ++s) {
     const Series& c = series[s];
-    MDL_CHECK(c.x.size() == c.y.size(), "[plot] '", path, "': series '", c.name, "' has ", c.x.size(), " x values but ",
-              c.y.size(), " y values");
+    MDL_CHECK(c.x.size() == c.y.size(), "[plot] '", path, "': series '", c.name, "' has ", c.x.size(),
+              " x values but ", c.y.size(), " y values");
     for (size_t i = 0; i < c.x.size(); ++i) {
       if (!std::isfinite(c.x[i]) || !std::isfinite(c.y[i])) continue;
       MDL_CHECK(!o.log_y || c.y[i] > 0, "[plot] '", path, "': series '", c.name, "' has y = ", c.y[i],
@@ -133,7 +139,8 @@ void write_line_plot(const std::string& path, const std::vector<Series>& series,
   plwidth(1);
   if (series.size() > 1) {
     const auto n = static_cast<PLINT>(series.size());
-    std::vector<PLINT> opt(series.size(), PL_LEGEND_LINE), text_colours(series.size(), 1), line_colours, styles(series.size(), 1);
+    std::vector<PLINT> opt(series.size(), PL_LEGEND_LINE), text_colours(series.size(), 1), line_colours,
+        styles(series.size(), 1);
     std::vector<PLFLT> widths(series.size(), 2.0);
     std::vector<std::string> names;
     std::vector<const char*> text;
@@ -143,9 +150,10 @@ void write_line_plot(const std::string& path, const std::vector<Series>& series,
     }
     for (const auto& nm : names) text.push_back(nm.c_str());
     PLFLT w = 0, h = 0;
-    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX, PL_POSITION_TOP | PL_POSITION_RIGHT | PL_POSITION_INSIDE,
-             0.02, 0.02, 0.08, 0, 1, 1, 0, 0, n, opt.data(), 1.0, 0.8, 2.0, 0.0, text_colours.data(), text.data(), nullptr,
-             nullptr, nullptr, nullptr, line_colours.data(), styles.data(), widths.data(), nullptr, nullptr, nullptr, nullptr);
+    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX,
+             PL_POSITION_TOP | PL_POSITION_RIGHT | PL_POSITION_INSIDE, 0.02, 0.02, 0.08, 0, 1, 1, 0, 0, n,
+             opt.data(), 1.0, 0.8, 2.0, 0.0, text_colours.data(), text.data(), nullptr, nullptr, nullptr,
+             nullptr, line_colours.data(), styles.data(), widths.data(), nullptr, nullptr, nullptr, nullptr);
   }
   fig.finish();
 }
@@ -153,9 +161,10 @@ void write_line_plot(const std::string& path, const std::vector<Series>& series,
 void write_bar_plot(const std::string& path, const std::vector<std::string>& categories,
                     const std::vector<std::string>& series, const std::vector<std::vector<double>>& values,
                     const PlotOptions& o) {
-  MDL_CHECK(!categories.empty() && !series.empty(), "[plot] '", path, "': a bar plot needs categories and series");
-  MDL_CHECK(values.size() == series.size(), "[plot] '", path, "': ", series.size(), " series but ", values.size(),
-            " rows of values");
+  MDL_CHECK(!categories.empty() && !series.empty(), "[plot] '", path,
+            "': a bar plot needs categories and series");
+  MDL_CHECK(values.size() == series.size(), "[plot] '", path, "': ", series.size(), " series but ",
+            values.size(), " rows of values");
   double lo = 0, hi = 0;
   for (size_t s = 0; s < values.size(); ++s) {
     MDL_CHECK(values[s].size() == categories.size(), "[plot] '", path, "': series '", series[s], "' has ",
@@ -192,7 +201,8 @@ void write_bar_plot(const std::string& path, const std::vector<std::string>& cat
   }
   if (series.size() > 1) {
     const auto n = static_cast<PLINT>(series.size());
-    std::vector<PLINT> opt(series.size(), PL_LEGEND_COLOR_BOX), text_colours(series.size(), 1), box_colours, patterns(series.size(), 0);
+    std::vector<PLINT> opt(series.size(), PL_LEGEND_COLOR_BOX), text_colours(series.size(), 1), box_colours,
+        patterns(series.size(), 0);
     std::vector<PLFLT> scales(series.size(), 0.8), widths(series.size(), 1.0);
     std::vector<std::string> names;
     std::vector<const char*> text;
@@ -202,22 +212,25 @@ void write_bar_plot(const std::string& path, const std::vector<std::string>& cat
     }
     for (const auto& nm : names) text.push_back(nm.c_str());
     PLFLT w = 0, h = 0;
-    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX, PL_POSITION_TOP | PL_POSITION_RIGHT | PL_POSITION_INSIDE,
-             0.02, 0.02, 0.05, 0, 1, 1, 0, 0, n, opt.data(), 1.0, 0.8, 2.0, 0.0, text_colours.data(), text.data(),
-             box_colours.data(), patterns.data(), scales.data(), widths.data(), nullptr, nullptr, nullptr, nullptr, nullptr,
+    pllegend(&w, &h, PL_LEGEND_BACKGROUND | PL_LEGEND_BOUNDING_BOX,
+             PL_POSITION_TOP | PL_POSITION_RIGHT | PL_POSITION_INSIDE, 0.02, 0.02, 0.05, 0, 1, 1, 0, 0, n,
+             opt.data(), 1.0, 0.8, 2.0, 0.0, text_colours.data(), text.data(), box_colours.data(),
+             patterns.data(), scales.data(), widths.data(), nullptr, nullptr, nullptr, nullptr, nullptr,
              nullptr, nullptr);
   }
   fig.finish();
 }
 
-void write_heatmap(const std::string& path, const std::vector<std::string>& rows, const std::vector<std::string>& cols,
-                   const std::vector<std::vector<double>>& values, const PlotOptions& o) {
+void write_heatmap(const std::string& path, const std::vector<std::string>& rows,
+                   const std::vector<std::string>& cols, const std::vector<std::vector<double>>& values,
+                   const PlotOptions& o) {
   MDL_CHECK(!rows.empty() && !cols.empty(), "[plot] '", path, "': a heatmap needs rows and columns");
-  MDL_CHECK(values.size() == rows.size(), "[plot] '", path, "': ", rows.size(), " row labels but ", values.size(), " rows");
+  MDL_CHECK(values.size() == rows.size(), "[plot] '", path, "': ", rows.size(), " row labels but ",
+            values.size(), " rows");
   double lo = INFINITY, hi = -INFINITY;
   for (size_t r = 0; r < rows.size(); ++r) {
-    MDL_CHECK(values[r].size() == cols.size(), "[plot] '", path, "': row '", rows[r], "' has ", values[r].size(),
-              " values for ", cols.size(), " columns");
+    MDL_CHECK(values[r].size() == cols.size(), "[plot] '", path, "': row '", rows[r], "' has ",
+              values[r].size(), " values for ", cols.size(), " columns");
     for (double v : values[r])
       if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
   }

@@ -33,7 +33,8 @@ void write_bar_plot(const std::string& path, const std::vector<std::string>& cat
 
 /// A heatmap of values[r][c] (white: lowest, dark blue: highest) with row and column labels and each
 /// cell's value printed in it.
-void write_heatmap(const std::string& path, const std::vector<std::string>& rows, const std::vector<std::string>& cols,
-                   const std::vector<std::vector<double>>& values, const PlotOptions& options);
+void write_heatmap(const std::string& path, const std::vector<std::string>& rows,
+                   const std::vector<std::string>& cols, const std::vector<std::vector<double>>& values,
+                   const PlotOptions& options);
 
 }  // namespace mdl

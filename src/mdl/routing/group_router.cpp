@@ -26,23 +26,30 @@ class EveryMember : public GroupRouter {
 
 }  // namespace
 
-std::shared_ptr<GroupRouter> every_member_router() { return std::make_shared<EveryMember>(); }
+std::shared_ptr<GroupRouter> every_member_router() {
+  return std::make_shared<EveryMember>();
+}
 
-LearnedRouter::LearnedRouter(std::string site, std::string shared_key, const RouterOptions& options, at::Tensor gate,
-                             std::string gate_name, at::Tensor task_logits)
-    : site_(std::move(site)), shared_key_(std::move(shared_key)), gate_name_(std::move(gate_name)),
-      gate_(std::move(gate)), task_logits_(std::move(task_logits)) {
+LearnedRouter::LearnedRouter(std::string site, std::string shared_key, const RouterOptions& options,
+                             at::Tensor gate, std::string gate_name, at::Tensor task_logits)
+    : site_(std::move(site)),
+      shared_key_(std::move(shared_key)),
+      gate_name_(std::move(gate_name)),
+      gate_(std::move(gate)),
+      task_logits_(std::move(task_logits)) {
   score_ = [this](const at::Tensor& rows) { return at::matmul(rows.to(gate_.scalar_type()), gate_.t()); };
   set_options(options);
 }
 
-LearnedRouter::LearnedRouter(std::string site, std::string shared_key, const RouterOptions& options, GateFn gate)
+LearnedRouter::LearnedRouter(std::string site, std::string shared_key, const RouterOptions& options,
+                             GateFn gate)
     : site_(std::move(site)), shared_key_(std::move(shared_key)), score_(std::move(gate)) {
   set_options(options);
 }
 
 void LearnedRouter::set_options(const RouterOptions& o) {
-  MDL_CHECK(o.level != "task" || task_logits_.defined(), "[routing] '", site_, "' has no per-task logits, so it cannot "
+  MDL_CHECK(o.level != "task" || task_logits_.defined(), "[routing] '", site_,
+            "' has no per-task logits, so it cannot "
             "route by task; create its module with num_tasks > 0 (a backbone's expert gates score tokens)");
   policy_ = make_router(o);
 }
@@ -56,14 +63,17 @@ Routing LearnedRouter::route(const at::Tensor& input, int64_t members, bool trai
   return route_tokens(*policy_, site_, shared_key_, input, members, score_, task_logits_, training);
 }
 
-SkillAllocationImpl::SkillAllocationImpl(const SkillAllocationOptions& o, uint64_t seed, c10::TensorOptions dtype)
+SkillAllocationImpl::SkillAllocationImpl(const SkillAllocationOptions& o, uint64_t seed,
+                                         c10::TensorOptions dtype)
     : options(o) {
-  MDL_CHECK(o.num_tasks >= 1 && o.num_skills >= 1 && o.heads >= 1, "[routing] a skill allocation needs num_tasks, "
-            "num_skills and heads >= 1, got ", o.num_tasks, ", ", o.num_skills, ", ", o.heads);
+  MDL_CHECK(o.num_tasks >= 1 && o.num_skills >= 1 && o.heads >= 1,
+            "[routing] a skill allocation needs num_tasks, "
+            "num_skills and heads >= 1, got ",
+            o.num_tasks, ", ", o.num_skills, ", ", o.heads);
   auto gen = at::detail::createCPUGenerator(seed);
   // Near-uniform start, as Polytropon's uniform(-1e-3, 1e-3).
-  logits = register_parameter("allocation",
-                              at::empty({o.num_tasks, o.heads, o.num_skills}).uniform_(-1e-3, 1e-3, gen).to(dtype));
+  logits = register_parameter(
+      "allocation", at::empty({o.num_tasks, o.heads, o.num_skills}).uniform_(-1e-3, 1e-3, gen).to(dtype));
 }
 
 at::Tensor SkillAllocationImpl::weights(const at::Tensor& task_ids, bool training) const {
@@ -78,7 +88,8 @@ at::Tensor SkillAllocationImpl::weights(const at::Tensor& task_ids, bool trainin
   return w / (w.sum(-1, true) + 1e-12);
 }
 
-SkillAllocationRouter::SkillAllocationRouter(std::string site, std::shared_ptr<SkillAllocationImpl> allocation, bool owner)
+SkillAllocationRouter::SkillAllocationRouter(std::string site,
+                                             std::shared_ptr<SkillAllocationImpl> allocation, bool owner)
     : site_(std::move(site)), allocation_(std::move(allocation)), owner_(owner) {}
 
 void SkillAllocationRouter::register_parameters(torch::nn::Module& owner) {
@@ -87,8 +98,8 @@ void SkillAllocationRouter::register_parameters(torch::nn::Module& owner) {
 
 Routing SkillAllocationRouter::route(const at::Tensor& input, int64_t members, bool training) const {
   const SkillAllocationOptions& o = allocation_->options;
-  MDL_CHECK(members == o.num_skills, "[routing] '", site_, "': the allocation has ", o.num_skills, " skills, the group ",
-            members, " members");
+  MDL_CHECK(members == o.num_skills, "[routing] '", site_, "': the allocation has ", o.num_skills,
+            " skills, the group ", members, " members");
   const at::Tensor& ids = current_task_ids(site_, input.size(0), o.num_tasks);
   Routing r;
   r.head_dense = allocation_->weights(ids, training);  // (B, h, S)

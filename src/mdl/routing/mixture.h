@@ -31,7 +31,8 @@ Routing route_tokens(const Router& router, const std::string& site, const std::s
                      bool training);
 
 /// out (N, out_features) = sum over assignments of weight * expert(x[row]); `x` is (N, C).
-at::Tensor dispatch(const at::Tensor& x, const Routing& routing, int64_t out_features, const ExpertFn& expert);
+at::Tensor dispatch(const at::Tensor& x, const Routing& routing, int64_t out_features,
+                    const ExpertFn& expert);
 /// The same, each expert also given its rows' indices (to narrow the forward context to them).
 at::Tensor dispatch_with_rows(const at::Tensor& x, const Routing& routing, int64_t out_features,
                               const ExpertRowsFn& expert);

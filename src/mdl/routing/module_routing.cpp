@@ -11,9 +11,12 @@
 #include "mdl/routing/routing_context.h"
 
 namespace mdl {
-RowsContext::RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows) : context_(ForwardContext::current()) {
+RowsContext::RowsContext(const at::Tensor& idx, const std::vector<int64_t>& rows)
+    : context_(ForwardContext::current()) {
   if (const RoutingContext* rc = context_.routing) {
-    auto narrow = [&](const at::Tensor& t) { return t.defined() ? t.index_select(0, idx.to(t.device())) : t; };
+    auto narrow = [&](const at::Tensor& t) {
+      return t.defined() ? t.index_select(0, idx.to(t.device())) : t;
+    };
     routing_.task_ids = narrow(rc->task_ids);
     routing_.language_ids = narrow(rc->language_ids);
     if (!rc->modules.empty())
@@ -89,7 +92,8 @@ at::Tensor dispatch_in_order(const at::Tensor& input, const at::Tensor& base, co
     for (const auto& [module, g] : groups) {
       const auto& [rows, weights] = g;
       const bool all = rows.size() == 1 && rows[0] == -1 ? true : static_cast<int64_t>(rows.size()) == B;
-      const bool uniform = std::all_of(weights.begin(), weights.end(), [&](double w) { return w == weights[0]; });
+      const bool uniform =
+          std::all_of(weights.begin(), weights.end(), [&](double w) { return w == weights[0]; });
       if (all && uniform) {
         at::Tensor next = step(module, input, out);
         const double w = weights[0];
@@ -97,7 +101,8 @@ at::Tensor dispatch_in_order(const at::Tensor& input, const at::Tensor& base, co
         out = w == 1.0 || next.sizes() != out.sizes() ? next : out + w * (next - out);
         continue;
       }
-      at::Tensor idx = all ? at::Tensor() : at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(base.device());
+      at::Tensor idx =
+          all ? at::Tensor() : at::tensor(rows, at::TensorOptions().dtype(at::kLong)).to(base.device());
       at::Tensor sub_in = all ? input : input.index_select(0, idx);
       at::Tensor sub = all ? out : out.index_select(0, idx);
       at::Tensor next;
@@ -107,11 +112,13 @@ at::Tensor dispatch_in_order(const at::Tensor& input, const at::Tensor& base, co
         RowsContext rows_context(idx, rows);
         next = step(module, sub_in, sub);
       }
-      MDL_CHECK(next.sizes() == sub.sizes(), "[dispatch] module ", module, " changed its rows' shape from ", sub.sizes(),
-                " to ", next.sizes(), "; modules chosen per row must keep shapes (a prompt cannot be)");
+      MDL_CHECK(next.sizes() == sub.sizes(), "[dispatch] module ", module, " changed its rows' shape from ",
+                sub.sizes(), " to ", next.sizes(),
+                "; modules chosen per row must keep shapes (a prompt cannot be)");
       std::vector<int64_t> view(static_cast<size_t>(base.dim()), 1);
       view[0] = static_cast<int64_t>(weights.size());
-      at::Tensor w = at::tensor(weights, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
+      at::Tensor w =
+          at::tensor(weights, at::TensorOptions().dtype(at::kDouble)).to(base.device(), base.scalar_type());
       at::Tensor change = w.view(view) * (next - sub);
       out = all ? out + change : out.index_add(0, idx, change);
     }

@@ -37,7 +37,9 @@ struct ModuleRouting {
   /// Row b uses `per_row[b]`.
   static ModuleRouting per_example(std::vector<std::vector<Choice>> per_row);
   bool is_shared() const { return per_row.empty(); }
-  const std::vector<Choice>& of(int64_t row) const { return is_shared() ? shared : per_row[static_cast<size_t>(row)]; }
+  const std::vector<Choice>& of(int64_t row) const {
+    return is_shared() ? shared : per_row[static_cast<size_t>(row)];
+  }
   /// The most modules any row uses (steps of the dispatch).
   size_t steps() const;
   /// Whether no row uses any module.
@@ -65,7 +67,8 @@ class RowsContext {
 };
 
 /// Module `module` on some rows: their inputs and current outputs (first dimension: rows) -> new outputs.
-using ModuleStep = std::function<at::Tensor(int64_t module, const at::Tensor& input, const at::Tensor& current)>;
+using ModuleStep =
+    std::function<at::Tensor(int64_t module, const at::Tensor& input, const at::Tensor& current)>;
 
 /// Runs the routing: step by step (each row's first module, then its second...), the rows that take the
 /// same module at a step as one call on their rows, its weighted change added back. A module that every

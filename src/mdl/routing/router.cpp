@@ -10,22 +10,28 @@
 
 namespace mdl {
 
-void to_json(nlohmann::json& j, const RouterOptions& o) { j = router_fields().write(o); }
+void to_json(nlohmann::json& j, const RouterOptions& o) {
+  j = router_fields().write(o);
+}
 
 const FieldList<RouterOptions>& router_fields() {
-  static const FieldList<RouterOptions> f = FieldList<RouterOptions>("router")
-      .add("kind", &RouterOptions::kind, "softmax | top_k | switch | expert_choice | hash | gumbel")
-      .add("k", &RouterOptions::k, "experts per row (top_k)")
-      .add("normalize", &RouterOptions::normalize, "top_k: renormalise the k weights to sum to one")
-      .add("capacity_factor", &RouterOptions::capacity_factor,
-           "top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)")
-      .add("temperature", &RouterOptions::temperature, "softmax / gumbel temperature")
-      .add("level", &RouterOptions::level, "token | example (the mean of its tokens) | task (learned per-task logits)")
-      .add("shared", &RouterOptions::shared, "one decision for all layers: the first routed layer's")
-      .add("load_balancing_coef", &RouterOptions::load_balancing_coef, "weight of the Switch load-balancing loss")
-      .add("z_loss_coef", &RouterOptions::z_loss_coef, "weight of the router z-loss")
-      .add("unit_weights", &RouterOptions::unit_weights, "selected experts weigh 1 (MoEfication: the sum of the groups)")
-      .check([](const RouterOptions& o) { validate(o); });
+  static const FieldList<RouterOptions> f =
+      FieldList<RouterOptions>("router")
+          .add("kind", &RouterOptions::kind, "softmax | top_k | switch | expert_choice | hash | gumbel")
+          .add("k", &RouterOptions::k, "experts per row (top_k)")
+          .add("normalize", &RouterOptions::normalize, "top_k: renormalise the k weights to sum to one")
+          .add("capacity_factor", &RouterOptions::capacity_factor,
+               "top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)")
+          .add("temperature", &RouterOptions::temperature, "softmax / gumbel temperature")
+          .add("level", &RouterOptions::level,
+               "token | example (the mean of its tokens) | task (learned per-task logits)")
+          .add("shared", &RouterOptions::shared, "one decision for all layers: the first routed layer's")
+          .add("load_balancing_coef", &RouterOptions::load_balancing_coef,
+               "weight of the Switch load-balancing loss")
+          .add("z_loss_coef", &RouterOptions::z_loss_coef, "weight of the router z-loss")
+          .add("unit_weights", &RouterOptions::unit_weights,
+               "selected experts weigh 1 (MoEfication: the sum of the groups)")
+          .check([](const RouterOptions& o) { validate(o); });
   return f;
 }
 
@@ -115,8 +121,10 @@ class TopKRouter : public Router {
     Routing r = with_logits(logits, experts, options_.temperature);
     const int64_t N = r.rows;
     auto [w, idx] = r.probs.topk(k, -1);  // (N, k), largest first
-    if (options_.unit_weights) w = at::ones_like(w);
-    else if (options_.normalize) w = w / w.sum(-1, true);
+    if (options_.unit_weights)
+      w = at::ones_like(w);
+    else if (options_.normalize)
+      w = w / w.sum(-1, true);
     // Slot-major order (every row's first choice before any second choice, as GShard), so capacity
     // dropping hits second choices first and rows in order within a slot.
     r.row = at::arange(N, idx.options()).repeat({k});
@@ -127,7 +135,7 @@ class TopKRouter : public Router {
     if (options_.capacity_factor > 0) {
       const int64_t capacity = static_cast<int64_t>(std::ceil(options_.capacity_factor * N * k / experts));
       // Position of each assignment within its expert's queue: a running count per expert.
-      at::Tensor onehot = at::one_hot(r.expert, experts);              // (M, E)
+      at::Tensor onehot = at::one_hot(r.expert, experts);                                      // (M, E)
       at::Tensor position = onehot.cumsum(0).gather(1, r.expert.unsqueeze(1)).squeeze(1) - 1;  // (M)
       at::Tensor keep = position < capacity;
       r.dropped = r.requested - keep.sum().item<int64_t>();
@@ -145,9 +153,11 @@ class ExpertChoiceRouter : public Router {
  public:
   using Router::Router;
   Routing route(const at::Tensor& logits, int64_t experts, const RouterInput& in) const override {
-    MDL_CHECK(!in.causal, "[router] expert-choice routing lets every token compete with later tokens of the "
-              "sequence, which a causal decoder may not see; use top_k or switch for decoders, or expert_choice "
-              "on an encoder");
+    MDL_CHECK(
+        !in.causal,
+        "[router] expert-choice routing lets every token compete with later tokens of the "
+        "sequence, which a causal decoder may not see; use top_k or switch for decoders, or expert_choice "
+        "on an encoder");
     check_logits(logits, experts, "expert-choice");
     Routing r = with_logits(logits, experts, options_.temperature);
     const int64_t N = r.rows;
@@ -169,14 +179,17 @@ class HashRouter : public Router {
   using Router::Router;
   bool uses_logits() const override { return false; }
   Routing route(const at::Tensor&, int64_t experts, const RouterInput& in) const override {
-    MDL_CHECK(in.token_ids.defined() && in.token_ids.dim() == 1, "[router] hash routing needs the token ids of the rows; "
+    MDL_CHECK(in.token_ids.defined() && in.token_ids.dim() == 1,
+              "[router] hash routing needs the token ids of the rows; "
               "it routes tokens (level 'token') of a model called with input_ids");
     Routing r;
     r.rows = in.token_ids.size(0);
     r.experts = experts;
     // Knuth's multiplicative hash: a fixed, balanced-in-expectation map from token id to expert.
     r.row = at::arange(r.rows, in.token_ids.options().dtype(at::kLong));
-    r.expert = ((in.token_ids.to(at::kLong) * static_cast<int64_t>(2654435761)).bitwise_and(static_cast<int64_t>(0xffffffff))).remainder(experts);
+    r.expert = ((in.token_ids.to(at::kLong) * static_cast<int64_t>(2654435761))
+                    .bitwise_and(static_cast<int64_t>(0xffffffff)))
+                   .remainder(experts);
     r.weight = at::ones({r.rows}, at::kFloat).to(in.token_ids.device());
     r.chosen = at::bincount(r.expert, {}, experts).to(at::kFloat);
     r.requested = r.rows;
@@ -195,10 +208,12 @@ class GumbelRouter : public Router {
     at::Tensor idx;
     if (in.training) {
       at::Tensor u = at::rand_like(r.probs).clamp(1e-10, 1.0 - 1e-7);
-      at::Tensor y = at::softmax((logits.to(at::kFloat) - (-u.log()).log()) / options_.temperature, -1);  // relaxed sample
+      at::Tensor y = at::softmax((logits.to(at::kFloat) - (-u.log()).log()) / options_.temperature,
+                                 -1);  // relaxed sample
       idx = y.argmax(-1);
       at::Tensor hard = at::one_hot(idx, experts).to(y.scalar_type());
-      weight = (hard - y.detach() + y).gather(1, idx.unsqueeze(1)).squeeze(1);  // 1 forward, y's gradient backward
+      weight =
+          (hard - y.detach() + y).gather(1, idx.unsqueeze(1)).squeeze(1);  // 1 forward, y's gradient backward
     } else {
       idx = r.probs.argmax(-1);
       weight = at::ones({N}, r.probs.options());
@@ -218,7 +233,8 @@ std::shared_ptr<Router> make_router(const RouterOptions& o) {
   MDL_CHECK(o.level == "token" || o.level == "example" || o.level == "task", "[router] level '", o.level,
             "' is unknown; expected token, example or task");
   MDL_CHECK(o.temperature > 0, "[router] temperature must be > 0, got ", o.temperature);
-  MDL_CHECK(o.capacity_factor >= 0, "[router] capacity_factor must be >= 0 (0 = dropless), got ", o.capacity_factor);
+  MDL_CHECK(o.capacity_factor >= 0, "[router] capacity_factor must be >= 0 (0 = dropless), got ",
+            o.capacity_factor);
   if (o.kind == "softmax") return std::make_shared<SoftmaxRouter>(o);
   if (o.kind == "top_k") {
     MDL_CHECK(o.k >= 1, "[router] k must be >= 1, got ", o.k);
@@ -233,11 +249,13 @@ std::shared_ptr<Router> make_router(const RouterOptions& o) {
   }
   if (o.kind == "expert_choice") return std::make_shared<ExpertChoiceRouter>(o);
   if (o.kind == "hash") {
-    MDL_CHECK(o.level == "token", "[router] hash routing hashes token ids; its level must be 'token', got '", o.level, "'");
+    MDL_CHECK(o.level == "token", "[router] hash routing hashes token ids; its level must be 'token', got '",
+              o.level, "'");
     return std::make_shared<HashRouter>(o);
   }
   if (o.kind == "gumbel") return std::make_shared<GumbelRouter>(o);
-  MDL_FAIL("[router] unknown router kind '", o.kind, "'; expected softmax, top_k, switch, expert_choice, hash or gumbel");
+  MDL_FAIL("[router] unknown router kind '", o.kind,
+           "'; expected softmax, top_k, switch, expert_choice, hash or gumbel");
 }
 
 }  // namespace mdl

@@ -21,9 +21,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <nlohmann/json_fwd.hpp>
 
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace mdl {
@@ -33,16 +33,19 @@ class FieldList;
 
 /// How a router decides.
 struct RouterOptions {
-  std::string kind = "top_k";    ///< softmax | top_k | switch | expert_choice | hash | gumbel
-  int64_t k = 2;                 ///< experts per row (top_k)
-  bool normalize = true;         ///< top_k: renormalise the k weights to sum to one
-  double capacity_factor = 0.0;  ///< top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)
-  double temperature = 1.0;      ///< softmax / gumbel temperature
-  std::string level = "token";   ///< token | example (mean over the example's tokens) | task (learned per-task logits)
-  bool shared = false;           ///< one decision for all layers: the first routed layer's is reused by the others
-  double load_balancing_coef = 0.0;  ///< weight of the Switch load-balancing loss in the routing log's aux loss
-  double z_loss_coef = 0.0;          ///< weight of the router z-loss
-  bool unit_weights = false;     ///< selected experts get weight 1 (MoEfication: the sum of the selected groups)
+  std::string kind = "top_k";  ///< softmax | top_k | switch | expert_choice | hash | gumbel
+  int64_t k = 2;               ///< experts per row (top_k)
+  bool normalize = true;       ///< top_k: renormalise the k weights to sum to one
+  double capacity_factor =
+      0.0;  ///< top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)
+  double temperature = 1.0;  ///< softmax / gumbel temperature
+  std::string level =
+      "token";          ///< token | example (mean over the example's tokens) | task (learned per-task logits)
+  bool shared = false;  ///< one decision for all layers: the first routed layer's is reused by the others
+  double load_balancing_coef =
+      0.0;                    ///< weight of the Switch load-balancing loss in the routing log's aux loss
+  double z_loss_coef = 0.0;   ///< weight of the router z-loss
+  bool unit_weights = false;  ///< selected experts get weight 1 (MoEfication: the sum of the selected groups)
 };
 void to_json(nlohmann::json& j, const RouterOptions& o);
 void from_json(const nlohmann::json& j, RouterOptions& o);
@@ -54,14 +57,14 @@ void validate(const RouterOptions& o);
 /// A routing of N rows over E experts.
 struct Routing {
   int64_t rows = 0, experts = 0;
-  at::Tensor row;     ///< (M) int64: the row of each assignment
-  at::Tensor expert;  ///< (M) int64: its expert
-  at::Tensor weight;  ///< (M): its weight (differentiable for learned routers)
-  at::Tensor dense;   ///< (N, E) weights of a dense router (every expert for every row); else undefined
+  at::Tensor row;         ///< (M) int64: the row of each assignment
+  at::Tensor expert;      ///< (M) int64: its expert
+  at::Tensor weight;      ///< (M): its weight (differentiable for learned routers)
+  at::Tensor dense;       ///< (N, E) weights of a dense router (every expert for every row); else undefined
   at::Tensor head_dense;  ///< (N, heads, E) multi-head routing (MHR): each head's weights; else undefined
-  at::Tensor logits;  ///< (N, E) router logits, when there are any (for the z-loss)
-  at::Tensor probs;   ///< (N, E) softmax(logits), when there are logits (for the load-balancing loss)
-  at::Tensor chosen;  ///< (E) float: rows that chose each expert before capacity dropping
+  at::Tensor logits;      ///< (N, E) router logits, when there are any (for the z-loss)
+  at::Tensor probs;       ///< (N, E) softmax(logits), when there are logits (for the load-balancing loss)
+  at::Tensor chosen;      ///< (E) float: rows that chose each expert before capacity dropping
   int64_t requested = 0;  ///< assignments before dropping
   int64_t dropped = 0;    ///< assignments dropped for capacity (those rows pass through the residual)
 
@@ -71,9 +74,9 @@ struct Routing {
 
 /// What a router may need besides logits.
 struct RouterInput {
-  at::Tensor token_ids;  ///< (N) int64, for hash routing
-  bool causal = false;   ///< rows are tokens of a causal model
-  bool training = false; ///< sample (gumbel) instead of taking the argmax
+  at::Tensor token_ids;   ///< (N) int64, for hash routing
+  bool causal = false;    ///< rows are tokens of a causal model
+  bool training = false;  ///< sample (gumbel) instead of taking the argmax
 };
 
 /// A routing policy. Stateless apart from its options (learned parameters belong to the owner's gate).

@@ -7,9 +7,10 @@
 
 namespace mdl {
 
-RoutingContext RoutingContext::by_id(const at::Tensor& ids, const std::vector<std::vector<ModuleChoice>>& table,
-                                     bool language) {
-  MDL_CHECK(ids.dim() == 1, "[routing] ", language ? "language" : "task", " ids must be (B), got ", ids.sizes());
+RoutingContext RoutingContext::by_id(const at::Tensor& ids,
+                                     const std::vector<std::vector<ModuleChoice>>& table, bool language) {
+  MDL_CHECK(ids.dim() == 1, "[routing] ", language ? "language" : "task", " ids must be (B), got ",
+            ids.sizes());
   RoutingContext c;
   (language ? c.language_ids : c.task_ids) = ids;
   at::Tensor cpu = ids.to(at::kCPU, at::kLong).contiguous();
@@ -28,11 +29,11 @@ const at::Tensor& current_task_ids(const std::string& site, int64_t batch, int64
   MDL_CHECK(ctx.routing && ctx.routing->task_ids.defined(), "[routing] '", site,
             "' routes by task: pass task ids in the routing context (ModelInput::routing->task_ids)");
   const at::Tensor& ids = ctx.routing->task_ids;
-  MDL_CHECK(ids.dim() == 1 && ids.size(0) == batch, "[routing] '", site, "': task ids must be (", batch, "), got ",
-            ids.sizes());
+  MDL_CHECK(ids.dim() == 1 && ids.size(0) == batch, "[routing] '", site, "': task ids must be (", batch,
+            "), got ", ids.sizes());
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-  MDL_CHECK(lo >= 0 && hi < num_tasks, "[routing] '", site, "': task id ", lo < 0 ? lo : hi, " out of range; it knows ",
-            num_tasks, " tasks");
+  MDL_CHECK(lo >= 0 && hi < num_tasks, "[routing] '", site, "': task id ", lo < 0 ? lo : hi,
+            " out of range; it knows ", num_tasks, " tasks");
   return ids;
 }
 

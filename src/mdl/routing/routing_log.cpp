@@ -45,12 +45,15 @@ void RoutingLog::record(const std::string& site, const Routing& r, const RouterO
     s.load_balancing = lb.item<double>();
     s.z_loss = z.item<double>();
     at::Tensor weighted = lb * options.load_balancing_coef + z * options.z_loss_coef;
-    if (options.load_balancing_coef != 0 || options.z_loss_coef != 0) aux_ = aux_.defined() ? aux_ + weighted : weighted;
+    if (options.load_balancing_coef != 0 || options.z_loss_coef != 0)
+      aux_ = aux_.defined() ? aux_ + weighted : weighted;
   }
   stats_.push_back(std::move(s));
 }
 
-at::Tensor RoutingLog::aux_loss() const { return aux_.defined() ? aux_ : at::zeros({}); }
+at::Tensor RoutingLog::aux_loss() const {
+  return aux_.defined() ? aux_ : at::zeros({});
+}
 
 const Routing* RoutingLog::shared(const std::string& key) const {
   auto it = shared_.find(key);
@@ -64,11 +67,13 @@ void RoutingLog::clear() {
 }
 
 std::string RoutingLog::to_string() const {
-  std::string out = "site                                      rows  entropy  dropped  lb_loss  z_loss  load per expert\n";
+  std::string out =
+      "site                                      rows  entropy  dropped  lb_loss  z_loss  load per expert\n";
   char buf[512];
   for (const auto& s : stats_) {
     std::snprintf(buf, sizeof(buf), "%-40s %6lld  %7.3f  %6.1f%%  %7.4f  %6.3f ", s.site.c_str(),
-                  static_cast<long long>(s.rows), s.entropy, 100.0 * s.dropped_fraction, s.load_balancing, s.z_loss);
+                  static_cast<long long>(s.rows), s.entropy, 100.0 * s.dropped_fraction, s.load_balancing,
+                  s.z_loss);
     out += buf;
     for (double l : s.load) {
       std::snprintf(buf, sizeof(buf), " %.2f", l);

@@ -28,10 +28,10 @@ std::vector<double> expert_load(const Routing& r);
 struct RoutingStats {
   std::string site;
   int64_t rows = 0;
-  std::vector<double> load;       ///< per expert, after dropping
-  double entropy = 0;             ///< nats; 0 without logits
-  double dropped_fraction = 0;    ///< dropped / requested assignments (expert choice: rows no expert took)
-  double load_balancing = 0;      ///< the loss's value (0 without logits)
+  std::vector<double> load;     ///< per expert, after dropping
+  double entropy = 0;           ///< nats; 0 without logits
+  double dropped_fraction = 0;  ///< dropped / requested assignments (expert choice: rows no expert took)
+  double load_balancing = 0;    ///< the loss's value (0 without logits)
   double z_loss = 0;
 };
 

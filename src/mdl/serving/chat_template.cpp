@@ -34,7 +34,8 @@ std::string render_chat(ChatFormat format, const std::vector<std::pair<std::stri
   std::string out;
   switch (format) {
     case ChatFormat::chatml:
-      for (const auto& [role, content] : messages) out += "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
+      for (const auto& [role, content] : messages)
+        out += "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
       return out + "<|im_start|>assistant\n";
     case ChatFormat::llama3:
       out = "<|begin_of_text|>";

@@ -31,7 +31,7 @@ struct Engine::Sequence {
   std::vector<std::string> pinned;  // module names pinned in the cache until the sequence finishes
   int64_t next_position = 0;        // position id of the next token fed to the model
   int64_t last_token = -1;
-  size_t streamed = 0;              // bytes of text already streamed (a character boundary)
+  size_t streamed = 0;  // bytes of text already streamed (a character boundary)
   bool done = false;
 };
 
@@ -49,13 +49,15 @@ Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
     : model_(std::move(model)), tokenizer_(std::move(tokenizer)), options_(std::move(options)) {
   MDL_CHECK(options_.lora_bank_dtype == "float16" || options_.lora_bank_dtype == "float32",
             "[serve] --lora-bank-dtype must be float16 or float32, got '", options_.lora_bank_dtype, "'");
-  MDL_CHECK(options_.max_batch > 0 && options_.max_queue > 0, "[serve] max batch and max queue must be > 0, got ",
-            options_.max_batch, " and ", options_.max_queue);
+  MDL_CHECK(options_.max_batch > 0 && options_.max_queue > 0,
+            "[serve] max batch and max queue must be > 0, got ", options_.max_batch, " and ",
+            options_.max_queue);
   model_->eval();
   for (auto& p : model_->parameters()) p.set_requires_grad(false);
   lora_dtype_ = options_.lora_bank_dtype == "float16" ? at::kHalf : at::kFloat;
   set_ = std::make_unique<ModuleSet>(model_);
-  set_->set_lora_bank_storage(lora_dtype_);  // prefill and decoding read one bank, never restacked between them
+  set_->set_lora_bank_storage(
+      lora_dtype_);  // prefill and decoding read one bank, never restacked between them
   ModuleCacheOptions co;
   co.modules_dir = options_.modules_dir;
   co.budget_bytes = options_.module_cache_mb << 20;
@@ -64,17 +66,20 @@ Engine::Engine(Model model, Tokenizer tokenizer, EngineOptions options)
   thread_ = std::thread([this] { loop(); });
 }
 
-Engine::~Engine() { drain(); }
+Engine::~Engine() {
+  drain();
+}
 
 // ---- modules -------------------------------------------------------------------------------------------
 
-std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const std::vector<ModuleChoice>& extra) {
+std::vector<ModuleChoice> Engine::resolve(const std::string& expression,
+                                          const std::vector<ModuleChoice>& extra) {
   // 1. Without the lock: the leaves in application order, merges computed (file I/O and arithmetic), by
   // the one composition interpreter the CLI uses too.
   struct Leaf {
     std::string name, dir;  // dir: a merge's output (else where the cache finds the name)
     double scale = 1.0;
-    std::string within;     // "avg" or "a sum": must be an additive module
+    std::string within;  // "avg" or "a sum": must be an additive module
   };
   std::vector<Leaf> leaves;
   if (!expression.empty() && expression != "base") {
@@ -91,16 +96,18 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
     }
     for (const auto& l : plan) {
       if (l.kind == CompositionLeaf::Kind::fuse)
-        throw RequestError(400, "model", "[serve] fuse(...) creates a new fusion that needs training; serve a "
-                                         "trained fusion by its directory name");
+        throw RequestError(400, "model",
+                           "[serve] fuse(...) creates a new fusion that needs training; serve a "
+                           "trained fusion by its directory name");
       leaves.push_back({l.name, l.dir, l.scale, l.within});
     }
   }
   for (const auto& e : extra) leaves.push_back({e.name, "", e.scale, ""});
   for (const auto& l : leaves)
     if (!std::isfinite(l.scale))
-      throw RequestError(400, "model", "[serve] module '" + l.name + "' gets a scale of " + std::to_string(l.scale) +
-                                           "; scales must be finite");
+      throw RequestError(400, "model",
+                         "[serve] module '" + l.name + "' gets a scale of " + std::to_string(l.scale) +
+                             "; scales must be finite");
 
   // 2. Read what is not in memory without the lock, so that decoding goes on during file I/O.
   std::vector<std::pair<std::string, std::string>> missing;  // name, directory
@@ -110,7 +117,8 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
       if (!cache_->resident(l.name)) missing.emplace_back(l.name, cache_->locate(l.name, l.dir));
   }
   std::vector<std::pair<std::string, ModuleFiles>> read;
-  for (const auto& [name, dir] : missing) read.emplace_back(name, set_->read(dir));  // reads only the model's config and sites
+  for (const auto& [name, dir] : missing)
+    read.emplace_back(name, set_->read(dir));  // reads only the model's config and sites
 
   // 3. Under the lock: attach, make resident (touching the LRU) without pinning (submit() pins), check.
   std::lock_guard<std::mutex> lk(model_mu_);
@@ -122,11 +130,15 @@ std::vector<ModuleChoice> Engine::resolve(const std::string& expression, const s
     const std::string& type = set_->config(l.name).type;
     const SiteKind kind = module_type(type).site_kind;
     if (kind == SiteKind::embedding || kind == SiteKind::attention_kv)
-      throw RequestError(400, "model", "[serve] module '" + l.name + "' is " + type + " tuning: it lengthens every row's "
-                                       "sequence, so it cannot share a batch; merge it or serve it on its own server");
+      throw RequestError(400, "model",
+                         "[serve] module '" + l.name + "' is " + type +
+                             " tuning: it lengthens every row's "
+                             "sequence, so it cannot share a batch; merge it or serve it on its own server");
     if (!l.within.empty() && !module_type(type).additive)
-      throw RequestError(400, "model", "[serve] '" + l.name + "' is a " + type + " module; " + l.within + " combines "
-                                           "additive modules (LoRA, sparse, BitFit); use stack(...) or a merge");
+      throw RequestError(400, "model",
+                         "[serve] '" + l.name + "' is a " + type + " module; " + l.within +
+                             " combines "
+                             "additive modules (LoRA, sparse, BitFit); use stack(...) or a merge");
     out.push_back({l.name, l.scale});
   }
   return out;
@@ -138,7 +150,8 @@ void Engine::load_module(const std::string& name, const std::string& path) {
   } catch (const Error& e) {
     throw RequestError(400, "name", e.what());
   }
-  if (name == "base") throw RequestError(409, "name", "[serve] 'base' names the base model; choose another module name");
+  if (name == "base")
+    throw RequestError(409, "name", "[serve] 'base' names the base model; choose another module name");
   // The path resolves, links followed, inside the modules directory or a directory the operator allowed.
   std::error_code ec;
   fs::path wanted(path);
@@ -155,19 +168,24 @@ void Engine::load_module(const std::string& name, const std::string& path) {
     return !rel.empty() && *rel.begin() != "..";
   });
   if (!inside)
-    throw RequestError(403, "path", "[serve] '" + path + "' is outside the directories this server loads modules from (" +
-                                        (roots.empty() ? std::string("none") : roots[0]) + (roots.size() > 1 ? ", ..." : "") +
-                                        "); the operator can allow another with --allow-module-path DIR");
+    throw RequestError(403, "path",
+                       "[serve] '" + path + "' is outside the directories this server loads modules from (" +
+                           (roots.empty() ? std::string("none") : roots[0]) +
+                           (roots.size() > 1 ? ", ..." : "") +
+                           "); the operator can allow another with --allow-module-path DIR");
   if (!is_module_dir(real.string()))
-    throw RequestError(400, "path", "[serve] '" + path + "' is not a module directory (no module.json, adapter_config.json "
-                                    "or AdapterHub files)");
+    throw RequestError(400, "path",
+                       "[serve] '" + path +
+                           "' is not a module directory (no module.json, adapter_config.json "
+                           "or AdapterHub files)");
   {
     std::lock_guard<std::mutex> lk(model_mu_);
     const auto offered = cache_->available();
     if (std::find(offered.begin(), offered.end(), name) != offered.end())
-      throw RequestError(409, "name", "[serve] a module named '" + name + "' is already " +
-                                          (cache_->resident(name) ? "loaded" : "offered by the modules directory") +
-                                          "; choose another name (or unload it first)");
+      throw RequestError(409, "name",
+                         "[serve] a module named '" + name + "' is already " +
+                             (cache_->resident(name) ? "loaded" : "offered by the modules directory") +
+                             "; choose another name (or unload it first)");
   }
   ModuleFiles files;
   try {
@@ -207,13 +225,16 @@ EngineStats Engine::stats() {
 std::shared_ptr<Engine::Sequence> Engine::prepare(CompletionRequest request) {
   const ModelConfig& cfg = model_->config();
   if (cfg.head != HeadKind::causal_lm)
-    throw RequestError(400, "model", "[serve] the base model (" + cfg.architecture + ") has no causal LM head; use "
-                                     "/v1/classify or /v1/embeddings");
+    throw RequestError(400, "model",
+                       "[serve] the base model (" + cfg.architecture +
+                           ") has no causal LM head; use "
+                           "/v1/classify or /v1/embeddings");
   if (request.prompt.empty()) throw RequestError(400, "prompt", "[serve] the prompt is empty");
   if (static_cast<int64_t>(request.prompt.size()) >= cfg.max_position)
-    throw RequestError(400, "prompt", "[serve] the prompt has " + std::to_string(request.prompt.size()) +
-                                          " tokens; the context holds " + std::to_string(cfg.max_position) +
-                                          " positions, and one is needed for the answer");
+    throw RequestError(400, "prompt",
+                       "[serve] the prompt has " + std::to_string(request.prompt.size()) +
+                           " tokens; the context holds " + std::to_string(cfg.max_position) +
+                           " positions, and one is needed for the answer");
   try {
     validate(request.sampling);
   } catch (const Error& e) {
@@ -221,7 +242,7 @@ std::shared_ptr<Engine::Sequence> Engine::prepare(CompletionRequest request) {
   }
   auto s = std::make_shared<Sequence>();
   s->sampler = std::make_unique<Sampler>(request.sampling);
-  s->stop_tokens = request.sampling.ignore_eos                   ? std::vector<int64_t>{}
+  s->stop_tokens = request.sampling.ignore_eos               ? std::vector<int64_t>{}
                    : request.sampling.stop_token_ids.empty() ? cfg.eos_token_ids
                                                              : request.sampling.stop_token_ids;
   s->result.prompt_tokens = static_cast<int64_t>(request.prompt.size());
@@ -267,9 +288,11 @@ void Engine::enqueue(const std::vector<std::shared_ptr<Sequence>>& seqs) {
   std::string refusal;
   {
     std::lock_guard<std::mutex> lk(queue_mu_);
-    if (draining_) refusal = "[serve] the server is shutting down";
+    if (draining_)
+      refusal = "[serve] the server is shutting down";
     else if (static_cast<int64_t>(waiting_.size() + seqs.size()) > options_.max_queue)
-      refusal = "[serve] the queue is full (" + std::to_string(options_.max_queue) + " waiting requests); retry later";
+      refusal = "[serve] the queue is full (" + std::to_string(options_.max_queue) +
+                " waiting requests); retry later";
     if (refusal.empty()) {
       for (const auto& s : seqs) {
         ++stats_.requests;
@@ -405,13 +428,16 @@ bool Engine::emit(Sequence& s, int64_t token) {
   }
   const bool stop_sequence = cut != std::string::npos;
   if (stop_sequence) text.resize(cut);
-  const bool length = static_cast<int64_t>(s.result.tokens.size()) >= s.req.sampling.max_tokens ||
-                      s.result.prompt_tokens + static_cast<int64_t>(s.result.tokens.size()) >= model_->config().max_position;
+  const bool length =
+      static_cast<int64_t>(s.result.tokens.size()) >= s.req.sampling.max_tokens ||
+      s.result.prompt_tokens + static_cast<int64_t>(s.result.tokens.size()) >= model_->config().max_position;
   const bool last = stop_token || stop_sequence || length;
   // Stream what can no longer change: not a partial character or byte sequence, not what may start a
   // stop sequence, and never half a character.
   size_t ready = text.size();
-  if (!last) ready = unicode::char_boundary(text, std::min(tokenizer_.stable_length(visible, text), ready > hold ? ready - hold : 0));
+  if (!last)
+    ready = unicode::char_boundary(
+        text, std::min(tokenizer_.stable_length(visible, text), ready > hold ? ready - hold : 0));
   if (s.req.on_text && ready > s.streamed) {
     // valid_utf8: a decoder that rewrote text already sent (none known) would leave s.streamed inside a
     // character; the chunk is then repaired rather than sent as invalid UTF-8.
@@ -437,9 +463,12 @@ void Engine::finish(Sequence& s, const std::string& reason, const std::string& e
   for (const auto& n : s.pinned) cache_->release(n);  // model_mu_ is held by the engine thread
   {
     std::lock_guard<std::mutex> lk(queue_mu_);
-    if (reason == "error") ++stats_.failed;
-    else if (reason == "cancelled") ++stats_.cancelled;
-    else ++stats_.completed;
+    if (reason == "error")
+      ++stats_.failed;
+    else if (reason == "cancelled")
+      ++stats_.cancelled;
+    else
+      ++stats_.completed;
   }
   s.promise.set_value(s.result);
 }
@@ -479,18 +508,20 @@ void Engine::drain() {
 
 // ---- encoders ------------------------------------------------------------------------------------------
 
-at::Tensor Engine::run_encoder(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules,
-                               bool pooled) {
-  if (texts.empty()) throw RequestError(400, "input", "[serve] 'input' is empty; give a string or a list of strings");
+at::Tensor Engine::run_encoder(const std::vector<std::string>& texts,
+                               const std::vector<ModuleChoice>& modules, bool pooled) {
+  if (texts.empty())
+    throw RequestError(400, "input", "[serve] 'input' is empty; give a string or a list of strings");
   std::vector<std::vector<int64_t>> ids;
   int64_t T = 0;
   for (const auto& t : texts) {
     ids.push_back(tokenizer_.encode(t));
     if (ids.back().empty()) ids.back().push_back(std::max<int64_t>(0, model_->config().pad_token_id));
     if (static_cast<int64_t>(ids.back().size()) > model_->config().max_position)
-      throw RequestError(400, "input", "[serve] input " + std::to_string(ids.size() - 1) + " has " +
-                                           std::to_string(ids.back().size()) + " tokens; the context holds " +
-                                           std::to_string(model_->config().max_position));
+      throw RequestError(400, "input",
+                         "[serve] input " + std::to_string(ids.size() - 1) + " has " +
+                             std::to_string(ids.back().size()) + " tokens; the context holds " +
+                             std::to_string(model_->config().max_position));
     T = std::max<int64_t>(T, static_cast<int64_t>(ids.back().size()));
   }
   const int64_t N = static_cast<int64_t>(texts.size());
@@ -517,8 +548,9 @@ at::Tensor Engine::run_encoder(const std::vector<std::string>& texts, const std:
 
 at::Tensor Engine::classify(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules) {
   if (model_->config().head != HeadKind::sequence_classification)
-    throw RequestError(400, "model", "[serve] the base model (" + model_->config().architecture +
-                                         ") has no sequence classification head");
+    throw RequestError(
+        400, "model",
+        "[serve] the base model (" + model_->config().architecture + ") has no sequence classification head");
   return run_encoder(texts, modules, false);
 }
 

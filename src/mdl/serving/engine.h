@@ -40,11 +40,11 @@ class ModuleSet;
 class ModuleCache;
 
 struct EngineOptions {
-  std::string model_dir;              ///< the base checkpoint (merges are computed against it)
-  std::string modules_dir;            ///< module directories by name; empty: only explicitly loaded modules
-  int64_t max_batch = 32;             ///< running sequences at most
-  int64_t max_queue = 1024;           ///< waiting requests at most (more: refused, HTTP 503)
-  int64_t module_cache_mb = 1024;     ///< memory budget of the module cache
+  std::string model_dir;           ///< the base checkpoint (merges are computed against it)
+  std::string modules_dir;         ///< module directories by name; empty: only explicitly loaded modules
+  int64_t max_batch = 32;          ///< running sequences at most
+  int64_t max_queue = 1024;        ///< waiting requests at most (more: refused, HTTP 503)
+  int64_t module_cache_mb = 1024;  ///< memory budget of the module cache
   /// How LoRA factors are held. "float16": rounded to float16 values on load, and the stacked bank a
   /// decoding step with different LoRAs per row reads stores them in float16, half the bytes of float32
   /// (the step is bound by them); a request computes with the same weights in any batch. "float32":
@@ -59,8 +59,8 @@ struct EngineOptions {
 struct CompletionRequest {
   std::vector<int64_t> prompt;
   GenerateOptions sampling;
-  std::vector<ModuleChoice> modules;     ///< what this request's rows use (empty: the base model)
-  std::vector<std::string> stop;         ///< stop sequences (text); the text ends before the first one
+  std::vector<ModuleChoice> modules;  ///< what this request's rows use (empty: the base model)
+  std::vector<std::string> stop;      ///< stop sequences (text); the text ends before the first one
   /// Streaming: called on the engine thread with each new piece of text; returning false cancels.
   std::function<bool(const std::string&)> on_text;
 };
@@ -70,7 +70,7 @@ struct CompletionResult {
   std::string text;
   std::string finish_reason;  ///< stop | length | cancelled | error
   int64_t prompt_tokens = 0;
-  std::string error;          ///< set when finish_reason is "error"
+  std::string error;  ///< set when finish_reason is "error"
 };
 
 /// Counters for /metrics.
@@ -79,7 +79,7 @@ struct EngineStats {
   int64_t prompt_tokens = 0, generated_tokens = 0;
   int64_t decode_steps = 0, decode_rows = 0;  ///< rows summed over steps: mean batch = rows / steps
   int64_t queue_length = 0, running = 0;
-  double busy_seconds = 0;                    ///< time spent in forwards
+  double busy_seconds = 0;  ///< time spent in forwards
   int64_t cache_hits = 0, cache_misses = 0, cache_evictions = 0, cache_bytes = 0, modules_loaded = 0;
 };
 
@@ -95,7 +95,8 @@ class Engine {
 
   /// Module choices from a composition expression ("base" or empty: none), plus `extra` choices;
   /// loads what is missing. Throws (a client error) naming the unknown module or the unsupported form.
-  std::vector<ModuleChoice> resolve(const std::string& expression, const std::vector<ModuleChoice>& extra = {});
+  std::vector<ModuleChoice> resolve(const std::string& expression,
+                                    const std::vector<ModuleChoice>& extra = {});
 
   /// Queues a generation; the future is set when it finishes. Throws when the queue is full or the
   /// engine is draining.
@@ -123,7 +124,7 @@ class Engine {
 
  private:
   struct Sequence;
-  std::shared_ptr<Sequence> prepare(CompletionRequest request);  // checks and pins its modules
+  std::shared_ptr<Sequence> prepare(CompletionRequest request);           // checks and pins its modules
   void enqueue(const std::vector<std::shared_ptr<Sequence>>& sequences);  // all or none; refused: unpinned
   void unpin(const std::vector<std::shared_ptr<Sequence>>& sequences);    // releases their module pins
   void loop();
@@ -132,7 +133,8 @@ class Engine {
   void finish(Sequence& s, const std::string& reason, const std::string& error = "");
   bool emit(Sequence& s, int64_t token);  // false: the row is done
   void retire();
-  at::Tensor run_encoder(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules, bool pooled);
+  at::Tensor run_encoder(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules,
+                         bool pooled);
 
   Model model_;
   Tokenizer tokenizer_;

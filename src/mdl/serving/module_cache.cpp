@@ -38,8 +38,10 @@ bool is_module_directory(const fs::path& p) {
 
 }  // namespace
 
-ModuleCache::ModuleCache(ModuleSet& set, ModuleCacheOptions options) : set_(set), options_(std::move(options)) {
-  MDL_CHECK(options_.budget_bytes > 0, "[serve] the module cache budget must be > 0 bytes, got ", options_.budget_bytes);
+ModuleCache::ModuleCache(ModuleSet& set, ModuleCacheOptions options)
+    : set_(set), options_(std::move(options)) {
+  MDL_CHECK(options_.budget_bytes > 0, "[serve] the module cache budget must be > 0 bytes, got ",
+            options_.budget_bytes);
 }
 
 std::string ModuleCache::locate(const std::string& name, const std::string& dir) const {
@@ -47,10 +49,12 @@ std::string ModuleCache::locate(const std::string& name, const std::string& dir)
   if (known_.count(name)) return known_.at(name);  // evicted earlier: reload from where it was
   check_name(name, "model");
   if (options_.modules_dir.empty())
-    throw RequestError(404, "model", "[serve] unknown module '" + name + "': the server has no modules directory");
+    throw RequestError(404, "model",
+                       "[serve] unknown module '" + name + "': the server has no modules directory");
   const fs::path path = fs::path(options_.modules_dir) / name;
   if (!is_module_directory(path))
-    throw RequestError(404, "model", "[serve] unknown module '" + name + "': no module directory '" + path.string() + "'");
+    throw RequestError(404, "model",
+                       "[serve] unknown module '" + name + "': no module directory '" + path.string() + "'");
   return path.string();
 }
 
@@ -74,7 +78,8 @@ void ModuleCache::release(const std::string& name) {
 
 void ModuleCache::load(const std::string& name, const ModuleFiles& files) {
   check_name(name, "name");
-  if (entries_.count(name)) throw RequestError(409, "name", "[serve] module '" + name + "' is already loaded; unload it first");
+  if (entries_.count(name))
+    throw RequestError(409, "name", "[serve] module '" + name + "' is already loaded; unload it first");
   insert(name, files);
 }
 
@@ -87,8 +92,9 @@ void ModuleCache::drop(const std::string& name) {
   auto it = entries_.find(name);
   if (it == entries_.end()) throw RequestError(404, "name", "[serve] module '" + name + "' is not loaded");
   if (it->second.pins > 0)
-    throw RequestError(409, "name", "[serve] module '" + name + "' is in use by " + std::to_string(it->second.pins) +
-                                        " request(s); retry when they finish");
+    throw RequestError(409, "name",
+                       "[serve] module '" + name + "' is in use by " + std::to_string(it->second.pins) +
+                           " request(s); retry when they finish");
   set_.remove(name);
   stats_.bytes -= it->second.bytes;
   lru_.erase(it->second.lru);
@@ -103,18 +109,22 @@ std::vector<std::string> ModuleCache::available() const {
   if (!options_.modules_dir.empty() && fs::is_directory(options_.modules_dir, ec)) {
     // An entry that cannot be read (a symlink loop, no permission) is skipped and logged, never an error
     // for the client asking.
-    for (auto d = fs::directory_iterator(options_.modules_dir, ec); !ec && d != fs::directory_iterator(); d.increment(ec)) {
+    for (auto d = fs::directory_iterator(options_.modules_dir, ec); !ec && d != fs::directory_iterator();
+         d.increment(ec)) {
       const std::string name = d->path().filename().string();
       if (name.empty() || name[0] == '.' || entries_.count(name)) continue;
       std::error_code entry_ec;
       (void)fs::status(d->path(), entry_ec);
       if (entry_ec) {
-        log_warn("[serve] skipping '" + d->path().string() + "' in the modules directory: " + entry_ec.message());
+        log_warn("[serve] skipping '" + d->path().string() +
+                 "' in the modules directory: " + entry_ec.message());
         continue;
       }
       if (is_module_directory(d->path())) out.push_back(name);
     }
-    if (ec) log_warn("[serve] listing the modules directory '" + options_.modules_dir + "' failed: " + ec.message());
+    if (ec)
+      log_warn("[serve] listing the modules directory '" + options_.modules_dir +
+               "' failed: " + ec.message());
   }
   std::sort(out.begin(), out.end());
   return out;
@@ -124,7 +134,8 @@ void ModuleCache::insert(const std::string& name, const ModuleFiles& files) {
   if (entries_.count(name)) return;
   const std::string& dir = files.dir;
   set_.attach(files, name);
-  if (options_.lora_dtype != at::kFloat && set_.config(name).type == "lora") set_.round_tensors(name, options_.lora_dtype);
+  if (options_.lora_dtype != at::kFloat && set_.config(name).type == "lora")
+    set_.round_tensors(name, options_.lora_dtype);
   int64_t bytes = 0;
   for (const auto& [k, t] : set_.tensors(name)) bytes += t.numel() * static_cast<int64_t>(t.element_size());
   try {
@@ -148,7 +159,8 @@ void ModuleCache::evict_for(int64_t bytes) {
     if (entries_.at(victim).pins > 0) continue;
     drop(victim);
     ++stats_.evictions;
-    log_info("[serve] evicted module '" + victim + "' (cache budget " + std::to_string(options_.budget_bytes >> 20) + " MiB)");
+    log_info("[serve] evicted module '" + victim + "' (cache budget " +
+             std::to_string(options_.budget_bytes >> 20) + " MiB)");
     it = lru_.rbegin();  // the list changed
   }
   if (stats_.bytes + bytes > options_.budget_bytes)

@@ -2,16 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <httplib.h>
-
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
-#include <cstring>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <fstream>
 #include <mutex>
@@ -30,21 +29,31 @@ using nlohmann::json;
 
 const char* error_type(int status) {
   switch (status) {
-    case 401: return "authentication_error";
-    case 403: return "permission_error";
-    case 404: return "not_found_error";
-    case 409: return "conflict_error";
-    case 413: return "request_too_large";
-    case 503: return "overloaded_error";
-    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    case 401:
+      return "authentication_error";
+    case 403:
+      return "permission_error";
+    case 404:
+      return "not_found_error";
+    case 409:
+      return "conflict_error";
+    case 413:
+      return "request_too_large";
+    case 503:
+      return "overloaded_error";
+    default:
+      return status >= 500 ? "server_error" : "invalid_request_error";
   }
 }
 
 // Every body is valid JSON whatever text it carries: bytes that are not UTF-8 (half a character of a
 // module name, a file's fragment in a message) become U+FFFD instead of an exception in a handler.
-std::string body_text(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+std::string body_text(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
 
-void send_error(httplib::Response& res, int status, const std::string& message, const std::string& param = "") {
+void send_error(httplib::Response& res, int status, const std::string& message,
+                const std::string& param = "") {
   res.status = status;
   json e = {{"message", message}, {"type", error_type(status)}, {"code", status}};
   e["param"] = param.empty() ? json(nullptr) : json(param);
@@ -54,7 +63,9 @@ void send_error(httplib::Response& res, int status, const std::string& message, 
 json parse_body(const httplib::Request& req) {
   json j = json::parse(req.body, nullptr, false);
   if (j.is_discarded()) throw RequestError(400, "", "[serve] the body is not valid JSON");
-  if (!j.is_object()) throw RequestError(400, "", std::string("[serve] the body must be a JSON object, found ") + j.type_name());
+  if (!j.is_object())
+    throw RequestError(400, "",
+                       std::string("[serve] the body must be a JSON object, found ") + j.type_name());
   return j;
 }
 
@@ -65,11 +76,17 @@ T field(const json& j, const char* name, T fallback) {
   const json& v = j[name];
   bool ok;
   const char* want;
-  if constexpr (std::is_same_v<T, bool>) ok = v.is_boolean(), want = "a boolean";
-  else if constexpr (std::is_integral_v<T>) ok = v.is_number_integer(), want = "an integer";
-  else if constexpr (std::is_floating_point_v<T>) ok = v.is_number(), want = "a number";
-  else ok = v.is_string(), want = "a string";
-  if (!ok) throw RequestError(400, name, std::string("[serve] '") + name + "' must be " + want + ", found " + v.type_name());
+  if constexpr (std::is_same_v<T, bool>)
+    ok = v.is_boolean(), want = "a boolean";
+  else if constexpr (std::is_integral_v<T>)
+    ok = v.is_number_integer(), want = "an integer";
+  else if constexpr (std::is_floating_point_v<T>)
+    ok = v.is_number(), want = "a number";
+  else
+    ok = v.is_string(), want = "a string";
+  if (!ok)
+    throw RequestError(400, name,
+                       std::string("[serve] '") + name + "' must be " + want + ", found " + v.type_name());
   return v.get<T>();
 }
 
@@ -78,7 +95,9 @@ std::vector<ModuleChoice> module_list(const json& j) {
   std::vector<ModuleChoice> out;
   if (!j.contains("modules") || j["modules"].is_null()) return out;
   const json& m = j["modules"];
-  if (!m.is_array()) throw RequestError(400, "modules", std::string("[serve] 'modules' must be an array, found ") + m.type_name());
+  if (!m.is_array())
+    throw RequestError(400, "modules",
+                       std::string("[serve] 'modules' must be an array, found ") + m.type_name());
   for (size_t i = 0; i < m.size(); ++i) {
     const std::string where = "modules[" + std::to_string(i) + "]";
     ModuleChoice c;
@@ -90,9 +109,11 @@ std::vector<ModuleChoice> module_list(const json& j) {
         try {
           size_t used = 0;
           c.scale = std::stod(s.substr(colon + 1), &used);
-          if (used != s.size() - colon - 1 || !std::isfinite(c.scale)) throw std::invalid_argument("trailing");
+          if (used != s.size() - colon - 1 || !std::isfinite(c.scale))
+            throw std::invalid_argument("trailing");
         } catch (const std::exception&) {
-          throw RequestError(400, where, "[serve] " + where + " '" + s + "': the scale after ':' must be a finite number");
+          throw RequestError(
+              400, where, "[serve] " + where + " '" + s + "': the scale after ':' must be a finite number");
         }
       }
     } else if (m[i].is_object() && m[i].contains("name") && m[i]["name"].is_string()) {
@@ -101,7 +122,8 @@ std::vector<ModuleChoice> module_list(const json& j) {
       if (!std::isfinite(c.scale))
         throw RequestError(400, where, "[serve] " + where + ": 'scale' must be a finite number");
     } else {
-      throw RequestError(400, where, "[serve] " + where + " must be \"name[:scale]\" or {\"name\", \"scale\"}");
+      throw RequestError(400, where,
+                         "[serve] " + where + " must be \"name[:scale]\" or {\"name\", \"scale\"}");
     }
     out.push_back(c);
   }
@@ -116,11 +138,16 @@ GenerateOptions sampling(const json& j) {
   o.top_k = field<int64_t>(j, "top_k", 0);
   o.seed = static_cast<uint64_t>(field<int64_t>(j, "seed", 0));
   o.ignore_eos = field<bool>(j, "ignore_eos", false);
-  if (o.max_tokens < 1) throw RequestError(400, "max_tokens", "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
+  if (o.max_tokens < 1)
+    throw RequestError(400, "max_tokens",
+                       "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
   if (o.temperature < 0 || o.temperature > 100)
-    throw RequestError(400, "temperature", "[serve] 'temperature' must be in [0, 100], got " + std::to_string(o.temperature));
-  if (!(o.top_p > 0 && o.top_p <= 1)) throw RequestError(400, "top_p", "[serve] 'top_p' must be in (0, 1], got " + std::to_string(o.top_p));
-  if (o.top_k < 0) throw RequestError(400, "top_k", "[serve] 'top_k' must be >= 0, got " + std::to_string(o.top_k));
+    throw RequestError(400, "temperature",
+                       "[serve] 'temperature' must be in [0, 100], got " + std::to_string(o.temperature));
+  if (!(o.top_p > 0 && o.top_p <= 1))
+    throw RequestError(400, "top_p", "[serve] 'top_p' must be in (0, 1], got " + std::to_string(o.top_p));
+  if (o.top_k < 0)
+    throw RequestError(400, "top_k", "[serve] 'top_k' must be >= 0, got " + std::to_string(o.top_k));
   return o;
 }
 
@@ -139,7 +166,8 @@ std::vector<std::string> stop_list(const json& j) {
 }
 
 std::vector<std::string> inputs(const json& j) {
-  if (!j.contains("input")) throw RequestError(400, "input", "[serve] missing field 'input' (a string or a list of strings)");
+  if (!j.contains("input"))
+    throw RequestError(400, "input", "[serve] missing field 'input' (a string or a list of strings)");
   const json& in = j["input"];
   if (in.is_string()) return {in.get<std::string>()};
   std::vector<std::string> out;
@@ -149,12 +177,15 @@ std::vector<std::string> inputs(const json& j) {
       out.push_back(x.get<std::string>());
     }
   else
-    throw RequestError(400, "input", std::string("[serve] 'input' must be a string or a list of strings, found ") + in.type_name());
+    throw RequestError(
+        400, "input",
+        std::string("[serve] 'input' must be a string or a list of strings, found ") + in.type_name());
   return out;
 }
 
 int64_t now_seconds() {
-  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 /// Text chunks from the engine thread to a streaming response.
@@ -212,11 +243,13 @@ struct Server::Impl {
           labels[i] = v.get<std::string>();
         }
       }
-    MDL_CHECK(options.max_body_bytes > 0 && options.threads >= 0 && options.port >= 0 && options.port <= 65535 &&
-                  options.listen_backlog > 0,
-              "[serve] invalid server options: max body ", options.max_body_bytes, " bytes, ", options.threads,
-              " threads, port ", options.port, ", backlog ", options.listen_backlog);
-    const int threads = options.threads > 0 ? options.threads : static_cast<int>(std::min<int64_t>(2 * options.max_batch + 8, 512));
+    MDL_CHECK(options.max_body_bytes > 0 && options.threads >= 0 && options.port >= 0 &&
+                  options.port <= 65535 && options.listen_backlog > 0,
+              "[serve] invalid server options: max body ", options.max_body_bytes, " bytes, ",
+              options.threads, " threads, port ", options.port, ", backlog ", options.listen_backlog);
+    const int threads = options.threads > 0
+                            ? options.threads
+                            : static_cast<int>(std::min<int64_t>(2 * options.max_batch + 8, 512));
     http.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
     // SO_REUSEADDR (a restart binds the port at once), not httplib's default SO_REUSEPORT, which would let
     // another process bind the same port and take a share of the connections.
@@ -229,11 +262,16 @@ struct Server::Impl {
     http.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
       ++http_errors;
       if (!res.body.empty()) return;
-      if (res.status == 413 && req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0)
-        send_error(res, 413, "[serve] a form-encoded body is limited to 8192 bytes (the HTTP library's limit for forms); "
-                             "send JSON with 'Content-Type: application/json'");
+      if (res.status == 413 &&
+          req.get_header_value("Content-Type").rfind("application/x-www-form-urlencoded", 0) == 0)
+        send_error(
+            res, 413,
+            "[serve] a form-encoded body is limited to 8192 bytes (the HTTP library's limit for forms); "
+            "send JSON with 'Content-Type: application/json'");
       else if (res.status == 413)
-        send_error(res, 413, "[serve] the body is over the limit of " + std::to_string(options.max_body_bytes) + " bytes");
+        send_error(
+            res, 413,
+            "[serve] the body is over the limit of " + std::to_string(options.max_body_bytes) + " bytes");
       else if (res.status == 404)
         send_error(res, 404, "[serve] no such endpoint; see GET /v1/models, POST /v1/completions");
       else
@@ -253,14 +291,17 @@ struct Server::Impl {
     routes();
   }
 
-  std::string id(const char* prefix) { return std::string(prefix) + std::to_string(now_seconds()) + "-" + std::to_string(next_id++); }
+  std::string id(const char* prefix) {
+    return std::string(prefix) + std::to_string(now_seconds()) + "-" + std::to_string(next_id++);
+  }
 
   // Module management is the operator's: off without --admin-token, else the bearer token must match
   // (compared in constant time).
   void check_admin(const httplib::Request& req) const {
     if (options.admin_token.empty())
-      throw RequestError(403, "", "[serve] runtime module loading and unloading are off; start mdl serve with "
-                                  "--admin-token (or MDL_ADMIN_TOKEN) to allow them");
+      throw RequestError(403, "",
+                         "[serve] runtime module loading and unloading are off; start mdl serve with "
+                         "--admin-token (or MDL_ADMIN_TOKEN) to allow them");
     const std::string auth = req.get_header_value("Authorization");
     const std::string prefix = "Bearer ";
     const std::string given = auth.rfind(prefix, 0) == 0 ? auth.substr(prefix.size()) : std::string();
@@ -268,8 +309,9 @@ struct Server::Impl {
     for (size_t i = 0; i < given.size(); ++i)
       diff |= static_cast<unsigned char>(given[i] ^ options.admin_token[i % options.admin_token.size()]);
     if (diff != 0)
-      throw RequestError(401, "", "[serve] module management needs the header 'Authorization: Bearer <admin token>'" +
-                                      std::string(auth.empty() ? "" : "; the token given does not match"));
+      throw RequestError(401, "",
+                         "[serve] module management needs the header 'Authorization: Bearer <admin token>'" +
+                             std::string(auth.empty() ? "" : "; the token given does not match"));
   }
 
   void routes() {
@@ -278,22 +320,26 @@ struct Server::Impl {
     });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json data = json::array({{{"id", "base"}, {"object", "model"}, {"owned_by", "mdl"}}});
-      for (const auto& m : engine.modules()) data.push_back({{"id", m}, {"object", "model"}, {"owned_by", "mdl"}, {"parent", "base"}});
+      for (const auto& m : engine.modules())
+        data.push_back({{"id", m}, {"object", "model"}, {"owned_by", "mdl"}, {"parent", "base"}});
       res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
     });
     http.Post("/v1/modules", [this](const httplib::Request& req, httplib::Response& res) {
       check_admin(req);
       const json j = parse_body(req);
       const std::string name = field<std::string>(j, "name", ""), path = field<std::string>(j, "path", "");
-      if (name.empty() || path.empty()) throw RequestError(400, name.empty() ? "name" : "path", "[serve] give 'name' and 'path'");
+      if (name.empty() || path.empty())
+        throw RequestError(400, name.empty() ? "name" : "path", "[serve] give 'name' and 'path'");
       engine.load_module(name, path);
       res.status = 201;
-      res.set_content(body_text(json({{"id", name}, {"object", "model"}, {"loaded", true}})), "application/json");
+      res.set_content(body_text(json({{"id", name}, {"object", "model"}, {"loaded", true}})),
+                      "application/json");
     });
     http.Delete(R"(/v1/modules/([^/]+))", [this](const httplib::Request& req, httplib::Response& res) {
       check_admin(req);
       engine.unload_module(req.matches[1]);
-      res.set_content(body_text(json({{"id", std::string(req.matches[1])}, {"deleted", true}})), "application/json");
+      res.set_content(body_text(json({{"id", std::string(req.matches[1])}, {"deleted", true}})),
+                      "application/json");
     });
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
@@ -304,29 +350,41 @@ struct Server::Impl {
         prompt = engine.tokenizer().encode(p.get<std::string>());
       } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
         for (const auto& t : p) {
-          if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= engine.config().vocab_size)
-            throw RequestError(400, "prompt", "[serve] 'prompt' token ids must be integers in [0, " +
-                                                  std::to_string(engine.config().vocab_size) + ")");
+          if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
+              t.get<int64_t>() >= engine.config().vocab_size)
+            throw RequestError(400, "prompt",
+                               "[serve] 'prompt' token ids must be integers in [0, " +
+                                   std::to_string(engine.config().vocab_size) + ")");
           prompt.push_back(t.get<int64_t>());
         }
       } else {
-        throw RequestError(400, "prompt", "[serve] 'prompt' must be a string or an array of token ids (one prompt per request)");
+        throw RequestError(
+            400, "prompt",
+            "[serve] 'prompt' must be a string or an array of token ids (one prompt per request)");
       }
       complete(j, std::move(prompt), res, false);
     });
     http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       if (chat == ChatFormat::none)
-        throw RequestError(400, "model", "[serve] the checkpoint has no chat template (tokenizer_config.json chat_template); use /v1/completions");
+        throw RequestError(400, "model",
+                           "[serve] the checkpoint has no chat template (tokenizer_config.json "
+                           "chat_template); use /v1/completions");
       if (chat == ChatFormat::unsupported)
-        throw RequestError(400, "model", "[serve] the checkpoint's chat template is neither ChatML nor Llama 3, the formats mdl renders");
+        throw RequestError(
+            400, "model",
+            "[serve] the checkpoint's chat template is neither ChatML nor Llama 3, the formats mdl renders");
       if (!j.contains("messages") || !j["messages"].is_array() || j["messages"].empty())
-        throw RequestError(400, "messages", "[serve] 'messages' must be a non-empty array of {\"role\", \"content\"}");
+        throw RequestError(400, "messages",
+                           "[serve] 'messages' must be a non-empty array of {\"role\", \"content\"}");
       std::vector<std::pair<std::string, std::string>> messages;
       for (size_t i = 0; i < j["messages"].size(); ++i) {
         const json& m = j["messages"][i];
-        if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") || !m["content"].is_string())
-          throw RequestError(400, "messages", "[serve] messages[" + std::to_string(i) + "] must be {\"role\": str, \"content\": str}");
+        if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
+            !m["content"].is_string())
+          throw RequestError(
+              400, "messages",
+              "[serve] messages[" + std::to_string(i) + "] must be {\"role\": str, \"content\": str}");
         messages.emplace_back(m["role"].get<std::string>(), m["content"].get<std::string>());
       }
       complete(j, engine.tokenizer().encode(render_chat(chat, messages), false), res, true);
@@ -334,15 +392,18 @@ struct Server::Impl {
     http.Post("/v1/classify", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      at::Tensor logits = engine.classify(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)));
+      at::Tensor logits =
+          engine.classify(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)));
       at::Tensor probs = at::softmax(logits, -1);
       json data = json::array();
       for (int64_t i = 0; i < logits.size(0); ++i) {
         const int64_t k = probs[i].argmax().item<int64_t>();
         std::vector<double> p(static_cast<size_t>(probs.size(1)));
         for (int64_t c = 0; c < probs.size(1); ++c) p[static_cast<size_t>(c)] = probs[i][c].item<double>();
-        const std::string label = k < static_cast<int64_t>(labels.size()) && !labels[static_cast<size_t>(k)].empty()
-                                      ? labels[static_cast<size_t>(k)] : "LABEL_" + std::to_string(k);
+        const std::string label =
+            k < static_cast<int64_t>(labels.size()) && !labels[static_cast<size_t>(k)].empty()
+                ? labels[static_cast<size_t>(k)]
+                : "LABEL_" + std::to_string(k);
         data.push_back({{"index", i}, {"label", label}, {"label_id", k}, {"scores", p}});
       }
       res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
@@ -350,16 +411,23 @@ struct Server::Impl {
     http.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      at::Tensor e = engine.embed(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j))).contiguous();
+      at::Tensor e =
+          engine.embed(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)))
+              .contiguous();
       json data = json::array();
       for (int64_t i = 0; i < e.size(0); ++i) {
         const float* row = e[i].data_ptr<float>();
-        data.push_back({{"object", "embedding"}, {"index", i}, {"embedding", std::vector<float>(row, row + e.size(1))}});
+        data.push_back(
+            {{"object", "embedding"}, {"index", i}, {"embedding", std::vector<float>(row, row + e.size(1))}});
       }
-      res.set_content(body_text(json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}})),
-                      "application/json");
+      res.set_content(
+          body_text(
+              json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}})),
+          "application/json");
     });
-    http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) { res.set_content(metrics(), "text/plain; version=0.0.4"); });
+    http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(metrics(), "text/plain; version=0.0.4");
+    });
   }
 
   void complete(const json& j, std::vector<int64_t> prompt, httplib::Response& res, bool chat_api) {
@@ -375,19 +443,28 @@ struct Server::Impl {
     // Captured by value: the streaming provider runs after this function has returned.
     auto choice = [chat_api, stream](const std::string& text, const json& finish) {
       json c = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
-      if (chat_api) c[stream ? "delta" : "message"] = {{"role", "assistant"}, {"content", text}};
-      else c["text"] = text;
+      if (chat_api)
+        c[stream ? "delta" : "message"] = {{"role", "assistant"}, {"content", text}};
+      else
+        c["text"] = text;
       return c;
     };
-    const std::string object = chat_api ? (stream ? "chat.completion.chunk" : "chat.completion") : "text_completion";
+    const std::string object =
+        chat_api ? (stream ? "chat.completion.chunk" : "chat.completion") : "text_completion";
     if (!stream) {
       CompletionResult out = engine.submit(std::move(r)).get();
-      if (out.finish_reason == "error") throw RequestError(500, "", "[serve] generation failed: " + out.error);
+      if (out.finish_reason == "error")
+        throw RequestError(500, "", "[serve] generation failed: " + out.error);
       const auto n = static_cast<int64_t>(out.tokens.size());
-      res.set_content(body_text(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
-                            {"choices", json::array({choice(out.text, out.finish_reason)})},
-                            {"usage", {{"prompt_tokens", out.prompt_tokens}, {"completion_tokens", n},
-                                       {"total_tokens", out.prompt_tokens + n}}}})),
+      res.set_content(body_text(json({{"id", rid},
+                                      {"object", object},
+                                      {"created", created},
+                                      {"model", model},
+                                      {"choices", json::array({choice(out.text, out.finish_reason)})},
+                                      {"usage",
+                                       {{"prompt_tokens", out.prompt_tokens},
+                                        {"completion_tokens", n},
+                                        {"total_tokens", out.prompt_tokens + n}}}})),
                       "application/json");
       return;
     }
@@ -401,46 +478,55 @@ struct Server::Impl {
       s->cv.notify_one();
       return true;
     };
-    auto future = std::make_shared<std::future<CompletionResult>>(engine.submit(std::move(r)));  // errors: a 4xx here
+    auto future =
+        std::make_shared<std::future<CompletionResult>>(engine.submit(std::move(r)));  // errors: a 4xx here
     auto event = [=](const std::string& text, const json& finish) {
-      return "data: " + body_text(json({{"id", rid}, {"object", object}, {"created", created}, {"model", model},
-                              {"choices", json::array({choice(text, finish)})}})) + "\n\n";
+      return "data: " +
+             body_text(json({{"id", rid},
+                             {"object", object},
+                             {"created", created},
+                             {"model", model},
+                             {"choices", json::array({choice(text, finish)})}})) +
+             "\n\n";
     };
-    res.set_chunked_content_provider("text/event-stream", [s, future, event, open = streams.open()](
-                                                              size_t, httplib::DataSink& sink) {
-      try {  // nothing may escape into httplib's thread: it would end the process
-        for (;;) {
-          std::deque<std::string> ready;
-          {
-            std::unique_lock<std::mutex> lk(s->mu);
-            s->cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return !s->chunks.empty(); });
-            ready.swap(s->chunks);
-          }
-          for (const auto& text : ready) {
-            const std::string e = event(text, nullptr);
-            if (!sink.write(e.data(), e.size())) {
-              s->gone = true;  // the engine cancels the sequence at its next token
-              return false;
+    res.set_chunked_content_provider(
+        "text/event-stream", [s, future, event, open = streams.open()](size_t, httplib::DataSink& sink) {
+          try {  // nothing may escape into httplib's thread: it would end the process
+            for (;;) {
+              std::deque<std::string> ready;
+              {
+                std::unique_lock<std::mutex> lk(s->mu);
+                s->cv.wait_for(lk, std::chrono::milliseconds(20), [&] { return !s->chunks.empty(); });
+                ready.swap(s->chunks);
+              }
+              for (const auto& text : ready) {
+                const std::string e = event(text, nullptr);
+                if (!sink.write(e.data(), e.size())) {
+                  s->gone = true;  // the engine cancels the sequence at its next token
+                  return false;
+                }
+              }
+              if (future->wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
+              std::lock_guard<std::mutex> lk(s->mu);
+              if (!s->chunks.empty()) continue;  // text that arrived with the end
+              CompletionResult out = future->get();
+              std::string tail =
+                  out.finish_reason == "error"
+                      ? "data: " +
+                            body_text(json({{"error", {{"message", out.error}, {"type", "server_error"}}}})) +
+                            "\n\n"
+                      : event("", out.finish_reason);
+              tail += "data: [DONE]\n\n";
+              sink.write(tail.data(), tail.size());
+              sink.done();
+              return true;
             }
+          } catch (const std::exception& e) {
+            log_error(std::string("[serve] stream failed: ") + e.what());
+            s->gone = true;
+            return false;
           }
-          if (future->wait_for(std::chrono::seconds(0)) != std::future_status::ready) continue;
-          std::lock_guard<std::mutex> lk(s->mu);
-          if (!s->chunks.empty()) continue;  // text that arrived with the end
-          CompletionResult out = future->get();
-          std::string tail = out.finish_reason == "error"
-                                 ? "data: " + body_text(json({{"error", {{"message", out.error}, {"type", "server_error"}}}})) + "\n\n"
-                                 : event("", out.finish_reason);
-          tail += "data: [DONE]\n\n";
-          sink.write(tail.data(), tail.size());
-          sink.done();
-          return true;
-        }
-      } catch (const std::exception& e) {
-        log_error(std::string("[serve] stream failed: ") + e.what());
-        s->gone = true;
-        return false;
-      }
-    });
+        });
   }
 
   std::string metrics() {
@@ -449,33 +535,48 @@ struct Server::Impl {
     auto metric = [&](const char* name, const char* type, const char* help, double value) {
       char number[32];
       std::snprintf(number, sizeof(number), "%.10g", value);
-      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " + number + "\n";
+      out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name +
+             " " + number + "\n";
     };
     metric("mdl_requests_total", "counter", "generation requests accepted", static_cast<double>(s.requests));
-    metric("mdl_requests_completed_total", "counter", "generation requests finished", static_cast<double>(s.completed));
-    metric("mdl_requests_failed_total", "counter", "generation requests failed in the engine", static_cast<double>(s.failed));
-    metric("mdl_requests_cancelled_total", "counter", "streams whose client went away", static_cast<double>(s.cancelled));
-    metric("mdl_requests_rejected_total", "counter", "requests refused for a full queue or shutdown", static_cast<double>(s.rejected));
-    metric("mdl_http_errors_total", "counter", "HTTP responses with status >= 400", static_cast<double>(http_errors.load()));
-    metric("mdl_prompt_tokens_total", "counter", "prompt tokens prefilled", static_cast<double>(s.prompt_tokens));
-    metric("mdl_generated_tokens_total", "counter", "tokens generated", static_cast<double>(s.generated_tokens));
+    metric("mdl_requests_completed_total", "counter", "generation requests finished",
+           static_cast<double>(s.completed));
+    metric("mdl_requests_failed_total", "counter", "generation requests failed in the engine",
+           static_cast<double>(s.failed));
+    metric("mdl_requests_cancelled_total", "counter", "streams whose client went away",
+           static_cast<double>(s.cancelled));
+    metric("mdl_requests_rejected_total", "counter", "requests refused for a full queue or shutdown",
+           static_cast<double>(s.rejected));
+    metric("mdl_http_errors_total", "counter", "HTTP responses with status >= 400",
+           static_cast<double>(http_errors.load()));
+    metric("mdl_prompt_tokens_total", "counter", "prompt tokens prefilled",
+           static_cast<double>(s.prompt_tokens));
+    metric("mdl_generated_tokens_total", "counter", "tokens generated",
+           static_cast<double>(s.generated_tokens));
     metric("mdl_tokens_per_second", "gauge", "generated tokens per second of engine work",
            s.busy_seconds > 0 ? static_cast<double>(s.generated_tokens) / s.busy_seconds : 0.0);
-    metric("mdl_decode_steps_total", "counter", "batched decoding steps", static_cast<double>(s.decode_steps));
+    metric("mdl_decode_steps_total", "counter", "batched decoding steps",
+           static_cast<double>(s.decode_steps));
     metric("mdl_batch_size_mean", "gauge", "mean rows per decoding step",
            s.decode_steps ? static_cast<double>(s.decode_rows) / static_cast<double>(s.decode_steps) : 0.0);
     metric("mdl_queue_length", "gauge", "requests waiting", static_cast<double>(s.queue_length));
-    metric("mdl_running_sequences", "gauge", "sequences in the running batch", static_cast<double>(s.running));
-    metric("mdl_module_cache_hits_total", "counter", "module lookups served from memory", static_cast<double>(s.cache_hits));
-    metric("mdl_module_cache_misses_total", "counter", "module lookups that loaded from disk", static_cast<double>(s.cache_misses));
-    metric("mdl_module_cache_evictions_total", "counter", "modules evicted for the memory budget", static_cast<double>(s.cache_evictions));
-    metric("mdl_module_cache_bytes", "gauge", "bytes of module tensors in memory", static_cast<double>(s.cache_bytes));
+    metric("mdl_running_sequences", "gauge", "sequences in the running batch",
+           static_cast<double>(s.running));
+    metric("mdl_module_cache_hits_total", "counter", "module lookups served from memory",
+           static_cast<double>(s.cache_hits));
+    metric("mdl_module_cache_misses_total", "counter", "module lookups that loaded from disk",
+           static_cast<double>(s.cache_misses));
+    metric("mdl_module_cache_evictions_total", "counter", "modules evicted for the memory budget",
+           static_cast<double>(s.cache_evictions));
+    metric("mdl_module_cache_bytes", "gauge", "bytes of module tensors in memory",
+           static_cast<double>(s.cache_bytes));
     metric("mdl_modules_loaded", "gauge", "modules in memory", static_cast<double>(s.modules_loaded));
     return out;
   }
 };
 
-Server::Server(Engine& engine, ServerOptions options) : impl_(std::make_unique<Impl>(engine, std::move(options))) {}
+Server::Server(Engine& engine, ServerOptions options)
+    : impl_(std::make_unique<Impl>(engine, std::move(options))) {}
 Server::~Server() = default;
 
 int Server::bind() {
@@ -495,7 +596,9 @@ int Server::bind() {
   return o.port;
 }
 
-void Server::listen() { impl_->http.listen_after_bind(); }
+void Server::listen() {
+  impl_->http.listen_after_bind();
+}
 
 void Server::stop() {
   // httplib's stop() ends a chunked response at its next chunk: finish every request (queued, running,

@@ -15,12 +15,12 @@ class Engine;
 
 struct ServerOptions {
   std::string host = "127.0.0.1";
-  int port = 8080;                       ///< 0: any free port (see bind())
-  int threads = 0;                       ///< HTTP worker threads; 0: 2 x max batch + 8, so waiting clients do not starve batching
-  int64_t max_body_bytes = 1 << 20;      ///< larger bodies: 413
-  int listen_backlog = 1024;             ///< connections the kernel queues until the server accepts them
-  std::string model_dir;                 ///< for the chat template (tokenizer_config.json)
-  int64_t max_batch = 32;                ///< the engine's, to size the thread pool
+  int port = 8080;  ///< 0: any free port (see bind())
+  int threads = 0;  ///< HTTP worker threads; 0: 2 x max batch + 8, so waiting clients do not starve batching
+  int64_t max_body_bytes = 1 << 20;  ///< larger bodies: 413
+  int listen_backlog = 1024;         ///< connections the kernel queues until the server accepts them
+  std::string model_dir;             ///< for the chat template (tokenizer_config.json)
+  int64_t max_batch = 32;            ///< the engine's, to size the thread pool
   /// Runtime module loading and unloading (POST /v1/modules, DELETE /v1/modules/NAME) need
   /// "Authorization: Bearer <admin_token>"; empty: those endpoints are off (403). Serving never needs it.
   std::string admin_token;

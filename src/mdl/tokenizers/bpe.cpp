@@ -1,8 +1,7 @@
 #include "mdl/tokenizers/bpe.h"
 
-#include <nlohmann/json.hpp>
-
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <queue>
 
 #include "mdl/core/error.h"
@@ -11,9 +10,11 @@
 namespace mdl {
 
 Bpe::Bpe(const nlohmann::json& j, int64_t reserved_ids) {
-  MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(), "[tokenizer] BPE model has no object field 'vocab'");
+  MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(),
+            "[tokenizer] BPE model has no object field 'vocab'");
   std::unordered_map<std::string, int64_t> vocab;
-  for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it) vocab[it.key()] = it.value().get<int64_t>();
+  for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it)
+    vocab[it.key()] = it.value().get<int64_t>();
   set_vocab(std::move(vocab), reserved_ids);
   if (j.contains("unk_token") && !j["unk_token"].is_null()) {
     const std::string unk = j["unk_token"].get<std::string>();
@@ -33,12 +34,13 @@ Bpe::Bpe(const nlohmann::json& j, int64_t reserved_ids) {
     if (m.is_string()) {
       const std::string s = m.get<std::string>();
       const size_t space = s.find(' ', 1);
-      MDL_CHECK(space != std::string::npos, "[tokenizer] BPE merge #", rank, " '", s, "' is not 'left right'");
+      MDL_CHECK(space != std::string::npos, "[tokenizer] BPE merge #", rank, " '", s,
+                "' is not 'left right'");
       a = s.substr(0, space);
       b = s.substr(space + 1);
     } else {
-      MDL_CHECK(m.is_array() && m.size() == 2, "[tokenizer] BPE merge #", rank, " must be \"a b\" or [a, b], found ",
-                m.dump());
+      MDL_CHECK(m.is_array() && m.size() == 2, "[tokenizer] BPE merge #", rank,
+                " must be \"a b\" or [a, b], found ", m.dump());
       a = m[0].get<std::string>();
       b = m[1].get<std::string>();
     }
@@ -47,7 +49,8 @@ Bpe::Bpe(const nlohmann::json& j, int64_t reserved_ids) {
                                   ? b
                                   : b.substr(continuing_prefix_.size()));
     auto im = token_to_id(merged);
-    MDL_CHECK(ia && ib && im, "[tokenizer] BPE merge #", rank, " '", a, " ", b, "' uses a token missing from the vocab");
+    MDL_CHECK(ia && ib && im, "[tokenizer] BPE merge #", rank, " '", a, " ", b,
+              "' uses a token missing from the vocab");
     merges_.emplace(std::make_pair(*ia, *ib), Merge{rank, *im});
     ++rank;
   }
@@ -130,7 +133,8 @@ void Bpe::tokenize(const std::string& piece, std::vector<int64_t>& ids) const {
         continue;
       }
     }
-    MDL_CHECK(unk_.has_value(), "[tokenizer] '", s.text, "' is not in the BPE vocabulary and there is no unk_token",
+    MDL_CHECK(unk_.has_value(), "[tokenizer] '", s.text,
+              "' is not in the BPE vocabulary and there is no unk_token",
               byte_fallback_ ? " (nor byte tokens <0xXX>)" : "");
     if (!(fuse_unk_ && last_unk)) ids.push_back(*unk_);
     last_unk = true;

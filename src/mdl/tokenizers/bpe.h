@@ -2,9 +2,8 @@
 // (<0xXX> tokens, SentencePiece style), unknown token fusing, ignore_merges (Llama 3).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <map>
+#include <nlohmann/json_fwd.hpp>
 
 #include "mdl/tokenizers/token_model.h"
 

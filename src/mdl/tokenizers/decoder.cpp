@@ -12,7 +12,9 @@ namespace {
 using json = nlohmann::json;
 
 // Decodes bytes as UTF-8, each invalid byte becoming U+FFFD (lossy, as HF does).
-std::string lossy_utf8(const std::string& bytes) { return unicode::valid_utf8(bytes); }
+std::string lossy_utf8(const std::string& bytes) {
+  return unicode::valid_utf8(bytes);
+}
 
 class Sequence : public Decoder {
  public:
@@ -51,17 +53,21 @@ class WordPiece : public Decoder {
     for (size_t i = 0; i < tokens.size(); ++i) {
       std::string& t = tokens[i];
       if (i != 0) {
-        if (t.rfind(prefix, 0) == 0) t = t.substr(prefix.size());
-        else t = " " + t;
+        if (t.rfind(prefix, 0) == 0)
+          t = t.substr(prefix.size());
+        else
+          t = " " + t;
       }
       if (cleanup) {
         // HF's cleanup: no space before punctuation and common English contractions.
         static const std::pair<const char*, const char*> rules[] = {
-            {" .", "."}, {" ?", "?"}, {" !", "!"}, {" ,", ","}, {" ' ", "'"}, {" n't", "n't"},
-            {" 'm", "'m"}, {" do not", " don't"}, {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+            {" .", "."},   {" ?", "?"},     {" !", "!"},    {" ,", ","},
+            {" ' ", "'"},  {" n't", "n't"}, {" 'm", "'m"},  {" do not", " don't"},
+            {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
         for (auto [from, to] : rules) {
           std::string f(from), r(to);
-          for (size_t pos = t.find(f); pos != std::string::npos; pos = t.find(f, pos + r.size())) t.replace(pos, f.size(), r);
+          for (size_t pos = t.find(f); pos != std::string::npos; pos = t.find(f, pos + r.size()))
+            t.replace(pos, f.size(), r);
         }
       }
     }
@@ -92,7 +98,8 @@ class Metaspace : public Decoder {
 
 class Replace : public Decoder {
  public:
-  Replace(const std::string& pattern, bool literal, std::string c) : regex(pattern, literal), content(std::move(c)) {}
+  Replace(const std::string& pattern, bool literal, std::string c)
+      : regex(pattern, literal), content(std::move(c)) {}
   Regex regex;
   std::string content;
   void decode_chain(std::vector<std::string>& tokens) const override {
@@ -118,8 +125,10 @@ class ByteFallback : public Decoder {
       if (n_bytes == 0) return;
       auto cps = unicode::decode(bytes);
       bool valid = unicode::encode(cps) == bytes;
-      if (valid) out.push_back(bytes);
-      else for (size_t i = 0; i < n_bytes; ++i) out.push_back("\xEF\xBF\xBD");  // U+FFFD per byte, as HF
+      if (valid)
+        out.push_back(bytes);
+      else
+        for (size_t i = 0; i < n_bytes; ++i) out.push_back("\xEF\xBF\xBD");  // U+FFFD per byte, as HF
       bytes.clear();
       n_bytes = 0;
     };
@@ -185,7 +194,10 @@ int byte_fallback_value(const std::string& t) {
   int v = 0;
   for (int i = 3; i < 5; ++i) {
     char c = t[i];
-    int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    int d = c >= '0' && c <= '9'   ? c - '0'
+            : c >= 'A' && c <= 'F' ? c - 'A' + 10
+            : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                   : -1;
     if (d < 0) return -1;
     v = v * 16 + d;
   }
@@ -194,7 +206,8 @@ int byte_fallback_value(const std::string& t) {
 
 std::unique_ptr<Decoder> make_decoder(const json& j) {
   if (j.is_null()) return nullptr;
-  MDL_CHECK(j.is_object() && j.contains("type"), "[tokenizer] decoder must be an object with a 'type', found ", j.dump());
+  MDL_CHECK(j.is_object() && j.contains("type"),
+            "[tokenizer] decoder must be an object with a 'type', found ", j.dump());
   const std::string type = j["type"].get<std::string>();
   if (type == "Sequence") {
     auto s = std::make_unique<Sequence>();
@@ -212,15 +225,18 @@ std::unique_ptr<Decoder> make_decoder(const json& j) {
   if (type == "Metaspace") {
     auto m = std::make_unique<Metaspace>();
     m->replacement = j.value("replacement", m->replacement);
-    if (j.contains("prepend_scheme")) m->prepend = j["prepend_scheme"].get<std::string>() != "never";
-    else m->prepend = j.value("add_prefix_space", true);
+    if (j.contains("prepend_scheme"))
+      m->prepend = j["prepend_scheme"].get<std::string>() != "never";
+    else
+      m->prepend = j.value("add_prefix_space", true);
     return m;
   }
   if (type == "Replace") {
     const json& p = j.at("pattern");
     const bool literal = p.contains("String");
-    return std::make_unique<Replace>(literal ? p["String"].get<std::string>() : p.at("Regex").get<std::string>(),
-                                     literal, j.at("content").get<std::string>());
+    return std::make_unique<Replace>(
+        literal ? p["String"].get<std::string>() : p.at("Regex").get<std::string>(), literal,
+        j.at("content").get<std::string>());
   }
   if (type == "ByteFallback") return std::make_unique<ByteFallback>();
   if (type == "Fuse") return std::make_unique<Fuse>();
@@ -237,7 +253,8 @@ std::unique_ptr<Decoder> make_decoder(const json& j) {
     return b;
   }
   MDL_FAIL("[tokenizer] decoder type '", type,
-           "' is not supported; supported: Sequence, ByteLevel, WordPiece, Metaspace, Replace, ByteFallback, Fuse, "
+           "' is not supported; supported: Sequence, ByteLevel, WordPiece, Metaspace, Replace, ByteFallback, "
+           "Fuse, "
            "Strip, BPEDecoder");
 }
 

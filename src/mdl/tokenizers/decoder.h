@@ -2,9 +2,8 @@
 // Strip, BPEDecoder and Sequence. Each rewrites the list of token strings (HF's decode_chain).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 

@@ -1,7 +1,6 @@
 #include "mdl/tokenizers/normalizer.h"
 
 #include <nlohmann/json.hpp>
-
 #include <vector>
 
 #include "mdl/core/error.h"
@@ -57,12 +56,15 @@ class Strip : public Normalizer {
 class Prepend : public Normalizer {
  public:
   std::string prefix;
-  std::string normalize(const std::string& text) const override { return text.empty() ? text : prefix + text; }
+  std::string normalize(const std::string& text) const override {
+    return text.empty() ? text : prefix + text;
+  }
 };
 
 class Replace : public Normalizer {
  public:
-  Replace(const std::string& pattern, bool literal, std::string c) : regex(pattern, literal), content(std::move(c)) {}
+  Replace(const std::string& pattern, bool literal, std::string c)
+      : regex(pattern, literal), content(std::move(c)) {}
   Regex regex;
   std::string content;
   std::string normalize(const std::string& text) const override {
@@ -110,8 +112,8 @@ std::pair<std::string, bool> pattern_of(const json& p, const char* where) {
 
 std::unique_ptr<Normalizer> make_normalizer(const json& j) {
   if (j.is_null()) return nullptr;
-  MDL_CHECK(j.is_object() && j.contains("type"), "[tokenizer] normalizer must be an object with a 'type', found ",
-            j.dump());
+  MDL_CHECK(j.is_object() && j.contains("type"),
+            "[tokenizer] normalizer must be an object with a 'type', found ", j.dump());
   const std::string type = j["type"].get<std::string>();
   if (type == "Sequence") {
     auto s = std::make_unique<Sequence>();
@@ -142,12 +144,14 @@ std::unique_ptr<Normalizer> make_normalizer(const json& j) {
     b->clean_text = j.value("clean_text", true);
     b->handle_chinese_chars = j.value("handle_chinese_chars", true);
     b->lowercase = j.value("lowercase", true);
-    b->strip_accents = j.contains("strip_accents") && !j["strip_accents"].is_null() ? j["strip_accents"].get<bool>()
-                                                                                    : b->lowercase;
+    b->strip_accents = j.contains("strip_accents") && !j["strip_accents"].is_null()
+                           ? j["strip_accents"].get<bool>()
+                           : b->lowercase;
     return b;
   }
   MDL_FAIL("[tokenizer] normalizer type '", type,
-           "' is not supported; supported: Sequence, NFC, NFD, NFKC, NFKD, Lowercase, StripAccents, Strip, Prepend, "
+           "' is not supported; supported: Sequence, NFC, NFD, NFKC, NFKD, Lowercase, StripAccents, Strip, "
+           "Prepend, "
            "Replace, BertNormalizer");
 }
 

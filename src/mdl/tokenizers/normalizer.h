@@ -2,9 +2,8 @@
 // Replace, Prepend, BertNormalizer and Sequence.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace mdl {

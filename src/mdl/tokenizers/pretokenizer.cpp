@@ -8,7 +8,8 @@
 
 namespace mdl {
 
-const char* const kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+const char* const kGpt2Pattern =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 namespace {
 
@@ -27,8 +28,8 @@ Behavior parse_behavior(const std::string& b) {
 }
 
 // Splits `text` at the delimiter ranges `matches` as HF's SplitDelimiterBehavior says.
-void split_by(const std::string& text, const std::vector<std::pair<size_t, size_t>>& matches, Behavior behavior,
-              bool invert, std::vector<std::string>& out) {
+void split_by(const std::string& text, const std::vector<std::pair<size_t, size_t>>& matches,
+              Behavior behavior, bool invert, std::vector<std::string>& out) {
   struct Span {
     size_t b, e;
     bool delim;
@@ -63,17 +64,23 @@ void split_by(const std::string& text, const std::vector<std::pair<size_t, size_
         pieces.push_back(piece);
         break;
       case Behavior::merged_with_previous:
-        if (!pieces.empty() && !previous_delim) pieces.back() += piece;
-        else pieces.push_back(piece);
+        if (!pieces.empty() && !previous_delim)
+          pieces.back() += piece;
+        else
+          pieces.push_back(piece);
         break;
       case Behavior::merged_with_next:
-        if (pending_next) pieces.back() += piece;
-        else pieces.push_back(piece);
+        if (pending_next)
+          pieces.back() += piece;
+        else
+          pieces.push_back(piece);
         pending_next = true;
         break;
       case Behavior::contiguous:
-        if (previous_delim && !pieces.empty()) pieces.back() += piece;
-        else pieces.push_back(piece);
+        if (previous_delim && !pieces.empty())
+          pieces.back() += piece;
+        else
+          pieces.push_back(piece);
         break;
     }
     previous_delim = true;
@@ -165,8 +172,10 @@ class WhitespacePunctuation : public PreTokenizer {
       for (char32_t cp : unicode::decode(p)) {
         const bool space = unicode::is_whitespace(cp), punct = isolate_ && unicode::is_punctuation(cp);
         if ((space || punct) && !current.empty()) out.push_back(current), current.clear();
-        if (punct) out.push_back(unicode::encode(cp));
-        else if (!space) current += unicode::encode(cp);
+        if (punct)
+          out.push_back(unicode::encode(cp));
+        else if (!space)
+          current += unicode::encode(cp);
       }
       if (!current.empty()) out.push_back(current);
     }
@@ -200,8 +209,10 @@ class Digits : public PreTokenizer {
       size_t pos = 0;
       for (const auto& ch : chars) {
         if (unicode::is_digit(unicode::decode(ch)[0])) {
-          if (!individual && !matches.empty() && matches.back().second == pos) matches.back().second += ch.size();
-          else matches.emplace_back(pos, pos + ch.size());
+          if (!individual && !matches.empty() && matches.back().second == pos)
+            matches.back().second += ch.size();
+          else
+            matches.emplace_back(pos, pos + ch.size());
         }
         pos += ch.size();
       }
@@ -233,8 +244,8 @@ class Punctuation : public PreTokenizer {
 
 std::unique_ptr<PreTokenizer> make_pretokenizer(const json& j) {
   if (j.is_null()) return nullptr;
-  MDL_CHECK(j.is_object() && j.contains("type"), "[tokenizer] pre_tokenizer must be an object with a 'type', found ",
-            j.dump());
+  MDL_CHECK(j.is_object() && j.contains("type"),
+            "[tokenizer] pre_tokenizer must be an object with a 'type', found ", j.dump());
   const std::string type = j["type"].get<std::string>();
   if (type == "Sequence") {
     auto s = std::make_unique<Sequence>();
@@ -245,9 +256,10 @@ std::unique_ptr<PreTokenizer> make_pretokenizer(const json& j) {
   if (type == "Split") {
     const json& p = j.at("pattern");
     const bool literal = p.contains("String");
-    MDL_CHECK(literal || p.contains("Regex"), "[tokenizer] Split.pattern must be {String} or {Regex}, found ", p.dump());
-    return std::make_unique<Split>(literal ? p["String"].get<std::string>() : p["Regex"].get<std::string>(), literal,
-                                   parse_behavior(j.value("behavior", std::string("Isolated"))),
+    MDL_CHECK(literal || p.contains("Regex"), "[tokenizer] Split.pattern must be {String} or {Regex}, found ",
+              p.dump());
+    return std::make_unique<Split>(literal ? p["String"].get<std::string>() : p["Regex"].get<std::string>(),
+                                   literal, parse_behavior(j.value("behavior", std::string("Isolated"))),
                                    j.value("invert", false));
   }
   if (type == "ByteLevel") {
@@ -259,8 +271,10 @@ std::unique_ptr<PreTokenizer> make_pretokenizer(const json& j) {
   if (type == "Metaspace") {
     auto m = std::make_unique<Metaspace>();
     m->replacement = j.value("replacement", m->replacement);
-    if (j.contains("prepend_scheme")) m->prepend_scheme = j["prepend_scheme"].get<std::string>();
-    else if (j.contains("add_prefix_space")) m->prepend_scheme = j["add_prefix_space"].get<bool>() ? "always" : "never";
+    if (j.contains("prepend_scheme"))
+      m->prepend_scheme = j["prepend_scheme"].get<std::string>();
+    else if (j.contains("add_prefix_space"))
+      m->prepend_scheme = j["add_prefix_space"].get<bool>() ? "always" : "never";
     m->split = j.value("split", true);
     return m;
   }
@@ -277,9 +291,10 @@ std::unique_ptr<PreTokenizer> make_pretokenizer(const json& j) {
     p->behavior = parse_behavior(j.value("behavior", std::string("Isolated")));
     return p;
   }
-  MDL_FAIL("[tokenizer] pre_tokenizer type '", type,
-           "' is not supported; supported: Sequence, Split, ByteLevel, Metaspace, BertPreTokenizer, Whitespace, "
-           "WhitespaceSplit, Digits, Punctuation");
+  MDL_FAIL(
+      "[tokenizer] pre_tokenizer type '", type,
+      "' is not supported; supported: Sequence, Split, ByteLevel, Metaspace, BertPreTokenizer, Whitespace, "
+      "WhitespaceSplit, Digits, Punctuation");
 }
 
 }  // namespace mdl

@@ -2,9 +2,8 @@
 // Whitespace, WhitespaceSplit, Digits, Punctuation and Sequence. Each refines a list of pieces.
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 

@@ -30,7 +30,8 @@ std::string translate_regex(const std::string& pattern, int* lookahead_group) {
       if (n == 's') {
         out += in_class ? std::string(kSpaceClassBody) : std::string("[") + kSpaceClassBody + "]";
       } else if (n == 'S') {
-        MDL_CHECK(!in_class, "[regex] \\S inside a character class is not supported (pattern '", pattern, "')");
+        MDL_CHECK(!in_class, "[regex] \\S inside a character class is not supported (pattern '", pattern,
+                  "')");
         out += std::string("[^") + kSpaceClassBody + "]";
       } else if (n >= '1' && n <= '9' && !in_class) {
         MDL_FAIL("[regex] back-references are not supported by RE2 (pattern '", pattern, "')");
@@ -56,9 +57,10 @@ std::string translate_regex(const std::string& pattern, int* lookahead_group) {
     if (c == '(') {
       if (i + 2 < pattern.size() && pattern[i + 1] == '?' &&
           (pattern[i + 2] == '=' || pattern[i + 2] == '!' || pattern[i + 2] == '<')) {
-        MDL_CHECK(pattern[i + 2] == '<' && i + 3 < pattern.size() && pattern[i + 3] != '=' && pattern[i + 3] != '!',
-                  "[regex] lookaround at column ", i + 1, " of pattern '", pattern,
-                  "' is not supported by RE2 (only the \\s+(?!\\S) branch is emulated)");
+        MDL_CHECK(
+            pattern[i + 2] == '<' && i + 3 < pattern.size() && pattern[i + 3] != '=' && pattern[i + 3] != '!',
+            "[regex] lookaround at column ", i + 1, " of pattern '", pattern,
+            "' is not supported by RE2 (only the \\s+(?!\\S) branch is emulated)");
         ++groups;  // named group (?<name>...)
       } else if (i + 1 >= pattern.size() || pattern[i + 1] != '?') {
         ++groups;
@@ -87,7 +89,8 @@ std::vector<std::pair<size_t, size_t>> Regex::find_all(const std::string& text) 
   std::vector<re2::StringPiece> groups(static_cast<size_t>(groups_) + 1);
   size_t pos = 0;
   while (pos <= text.size()) {
-    if (!re_->Match(text, pos, text.size(), RE2::UNANCHORED, groups.data(), static_cast<int>(groups.size()))) break;
+    if (!re_->Match(text, pos, text.size(), RE2::UNANCHORED, groups.data(), static_cast<int>(groups.size())))
+      break;
     size_t begin = static_cast<size_t>(groups[0].data() - text.data());
     size_t end = begin + groups[0].size();
     if (end == begin) {  // empty match: step over one character

@@ -45,8 +45,9 @@ class TokenModel {
     }
     tokens_.assign(static_cast<size_t>(n), std::string());
     for (const auto& [t, id] : vocab_) {
-      MDL_CHECK(tokens_[static_cast<size_t>(id)].empty(), "[tokenizer] model.vocab: id ", id, " is taken twice ('",
-                tokens_[static_cast<size_t>(id)].substr(0, 40), "' and '", t.substr(0, 40), "')");
+      MDL_CHECK(tokens_[static_cast<size_t>(id)].empty(), "[tokenizer] model.vocab: id ", id,
+                " is taken twice ('", tokens_[static_cast<size_t>(id)].substr(0, 40), "' and '",
+                t.substr(0, 40), "')");
       tokens_[static_cast<size_t>(id)] = t;
     }
   }

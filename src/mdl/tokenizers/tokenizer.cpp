@@ -1,8 +1,8 @@
 #include "mdl/tokenizers/tokenizer.h"
 
 #include <filesystem>
-#include <unordered_map>
 #include <nlohmann/json.hpp>
+#include <unordered_map>
 
 #include "mdl/core/error.h"
 #include "mdl/io/atomic_file.h"
@@ -29,7 +29,7 @@ struct AddedToken {
 
 struct Tokenizer::Impl {
   std::string text;
-  std::vector<AddedToken> added;  // longest content first, for matching
+  std::vector<AddedToken> added;                    // longest content first, for matching
   std::unordered_map<int64_t, size_t> added_index;  // id -> position in `added`
   bool starts_added[256] = {};                      // first bytes of added tokens: cheap rejection
   std::unique_ptr<Normalizer> normalizer;
@@ -63,7 +63,8 @@ struct Tokenizer::Impl {
         continue;
       }
       if (hit->lstrip)
-        while (!current.empty() && std::isspace(static_cast<unsigned char>(current.back()))) current.pop_back();
+        while (!current.empty() && std::isspace(static_cast<unsigned char>(current.back())))
+          current.pop_back();
       if (!current.empty()) out.emplace_back(current, nullptr);
       current.clear();
       out.emplace_back(hit->content, hit);
@@ -117,7 +118,8 @@ void parse_post_processor(const json& j, Tokenizer::Impl& impl, const std::strin
     // offsets only
   } else {
     MDL_FAIL("[tokenizer] '", source, "': post_processor type '", type,
-             "' is not supported; supported: TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence");
+             "' is not supported; supported: TemplateProcessing, BertProcessing, RobertaProcessing, "
+             "ByteLevel, Sequence");
   }
 }
 
@@ -147,14 +149,19 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     const json& m = j["model"];
     std::string type = m.value("type", std::string());
     if (type.empty()) type = m.contains("merges") ? "BPE" : "WordPiece";
-    if (type == "BPE") impl->model = std::make_unique<Bpe>(m, reserved);
-    else if (type == "WordPiece") impl->model = std::make_unique<WordPiece>(m, reserved);
-    else MDL_FAIL("[tokenizer] model type '", type, "' is not supported; supported: BPE, WordPiece");
-    std::stable_sort(impl->added.begin(), impl->added.end(),
-                     [](const AddedToken& a, const AddedToken& b) { return a.content.size() > b.content.size(); });
+    if (type == "BPE")
+      impl->model = std::make_unique<Bpe>(m, reserved);
+    else if (type == "WordPiece")
+      impl->model = std::make_unique<WordPiece>(m, reserved);
+    else
+      MDL_FAIL("[tokenizer] model type '", type, "' is not supported; supported: BPE, WordPiece");
+    std::stable_sort(impl->added.begin(), impl->added.end(), [](const AddedToken& a, const AddedToken& b) {
+      return a.content.size() > b.content.size();
+    });
     for (size_t i = 0; i < impl->added.size(); ++i) {
       impl->added_index.emplace(impl->added[i].id, i);
-      if (!impl->added[i].content.empty()) impl->starts_added[static_cast<unsigned char>(impl->added[i].content[0])] = true;
+      if (!impl->added[i].content.empty())
+        impl->starts_added[static_cast<unsigned char>(impl->added[i].content[0])] = true;
     }
     // Added tokens extend the model's ids or fill its holes, sometimes after a gap of reserved ids; far
     // past that is a corrupt file, and would size every id table by it. A hole no added token fills is
@@ -162,12 +169,15 @@ Tokenizer Tokenizer::from_json(const std::string& text, const std::string& sourc
     constexpr int64_t kMaxGap = 1024;
     const int64_t id_limit = impl->model->size() + reserved + kMaxGap;
     for (const auto& a : impl->added)
-      MDL_CHECK(a.id >= 0 && a.id < id_limit, "[tokenizer] added_tokens: '", a.content.substr(0, 40), "' has id ", a.id,
-                "; ids of added tokens are in [0, ", id_limit, "): the model's ", impl->model->size(), " ids, the ",
-                reserved, " added ones and a gap of at most ", kMaxGap);
+      MDL_CHECK(a.id >= 0 && a.id < id_limit, "[tokenizer] added_tokens: '", a.content.substr(0, 40),
+                "' has id ", a.id, "; ids of added tokens are in [0, ", id_limit, "): the model's ",
+                impl->model->size(), " ids, the ", reserved, " added ones and a gap of at most ", kMaxGap);
     for (int64_t id = 0; id < impl->model->size(); ++id)
-      MDL_CHECK(!impl->model->id_to_token(id).empty() || impl->added_by_id(id), "[tokenizer] model.vocab has no token "
-                "with id ", id, " and no added token takes it (ids run to ", impl->model->size() - 1, "): a corrupt "
+      MDL_CHECK(!impl->model->id_to_token(id).empty() || impl->added_by_id(id),
+                "[tokenizer] model.vocab has no token "
+                "with id ",
+                id, " and no added token takes it (ids run to ", impl->model->size() - 1,
+                "): a corrupt "
                 "tokenizer.json?");
     parse_post_processor(j.value("post_processor", json()), *impl, source);
   } catch (const json::exception& e) {
@@ -265,10 +275,13 @@ size_t Tokenizer::stable_length(const std::vector<int64_t>& ids, const std::stri
   }
   size_t stable = text.size();
   if (bytes) {
-    const std::string head = decode(std::vector<int64_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(start)));
-    stable = static_cast<size_t>(std::mismatch(head.begin(), head.end(), text.begin(), text.end()).first - head.begin());
+    const std::string head =
+        decode(std::vector<int64_t>(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(start)));
+    stable = static_cast<size_t>(std::mismatch(head.begin(), head.end(), text.begin(), text.end()).first -
+                                 head.begin());
   }
-  while (stable >= kReplacement.size() && text.compare(stable - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
+  while (stable >= kReplacement.size() &&
+         text.compare(stable - kReplacement.size(), kReplacement.size(), kReplacement) == 0)
     stable -= kReplacement.size();
   return unicode::char_boundary(text, stable);
 }
@@ -295,6 +308,8 @@ bool Tokenizer::is_special(int64_t id) const {
   return a && a->special;
 }
 
-const std::string& Tokenizer::json_text() const { return impl_->text; }
+const std::string& Tokenizer::json_text() const {
+  return impl_->text;
+}
 
 }  // namespace mdl

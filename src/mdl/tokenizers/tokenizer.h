@@ -22,7 +22,8 @@ class Tokenizer {
 
   /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. [CLS] ... [SEP], <s>).
   std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
-  /// Text of `ids`; special tokens are dropped when `skip_special_tokens`; ids without a token decode to nothing.
+  /// Text of `ids`; special tokens are dropped when `skip_special_tokens`; ids without a token decode to
+  /// nothing.
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = true) const;
   /// How many bytes of `text` (= decode(ids)) no token appended to `ids` can change, at a character
   /// boundary, for streaming: not the text of a trailing run of byte-fallback tokens, which decodes as a
@@ -41,7 +42,7 @@ class Tokenizer {
   /// The original JSON text.
   const std::string& json_text() const;
 
- struct Impl;  ///< opaque state (defined in tokenizer.cpp)
+  struct Impl;  ///< opaque state (defined in tokenizer.cpp)
 
  private:
   std::shared_ptr<const Impl> impl_;

@@ -1,10 +1,9 @@
 #include "mdl/tokenizers/trainer.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <cstdio>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <unordered_map>
 
@@ -20,7 +19,7 @@ using json = nlohmann::json;
 const std::string kMeta = "\xE2\x96\x81";  // U+2581
 
 json added(int64_t id, const std::string& content) {
-  return {{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
+  return {{"id", id},        {"content", content},  {"single_word", false}, {"lstrip", false},
           {"rstrip", false}, {"normalized", false}, {"special", true}};
 }
 
@@ -30,43 +29,67 @@ json skeleton(TokenizerKind kind) {
   switch (kind) {
     case TokenizerKind::byte_level_bpe:
       j["normalizer"] = nullptr;
-      j["pre_tokenizer"] = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
-      j["post_processor"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
-      j["decoder"] = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
-      j["model"] = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", ""},
-                    {"end_of_word_suffix", ""}, {"fuse_unk", false}, {"byte_fallback", false}};
+      j["pre_tokenizer"] = {
+          {"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", true}, {"use_regex", true}};
+      j["post_processor"] = {
+          {"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
+      j["decoder"] = {
+          {"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}};
+      j["model"] = {{"type", "BPE"},
+                    {"dropout", nullptr},
+                    {"unk_token", nullptr},
+                    {"continuing_subword_prefix", ""},
+                    {"end_of_word_suffix", ""},
+                    {"fuse_unk", false},
+                    {"byte_fallback", false}};
       break;
     case TokenizerKind::metaspace_bpe:
       j["normalizer"] = {{"type", "Sequence"},
-                         {"normalizers", {{{"type", "Prepend"}, {"prepend", kMeta}},
-                                          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}}}}};
+                         {"normalizers",
+                          {{{"type", "Prepend"}, {"prepend", kMeta}},
+                           {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", kMeta}}}}};
       j["pre_tokenizer"] = nullptr;
-      j["post_processor"] = {{"type", "TemplateProcessing"},
-                             {"single", {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-                                         {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
-                             {"pair", json::array()},
-                             {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
+      j["post_processor"] = {
+          {"type", "TemplateProcessing"},
+          {"single",
+           {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+            {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+          {"pair", json::array()},
+          {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
       j["decoder"] = {{"type", "Sequence"},
-                      {"decoders", {{{"type", "Replace"}, {"pattern", {{"String", kMeta}}}, {"content", " "}},
-                                    {{"type", "ByteFallback"}},
-                                    {{"type", "Fuse"}},
-                                    {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
-      j["model"] = {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", "<unk>"}, {"continuing_subword_prefix", nullptr},
-                    {"end_of_word_suffix", nullptr}, {"fuse_unk", true}, {"byte_fallback", true}};
+                      {"decoders",
+                       {{{"type", "Replace"}, {"pattern", {{"String", kMeta}}}, {"content", " "}},
+                        {{"type", "ByteFallback"}},
+                        {{"type", "Fuse"}},
+                        {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
+      j["model"] = {{"type", "BPE"},
+                    {"dropout", nullptr},
+                    {"unk_token", "<unk>"},
+                    {"continuing_subword_prefix", nullptr},
+                    {"end_of_word_suffix", nullptr},
+                    {"fuse_unk", true},
+                    {"byte_fallback", true}};
       break;
     case TokenizerKind::wordpiece:
-      j["normalizer"] = {{"type", "BertNormalizer"}, {"clean_text", true}, {"handle_chinese_chars", true},
-                         {"strip_accents", nullptr}, {"lowercase", true}};
+      j["normalizer"] = {{"type", "BertNormalizer"},
+                         {"clean_text", true},
+                         {"handle_chinese_chars", true},
+                         {"strip_accents", nullptr},
+                         {"lowercase", true}};
       j["pre_tokenizer"] = {{"type", "BertPreTokenizer"}};
       j["post_processor"] = {{"type", "TemplateProcessing"},
-                             {"single", {{{"SpecialToken", {{"id", "[CLS]"}, {"type_id", 0}}}},
-                                         {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                                         {{"SpecialToken", {{"id", "[SEP]"}, {"type_id", 0}}}}}},
+                             {"single",
+                              {{{"SpecialToken", {{"id", "[CLS]"}, {"type_id", 0}}}},
+                               {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                               {{"SpecialToken", {{"id", "[SEP]"}, {"type_id", 0}}}}}},
                              {"pair", json::array()},
-                             {"special_tokens", {{"[CLS]", {{"id", "[CLS]"}, {"ids", {2}}, {"tokens", {"[CLS]"}}}},
-                                                 {"[SEP]", {{"id", "[SEP]"}, {"ids", {3}}, {"tokens", {"[SEP]"}}}}}}};
+                             {"special_tokens",
+                              {{"[CLS]", {{"id", "[CLS]"}, {"ids", {2}}, {"tokens", {"[CLS]"}}}},
+                               {"[SEP]", {{"id", "[SEP]"}, {"ids", {3}}, {"tokens", {"[SEP]"}}}}}}};
       j["decoder"] = {{"type", "WordPiece"}, {"prefix", "##"}, {"cleanup", true}};
-      j["model"] = {{"type", "WordPiece"}, {"unk_token", "[UNK]"}, {"continuing_subword_prefix", "##"},
+      j["model"] = {{"type", "WordPiece"},
+                    {"unk_token", "[UNK]"},
+                    {"continuing_subword_prefix", "##"},
                     {"max_input_chars_per_word", 100}};
       break;
   }
@@ -76,15 +99,20 @@ json skeleton(TokenizerKind kind) {
 struct PairHash {
   size_t operator()(uint64_t k) const { return std::hash<uint64_t>()(k); }
 };
-uint64_t key(int a, int b) { return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b); }
+uint64_t key(int a, int b) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+}
 
 }  // namespace
 
 SpecialTokens special_tokens_of(TokenizerKind kind) {
   switch (kind) {
-    case TokenizerKind::byte_level_bpe: return {"<|endoftext|>", "<|endoftext|>", "", ""};
-    case TokenizerKind::metaspace_bpe: return {"<s>", "</s>", "", "<unk>"};
-    case TokenizerKind::wordpiece: return {"[CLS]", "[SEP]", "[PAD]", "[UNK]"};
+    case TokenizerKind::byte_level_bpe:
+      return {"<|endoftext|>", "<|endoftext|>", "", ""};
+    case TokenizerKind::metaspace_bpe:
+      return {"<s>", "</s>", "", "<unk>"};
+    case TokenizerKind::wordpiece:
+      return {"[CLS]", "[SEP]", "[PAD]", "[UNK]"};
   }
   return {};
 }
@@ -144,7 +172,8 @@ std::string train_tokenizer(const std::vector<std::string>& texts, const Trainer
   for (const auto& [word, count] : word_counts) {
     std::vector<int> seq;
     auto chars = unicode::chars(word);
-    for (size_t i = 0; i < chars.size(); ++i) seq.push_back(add_symbol(wordpiece && i > 0 ? "##" + chars[i] : chars[i]));
+    for (size_t i = 0; i < chars.size(); ++i)
+      seq.push_back(add_symbol(wordpiece && i > 0 ? "##" + chars[i] : chars[i]));
     words.push_back(std::move(seq));
     freq.push_back(count);
   }
@@ -169,8 +198,8 @@ std::string train_tokenizer(const std::vector<std::string>& texts, const Trainer
       if (c < best_count || c <= 0) continue;
       if (c == best_count) {
         // Ties: the lexicographically smaller pair, so the result is independent of hash order.
-        const auto& a1 = symbols[k >> 32], &b1 = symbols[k & 0xffffffff];
-        const auto& a2 = symbols[best >> 32], &b2 = symbols[best & 0xffffffff];
+        const auto &a1 = symbols[k >> 32], &b1 = symbols[k & 0xffffffff];
+        const auto &a2 = symbols[best >> 32], &b2 = symbols[best & 0xffffffff];
         if (std::tie(a1, b1) >= std::tie(a2, b2)) continue;
       }
       best = k;
@@ -190,8 +219,10 @@ std::string train_tokenizer(const std::vector<std::string>& texts, const Trainer
       count_word(w, -1);
       std::vector<int> next;
       for (size_t i = 0; i < seq.size(); ++i) {
-        if (i + 1 < seq.size() && seq[i] == a && seq[i + 1] == b) next.push_back(merged), ++i;
-        else next.push_back(seq[i]);
+        if (i + 1 < seq.size() && seq[i] == a && seq[i + 1] == b)
+          next.push_back(merged), ++i;
+        else
+          next.push_back(seq[i]);
       }
       seq = std::move(next);
       count_word(w, 1);

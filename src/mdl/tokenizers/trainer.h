@@ -16,8 +16,8 @@ enum class TokenizerKind { byte_level_bpe, metaspace_bpe, wordpiece };
 /// Trainer settings.
 struct TrainerOptions {
   TokenizerKind kind = TokenizerKind::byte_level_bpe;
-  int64_t vocab_size = 512;     ///< target size including specials and the base alphabet
-  int64_t min_frequency = 2;    ///< pairs seen fewer times are never merged
+  int64_t vocab_size = 512;   ///< target size including specials and the base alphabet
+  int64_t min_frequency = 2;  ///< pairs seen fewer times are never merged
 };
 
 /// Trains on `texts` and returns tokenizer.json text. Deterministic for the same inputs.

@@ -74,7 +74,9 @@ std::string valid_utf8(const std::string& text) {
 size_t char_boundary(const std::string& text, size_t n) {
   n = std::min(n, text.size());
   // Back over continuation bytes (10xxxxxx), at most three: a lead byte or an ASCII byte starts a character.
-  for (int i = 0; i < 3 && n > 0 && n < text.size() && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80; ++i) --n;
+  for (int i = 0; i < 3 && n > 0 && n < text.size() && (static_cast<unsigned char>(text[n]) & 0xC0) == 0x80;
+       ++i)
+    --n;
   return n;
 }
 
@@ -103,8 +105,9 @@ bool is_punctuation(char32_t cp) {
 }
 
 bool is_cjk(char32_t cp) {
-  return (cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) || (cp >= 0x20000 && cp <= 0x2A6DF) ||
-         (cp >= 0x2A700 && cp <= 0x2B73F) || (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B820 && cp <= 0x2CEAF) ||
+  return (cp >= 0x4E00 && cp <= 0x9FFF) || (cp >= 0x3400 && cp <= 0x4DBF) ||
+         (cp >= 0x20000 && cp <= 0x2A6DF) || (cp >= 0x2A700 && cp <= 0x2B73F) ||
+         (cp >= 0x2B740 && cp <= 0x2B81F) || (cp >= 0x2B820 && cp <= 0x2CEAF) ||
          (cp >= 0xF900 && cp <= 0xFAFF) || (cp >= 0x2F800 && cp <= 0x2FA1F);
 }
 
@@ -113,19 +116,26 @@ bool is_digit(char32_t cp) {
   return c == UTF8PROC_CATEGORY_ND || c == UTF8PROC_CATEGORY_NL || c == UTF8PROC_CATEGORY_NO;
 }
 
-bool is_mark_nonspacing(char32_t cp) { return category(cp) == UTF8PROC_CATEGORY_MN; }
+bool is_mark_nonspacing(char32_t cp) {
+  return category(cp) == UTF8PROC_CATEGORY_MN;
+}
 
 std::string normalize(const std::string& text, const std::string& form) {
   int options = UTF8PROC_STABLE;
-  if (form == "NFC") options |= UTF8PROC_COMPOSE;
-  else if (form == "NFD") options |= UTF8PROC_DECOMPOSE;
-  else if (form == "NFKC") options |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
-  else if (form == "NFKD") options |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
-  else MDL_FAIL("[unicode] unknown normalisation form '", form, "'; expected NFC, NFD, NFKC or NFKD");
+  if (form == "NFC")
+    options |= UTF8PROC_COMPOSE;
+  else if (form == "NFD")
+    options |= UTF8PROC_DECOMPOSE;
+  else if (form == "NFKC")
+    options |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
+  else if (form == "NFKD")
+    options |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
+  else
+    MDL_FAIL("[unicode] unknown normalisation form '", form, "'; expected NFC, NFD, NFKC or NFKD");
   utf8proc_uint8_t* out = nullptr;
-  utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
-                                    static_cast<utf8proc_ssize_t>(text.size()), &out,
-                                    static_cast<utf8proc_option_t>(options));
+  utf8proc_ssize_t n =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(text.data()),
+                   static_cast<utf8proc_ssize_t>(text.size()), &out, static_cast<utf8proc_option_t>(options));
   if (n < 0) return text;  // invalid UTF-8: leave as is
   std::string result(reinterpret_cast<char*>(out), static_cast<size_t>(n));
   std::free(out);
@@ -134,7 +144,8 @@ std::string normalize(const std::string& text, const std::string& form) {
 
 std::string lowercase(const std::string& text) {
   std::string out;
-  for (char32_t cp : decode(text)) out += encode(static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp))));
+  for (char32_t cp : decode(text))
+    out += encode(static_cast<char32_t>(utf8proc_tolower(static_cast<utf8proc_int32_t>(cp))));
   return out;
 }
 
@@ -153,7 +164,8 @@ const std::vector<char32_t>& bytes_to_unicode() {
     for (int b = 0xA1; b <= 0xAC; ++b) printable[b] = true;
     for (int b = 0xAE; b <= 0xFF; ++b) printable[b] = true;
     int next = 0;
-    for (int b = 0; b < 256; ++b) t[b] = printable[b] ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + next++);
+    for (int b = 0; b < 256; ++b)
+      t[b] = printable[b] ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + next++);
     return t;
   }();
   return table;

@@ -8,9 +8,11 @@
 namespace mdl {
 
 WordPiece::WordPiece(const nlohmann::json& j, int64_t reserved_ids) {
-  MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(), "[tokenizer] WordPiece model has no object field 'vocab'");
+  MDL_CHECK(j.contains("vocab") && j["vocab"].is_object(),
+            "[tokenizer] WordPiece model has no object field 'vocab'");
   std::unordered_map<std::string, int64_t> vocab;
-  for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it) vocab[it.key()] = it.value().get<int64_t>();
+  for (auto it = j["vocab"].begin(); it != j["vocab"].end(); ++it)
+    vocab[it.key()] = it.value().get<int64_t>();
   set_vocab(std::move(vocab), reserved_ids);
   const std::string unk = j.value("unk_token", std::string("[UNK]"));
   auto id = token_to_id(unk);

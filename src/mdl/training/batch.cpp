@@ -12,16 +12,23 @@
 namespace mdl {
 
 const FieldList<ExampleRouting>& example_routing_fields() {
-  static const FieldList<ExampleRouting> f = FieldList<ExampleRouting>("options.routing")
-      .add("by_task", &ExampleRouting::by_task, "fixed routing: {\"task\": [\"module\", ...]}, the modules each task's examples use")
-      .add("by_language", &ExampleRouting::by_language,
-           "fixed routing: {\"language\": [\"module\", ...]} (MAD-X language adapters, applied before the task's)");
+  static const FieldList<ExampleRouting> f =
+      FieldList<ExampleRouting>("options.routing")
+          .add("by_task", &ExampleRouting::by_task,
+               "fixed routing: {\"task\": [\"module\", ...]}, the modules each task's examples use")
+          .add("by_language", &ExampleRouting::by_language,
+               "fixed routing: {\"language\": [\"module\", ...]} (MAD-X language adapters, applied before "
+               "the task's)");
   return f;
 }
 
-void to_json(nlohmann::json& j, const ExampleRouting& r) { j = example_routing_fields().write(r); }
+void to_json(nlohmann::json& j, const ExampleRouting& r) {
+  j = example_routing_fields().write(r);
+}
 
-void from_json(const nlohmann::json& j, ExampleRouting& r) { r = example_routing_fields().read(j); }
+void from_json(const nlohmann::json& j, ExampleRouting& r) {
+  r = example_routing_fields().read(j);
+}
 
 int64_t task_index(const Dataset& d, const std::string& task) {
   auto it = std::find(d.tasks.begin(), d.tasks.end(), task);
@@ -37,8 +44,9 @@ namespace {
 
 /// A routing table indexed like `keys` (the data's tasks or languages; "" when the data has none): the
 /// modules `by` lists for each, at weight 1.
-std::vector<std::vector<ModuleChoice>> routing_table(const std::map<std::string, std::vector<std::string>>& by,
-                                                     std::vector<std::string> keys, const char* what) {
+std::vector<std::vector<ModuleChoice>> routing_table(
+    const std::map<std::string, std::vector<std::string>>& by, std::vector<std::string> keys,
+    const char* what) {
   if (keys.empty()) keys.push_back("");
   std::vector<std::vector<ModuleChoice>> table;
   for (const auto& key : keys) {
@@ -73,8 +81,8 @@ Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, 
     std::vector<int64_t> rows;
     for (int64_t i : which) {
       const Example& e = d.examples[i];
-      MDL_CHECK(e.image >= 0 && e.image < d.images.size(0), "[train] example ", e.line, " points at image ", e.image,
-                " of ", d.images.size(0));
+      MDL_CHECK(e.image >= 0 && e.image < d.images.size(0), "[train] example ", e.line, " points at image ",
+                e.image, " of ", d.images.size(0));
       rows.push_back(e.image);
     }
     batch.pixels = d.images.index_select(0, at::tensor(rows, at::kLong)).to(device);
@@ -92,12 +100,13 @@ Batch collate(const Dataset& d, const std::vector<int64_t>& which, int64_t pad, 
     // task adapter on a language one).
     std::vector<std::vector<ModuleChoice>> modules(which.size());
     if (!routing.by_language.empty()) {
-      const RoutingContext by_language =
-          RoutingContext::by_id(language_ids, routing_table(routing.by_language, d.languages, "language"), true);
+      const RoutingContext by_language = RoutingContext::by_id(
+          language_ids, routing_table(routing.by_language, d.languages, "language"), true);
       for (size_t b = 0; b < which.size(); ++b) modules[b] = by_language.modules[b];
     }
     if (!routing.by_task.empty()) {
-      const RoutingContext by_task = RoutingContext::by_id(task_ids, routing_table(routing.by_task, d.tasks, "task"));
+      const RoutingContext by_task =
+          RoutingContext::by_id(task_ids, routing_table(routing.by_task, d.tasks, "task"));
       for (size_t b = 0; b < which.size(); ++b)
         modules[b].insert(modules[b].end(), by_task.modules[b].begin(), by_task.modules[b].end());
     }
@@ -120,8 +129,8 @@ ModelInput model_input(const Batch& b) {
 void check_labels(const ModelImpl& model, const Dataset& d) {
   const HeadKind head = model.config().head;
   if (head != HeadKind::sequence_classification && head != HeadKind::token_classification) return;
-  MDL_CHECK(static_cast<int64_t>(d.labels.size()) <= model.config().num_labels, "[train] the data has ", d.labels.size(),
-            " labels but the model's head has ", model.config().num_labels,
+  MDL_CHECK(static_cast<int64_t>(d.labels.size()) <= model.config().num_labels, "[train] the data has ",
+            d.labels.size(), " labels but the model's head has ", model.config().num_labels,
             "; create the model with more labels (init-model --num-labels) or map the labels");
 }
 
@@ -152,6 +161,5 @@ at::Tensor task_loss(ModelImpl& model, const ModelInput& in, const Batch& b) {
   }
   MDL_FAIL("[train] the model has no head to train against; create it with a classification or LM head");
 }
-
 
 }  // namespace mdl

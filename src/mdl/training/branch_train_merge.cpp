@@ -42,15 +42,16 @@ void train_branches(const TrainConfig& c, ProcessGroup* group) {
     if (c.resume && !find_checkpoint(ckpt).empty()) trainer.load_checkpoint(ckpt);
     auto history = trainer.train(data);
     set.save(branch.name, dir + "/module");
-    std::printf("[rank %d] branch %s: %zu examples, loss %.4f\n", rank, branch.name.c_str(), data.examples.size(),
-                history.empty() ? 0.0 : history.back().loss);
+    std::printf("[rank %d] branch %s: %zu examples, loss %.4f\n", rank, branch.name.c_str(),
+                data.examples.size(), history.empty() ? 0.0 : history.back().loss);
     std::fflush(stdout);
   }
   if (group) group->barrier();  // every branch is written
   if (rank != 0) return;
   const std::string merged = (fs::path(c.options.out_dir) / "modules" / "merged").string();
   merge_modules(c.model, dirs, c.branch_merge, merged);
-  std::printf("merged %zu branches (%s) into %s\n", dirs.size(), c.branch_merge.method.c_str(), merged.c_str());
+  std::printf("merged %zu branches (%s) into %s\n", dirs.size(), c.branch_merge.method.c_str(),
+              merged.c_str());
 }
 
 }  // namespace mdl

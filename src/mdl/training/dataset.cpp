@@ -20,7 +20,10 @@ const json& field(const json& j, const char* name, json::value_t type, const std
   MDL_CHECK(j.contains(name), where, "missing field '", name, "'");
   const json& f = j[name];
   const bool ok = type == json::value_t::number_integer ? f.is_number_integer() : f.type() == type;
-  MDL_CHECK(ok, where, "field '", name, "' must be ", type == json::value_t::string ? "a string" : type == json::value_t::array ? "an array" : "an integer",
+  MDL_CHECK(ok, where, "field '", name, "' must be ",
+            type == json::value_t::string  ? "a string"
+            : type == json::value_t::array ? "an array"
+                                           : "an integer",
             ", found ", f.type_name());
   return f;
 }
@@ -30,10 +33,11 @@ int64_t label_index(const json& v, std::vector<std::string>& names, bool fixed, 
     // Integer labels are class ids: the table of names grows to the largest, so it is bounded.
     constexpr int64_t kMaxClasses = int64_t{1} << 16;
     const int64_t i = v.get<int64_t>();
-    MDL_CHECK(i >= 0 && (!fixed || i < static_cast<int64_t>(names.size())) && i < kMaxClasses, where, "label ", i,
-              " out of range", fixed ? " (" + std::to_string(names.size()) + " labels)"
-                                     : "; integer labels are class ids in 0.." + std::to_string(kMaxClasses - 1) +
-                                           " (name the labels, or give the label set: data.labels)");
+    MDL_CHECK(i >= 0 && (!fixed || i < static_cast<int64_t>(names.size())) && i < kMaxClasses, where,
+              "label ", i, " out of range",
+              fixed ? " (" + std::to_string(names.size()) + " labels)"
+                    : "; integer labels are class ids in 0.." + std::to_string(kMaxClasses - 1) +
+                          " (name the labels, or give the label set: data.labels)");
     while (!fixed && static_cast<int64_t>(names.size()) <= i) names.push_back(std::to_string(names.size()));
     return i;
   }
@@ -46,7 +50,8 @@ int64_t label_index(const json& v, std::vector<std::string>& names, bool fixed, 
   return static_cast<int64_t>(names.size()) - 1;
 }
 
-Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Dataset& d, const std::string& where) {
+Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Dataset& d,
+              const std::string& where) {
   MDL_CHECK(j.is_object(), where, "a record must be a JSON object, found ", j.type_name());
   Example e;
   const bool fixed = !o.labels.empty();
@@ -58,8 +63,10 @@ Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Data
     e.ids = tok.encode(field(j, "text", json::value_t::string, where).get<std::string>());
     e.targets = e.ids;
   } else if (o.kind == "instruction") {
-    std::vector<int64_t> prompt = tok.encode(field(j, "prompt", json::value_t::string, where).get<std::string>());
-    std::vector<int64_t> completion = tok.encode(field(j, "completion", json::value_t::string, where).get<std::string>(), false);
+    std::vector<int64_t> prompt =
+        tok.encode(field(j, "prompt", json::value_t::string, where).get<std::string>());
+    std::vector<int64_t> completion =
+        tok.encode(field(j, "completion", json::value_t::string, where).get<std::string>(), false);
     e.ids = prompt;
     e.ids.insert(e.ids.end(), completion.begin(), completion.end());
     e.targets.assign(prompt.size(), -100);
@@ -67,12 +74,14 @@ Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Data
   } else {  // tagging
     const json& tokens = field(j, "tokens", json::value_t::array, where);
     const json& tags = field(j, "tags", json::value_t::array, where);
-    MDL_CHECK(tokens.size() == tags.size(), where, "'tokens' has ", tokens.size(), " entries but 'tags' has ", tags.size());
+    MDL_CHECK(tokens.size() == tags.size(), where, "'tokens' has ", tokens.size(), " entries but 'tags' has ",
+              tags.size());
     for (size_t w = 0; w < tokens.size(); ++w) {
       MDL_CHECK(tokens[w].is_string(), where, "tokens[", w, "] must be a string");
       const int64_t tag = label_index(tags[w], d.labels, fixed, where);
       std::vector<int64_t> pieces = tok.encode((w ? " " : "") + tokens[w].get<std::string>(), false);
-      for (size_t p = 0; p < pieces.size(); ++p) e.ids.push_back(pieces[p]), e.targets.push_back(p == 0 ? tag : -100);
+      for (size_t p = 0; p < pieces.size(); ++p)
+        e.ids.push_back(pieces[p]), e.targets.push_back(p == 0 ? tag : -100);
     }
   }
   if (j.contains("task")) {
@@ -81,7 +90,8 @@ Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Data
   }
   if (j.contains("language")) {
     e.language = field(j, "language", json::value_t::string, where).get<std::string>();
-    if (std::find(d.languages.begin(), d.languages.end(), e.language) == d.languages.end()) d.languages.push_back(e.language);
+    if (std::find(d.languages.begin(), d.languages.end(), e.language) == d.languages.end())
+      d.languages.push_back(e.language);
   }
   MDL_CHECK(!e.ids.empty(), where, "the record encodes to no tokens");
   if (static_cast<int64_t>(e.ids.size()) > o.max_length) {
@@ -96,8 +106,8 @@ Example parse(const json& j, const Tokenizer& tok, const DatasetOptions& o, Data
 Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const DatasetOptions& o) {
   MDL_CHECK(o.kind == "classification" || o.kind == "tagging" || o.kind == "instruction" || o.kind == "text",
             "[data] kind '", o.kind, "' is unknown; expected classification, tagging, instruction or text");
-  MDL_CHECK(o.on_bad_record == "fail" || o.on_bad_record == "skip", "[data] on_bad_record must be fail or skip, got '",
-            o.on_bad_record, "'");
+  MDL_CHECK(o.on_bad_record == "fail" || o.on_bad_record == "skip",
+            "[data] on_bad_record must be fail or skip, got '", o.on_bad_record, "'");
   std::ifstream in(path);
   MDL_CHECK(in.good(), "[data] cannot read '", path, "'");
   Dataset d;
@@ -122,12 +132,13 @@ Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const Da
       log_warn(std::string(e.what()) + " (skipped)");
     }
   }
-  MDL_CHECK(!d.examples.empty(), "[data] '", path, "' has no usable records", d.skipped ? " (all were bad and skipped)" : "");
+  MDL_CHECK(!d.examples.empty(), "[data] '", path, "' has no usable records",
+            d.skipped ? " (all were bad and skipped)" : "");
   return d;
 }
 
-Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels, std::vector<std::string> label_names,
-                      const std::string& task) {
+Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels,
+                      std::vector<std::string> label_names, const std::string& task) {
   MDL_CHECK(images.dim() == 3 || images.dim() == 4, "[data] images must be (N, H, W) or (N, C, H, W), got ",
             images.sizes());
   MDL_CHECK(labels.dim() == 1 && labels.size(0) == images.size(0), "[data] ", images.size(0),
@@ -142,7 +153,8 @@ Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels, std::v
   if (!task.empty()) d.tasks = {task};
   d.examples.reserve(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
-    MDL_CHECK(yp[i] >= 0 && yp[i] < classes, "[data] image ", i, " has label ", yp[i], "; expected 0..", classes - 1);
+    MDL_CHECK(yp[i] >= 0 && yp[i] < classes, "[data] image ", i, " has label ", yp[i], "; expected 0..",
+              classes - 1);
     Example e;
     e.label = yp[i];
     e.image = i;
@@ -162,17 +174,31 @@ at::Tensor read_idx(const std::string& path) {
   } closer{f};
   unsigned char magic[4];
   MDL_CHECK(gzread(f, magic, 4) == 4, "[idx] '", path, "' is shorter than the 4-byte magic number");
-  MDL_CHECK(magic[0] == 0 && magic[1] == 0, "[idx] '", path, "' does not start with an IDX magic number (0x00 0x00 type dims)");
+  MDL_CHECK(magic[0] == 0 && magic[1] == 0, "[idx] '", path,
+            "' does not start with an IDX magic number (0x00 0x00 type dims)");
   at::ScalarType type;
   size_t size = 0;
   switch (magic[2]) {
-    case 0x08: type = at::kByte, size = 1; break;
-    case 0x09: type = at::kChar, size = 1; break;
-    case 0x0B: type = at::kShort, size = 2; break;
-    case 0x0C: type = at::kInt, size = 4; break;
-    case 0x0D: type = at::kFloat, size = 4; break;
-    case 0x0E: type = at::kDouble, size = 8; break;
-    default: MDL_FAIL("[idx] '", path, "': unknown element type 0x", std::hex, static_cast<int>(magic[2]));
+    case 0x08:
+      type = at::kByte, size = 1;
+      break;
+    case 0x09:
+      type = at::kChar, size = 1;
+      break;
+    case 0x0B:
+      type = at::kShort, size = 2;
+      break;
+    case 0x0C:
+      type = at::kInt, size = 4;
+      break;
+    case 0x0D:
+      type = at::kFloat, size = 4;
+      break;
+    case 0x0E:
+      type = at::kDouble, size = 8;
+      break;
+    default:
+      MDL_FAIL("[idx] '", path, "': unknown element type 0x", std::hex, static_cast<int>(magic[2]));
   }
   const int dims = magic[3];
   MDL_CHECK(dims >= 1 && dims <= 8, "[idx] '", path, "': ", dims, " dimensions; expected 1 to 8");
@@ -191,7 +217,8 @@ at::Tensor read_idx(const std::string& path) {
   size_t done = 0;
   while (done < bytes) {
     const int n = gzread(f, p + done, static_cast<unsigned>(std::min<size_t>(bytes - done, 1u << 30)));
-    MDL_CHECK(n > 0, "[idx] '", path, "': data ends after ", done, " of ", bytes, " bytes (shape ", shape_str(shape), ")");
+    MDL_CHECK(n > 0, "[idx] '", path, "': data ends after ", done, " of ", bytes, " bytes (shape ",
+              shape_str(shape), ")");
     done += static_cast<size_t>(n);
   }
   if (size > 1) {  // IDX is big-endian
@@ -210,7 +237,9 @@ std::vector<double> task_sampling_probabilities(const std::vector<int64_t>& size
   double total = 0;
   for (int64_t n : sizes) {
     MDL_CHECK(n > 0, "[sampling] every task needs examples; one has ", n);
-    const double w = kind == "uniform" ? 1.0 : std::pow(static_cast<double>(n), kind == "temperature" ? 1.0 / temperature : 1.0);
+    const double w = kind == "uniform"
+                         ? 1.0
+                         : std::pow(static_cast<double>(n), kind == "temperature" ? 1.0 / temperature : 1.0);
     p.push_back(w);
     total += w;
   }

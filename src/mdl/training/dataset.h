@@ -35,23 +35,23 @@ struct DatasetOptions {
   std::string kind = "classification";  ///< classification | tagging | instruction | text
   std::string on_bad_record = "fail";   ///< fail | skip
   int64_t max_length = 512;             ///< longer examples are truncated
-  std::vector<std::string> labels;      ///< label names in index order; empty: collected in order of appearance
+  std::vector<std::string> labels;  ///< label names in index order; empty: collected in order of appearance
 };
 
 /// A loaded dataset.
 struct Dataset {
   std::vector<Example> examples;
-  std::vector<std::string> labels;  ///< label names, index = label id
-  std::vector<std::string> tasks;   ///< distinct tasks in order of appearance
+  std::vector<std::string> labels;     ///< label names, index = label id
+  std::vector<std::string> tasks;      ///< distinct tasks in order of appearance
   std::vector<std::string> languages;  ///< distinct languages in order of appearance (ids in batches)
-  at::Tensor images;                ///< (N, C, H, W) float images the examples index (vision data)
-  int64_t skipped = 0;              ///< bad records skipped
+  at::Tensor images;                   ///< (N, C, H, W) float images the examples index (vision data)
+  int64_t skipped = 0;                 ///< bad records skipped
 };
 
 /// An image classification dataset: `images` (N, H, W) or (N, C, H, W), uint8 (scaled to [0, 1]) or
 /// float, with `labels` (N) integer class ids indexing `label_names`; every example gets `task`.
-Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels, std::vector<std::string> label_names,
-                      const std::string& task = "");
+Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels,
+                      std::vector<std::string> label_names, const std::string& task = "");
 
 /// Reads and tokenises a JSONL file.
 Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const DatasetOptions& options);

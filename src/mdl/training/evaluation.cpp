@@ -14,7 +14,8 @@ namespace mdl {
 double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes) {
   // predicted, target: (N) class ids of the scored positions. Classes seen in neither are left out.
   at::Tensor cm = at::zeros({num_classes * num_classes}, at::kLong);
-  cm.index_add_(0, target.to(at::kCPU) * num_classes + predicted.to(at::kCPU), at::ones({target.numel()}, at::kLong));
+  cm.index_add_(0, target.to(at::kCPU) * num_classes + predicted.to(at::kCPU),
+                at::ones({target.numel()}, at::kLong));
   cm = cm.view({num_classes, num_classes}).to(at::kDouble);  // rows: truth, columns: prediction
   at::Tensor tp = cm.diagonal(), fn = cm.sum(1) - tp, fp = cm.sum(0) - tp;
   at::Tensor seen = (cm.sum(1) + cm.sum(0)) > 0;
@@ -23,7 +24,8 @@ double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t n
   return f1.mean().item<double>();
 }
 
-EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
+EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batch_size,
+                             const ExampleRouting& routing) {
   MDL_CHECK(batch_size > 0, "[eval] batch size must be > 0, got ", batch_size);
   check_labels(model, data);
   const bool was_training = model.is_training();
@@ -48,7 +50,8 @@ EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batc
     } else {
       const int64_t T = out.size(1);
       at::Tensor t = b.targets.narrow(1, 1, T - 1).reshape({-1});
-      nll += at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}), t, {}, at::Reduction::Sum, -100)
+      nll += at::cross_entropy_loss(out.narrow(1, 0, T - 1).reshape({-1, out.size(2)}), t, {},
+                                    at::Reduction::Sum, -100)
                  .item<double>();
       count += (t != -100).sum().item<double>();
     }
@@ -68,7 +71,8 @@ EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batc
   return m;
 }
 
-at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size, const ExampleRouting& routing) {
+at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size,
+                          const ExampleRouting& routing) {
   MDL_CHECK(batch_size > 0, "[eval] batch size must be > 0, got ", batch_size);
   const bool was_training = model.is_training();
   model.eval();

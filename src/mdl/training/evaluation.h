@@ -20,9 +20,12 @@ class ModelImpl;
 
 /// What an evaluation measures; NaN where it does not apply to the head.
 struct EvalMetrics {
-  double accuracy = std::numeric_limits<double>::quiet_NaN();    ///< classification: examples; tagging: labelled tokens
-  double macro_f1 = std::numeric_limits<double>::quiet_NaN();    ///< F1 per label (seen in truth or prediction), averaged
-  double perplexity = std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
+  double accuracy =
+      std::numeric_limits<double>::quiet_NaN();  ///< classification: examples; tagging: labelled tokens
+  double macro_f1 =
+      std::numeric_limits<double>::quiet_NaN();  ///< F1 per label (seen in truth or prediction), averaged
+  double perplexity =
+      std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
   /// Accuracy for classification heads, perplexity for LM heads.
   double primary() const { return std::isnan(perplexity) ? accuracy : perplexity; }
 };
@@ -35,13 +38,15 @@ EvalMetrics evaluate_metrics(ModelImpl& model, const Dataset& data, int64_t batc
 /// The head's outputs for every example of `data`, in order, batched as training batches them (padding,
 /// images, task and language ids, `routing`), without gradients, in evaluation mode: (N, L) float32 on the
 /// CPU for sequence classification heads.
-at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size = 64, const ExampleRouting& routing = {});
+at::Tensor predict_logits(ModelImpl& model, const Dataset& data, int64_t batch_size = 64,
+                          const ExampleRouting& routing = {});
 /// evaluate_metrics(...).primary().
-double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16, const ExampleRouting& routing = {});
+double evaluate(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
+                const ExampleRouting& routing = {});
 /// Macro-F1 of predicted vs target class ids (N) over `num_classes` classes.
 double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t num_classes);
 /// evaluate() per task of a multi-task dataset (task -> metric).
-std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data, int64_t batch_size = 16,
-                                                const ExampleRouting& routing = {});
+std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data,
+                                                int64_t batch_size = 16, const ExampleRouting& routing = {});
 
 }  // namespace mdl

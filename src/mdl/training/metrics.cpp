@@ -48,7 +48,8 @@ std::vector<TrainMetrics> read_metrics(const std::string& path) {
   return out;
 }
 
-void write_training_plots(const std::string& dir, const std::vector<TrainMetrics>& metrics, bool eval_is_perplexity) {
+void write_training_plots(const std::string& dir, const std::vector<TrainMetrics>& metrics,
+                          bool eval_is_perplexity) {
   Series loss{"training loss", {}, {}}, eval{eval_is_perplexity ? "perplexity" : "accuracy", {}, {}};
   for (const auto& m : metrics) {
     loss.x.push_back(static_cast<double>(m.step)), loss.y.push_back(m.loss);

@@ -2,9 +2,8 @@
 // linear warm-up then cosine decay (the schedules of Hugging Face's `get_*_schedule_with_warmup`).
 #pragma once
 
-#include <nlohmann/json_fwd.hpp>
-
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 
 namespace mdl {

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
-
 #include "mdl/core/error.h"
 #include "mdl/core/fields.h"
 #include "mdl/io/json_file.h"
@@ -15,62 +14,70 @@ using nlohmann::json;
 
 const FieldList<DatasetOptions>& data_fields() {
   using D = DatasetOptions;
-  static const FieldList<D> f = FieldList<D>("data")
-      .add("kind", &D::kind, "classification | tagging | instruction | text")
-      .add("on_bad_record", &D::on_bad_record, "fail | skip (skipped records are counted and warned about)")
-      .add("max_length", &D::max_length, "longer examples are truncated to this many tokens")
-      .add("labels", &D::labels, "label names in index order; empty: collected in order of appearance");
+  static const FieldList<D> f =
+      FieldList<D>("data")
+          .add("kind", &D::kind, "classification | tagging | instruction | text")
+          .add("on_bad_record", &D::on_bad_record,
+               "fail | skip (skipped records are counted and warned about)")
+          .add("max_length", &D::max_length, "longer examples are truncated to this many tokens")
+          .add("labels", &D::labels, "label names in index order; empty: collected in order of appearance");
   return f;
 }
 
 const FieldList<MergeOptions>& branch_merge_fields() {
   using M = MergeOptions;
-  static const FieldList<M> f = FieldList<M>("branch_merge")
-      .add("method", &M::method, "how the branches merge: linear | task_arithmetic | ties | dare_linear | dare_ties | ...")
-      .add("density", &M::density, "ties / dare: fraction of entries kept")
-      .add("lambda", &M::lambda, "scale of the merged task vector");
+  static const FieldList<M> f =
+      FieldList<M>("branch_merge")
+          .add("method", &M::method,
+               "how the branches merge: linear | task_arithmetic | ties | dare_linear | dare_ties | ...")
+          .add("density", &M::density, "ties / dare: fraction of entries kept")
+          .add("lambda", &M::lambda, "scale of the merged task vector");
   return f;
 }
 
 const FieldList<TrainConfig>& train_config_fields() {
   using C = TrainConfig;
-  static const FieldList<C> f = FieldList<C>("train")
-      .add("model", &C::model, "checkpoint directory (Hugging Face layout) of the frozen backbone")
-      .add(
-          "modules",
-          [](json& v, const C& c) {
-            v = json::object();
-            for (const auto& [k, m] : c.modules) v[k] = m;
-          },
-          [](const json& v, C& c) {
-            MDL_CHECK(v.is_object(), "field 'modules' must be an object {\"name\": {module config}}");
-            for (const auto& [name, m] : v.items()) c.modules[name] = m.get<ModuleConfig>();
-          },
-          "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}}}")
-      .add("load", &C::load, "existing module directories to load first (mdl, PEFT, AdapterHub)")
-      .add("train", &C::train, "names of the modules to train; default: every module under 'modules'")
-      .add("train_data", &C::train_data, "JSONL training file")
-      .add("eval_data", &C::eval_data, "JSONL evaluation file (optional)")
-      .add("data", &C::data, data_fields(), "how to read both files")
-      .add("options", &C::options, train_options_fields(), "steps, batch, schedule, output...")
-      .add("resume", &C::resume, "continue from <out_dir>/checkpoint when it exists")
-      .add(
-          "branches",
-          [](json& v, const C& c) {
-            v = json::array();
-            for (const auto& b : c.branches) v.push_back({{"name", b.name}, {"train_data", b.train_data}});
-          },
-          [](const json& v, C& c) {
-            MDL_CHECK(v.is_array(), "field 'branches' must be an array of {\"name\", \"train_data\"}");
-            for (const auto& b : v) {
-              MDL_CHECK(b.is_object() && b.contains("name") && b["name"].is_string() && b.contains("train_data") &&
-                            b["train_data"].is_string(), "each of 'branches' must be {\"name\": str, \"train_data\": str}");
-              c.branches.push_back({b["name"].get<std::string>(), b["train_data"].get<std::string>()});
-            }
-          },
-          "Branch-Train-Merge: [{\"name\", \"train_data\"}, ...], each trains the one 'modules' entry on its data")
-      .add("branch_merge", &C::branch_merge, branch_merge_fields(), "how the branches merge")
-      .add("device", &C::device, "cpu | cuda | cuda:N");
+  static const FieldList<C> f =
+      FieldList<C>("train")
+          .add("model", &C::model, "checkpoint directory (Hugging Face layout) of the frozen backbone")
+          .add(
+              "modules",
+              [](json& v, const C& c) {
+                v = json::object();
+                for (const auto& [k, m] : c.modules) v[k] = m;
+              },
+              [](const json& v, C& c) {
+                MDL_CHECK(v.is_object(), "field 'modules' must be an object {\"name\": {module config}}");
+                for (const auto& [name, m] : v.items()) c.modules[name] = m.get<ModuleConfig>();
+              },
+              "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}}}")
+          .add("load", &C::load, "existing module directories to load first (mdl, PEFT, AdapterHub)")
+          .add("train", &C::train, "names of the modules to train; default: every module under 'modules'")
+          .add("train_data", &C::train_data, "JSONL training file")
+          .add("eval_data", &C::eval_data, "JSONL evaluation file (optional)")
+          .add("data", &C::data, data_fields(), "how to read both files")
+          .add("options", &C::options, train_options_fields(), "steps, batch, schedule, output...")
+          .add("resume", &C::resume, "continue from <out_dir>/checkpoint when it exists")
+          .add(
+              "branches",
+              [](json& v, const C& c) {
+                v = json::array();
+                for (const auto& b : c.branches)
+                  v.push_back({{"name", b.name}, {"train_data", b.train_data}});
+              },
+              [](const json& v, C& c) {
+                MDL_CHECK(v.is_array(), "field 'branches' must be an array of {\"name\", \"train_data\"}");
+                for (const auto& b : v) {
+                  MDL_CHECK(b.is_object() && b.contains("name") && b["name"].is_string() &&
+                                b.contains("train_data") && b["train_data"].is_string(),
+                            "each of 'branches' must be {\"name\": str, \"train_data\": str}");
+                  c.branches.push_back({b["name"].get<std::string>(), b["train_data"].get<std::string>()});
+                }
+              },
+              "Branch-Train-Merge: [{\"name\", \"train_data\"}, ...], each trains the one 'modules' entry on "
+              "its data")
+          .add("branch_merge", &C::branch_merge, branch_merge_fields(), "how the branches merge")
+          .add("device", &C::device, "cpu | cuda | cuda:N");
   return f;
 }
 
@@ -81,8 +88,8 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   MDL_CHECK(j.is_object(), "[train] '", source, "' must hold a JSON object");
   const std::vector<std::string> known = train_config_fields().keys();
   for (const auto& [k, v] : j.items())
-    MDL_CHECK(std::find(known.begin(), known.end(), k) != known.end(), "[train] '", source, "': unknown field '", k,
-              "'; see mdl train --help-config");
+    MDL_CHECK(std::find(known.begin(), known.end(), k) != known.end(), "[train] '", source,
+              "': unknown field '", k, "'; see mdl train --help-config");
   // The schedule's decay ends with the run unless the config says otherwise.
   if (j.contains("options") && j["options"].is_object() &&
       (!j["options"].contains("schedule") || !j["options"]["schedule"].is_object() ||
@@ -99,8 +106,10 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   }
   MDL_CHECK(!c.model.empty(), "[train] '", source, "': field 'model' is required");
   if (!c.branches.empty()) {
-    MDL_CHECK(c.modules.size() == 1, "[train] '", source, "': Branch-Train-Merge trains copies of one module; "
-              "'modules' has ", c.modules.size(), " entries");
+    MDL_CHECK(c.modules.size() == 1, "[train] '", source,
+              "': Branch-Train-Merge trains copies of one module; "
+              "'modules' has ",
+              c.modules.size(), " entries");
     validate(c.branch_merge, c.branches.size());
     return c;
   }
@@ -112,6 +121,8 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   return c;
 }
 
-std::string train_config_help() { return format_help(train_config_fields().help()); }
+std::string train_config_help() {
+  return format_help(train_config_fields().help());
+}
 
 }  // namespace mdl

@@ -21,20 +21,20 @@ struct TrainBranch {
 
 /// A training run.
 struct TrainConfig {
-  std::string model;                          ///< checkpoint directory (Hugging Face layout)
+  std::string model;                            ///< checkpoint directory (Hugging Face layout)
   std::map<std::string, ModuleConfig> modules;  ///< new modules to create and train, by name
-  std::vector<std::string> load;              ///< existing module directories to load (frozen unless listed in train)
-  std::vector<std::string> train;             ///< names of the modules to train (default: every new module)
-  std::string train_data;                     ///< JSONL file
-  std::string eval_data;                      ///< JSONL file (optional)
-  DatasetOptions data;                        ///< how to read both files
-  TrainOptions options;                       ///< steps, batch, schedule, output...
-  bool resume = true;                         ///< continue from <out_dir>/checkpoint when it exists
+  std::vector<std::string> load;   ///< existing module directories to load (frozen unless listed in train)
+  std::vector<std::string> train;  ///< names of the modules to train (default: every new module)
+  std::string train_data;          ///< JSONL file
+  std::string eval_data;           ///< JSONL file (optional)
+  DatasetOptions data;             ///< how to read both files
+  TrainOptions options;            ///< steps, batch, schedule, output...
+  bool resume = true;              ///< continue from <out_dir>/checkpoint when it exists
   /// Branch-Train-Merge: each branch trains a copy of the one module under `modules` on its own data,
   /// ranks taking branches in turn with no gradient exchange; then rank 0 merges them into
   /// <out_dir>/modules/merged with `branch_merge`.
   std::vector<TrainBranch> branches;
-  MergeOptions branch_merge;                  ///< method, density, lambda of the branches' merge
+  MergeOptions branch_merge;  ///< method, density, lambda of the branches' merge
   std::string device = "cpu";
 };
 

@@ -27,56 +27,70 @@ namespace fs = std::filesystem;
 
 const FieldList<TrainOptions>& train_options_fields() {
   using O = TrainOptions;
-  static const FieldList<O> f = FieldList<O>("options")
-      .add("steps", &O::steps, "optimiser steps")
-      .add("batch_size", &O::batch_size, "examples per micro-batch")
-      .add("grad_accumulation", &O::grad_accumulation, "micro-batches per optimiser step")
-      .add("weight_decay", &O::weight_decay, "AdamW decoupled weight decay")
-      .add("clip_grad_norm", &O::clip_grad_norm, "maximum global gradient norm (0: no clipping)")
-      .add("aux_loss_weight", &O::aux_loss_weight, "weight of the routers' auxiliary losses (load balancing, z-loss)")
-      .add("eval_every", &O::eval_every, "evaluate every N steps (0: at the end only)")
-      .add("checkpoint_every", &O::checkpoint_every, "write a checkpoint every N steps (0: at the end only)")
-      .add("seed", &O::seed, "data order and per-step randomness")
-      .add("out_dir", &O::out_dir, "metrics.jsonl, checkpoint/ and the trained modules go here")
-      .add("train_base", &O::train_base, "train the backbone's own parameters too (full fine-tuning, training from scratch)")
-      .add("early_stopping_patience", &O::early_stopping_patience,
-           "stop after this many evaluations without improvement (0: never)")
-      .add("task_sampling", &O::task_sampling, "multi-task data: proportional | temperature | uniform")
-      .add("sampling_temperature", &O::sampling_temperature, "temperature sampling: n_i^(1/T), normalised")
-      .add("routing", &O::routing, example_routing_fields(), "fixed per-example module choice by task or language")
-      .add("precision", &O::precision,
-           "fp32 | bf16 (autocast: matrix products in bfloat16, weights in float32) | fp16 (CUDA)")
-      .add("gradient_checkpointing", &O::gradient_checkpointing,
-           "rerun each layer during backward instead of keeping its activations (less memory, ~1/3 more compute)")
-      .add("schedule", &O::schedule, schedule_fields(), "learning rate over steps")
-      .check([](const O& o) { validate(o); });
+  static const FieldList<O> f =
+      FieldList<O>("options")
+          .add("steps", &O::steps, "optimiser steps")
+          .add("batch_size", &O::batch_size, "examples per micro-batch")
+          .add("grad_accumulation", &O::grad_accumulation, "micro-batches per optimiser step")
+          .add("weight_decay", &O::weight_decay, "AdamW decoupled weight decay")
+          .add("clip_grad_norm", &O::clip_grad_norm, "maximum global gradient norm (0: no clipping)")
+          .add("aux_loss_weight", &O::aux_loss_weight,
+               "weight of the routers' auxiliary losses (load balancing, z-loss)")
+          .add("eval_every", &O::eval_every, "evaluate every N steps (0: at the end only)")
+          .add("checkpoint_every", &O::checkpoint_every,
+               "write a checkpoint every N steps (0: at the end only)")
+          .add("seed", &O::seed, "data order and per-step randomness")
+          .add("out_dir", &O::out_dir, "metrics.jsonl, checkpoint/ and the trained modules go here")
+          .add("train_base", &O::train_base,
+               "train the backbone's own parameters too (full fine-tuning, training from scratch)")
+          .add("early_stopping_patience", &O::early_stopping_patience,
+               "stop after this many evaluations without improvement (0: never)")
+          .add("task_sampling", &O::task_sampling, "multi-task data: proportional | temperature | uniform")
+          .add("sampling_temperature", &O::sampling_temperature,
+               "temperature sampling: n_i^(1/T), normalised")
+          .add("routing", &O::routing, example_routing_fields(),
+               "fixed per-example module choice by task or language")
+          .add("precision", &O::precision,
+               "fp32 | bf16 (autocast: matrix products in bfloat16, weights in float32) | fp16 (CUDA)")
+          .add("gradient_checkpointing", &O::gradient_checkpointing,
+               "rerun each layer during backward instead of keeping its activations (less memory, ~1/3 more "
+               "compute)")
+          .add("schedule", &O::schedule, schedule_fields(), "learning rate over steps")
+          .check([](const O& o) { validate(o); });
   return f;
 }
 
-void to_json(nlohmann::json& j, const TrainOptions& o) { j = train_options_fields().write(o); }
+void to_json(nlohmann::json& j, const TrainOptions& o) {
+  j = train_options_fields().write(o);
+}
 
-void from_json(const nlohmann::json& j, TrainOptions& o) { o = train_options_fields().read(j); }
+void from_json(const nlohmann::json& j, TrainOptions& o) {
+  o = train_options_fields().read(j);
+}
 
 void validate(const TrainOptions& o) {
   validate(o.schedule);
-  autocast_dtype(o.precision);  // validates
+  autocast_dtype(o.precision);                                                // validates
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
-  MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0, "[train] steps, batch_size and "
-            "grad_accumulation must be > 0, got ", o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
+  MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0,
+            "[train] steps, batch_size and "
+            "grad_accumulation must be > 0, got ",
+            o.steps, ", ", o.batch_size, ", ", o.grad_accumulation);
   // A batch is built whole in memory: past these, a run would exhaust it before its first step.
-  MDL_CHECK(o.batch_size <= 65536 && o.grad_accumulation <= 65536, "[train] options.batch_size ", o.batch_size,
-            " and options.grad_accumulation ", o.grad_accumulation, " must be at most 65536 (examples held in memory "
+  MDL_CHECK(o.batch_size <= 65536 && o.grad_accumulation <= 65536, "[train] options.batch_size ",
+            o.batch_size, " and options.grad_accumulation ", o.grad_accumulation,
+            " must be at most 65536 (examples held in memory "
             "at once); a larger batch is batch_size x grad_accumulation");
 }
 
-
-
-
-
 Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOptions options)
-    : set_(set), trainable_(std::move(trainable)), options_(std::move(options)), state_(std::make_unique<State>()) {
+    : set_(set),
+      trainable_(std::move(trainable)),
+      options_(std::move(options)),
+      state_(std::make_unique<State>()) {
   validate(options_);
-  MDL_CHECK(!trainable_.empty() || options_.train_base, "[train] name the modules to train, or set train_base");
+  MDL_CHECK(!trainable_.empty() || options_.train_base,
+            "[train] name the modules to train, or set train_base");
   if (trainable_.empty()) {  // the backbone alone: every module frozen
     set_.freeze_base({});
     for (auto& t : set_.parameters()) t.set_requires_grad(false);
@@ -109,7 +123,9 @@ std::map<std::string, double> routing_summary(const RoutingLog& log) {
     for (double l : st.load) max_load = std::max(max_load, l);
   }
   const auto n = static_cast<double>(log.stats().size());
-  return {{"aux_loss", log.aux_loss().item<double>()}, {"entropy", entropy / n}, {"dropped_fraction", dropped / n},
+  return {{"aux_loss", log.aux_loss().item<double>()},
+          {"entropy", entropy / n},
+          {"dropped_fraction", dropped / n},
           {"max_load", max_load}};
 }
 
@@ -119,7 +135,8 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
   ModelImpl& model = *set_.model();
   const int64_t n = static_cast<int64_t>(data.examples.size());
   const int64_t pad = std::max<int64_t>(0, model.config().pad_token_id);
-  at::manual_seed(static_cast<uint64_t>(options_.seed * 1000003u + static_cast<uint64_t>(step_)));  // dropout, sampling
+  at::manual_seed(
+      static_cast<uint64_t>(options_.seed * 1000003u + static_cast<uint64_t>(step_)));  // dropout, sampling
   auto& opt = *state_->optimizer;
   const double lr = learning_rate(options_.schedule, step_);
   for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
@@ -139,8 +156,9 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
     // whatever the number of ranks (rank r reads the r-th slice of the global batch).
     std::vector<int64_t> which;
     for (int64_t j = 0; j < local; ++j)
-      which.push_back(state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + rank * local + j, n,
-                                     options_.seed));
+      which.push_back(
+          state_->sample((step_ * options_.grad_accumulation + m) * options_.batch_size + rank * local + j, n,
+                         options_.seed));
     Batch b = collate(data, which, pad, model.device(), options_.routing);
     ModelInput in = model_input(b);
     RoutingLog log;
@@ -157,10 +175,12 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
       std::string lines;
       for (size_t i = 0; i < which.size() && i < 8; ++i) {
         const Example& e = data.examples[static_cast<size_t>(which[i])];
-        lines += (i ? ", " : "") + (e.line > 0 ? "line " + std::to_string(e.line) : "example " + std::to_string(which[i]));
+        lines += (i ? ", " : "") +
+                 (e.line > 0 ? "line " + std::to_string(e.line) : "example " + std::to_string(which[i]));
       }
-      MDL_FAIL("[train] step ", step_ + 1, ": the loss is ", value, " on a batch of ", which.size(), " examples (", lines,
-               which.size() > 8 ? ", ..." : "", "); no update was made. Lower the learning rate (options.schedule.lr), "
+      MDL_FAIL("[train] step ", step_ + 1, ": the loss is ", value, " on a batch of ", which.size(),
+               " examples (", lines, which.size() > 8 ? ", ..." : "",
+               "); no update was made. Lower the learning rate (options.schedule.lr), "
                "check those records, or train in float32 (options.precision)");
     }
     (loss / static_cast<double>(options_.grad_accumulation)).backward();
@@ -173,7 +193,8 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
       if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);
       buffers.push_back(p.grad());
     }
-    at::Tensor loss = at::full({1}, total, state_->params[0].options().dtype(at::kDouble));  // NCCL wants device tensors
+    at::Tensor loss =
+        at::full({1}, total, state_->params[0].options().dtype(at::kDouble));  // NCCL wants device tensors
     buffers.push_back(loss);
     bytes_communicated_ = group_->all_reduce_mean(buffers) - static_cast<int64_t>(sizeof(double));
     total = loss.item<double>();
@@ -193,9 +214,13 @@ void Trainer::set_process_group(ProcessGroup* group) {
   group_->broadcast(state_->params, 0);  // every rank starts from rank 0's parameters
 }
 
-bool Trainer::writer() const { return !group_ || group_->rank() == 0; }
+bool Trainer::writer() const {
+  return !group_ || group_->rank() == 0;
+}
 
-double Trainer::evaluate(const Dataset& data) { return evaluate_metrics(data).primary(); }
+double Trainer::evaluate(const Dataset& data) {
+  return evaluate_metrics(data).primary();
+}
 
 EvalMetrics Trainer::evaluate_metrics(const Dataset& data) {
   return mdl::evaluate_metrics(*set_.model(), data, options_.batch_size, options_.routing);
@@ -211,7 +236,8 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
   if (data.tasks.size() > 1) {
     state_->by_task.resize(data.tasks.size());
     for (size_t e = 0; e < data.examples.size(); ++e)
-      state_->by_task[static_cast<size_t>(task_index(data, data.examples[e].task))].push_back(static_cast<int64_t>(e));
+      state_->by_task[static_cast<size_t>(task_index(data, data.examples[e].task))].push_back(
+          static_cast<int64_t>(e));
     std::vector<int64_t> sizes;
     for (const auto& pool : state_->by_task) sizes.push_back(static_cast<int64_t>(pool.size()));
     double sum = 0;
@@ -256,7 +282,7 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
     }
     if (group_ && (last || stop || (options_.checkpoint_every > 0 && step_ % options_.checkpoint_every == 0)))
       group_->barrier();  // the checkpoint is complete before any rank goes on (or ends)
-    if (stop) break;  // early stopping: the best modules are in <out_dir>/best
+    if (stop) break;      // early stopping: the best modules are in <out_dir>/best
   }
   set_.model()->eval();
   return history;
@@ -268,7 +294,8 @@ bool Trainer::after_eval(double value) {
   if (improved) {
     best_ = value;
     evals_since_best_ = 0;
-    if (!options_.out_dir.empty() && writer()) {  // keep the best modules (and backbone) beside the last checkpoint
+    if (!options_.out_dir.empty() &&
+        writer()) {  // keep the best modules (and backbone) beside the last checkpoint
       const fs::path best = fs::path(options_.out_dir) / "best";
       for (const auto& name : trainable_) set_.save(name, (best / name).string());
       if (options_.train_base) save_model(*set_.model(), (best / "base").string());

@@ -11,7 +11,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <nlohmann/json_fwd.hpp>
 
 #include <cmath>
 #include <cstdint>
@@ -19,6 +18,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
 
@@ -39,18 +39,19 @@ class ProcessGroup;
 
 /// Training settings.
 struct TrainOptions {
-  ScheduleOptions schedule;     ///< learning rate over steps
-  int64_t steps = 100;          ///< optimiser steps
-  int64_t batch_size = 8;       ///< examples per micro-batch
+  ScheduleOptions schedule;       ///< learning rate over steps
+  int64_t steps = 100;            ///< optimiser steps
+  int64_t batch_size = 8;         ///< examples per micro-batch
   int64_t grad_accumulation = 1;  ///< micro-batches per optimiser step
-  double weight_decay = 0.0;    ///< AdamW decoupled weight decay
-  double clip_grad_norm = 1.0;  ///< max global gradient norm; 0 = off
-  double aux_loss_weight = 1.0; ///< weight of the routers' auxiliary losses (their own coefficients inside)
-  int64_t eval_every = 0;       ///< evaluate every N steps (0: at the end only)
-  int64_t checkpoint_every = 0; ///< write a checkpoint every N steps (0: at the end only)
-  uint64_t seed = 0;            ///< data order and per-step RNG
-  std::string out_dir;          ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
-  bool train_base = false;      ///< the backbone's own parameters train too (full fine-tuning, training from scratch)
+  double weight_decay = 0.0;      ///< AdamW decoupled weight decay
+  double clip_grad_norm = 1.0;    ///< max global gradient norm; 0 = off
+  double aux_loss_weight = 1.0;   ///< weight of the routers' auxiliary losses (their own coefficients inside)
+  int64_t eval_every = 0;         ///< evaluate every N steps (0: at the end only)
+  int64_t checkpoint_every = 0;   ///< write a checkpoint every N steps (0: at the end only)
+  uint64_t seed = 0;              ///< data order and per-step RNG
+  std::string out_dir;            ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
+  bool train_base =
+      false;  ///< the backbone's own parameters train too (full fine-tuning, training from scratch)
   int64_t early_stopping_patience = 0;  ///< stop after this many evaluations without improvement (0: never)
   std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
   double sampling_temperature = 2.0;           ///< for temperature sampling

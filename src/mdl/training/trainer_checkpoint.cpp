@@ -42,7 +42,9 @@ void Trainer::save_checkpoint(const std::string& dir) const {
     moments[state_->keys[i] + ".step"] = at::tensor(s.step(), at::kLong);
   }
   io::save_safetensors((fs::path(tmp) / "optimizer.safetensors").string(), moments);
-  nlohmann::json j = {{"step", step_}, {"options", options_}, {"modules", trainable_},
+  nlohmann::json j = {{"step", step_},
+                      {"options", options_},
+                      {"modules", trainable_},
                       {"best", std::isnan(best_) ? nlohmann::json(nullptr) : nlohmann::json(best_)},
                       {"evals_since_best", evals_since_best_}};
   io::write_text_atomic((fs::path(tmp) / "trainer.json").string(), j.dump(2) + "\n");
@@ -69,17 +71,22 @@ void Trainer::load_checkpoint(const std::string& requested) {
   const std::string where = "[train] checkpoint '" + meta.string() + "': ";
   MDL_CHECK(j.is_object(), where, "must hold a JSON object");
   MDL_CHECK(j.contains("modules") && j["modules"].is_array() &&
-                std::all_of(j["modules"].begin(), j["modules"].end(), [](const nlohmann::json& m) { return m.is_string(); }),
+                std::all_of(j["modules"].begin(), j["modules"].end(),
+                            [](const nlohmann::json& m) { return m.is_string(); }),
             where, "field 'modules' must be a list of module names");
   MDL_CHECK(j["modules"].get<std::vector<std::string>>() == trainable_, where, "trains ", j["modules"].dump(),
             ", this run trains other modules");
   MDL_CHECK(j.contains("step") && j["step"].is_number_integer(), where, "field 'step' must be an integer");
   const int64_t step = j["step"].get<int64_t>();
-  MDL_CHECK(step >= 0 && step <= options_.steps, where, "field 'step' is ", step, "; a checkpoint of this run is at a "
-            "step in 0..", options_.steps, " (options.steps)");
-  MDL_CHECK(!j.contains("best") || j["best"].is_null() || (j["best"].is_number() && std::isfinite(j["best"].get<double>())),
+  MDL_CHECK(step >= 0 && step <= options_.steps, where, "field 'step' is ", step,
+            "; a checkpoint of this run is at a "
+            "step in 0..",
+            options_.steps, " (options.steps)");
+  MDL_CHECK(!j.contains("best") || j["best"].is_null() ||
+                (j["best"].is_number() && std::isfinite(j["best"].get<double>())),
             where, "field 'best' must be a finite number or null");
-  MDL_CHECK(!j.contains("evals_since_best") || (j["evals_since_best"].is_number_integer() && j["evals_since_best"].get<int64_t>() >= 0),
+  MDL_CHECK(!j.contains("evals_since_best") ||
+                (j["evals_since_best"].is_number_integer() && j["evals_since_best"].get<int64_t>() >= 0),
             where, "field 'evals_since_best' must be an integer >= 0");
   for (const auto& name : trainable_) {
     const std::string mdir = (fs::path(dir) / "modules" / name).string();
@@ -87,7 +94,8 @@ void Trainer::load_checkpoint(const std::string& requested) {
   }
   if (options_.train_base) {
     const std::string file = (fs::path(dir) / "base.safetensors").string();
-    MDL_CHECK(fs::exists(file), "[train] checkpoint '", dir, "' has no backbone weights, but this run trains the backbone");
+    MDL_CHECK(fs::exists(file), "[train] checkpoint '", dir,
+              "' has no backbone weights, but this run trains the backbone");
     auto base = io::load_safetensors(file);
     torch::NoGradGuard no_grad;
     for (auto& p : set_.model()->named_parameters()) {
@@ -105,8 +113,10 @@ void Trainer::load_checkpoint(const std::string& requested) {
     for (const char* part : {".exp_avg", ".exp_avg_sq"}) {
       MDL_CHECK(moments.count(k + part) && moments.at(k + part).sizes() == state_->params[i].sizes() &&
                     at::isFloatingType(moments.at(k + part).scalar_type()),
-                "[train] checkpoint '", dir, "/optimizer.safetensors': '", k, part, "' is missing or not a floating "
-                "tensor of shape ", shape_str(state_->params[i].sizes().vec()));
+                "[train] checkpoint '", dir, "/optimizer.safetensors': '", k, part,
+                "' is missing or not a floating "
+                "tensor of shape ",
+                shape_str(state_->params[i].sizes().vec()));
     }
     MDL_CHECK(moments.count(k + ".step") && moments.at(k + ".step").numel() == 1 &&
                   moments.at(k + ".step").item<double>() >= 0,
@@ -118,7 +128,8 @@ void Trainer::load_checkpoint(const std::string& requested) {
     states[c10::guts::to_string(state_->params[i].unsafeGetTensorImpl())] = std::move(s);
   }
   step_ = step;
-  best_ = j.contains("best") && j["best"].is_number() ? j["best"].get<double>() : std::numeric_limits<double>::quiet_NaN();
+  best_ = j.contains("best") && j["best"].is_number() ? j["best"].get<double>()
+                                                      : std::numeric_limits<double>::quiet_NaN();
   evals_since_best_ = j.value("evals_since_best", int64_t{0});
 }
 

@@ -21,7 +21,7 @@ struct Trainer::State {
   std::vector<std::string> keys;  // "<module>/<tensor>" of every trainable tensor, in parameter order
   std::vector<at::Tensor> params;
   std::unique_ptr<torch::optim::AdamW> optimizer;
-  int64_t epoch = -1;          // the epoch whose example order `order` holds
+  int64_t epoch = -1;  // the epoch whose example order `order` holds
   std::vector<int64_t> order;
 
   std::vector<std::vector<int64_t>> by_task;  // example indices of each task (multi-task data)
@@ -34,8 +34,8 @@ struct Trainer::State {
     if (by_task.empty()) return example(i, n, seed);
     std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(i));
     const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
-    const size_t t = std::min<size_t>(std::upper_bound(task_cdf.begin(), task_cdf.end(), u) - task_cdf.begin(),
-                                      by_task.size() - 1);
+    const size_t t = std::min<size_t>(
+        std::upper_bound(task_cdf.begin(), task_cdf.end(), u) - task_cdf.begin(), by_task.size() - 1);
     const auto& pool = by_task[t];
     return pool[std::uniform_int_distribution<size_t>(0, pool.size() - 1)(rng)];
   }
