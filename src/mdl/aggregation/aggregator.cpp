@@ -29,10 +29,12 @@ at::Tensor WeightedSum::combine(const at::Tensor& input, const at::Tensor& curre
   MDL_CHECK(input.dim() == 3, "[aggregate] a weighted sum routes (B, T, C) inputs, got ", input.sizes());
   const int64_t B = input.size(0), T = input.size(1), in = input.size(2), out = m.out_features;
   const Routing r = routing.rows == B * T ? routing : expand_rows(routing, T);
-  // A member run on some tokens sees the forward context of those tokens' examples (task ids, module
-  // lists, token ids): each token is one example of length 1 to it.
+  // With a routing context, a member run on some tokens sees the context of those tokens' examples (task
+  // ids, module lists, token ids): each token is one example of length 1 to it. Without one there is
+  // nothing per example to narrow (a hash router inside a member then refuses the batch's token ids), and
+  // a backbone's expert MLP pays nothing.
   const ForwardContext& ctx = ForwardContext::current();
-  const bool narrow = ctx.routing != nullptr || (ctx.input_ids && ctx.input_ids->defined());
+  const bool narrow = ctx.routing != nullptr;
   auto on_rows = [&](int64_t e, const at::Tensor& x, const at::Tensor& h, const at::Tensor& row_ids) {
     if (!narrow) return m.change(e, x, h);
     RowsContext rows(row_ids, T);
