@@ -317,5 +317,27 @@ TEST(Routing, TaskLevelNeedsTaskIds) {
                     "task id 2 out of range");
 }
 
+// ModuleFormer's mutual-information loss H(e|x) - H(e): 0 for a uniform router, -log E (its minimum) for
+// a balanced one-hot one, and in between for a soft or an unbalanced router; H(e) is the usage entropy.
+TEST(RoutingLosses, MutualInformationIsZeroUniformAndMinusLogEBalancedOneHot) {
+  const int64_t E = 4;
+  const at::Tensor uniform = at::full({8, E}, 1.0 / E);
+  EXPECT_NEAR(mutual_information_loss(uniform).item<double>(), 0.0, 1e-6);
+  const at::Tensor one_hot = at::eye(E).repeat({2, 1});  // every expert chosen by 2 of 8 rows, surely
+  EXPECT_NEAR(mutual_information_loss(one_hot).item<double>(), -std::log(static_cast<double>(E)), 1e-6);
+  EXPECT_NEAR(usage_entropy(one_hot).item<double>(), std::log(static_cast<double>(E)), 1e-6);
+  at::Tensor collapsed = at::zeros({8, E});
+  collapsed.select(1, 0).fill_(1);  // one expert for every row: sharp but unbalanced
+  EXPECT_NEAR(mutual_information_loss(collapsed).item<double>(), 0.0, 1e-6);
+  EXPECT_NEAR(usage_entropy(collapsed).item<double>(), 0.0, 1e-6);
+  at::Tensor logits = at::randn({8, E}).requires_grad_(true);
+  const at::Tensor mi = mutual_information_loss(at::softmax(logits, -1));
+  EXPECT_GT(mi.item<double>(), -std::log(static_cast<double>(E)));
+  EXPECT_LT(mi.item<double>(), 1e-6);
+  mi.backward();
+  EXPECT_GT(logits.grad().abs().sum().item<double>(), 0.0);
+  EXPECT_THROW_WITH(mutual_information_loss(at::ones({8})), "router probabilities must be (N, E)");
+}
+
 }  // namespace
 }  // namespace mdl

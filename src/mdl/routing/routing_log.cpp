@@ -4,6 +4,8 @@
 
 #include <cstdio>
 
+#include "mdl/core/error.h"
+
 namespace mdl {
 
 at::Tensor load_balancing_loss(const at::Tensor& probs, const at::Tensor& chosen) {
@@ -14,6 +16,24 @@ at::Tensor load_balancing_loss(const at::Tensor& probs, const at::Tensor& chosen
 
 at::Tensor router_z_loss(const at::Tensor& logits) {
   return at::logsumexp(logits.to(at::kFloat), -1).pow(2).mean();
+}
+
+namespace {
+/// Entropy (nats) of distributions along the last dimension; eps inside the log as ModuleFormer's code.
+at::Tensor entropy(const at::Tensor& p) {
+  return -(p * (p + 1e-8).log()).sum(-1);
+}
+}  // namespace
+
+at::Tensor usage_entropy(const at::Tensor& probs) {
+  MDL_CHECK(probs.dim() == 2, "[routing] router probabilities must be (N, E), got ", probs.sizes());
+  return entropy(probs.to(at::kFloat).mean(0));
+}
+
+at::Tensor mutual_information_loss(const at::Tensor& probs) {
+  MDL_CHECK(probs.dim() == 2, "[routing] router probabilities must be (N, E), got ", probs.sizes());
+  const at::Tensor p = probs.to(at::kFloat);
+  return entropy(p).mean() - entropy(p.mean(0));
 }
 
 double routing_entropy(const at::Tensor& probs) {

@@ -19,6 +19,14 @@ namespace mdl {
 at::Tensor load_balancing_loss(const at::Tensor& probs, const at::Tensor& chosen);
 /// Router z-loss (ST-MoE): mean over rows of logsumexp(logits)^2.
 at::Tensor router_z_loss(const at::Tensor& logits);
+/// ModuleFormer's mutual-information loss over router probabilities (N, E): H(e|x) - H(e), the rows' mean
+/// entropy less the entropy of the experts' mean use p(e) = mean_x p(e|x). Minimised, each row's routing
+/// sharpens while the experts' use evens out: 0 for a uniform router, -log E for a balanced one-hot one.
+/// Differentiable.
+at::Tensor mutual_information_loss(const at::Tensor& probs);
+/// H(e), the entropy of the experts' mean use (nats): ModuleFormer's load concentration, minimised before
+/// pruning so that few experts carry the data. Differentiable.
+at::Tensor usage_entropy(const at::Tensor& probs);
 /// Mean entropy (nats) of the rows' router distributions.
 double routing_entropy(const at::Tensor& probs);
 /// Share of the kept assignments' rows that each expert received (sums to 1).
