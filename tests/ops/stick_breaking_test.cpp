@@ -13,7 +13,9 @@
 namespace mdl {
 namespace {
 
-double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+double sigmoid(double x) {
+  return 1.0 / (1.0 + std::exp(-x));
+}
 
 /// A (B, H, T, S) by the definition: A_ij = z_ij prod_{j < t <= p_i} (1 - z_it), over real keys only.
 at::Tensor naive_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& mask) {
@@ -26,7 +28,8 @@ at::Tensor naive_weights(const at::Tensor& q, const at::Tensor& k, const at::Ten
         for (int64_t j = 0; j <= pos; ++j) {
           if (mask.defined() && mask[b][j].item<int64_t>() == 0) continue;
           auto z = [&](int64_t t) {
-            return sigmoid((q[b][h][i] * k[b][h][t]).sum().item<double>() / std::sqrt(static_cast<double>(D)));
+            return sigmoid((q[b][h][i] * k[b][h][t]).sum().item<double>() /
+                           std::sqrt(static_cast<double>(D)));
           };
           double w = z(j);
           for (int64_t t = j + 1; t <= pos; ++t)
@@ -52,7 +55,8 @@ TEST(StickBreaking, EqualsTheDefinitionWithPaddingAndACache) {
   EXPECT_TRUE((want.sum(-1) <= 1 + 1e-12).all().item<bool>());
   EXPECT_TRUE((remainder > 0).all().item<bool>());  // every row leaves some of its stick
   // A masked key takes nothing and breaks nothing.
-  EXPECT_TRUE(at::equal(fn::stick_breaking_weights(q, k, mask).select(3, 3)[1], at::zeros({2, 5}, at::kDouble)));
+  EXPECT_TRUE(
+      at::equal(fn::stick_breaking_weights(q, k, mask).select(3, 3)[1], at::zeros({2, 5}, at::kDouble)));
   // Two queries after three cached keys: the last rows of the full pass.
   const at::Tensor cached = fn::stick_breaking_weights(q.narrow(2, 3, 2), k, mask);
   EXPECT_CLOSE(cached, want.narrow(2, 3, 2), 1e-12);
@@ -63,7 +67,8 @@ TEST(StickBreaking, FloatMatchesDoubleAndGradientsAreFinite) {
   at::manual_seed(5);
   const at::Tensor q = at::randn({1, 2, 64, 8}), k = at::randn({1, 2, 64, 8}), v = at::randn({1, 2, 64, 8});
   const at::Tensor y = fn::stick_breaking_attention(q, k, v, at::Tensor());
-  const at::Tensor y64 = fn::stick_breaking_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), at::Tensor());
+  const at::Tensor y64 =
+      fn::stick_breaking_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), at::Tensor());
   EXPECT_CLOSE(y.to(at::kDouble), y64, 1e-5);
   at::Tensor qg = q.clone().requires_grad_(true), kg = k.clone().requires_grad_(true);
   at::Tensor mask = at::ones({1, 64}, at::kLong);

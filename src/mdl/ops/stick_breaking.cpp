@@ -10,22 +10,27 @@
 namespace mdl::fn {
 
 at::Tensor stick_breaking_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& key_mask) {
-  MDL_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-            "[stick-breaking] q must be (B, H, T, D) and k (B, H, S, D), got ", q.sizes(), " and ", k.sizes());
+  MDL_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                q.size(3) == k.size(3),
+            "[stick-breaking] q must be (B, H, T, D) and k (B, H, S, D), got ", q.sizes(), " and ",
+            k.sizes());
   const int64_t B = q.size(0), T = q.size(2), S = k.size(2), D = q.size(3);
   MDL_CHECK(S >= T, "[stick-breaking] ", T, " queries need at least as many keys, got ", S);
   at::Tensor l = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(static_cast<double>(D));  // (B, H, T, S)
   // Key j is visible to query i when j <= S - T + i, and real.
   const auto opts = at::TensorOptions().dtype(at::kLong).device(q.device());
-  at::Tensor visible = at::arange(S, opts).view({1, S}) <= (at::arange(T, opts) + (S - T)).view({T, 1});  // (T, S)
+  at::Tensor visible =
+      at::arange(S, opts).view({1, S}) <= (at::arange(T, opts) + (S - T)).view({T, 1});  // (T, S)
   visible = visible.view({1, 1, T, S});
   if (key_mask.defined()) {
-    MDL_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == S, "[stick-breaking] key_mask must be (",
-              B, ", ", S, "), got ", key_mask.sizes());
+    MDL_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == S,
+              "[stick-breaking] key_mask must be (", B, ", ", S, "), got ", key_mask.sizes());
     visible = visible.logical_and(key_mask.to(q.device()).to(at::kBool).view({B, 1, 1, S}));
   }
-  at::Tensor log_z = at::log_sigmoid(l).masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
-  at::Tensor log_beta = at::log_sigmoid(-l).masked_fill(visible.logical_not(), 0.0);  // invisible keys break nothing
+  at::Tensor log_z =
+      at::log_sigmoid(l).masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
+  at::Tensor log_beta =
+      at::log_sigmoid(-l).masked_fill(visible.logical_not(), 0.0);  // invisible keys break nothing
   // sum_{t > j} log beta_it: the reverse cumulative sum over keys, less the key's own term.
   at::Tensor after = log_beta.flip(-1).cumsum(-1).flip(-1) - log_beta;
   return at::exp(log_z + after);
@@ -33,8 +38,8 @@ at::Tensor stick_breaking_weights(const at::Tensor& q, const at::Tensor& k, cons
 
 at::Tensor stick_breaking_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& key_mask, at::Tensor* remainder) {
-  MDL_CHECK(v.dim() == 4 && v.size(2) == k.size(2), "[stick-breaking] v must be (B, H, S, D) like k ", k.sizes(),
-            ", got ", v.sizes());
+  MDL_CHECK(v.dim() == 4 && v.size(2) == k.size(2), "[stick-breaking] v must be (B, H, S, D) like k ",
+            k.sizes(), ", got ", v.sizes());
   at::Tensor a = stick_breaking_weights(q, k, key_mask);  // (B, H, T, S)
   if (remainder) *remainder = 1 - a.sum(-1);
   return at::matmul(a.to(v.scalar_type()), v);

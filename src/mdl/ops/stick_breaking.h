@@ -2,7 +2,8 @@
 // attention): instead of a softmax over the keys, query i breaks a stick of length 1 walking back from
 // its own position: key j takes the fraction z_ij of what the later keys left,
 //   l_ij = q_i . k_j / sqrt(D),  z_ij = sigmoid(l_ij),
-//   A_ij = z_ij * prod_{j < t <= i} (1 - z_it)  =  exp(logsigmoid(l_ij) + sum_{j < t <= i} logsigmoid(-l_it)),
+//   A_ij = z_ij * prod_{j < t <= i} (1 - z_it)  =  exp(logsigmoid(l_ij) + sum_{j < t <= i}
+//   logsigmoid(-l_it)),
 // for keys j at or before the query's position. A row sums to at most 1; the remainder is dropped. The sum
 // over t is one reverse cumulative sum over the keys in log space (O(T S), where IBM's code multiplies by
 // a triangular matrix, O(T^2 S)). A masked key (padding) is transparent: z = 0 and it breaks nothing.
