@@ -88,6 +88,34 @@ TEST(Router, TopKMatchesBruteForce) {
 
 // Brute-force capacity: slot by slot (all first choices before any second), rows in order, an expert
 // accepts until it holds ceil(cf * N * k / E).
+// ModuleFormer's sample_topk: in training the first k - s experts are the most probable and the last s
+// are drawn from the others (never repeating one), each weighted by its probability; at evaluation, and
+// with s = 0, plain top-k.
+TEST(Router, SampleTopKKeepsTheBestAndDrawsTheRest) {
+  RouterOptions o;
+  o.k = 2;
+  o.normalize = false;
+  o.sample_topk = 1;
+  auto router = make_router(o);
+  at::manual_seed(8);
+  const at::Tensor logits = at::randn({256, 6});
+  const at::Tensor p = at::softmax(logits, -1), best = p.argmax(-1);
+  RouterInput training;
+  training.training = true;
+  const Routing r = router->route(logits, 6, training);
+  const at::Tensor first = r.expert.narrow(0, 0, 256), second = r.expert.narrow(0, 256, 256);
+  EXPECT_TRUE(at::equal(first, best));
+  EXPECT_FALSE((second == best).any().item<bool>());
+  EXPECT_CLOSE(r.weight.narrow(0, 256, 256), p.gather(1, second.unsqueeze(1)).squeeze(1), 1e-6);
+  // Drawn, not the runner-up every time.
+  const at::Tensor runner_up = std::get<1>(p.topk(2, -1)).select(1, 1);
+  EXPECT_GT((second != runner_up).sum().item<int64_t>(), 0);
+  const Routing eval = router->route(logits, 6, RouterInput());
+  EXPECT_TRUE(at::equal(eval.expert.narrow(0, 256, 256), runner_up));
+  o.sample_topk = 3;
+  EXPECT_THROW_WITH(make_router(o), "sample_topk must be in 0..k (2), got 3");
+}
+
 TEST(Router, CapacityDroppingMatchesBruteForce) {
   at::Tensor logits = random_logits(20, 4, 3);
   logits.select(1, 0) += 2.0;  // most rows prefer expert 0, so it overflows

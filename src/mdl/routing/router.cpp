@@ -29,6 +29,9 @@ const FieldList<RouterOptions>& router_fields() {
           .add("load_balancing_coef", &RouterOptions::load_balancing_coef,
                "weight of the Switch load-balancing loss")
           .add("z_loss_coef", &RouterOptions::z_loss_coef, "weight of the router z-loss")
+          .add("sample_topk", &RouterOptions::sample_topk,
+               "top_k in training: the last this many of the k drawn from the rest of the distribution "
+               "(ModuleFormer)")
           .add("unit_weights", &RouterOptions::unit_weights,
                "selected experts weigh 1 (MoEfication: the sum of the groups)")
           .check([](const RouterOptions& o) { validate(o); });
@@ -114,13 +117,21 @@ class SoftmaxRouter : public Router {
 class TopKRouter : public Router {
  public:
   using Router::Router;
-  Routing route(const at::Tensor& logits, int64_t experts, const RouterInput&) const override {
+  Routing route(const at::Tensor& logits, int64_t experts, const RouterInput& in) const override {
     check_logits(logits, experts, "top-k");
     const int64_t k = options_.k;
     MDL_CHECK(k <= experts, "[router] top-k with k = ", k, " but only ", experts, " experts");
     Routing r = with_logits(logits, experts, options_.temperature);
     const int64_t N = r.rows;
     auto [w, idx] = r.probs.topk(k, -1);  // (N, k), largest first
+    if (in.training && options_.sample_topk > 0) {
+      // The first k - s by probability, the last s drawn from the others (ModuleFormer's sample_topk).
+      const int64_t s = options_.sample_topk, keep = k - s;
+      at::Tensor top = idx.narrow(1, 0, keep);
+      at::Tensor rest = (r.probs.detach() + 1e-6).scatter(1, top, 0.0);
+      idx = at::cat({top, at::multinomial(rest, s, /*replacement=*/false)}, 1);
+      w = r.probs.gather(1, idx);
+    }
     if (options_.unit_weights)
       w = at::ones_like(w);
     else if (options_.normalize)
@@ -238,6 +249,8 @@ std::shared_ptr<Router> make_router(const RouterOptions& o) {
   if (o.kind == "softmax") return std::make_shared<SoftmaxRouter>(o);
   if (o.kind == "top_k") {
     MDL_CHECK(o.k >= 1, "[router] k must be >= 1, got ", o.k);
+    MDL_CHECK(o.sample_topk >= 0 && o.sample_topk <= o.k, "[router] sample_topk must be in 0..k (", o.k,
+              "), got ", o.sample_topk);
     return std::make_shared<TopKRouter>(o);
   }
   if (o.kind == "switch") {  // Switch Transformer: top-1, the gate probability as weight, capacity 1.25

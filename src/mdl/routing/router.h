@@ -10,8 +10,10 @@
 // Kinds (RouterOptions::kind):
 //   softmax       dense softmax gating over every expert (mixture of experts at representation level)
 //   top_k         softmax then the k largest; `normalize` renormalises them to sum to one (Mixtral, GShard);
-//                 `capacity_factor` > 0 caps each expert at ceil(cf * N * k / E) rows, the overflow is
-//                 dropped in row order and counted (Switch); 0 is dropless
+//                 `sample_topk` s: in training the last s of the k are drawn from the rest of the
+//                 distribution (multinomial over p + 1e-6 without the first k - s; ModuleFormer's
+//                 exploration); `capacity_factor` > 0 caps each expert at ceil(cf * N * k / E) rows, the
+//                 overflow is dropped in row order and counted (Switch); 0 is dropless
 //   switch        top_k with k = 1, no renormalisation, capacity factor 1.25 unless set
 //   expert_choice every expert takes its ceil(cf * N / E) highest-scoring rows (Zhou et al., 2022); a row
 //                 sees the future of the sequence through the competition, so causal models refuse it
@@ -46,6 +48,8 @@ struct RouterOptions {
       0.0;                    ///< weight of the Switch load-balancing loss in the routing log's aux loss
   double z_loss_coef = 0.0;   ///< weight of the router z-loss
   bool unit_weights = false;  ///< selected experts get weight 1 (MoEfication: the sum of the selected groups)
+  int64_t sample_topk =
+      0;  ///< top_k in training: the last this many of the k drawn from the rest (ModuleFormer)
 };
 void to_json(nlohmann::json& j, const RouterOptions& o);
 void from_json(const nlohmann::json& j, RouterOptions& o);
