@@ -367,5 +367,27 @@ TEST(RoutingLosses, MutualInformationIsZeroUniformAndMinusLogEBalancedOneHot) {
   EXPECT_THROW_WITH(mutual_information_loss(at::ones({8})), "router probabilities must be (N, E)");
 }
 
+// The routing log adds the mutual-information loss and the usage entropy with their coefficients, and
+// reports H(e) per site.
+TEST(RoutingLog, AddsTheMutualInformationAndConcentrationLosses) {
+  RouterOptions o;
+  o.kind = "softmax";
+  o.mi_loss_coef = 0.1;
+  o.concentration_coef = 0.01;
+  at::manual_seed(9);
+  const at::Tensor logits = at::randn({16, 4});
+  const Routing r = make_router(o)->route(logits, 4, RouterInput());
+  RoutingLog log;
+  log.record("site", r, o);
+  const at::Tensor p = at::softmax(logits, -1);
+  const double want =
+      0.1 * mutual_information_loss(p).item<double>() + 0.01 * usage_entropy(p).item<double>();
+  EXPECT_NEAR(log.aux_loss().item<double>(), want, 1e-6);
+  EXPECT_NEAR(log.stats()[0].usage_entropy, usage_entropy(p).item<double>(), 1e-6);
+  EXPECT_NE(log.to_string().find("H(e|x)"), std::string::npos);
+  o.mi_loss_coef = -1;
+  EXPECT_THROW_WITH(make_router(o), "mi_loss_coef and concentration_coef must be >= 0");
+}
+
 }  // namespace
 }  // namespace mdl

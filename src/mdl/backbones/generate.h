@@ -22,8 +22,8 @@ struct GenerateOptions {
   uint64_t seed = 0;         ///< sampling seed: same seed, same tokens
   std::vector<int64_t>
       stop_token_ids;  ///< generation ends after emitting one of these (default: the config's EOS)
-  bool ignore_eos =
-      false;              ///< no stop token at all: only max_tokens or the context end it (vLLM's ignore_eos)
+  /// no stop token at all: only max_tokens or the context end it (vLLM's ignore_eos)
+  bool ignore_eos = false;
   bool use_cache = true;  ///< false recomputes the whole sequence each step (reference path)
 };
 

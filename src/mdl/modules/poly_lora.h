@@ -26,8 +26,8 @@ struct PolyLoraOptions {
   double alpha = 8;          ///< scaling alpha / r
   int64_t heads = 1;         ///< MHR heads (1 = Polytropon)
   double temperature = 1.0;  ///< Gumbel-sigmoid relaxation temperature (training)
-  bool shared_allocation =
-      false;  ///< one allocation matrix for all sites (default: one per site, as Polytropon)
+  /// one allocation matrix for all sites (default: one per site, as Polytropon)
+  bool shared_allocation = false;
 };
 void to_json(nlohmann::json& j, const PolyLoraOptions& o);
 void from_json(const nlohmann::json& j, PolyLoraOptions& o);

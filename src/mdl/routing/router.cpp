@@ -29,6 +29,11 @@ const FieldList<RouterOptions>& router_fields() {
           .add("load_balancing_coef", &RouterOptions::load_balancing_coef,
                "weight of the Switch load-balancing loss")
           .add("z_loss_coef", &RouterOptions::z_loss_coef, "weight of the router z-loss")
+          .add("mi_loss_coef", &RouterOptions::mi_loss_coef,
+               "weight of the mutual-information loss H(e|x) - H(e): sharp and balanced routing "
+               "(ModuleFormer)")
+          .add("concentration_coef", &RouterOptions::concentration_coef,
+               "weight of the usage entropy H(e): few experts carry the data (ModuleFormer, before pruning)")
           .add("sample_topk", &RouterOptions::sample_topk,
                "top_k in training: the last this many of the k drawn from the rest of the distribution "
                "(ModuleFormer)")
@@ -244,6 +249,10 @@ std::shared_ptr<Router> make_router(const RouterOptions& o) {
   MDL_CHECK(o.level == "token" || o.level == "example" || o.level == "task", "[router] level '", o.level,
             "' is unknown; expected token, example or task");
   MDL_CHECK(o.temperature > 0, "[router] temperature must be > 0, got ", o.temperature);
+  MDL_CHECK(o.mi_loss_coef >= 0 && o.concentration_coef >= 0,
+            "[router] mi_loss_coef and concentration_coef must be "
+            ">= 0, got ",
+            o.mi_loss_coef, " and ", o.concentration_coef);
   MDL_CHECK(o.capacity_factor >= 0, "[router] capacity_factor must be >= 0 (0 = dropless), got ",
             o.capacity_factor);
   if (o.kind == "softmax") return std::make_shared<SoftmaxRouter>(o);

@@ -38,18 +38,22 @@ struct RouterOptions {
   std::string kind = "top_k";  ///< softmax | top_k | switch | expert_choice | hash | gumbel
   int64_t k = 2;               ///< experts per row (top_k)
   bool normalize = true;       ///< top_k: renormalise the k weights to sum to one
-  double capacity_factor =
-      0.0;  ///< top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)
+  /// top_k: > 0 caps rows per expert (Switch); expert_choice: rows per expert x E / N (default 1)
+  double capacity_factor = 0.0;
   double temperature = 1.0;  ///< softmax / gumbel temperature
-  std::string level =
-      "token";          ///< token | example (mean over the example's tokens) | task (learned per-task logits)
+  /// token | example (mean over the example's tokens) | task (learned per-task logits)
+  std::string level = "token";
   bool shared = false;  ///< one decision for all layers: the first routed layer's is reused by the others
-  double load_balancing_coef =
-      0.0;                    ///< weight of the Switch load-balancing loss in the routing log's aux loss
-  double z_loss_coef = 0.0;   ///< weight of the router z-loss
+  /// weight of the Switch load-balancing loss in the routing log's aux loss
+  double load_balancing_coef = 0.0;
+  double z_loss_coef = 0.0;  ///< weight of the router z-loss
+  /// weight of the mutual-information loss H(e|x) - H(e) in the aux loss (ModuleFormer)
+  double mi_loss_coef = 0.0;
+  /// weight of the usage entropy H(e) in the aux loss (load concentration, before pruning)
+  double concentration_coef = 0.0;
   bool unit_weights = false;  ///< selected experts get weight 1 (MoEfication: the sum of the selected groups)
-  int64_t sample_topk =
-      0;  ///< top_k in training: the last this many of the k drawn from the rest (ModuleFormer)
+  /// top_k in training: the last this many of the k drawn from the rest (ModuleFormer)
+  int64_t sample_topk = 0;
 };
 void to_json(nlohmann::json& j, const RouterOptions& o);
 void from_json(const nlohmann::json& j, RouterOptions& o);

@@ -64,8 +64,14 @@ void RoutingLog::record(const std::string& site, const Routing& r, const RouterO
     at::Tensor z = router_z_loss(r.logits);
     s.load_balancing = lb.item<double>();
     s.z_loss = z.item<double>();
+    const at::Tensor usage = usage_entropy(r.probs);
+    s.usage_entropy = usage.item<double>();
     at::Tensor weighted = lb * options.load_balancing_coef + z * options.z_loss_coef;
-    if (options.load_balancing_coef != 0 || options.z_loss_coef != 0)
+    if (options.mi_loss_coef != 0)
+      weighted = weighted + mutual_information_loss(r.probs) * options.mi_loss_coef;
+    if (options.concentration_coef != 0) weighted = weighted + usage * options.concentration_coef;
+    if (options.load_balancing_coef != 0 || options.z_loss_coef != 0 || options.mi_loss_coef != 0 ||
+        options.concentration_coef != 0)
       aux_ = aux_.defined() ? aux_ + weighted : weighted;
   }
   stats_.push_back(std::move(s));
@@ -88,12 +94,13 @@ void RoutingLog::clear() {
 
 std::string RoutingLog::to_string() const {
   std::string out =
-      "site                                      rows  entropy  dropped  lb_loss  z_loss  load per expert\n";
+      "site                                      rows  H(e|x)    H(e)  dropped  lb_loss  z_loss  load per "
+      "expert\n";
   char buf[512];
   for (const auto& s : stats_) {
-    std::snprintf(buf, sizeof(buf), "%-40s %6lld  %7.3f  %6.1f%%  %7.4f  %6.3f ", s.site.c_str(),
-                  static_cast<long long>(s.rows), s.entropy, 100.0 * s.dropped_fraction, s.load_balancing,
-                  s.z_loss);
+    std::snprintf(buf, sizeof(buf), "%-40s %6lld  %6.3f  %6.3f  %6.1f%%  %7.4f  %6.3f ", s.site.c_str(),
+                  static_cast<long long>(s.rows), s.entropy, s.usage_entropy, 100.0 * s.dropped_fraction,
+                  s.load_balancing, s.z_loss);
     out += buf;
     for (double l : s.load) {
       std::snprintf(buf, sizeof(buf), " %.2f", l);

@@ -41,12 +41,14 @@ struct RoutingStats {
   double dropped_fraction = 0;  ///< dropped / requested assignments (expert choice: rows no expert took)
   double load_balancing = 0;    ///< the loss's value (0 without logits)
   double z_loss = 0;
+  double usage_entropy = 0;  ///< H(e) of the experts' mean use (nats); 0 without logits
 };
 
 /// What routers record during one forward.
 class RoutingLog {
  public:
-  /// Records `r` for `site`, adding its losses with the options' coefficients to the aux loss.
+  /// Records `r` for `site`, adding its losses with the options' coefficients to the aux loss (load
+  /// balancing, z-loss, mutual information, usage entropy).
   void record(const std::string& site, const Routing& r, const RouterOptions& options);
   const std::vector<RoutingStats>& stats() const { return stats_; }
   /// The weighted sum of the recorded auxiliary losses (differentiable); a zero scalar when none.

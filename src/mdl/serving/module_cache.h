@@ -18,8 +18,8 @@ struct ModuleFiles;
 
 struct ModuleCacheOptions {
   std::string modules_dir;  ///< module directories by name (native, PEFT or AdapterHub)
-  int64_t budget_bytes =
-      int64_t{1} << 30;  ///< module tensors kept in memory at most (pinned ones may exceed it)
+  /// module tensors kept in memory at most (pinned ones may exceed it)
+  int64_t budget_bytes = int64_t{1} << 30;
   /// LoRA modules are rounded on load to the values this dtype holds (float16: what the engine's LoRA
   /// bank stores), so a request computes with the same weights in every batch; float32: kept as read.
   at::ScalarType lora_dtype = at::kFloat;

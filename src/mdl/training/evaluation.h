@@ -20,12 +20,12 @@ class ModelImpl;
 
 /// What an evaluation measures; NaN where it does not apply to the head.
 struct EvalMetrics {
-  double accuracy =
-      std::numeric_limits<double>::quiet_NaN();  ///< classification: examples; tagging: labelled tokens
-  double macro_f1 =
-      std::numeric_limits<double>::quiet_NaN();  ///< F1 per label (seen in truth or prediction), averaged
-  double perplexity =
-      std::numeric_limits<double>::quiet_NaN();  ///< causal LM: exp(mean NLL) over target tokens
+  /// classification: examples; tagging: labelled tokens
+  double accuracy = std::numeric_limits<double>::quiet_NaN();
+  /// F1 per label (seen in truth or prediction), averaged
+  double macro_f1 = std::numeric_limits<double>::quiet_NaN();
+  /// causal LM: exp(mean NLL) over target tokens
+  double perplexity = std::numeric_limits<double>::quiet_NaN();
   /// Accuracy for classification heads, perplexity for LM heads.
   double primary() const { return std::isnan(perplexity) ? accuracy : perplexity; }
 };

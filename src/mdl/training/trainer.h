@@ -50,8 +50,8 @@ struct TrainOptions {
   int64_t checkpoint_every = 0;   ///< write a checkpoint every N steps (0: at the end only)
   uint64_t seed = 0;              ///< data order and per-step RNG
   std::string out_dir;            ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
-  bool train_base =
-      false;  ///< the backbone's own parameters train too (full fine-tuning, training from scratch)
+  /// the backbone's own parameters train too (full fine-tuning, training from scratch)
+  bool train_base = false;
   int64_t early_stopping_patience = 0;  ///< stop after this many evaluations without improvement (0: never)
   std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
   double sampling_temperature = 2.0;           ///< for temperature sampling
