@@ -4,8 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v clang-format >/dev/null || bash scripts/setup.sh
-mapfile -t files < <(git ls-files --cached --others --exclude-standard 'src/*.h' 'src/*.cpp' 'tests/*.h' 'tests/*.cpp' \
-  'benchmarks/*.h' 'benchmarks/*.cpp')
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  mapfile -t files < <(git ls-files --cached --others --exclude-standard 'src/*.h' 'src/*.cpp' 'tests/*.h' 'tests/*.cpp' \
+    'benchmarks/*.h' 'benchmarks/*.cpp')
+else  # a source tree without git (an unpacked archive)
+  mapfile -t files < <(find src tests benchmarks -name '*.h' -o -name '*.cpp' | sort)
+fi
+((${#files[@]})) || { echo "[format] found no C++ files under src, tests, benchmarks" >&2; exit 1; }
 if [[ "${1:-}" == "--fix" ]]; then
   clang-format -i "${files[@]}"
   exit 0
