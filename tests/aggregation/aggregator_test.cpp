@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <torch/utils.h>
 
+#include "mdl/modules/module_group.h"
 #include "test_util.h"
 
 namespace mdl {
@@ -110,6 +111,17 @@ TEST(ExampleWeights, ReadsPerExampleOrTheFirstTokenOfPerTokenRoutings) {
   const at::Tensor w = example_weights(r, 2, 3);  // tokens 0 and 3 are the examples' first
   EXPECT_TRUE(at::equal(w, at::tensor({0.f, 1.f, 6.f, 7.f}).view({2, 1, 2})));
   EXPECT_THROW_WITH(example_weights(r, 4, 2), "neither per example (4) nor per token (8)");
+}
+
+// A group without a router is one whose aggregator weighs every member itself; one that reads a routing
+// and has none is refused when it is made.
+TEST(ModuleGroup, AnAggregatorThatReadsARoutingNeedsARouter) {
+  SiteInfo site;
+  site.name = "s";
+  site.in_features = site.out_features = 4;
+  EXPECT_THROW_WITH(
+      ModuleGroupImpl("mix", site, toy_members(true), {}, nullptr, std::make_shared<WeightedSum>()),
+      "[group] 's': a mix's weighted_sum reads a routing, so it needs a router");
 }
 
 }  // namespace

@@ -77,12 +77,5 @@ TEST(SkillAllocationRouter, RoutesEachExampleByItsTasksRowPerHeadAndLogsIt) {
   EXPECT_TRUE(owner.named_parameters().contains("allocation.allocation"));
 }
 
-TEST(EveryMemberRouter, GivesEveryRowEveryMemberAtWeightOne) {
-  Routing r = every_member_router()->route(at::zeros({2, 3, 5}), 4, false);
-  EXPECT_EQ(r.rows, 6);
-  EXPECT_TRUE(at::equal(r.dense_weights(), at::ones({6, 4})));
-  EXPECT_EQ(r.row.numel(), 24);
-}
-
 }  // namespace
 }  // namespace mdl

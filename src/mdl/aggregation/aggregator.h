@@ -52,7 +52,8 @@ class Aggregator {
                              const GroupMembers& members) = 0;
   /// Registers this aggregator's parameters in `owner`.
   virtual void register_parameters(torch::nn::Module& owner) {}
-  /// Whether it reads the routing's weights (attention and gate weigh every member themselves).
+  /// Whether it reads a routing (attention and gate weigh every member themselves: their group has no
+  /// router).
   virtual bool uses_routing() const { return true; }
   /// The members' weights (B, T, N) of the last call when kept: attention probabilities, gate values,
   /// routing weights.

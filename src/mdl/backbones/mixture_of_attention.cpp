@@ -41,13 +41,15 @@ at::Tensor MixtureOfAttentionImpl::forward(const at::Tensor& x, const at::Tensor
   const Routing r = router_->route(x, options.experts, is_training());
   MDL_CHECK(r.dropped == 0 && r.row.numel() == k * N, "[moa] every token takes exactly k experts");
   // Assignments are slot-major (all tokens' first choice, then all second ones): m = slot * N + token.
-  const at::Tensor rows = x.reshape({N, C});
-  at::Tensor q = at::zeros({k * N, A}, x.options());
-  for (int64_t e = 0; e < options.experts; ++e) {  // each expert's queries on its assignments
-    at::Tensor m = (r.expert == e).nonzero().squeeze(1);
-    if (m.numel() == 0) continue;
-    q = q.index_copy(0, m, at::matmul(rows.index_select(0, r.row.index_select(0, m)), q_w[e].t()));
-  }
+  // Each assignment is a row of its own for the grouped dispatch (each expert once on its rows).
+  Routing per_assignment;
+  per_assignment.rows = k * N;
+  per_assignment.experts = options.experts;
+  per_assignment.row = at::arange(k * N, r.row.options());
+  per_assignment.expert = r.expert;
+  per_assignment.weight = at::ones({k * N}, x.options());
+  at::Tensor q = dispatch(x.reshape({N, C}).index_select(0, r.row), per_assignment, A,
+                          [&](int64_t e, const at::Tensor& rows) { return at::matmul(rows, q_w[e].t()); });
   // The k slots as extra heads over shared keys and values: q (B, k H, T, D), K and V (B, k H, T, D).
   q = q.view({k, B, T, H, D}).permute({1, 0, 3, 2, 4}).reshape({B, k * H, T, D});
   auto shared = [&](const at::Tensor& w, const at::Tensor& b) {
@@ -56,13 +58,11 @@ at::Tensor MixtureOfAttentionImpl::forward(const at::Tensor& x, const at::Tensor
   at::Tensor y =
       fn::stick_breaking_attention(q, shared(k_w, k_b), shared(v_w, v_b), key_mask);  // (B, k H, T, D)
   y = y.view({B, k, H, T, D}).permute({1, 0, 3, 2, 4}).reshape({k * N, A});           // (m, A)
-  at::Tensor out = at::zeros({N, C}, x.options());
-  for (int64_t e = 0; e < options.experts; ++e) {  // each expert's output projection, weighted by its gate
-    at::Tensor m = (r.expert == e).nonzero().squeeze(1);
-    if (m.numel() == 0) continue;
-    at::Tensor ye = at::matmul(y.index_select(0, m), o_w[e].t()) * r.weight.index_select(0, m).unsqueeze(1);
-    out = out.index_add(0, r.row.index_select(0, m), ye);
-  }
+  per_assignment.weight =
+      r.weight.to(x.scalar_type());  // each expert's output projection, weighted by its gate
+  at::Tensor out = dispatch(y, per_assignment, C,
+                            [&](int64_t e, const at::Tensor& rows) { return at::matmul(rows, o_w[e].t()); });
+  out = at::zeros({N, C}, x.options()).index_add(0, r.row, out);  // the k slots of each token summed
   return out.view({B, T, C});
 }
 

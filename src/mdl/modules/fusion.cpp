@@ -49,10 +49,8 @@ FusionImpl::Parts FusionImpl::parts(const SiteInfo& site, const FusionOptions& o
   auto gen = at::detail::createCPUGenerator(seed);
   Parts p;
   if (o.kind == "attention") {  // as AdapterFusion: small random query and key, identity value
-    p.router = every_member_router();
     p.aggregator = std::make_shared<AttentionFusion>(site.out_features, o.temperature, gen, dtype);
   } else if (o.kind == "gate") {
-    p.router = every_member_router();
     p.aggregator = std::make_shared<GateFusion>(N, site.out_features, dtype);
   } else {  // mixture, average: a learned router over the members
     at::Tensor gate = at::empty({N, site.in_features}).normal_(0.0, 0.02, gen).to(dtype);

@@ -65,7 +65,9 @@ ModuleGroupImpl::ModuleGroupImpl(std::string type, const SiteInfo& site, GroupMe
       router_(std::move(router)),
       aggregator_(std::move(aggregator)) {
   MDL_CHECK(members_.count >= 1, "[group] '", site_.name, "': a ", type_, " needs at least one member");
-  router_->register_parameters(*this);
+  MDL_CHECK(router_ || !aggregator_->uses_routing(), "[group] '", site_.name, "': a ", type_, "'s ",
+            aggregator_->kind(), " reads a routing, so it needs a router");
+  if (router_) router_->register_parameters(*this);
   aggregator_->register_parameters(*this);
 }
 
@@ -74,9 +76,8 @@ at::Tensor ModuleGroupImpl::forward(const at::Tensor& input, const at::Tensor& c
             "' expects (B, T, in) or ", "(B, in) inputs, got ", input.sizes());
   if (input.dim() == 2)
     return forward(input.unsqueeze(1), current.unsqueeze(1)).squeeze(1);  // a head on pooled rows
-  const Routing routing = aggregator_->uses_routing()
-                              ? router_->route(input, members_.count, is_training())  // route
-                              : Routing();
+  const Routing routing = router_ ? router_->route(input, members_.count, is_training())  // route
+                                  : Routing();  // the aggregator weighs every member itself
   at::Tensor change = aggregator_->combine(input, current, routing, members_);  // compute and aggregate
   return current + change.to(current.scalar_type());
 }

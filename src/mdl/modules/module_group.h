@@ -41,7 +41,8 @@ class ModuleGroupImpl : public SiteModule {
   std::string type() const override { return type_; }
   const std::vector<const SiteModule*>& absorbs() const override { return absorbed_; }
   const SiteInfo& site() const { return site_; }
-  GroupRouter& router() { return *router_; }
+  /// The router; null where the aggregator weighs every member itself (attention, gate).
+  GroupRouter* router() { return router_.get(); }
   Aggregator& aggregator() { return *aggregator_; }
   const GroupMembers& members() const { return members_; }
   /// The members' weights (B, T, N) of the last forward, where the aggregator keeps them.

@@ -9,27 +9,6 @@
 #include "mdl/routing/routing_log.h"
 
 namespace mdl {
-namespace {
-
-class EveryMember : public GroupRouter {
- public:
-  Routing route(const at::Tensor& input, int64_t members, bool) const override {
-    Routing r;
-    r.rows = input.numel() / input.size(-1);
-    r.experts = members;
-    r.dense = at::ones({r.rows, members}, input.options());
-    set_sparse_from_dense(r, true);
-    r.requested = r.rows * members;
-    return r;
-  }
-};
-
-}  // namespace
-
-std::shared_ptr<GroupRouter> every_member_router() {
-  return std::make_shared<EveryMember>();
-}
-
 LearnedRouter::LearnedRouter(std::string site, std::string shared_key, const RouterOptions& options,
                              at::Tensor gate, std::string gate_name, at::Tensor task_logits)
     : site_(std::move(site)),

@@ -1,8 +1,8 @@
 // A group's router: which of a group's members (the modules or experts behind one site) each row of the
 // site's input uses, and with what weight. Algorithm 1's route when it is learned or decided inside the
 // forward; fixed routes (active flags, each example's list, a task's table) are `ModuleRouting`, decided
-// before it. Every kind returns one `Routing`, which the group's aggregator reads:
-//   every member      all members at weight 1: the aggregator weighs them (AdapterFusion's attention, a gate)
+// before it. A group whose aggregator weighs every member itself (AdapterFusion's attention, a gate) has
+// no router. Every kind returns one `Routing`, which the group's aggregator reads:
 //   learned           scores of the site's input (a gate's weights, or a backbone's gate projection) or
 //                     learned per-task logits, then any policy (RouterOptions: top-k, Switch, softmax, expert
 //                     choice, hash, Gumbel) at token, example or task level (routing/mixture.h)
@@ -33,9 +33,6 @@ class GroupRouter {
   /// Registers this router's parameters in `owner` (the module that holds the group).
   virtual void register_parameters(torch::nn::Module& owner) {}
 };
-
-/// Every member on every row at weight 1.
-std::shared_ptr<GroupRouter> every_member_router();
 
 /// A learned router: a policy over scores of the site's input, or over per-task logits.
 class LearnedRouter : public GroupRouter {
