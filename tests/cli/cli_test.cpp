@@ -268,6 +268,66 @@ TEST_F(Cli, MixtureOfExpertsCommands) {
   EXPECT_NE(r.err.find("is dense"), std::string::npos) << r.err;
 }
 
+// ModuleFormer's life after training: experts added, only they trained on new text (the old ones stay
+// bit-identical), then pruned to the most used on some text; each step a checkpoint in IBM's layout.
+TEST_F(Cli, ModuleFormerExpertsAddTrainPrune) {
+  test::TempDir tmp;
+  Result r = mdl("init-model --arch moduleformer --out " + quote(tmp / "mf"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("ModuleFormerForCausalLM"), std::string::npos) << r.out;
+  r = mdl("experts add --model " + quote(tmp / "mf") + " --attention 2 --mlp 4 --out " +
+          quote(tmp / "grown"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("8 -> 10 attention and 8 -> 12 MLP experts"), std::string::npos) << r.out;
+  auto config = nlohmann::json::parse(test::read_file(tmp / "grown/config.json"));
+  EXPECT_EQ(config["n_mlp_experts"], 12);
+  EXPECT_EQ(config["mdl_frozen_experts"]["mlp"], 8);
+  EXPECT_TRUE(std::filesystem::exists(tmp / "grown/tokenizer.json"));
+  std::string lines;
+  for (const char* s : {"the cat sat on the mat", "a dog ran in the park", "my bird sings at dawn"})
+    lines += std::string("{\"text\": \"") + s + "\"}\n";
+  test::write_file(tmp / "text.jsonl", lines);
+  nlohmann::json run = {{"model", tmp / "grown"},
+                        {"train_data", tmp / "text.jsonl"},
+                        {"data", {{"kind", "text"}}},
+                        {"options",
+                         {{"steps", 3},
+                          {"batch_size", 3},
+                          {"train_base", true},
+                          {"freeze_old_experts", true},
+                          {"out_dir", tmp / "run"},
+                          {"schedule", {{"lr", 0.01}}}}}};
+  test::write_file(tmp / "run.json", run.dump());
+  r = mdl("train --config " + quote(tmp / "run.json"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto grown = io::load_safetensors(tmp / "grown/model.safetensors"),
+       trained = io::load_safetensors(tmp / "run/model/model.safetensors");
+  const std::string w = "transformer.h.0.mlpf.experts.weight";
+  EXPECT_TRUE(at::equal(trained.at(w).narrow(0, 0, 8), grown.at(w).narrow(0, 0, 8)));
+  EXPECT_FALSE(at::equal(trained.at(w).narrow(0, 8, 4), grown.at(w).narrow(0, 8, 4)));
+  EXPECT_TRUE(at::equal(trained.at("transformer.h.0.attn.k_proj.weight"),
+                        grown.at("transformer.h.0.attn.k_proj.weight")));
+  r = mdl("experts prune --model " + quote(tmp / "run/model") + " --data " + quote(tmp / "text.jsonl") +
+          " --keep 4 --keep-attention 6 --out " + quote(tmp / "pruned"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("layer 1 MLP experts' use (* kept):"), std::string::npos) << r.out;
+  config = nlohmann::json::parse(test::read_file(tmp / "pruned/config.json"));
+  EXPECT_EQ(config["n_mlp_experts"], 4);
+  EXPECT_EQ(config["n_att_experts"], 6);
+  EXPECT_LT(std::filesystem::file_size(tmp / "pruned/model.safetensors"),
+            std::filesystem::file_size(tmp / "run/model/model.safetensors"));
+  r = mdl("generate --model " + quote(tmp / "pruned") + " --prompt 'the cat' --max-tokens 4");
+  ASSERT_EQ(r.code, 0) << r.err;
+  // Refusals name what is wrong.
+  r = mdl("experts add --model " + quote(model("llama")) + " --mlp 2 --out " + quote(tmp / "x"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("experts are added to and pruned from ModuleFormer models"), std::string::npos)
+      << r.err;
+  r = mdl("experts prune --model " + quote(tmp / "mf") + " --data " + quote(tmp / "text.jsonl") +
+          " --keep 20 --out " + quote(tmp / "y"));
+  EXPECT_NE(r.err.find("--keep 20 must be in 1..8"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, MergeAndCompositionExpressions) {
   test::TempDir tmp;
   for (const char* name : {"a", "b"}) {
@@ -424,8 +484,9 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
 }
 
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module",
-                          "merge-into-base", "upcycle", "moefy", "merge", "train", "eval"}) {
+  for (const char* cmd :
+       {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
+        "upcycle", "moefy", "merge", "train", "eval", "experts add", "experts prune"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

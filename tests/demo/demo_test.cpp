@@ -121,9 +121,13 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   const std::string out = f.options.out_dir;
   // results.json: every experiment, parsed back from the file.
   const json r = json::parse(test::read_file(out + "/results.json"));
-  for (const char* key :
-       {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual", "checks"})
+  for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
+                          "crosslingual", "moduleformer", "checks"})
     EXPECT_TRUE(r.contains(key)) << key;
+  EXPECT_EQ(r["moduleformer"]["aux_losses"].size(), 3u);  // none, MI, switch
+  for (const auto& a : r["moduleformer"]["aux_losses"])
+    EXPECT_EQ(a["per_mixture"].size(), 4u);  // 2 layers x (attention, MLP)
+  EXPECT_EQ(r["moduleformer"]["pruning"]["most_used"][0].size(), 2u);
   EXPECT_EQ(r["transfer"]["methods"].size(), 4u);
   EXPECT_EQ(r["continual"]["modules"]["final"].size(), 5u);
   EXPECT_EQ(r["polytropon"]["allocation"].size(), 5u);
@@ -151,8 +155,9 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
     EXPECT_NE(md.find("](" + file + ")"), std::string::npos) << file;
     EXPECT_NE(html.find("src=\"" + file + "\""), std::string::npos) << file;
   }
-  for (const char* title : {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing",
-                            "5. Mixture", "6. Merging", "7. Cross-lingual", "Expected directions"}) {
+  for (const char* title :
+       {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing", "5. Mixture",
+        "6. Merging", "7. Cross-lingual", "8. ModuleFormer", "Expected directions"}) {
     EXPECT_NE(md.find(title), std::string::npos) << title;
     EXPECT_NE(html.find(title), std::string::npos) << title;
   }
@@ -182,6 +187,9 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   EXPECT_EQ(second["polytropon"]["allocation"], first["polytropon"]["allocation"]);
   EXPECT_EQ(second["merging"]["methods"], first["merging"]["methods"]);
   EXPECT_EQ(second["crosslingual"]["languages"], first["crosslingual"]["languages"]);
+  EXPECT_EQ(second["moduleformer"]["aux_losses"], first["moduleformer"]["aux_losses"]);
+  EXPECT_EQ(second["moduleformer"]["continual"]["moduleformer"],
+            first["moduleformer"]["continual"]["moduleformer"]);
   EXPECT_EQ(second["vision_backbone"]["test_accuracy"], first["vision_backbone"]["test_accuracy"]);
 
   // --no-cache retrains, to the same weights.
@@ -220,10 +228,10 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
       << out;
   const json r = json::parse(test::read_file(f.tmp / "cli/results.json"));
   EXPECT_EQ(r["run"]["processes"], 2);
-  for (const char* key :
-       {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging", "crosslingual"})
+  for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
+                          "crosslingual", "moduleformer"})
     EXPECT_TRUE(r.contains(key)) << key;
-  EXPECT_EQ(r["checks"].size(), 7u);  // both processes' checks
+  EXPECT_EQ(r["checks"].size(), 12u);  // both processes' checks (the second runs experiments 7 and 8)
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
   EXPECT_NE(out.find("/mdl serve --model " + (f.tmp / "cli/models/polyglot")), std::string::npos) << out;
@@ -236,6 +244,18 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
             0);
   EXPECT_NE(out.find("fortunes-pl is not installed"), std::string::npos) << out;
   EXPECT_NE(out.find("[demo] the language experiments"), std::string::npos) << out;
+}
+
+TEST(Demo, PartsAreNamedAloneOrAsAList) {
+  Fixture f;
+  f.options.part = "moduleformer";
+  const json r = run_demo(f.options);
+  EXPECT_TRUE(r.contains("moduleformer"));
+  EXPECT_FALSE(r.contains("crosslingual") || r.contains("transfer"));
+  EXPECT_EQ(r["checks"].size(), 5u);
+  f.options.part = "language,bogus";
+  EXPECT_THROW_WITH(run_demo(f.options),
+                    "[demo] part 'bogus' is unknown; expected all, vision, language or moduleformer");
 }
 
 TEST(Demo, MissingDataIsAnErrorThatSaysWhereToGetIt) {

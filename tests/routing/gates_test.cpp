@@ -23,25 +23,27 @@ TEST(Gates, EachEqualsItsFormula) {
   at::manual_seed(10);
   const at::Tensor x = at::randn({5, 8});
   GateOptions o;
+  o.bias = true;
   Gate linear(o, 8, 3, 1, at::kFloat);
   {
     torch::NoGradGuard g;
-    param(linear, "bias").normal_();
+    param(linear, "w_gate.0.bias").normal_();
   }
-  EXPECT_CLOSE(linear->scores(x), at::matmul(x, param(linear, "weight").t()) + param(linear, "bias"), 1e-6);
+  EXPECT_CLOSE(linear->scores(x),
+               at::matmul(x, param(linear, "w_gate.0.weight").t()) + param(linear, "w_gate.0.bias"), 1e-6);
   o.kind = "mlp";
   o.hidden = 16;
   Gate mlp(o, 8, 3, 2, at::kFloat);
-  at::Tensor h = at::matmul(x, param(mlp, "fc1_weight").t()) + param(mlp, "fc1_bias");
+  at::Tensor h = at::matmul(x, param(mlp, "w_gate.0.weight").t()) + param(mlp, "w_gate.0.bias");
   h = 0.5 * h * (1 + at::erf(h / std::sqrt(2.0)));
-  EXPECT_CLOSE(mlp->scores(x), at::matmul(h, param(mlp, "fc2_weight").t()), 1e-5);
+  EXPECT_CLOSE(mlp->scores(x), at::matmul(h, param(mlp, "w_gate.3.weight").t()), 1e-5);
   o.kind = "gmm";
   Gate gmm(o, 8, 3, 3, at::kFloat);
   {
     torch::NoGradGuard g;
     param(gmm, "temperature").fill_(std::log(2.0));
   }
-  const at::Tensor z = at::matmul(x, param(gmm, "proj").t()), c = param(gmm, "centroids");
+  const at::Tensor z = at::matmul(x, param(gmm, "w_gate.weight").t()), c = param(gmm, "expert_centroids");
   for (int64_t n = 0; n < 5; ++n)
     for (int64_t e = 0; e < 3; ++e) {
       const double cos =

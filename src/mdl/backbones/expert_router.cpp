@@ -17,18 +17,10 @@ RouterOptions config_router(const ModelConfig& c) {
   return router;
 }
 
-namespace {
-void check_token_level(const std::string& architecture, const RouterOptions& options) {
-  MDL_CHECK(options.level != "task", "[model] ", architecture,
-            "'s expert gates score tokens; task-level "
-            "routing needs per-task logits (use a poly_lora or lora_moe module)");
-}
-}  // namespace
-
 ExpertMlp::ExpertMlp(const ModelConfig& config, const RouterOptions& options, std::string site,
                      std::string shared_key, GateFn gate, int64_t experts, ExpertFn expert)
     : architecture_(config.architecture) {
-  check_token_level(architecture_, options);
+  check_scores_tokens(architecture_ + "'s expert MLP", options);
   router_ = std::make_shared<LearnedRouter>(std::move(site), std::move(shared_key), options, std::move(gate));
   experts_.count = experts;
   experts_.out_features = config.hidden_size;
@@ -44,7 +36,7 @@ at::Tensor ExpertMlp::forward(const at::Tensor& m, bool training) {
 }
 
 void ExpertMlp::set_router(const RouterOptions& options) {
-  check_token_level(architecture_, options);
+  check_scores_tokens(architecture_ + "'s expert MLP", options);
   router_->set_options(options);
 }
 

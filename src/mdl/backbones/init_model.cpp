@@ -89,6 +89,22 @@ ModelConfig preset_config(const std::string& arch_name_in, const std::string& pr
       break;
     case Arch::vit:
       MDL_FAIL("[init-model] ViTs read images, not text; create one with create_model (the demo does)");
+    case Arch::moduleformer:  // MoLM's shape, scaled: 8 (tiny) or 16 attention and MLP experts, top-2
+      c.architecture = head == HeadKind::causal_lm ? "ModuleFormerForCausalLM" : c.architecture;
+      c.att_hidden = tiny ? 32 : 256;
+      c.n_head = tiny ? 2 : 4;
+      c.n_kv_head = c.n_head;
+      c.head_dim = c.att_hidden / c.n_head;
+      c.num_att_experts = c.num_experts = tiny ? 8 : 16;
+      c.att_experts_per_token = c.experts_per_token = 2;
+      c.intermediate_size = tiny ? 64 : 512;
+      c.gating_size = tiny ? 32 : 256;
+      c.gate_type = "mlp";
+      c.aux_loss_type = "mi";
+      c.router_aux_loss_coef = 0.01;
+      c.norm_eps = 1e-5;
+      c.activation = "gelu_new";
+      break;
     case Arch::bert:
       c.intermediate_size = 4 * c.hidden_size;
       c.norm_eps = 1e-12;
@@ -122,9 +138,9 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   }
   if (texts.empty()) texts = builtin_corpus();
   TrainerOptions trainer;
-  trainer.kind = arch == Arch::gpt2    ? TokenizerKind::byte_level_bpe
-                 : arch == Arch::llama ? TokenizerKind::metaspace_bpe
-                                       : TokenizerKind::wordpiece;
+  trainer.kind = arch == Arch::gpt2 || arch == Arch::moduleformer ? TokenizerKind::byte_level_bpe
+                 : arch == Arch::llama                            ? TokenizerKind::metaspace_bpe
+                                                                  : TokenizerKind::wordpiece;
   trainer.vocab_size = options.vocab_size > 0 ? options.vocab_size : (options.preset == "tiny" ? 512 : 8192);
   const std::string tokenizer_json = train_tokenizer(texts, trainer);
   Tokenizer tokenizer = Tokenizer::from_json(tokenizer_json, "trained tokenizer");
@@ -147,11 +163,12 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
   io::AtomicDirectory out(out_dir);
   save_model(*model, out.path(), options.max_shard_bytes);
   io::write_text_atomic((fs::path(out.path()) / "tokenizer.json").string(), tokenizer_json);
-  nlohmann::json tc = {{"tokenizer_class", arch == Arch::gpt2    ? "GPT2TokenizerFast"
-                                           : arch == Arch::llama ? "LlamaTokenizerFast"
-                                                                 : "BertTokenizerFast"},
-                       {"model_max_length", config.max_position},
-                       {"clean_up_tokenization_spaces", false}};
+  nlohmann::json tc = {
+      {"tokenizer_class", arch == Arch::gpt2 || arch == Arch::moduleformer ? "GPT2TokenizerFast"
+                          : arch == Arch::llama                            ? "LlamaTokenizerFast"
+                                                                           : "BertTokenizerFast"},
+      {"model_max_length", config.max_position},
+      {"clean_up_tokenization_spaces", false}};
   if (!special.bos.empty()) tc["bos_token"] = special.bos;
   if (!special.eos.empty()) tc["eos_token"] = special.eos;
   if (!special.unk.empty()) tc["unk_token"] = special.unk;

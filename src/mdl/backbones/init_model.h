@@ -12,7 +12,7 @@ namespace mdl {
 
 /// What to create.
 struct InitModelOptions {
-  std::string arch = "gpt2";    ///< gpt2 | llama | mistral | qwen2 | mixtral | bert
+  std::string arch = "gpt2";    ///< gpt2 | llama | mistral | qwen2 | mixtral | bert | moduleformer
   std::string preset = "tiny";  ///< tiny (milliseconds) | small (~10-30M parameters)
   uint64_t seed = 0;            ///< weight initialisation seed
   std::string head;             ///< causal_lm | sequence_classification | token_classification | none;

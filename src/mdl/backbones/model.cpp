@@ -13,6 +13,7 @@
 #include "mdl/backbones/bert.h"
 #include "mdl/backbones/gpt2.h"
 #include "mdl/backbones/llama.h"
+#include "mdl/backbones/moduleformer.h"
 #include "mdl/backbones/vit.h"
 #include "mdl/core/error.h"
 #include "mdl/core/forward_context.h"
@@ -34,6 +35,7 @@ bool ends_with(const std::string& s, const std::string& p) {
 // Tensors HF checkpoints carry that are buffers, not parameters.
 bool is_known_buffer(const std::string& name) {
   return ends_with(name, ".attn.bias") || ends_with(name, ".attn.masked_bias") ||
+         ends_with(name, ".attn.mask") || ends_with(name, ".attn.cum_weight") ||  // ModuleFormer
          ends_with(name, "rotary_emb.inv_freq") || ends_with(name, "embeddings.position_ids");
 }
 
@@ -407,8 +409,8 @@ void ModelImpl::init_weights(uint64_t seed) {
     const std::string& name = item.key();
     at::Tensor& param = item.value();
     at::Tensor init = at::zeros(param.sizes());  // CPU float32, then converted: same values on every device
-    if (ends_with(name, ".bias")) {
-      // zeros
+    if (ends_with(name, ".bias") || ends_with(name, ".temperature")) {
+      // zeros (a gmm gate's temperature starts at e^0 = 1)
     } else if (param.dim() == 1) {
       init.fill_(1.0);  // norm scales
     } else {
@@ -443,6 +445,8 @@ Model create_model(const ModelConfig& config) {
       return create_bert(config);
     case Arch::vit:
       return create_vit(config);
+    case Arch::moduleformer:
+      return create_moduleformer(config);
   }
   MDL_FAIL("[model] unknown architecture");
 }
@@ -457,12 +461,34 @@ ArchTargets arch_targets(Arch arch) {
       return bert_targets();
     case Arch::vit:
       return vit_targets();
+    case Arch::moduleformer:
+      return moduleformer_targets();
   }
   MDL_FAIL("[model] unknown architecture");
 }
 
+namespace {
+/// A ModuleFormer gate's parameters over E experts.
+int64_t gate_parameters(const ModelConfig& c, int64_t E) {
+  const int64_t C = c.hidden_size, G = c.gating_size;
+  if (c.gate_type == "linear") return E * C;
+  if (c.gate_type == "mlp") return G * C + G + E * G;
+  return G * C + E * G + 1;  // gmm
+}
+}  // namespace
+
 int64_t estimated_parameters(const ModelConfig& c) {
   const int64_t C = c.hidden_size, L = c.n_layer, F = c.intermediate_size, D = c.head_dim;
+  if (c.arch == Arch::moduleformer) {
+    const int64_t A = c.att_hidden, Ea = c.num_att_experts, Em = c.num_experts;
+    const int64_t block = 2 * Ea * C * A + gate_parameters(c, Ea) + 2 * (C * A + A) + 4 * C + 2 * Em * C * F +
+                          gate_parameters(c, Em);
+    int64_t total = L * block + c.vocab_size * C + 2 * C;
+    if (c.head == HeadKind::causal_lm && !c.tie_word_embeddings) total += c.vocab_size * C;
+    if (c.head == HeadKind::sequence_classification) total += c.num_labels * C;
+    if (c.head == HeadKind::token_classification) total += c.num_labels * (C + 1);
+    return total;
+  }
   const int64_t q = c.n_head * D, kv = c.n_kv_head * D;
   int64_t attention = C * q + 2 * C * kv + q * C + (c.qkv_bias ? q + 2 * kv : 0) + (c.o_bias ? C : 0);
   const bool gated = c.arch == Arch::llama;
@@ -483,6 +509,8 @@ int64_t estimated_parameters(const ModelConfig& c) {
     case Arch::vit:
       total += c.num_channels * c.patch_size * c.patch_size * C + C + (c.num_patches() + 2) * C + 2 * C;
       break;
+    case Arch::moduleformer:
+      break;  // above
   }
   switch (c.head) {
     case HeadKind::causal_lm:
@@ -503,7 +531,7 @@ int64_t estimated_parameters(const ModelConfig& c) {
 
 void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointReader& reader,
                                   const std::string& file) {
-  const bool gpt2 = c.arch == Arch::gpt2;
+  const bool gpt2 = c.arch == Arch::gpt2 || c.arch == Arch::moduleformer;  // GPT-2's field names
   int64_t layers = 0, elements = 0;
   std::vector<int64_t> embedding;
   std::string embedding_name;

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include "mdl/backbones/generate.h"
 #include "mdl/backbones/init_model.h"
 #include "mdl/backbones/model.h"
+#include "mdl/backbones/moduleformer_experts.h"
 #include "mdl/backbones/moe_convert.h"
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
@@ -49,6 +51,7 @@
 #include "mdl/serving/server.h"
 #include "mdl/tokenizers/tokenizer.h"
 #include "mdl/training/branch_train_merge.h"
+#include "mdl/training/evaluation.h"
 #include "mdl/training/train_config.h"
 
 namespace fs = std::filesystem;
@@ -157,8 +160,8 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
   auto shard_mb = std::make_shared<double>(0);
   CLI::App* cmd =
       app.add_subcommand("init-model", "create a randomly initialised checkpoint in the Hugging Face layout");
-  cmd->add_option("--arch", opts->arch, "gpt2 | llama | mistral | qwen2 | mixtral | bert")
-      ->check(CLI::IsMember({"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert"}))
+  cmd->add_option("--arch", opts->arch, "gpt2 | llama | mistral | qwen2 | mixtral | bert | moduleformer")
+      ->check(CLI::IsMember({"gpt2", "llama", "mistral", "qwen2", "mixtral", "bert", "moduleformer"}))
       ->capture_default_str();
   cmd->add_option("--preset", opts->preset, "tiny | small")
       ->check(CLI::IsMember({"tiny", "small"}))
@@ -838,6 +841,89 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- experts ---------------------------------------------------------------------------------------------
+// ModuleFormer's experts after training: added for a new domain (train them with freeze_old_experts), or
+// pruned to the ones some data uses most.
+void register_experts(CLI::App& app, GlobalOptions& g) {
+  CLI::App* cmd = app.add_subcommand("experts", "add experts to a ModuleFormer, or prune the least used");
+  cmd->require_subcommand(1);
+  auto model = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  auto counts = std::make_shared<ExpertCounts>();
+  auto seed = std::make_shared<uint64_t>(0);
+  CLI::App* add = cmd->add_subcommand(
+      "add",
+      "new attention and MLP experts in every layer, and router rows for them; the config records the "
+      "old ones, so a run with options.freeze_old_experts trains only the new");
+  add->add_option("--model", *model, "ModuleFormer checkpoint directory")->required();
+  add->add_option("--attention", counts->attention, "attention experts to add per layer")
+      ->capture_default_str();
+  add->add_option("--mlp", counts->mlp, "MLP experts to add per layer")->capture_default_str();
+  add->add_option("--seed", *seed, "seed of the new weights")->capture_default_str();
+  add->add_option("--out", *out, "output checkpoint directory")->required();
+  add->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(!io::same_path(*out, *model), "[experts add] --out '", *out, "' is the input checkpoint");
+    Model before = load_model(*model);
+    Model after = add_experts(*before, *counts, *seed);
+    io::AtomicDirectory dir(*out);
+    save_model(*after, dir.path());
+    io::copy_side_files(*model, dir.path(), /*config=*/false);
+    dir.commit();
+    std::printf("%s: %lld -> %lld attention and %lld -> %lld MLP experts per layer, %s -> %s parameters\n",
+                out->c_str(), (long long)before->config().num_att_experts,
+                (long long)after->config().num_att_experts, (long long)before->config().num_experts,
+                (long long)after->config().num_experts, human(before->num_parameters()).c_str(),
+                human(after->num_parameters()).c_str());
+  });
+
+  auto data = std::make_shared<std::string>();
+  auto keep = std::make_shared<int64_t>(0);
+  auto keep_attention = std::make_shared<int64_t>(0);
+  CLI::App* prune = cmd->add_subcommand(
+      "prune", "keep, per layer, the experts the routers use most on --data (a JSONL text file)");
+  prune->add_option("--model", *model, "ModuleFormer checkpoint directory")->required();
+  prune->add_option("--data", *data, "JSONL file of {\"text\": ...} records to measure the use on")
+      ->required();
+  prune->add_option("--keep", *keep, "MLP experts to keep per layer")->required();
+  prune->add_option("--keep-attention", *keep_attention, "attention experts to keep per layer (0: all)")
+      ->capture_default_str();
+  prune->add_option("--out", *out, "output checkpoint directory")->required();
+  prune->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(!io::same_path(*out, *model), "[experts prune] --out '", *out, "' is the input checkpoint");
+    Model before = load_model(*model);
+    MDL_CHECK(before->config().arch == Arch::moduleformer, "[experts prune] '", *model, "' is a ",
+              before->config().architecture, "; pruning experts needs a ModuleFormer");
+    DatasetOptions o;
+    o.kind = "text";
+    const Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    const ExpertUsage usage = measure_expert_usage(*before, d);
+    const auto mlp = most_used(usage.mlp, *keep);
+    const auto attention = *keep_attention > 0 ? most_used(usage.attention, *keep_attention)
+                                               : std::vector<std::vector<int64_t>>{};
+    Model after = keep_experts(*before, attention, mlp);
+    io::AtomicDirectory dir(*out);
+    save_model(*after, dir.path());
+    io::copy_side_files(*model, dir.path(), /*config=*/false);
+    dir.commit();
+    for (size_t l = 0; l < usage.mlp.size(); ++l) {
+      std::string line;
+      for (size_t e = 0; e < usage.mlp[l].size(); ++e) {
+        const bool kept = std::find(mlp[l].begin(), mlp[l].end(), static_cast<int64_t>(e)) != mlp[l].end();
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), " %s%.3f", kept ? "*" : "", usage.mlp[l][e]);
+        line += buf;
+      }
+      std::printf("layer %zu MLP experts' use (* kept):%s\n", l, line.c_str());
+    }
+    std::printf("%s: %lld attention and %lld MLP experts per layer, %s -> %s parameters (%zu examples)\n",
+                out->c_str(), (long long)after->config().num_att_experts,
+                (long long)after->config().num_experts, human(before->num_parameters()).c_str(),
+                human(after->num_parameters()).c_str(), d.examples.size());
+  });
+}
+
 // ---- demo ------------------------------------------------------------------------------------------------
 void register_demo(CLI::App& app, GlobalOptions& g) {
   auto o = std::make_shared<demo::DemoOptions>();
@@ -866,7 +952,10 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
       ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of every stage")->capture_default_str();
-  cmd->add_option("--part", o->part, "all | vision (experiments 1-6) | language (experiment 7)")
+  cmd->add_option(
+         "--part", o->part,
+         "all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8), or a "
+         "comma-separated list")
       ->capture_default_str();
   cmd->add_flag("--no-progress", *no_progress, "no progress bar");
   auto serial = std::make_shared<bool>(false);
@@ -916,7 +1005,8 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
       child.push_back(args[i]);
     }
     const std::string progress_file = (fs::path(options.out_dir) / ".language-progress").string();
-    for (const char* a : {"--part", "language", "--no-progress", "--part-results"}) child.push_back(a);
+    for (const char* a : {"--part", "language,moduleformer", "--no-progress", "--part-results"})
+      child.push_back(a);
     child.push_back(part_file);
     child.push_back("--progress-file");
     child.push_back(progress_file);
@@ -1082,6 +1172,7 @@ void register_commands(CLI::App& app, GlobalOptions& globals) {
   register_eval(app, globals);
   register_merge(app, globals);
   register_upcycle(app, globals);
+  register_experts(app, globals);
   register_moefy(app, globals);
   register_init_module(app, globals);
   register_merge_into_base(app, globals);

@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "mdl/core/device.h"
@@ -43,6 +44,10 @@ Sizes sizes_for(DemoSize size) {
     s.lm_hidden = 16, s.lm_layers = 1, s.lm_heads = 2, s.lm_intermediate = 32, s.vocab = 300, s.seq_len = 16;
     s.lm_texts_per_language = 40, s.lm_pretrain_steps = 4, s.lm_batch = 8;
     s.language_adapter_steps = 4, s.text_task_train = 32, s.text_task_steps = 3, s.text_task_test = 16;
+    s.mf_hidden = 16, s.mf_att_hidden = 8, s.mf_ffd_hidden = 16, s.mf_experts = 4, s.mf_seq_len = 16;
+    s.mf_batch = 4, s.mf_train_chunks = 32, s.mf_valid_chunks = 8;
+    s.mf_steps = 3, s.mf_continual_steps = 2, s.mf_prune_steps = 2, s.mf_added_experts = 2,
+    s.mf_keep_experts = 2;
   } else if (size == DemoSize::full) {  // 18 minutes on 2 cores (measured)
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
@@ -52,6 +57,7 @@ Sizes sizes_for(DemoSize size) {
     s.lm_texts_per_language = 6000, s.lm_pretrain_steps = 1500;
     s.language_adapter_steps = 1200, s.text_task_train = 4000, s.text_task_steps = 600,
     s.text_task_test = 1000;
+    s.mf_steps = 800, s.mf_continual_steps = 500, s.mf_prune_steps = 300, s.mf_train_chunks = 12000;
   }
   return s;
 }
@@ -163,6 +169,21 @@ std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<
   auto history = trainer.train(data, nullptr, [&](const TrainMetrics&) { ctx.progress->step(); });
   set.model()->eval();
   return history;
+}
+
+std::vector<std::string> fortunes_of(const Context& ctx, const std::string& language) {
+  std::string package;
+  for (const auto& [l, p] : fortune_packages())
+    if (l == language) package = p;
+  MDL_CHECK(!package.empty(), "[demo] no fortunes package for language '", language, "'");
+  auto it = ctx.options.fortune_files.find(language);
+  const auto files = it != ctx.options.fortune_files.end()
+                         ? it->second
+                         : package_files(package, ctx.options.fortunes_root, ctx.options.dpkg_info);
+  auto entries = read_fortunes(files);
+  MDL_CHECK(entries.size() >= 8, "[demo] only ", entries.size(), " fortunes for language '", language,
+            "' (package ", package, "); expected hundreds");
+  return entries;
 }
 
 at::Tensor labels_of(const Dataset& data) {
@@ -300,11 +321,22 @@ nlohmann::json run_demo(const DemoOptions& options) {
     fs::create_directories(d);
   const auto start = std::chrono::steady_clock::now();
   const bool vit_cached = !options.no_cache && cache_complete(vit_cache_path(ctx));
-  MDL_CHECK(options.part == "all" || options.part == "vision" || options.part == "language", "[demo] part '",
-            options.part, "' is unknown; expected all, vision or language");
-  const bool vision = options.part != "language", language = options.part != "vision";
+  // A part or a comma-separated list of them.
+  std::set<std::string> parts;
+  for (size_t at = 0; at <= options.part.size();) {
+    const size_t comma = std::min(options.part.find(',', at), options.part.size());
+    const std::string p = options.part.substr(at, comma - at);
+    MDL_CHECK(
+        p == "all" || p == "vision" || p == "language" || p == "moduleformer", "[demo] part '", p,
+        "' is unknown; expected all, vision, language or moduleformer (or a list: language,moduleformer)");
+    parts.insert(p);
+    at = comma + 1;
+  }
+  auto runs = [&](const char* p) { return parts.count("all") > 0 || parts.count(p) > 0; };
+  const bool vision = runs("vision"), language = runs("language"), moduleformer = runs("moduleformer");
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
-                        (language ? planned_language_steps(ctx.sizes) : 0),
+                        (language ? planned_language_steps(ctx.sizes) : 0) +
+                        (moduleformer ? planned_moduleformer_steps(ctx.sizes) : 0),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
   ctx.results["run"] = {
@@ -313,6 +345,7 @@ nlohmann::json run_demo(const DemoOptions& options) {
   ctx.results["figures"] = nlohmann::json::array();
   if (vision) run_vision(ctx);
   if (language) run_language(ctx);
+  if (moduleformer) run_moduleformer(ctx);
   if (options.wait_for_peer) progress.wait(options.wait_for_peer);
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);

@@ -9,6 +9,9 @@
 //   6. merging digit-pair task modules: linear, task arithmetic, TIES vs each task's own module
 //   7. MAD-X cross-lingual transfer on a small multilingual decoder (cached): language adapters, an
 //      English task adapter, zero-shot with the target language's adapter stacked under it
+//   8. ModuleFormer, a character-level model on English then German fortunes: aux losses (none, MI, switch)
+//      and the routing they give, experts added for German with the old ones frozen vs a dense model
+//      fine-tuned, experts pruned to the most used vs random ones
 // Every figure goes to results.json; report.md and report.html hold the tables and plots; trained
 // modules are written in the native format for `mdl serve`.
 #pragma once
@@ -39,7 +42,9 @@ struct DemoOptions {
   /// Fortune files per language; empty: those the fortunes packages installed.
   std::map<std::string, std::vector<std::string>> fortune_files;
   std::string device = "cpu";
-  std::string part = "all";  ///< all | vision (experiments 1-6) | language (experiment 7)
+  /// all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8), or a
+  /// comma-separated list of them
+  std::string part = "all";
   uint64_t seed = 0;
   bool progress = true;  ///< a progress bar on stderr
   /// write results.json and the reports and print the summary (false: results only)

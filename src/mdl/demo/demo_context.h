@@ -35,6 +35,12 @@ struct Sizes {
   int64_t lm_hidden = 128, lm_layers = 4, lm_heads = 4, lm_intermediate = 256, vocab = 1024, seq_len = 48;
   int64_t lm_texts_per_language = 3000, lm_pretrain_steps = 600, lm_batch = 32;
   int64_t language_adapter_steps = 600, text_task_train = 3000, text_task_steps = 300, text_task_test = 400;
+  // ModuleFormer (bytes of English, then German fortunes)
+  int64_t mf_hidden = 64, mf_layers = 2, mf_heads = 2, mf_att_hidden = 32, mf_ffd_hidden = 64, mf_experts = 8;
+  int64_t mf_seq_len = 64, mf_batch = 32, mf_train_chunks = 4000, mf_valid_chunks = 64;
+  int64_t mf_steps = 150, mf_continual_steps = 100, mf_prune_steps = 100;
+  int64_t mf_added_experts = 4, mf_keep_experts = 4;
+  double mf_mi_weight = 0.1, mf_switch_weight = 0.1, mf_concentration_weight = 0.1;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);
@@ -91,6 +97,9 @@ TrainOptions train_options(const Context& ctx, int64_t steps, double lr, int64_t
 /// `stage`; returns each step's metrics.
 std::vector<TrainMetrics> train(Context& ctx, ModuleSet& set, const std::vector<std::string>& trainable,
                                 const TrainOptions& options, const Dataset& data, const std::string& stage);
+/// The fortunes of `language` (one of fortune_packages()): the run's files for it, or those its Debian
+/// package installed; throws when there are fewer than 8.
+std::vector<std::string> fortunes_of(const Context& ctx, const std::string& language);
 /// Accuracy of logits (N, L) against `labels` (N); with `classes`, the argmax is taken over those
 /// columns only (a decision between the task's classes).
 double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& classes = {});
@@ -108,6 +117,7 @@ void write_dir_atomic(const std::string& dir, const std::function<void(const std
 // The experiments (vision_experiments.cpp, language_experiments.cpp) and the report (demo_report.cpp).
 void run_vision(Context& ctx);
 void run_language(Context& ctx);
+void run_moduleformer(Context& ctx);
 void write_report(const DemoOptions& options, const nlohmann::json& results);
 /// The cached ViT's directory (keyed by its config and training settings); a cached backbone is complete
 /// when its directory holds `pretrain.json`.
@@ -119,5 +129,6 @@ std::string hex64(uint64_t h);
 /// itself when its cached decoder is missing (its key hashes the text, read only then).
 int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
 int64_t planned_language_steps(const Sizes& s);
+int64_t planned_moduleformer_steps(const Sizes& s);
 
 }  // namespace mdl::demo

@@ -216,6 +216,60 @@ std::vector<Section> sections(const json& r) {
     s.tables.push_back(t);
     out.push_back(s);
   }
+  if (r.contains("moduleformer")) {
+    const json& m = r["moduleformer"];
+    Section s{"moduleformer", "8. ModuleFormer: routing, new experts, pruning", {}, {}};
+    s.text.push_back(
+        "A character-level ModuleFormer (mixtures of attention heads and MLP experts, top-2 of " +
+        std::to_string(m["pruning"]["of"].get<int64_t>()) +
+        " each, stick-breaking attention) trained by mdl on the bytes of English fortunes, then German "
+        "ones. H(e|x) is the mean entropy of a token's routing (low: sure), H(e) the entropy of the experts' "
+        "mean use (high: even; at most log E = " +
+        num(m["log_experts"], "%.2f") + ").");
+    Table aux{{"aux loss", "weight", "validation loss", "H(e|x)", "H(e)"}, {}};
+    for (const auto& a : m["aux_losses"])
+      aux.rows.push_back({a["aux"].get<std::string>(), num(a["weight"], "%.2f"), num(a["valid_loss"], "%.3f"),
+                          num(a["h_e_given_x"], "%.3f"), num(a["h_e"], "%.3f")});
+    const json& d = m["dense_baseline"];
+    aux.rows.push_back({"dense (same active size)", "–", num(d["valid_loss"], "%.3f"), "–", "–"});
+    s.tables.push_back(aux);
+    Table size{{"model", "parameters", "active per token", "tokens/s (inference)"}, {}};
+    size.rows.push_back({"ModuleFormer (MI)", std::to_string(d["moduleformer_parameters"].get<int64_t>()),
+                         std::to_string(d["moduleformer_active_parameters"].get<int64_t>()),
+                         num(d["moduleformer_tokens_per_second"], "%.0f")});
+    size.rows.push_back({"dense", std::to_string(d["parameters"].get<int64_t>()),
+                         std::to_string(d["parameters"].get<int64_t>()),
+                         num(d["tokens_per_second"], "%.0f")});
+    s.tables.push_back(size);
+    const json &mf = m["continual"]["moduleformer"], &dn = m["continual"]["dense"];
+    Table c{
+        {"continual learning on German", "English before", "English after", "German before", "German after"},
+        {}};
+    c.rows.push_back({"+" + std::to_string(m["continual"]["added_experts_per_mixture"].get<int64_t>()) +
+                          " experts per mixture, old frozen (" +
+                          std::to_string(mf["trained_parameters"].get<int64_t>()) + " weights trained)",
+                      num(mf["english_before"], "%.3f"), num(mf["english_after"], "%.3f"),
+                      num(mf["german_before"], "%.3f"), num(mf["german_after"], "%.3f")});
+    c.rows.push_back({"dense, fine-tuned whole", num(dn["english_before"], "%.3f"),
+                      num(dn["english_after"], "%.3f"), num(dn["german_before"], "%.3f"),
+                      num(dn["german_after"], "%.3f")});
+    s.tables.push_back(c);
+    const json& p = m["pruning"];
+    Table pr{{"MLP experts per layer", "German validation loss", "parameters", "tokens/s"}, {}};
+    pr.rows.push_back({"all " + std::to_string(p["of"].get<int64_t>()) + " (after concentration fine-tuning)",
+                       num(p["german_before_pruning"], "%.3f"),
+                       std::to_string(p["parameters_before"].get<int64_t>()),
+                       num(p["tokens_per_second_before"], "%.0f")});
+    pr.rows.push_back({std::to_string(p["kept_per_layer"].get<int64_t>()) + " most used",
+                       num(p["german_most_used"], "%.3f"),
+                       std::to_string(p["parameters_after"].get<int64_t>()),
+                       num(p["tokens_per_second_after"], "%.0f")});
+    pr.rows.push_back({std::to_string(p["kept_per_layer"].get<int64_t>()) + " random",
+                       num(p["german_random"], "%.3f"), std::to_string(p["parameters_after"].get<int64_t>()),
+                       "–"});
+    s.tables.push_back(pr);
+    out.push_back(s);
+  }
   return out;
 }
 

@@ -42,13 +42,7 @@ struct LanguageText {
 std::vector<LanguageText> read_languages(const Context& ctx) {
   std::vector<LanguageText> out;
   for (const auto& [language, package] : fortune_packages()) {
-    auto it = ctx.options.fortune_files.find(language);
-    const auto files = it != ctx.options.fortune_files.end()
-                           ? it->second
-                           : package_files(package, ctx.options.fortunes_root, ctx.options.dpkg_info);
-    auto entries = read_fortunes(files);
-    MDL_CHECK(entries.size() >= 8, "[demo] only ", entries.size(), " fortunes for language '", language,
-              "' (package ", package, "); expected hundreds");
+    auto entries = fortunes_of(ctx, language);
     std::mt19937_64 rng(ctx.options.seed + fnv1a(language));
     std::shuffle(entries.begin(), entries.end(), rng);
     LanguageText t{language, {}, {}};

@@ -1,5 +1,6 @@
 #include "mdl/io/model_config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -105,6 +106,47 @@ void read_experts(const Reader& r, ModelConfig& c) {
   }
 }
 
+/// ModuleFormer's fields under IBM's names (configuration_moduleformer.py), with its defaults.
+void read_moduleformer(const Reader& r, ModelConfig& c) {
+  c.vocab_size = r.required_int("vocab_size", kMaxVocab);
+  c.hidden_size = r.required_int("n_embd", kMaxHidden);
+  c.n_layer = r.required_int("n_layer", kMaxLayers);
+  c.n_head = r.required_int("n_head", kMaxHeads);
+  c.n_kv_head = c.n_head;
+  c.att_hidden = r.int_or("att_hidden", 512, 1, kMaxHidden);
+  c.intermediate_size = r.int_or("ffd_hidden", 2048, 1, kMaxIntermediate);
+  c.num_att_experts = r.int_or("n_att_experts", 32, 1, 1024);
+  c.att_experts_per_token = r.int_or("k_att", 2, 1, 1024);
+  c.num_experts = r.int_or("n_mlp_experts", 32, 1, 1024);
+  c.experts_per_token = r.int_or("k_mlp", 2, 1, 1024);
+  c.gating_size = r.int_or("gating_size", 256, 1, kMaxHidden);
+  c.gate_type = r.str_or("gate_type", "mlp");
+  c.aux_loss_type = r.str_or("aux_loss_type", "mi");
+  c.router_aux_loss_coef = r.num_or("aux_loss_weight", 0.0, 0.0, 1e6);
+  c.sample_topk = r.int_or("sample_topk", 0, 0, 1024);
+  c.max_position =
+      r.int_or("block_size", 512, 1, kMaxPositions) + r.int_or("history_length", 512, 0, kMaxPositions);
+  c.norm_eps = r.num_or("layer_norm_epsilon", 1e-5, 0.0, 1.0);
+  c.activation = r.str_or("activation_function", "gelu_new");
+  c.tie_word_embeddings = r.bool_or("tie_word_embeddings", false);
+  c.bos_token_id = r.int_or("bos_token_id", 50256);
+  MDL_CHECK(c.att_hidden % c.n_head == 0, "[config] '", r.source, "': att_hidden ", c.att_hidden,
+            " must be a multiple of n_head ", c.n_head, " (each attention expert has n_head heads)");
+  MDL_CHECK(c.att_experts_per_token <= c.num_att_experts && c.experts_per_token <= c.num_experts,
+            "[config] '", r.source, "': k_att ", c.att_experts_per_token, " and k_mlp ", c.experts_per_token,
+            " must be at most n_att_experts ", c.num_att_experts, " and n_mlp_experts ", c.num_experts);
+  MDL_CHECK(c.sample_topk <= std::min(c.att_experts_per_token, c.experts_per_token), "[config] '", r.source,
+            "': sample_topk ", c.sample_topk, " must be at most k_att and k_mlp");
+  MDL_CHECK(c.gate_type == "linear" || c.gate_type == "mlp" || c.gate_type == "gmm", "[config] '", r.source,
+            "': gate_type '", c.gate_type, "' is unknown; expected linear, mlp or gmm");
+  MDL_CHECK(c.aux_loss_type == "mi" || c.aux_loss_type == "switch", "[config] '", r.source,
+            "': aux_loss_type '", c.aux_loss_type, "' is unknown; expected mi or switch");
+  if (r.has("mdl_router")) {
+    MDL_CHECK(r.j["mdl_router"].is_object(), "[config] '", r.source, "': 'mdl_router' must be an object");
+    c.router_json = r.j["mdl_router"].dump();
+  }
+}
+
 }  // namespace
 
 Arch parse_arch(const std::string& name) {
@@ -112,8 +154,9 @@ Arch parse_arch(const std::string& name) {
   if (name == "llama" || name == "mistral" || name == "qwen2" || name == "mixtral") return Arch::llama;
   if (name == "bert") return Arch::bert;
   if (name == "vit") return Arch::vit;
+  if (name == "moduleformer") return Arch::moduleformer;
   MDL_FAIL("[config] unknown architecture '", name,
-           "'; expected gpt2, llama, mistral, qwen2, mixtral, bert or vit");
+           "'; expected gpt2, llama, mistral, qwen2, mixtral, bert, vit or moduleformer");
 }
 
 std::string arch_name(Arch arch) {
@@ -126,6 +169,8 @@ std::string arch_name(Arch arch) {
       return "bert";
     case Arch::vit:
       return "vit";
+    case Arch::moduleformer:
+      return "moduleformer";
   }
   return "?";
 }
@@ -147,6 +192,7 @@ std::string head_name(HeadKind head) {
 std::string ModelConfig::body_prefix() const {
   switch (arch) {
     case Arch::gpt2:
+    case Arch::moduleformer:
       return "transformer";
     case Arch::llama:
       return "model";
@@ -159,10 +205,11 @@ std::string ModelConfig::body_prefix() const {
 }
 
 std::string architecture_name(Arch arch, HeadKind head) {
-  std::string family = arch == Arch::gpt2    ? "GPT2"
-                       : arch == Arch::llama ? "Llama"
-                       : arch == Arch::vit   ? "ViT"
-                                             : "Bert";
+  std::string family = arch == Arch::gpt2           ? "GPT2"
+                       : arch == Arch::llama        ? "Llama"
+                       : arch == Arch::vit          ? "ViT"
+                       : arch == Arch::moduleformer ? "ModuleFormer"
+                                                    : "Bert";
   if (arch == Arch::vit && head == HeadKind::sequence_classification) return "ViTForImageClassification";
   switch (head) {
     case HeadKind::none:
@@ -271,10 +318,16 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       if (r.has("num_local_experts"))
         read_experts(r, c);  // mdl's upcycled ViT: every MLP a mixture of experts
       break;
+    case Arch::moduleformer:
+      read_moduleformer(r, c);
+      break;
   }
-  c.head_dim = r.int_or("head_dim", std::max<int64_t>(c.hidden_size / c.n_head, 1), 1, 4096);
-  MDL_CHECK(c.arch == Arch::llama || c.hidden_size % c.n_head == 0, "[config] '", source, "': hidden size ",
-            c.hidden_size, " is not divisible by the number of heads ", c.n_head);
+  c.head_dim = c.arch == Arch::moduleformer
+                   ? c.att_hidden / c.n_head
+                   : r.int_or("head_dim", std::max<int64_t>(c.hidden_size / c.n_head, 1), 1, 4096);
+  MDL_CHECK(c.arch == Arch::llama || c.arch == Arch::moduleformer || c.hidden_size % c.n_head == 0,
+            "[config] '", source, "': hidden size ", c.hidden_size,
+            " is not divisible by the number of heads ", c.n_head);
   MDL_CHECK(c.n_kv_head > 0 && c.n_head % c.n_kv_head == 0, "[config] '", source, "': ", c.n_head,
             " attention heads are not a multiple of ", c.n_kv_head, " key/value heads");
   if (c.is_decoder() && r.has("pad_token_id")) c.pad_token_id = r.int_or("pad_token_id", -1);
@@ -284,7 +337,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     } else {
       c.eos_token_ids.push_back(r.int_or("eos_token_id", -1));
     }
-  } else if (c.arch == Arch::gpt2) {
+  } else if (c.arch == Arch::gpt2 || c.arch == Arch::moduleformer) {
     c.eos_token_ids.push_back(50256);
   } else if (c.arch == Arch::llama) {
     c.eos_token_ids.push_back(2);
@@ -385,6 +438,32 @@ std::string model_config_to_json(const ModelConfig& c) {
           j.erase("mdl_router");
       }
       break;
+    case Arch::moduleformer: {
+      j["n_embd"] = c.hidden_size;
+      j["n_layer"] = c.n_layer;
+      j["n_head"] = c.n_head;
+      j["att_hidden"] = c.att_hidden;
+      j["ffd_hidden"] = c.intermediate_size;
+      j["n_att_experts"] = c.num_att_experts;
+      j["k_att"] = c.att_experts_per_token;
+      j["n_mlp_experts"] = c.num_experts;
+      j["k_mlp"] = c.experts_per_token;
+      j["gating_size"] = c.gating_size;
+      j["gate_type"] = c.gate_type;
+      j["aux_loss_type"] = c.aux_loss_type;
+      j["aux_loss_weight"] = c.router_aux_loss_coef;
+      j["sample_topk"] = c.sample_topk;
+      const int64_t history = j.value("history_length", c.max_position / 2);
+      j["history_length"] = std::min(history, c.max_position - 1);
+      j["block_size"] = c.max_position - j["history_length"].get<int64_t>();
+      j["layer_norm_epsilon"] = c.norm_eps;
+      j["activation_function"] = c.activation;
+      if (!c.router_json.empty())
+        j["mdl_router"] = json::parse(c.router_json);
+      else
+        j.erase("mdl_router");
+      break;
+    }
   }
   if (c.pad_token_id >= 0) j["pad_token_id"] = c.pad_token_id;
   if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;

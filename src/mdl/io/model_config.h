@@ -9,8 +9,9 @@
 namespace mdl {
 
 /// Architecture families; `llama` also covers Mistral, Qwen2 and Mixtral (a Llama with MoE MLPs) checkpoints;
-/// `vit` is the Vision Transformer (images in, no tokens).
-enum class Arch { gpt2, llama, bert, vit };
+/// `vit` is the Vision Transformer (images in, no tokens); `moduleformer` is IBM's ModuleFormer (MoLM):
+/// mixtures of attention and MLP experts with stick-breaking attention.
+enum class Arch { gpt2, llama, bert, vit, moduleformer };
 
 /// What sits on top of the backbone's hidden states.
 enum class HeadKind { none, causal_lm, sequence_classification, token_classification };
@@ -52,11 +53,20 @@ struct ModelConfig {
   double router_aux_loss_coef = 0.0;  ///< Mixtral's load-balancing loss weight in training
   std::string router_json;            ///< mdl's `mdl_router` field: RouterOptions replacing the top-k default
                                       ///< (upcycled, MoEfied)
+  // ModuleFormer: the MLP experts are num_experts (n_mlp_experts) of intermediate_size (ffd_hidden), top
+  // experts_per_token (k_mlp); router_aux_loss_coef is its aux_loss_weight.
+  int64_t att_hidden = 0;             ///< width A of the attention experts' queries (n_head x head size)
+  int64_t num_att_experts = 0;        ///< n_att_experts
+  int64_t att_experts_per_token = 2;  ///< k_att
+  int64_t gating_size = 256;          ///< hidden width of the mlp and gmm gates
+  std::string gate_type = "mlp";      ///< linear | mlp | gmm
+  std::string aux_loss_type = "mi";   ///< mi | switch: the routers' auxiliary loss
+  int64_t sample_topk = 0;            ///< of the k experts, this many drawn in training
   std::string raw_json;               ///< the original file, unknown fields included
 
   /// Body prefix of the full model's tensor names: "transformer", "model", "bert" or "vit".
   std::string body_prefix() const;
-  bool is_decoder() const { return arch == Arch::gpt2 || arch == Arch::llama; }
+  bool is_decoder() const { return arch == Arch::gpt2 || arch == Arch::llama || arch == Arch::moduleformer; }
   /// ViT: patches per image (the sequence is these plus the [CLS] token).
   int64_t num_patches() const {
     return patch_size > 0 ? (image_size / patch_size) * (image_size / patch_size) : 0;
@@ -76,7 +86,7 @@ std::string model_config_to_json(const ModelConfig& config);
 /// The HF architecture class name for a family and head, e.g. (llama, causal_lm) -> "LlamaForCausalLM".
 std::string architecture_name(Arch arch, HeadKind head);
 
-/// Parses "gpt2|llama|mistral|qwen2|mixtral|bert|vit".
+/// Parses "gpt2|llama|mistral|qwen2|mixtral|bert|vit|moduleformer".
 Arch parse_arch(const std::string& name);
 std::string arch_name(Arch arch);
 std::string head_name(HeadKind head);

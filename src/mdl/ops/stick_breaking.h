@@ -15,7 +15,9 @@
 namespace mdl::fn {
 
 /// y (B, H, T, D) = A v for q (B, H, T, D), k and v (B, H, S, D); key_mask (B, S), 1 for real keys, or
-/// undefined. With `remainder`, also 1 - sum_j A_ij (B, H, T): what no key took.
+/// undefined. More leading dimensions work too (q (B, K, H, T, D)), and keys and values of size 1 in any
+/// of them are shared (k (B, 1, H, S, D): K query sets over one set of keys, nothing copied). With
+/// `remainder`, also 1 - sum_j A_ij (B, H, T): what no key took.
 at::Tensor stick_breaking_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& key_mask, at::Tensor* remainder = nullptr);
 

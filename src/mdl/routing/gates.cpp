@@ -17,17 +17,24 @@ GateImpl::GateImpl(const GateOptions& o, int64_t in, int64_t E, uint64_t seed, c
   auto normal = [&](std::vector<int64_t> shape, double std) {
     return at::empty(shape).normal_(0.0, std, gen).to(dtype);
   };
+  // IBM's nesting: w_gate is an nn.Sequential (linear, mlp) or an nn.Linear (gmm).
+  auto child = [](torch::nn::Module& parent, const std::string& name) {
+    return parent.register_module(name, std::make_shared<torch::nn::Module>(name));
+  };
+  auto w_gate = child(*this, "w_gate");
   if (o.kind == "linear") {
-    weight = register_parameter("weight", normal({E, in}, 0.02));
-    if (o.bias) bias = register_parameter("bias", at::zeros({E}).to(dtype));
+    auto first = child(*w_gate, "0");
+    weight = first->register_parameter("weight", normal({E, in}, 0.02));
+    if (o.bias) bias = first->register_parameter("bias", at::zeros({E}).to(dtype));
   } else if (o.kind == "mlp") {
-    fc1_w = register_parameter("fc1_weight", normal({o.hidden, in}, 0.02));
-    fc1_b = register_parameter("fc1_bias", at::zeros({o.hidden}).to(dtype));
-    fc2_w = register_parameter("fc2_weight", normal({E, o.hidden}, 0.02));
+    auto first = child(*w_gate, "0"), last = child(*w_gate, "3");  // 1: GELU, 2: dropout
+    fc1_w = first->register_parameter("weight", normal({o.hidden, in}, 0.02));
+    fc1_b = first->register_parameter("bias", at::zeros({o.hidden}).to(dtype));
+    fc2_w = last->register_parameter("weight", normal({E, o.hidden}, 0.02));
   } else {
-    proj = register_parameter("proj", normal({o.hidden, in}, 0.02));
-    centroids = register_parameter("centroids", normal({E, o.hidden}, 1.0));
-    temperature = register_parameter("temperature", at::zeros({}).to(dtype));
+    proj = w_gate->register_parameter("weight", normal({o.hidden, in}, 0.02));
+    centroids = register_parameter("expert_centroids", normal({E, o.hidden}, 1.0));
+    temp = register_parameter("temperature", at::zeros({1}).to(dtype));
   }
 }
 
@@ -39,7 +46,16 @@ at::Tensor GateImpl::scores(const at::Tensor& rows) const {
   at::Tensor z = at::linear(rows, proj);                                 // (N, H)
   at::Tensor cos = at::matmul(z / z.norm(2, -1, true).clamp_min(1e-12),  // (N, E)
                               (centroids / centroids.norm(2, -1, true).clamp_min(1e-12)).t());
-  return cos * temperature.exp();
+  return cos * temp.exp();
+}
+
+std::vector<std::string> GateImpl::expert_rows(const std::string& kind, bool bias) {
+  if (kind == "linear")
+    return bias ? std::vector<std::string>{"w_gate.0.weight", "w_gate.0.bias"}
+                : std::vector<std::string>{"w_gate.0.weight"};
+  if (kind == "mlp") return {"w_gate.3.weight"};
+  if (kind == "gmm") return {"expert_centroids"};
+  MDL_FAIL("[gate] kind '", kind, "' is unknown; expected linear, mlp or gmm");
 }
 
 }  // namespace mdl

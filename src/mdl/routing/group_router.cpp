@@ -38,6 +38,12 @@ void LearnedRouter::register_parameters(torch::nn::Module& owner) {
   if (task_logits_.defined()) task_logits_ = owner.register_parameter("task_logits", task_logits_);
 }
 
+void check_scores_tokens(const std::string& owner, const RouterOptions& options) {
+  MDL_CHECK(options.level != "task", "[routing] ", owner,
+            ": its gate scores tokens; task-level routing needs per-task logits (use a poly_lora or lora_moe "
+            "module)");
+}
+
 Routing LearnedRouter::route(const at::Tensor& input, int64_t members, bool training) const {
   return route_tokens(*policy_, site_, shared_key_, input, members, score_, task_logits_, training);
 }

@@ -34,6 +34,9 @@ class GroupRouter {
   virtual void register_parameters(torch::nn::Module& owner) {}
 };
 
+/// Refuses task-level routing for a router over token scores (a backbone's gate): `owner` names it.
+void check_scores_tokens(const std::string& owner, const RouterOptions& options);
+
 /// A learned router: a policy over scores of the site's input, or over per-task logits.
 class LearnedRouter : public GroupRouter {
  public:

@@ -101,7 +101,9 @@ Routing with_logits(const at::Tensor& logits, int64_t experts, double temperatur
   r.rows = logits.size(0);
   r.experts = experts;
   r.logits = logits;
-  r.probs = at::softmax(logits.to(at::kFloat) / temperature, -1);  // (N, E)
+  // (N, E) in float32 at least: half-precision logits are widened, double ones kept.
+  const auto precision = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  r.probs = at::softmax(logits.to(precision) / temperature, -1);
   return r;
 }
 

@@ -8,6 +8,7 @@
 
 #include "mdl/backbones/model.h"
 #include "mdl/core/error.h"
+#include "mdl/routing/routing_log.h"
 
 namespace mdl {
 
@@ -109,6 +110,24 @@ std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset&
     out[task] = evaluate(model, subset, batch_size, routing);
   }
   return out;
+}
+
+ExpertUsage measure_expert_usage(ModelImpl& model, const Dataset& data) {
+  MDL_CHECK(!data.examples.empty(), "[experts] the data has no examples to measure the experts' use on");
+  ExpertUsageMeter meter(model.config());
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < data.examples.size(); ++i) {
+    Batch b = collate(data, {static_cast<int64_t>(i)}, 0, model.device(), {});
+    ModelInput in = model_input(b);
+    RoutingLog log;
+    in.routing_log = &log;
+    model.forward(in);
+    meter.add(log);
+  }
+  model.train(was_training);
+  return meter.usage();
 }
 
 }  // namespace mdl

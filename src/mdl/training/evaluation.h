@@ -11,6 +11,7 @@
 #include <map>
 #include <string>
 
+#include "mdl/backbones/moduleformer_experts.h"
 #include "mdl/training/batch.h"
 #include "mdl/training/dataset.h"
 
@@ -48,5 +49,9 @@ double macro_f1(const at::Tensor& predicted, const at::Tensor& target, int64_t n
 /// evaluate() per task of a multi-task dataset (task -> metric).
 std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset& data,
                                                 int64_t batch_size = 16, const ExampleRouting& routing = {});
+
+/// Each ModuleFormer expert's share of its layer's assignments over `data`'s tokens (what `mdl experts prune`
+/// keeps by), in evaluation mode, one example per forward so that no padding is routed.
+ExpertUsage measure_expert_usage(ModelImpl& model, const Dataset& data);
 
 }  // namespace mdl

@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 
+#include "mdl/backbones/moduleformer_experts.h"
 #include "mdl/core/autocast.h"
 #include "mdl/core/error.h"
 #include "mdl/core/fields.h"
@@ -43,6 +45,9 @@ const FieldList<TrainOptions>& train_options_fields() {
           .add("out_dir", &O::out_dir, "metrics.jsonl, checkpoint/ and the trained modules go here")
           .add("train_base", &O::train_base,
                "train the backbone's own parameters too (full fine-tuning, training from scratch)")
+          .add("freeze_old_experts", &O::freeze_old_experts,
+               "with train_base on a ModuleFormer grown by mdl experts add: train only the new experts and "
+               "their router rows")
           .add("early_stopping_patience", &O::early_stopping_patience,
                "stop after this many evaluations without improvement (0: never)")
           .add("task_sampling", &O::task_sampling, "multi-task data: proportional | temperature | uniform")
@@ -72,6 +77,10 @@ void validate(const TrainOptions& o) {
   validate(o.schedule);
   autocast_dtype(o.precision);                                                // validates
   task_sampling_probabilities({1}, o.task_sampling, o.sampling_temperature);  // validates
+  MDL_CHECK(
+      !o.freeze_old_experts || o.train_base,
+      "[train] options.freeze_old_experts trains the new experts of the backbone: set options.train_base "
+      "too");
   MDL_CHECK(o.steps > 0 && o.batch_size > 0 && o.grad_accumulation > 0,
             "[train] steps, batch_size and "
             "grad_accumulation must be > 0, got ",
@@ -100,11 +109,22 @@ Trainer::Trainer(ModuleSet& set, std::vector<std::string> trainable, TrainOption
   for (const auto& name : trainable_)
     for (const auto& [k, t] : set_.tensors(name))
       if (t.requires_grad()) state_->keys.push_back(name + "/" + k), state_->params.push_back(t);
-  if (options_.train_base)
+  if (options_.train_base && options_.freeze_old_experts) {
+    for (auto& p : set_.model()->parameters()) p.set_requires_grad(false);
+    std::map<const void*, std::string> names;
+    for (auto& p : set_.model()->named_parameters()) names[p.value().unsafeGetTensorImpl()] = p.key();
+    for (auto& slice : new_expert_slices(*set_.model())) {
+      at::Tensor p = slice.param;
+      p.set_requires_grad(true);
+      state_->keys.push_back("base/" + names[p.unsafeGetTensorImpl()]), state_->params.push_back(p);
+      state_->frozen.push_back({p, p.narrow(0, 0, slice.frozen).detach().clone()});
+    }
+  } else if (options_.train_base) {
     for (auto& p : set_.model()->named_parameters()) {
       p.value().set_requires_grad(true);
       state_->keys.push_back("base/" + p.key()), state_->params.push_back(p.value());
     }
+  }
   MDL_CHECK(!state_->params.empty(), "[train] the modules have no trainable parameters");
   torch::optim::AdamWOptions o(options_.schedule.lr);
   o.weight_decay(options_.weight_decay);
@@ -199,8 +219,14 @@ double Trainer::train_step(const Dataset& data, std::map<std::string, double>& r
     bytes_communicated_ = group_->all_reduce_mean(buffers) - static_cast<int64_t>(sizeof(double));
     total = loss.item<double>();
   }
+  for (auto& f : state_->frozen)  // the old experts' rows get no gradient, nor a share of the clipping
+    if (f.param.grad().defined()) f.param.mutable_grad().narrow(0, 0, f.rows.size(0)).zero_();
   if (options_.clip_grad_norm > 0) torch::nn::utils::clip_grad_norm_(state_->params, options_.clip_grad_norm);
   opt.step();
+  if (!state_->frozen.empty()) {
+    torch::NoGradGuard no_grad;
+    for (auto& f : state_->frozen) f.param.narrow(0, 0, f.rows.size(0)).copy_(f.rows);
+  }
   ++step_;
   return total;
 }

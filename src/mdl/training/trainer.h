@@ -52,6 +52,9 @@ struct TrainOptions {
   std::string out_dir;            ///< metrics.jsonl and checkpoint/ go here; empty: nothing written
   /// the backbone's own parameters train too (full fine-tuning, training from scratch)
   bool train_base = false;
+  /// with train_base, on a ModuleFormer grown by `mdl experts add`: only the new experts and their router
+  /// rows train; every other weight (the old experts, their routing, attention, norms) stays as it was
+  bool freeze_old_experts = false;
   int64_t early_stopping_patience = 0;  ///< stop after this many evaluations without improvement (0: never)
   std::string task_sampling = "proportional";  ///< multi-task data: proportional | temperature | uniform
   double sampling_temperature = 2.0;           ///< for temperature sampling

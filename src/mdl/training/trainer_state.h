@@ -21,6 +21,12 @@ struct Trainer::State {
   std::vector<std::string> keys;  // "<module>/<tensor>" of every trainable tensor, in parameter order
   std::vector<at::Tensor> params;
   std::unique_ptr<torch::optim::AdamW> optimizer;
+  /// options.freeze_old_experts: parameters whose first rows (the old experts) are put back after each
+  /// step, with the values they must keep (weight decay would move them even without a gradient).
+  struct FrozenRows {
+    at::Tensor param, rows;
+  };
+  std::vector<FrozenRows> frozen;
   int64_t epoch = -1;  // the epoch whose example order `order` holds
   std::vector<int64_t> order;
 
