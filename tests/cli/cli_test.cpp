@@ -328,6 +328,43 @@ TEST_F(Cli, ModuleFormerExpertsAddTrainPrune) {
   EXPECT_NE(r.err.find("--keep 20 must be in 1..8"), std::string::npos) << r.err;
 }
 
+// Specialisation metrics from saved routing, and from a routed model over data labelled by task.
+TEST_F(Cli, AnalyzeRoutingFromProbabilitiesAndFromAModel) {
+  test::TempDir tmp;
+  const at::Tensor probs = at::eye(3).repeat({2, 1}), rules = at::arange(3, at::kLong).repeat({2});
+  io::save_safetensors(tmp / "routing.safetensors", {{"probs", probs}, {"rules", rules}});
+  Result r = mdl("analyze-routing --probs " + quote(tmp / "routing.safetensors"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  for (const char* k : {"collapse_avg", "collapse_worst", "inverse_mi", "alignment", "adaptation"})
+    EXPECT_NEAR(j[k].get<double>(), 0.0, 1e-6) << k;
+  EXPECT_NEAR(j["random"]["alignment"].get<double>(), 2.0 / 3, 1e-9);
+  io::save_safetensors(tmp / "bad.safetensors", {{"probs", probs}});
+  r = mdl("analyze-routing --probs " + quote(tmp / "bad.safetensors"));
+  EXPECT_NE(r.err.find("has no tensor 'rules'"), std::string::npos) << r.err;
+
+  ASSERT_EQ(mdl("init-model --arch mixtral --out " + quote(tmp / "mixtral")).code, 0);
+  std::string lines;
+  for (const char* task : {"animals", "weather"})
+    for (const char* s : {"the cat sat", "rain falls", "a dog ran", "the sun shines"})
+      lines += std::string("{\"text\": \"") + s + "\", \"task\": \"" + task + "\"}\n";
+  test::write_file(tmp / "tasks.jsonl", lines);
+  r = mdl("analyze-routing --model " + quote(tmp / "mixtral") + " --data " + quote(tmp / "tasks.jsonl") +
+          " --label task");
+  ASSERT_EQ(r.code, 0) << r.err;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["values"], nlohmann::json({"animals", "weather"}));
+  ASSERT_EQ(j["sites"].size(), 2u);  // the tiny Mixtral's two expert layers
+  EXPECT_EQ(j["sites"][0]["site"], "model.layers.0.block_sparse_moe");
+  EXPECT_EQ(j["sites"][0]["modules"], 8);
+  EXPECT_GE(j["sites"][0]["inverse_mi"].get<double>(), 0.0);
+  r = mdl("analyze-routing --model " + quote(model("llama")) + " --data " + quote(tmp / "tasks.jsonl"));
+  EXPECT_NE(r.err.find("nothing in this model routes"), std::string::npos) << r.err;
+  r = mdl("analyze-routing --model " + quote(tmp / "mixtral") + " --data " + quote(tmp / "tasks.jsonl") +
+          " --label language");
+  EXPECT_NE(r.err.find("has no 'language' field"), std::string::npos) << r.err;
+}
+
 TEST_F(Cli, MergeAndCompositionExpressions) {
   test::TempDir tmp;
   for (const char* name : {"a", "b"}) {

@@ -122,8 +122,11 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   // results.json: every experiment, parsed back from the file.
   const json r = json::parse(test::read_file(out + "/results.json"));
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer", "checks"})
+                          "crosslingual", "moduleformer", "modularity", "checks"})
     EXPECT_TRUE(r.contains(key)) << key;
+  EXPECT_EQ(r["modularity"]["mean_over_seeds"].size(), 8u);   // 4 families x the tiny run's 2 values of R
+  EXPECT_EQ(r["moe"]["specialisation_by_digit"].size(), 2u);  // per layer of the tiny ViT
+  EXPECT_TRUE(r["polytropon"].contains("specialisation_by_task"));
   EXPECT_EQ(r["moduleformer"]["aux_losses"].size(), 3u);  // none, MI, switch
   for (const auto& a : r["moduleformer"]["aux_losses"])
     EXPECT_EQ(a["per_mixture"].size(), 4u);  // 2 layers x (attention, MLP)
@@ -157,7 +160,7 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   }
   for (const char* title :
        {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing", "5. Mixture",
-        "6. Merging", "7. Cross-lingual", "8. ModuleFormer", "Expected directions"}) {
+        "6. Merging", "7. Cross-lingual", "8. ModuleFormer", "9. Is a modular", "Expected directions"}) {
     EXPECT_NE(md.find(title), std::string::npos) << title;
     EXPECT_NE(html.find(title), std::string::npos) << title;
   }
@@ -188,6 +191,7 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   EXPECT_EQ(second["merging"]["methods"], first["merging"]["methods"]);
   EXPECT_EQ(second["crosslingual"]["languages"], first["crosslingual"]["languages"]);
   EXPECT_EQ(second["moduleformer"]["aux_losses"], first["moduleformer"]["aux_losses"]);
+  EXPECT_EQ(second["modularity"]["runs"], first["modularity"]["runs"]);
   EXPECT_EQ(second["moduleformer"]["continual"]["moduleformer"],
             first["moduleformer"]["continual"]["moduleformer"]);
   EXPECT_EQ(second["vision_backbone"]["test_accuracy"], first["vision_backbone"]["test_accuracy"]);
@@ -229,9 +233,9 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   const json r = json::parse(test::read_file(f.tmp / "cli/results.json"));
   EXPECT_EQ(r["run"]["processes"], 2);
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer"})
+                          "crosslingual", "moduleformer", "modularity"})
     EXPECT_TRUE(r.contains(key)) << key;
-  EXPECT_EQ(r["checks"].size(), 12u);  // both processes' checks (the second runs experiments 7 and 8)
+  EXPECT_EQ(r["checks"].size(), 17u);  // both processes' checks (1-6 and 9 here, 7 and 8 in the second)
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
   EXPECT_NE(out.find("/mdl serve --model " + (f.tmp / "cli/models/polyglot")), std::string::npos) << out;
@@ -254,8 +258,9 @@ TEST(Demo, PartsAreNamedAloneOrAsAList) {
   EXPECT_FALSE(r.contains("crosslingual") || r.contains("transfer"));
   EXPECT_EQ(r["checks"].size(), 5u);
   f.options.part = "language,bogus";
-  EXPECT_THROW_WITH(run_demo(f.options),
-                    "[demo] part 'bogus' is unknown; expected all, vision, language or moduleformer");
+  EXPECT_THROW_WITH(
+      run_demo(f.options),
+      "[demo] part 'bogus' is unknown; expected all, vision, language, moduleformer or modularity");
 }
 
 TEST(Demo, MissingDataIsAnErrorThatSaysWhereToGetIt) {

@@ -1,6 +1,6 @@
-// Algorithm 1 for every module type that keeps shapes, on GPT-2, Llama and BERT: under each router a site
-// has for ordinary modules (the active modules with their scales, for every row; each example's own
-// ordered, weighted list), with both aggregations (a weighted sum of changes; a stack in the written
+// Algorithm 1 for every module type that keeps shapes, on GPT-2, Llama, BERT and ModuleFormer: under each
+// router a site has for ordinary modules (the active modules with their scales, for every row; each example's
+// own ordered, weighted list), with both aggregations (a weighted sum of changes; a stack in the written
 // order), one batch equals a plain reference loop: each example alone, through a fresh model holding
 // only its modules, loaded in its order with its weights. Additive types commute (the table's `additive`
 // means that); prompts and prefixes, which lengthen the sequence, are refused per example with the reason.
@@ -252,7 +252,7 @@ TEST_P(EveryTypeRouted, LearnedRoutersAndAggregatorsOverTwoModulesEqualTheFormul
 
 std::vector<Case> cases() {
   std::vector<Case> out;
-  for (const std::string arch : {"gpt2", "llama", "bert"})
+  for (const std::string arch : {"gpt2", "llama", "bert", "moduleformer"})
     for (const auto& t : module_types())
       if (t.site_kind != SiteKind::embedding && t.site_kind != SiteKind::attention_kv && !t.on_members_sites)
         out.push_back({arch, t.name});

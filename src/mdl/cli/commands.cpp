@@ -47,6 +47,7 @@
 #include "mdl/modules/module_type.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/routing/routing_log.h"
+#include "mdl/routing/specialisation.h"
 #include "mdl/serving/engine.h"
 #include "mdl/serving/server.h"
 #include "mdl/tokenizers/tokenizer.h"
@@ -924,6 +925,75 @@ void register_experts(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- analyze-routing ------------------------------------------------------------------------------------
+// Do the routed modules specialise? Mittal et al.'s metrics (routing/specialisation.h) from saved routing
+// probabilities and true rules, or from any routed model run over labelled data, per routed site.
+void register_analyze_routing(CLI::App& app, GlobalOptions& g) {
+  auto probs_file = std::make_shared<std::string>();
+  auto model = std::make_shared<std::string>();
+  auto data = std::make_shared<std::string>();
+  auto label = std::make_shared<std::string>("task");
+  auto examples = std::make_shared<int64_t>(1000);
+  auto mods = std::make_shared<ModuleArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "analyze-routing",
+      "specialisation metrics (collapse, inverse MI, alignment, adaptation; lower is better) of a routing: "
+      "from --probs, or from a routed model over labelled --data, per routed site");
+  cmd->add_option(
+      "--probs", *probs_file,
+      "safetensors file with 'probs' (N, M) routing probabilities and 'rules' (N) int64 true rules");
+  cmd->add_option("--model", *model,
+                  "a routed model's checkpoint directory (mixture of experts, ModuleFormer)");
+  add_module_options(cmd, *mods);
+  cmd->add_option("--data", *data, "JSONL file whose examples carry the --label field");
+  cmd->add_option("--label", *label, "task | language | label: what the modules should specialise by")
+      ->check(CLI::IsMember({"task", "language", "label"}))
+      ->capture_default_str();
+  cmd->add_option("--examples", *examples, "examples of --data to run at most")->capture_default_str();
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(probs_file->empty() != model->empty(),
+              "[analyze-routing] give either --probs FILE or --model DIR ", "with --data FILE");
+    nlohmann::json out;
+    if (!probs_file->empty()) {
+      const auto t = io::load_safetensors(*probs_file);
+      for (const char* name : {"probs", "rules"})
+        MDL_CHECK(t.count(name), "[analyze-routing] '", *probs_file, "' has no tensor '", name,
+                  "'; expected 'probs' (N, M) float and 'rules' (N) int64");
+      const at::Tensor& p = t.at("probs");
+      const at::Tensor& r = t.at("rules");
+      MDL_CHECK(at::isFloatingType(p.scalar_type()) && !at::isFloatingType(r.scalar_type()),
+                "[analyze-routing] '", *probs_file,
+                "': 'probs' must be floating point and 'rules' integer, got ", p.scalar_type(), " and ",
+                r.scalar_type());
+      MDL_CHECK(r.numel() > 0, "[analyze-routing] '", *probs_file, "': no samples");
+      const int64_t R = r.max().item<int64_t>() + 1;
+      out = specialisation(p, r, R);
+      out["random"] = random_routing(R, p.size(1));
+      std::printf("%s\n", out.dump().c_str());
+      return;
+    }
+    MDL_CHECK(!data->empty(), "[analyze-routing] --model needs --data FILE.jsonl with a '", *label,
+              "' field per example");
+    Model m = load_model(*model);
+    auto set = attach_modules(m, *mods, *model);
+    DatasetOptions o;
+    o.kind = *label == "label" ? "classification" : "text";
+    const Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    const LabelledRouting lr = routing_by_label(*m, d, *label, *examples);
+    out = {{"label", *label}, {"values", lr.values}, {"sites", nlohmann::json::array()}};
+    const int64_t R = static_cast<int64_t>(lr.values.size());
+    for (const auto& site : lr.sites) {
+      nlohmann::json row = specialisation(lr.probs.at(site), lr.rules.at(site), R);
+      row["site"] = site;
+      row["rows"] = lr.rules.at(site).size(0);
+      row["random"] = random_routing(R, lr.probs.at(site).size(1));
+      out["sites"].push_back(row);
+    }
+    std::printf("%s\n", out.dump(2).c_str());
+  });
+}
+
 // ---- demo ------------------------------------------------------------------------------------------------
 void register_demo(CLI::App& app, GlobalOptions& g) {
   auto o = std::make_shared<demo::DemoOptions>();
@@ -1029,7 +1099,7 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     } reaper{pid};
     configure_threads(budget - budget / 2);
     demo::DemoOptions vision = options;
-    vision.part = "vision";
+    vision.part = "vision,modularity";
     vision.write_outputs = false;
     vision.peer_progress_file = progress_file;
     int status = 0;
@@ -1173,6 +1243,7 @@ void register_commands(CLI::App& app, GlobalOptions& globals) {
   register_merge(app, globals);
   register_upcycle(app, globals);
   register_experts(app, globals);
+  register_analyze_routing(app, globals);
   register_moefy(app, globals);
   register_init_module(app, globals);
   register_merge_into_base(app, globals);

@@ -48,6 +48,7 @@ Sizes sizes_for(DemoSize size) {
     s.mf_batch = 4, s.mf_train_chunks = 32, s.mf_valid_chunks = 8;
     s.mf_steps = 3, s.mf_continual_steps = 2, s.mf_prune_steps = 2, s.mf_added_experts = 2,
     s.mf_keep_experts = 2;
+    s.md_rules = {2, 4}, s.md_seeds = 1, s.md_steps = 3, s.md_batch = 16, s.md_eval_batches = 1;
   } else if (size == DemoSize::full) {  // 18 minutes on 2 cores (measured)
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
@@ -58,6 +59,7 @@ Sizes sizes_for(DemoSize size) {
     s.language_adapter_steps = 1200, s.text_task_train = 4000, s.text_task_steps = 600,
     s.text_task_test = 1000;
     s.mf_steps = 800, s.mf_continual_steps = 500, s.mf_prune_steps = 300, s.mf_train_chunks = 12000;
+    s.md_rules = {2, 4, 8, 16}, s.md_seeds = 2, s.md_steps = 3000;  // the paper trains 100k steps
   }
   return s;
 }
@@ -326,17 +328,20 @@ nlohmann::json run_demo(const DemoOptions& options) {
   for (size_t at = 0; at <= options.part.size();) {
     const size_t comma = std::min(options.part.find(',', at), options.part.size());
     const std::string p = options.part.substr(at, comma - at);
-    MDL_CHECK(
-        p == "all" || p == "vision" || p == "language" || p == "moduleformer", "[demo] part '", p,
-        "' is unknown; expected all, vision, language or moduleformer (or a list: language,moduleformer)");
+    MDL_CHECK(p == "all" || p == "vision" || p == "language" || p == "moduleformer" || p == "modularity",
+              "[demo] part '", p,
+              "' is unknown; expected all, vision, language, moduleformer or modularity (or a list: "
+              "language,moduleformer)");
     parts.insert(p);
     at = comma + 1;
   }
   auto runs = [&](const char* p) { return parts.count("all") > 0 || parts.count(p) > 0; };
-  const bool vision = runs("vision"), language = runs("language"), moduleformer = runs("moduleformer");
+  const bool vision = runs("vision"), language = runs("language"), moduleformer = runs("moduleformer"),
+             modularity = runs("modularity");
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
                         (language ? planned_language_steps(ctx.sizes) : 0) +
-                        (moduleformer ? planned_moduleformer_steps(ctx.sizes) : 0),
+                        (moduleformer ? planned_moduleformer_steps(ctx.sizes) : 0) +
+                        (modularity ? planned_modularity_steps(ctx.sizes) : 0),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
   ctx.results["run"] = {
@@ -346,6 +351,7 @@ nlohmann::json run_demo(const DemoOptions& options) {
   if (vision) run_vision(ctx);
   if (language) run_language(ctx);
   if (moduleformer) run_moduleformer(ctx);
+  if (modularity) run_modularity(ctx);
   if (options.wait_for_peer) progress.wait(options.wait_for_peer);
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);

@@ -12,6 +12,8 @@
 //   8. ModuleFormer, a character-level model on English then German fortunes: aux losses (none, MI, switch)
 //      and the routing they give, experts added for German with the old ones frozen vs a dense model
 //      fine-tuned, experts pruned to the most used vs random ones
+//   9. is a modular architecture enough? rule-based MLP data, monolithic / modular / modular-op / GT-modular
+//      models for several numbers of rules, their loss and the specialisation metrics of their routing
 // Every figure goes to results.json; report.md and report.html hold the tables and plots; trained
 // modules are written in the native format for `mdl serve`.
 #pragma once
@@ -42,8 +44,8 @@ struct DemoOptions {
   /// Fortune files per language; empty: those the fortunes packages installed.
   std::map<std::string, std::vector<std::string>> fortune_files;
   std::string device = "cpu";
-  /// all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8), or a
-  /// comma-separated list of them
+  /// all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8) | modularity
+  /// (experiment 9), or a comma-separated list of them
   std::string part = "all";
   uint64_t seed = 0;
   bool progress = true;  ///< a progress bar on stderr

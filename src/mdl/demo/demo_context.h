@@ -41,6 +41,10 @@ struct Sizes {
   int64_t mf_steps = 150, mf_continual_steps = 100, mf_prune_steps = 100;
   int64_t mf_added_experts = 4, mf_keep_experts = 4;
   double mf_mi_weight = 0.1, mf_switch_weight = 0.1, mf_concentration_weight = 0.1;
+  // Is a modular architecture enough? (rule MLPs)
+  std::vector<int64_t> md_rules = {2, 4, 8};
+  int64_t md_seeds = 2, md_steps = 2500, md_batch = 256, md_encoder = 32, md_dim = 128, md_eval_batches = 10;
+  double md_lr = 1e-3;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);
@@ -118,6 +122,7 @@ void write_dir_atomic(const std::string& dir, const std::function<void(const std
 void run_vision(Context& ctx);
 void run_language(Context& ctx);
 void run_moduleformer(Context& ctx);
+void run_modularity(Context& ctx);
 void write_report(const DemoOptions& options, const nlohmann::json& results);
 /// The cached ViT's directory (keyed by its config and training settings); a cached backbone is complete
 /// when its directory holds `pretrain.json`.
@@ -130,5 +135,6 @@ std::string hex64(uint64_t h);
 int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
 int64_t planned_language_steps(const Sizes& s);
 int64_t planned_moduleformer_steps(const Sizes& s);
+int64_t planned_modularity_steps(const Sizes& s);
 
 }  // namespace mdl::demo

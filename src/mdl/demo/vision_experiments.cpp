@@ -18,6 +18,7 @@
 #include "mdl/modules/module_type.h"
 #include "mdl/report/plot.h"
 #include "mdl/routing/routing_log.h"
+#include "mdl/routing/specialisation.h"
 
 namespace fs = std::filesystem;
 
@@ -418,7 +419,13 @@ void polytropon(Context& ctx, const std::string& vit, const TaskData& tasks) {
           "multi-task: one shared LoRA");
     for (int k = 0; k < kTasks; ++k) shared_acc.push_back(binary_accuracy(*model, tasks.test[k]));
   }
+  // Do the skills specialise by task? Each task's allocation is its mean routing over the skills.
+  std::vector<double> flat;
+  for (const auto& row : allocation) flat.insert(flat.end(), row.begin(), row.end());
+  const at::Tensor per_task = at::tensor(flat, at::kDouble).view({kTasks, -1});
   ctx.results["polytropon"] = {{"skills", 4},
+                               {"specialisation_by_task", specialisation(per_task, ctx.options.seed)},
+                               {"specialisation_random", random_routing(kTasks, per_task.size(1))},
                                {"accuracy", poly_acc},
                                {"mean_accuracy", mean(poly_acc)},
                                {"shared_lora_accuracy", shared_acc},
@@ -462,18 +469,25 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
   // Expert load per layer on the test digits.
   std::vector<std::vector<double>> load;
   std::vector<double> max_load;
+  nlohmann::json by_digit = nlohmann::json::array();
   {
     torch::NoGradGuard no_grad;
     const int64_t n = std::min<int64_t>(512, static_cast<int64_t>(test_d.examples.size()));
     ModelInput in;
     in.pixel_values = test_d.images.narrow(0, 0, n).to(ctx.device);
     RoutingLog log;
+    log.keep_weights(true);
     in.routing_log = &log;
     moe->eval();
     moe->forward(in);
+    // Do the experts specialise by digit? Every token of an image carries the image's class.
+    const at::Tensor classes = labels_of(test_d).narrow(0, 0, n);
     for (const auto& st : log.stats()) {
       load.push_back(st.load);
       max_load.push_back(*std::max_element(st.load.begin(), st.load.end()));
+      const at::Tensor rules = classes.repeat_interleave(st.weights.size(0) / n);
+      by_digit.push_back(specialisation(st.weights, rules, 10, ctx.options.seed));
+      by_digit.back()["site"] = st.site;
     }
   }
   save_model(*moe, (fs::path(ctx.models_dir) / "vit-moe-digits").string());
@@ -484,6 +498,8 @@ void mixture_of_experts(Context& ctx, const std::string& vit, const Dataset& tra
                         {"dense_accuracy", ctx.results["transfer"]["full_ft_accuracy"]},
                         {"seconds", seconds},
                         {"expert_load", matrix_json(load)},
+                        {"specialisation_by_digit", by_digit},
+                        {"specialisation_random", random_routing(10, 4)},
                         {"max_load", max_load},
                         {"parameters", moe->num_parameters()}};
   PlotOptions plot;

@@ -50,10 +50,11 @@ TargetOptions every_linear(Arch, const ModuleConfig&) {
 TargetOptions every_site(Arch, const ModuleConfig&) {
   return regex(".*");
 }  // every site of the type's kind
-/// Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output"); the
-/// Pfeiffer configuration takes the MLP's only.
+/// Sublayer sites: attention ("attn", "self_attn", "attention") and MLP ("mlp", BERT's "output",
+/// ModuleFormer's "mlpf"); the Pfeiffer configuration takes the MLP's only.
 TargetOptions sublayers(const std::string& config) {
-  return regex(config == "houlsby" ? R"(.*\.(attn|self_attn|attention|mlp|output))" : R"(.*\.(mlp|output))");
+  return regex(config == "houlsby" ? R"(.*\.(attn|self_attn|attention|mlp|mlpf|output))"
+                                   : R"(.*\.(mlp|mlpf|output))");
 }
 
 std::vector<ModuleType> make_types() {

@@ -58,6 +58,7 @@ void RoutingLog::record(const std::string& site, const Routing& r, const RouterO
   s.rows = r.rows;
   s.load = expert_load(r);
   s.dropped_fraction = r.requested ? static_cast<double>(r.dropped) / r.requested : 0.0;
+  if (keep_weights_) s.weights = (r.probs.defined() ? r.probs : r.dense_weights()).detach().to(at::kCPU);
   if (r.probs.defined()) {
     s.entropy = routing_entropy(r.probs);
     at::Tensor lb = load_balancing_loss(r.probs, r.chosen);

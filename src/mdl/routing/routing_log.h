@@ -42,6 +42,9 @@ struct RoutingStats {
   double load_balancing = 0;    ///< the loss's value (0 without logits)
   double z_loss = 0;
   double usage_entropy = 0;  ///< H(e) of the experts' mean use (nats); 0 without logits
+  /// (rows, E) each row's routing probabilities (the softmax where there are logits, else the routing's
+  /// weights), kept only when the log keeps them (keep_weights)
+  at::Tensor weights;
 };
 
 /// What routers record during one forward.
@@ -57,6 +60,8 @@ class RoutingLog {
   const Routing* shared(const std::string& key) const;
   void set_shared(const std::string& key, const Routing& r) { shared_[key] = r; }
   void clear();
+  /// Keep every record's per-row routing probabilities (RoutingStats::weights; off by default).
+  void keep_weights(bool on) { keep_weights_ = on; }
   /// A table: site, rows, per-expert load, entropy, dropped fraction, losses.
   std::string to_string() const;
 
@@ -64,6 +69,7 @@ class RoutingLog {
   std::vector<RoutingStats> stats_;
   at::Tensor aux_;
   std::map<std::string, Routing> shared_;
+  bool keep_weights_ = false;
 };
 
 }  // namespace mdl

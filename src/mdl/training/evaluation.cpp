@@ -130,4 +130,51 @@ ExpertUsage measure_expert_usage(ModelImpl& model, const Dataset& data) {
   return meter.usage();
 }
 
+LabelledRouting routing_by_label(ModelImpl& model, const Dataset& data, const std::string& label,
+                                 int64_t max_examples) {
+  MDL_CHECK(label == "task" || label == "language" || label == "label", "[analyze-routing] --label '", label,
+            "' is unknown; expected task, language or label");
+  MDL_CHECK(!data.examples.empty(), "[analyze-routing] the data has no examples");
+  LabelledRouting out;
+  std::map<std::string, int64_t> index;
+  std::map<std::string, std::vector<at::Tensor>> probs, rules;
+  const bool was_training = model.is_training();
+  model.eval();
+  torch::NoGradGuard no_grad;
+  const size_t n = std::min(data.examples.size(), static_cast<size_t>(std::max<int64_t>(1, max_examples)));
+  for (size_t i = 0; i < n; ++i) {
+    const Example& e = data.examples[i];
+    std::string value = label == "task" ? e.task : label == "language" ? e.language : "";
+    if (label == "label") {
+      MDL_CHECK(e.label >= 0, "[analyze-routing] example ", e.line, " has no label");
+      value =
+          e.label < static_cast<int64_t>(data.labels.size()) ? data.labels[e.label] : std::to_string(e.label);
+    }
+    MDL_CHECK(!value.empty(), "[analyze-routing] example on line ", e.line, " has no '", label,
+              "' field; every example needs one");
+    auto [it, added] = index.emplace(value, static_cast<int64_t>(out.values.size()));
+    if (added) out.values.push_back(value);
+    Batch b = collate(data, {static_cast<int64_t>(i)}, 0, model.device(), {});
+    ModelInput in = model_input(b);
+    RoutingLog log;
+    log.keep_weights(true);
+    in.routing_log = &log;
+    model.forward(in);
+    for (const auto& s : log.stats()) {
+      if (!s.weights.defined() || s.weights.size(0) == 0) continue;
+      if (!probs.count(s.site)) out.sites.push_back(s.site);
+      probs[s.site].push_back(s.weights.to(at::kFloat));
+      rules[s.site].push_back(at::full({s.weights.size(0)}, it->second, at::kLong));
+    }
+  }
+  model.train(was_training);
+  MDL_CHECK(!out.sites.empty(), "[analyze-routing] nothing in this model routes (no mixture of experts, no ",
+            "learned router, no Polytropon allocation): there is no routing to analyse");
+  for (const auto& site : out.sites) {
+    out.probs[site] = at::cat(probs[site], 0);
+    out.rules[site] = at::cat(rules[site], 0);
+  }
+  return out;
+}
+
 }  // namespace mdl

@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "mdl/backbones/moduleformer_experts.h"
 #include "mdl/training/batch.h"
@@ -53,5 +54,19 @@ std::map<std::string, double> evaluate_per_task(ModelImpl& model, const Dataset&
 /// Each ModuleFormer expert's share of its layer's assignments over `data`'s tokens (what `mdl experts prune`
 /// keeps by), in evaluation mode, one example per forward so that no padding is routed.
 ExpertUsage measure_expert_usage(ModelImpl& model, const Dataset& data);
+
+/// Every routed site's routing over `data`, each row labelled by its example's `label` ("task",
+/// "language" or "label"): what routing/specialisation measures (do the experts specialise by task?).
+struct LabelledRouting {
+  std::vector<std::string> values;  ///< the label values, in order of first appearance (rule r = values[r])
+  std::vector<std::string> sites;   ///< routed sites, in forward order
+  std::map<std::string, at::Tensor> probs;  ///< site -> (rows, E) routing probabilities
+  std::map<std::string, at::Tensor> rules;  ///< site -> (rows) int64 label index of each row
+};
+/// Runs `model` (with its attached modules) over at most `max_examples` examples of `data`, one per forward
+/// so every routed row belongs to one example, keeping each site's per-row routing probabilities. Throws
+/// when no site routes anything or an example lacks the label.
+LabelledRouting routing_by_label(ModelImpl& model, const Dataset& data, const std::string& label,
+                                 int64_t max_examples = 1000);
 
 }  // namespace mdl
