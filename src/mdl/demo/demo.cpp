@@ -49,6 +49,7 @@ Sizes sizes_for(DemoSize size) {
     s.mf_steps = 3, s.mf_continual_steps = 2, s.mf_prune_steps = 2, s.mf_added_experts = 2,
     s.mf_keep_experts = 2;
     s.md_rules = {2, 4}, s.md_seeds = 1, s.md_steps = 3, s.md_batch = 16, s.md_eval_batches = 1;
+    s.md_sequence_tasks = {"mha", "rnn"}, s.md_sequence_rules = {2};
   } else if (size == DemoSize::full) {  // 18 minutes on 2 cores (measured)
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
@@ -59,7 +60,8 @@ Sizes sizes_for(DemoSize size) {
     s.language_adapter_steps = 1200, s.text_task_train = 4000, s.text_task_steps = 600,
     s.text_task_test = 1000;
     s.mf_steps = 800, s.mf_continual_steps = 500, s.mf_prune_steps = 300, s.mf_train_chunks = 12000;
-    s.md_rules = {2, 4, 8, 16}, s.md_seeds = 2, s.md_steps = 3000;  // the paper trains 100k steps
+    s.md_rules = {2, 4, 8, 16}, s.md_seeds = 2, s.md_steps = 3000;  // the paper trains 100k (500k) steps
+    s.md_sequence_tasks = {"mha", "rnn"};
   }
   return s;
 }

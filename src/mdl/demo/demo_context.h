@@ -43,8 +43,10 @@ struct Sizes {
   double mf_mi_weight = 0.1, mf_switch_weight = 0.1, mf_concentration_weight = 0.1;
   // Is a modular architecture enough? (rule MLPs)
   std::vector<int64_t> md_rules = {2, 4, 8};
-  int64_t md_seeds = 2, md_steps = 2500, md_batch = 256, md_encoder = 32, md_dim = 128, md_eval_batches = 10;
+  int64_t md_seeds = 2, md_steps = 2000, md_batch = 256, md_encoder = 32, md_dim = 128, md_eval_batches = 10;
   double md_lr = 1e-3;
+  std::vector<std::string> md_sequence_tasks;  ///< --full: mha, rnn
+  std::vector<int64_t> md_sequence_rules = {2, 4};
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);

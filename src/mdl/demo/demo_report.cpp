@@ -303,6 +303,18 @@ std::vector<Section> sections(const json& r) {
       t.rows.push_back(cells);
     }
     s.tables.push_back(t);
+    if (m.contains("sequence_tasks")) {
+      Table q{{"task", "R", "family", "ID loss", "OoD loss", "collapse-avg", "inverse MI", "alignment"}, {}};
+      for (const auto& row : m["sequence_tasks"]) {
+        std::vector<std::string> cells = {
+            row["task"].get<std::string>(), std::to_string(row["rules"].get<int64_t>()),
+            row["family"].get<std::string>(), num(row["id_loss"], "%.3f"), num(row["ood_loss"], "%.3f")};
+        for (const char* k : {"collapse_avg", "inverse_mi", "alignment"})
+          cells.push_back(row.contains("metrics") ? num(row["metrics"][k], "%.2f") : "–");
+        q.rows.push_back(cells);
+      }
+      s.tables.push_back(q);
+    }
     // The same metrics on the demo's other routed models, against their labels.
     Table o{{"routing", "against", "collapse-avg", "collapse-worst", "inverse MI", "alignment", "adaptation"},
             {}};

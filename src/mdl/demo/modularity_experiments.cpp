@@ -8,7 +8,9 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <map>
+#include <memory>
 
 #include "mdl/demo/demo_context.h"
 #include "mdl/modularity/rule_data.h"
@@ -21,6 +23,10 @@ namespace fs = std::filesystem;
 namespace mdl::demo {
 namespace {
 
+/// A rule model's step costs a small fraction of a backbone's: the progress bar counts them in ticks of this
+/// many, so its percentage follows time.
+constexpr int64_t kStepsPerTick = 25;
+
 const std::vector<std::string>& families() {
   static const std::vector<std::string> f = {"monolithic", "modular", "modular_op", "gt"};
   return f;
@@ -32,42 +38,65 @@ struct Run {
   bool routed = false;
 };
 
-Run train_and_measure(Context& ctx, const std::string& family, int64_t R, uint64_t seed) {
+/// One model of `family` on `task` (mlp, mha, rnn) with R rules, trained and measured.
+Run train_and_measure(Context& ctx, const std::string& task, const std::string& family, int64_t R,
+                      uint64_t seed) {
   const Sizes& s = ctx.sizes;
   RuleDataOptions d;
+  d.task = task;
   d.rules = R;
   d.data_seed = seed;
   d.sample_seed = 1000 + seed;
   RuleData data(d);
-  RuleModelOptions o;
-  o.family = family;
-  o.rules = o.modules = R;
-  o.encoder = s.md_encoder;
-  o.dim = s.md_dim;
-  RuleMlpModel model(o, 7 + seed);
+  std::shared_ptr<torch::nn::Module> model;
+  std::function<RuleOutput(const at::Tensor&)> forward;
+  if (task == "mlp") {
+    RuleModelOptions o;
+    o.family = family;
+    o.rules = o.modules = R;
+    o.encoder = s.md_encoder;
+    o.dim = s.md_dim;
+    RuleMlpModel m(o, 7 + seed);
+    model = m.ptr();
+    forward = [m](const at::Tensor& x) mutable { return m->forward(x); };
+  } else {
+    RuleSequenceOptions o;
+    o.task = task;
+    o.family = family;
+    o.rules = R;
+    o.input = (task == "mha" ? 4 * R : d.dim) + R;
+    o.output = task == "mha" ? 1 : d.dim;
+    o.dim = task == "mha" ? 64 : s.md_encoder;
+    o.hidden = s.md_encoder * 2;
+    RuleSequenceModel m(o, 7 + seed);
+    model = m.ptr();
+    forward = [m](const at::Tensor& x) mutable { return m->forward(x); };
+  }
   torch::optim::Adam adam(model->parameters(), torch::optim::AdamOptions(s.md_lr));
+  const int64_t batch = task == "mlp" ? s.md_batch : std::max<int64_t>(1, s.md_batch / 4);
   for (int64_t step = 0; step < s.md_steps; ++step) {
-    const RuleBatch b = data.sample(s.md_batch);
+    const RuleBatch b = data.sample(batch);
     adam.zero_grad();
-    at::l1_loss(model->forward(b.input).prediction, b.target).backward();
+    at::l1_loss(forward(b.input).prediction, b.target).backward();
     adam.step();
-    ctx.progress->step();
+    if ((step + 1) % kStepsPerTick == 0) ctx.progress->step();
   }
   torch::NoGradGuard no_grad;
   model->eval();
   Run run;
-  // Held-out samples from a stream of their own: in distribution, and with a and b doubled.
+  // Held-out samples from a stream of their own: in distribution, and with the free inputs doubled.
   RuleDataOptions test = d;
   test.sample_seed = 5000 + seed;
   RuleData fresh(test);
   std::vector<at::Tensor> probs, rules;
+  const int64_t eval_n = task == "mlp" ? 1000 : 100;
   for (int64_t i = 0; i < s.md_eval_batches; ++i) {
-    const RuleBatch id = fresh.sample(1000), ood = fresh.sample(1000, 2.0);
-    const RuleOutput out = model->forward(id.input);
+    const RuleBatch id = fresh.sample(eval_n), ood = fresh.sample(eval_n, 2.0);
+    const RuleOutput out = forward(id.input);
     run.id_loss += at::l1_loss(out.prediction, id.target).item<double>() / s.md_eval_batches;
-    run.ood_loss +=
-        at::l1_loss(model->forward(ood.input).prediction, ood.target).item<double>() / s.md_eval_batches;
-    if (out.routing.defined()) probs.push_back(out.routing), rules.push_back(id.rule);
+    run.ood_loss += at::l1_loss(forward(ood.input).prediction, ood.target).item<double>() / s.md_eval_batches;
+    if (out.routing.defined())
+      probs.push_back(out.routing.reshape({-1, R})), rules.push_back(id.rule.reshape({-1}));
   }
   if (!probs.empty()) {
     run.routed = true;
@@ -85,8 +114,9 @@ std::string fmt(double v, const char* f = "%.3f") {
 }  // namespace
 
 int64_t planned_modularity_steps(const Sizes& s) {
-  return static_cast<int64_t>(s.md_rules.size()) * s.md_seeds * static_cast<int64_t>(families().size()) *
-         s.md_steps;
+  return (static_cast<int64_t>(s.md_rules.size()) * s.md_seeds +
+          static_cast<int64_t>(s.md_sequence_tasks.size() * s.md_sequence_rules.size())) *
+         static_cast<int64_t>(families().size()) * (s.md_steps / kStepsPerTick);
 }
 
 void run_modularity(Context& ctx) {
@@ -107,7 +137,7 @@ void run_modularity(Context& ctx) {
     for (const auto& family : families()) {
       Run avg;
       for (int64_t seed = 0; seed < s.md_seeds; ++seed) {
-        const Run r = train_and_measure(ctx, family, R, static_cast<uint64_t>(seed));
+        const Run r = train_and_measure(ctx, "mlp", family, R, static_cast<uint64_t>(seed));
         nlohmann::json row = {{"family", family},
                               {"rules", R},
                               {"seed", seed},
@@ -127,6 +157,21 @@ void run_modularity(Context& ctx) {
       mean[family][R] = avg;
     }
   result["runs"] = runs;
+  // --full: the sequence tasks too (one seed; loss and metrics per family and R).
+  nlohmann::json sequences = nlohmann::json::array();
+  for (const auto& task : s.md_sequence_tasks)
+    for (int64_t R : s.md_sequence_rules)
+      for (const auto& family : families()) {
+        const Run r = train_and_measure(ctx, task, family, R, 0);
+        nlohmann::json row = {{"task", task},
+                              {"family", family},
+                              {"rules", R},
+                              {"id_loss", r.id_loss},
+                              {"ood_loss", r.ood_loss}};
+        if (r.routed) row["metrics"] = r.metrics;
+        sequences.push_back(row);
+      }
+  if (!sequences.empty()) result["sequence_tasks"] = sequences;
   nlohmann::json summary = nlohmann::json::array();
   for (const auto& family : families())
     for (int64_t R : s.md_rules) {

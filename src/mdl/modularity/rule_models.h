@@ -16,6 +16,7 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/rnn.h>
 
 #include <cstdint>
 #include <string>
@@ -53,5 +54,49 @@ class RuleMlpModelImpl : public torch::nn::Module {
   torch::nn::Linear op_router{nullptr};
 };
 TORCH_MODULE(RuleMlpModel);
+
+// The families on the sequence tasks (their MHA and RNN code), with an encoder Linear-ReLU-Linear of the
+// whole input ([x, onehot(c)] per step) and a decoder Linear-ReLU-Linear per step:
+//   mha  attention over the other tokens (a token never attends to itself), heads of size
+//        att_dim / heads (monolithic) or att_dim / (heads R) (modular: R modules of `heads` heads each);
+//        each module's heads and its own projection of the token, [attention, in_(x)], go through the
+//        module's MLP (GroupLinear - ReLU - GroupLinear, to dim (+1 score unit for modular)); the modules'
+//        outputs mixed by p; monolithic: one such block with an MLP of width 2 dim
+//   rnn  an LSTM cell (monolithic), or R LSTM cells in one product (i2h and h2h over all of them), whose
+//        states are mixed by p every step: modular scores each cell from its own [i2h, h2h] pre-activations
+//        (ReLU - GroupLinear(8h -> 1)), modular-op from the rule (Linear - ReLU - Linear), GT by the rule.
+//        The modular width h is chosen so the parameter count matches the monolithic cell's (their formula)
+// forward gives per-step predictions (N, L, out) and routing (N, L, M) (undefined for monolithic).
+struct RuleSequenceOptions {
+  std::string task = "mha";        ///< mha | rnn
+  std::string family = "modular";  ///< monolithic | modular | modular_op | gt
+  int64_t rules = 4;               ///< R = M
+  int64_t input = 20;              ///< features per step, the rule's one-hot included (mha 4R + R)
+  int64_t output = 1;              ///< predicted values per step
+  int64_t dim = 64;                ///< mha: the model width; rnn: the encoder width
+  int64_t att_dim = 128;           ///< mha: attention width (heads x head size, over all modules)
+  int64_t heads = 4;               ///< mha: heads per module
+  int64_t hidden = 64;             ///< rnn: the monolithic cell's width
+};
+
+class RuleSequenceModelImpl : public torch::nn::Module {
+ public:
+  RuleSequenceModelImpl(const RuleSequenceOptions& options, uint64_t seed);
+  /// input (N, L, input) whose last R features are the rule's one-hot (modularity/rule_data.h).
+  RuleOutput forward(const at::Tensor& input);
+  const RuleSequenceOptions& options() const { return options_; }
+  /// The modular RNN cells' width (= hidden for monolithic).
+  int64_t cell_width() const { return width_; }
+
+ private:
+  at::Tensor recurrence(const at::Tensor& x, const at::Tensor& op, at::Tensor& routing);
+  RuleSequenceOptions options_;
+  int64_t width_ = 0, head_dim_ = 0;
+  torch::nn::Sequential encoder{nullptr}, decoder{nullptr}, mono_out{nullptr}, scorer{nullptr};
+  torch::nn::Linear query{nullptr}, key{nullptr}, value{nullptr}, in_{nullptr}, i2h{nullptr}, h2h{nullptr};
+  GroupLinear first{nullptr}, second{nullptr}, cell_score{nullptr};
+  torch::nn::LSTMCell cell{nullptr};
+};
+TORCH_MODULE(RuleSequenceModel);
 
 }  // namespace mdl
