@@ -325,6 +325,34 @@ TEST(ModuleFormer, AuxLossesAreTheirFormulasSummedOverLayersAndTheLogHasEveryMix
   }
 }
 
+// The load-concentration loss before pruning comes from config.json's mdl_router (the router of both
+// mixtures of every block): the aux loss is its weight times the sum of every router's H(e).
+TEST(ModuleFormer, ConfigRouterAddsTheLoadConcentrationLoss) {
+  test::TempDir root;
+  const std::string dir = write_ibm_checkpoint(root, "mlp", "mi", 0.0, 8);
+  nlohmann::json c = ibm_config("mlp", "mi", 0.0);
+  c["mdl_router"] = {{"kind", "top_k"}, {"k", 2}, {"normalize", false}, {"concentration_coef", 0.5}};
+  std::ofstream(dir + "/config.json") << c.dump();
+  LoadOptions o;
+  o.dtype = at::kDouble;
+  Model m = load_model(dir, o);
+  EXPECT_DOUBLE_EQ(m->router()->options().concentration_coef, 0.5);
+  Reference ref{io::load_safetensors(dir + "/model.safetensors"), "mlp"};
+  const at::Tensor ids = ids_of({5, 9, 3, 17, 22, 8});
+  ref.forward(ids, std::vector<bool>(6, true));
+  double want = 0;
+  for (const auto& p : ref.probs) {
+    const at::Tensor mean = p.mean(0);
+    want += 0.5 * -(mean * (mean + 1e-8).log()).sum().item<double>();
+  }
+  RoutingLog log;
+  ModelInput in;
+  in.input_ids = ids.view({1, -1});
+  in.routing_log = &log;
+  m->forward(in);
+  EXPECT_NEAR(log.aux_loss().item<double>(), want, 1e-6);
+}
+
 TEST(ModuleFormer, SavesBackInIbmLayoutAndEveryParameterLearns) {
   test::TempDir root;
   const std::string dir = write_ibm_checkpoint(root, "gmm", "mi", 0.01, 6);

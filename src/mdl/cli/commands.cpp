@@ -882,7 +882,12 @@ void register_experts(CLI::App& app, GlobalOptions& g) {
   auto keep = std::make_shared<int64_t>(0);
   auto keep_attention = std::make_shared<int64_t>(0);
   CLI::App* prune = cmd->add_subcommand(
-      "prune", "keep, per layer, the experts the routers use most on --data (a JSONL text file)");
+      "prune",
+      "keep, per layer, the experts the routers use most on --data (a JSONL text file); to concentrate the "
+      "use "
+      "first, fine-tune with the load-concentration loss: in config.json, \"mdl_router\": {\"kind\": "
+      "\"top_k\", "
+      "\"k\": 2, \"normalize\": false, \"concentration_coef\": 0.1}, then mdl train with options.train_base");
   prune->add_option("--model", *model, "ModuleFormer checkpoint directory")->required();
   prune->add_option("--data", *data, "JSONL file of {\"text\": ...} records to measure the use on")
       ->required();
