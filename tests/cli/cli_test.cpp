@@ -181,6 +181,18 @@ TEST_F(Cli, ModulesOnForwardInspectAndMergeIntoBase) {
   EXPECT_NE(r.out.find("base: LlamaForCausalLM"), std::string::npos) << r.out;
   r = mdl("inspect " + quote(out / "ia3peft"));
   EXPECT_NE(r.out.find("peft_type IA3"), std::string::npos) << r.out;
+  // mdl's own AdapterHub files (adapter.safetensors, not PEFT's adapter_model.safetensors) inspect too.
+  for (const char* type : {"adapter", "lora"}) {
+    const std::string dir = out / (std::string("hub-") + type);
+    r = mdl("init-module --model " + quote(model("llama")) + " --type " + type +
+            " --format adapterhub --out " + quote(dir));
+    ASSERT_EQ(r.code, 0) << r.err;
+    ASSERT_TRUE(std::filesystem::exists(dir + "/adapter.safetensors")) << type;
+    r = mdl("inspect " + quote(dir));
+    ASSERT_EQ(r.code, 0) << type << ": " << r.err;
+    EXPECT_NE(r.out.find("(AdapterHub)"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" sites, "), std::string::npos) << r.out;
+  }
 
   auto run_forward = [&](const std::string& extra, const std::string& file,
                          const std::string& which = "llama") {

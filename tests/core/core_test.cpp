@@ -3,12 +3,25 @@
 
 #include "mdl/core/cpu_allocator.h"
 #include "mdl/core/device.h"
+#include "mdl/core/log.h"
 #include "mdl/core/threads.h"
 #include "mdl/io/atomic_file.h"
 #include "test_util.h"
 
 namespace mdl {
 namespace {
+
+// A warning that every load of the same files would repeat is printed once per process, by rank 0 only.
+TEST(Log, WarnOncePrintsOncePerProcessAndOnlyOnRankZero) {
+  EXPECT_TRUE(log_warn_once("[test] once"));
+  EXPECT_FALSE(log_warn_once("[test] once"));
+  EXPECT_TRUE(log_warn_once("[test] another"));
+  setenv("RANK", "1", 1);
+  EXPECT_FALSE(log_warn_once("[test] from rank 1"));
+  setenv("RANK", "0", 1);
+  EXPECT_TRUE(log_warn_once("[test] from rank 1"));
+  unsetenv("RANK");
+}
 
 TEST(Threads, TheProductNeverExceedsTheBudget) {
   ThreadConfig t = configure_threads(2);

@@ -322,6 +322,33 @@ TEST_F(Serve, ChatEmbeddingsAndMetrics) {
   json plain = post(server_->port, "/v1/completions",
                     json({{"prompt", ids}, {"max_tokens", 6}, {"temperature", 0}}), &status);
   EXPECT_EQ(chat["choices"][0]["message"]["content"], plain["choices"][0]["text"]);
+  EXPECT_EQ(chat["choices"][0]["message"]["role"], "assistant");
+  // Streamed, the role comes in the first chunk only (as OpenAI streams), and the text is the same.
+  httplib::Client sc("127.0.0.1", server_->port);
+  auto streamed = sc.Post("/v1/chat/completions",
+                          json({{"messages", {{{"role", "user"}, {"content", "hello"}}}},
+                                {"max_tokens", 6},
+                                {"temperature", 0},
+                                {"stream", true}})
+                              .dump(),
+                          "application/json");
+  ASSERT_TRUE(streamed);
+  std::string text;
+  size_t chunks = 0, with_role = 0;
+  for (size_t at = 0; (at = streamed->body.find("data: ", at)) != std::string::npos; at += 6) {
+    const std::string line = streamed->body.substr(at + 6, streamed->body.find("\n\n", at) - at - 6);
+    if (line == "[DONE]") continue;
+    const json delta = json::parse(line)["choices"][0]["delta"];
+    if (delta.contains("role")) {
+      EXPECT_EQ(chunks, 0u) << "the role in chunk " << chunks;
+      ++with_role;
+    }
+    text += delta.value("content", "");
+    ++chunks;
+  }
+  EXPECT_EQ(with_role, 1u);
+  EXPECT_GE(chunks, 2u);
+  EXPECT_EQ(text, chat["choices"][0]["message"]["content"]);
   json emb = post(server_->port, "/v1/embeddings", json({{"input", {"a cat", "a dog"}}, {"model", "lora_a"}}),
                   &status);
   ASSERT_EQ(status, 200) << emb.dump();
@@ -494,6 +521,43 @@ TEST_F(Serve, ABurstOfConnectionsIsQueuedNotReset) {
   }
   EXPECT_EQ(ok, kClients) << "statuses other than 200 (negative: httplib errors): "
                           << testing::PrintToString(other);
+}
+
+// Chat on a checkpoint without a chat template: the error says which template is missing and how to give
+// one; given with --chat-template FILE, chat works.
+TEST(ServeChat, AMissingTemplateSaysHowToGiveOneAndAFileGivesIt) {
+  test::TempDir dir;
+  const std::string model = dir / "model";
+  ASSERT_EQ(std::system((std::string(std::getenv("MDL_BIN")) + " init-model --arch llama --out " + model +
+                         " > /dev/null")
+                            .c_str()),
+            0);
+  std::filesystem::create_directories(dir / "modules");
+  const json request = {{"messages", {{{"role", "user"}, {"content", "hi"}}}}, {"max_tokens", 3}};
+  {
+    Process server = start_server(model, dir / "modules", dir / "port1", {});
+    int status = 0;
+    const json r = post(server.port, "/v1/chat/completions", request, &status);
+    EXPECT_EQ(status, 400) << r.dump();
+    const std::string message = r["error"]["message"];
+    EXPECT_NE(message.find("has no chat template (no chat_template in its tokenizer_config.json)"),
+              std::string::npos)
+        << message;
+    EXPECT_NE(message.find("--chat-template FILE"), std::string::npos) << message;
+    kill(server.pid, SIGTERM);
+    waitpid(server.pid, nullptr, 0);
+  }
+  test::write_file(
+      dir / "chatml.jinja",
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}");
+  Process server =
+      start_server(model, dir / "modules", dir / "port2", {"--chat-template", dir / "chatml.jinja"});
+  int status = 0;
+  const json r = post(server.port, "/v1/chat/completions", request, &status);
+  EXPECT_EQ(status, 200) << r.dump();
+  EXPECT_EQ(r["choices"][0]["message"]["role"], "assistant");
+  kill(server.pid, SIGTERM);
+  waitpid(server.pid, nullptr, 0);
 }
 
 // An encoder: /v1/classify on a BERT sequence classifier gives, per text, the library's probabilities.

@@ -456,6 +456,76 @@ TEST(Trainer, BackboneFromScratchWithBestCheckpointAndResume) {
   EXPECT_LT(history.size(), 40u);
 }
 
+// Classification data on a causal-LM checkpoint is refused before step 1 (it trained on a NaN loss), with
+// the way to a classification head; evaluation refuses it too.
+TEST(Trainer, ClassificationDataOnACausalLmIsRefusedBeforeTraining) {
+  const std::string dir = test::tiny_checkpoint("llama");
+  test::TempDir tmp;
+  test::write_file(tmp / "cls.jsonl",
+                   "{\"text\": \"the cat sat\", \"label\": \"pos\"}\n"
+                   "{\"text\": \"a dog ran\", \"label\": \"neg\"}\n");
+  Dataset data = load_jsonl(tmp / "cls.jsonl", Tokenizer::from_file(dir), DatasetOptions());
+  ModuleSet set(load_model(dir));
+  ModuleConfig lora;
+  lora.type = "lora";
+  set.add("lora", lora);
+  Trainer trainer(set, {"lora"}, options(3));
+  EXPECT_THROW_WITH(trainer.train(data, nullptr), "the data holds class labels", "LlamaForCausalLM",
+                    "has a causal-LM head", "LlamaForSequenceClassification");
+  EXPECT_EQ(trainer.step(), 0);
+  EXPECT_THROW_WITH(evaluate_metrics(*set.model(), data), "has a causal-LM head");
+}
+
+// A mixture of LoRAs on the classification head, whose input is one pooled row per example (B, in), trains
+// (it crashed mid-training: "expects (B, T, in) inputs, got [16, 128]").
+TEST(Trainer, LoraMixtureOnTheClassificationHeadTrains) {
+  const std::string dir = test::tiny_checkpoint("llama", "sequence_classification");
+  test::TempDir tmp;
+  std::string lines;
+  for (const char* text : {"the cat sat", "a dog ran", "my bird sang", "one fish swam"})
+    lines +=
+        nlohmann::json({{"text", text}, {"label", std::string(text).find('a') < 4 ? 1 : 0}}).dump() + "\n";
+  test::write_file(tmp / "cls.jsonl", lines);
+  Dataset data = load_jsonl(tmp / "cls.jsonl", Tokenizer::from_file(dir), DatasetOptions());
+  ModuleSet set(load_model(dir));
+  ModuleConfig moe;
+  moe.type = "lora_moe";
+  moe.targets.target_modules = {"score", "q_proj"};
+  set.add("moe", moe);
+  ASSERT_NE(std::find(set.sites("moe").begin(), set.sites("moe").end(), "score"), set.sites("moe").end());
+  TrainOptions o = options(4);
+  o.batch_size = 4;
+  Trainer trainer(set, {"moe"}, o);
+  const auto history = trainer.train(data, nullptr);
+  ASSERT_EQ(history.size(), 4u);
+  for (const auto& m : history) EXPECT_TRUE(std::isfinite(m.loss));
+  EXPECT_EQ(predict_logits(*set.model(), data).sizes(),
+            (std::vector<int64_t>{4, set.model()->config().num_labels}));
+}
+
+// A task-routed module that knows fewer tasks than the data has is refused before step 1, naming the option
+// (it used to fail at the first batch with "task id 1 out of range; it knows 1 tasks").
+TEST(Trainer, TooFewTasksForATaskRoutedModuleIsRefusedBeforeTraining) {
+  const std::string dir = test::tiny_checkpoint("llama", "sequence_classification");
+  test::TempDir tmp;
+  std::string lines;
+  for (const char* task : {"sentiment", "topic", "style"})
+    for (const char* text : {"the cat sat", "a dog ran"})
+      lines += nlohmann::json({{"text", text}, {"label", 1}, {"task", task}}).dump() + "\n";
+  test::write_file(tmp / "tasks.jsonl", lines);
+  Dataset data = load_jsonl(tmp / "tasks.jsonl", Tokenizer::from_file(dir), DatasetOptions());
+  ModuleSet set(load_model(dir));
+  ModuleConfig poly;
+  poly.type = "poly_lora";  // num_tasks 1 by default
+  poly.targets.target_modules = {"q_proj"};
+  set.add("poly", poly);
+  Trainer trainer(set, {"poly"}, options(5));
+  EXPECT_THROW_WITH(trainer.train(data, nullptr),
+                    "module 'poly' (poly_lora) routes by task and knows 1 task(s)", "its options.num_tasks",
+                    "the data has 3: sentiment, topic, style", "at least 3");
+  EXPECT_EQ(trainer.step(), 0);
+}
+
 // Four tasks that label the same sentences differently: one shared module cannot solve them all,
 // Polytropon's task-level skill allocation (task ids from the batch's routing context) can: >= 0.9 on
 // every task (measured 0.97-1.0 with 8 skills, 600 steps at 5e-3; 4 skills reached only 0.72-0.94).

@@ -370,8 +370,8 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
   if (!initialised.empty()) {
     std::string names;
     for (const auto& n : initialised) names += (names.empty() ? "" : ", ") + n;
-    log_warn("[load] '" + reader.path() + "' has no " + head_name(config_.head) +
-             " head; newly initialised: " + names);
+    log_warn_once("[load] '" + reader.path() + "' has no " + head_name(config_.head) +
+                  " head; newly initialised: " + names);
   }
   std::vector<std::string> unused;
   for (const auto& name : reader.names()) {

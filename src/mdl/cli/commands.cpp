@@ -191,10 +191,13 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
 // Describes a module directory: type, targets, rank, parameter count, base fingerprint.
 void inspect_module(const std::string& dir) {
   const fs::path p(dir);
-  const bool native = fs::exists(p / "module.json");
+  const bool native = fs::exists(p / "module.json"), adapterhub = !native && is_adapterhub_dir(dir);
   const std::string meta_file = (p / (native ? "module.json" : "adapter_config.json")).string();
   const nlohmann::json meta = io::read_json(meta_file);
-  const std::string weights = (p / (native ? "module.safetensors" : "adapter_model.safetensors")).string();
+  const std::string weights = (p / (native       ? "module.safetensors"
+                                    : adapterhub ? "adapter.safetensors"
+                                                 : "adapter_model.safetensors"))
+                                  .string();
   io::SafetensorsFile file(weights);
   int64_t params = 0;
   std::set<std::string> sites;
@@ -206,8 +209,8 @@ void inspect_module(const std::string& dir) {
     const size_t a = n.find(".lora_A");
     if (a != std::string::npos) ranks[file.entry(n).shape[0]]++;
     std::string site = n;
-    for (const char* suffix : {".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector", ".ia3_l",
-                               ".adapter_", ".indices", ".values", ".bias"}) {
+    for (const char* suffix : {".loras.", ".lora_A", ".lora_B", ".lora_bias", ".lora_magnitude_vector",
+                               ".ia3_l", ".adapter_", ".indices", ".values", ".bias"}) {
       size_t at = site.find(suffix);
       if (at != std::string::npos) {
         site = site.substr(0, at);
@@ -226,6 +229,14 @@ void inspect_module(const std::string& dir) {
                 b.value("architecture", std::string("?")).c_str(), (long long)b.value("hidden_size", 0LL),
                 (long long)b.value("n_layer", 0LL), (long long)b.value("vocab_size", 0LL),
                 b.value("shapes_hash", std::string("?")).c_str());
+  } else if (adapterhub) {
+    const nlohmann::json& config = meta["config"];
+    std::printf("module: %s (AdapterHub), architecture %s\n",
+                meta.value("name", p.filename().string()).c_str(),
+                config.value("architecture", std::string("bottleneck")).c_str());
+    std::printf("options: %s\n", config.dump().c_str());
+    std::printf("base: %s, hidden %lld\n", meta.value("model_type", std::string("?")).c_str(),
+                (long long)meta.value("hidden_size", 0LL));
   } else {
     std::printf("module: %s (Hugging Face PEFT), peft_type %s\n", p.filename().c_str(),
                 meta.value("peft_type", std::string("?")).c_str());
@@ -1188,6 +1199,10 @@ void register_serve(CLI::App& app, GlobalOptions& g) {
          "allow runtime module loading (POST /v1/modules) and unloading with 'Authorization: Bearer TOKEN'; "
          "off when empty (default; also read from MDL_ADMIN_TOKEN, which keeps it out of the process list)")
       ->envname("MDL_ADMIN_TOKEN");
+  cmd->add_option(
+      "--chat-template", server_options->chat_template_file,
+      "a chat template file (the Jinja text of a tokenizer_config.json chat_template: ChatML or Llama "
+      "3) for /v1/chat/completions, instead of the checkpoint's");
   cmd->add_option(
       "--allow-module-path", engine_options->allowed_module_paths,
       "a directory besides --modules that runtime loading may read (repeatable); paths resolve with links "

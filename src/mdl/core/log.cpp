@@ -3,6 +3,10 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <cstdlib>
+#include <mutex>
+#include <set>
+
 #include "mdl/core/error.h"
 
 namespace mdl {
@@ -44,6 +48,19 @@ void log_warn(const std::string& message) {
 }
 void log_error(const std::string& message) {
   logger()->error(message);
+}
+
+bool log_warn_once(const std::string& message) {
+  const char* rank = std::getenv("RANK");
+  if (rank && *rank && std::string(rank) != "0") return false;
+  static std::mutex mutex;
+  static std::set<std::string> said;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!said.insert(message).second) return false;
+  }
+  logger()->warn(message);
+  return true;
 }
 
 }  // namespace mdl

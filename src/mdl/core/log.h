@@ -16,5 +16,8 @@ void log_debug(const std::string& message);
 void log_info(const std::string& message);
 void log_warn(const std::string& message);
 void log_error(const std::string& message);
+/// A warning printed once per process and only by rank 0 of a distributed run (RANK unset, empty or 0):
+/// for what every load of the same files would repeat. Returns whether it was printed.
+bool log_warn_once(const std::string& message);
 
 }  // namespace mdl

@@ -33,7 +33,8 @@ const at::Tensor& current_task_ids(const std::string& site, int64_t batch, int64
             "), got ", ids.sizes());
   const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
   MDL_CHECK(lo >= 0 && hi < num_tasks, "[routing] '", site, "': task id ", lo < 0 ? lo : hi,
-            " out of range; it knows ", num_tasks, " tasks");
+            " out of range; it knows ", num_tasks,
+            " tasks (the module's options.num_tasks: create it with at least as many tasks as the data has)");
   return ids;
 }
 

@@ -24,7 +24,11 @@ ChatFormat chat_format(const std::string& model_dir) {
     for (const auto& e : j["chat_template"])
       if (e.is_object() && e.value("name", "") == "default") t = e.value("template", "");
   }
-  if (t.empty()) return ChatFormat::none;
+  return chat_format_of_template(t);
+}
+
+ChatFormat chat_format_of_template(const std::string& t) {
+  if (t.find_first_not_of(" \t\r\n") == std::string::npos) return ChatFormat::none;
   if (t.find("<|im_start|>") != std::string::npos) return ChatFormat::chatml;
   if (t.find("<|start_header_id|>") != std::string::npos) return ChatFormat::llama3;
   return ChatFormat::unsupported;

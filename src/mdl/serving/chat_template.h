@@ -15,6 +15,8 @@ enum class ChatFormat { none, chatml, llama3, unsupported };
 
 /// The format of `<model_dir>/tokenizer_config.json`'s chat_template (none: no template).
 ChatFormat chat_format(const std::string& model_dir);
+/// The format of a template's text (a Jinja program as tokenizer_config.json holds; empty: none).
+ChatFormat chat_format_of_template(const std::string& text);
 
 /// The prompt text for (role, content) messages, ending where the assistant's answer begins.
 std::string render_chat(ChatFormat format, const std::vector<std::pair<std::string, std::string>>& messages);

@@ -15,6 +15,7 @@
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "mdl/core/error.h"
 #include "mdl/core/log.h"
@@ -233,6 +234,18 @@ struct Server::Impl {
 
   Impl(Engine& e, ServerOptions o) : engine(e), options(std::move(o)) {
     chat = options.model_dir.empty() ? ChatFormat::none : chat_format(options.model_dir);
+    if (!options.chat_template_file.empty()) {
+      std::ifstream in(options.chat_template_file);
+      MDL_CHECK(in.good(), "[serve] cannot read the chat template file '", options.chat_template_file, "'");
+      std::stringstream text;
+      text << in.rdbuf();
+      chat = chat_format_of_template(text.str());
+      MDL_CHECK(chat == ChatFormat::chatml || chat == ChatFormat::llama3, "[serve] the chat template file '",
+                options.chat_template_file, "' is ",
+                chat == ChatFormat::none ? "empty"
+                                         : "neither ChatML (<|im_start|>) nor Llama 3 (<|start_header_id|>)",
+                "; mdl renders those two formats");
+    }
     std::ifstream config(options.model_dir + "/config.json");
     const json c = config ? json::parse(config, nullptr, false) : json();
     if (c.is_object() && c.contains("id2label") && c["id2label"].is_object())
@@ -367,9 +380,12 @@ struct Server::Impl {
     http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       if (chat == ChatFormat::none)
-        throw RequestError(400, "model",
-                           "[serve] the checkpoint has no chat template (tokenizer_config.json "
-                           "chat_template); use /v1/completions");
+        throw RequestError(
+            400, "model",
+            "[serve] the checkpoint '" + options.model_dir +
+                "' has no chat template (no chat_template in its tokenizer_config.json); give one "
+                "with mdl serve --chat-template FILE (ChatML or Llama 3) or add chat_template to "
+                "tokenizer_config.json, or use /v1/completions with the prompt rendered");
       if (chat == ChatFormat::unsupported)
         throw RequestError(
             400, "model",
@@ -441,12 +457,18 @@ struct Server::Impl {
     const std::string rid = id(chat_api ? "chatcmpl-" : "cmpl-");
     const int64_t created = now_seconds();
     // Captured by value: the streaming provider runs after this function has returned.
-    auto choice = [chat_api, stream](const std::string& text, const json& finish) {
+    // A chat stream names the role in its first chunk only, as OpenAI's does.
+    auto first_chunk = std::make_shared<std::atomic<bool>>(true);
+    auto choice = [chat_api, stream, first_chunk](const std::string& text, const json& finish) {
       json c = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
-      if (chat_api)
-        c[stream ? "delta" : "message"] = {{"role", "assistant"}, {"content", text}};
-      else
+      if (chat_api && !stream) {
+        c["message"] = {{"role", "assistant"}, {"content", text}};
+      } else if (chat_api) {
+        c["delta"] = first_chunk->exchange(false) ? json({{"role", "assistant"}, {"content", text}})
+                                                  : json({{"content", text}});
+      } else {
         c["text"] = text;
+      }
       return c;
     };
     const std::string object =

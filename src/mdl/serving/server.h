@@ -20,7 +20,10 @@ struct ServerOptions {
   int64_t max_body_bytes = 1 << 20;  ///< larger bodies: 413
   int listen_backlog = 1024;         ///< connections the kernel queues until the server accepts them
   std::string model_dir;             ///< for the chat template (tokenizer_config.json)
-  int64_t max_batch = 32;            ///< the engine's, to size the thread pool
+  /// a chat template file (the Jinja text tokenizer_config.json would hold: ChatML or Llama 3) used instead
+  /// of the checkpoint's; empty: the checkpoint's
+  std::string chat_template_file;
+  int64_t max_batch = 32;  ///< the engine's, to size the thread pool
   /// Runtime module loading and unloading (POST /v1/modules, DELETE /v1/modules/NAME) need
   /// "Authorization: Bearer <admin_token>"; empty: those endpoints are off (403). Serving never needs it.
   std::string admin_token;

@@ -128,6 +128,24 @@ ModelInput model_input(const Batch& b) {
 /// Classification data must fit the head: its labels index the head's outputs.
 void check_labels(const ModelImpl& model, const Dataset& d) {
   const HeadKind head = model.config().head;
+  if (head == HeadKind::causal_lm) {
+    // Labels without per-token targets: a classification file on a model that only predicts next tokens
+    // would train on no target at all (a NaN loss from the first step).
+    const bool labelled = !d.examples.empty() &&
+                          std::all_of(d.examples.begin(), d.examples.end(),
+                                      [](const Example& e) { return e.targets.empty() && e.label >= 0; });
+    const std::string seq = model.config().architecture.substr(0, model.config().architecture.find("For")) +
+                            "ForSequenceClassification";
+    MDL_CHECK(
+        !labelled, "[train] the data holds class labels (data.kind classification), but ",
+        model.config().architecture,
+        " has a causal-LM head: it predicts next tokens, not classes. Give it a classification head "
+        "(PEFT's SEQ_CLS on a causal model): set \"architectures\": [\"",
+        seq,
+        "\"] and \"num_labels\" in a copy of its config.json (the loader initialises the new head), or train "
+        "on text (data.kind text or instruction)");
+    return;
+  }
   if (head != HeadKind::sequence_classification && head != HeadKind::token_classification) return;
   MDL_CHECK(static_cast<int64_t>(d.labels.size()) <= model.config().num_labels, "[train] the data has ",
             d.labels.size(), " labels but the model's head has ", model.config().num_labels,

@@ -151,6 +151,26 @@ std::map<std::string, double> routing_summary(const RoutingLog& log) {
 
 }  // namespace
 
+void Trainer::check_task_counts(const Dataset& data) const {
+  // Modules that route by task know a fixed number of tasks: a dataset with more would fail at the first
+  // batch holding one of them; say so before step 1, naming the option.
+  const int64_t tasks = static_cast<int64_t>(data.tasks.size());
+  for (const auto& name : set_.names()) {
+    const ModuleConfig& c = set_.config(name);
+    int64_t known = -1;
+    std::string field;
+    if (c.type == "poly_lora") known = c.poly.num_tasks, field = "options.num_tasks";
+    if (c.type == "lora_moe" && c.lora_moe.router.level == "task")
+      known = c.lora_moe.num_tasks, field = "options.num_tasks";
+    if (known < 0 || tasks <= known) continue;
+    std::string list;
+    for (size_t t = 0; t < data.tasks.size() && t < 6; ++t) list += (t ? ", " : "") + data.tasks[t];
+    MDL_FAIL("[train] module '", name, "' (", c.type, ") routes by task and knows ", known, " task(s) (its ",
+             field, "), but the data has ", tasks, ": ", list, data.tasks.size() > 6 ? ", ..." : "", "; set ",
+             field, " to at least ", tasks);
+  }
+}
+
 double Trainer::train_step(const Dataset& data, std::map<std::string, double>& routing) {
   ModelImpl& model = *set_.model();
   const int64_t n = static_cast<int64_t>(data.examples.size());
@@ -256,6 +276,8 @@ std::vector<TrainMetrics> Trainer::train(const Dataset& data, const Dataset* eva
                                          const std::function<void(const TrainMetrics&)>& on_step) {
   check_labels(*set_.model(), data);
   if (eval) check_labels(*set_.model(), *eval);
+  check_task_counts(data);
+  if (eval) check_task_counts(*eval);
   std::vector<TrainMetrics> history;
   state_->by_task.clear();
   state_->task_cdf.clear();

@@ -101,6 +101,8 @@ class Trainer {
   double best_eval() const { return best_; }
 
  private:
+  /// Refuses, before any step, data with more tasks than a task-routed module knows (naming the option).
+  void check_task_counts(const Dataset& data) const;
   struct State;
   double train_step(const Dataset& data, std::map<std::string, double>& routing);
   ModuleSet& set_;
