@@ -129,6 +129,16 @@ TEST(RuleModels, EachFamilyRoutesAsItShouldAndLearns) {
     const double after = at::l1_loss(model->forward(test.input).prediction, test.target).item<double>();
     EXPECT_LT(after, 0.5 * before) << family << ": " << before << " -> " << after;
   }
+  // Every family's weights come from its own seed, not the global generator.
+  for (const std::string family : {"monolithic", "modular"}) {
+    RuleModelOptions o;
+    o.family = family;
+    at::manual_seed(1);
+    RuleMlpModel a(o, 9);
+    at::manual_seed(2);
+    RuleMlpModel b(o, 9);
+    EXPECT_CLOSE(a->forward(test.input).prediction, b->forward(test.input).prediction, 0.0) << family;
+  }
   RuleModelOptions bad;
   bad.family = "gt";
   bad.modules = 2;

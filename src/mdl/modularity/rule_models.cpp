@@ -12,6 +12,24 @@
 
 namespace mdl {
 
+namespace {
+/// PyTorch's default Linear and LSTMCell init, U(-1/sqrt(fan), 1/sqrt(fan)), from `seed`.
+void init_torch_layers(torch::nn::Module& m, uint64_t seed) {
+  torch::NoGradGuard no_grad;
+  auto gen = at::detail::createCPUGenerator(seed);
+  for (const auto& child : m.modules(/*include_self=*/false)) {
+    if (auto* linear = child->as<torch::nn::LinearImpl>()) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(linear->weight.size(1)));
+      linear->weight.uniform_(-bound, bound, gen);
+      if (linear->bias.defined()) linear->bias.uniform_(-bound, bound, gen);
+    } else if (auto* lstm = child->as<torch::nn::LSTMCellImpl>()) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(lstm->options.hidden_size()));
+      for (auto& p : lstm->parameters(/*recurse=*/false)) p.uniform_(-bound, bound, gen);
+    }
+  }
+}
+}  // namespace
+
 RuleMlpModelImpl::RuleMlpModelImpl(const RuleModelOptions& o, uint64_t seed) : options_(o) {
   const std::string& f = o.family;
   MDL_CHECK(f == "monolithic" || f == "modular" || f == "modular_op" || f == "gt", "[rule-model] family '", f,
@@ -30,21 +48,12 @@ RuleMlpModelImpl::RuleMlpModelImpl(const RuleModelOptions& o, uint64_t seed) : o
   decoder = register_module("decoder", torch::nn::Sequential(Linear(d, e), ReLU(), Linear(e, 1)));
   if (f == "monolithic") {
     mono = register_module("mono", torch::nn::Sequential(Linear(3 * e, d), ReLU(), Linear(d, d)));
-    return;
+  } else {
+    first = register_module("first", GroupLinear(M, 3 * e, d / M, seed + 1));
+    second = register_module("second", GroupLinear(M, d / M, f == "modular" ? d + 1 : d, seed + 2));
+    if (f == "modular_op") op_router = register_module("op_router", Linear(e, M));
   }
-  first = register_module("first", GroupLinear(M, 3 * e, d / M, seed + 1));
-  second = register_module("second", GroupLinear(M, d / M, f == "modular" ? d + 1 : d, seed + 2));
-  if (f == "modular_op") op_router = register_module("op_router", Linear(e, M));
-  // PyTorch's default Linear init, U(-1/sqrt(in), 1/sqrt(in)), from this model's own seed rather than the
-  // global generator.
-  torch::NoGradGuard no_grad;
-  auto gen = at::detail::createCPUGenerator(seed);
-  for (const auto& child : modules(/*include_self=*/false))
-    if (auto* linear = child->as<torch::nn::LinearImpl>()) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(linear->weight.size(1)));
-      linear->weight.uniform_(-bound, bound, gen);
-      linear->bias.uniform_(-bound, bound, gen);
-    }
+  init_torch_layers(*this, seed);  // from this model's own seed rather than the global generator
 }
 
 RuleOutput RuleMlpModelImpl::forward(const at::Tensor& input) {
@@ -74,23 +83,6 @@ RuleOutput RuleMlpModelImpl::forward(const at::Tensor& input) {
   return out;
 }
 
-namespace {
-/// PyTorch's default Linear and LSTMCell init, U(-1/sqrt(fan), 1/sqrt(fan)), from `seed`.
-void init_torch_layers(torch::nn::Module& m, uint64_t seed) {
-  torch::NoGradGuard no_grad;
-  auto gen = at::detail::createCPUGenerator(seed);
-  for (const auto& child : m.modules(/*include_self=*/false)) {
-    if (auto* linear = child->as<torch::nn::LinearImpl>()) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(linear->weight.size(1)));
-      linear->weight.uniform_(-bound, bound, gen);
-      if (linear->bias.defined()) linear->bias.uniform_(-bound, bound, gen);
-    } else if (auto* lstm = child->as<torch::nn::LSTMCellImpl>()) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(lstm->options.hidden_size()));
-      for (auto& p : lstm->parameters(/*recurse=*/false)) p.uniform_(-bound, bound, gen);
-    }
-  }
-}
-}  // namespace
 
 RuleSequenceModelImpl::RuleSequenceModelImpl(const RuleSequenceOptions& o, uint64_t seed) : options_(o) {
   const std::string& f = o.family;
