@@ -83,7 +83,6 @@ RuleOutput RuleMlpModelImpl::forward(const at::Tensor& input) {
   return out;
 }
 
-
 RuleSequenceModelImpl::RuleSequenceModelImpl(const RuleSequenceOptions& o, uint64_t seed) : options_(o) {
   const std::string& f = o.family;
   MDL_CHECK(o.task == "mha" || o.task == "rnn", "[rule-model] task '", o.task,
