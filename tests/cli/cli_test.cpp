@@ -446,6 +446,26 @@ TEST_F(Cli, TrainResumeAndEval) {
           quote(tmp / "data.jsonl"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("accuracy: "), std::string::npos) << r.out;
+  // The label names are saved with the module, and eval scores by them: the same examples listed with the
+  // other class first score the same (indexing by first appearance in the eval file scored 1 - accuracy).
+  const auto module_json = nlohmann::json::parse(test::read_file(tmp / "run/modules/lora/module.json"));
+  EXPECT_EQ(module_json["config"]["labels"], nlohmann::json({"cat", "dog"}));
+  std::string reversed;
+  for (const char* s : {"the", "a", "my", "one"})
+    for (const char* animal : {"dog", "cat"})
+      reversed += std::string("{\"text\": \"") + s + " " + animal + "\", \"label\": \"" + animal + "\"}\n";
+  test::write_file(tmp / "reversed.jsonl", reversed);
+  const std::string accuracy = r.out.substr(r.out.find("accuracy: "), 16);
+  r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " +
+          quote(tmp / "reversed.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.substr(r.out.find("accuracy: "), 16), accuracy) << r.out;
+  test::write_file(tmp / "bird.jsonl", "{\"text\": \"a bird\", \"label\": \"bird\"}\n");
+  r = mdl("eval --model " + quote(tmp / "m") + " --modules " + quote(tmp / "run/modules/lora") + " --data " +
+          quote(tmp / "bird.jsonl"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("unknown label 'bird'"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("the modules were trained on the labels cat, dog"), std::string::npos) << r.err;
   // A bad record: the error names the file and line; --on-bad-record skip counts and goes on.
   test::write_file(tmp / "bad.jsonl", lines + "{\"text\": \"no label\"}\n");
   r = mdl("eval --model " + quote(tmp / "m") + " --data " + quote(tmp / "bad.jsonl"));

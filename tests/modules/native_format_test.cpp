@@ -38,6 +38,32 @@ TEST(NativeFormat, WhatIsWrittenReadsBack) {
   EXPECT_EQ(j["parameters"], count);
 }
 
+// The label names a module was trained with are written with it and read back (and only where there are
+// some); agreeing modules share them, disagreeing ones are refused together.
+TEST(NativeFormat, LabelsTravelWithTheModule) {
+  ModuleSet set(load_model(test::tiny_checkpoint("llama")));
+  set.add("m", ModuleConfig());
+  set.add("plain", ModuleConfig());
+  set.set_labels("m", {"negative", "positive"});
+  test::TempDir dir;
+  write_native(set, "m", dir / "m");
+  write_native(set, "plain", dir / "plain");
+  EXPECT_EQ(read_native(dir / "m").config.labels, (std::vector<std::string>{"negative", "positive"}));
+  EXPECT_FALSE(io::read_json(dir / "plain/module.json")["config"].contains("labels"));
+  ModuleSet other(load_model(test::tiny_checkpoint("llama")));
+  other.load(dir / "m", "a");
+  other.load(dir / "m", "b");
+  other.load(dir / "plain", "c");
+  EXPECT_EQ(other.labels(), (std::vector<std::string>{"negative", "positive"}));
+  EXPECT_TRUE(other.labels({"c"}).empty());
+  other.set_labels("b", {"cat", "dog"});
+  EXPECT_THROW_WITH(other.labels(), "'a' and 'b' were trained with different labels");
+  nlohmann::json j = io::read_json(dir / "m/module.json");
+  j["config"]["labels"] = {1, 2};
+  test::write_file(dir / "m/module.json", j.dump());
+  EXPECT_THROW_WITH(read_native(dir / "m"), "field 'labels' must be an array of label names");
+}
+
 TEST(NativeFormat, AModuleJsonThatIsNotOneIsRefusedNamingTheField) {
   ModuleSet set(load_model(test::tiny_checkpoint("llama")));
   set.add("m", ModuleConfig());

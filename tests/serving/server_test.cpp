@@ -571,9 +571,21 @@ TEST(ServeEncoder, ClassifyEqualsTheLibrarysForward) {
                             .c_str()),
             0);
   fs::create_directories(dir / "modules");
+  {  // a module trained on named classes: /v1/classify with it answers with its names
+    ModuleSet set(load_model(model));
+    set.add("sentiment", ModuleConfig());
+    set.set_labels("sentiment", {"negative", "neutral", "positive"});
+    set.save("sentiment", dir / "modules/sentiment");
+  }
   Process p = start_server(model, dir / "modules", dir / "port");
   int status = 0;
   const std::vector<std::string> texts = {"a cat sat", "the dog"};
+  json named = post(p.port, "/v1/classify", json({{"input", texts}, {"model", "sentiment"}}), &status);
+  ASSERT_EQ(status, 200) << named.dump();
+  for (const auto& row : named["data"]) {
+    const std::vector<std::string> names = {"negative", "neutral", "positive"};
+    EXPECT_EQ(row["label"], names.at(row["label_id"].get<size_t>())) << row.dump();
+  }
   json r = post(p.port, "/v1/classify", json({{"input", texts}}), &status);
   kill(p.pid, SIGTERM);
   waitpid(p.pid, nullptr, 0);

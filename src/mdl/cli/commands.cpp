@@ -747,6 +747,9 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     for (const auto& [name, mc] : c.modules) set.add(name, mc);
     Tokenizer tok = Tokenizer::from_file(c.model);
     Dataset train = load_jsonl(c.train_data, tok, c.data);
+    // The label names belong to the modules trained on them: saved with each, read back by eval and serve.
+    if (!train.labels.empty())
+      for (const auto& name : c.train) set.set_labels(name, train.labels);
     DatasetOptions eval_options = c.data;
     eval_options.labels = train.labels;  // the same label indices
     std::unique_ptr<Dataset> eval;
@@ -839,7 +842,17 @@ void register_eval(CLI::App& app, GlobalOptions& g) {
     DatasetOptions o;
     o.kind = *kind;
     o.on_bad_record = *bad_record;
-    Dataset d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    // The modules' own label indices (as trained), not the order this file happens to list them in.
+    o.labels = set->labels();
+    Dataset d;
+    try {
+      d = load_jsonl(*data, Tokenizer::from_file(*model), o);
+    } catch (const Error& e) {
+      if (o.labels.empty()) throw;
+      std::string known;
+      for (const auto& l : o.labels) known += (known.empty() ? "" : ", ") + l;
+      MDL_FAIL(e.what(), " (the modules were trained on the labels ", known, ")");
+    }
     if (d.skipped) std::printf("skipped %lld bad records\n", static_cast<long long>(d.skipped));
     const EvalMetrics em = evaluate_metrics(*m, d);
     if (m->config().head == HeadKind::causal_lm)

@@ -23,6 +23,7 @@ namespace mdl {
 void to_json(nlohmann::json& j, const ModuleConfig& c) {
   j = {{"type", c.type}, {"targets", c.targets}, {"seed", c.seed}};
   module_type(c.type).options_to_json(c, j["options"]);
+  if (!c.labels.empty()) j["labels"] = c.labels;  // only where there are: other modules' files unchanged
 }
 
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
@@ -31,7 +32,7 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
             "[module] config needs a string field 'type'");
   static const nlohmann::json written = ModuleConfig();  // the fields, as to_json lists them
   for (const auto& item : j.items())
-    if (!written.contains(item.key())) {
+    if (!written.contains(item.key()) && item.key() != "labels") {
       std::string known;
       for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
       MDL_FAIL("[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are ",
@@ -41,6 +42,13 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
   module_type(c.type).options_from_json(j.value("options", nlohmann::json::object()), c);
   if (j.contains("targets")) c.targets = j["targets"].get<TargetOptions>();
   c.seed = j.value("seed", static_cast<uint64_t>(0));
+  if (j.contains("labels")) {
+    MDL_CHECK(j["labels"].is_array() && std::all_of(j["labels"].begin(), j["labels"].end(),
+                                                    [](const nlohmann::json& v) { return v.is_string(); }),
+              "[module] field 'labels' must be an array of label names, found ",
+              j["labels"].dump().substr(0, 80));
+    c.labels = j["labels"].get<std::vector<std::string>>();
+  }
 }
 
 bool BaseFingerprint::operator==(const BaseFingerprint& o) const {
@@ -225,6 +233,23 @@ std::vector<std::string> ModuleSet::sites(const std::string& name) const {
 
 void ModuleSet::set_active(const std::string& name, bool active) {
   for (const auto& p : get(name).parts) attached(p.site).find(name)->active = active;
+}
+
+void ModuleSet::set_labels(const std::string& name, const std::vector<std::string>& labels) {
+  get_mutable(name).config.labels = labels;
+}
+
+std::vector<std::string> ModuleSet::labels(const std::vector<std::string>& names) const {
+  std::vector<std::string> out;
+  std::string from;
+  for (const auto& name : names.empty() ? order_ : names) {
+    const auto& l = get(name).config.labels;
+    if (l.empty()) continue;
+    MDL_CHECK(out.empty() || out == l, "[modules] '", from, "' and '", name,
+              "' were trained with different labels; use one of them (or modules of one task) at a time");
+    out = l, from = name;
+  }
+  return out;
 }
 
 void ModuleSet::set_scale(const std::string& name, double scale) {

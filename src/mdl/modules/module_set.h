@@ -44,6 +44,9 @@ struct ModuleConfig {
   FusionOptions fusion;   ///< fusion: its members (loaded first); sites = those every member covers
   TargetOptions targets;  ///< default per type when empty (LoRA: q_proj, v_proj and their GPT-2/BERT names)
   uint64_t seed = 0;      ///< initialisation seed
+  /// the class (or tag) names the module was trained with, in index order (id2label); written by training,
+  /// read by mdl eval and the server; empty for modules of other tasks
+  std::vector<std::string> labels;
 };
 void to_json(nlohmann::json& j, const ModuleConfig& c);
 void from_json(const nlohmann::json& j, ModuleConfig& c);
@@ -98,6 +101,10 @@ class ModuleSet {
   void set_active(const std::string& name, bool active);
   /// Scales a module's effect (1 = as trained).
   void set_scale(const std::string& name, double scale);
+  /// Records the class names module `name` is trained on (saved with it: ModuleConfig::labels).
+  void set_labels(const std::string& name, const std::vector<std::string>& labels);
+  /// The labels of the modules `names` (empty: every module), which must agree; empty if none has any.
+  std::vector<std::string> labels(const std::vector<std::string>& names = {}) const;
 
   /// Parameters and buffers of `name` as "<site>.<param>" -> tensor (shared with the module, not copies).
   std::map<std::string, at::Tensor> tensors(const std::string& name) const;

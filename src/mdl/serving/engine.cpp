@@ -558,4 +558,17 @@ at::Tensor Engine::embed(const std::vector<std::string>& texts, const std::vecto
   return run_encoder(texts, modules, true);
 }
 
+std::vector<std::string> Engine::labels(const std::vector<ModuleChoice>& modules) {
+  std::vector<std::string> names;
+  std::lock_guard<std::mutex> lock(model_mu_);
+  for (const auto& m : modules)
+    if (set_->contains(m.name)) names.push_back(m.name);
+  if (names.empty()) return {};
+  try {
+    return set_->labels(names);
+  } catch (const Error& e) {
+    throw RequestError(400, "model", e.what());
+  }
+}
+
 }  // namespace mdl

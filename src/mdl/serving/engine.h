@@ -109,6 +109,9 @@ class Engine {
   /// mean-pooled final hidden states (N, C) for embeddings, one row per text.
   at::Tensor classify(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
   at::Tensor embed(const std::vector<std::string>& texts, const std::vector<ModuleChoice>& modules);
+  /// The class names the chosen modules were trained with (ModuleConfig::labels; empty when none has
+  /// any); throws a client error when two disagree.
+  std::vector<std::string> labels(const std::vector<ModuleChoice>& modules);
 
   /// Loads the module directory `path` as `name` (POST /v1/modules): `path` must lie inside modules_dir or
   /// an allowed directory, `name` must be new (not loaded, not offered by modules_dir, not "base"). The

@@ -408,8 +408,11 @@ struct Server::Impl {
     http.Post("/v1/classify", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      at::Tensor logits =
-          engine.classify(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)));
+      const auto chosen = engine.resolve(field<std::string>(j, "model", "base"), module_list(j));
+      at::Tensor logits = engine.classify(texts, chosen);
+      // The names the modules were trained with; without any, the base's config.json id2label.
+      const std::vector<std::string> trained = engine.labels(chosen);
+      const std::vector<std::string>& labels = trained.empty() ? this->labels : trained;
       at::Tensor probs = at::softmax(logits, -1);
       json data = json::array();
       for (int64_t i = 0; i < logits.size(0); ++i) {
