@@ -476,6 +476,13 @@ TEST_F(Cli, TrainResumeAndEval) {
   EXPECT_NE(r.out.find("skipped 1 bad records"), std::string::npos) << r.out;
   r = mdl("train --help-config");
   EXPECT_NE(r.out.find("options.schedule.lr"), std::string::npos);
+  // The data's fields per kind and every module type's options are there too.
+  for (const char* text :
+       {"{\"prompt\": str, \"completion\": str}", "{\"tokens\": [str], \"tags\": [str | int]}",
+        "\"task\": str", "modules.<name>.options", "  lora: ", "  poly_lora: ", "num_tasks"})
+    EXPECT_NE(r.out.find(text), std::string::npos) << text << "\n" << r.out;
+  for (const auto& t : module_types())
+    EXPECT_NE(r.out.find("  " + t.name + ": "), std::string::npos) << t.name;
   test::write_file(tmp / "bad.json", "{\"model\": 1}");
   r = mdl("train --config " + quote(tmp / "bad.json"));
   EXPECT_NE(r.code, 0);

@@ -715,8 +715,20 @@ void register_train(CLI::App& app, GlobalOptions& g) {
   cmd->add_option("--world-size", dist_flags->values["WORLD_SIZE"], "processes in the run (or WORLD_SIZE)");
   cmd->add_option("--rank", dist_flags->values["RANK"], "this process's rank (or RANK)");
   cmd->callback([=, &g] {
-    if (*help_config) {
-      std::printf("%s", train_config_help().c_str());
+    if (*help_config) {  // the run config, the data's fields, and every module type's options
+      std::printf("%s\n%s\nmodules.<name>.options, by modules.<name>.type:\n", train_config_help().c_str(),
+                  data_kinds_help().c_str());
+      for (const auto& t : module_types()) {
+        const auto fields = t.options_help ? t.options_help() : std::vector<FieldHelp>{};
+        std::printf("\n  %s: %s\n", t.name.c_str(), t.summary.c_str());
+        if (fields.empty()) std::printf("    (no options)\n");
+        std::string text = format_help(fields);
+        for (size_t at = 0; at < text.size();) {  // indented under its type
+          const size_t end = std::min(text.find('\n', at), text.size());
+          std::printf("    %s\n", text.substr(at, end - at).c_str());
+          at = end + 1;
+        }
+      }
       return;
     }
     if (*nproc > 1) {

@@ -137,6 +137,19 @@ Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const Da
   return d;
 }
 
+std::string data_kinds_help() {
+  return "JSONL records, one per line, by data.kind:\n"
+         "  classification  {\"text\": str, \"label\": str | int}     a class per text (names in order of "
+         "first\n"
+         "                  appearance unless data.labels lists them; saved with the trained modules)\n"
+         "  tagging         {\"tokens\": [str], \"tags\": [str | int]}  a tag per word\n"
+         "  instruction     {\"prompt\": str, \"completion\": str}   the loss on the completion's tokens "
+         "only\n"
+         "  text            {\"text\": str}                           causal-LM loss on every token\n"
+         "  any kind may add \"task\": str and \"language\": str, the routing context of the example\n"
+         "  (options.routing.by_task / by_language, task-routed modules, multi-task sampling)\n";
+}
+
 Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels,
                       std::vector<std::string> label_names, const std::string& task) {
   MDL_CHECK(images.dim() == 3 || images.dim() == 4, "[data] images must be (N, H, W) or (N, C, H, W), got ",

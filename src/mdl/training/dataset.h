@@ -55,6 +55,8 @@ Dataset image_dataset(const at::Tensor& images, const at::Tensor& labels,
 
 /// Reads and tokenises a JSONL file.
 Dataset load_jsonl(const std::string& path, const Tokenizer& tokenizer, const DatasetOptions& options);
+/// The JSONL fields each data kind reads, as help text (`mdl train --help-config`).
+std::string data_kinds_help();
 
 /// An IDX file (optionally gzipped: MNIST's *-ubyte.gz), as a uint8 / int8 / int16 / int32 / float /
 /// double tensor of its declared shape. Corrupt headers and short data are errors naming the file.
