@@ -360,8 +360,25 @@ TEST_F(Serve, ChatEmbeddingsAndMetrics) {
   ASSERT_TRUE(m);
   for (const char* name :
        {"mdl_requests_total", "mdl_generated_tokens_total", "mdl_tokens_per_second", "mdl_queue_length",
-        "mdl_module_cache_evictions_total", "# TYPE mdl_requests_total counter"})
+        "mdl_module_cache_evictions_total", "# TYPE mdl_requests_total counter",
+        "# TYPE mdl_time_to_first_token_seconds histogram",
+        "mdl_time_to_first_token_seconds_bucket{le=\"+Inf\"}", "mdl_time_per_output_token_seconds_count",
+        "mdl_queue_time_seconds_sum", "mdl_module_requests_total{module=\"base\"}",
+        "mdl_module_generated_tokens_total{module=\"base\"}"})
     EXPECT_NE(m->body.find(name), std::string::npos) << name;
+  // A request with a module counts under its name; the histograms' +Inf bucket holds every observation.
+  complete("lora_c", "the dog", 3);
+  m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_NE(m->body.find("mdl_module_requests_total{module=\"lora_c\"} "), std::string::npos) << m->body;
+  auto value = [&](const std::string& series) {
+    const size_t at = m->body.find(series + " ");
+    return at == std::string::npos ? -1.0 : std::stod(m->body.substr(at + series.size() + 1));
+  };
+  EXPECT_GE(value("mdl_module_generated_tokens_total{module=\"lora_c\"}"), 1.0);
+  EXPECT_EQ(value("mdl_time_to_first_token_seconds_bucket{le=\"+Inf\"}"),
+            value("mdl_time_to_first_token_seconds_count"));
+  EXPECT_GE(value("mdl_time_to_first_token_seconds_count"), 2.0);  // at least the chat and this request
 }
 
 TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {

@@ -33,7 +33,21 @@ struct Engine::Sequence {
   int64_t last_token = -1;
   size_t streamed = 0;  // bytes of text already streamed (a character boundary)
   bool done = false;
+  std::chrono::steady_clock::time_point queued, last_token_at;  // for the latency histograms
+  std::string usage_key;                                        // its module label in EngineStats::modules
 };
+
+const std::vector<double>& LatencyHistogram::bounds() {
+  static const std::vector<double> b = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+  return b;
+}
+
+void LatencyHistogram::add(double seconds) {
+  const auto& b = bounds();
+  counts[static_cast<size_t>(std::lower_bound(b.begin(), b.end(), seconds) - b.begin())] += 1;
+  sum += seconds;
+  ++count;
+}
 
 namespace {
 
@@ -294,9 +308,18 @@ void Engine::enqueue(const std::vector<std::shared_ptr<Sequence>>& seqs) {
       refusal = "[serve] the queue is full (" + std::to_string(options_.max_queue) +
                 " waiting requests); retry later";
     if (refusal.empty()) {
+      const auto now = std::chrono::steady_clock::now();
       for (const auto& s : seqs) {
         ++stats_.requests;
         stats_.prompt_tokens += s->result.prompt_tokens;
+        s->queued = now;
+        // A bounded set of labels: the first 64 module names, then "other".
+        std::string key;
+        for (const auto& m : s->req.modules) key += (key.empty() ? "" : "+") + m.name;
+        if (key.empty()) key = "base";
+        if (!stats_.modules.count(key) && stats_.modules.size() >= 64) key = "other";
+        s->usage_key = key;
+        ++stats_.modules[key].requests;
         waiting_.push_back(s);
       }
       stats_.queue_length = static_cast<int64_t>(waiting_.size());
@@ -318,9 +341,11 @@ void Engine::loop() {
       std::unique_lock<std::mutex> lk(queue_mu_);
       wake_.wait(lk, [&] { return !waiting_.empty() || !running_.empty() || draining_; });
       if (draining_ && waiting_.empty() && running_.empty()) return;
+      const auto now = std::chrono::steady_clock::now();
       while (!waiting_.empty() && static_cast<int64_t>(running_.size() + fresh.size()) < options_.max_batch) {
         fresh.push_back(waiting_.front());
         waiting_.pop_front();
+        stats_.queue_time.add(std::chrono::duration<double>(now - fresh.back()->queued).count());
       }
       stats_.queue_length = static_cast<int64_t>(waiting_.size());
     }
@@ -412,8 +437,15 @@ bool Engine::emit(Sequence& s, int64_t token) {
   s.last_token = token;
   s.result.tokens.push_back(token);
   {
+    const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lk(queue_mu_);
     ++stats_.generated_tokens;
+    ++stats_.modules[s.usage_key].generated_tokens;
+    if (s.result.tokens.size() == 1)
+      stats_.time_to_first_token.add(std::chrono::duration<double>(now - s.queued).count());
+    else
+      stats_.token_latency.add(std::chrono::duration<double>(now - s.last_token_at).count());
+    s.last_token_at = now;
   }
   const bool stop_token = std::find(s.stop_tokens.begin(), s.stop_tokens.end(), token) != s.stop_tokens.end();
   std::vector<int64_t> visible = s.result.tokens;

@@ -74,6 +74,20 @@ struct CompletionResult {
 };
 
 /// Counters for /metrics.
+/// A latency histogram with Prometheus's cumulative buckets (seconds).
+struct LatencyHistogram {
+  static const std::vector<double>& bounds();  ///< upper bounds of the buckets, +Inf implied
+  std::vector<int64_t> counts = std::vector<int64_t>(bounds().size() + 1, 0);  ///< per bucket, last: +Inf
+  double sum = 0;
+  int64_t count = 0;
+  void add(double seconds);
+};
+
+/// Requests and tokens of one module (labelled metrics).
+struct ModuleUsage {
+  int64_t requests = 0, generated_tokens = 0;
+};
+
 struct EngineStats {
   int64_t requests = 0, completed = 0, failed = 0, cancelled = 0, rejected = 0;
   int64_t prompt_tokens = 0, generated_tokens = 0;
@@ -81,6 +95,11 @@ struct EngineStats {
   int64_t queue_length = 0, running = 0;
   double busy_seconds = 0;  ///< time spent in forwards
   int64_t cache_hits = 0, cache_misses = 0, cache_evictions = 0, cache_bytes = 0, modules_loaded = 0;
+  LatencyHistogram time_to_first_token;  ///< from queueing to the first token
+  LatencyHistogram token_latency;        ///< between a sequence's consecutive tokens
+  LatencyHistogram queue_time;           ///< from queueing to joining the running batch
+  /// per module name (the first 64 seen; later ones count under "other"); "base" for requests without
+  std::map<std::string, ModuleUsage> modules;
 };
 
 class Engine {
