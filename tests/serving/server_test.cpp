@@ -249,6 +249,23 @@ TEST_F(Serve, StacksInOneBatchApplyInEachRequestsOrder) {
   EXPECT_EQ(r["choices"][0]["text"], texts[1]);
 }
 
+// LoRAX's adapter_id names the module as model does; n = 1, zero penalties and logprobs false are accepted.
+TEST_F(Serve, AdapterIdIsModelAndNeutralOpenAiParametersAreAccepted) {
+  int status = 0;
+  const json r = post(server_->port, "/v1/completions",
+                      json({{"adapter_id", "lora_b"},
+                            {"prompt", "my fox"},
+                            {"max_tokens", 8},
+                            {"temperature", 0},
+                            {"n", 1},
+                            {"logprobs", false},
+                            {"presence_penalty", 0},
+                            {"frequency_penalty", 0.0}}),
+                      &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  EXPECT_EQ(r["choices"][0]["text"], complete("lora_b", "my fox", 8)["choices"][0]["text"]);
+}
+
 TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
   const std::string whole = complete("lora_b", "the cat sat", 16)["choices"][0]["text"];
   httplib::Client c("127.0.0.1", server_->port);
@@ -403,6 +420,20 @@ TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
        "the context holds"},
       {"/v1/completions", json({{"prompt", "a"}, {"temperature", -1}}).dump(), 400, "temperature",
        "'temperature' must be"},
+      // OpenAI parameters not implemented yet are refused, never ignored.
+      {"/v1/completions", json({{"prompt", "a"}, {"n", 2}}).dump(), 400, "n",
+       "'n' other than 1 is not supported"},
+      {"/v1/completions", json({{"prompt", "a"}, {"logprobs", 3}}).dump(), 400, "logprobs",
+       "not supported yet"},
+      {"/v1/chat/completions",
+       json({{"messages", {{{"role", "user"}, {"content", "a"}}}}, {"top_logprobs", 2}}).dump(), 400,
+       "top_logprobs", "not supported yet"},
+      {"/v1/completions", json({{"prompt", "a"}, {"presence_penalty", 0.5}}).dump(), 400, "presence_penalty",
+       "leave it 0 or unset"},
+      {"/v1/completions", json({{"prompt", "a"}, {"frequency_penalty", -1}}).dump(), 400, "frequency_penalty",
+       "not supported yet"},
+      {"/v1/completions", json({{"prompt", "a"}, {"model", "lora_a"}, {"adapter_id", "lora_b"}}).dump(), 400,
+       "adapter_id", "name different modules"},
       {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p",
        "'top_p' must be in (0, 1]"},
       {"/v1/completions", json({{"prompt", "a"}, {"max_tokens", 0}}).dump(), 400, "max_tokens",

@@ -408,7 +408,7 @@ struct Server::Impl {
     http.Post("/v1/classify", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      const auto chosen = engine.resolve(field<std::string>(j, "model", "base"), module_list(j));
+      const auto chosen = engine.resolve(requested_model(j), module_list(j));
       at::Tensor logits = engine.classify(texts, chosen);
       // The names the modules were trained with; without any, the base's config.json id2label.
       const std::vector<std::string> trained = engine.labels(chosen);
@@ -430,27 +430,52 @@ struct Server::Impl {
     http.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      at::Tensor e =
-          engine.embed(texts, engine.resolve(field<std::string>(j, "model", "base"), module_list(j)))
-              .contiguous();
+      at::Tensor e = engine.embed(texts, engine.resolve(requested_model(j), module_list(j))).contiguous();
       json data = json::array();
       for (int64_t i = 0; i < e.size(0); ++i) {
         const float* row = e[i].data_ptr<float>();
         data.push_back(
             {{"object", "embedding"}, {"index", i}, {"embedding", std::vector<float>(row, row + e.size(1))}});
       }
-      res.set_content(
-          body_text(
-              json({{"object", "list"}, {"data", data}, {"model", field<std::string>(j, "model", "base")}})),
-          "application/json");
+      res.set_content(body_text(json({{"object", "list"}, {"data", data}, {"model", requested_model(j)}})),
+                      "application/json");
     });
     http.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(metrics(), "text/plain; version=0.0.4");
     });
   }
 
+  /// OpenAI and LoRAX parameters mdl does not implement yet are refused (400, naming the field), never
+  /// ignored: a client relying on them would get other answers than it asked for without knowing.
+  static void refuse_unsupported(const json& j) {
+    auto set = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
+    if (set("n") && !(j["n"].is_number_integer() && j["n"].get<int64_t>() == 1))
+      throw RequestError(
+          400, "n", "[serve] 'n' other than 1 is not supported yet; send n requests (each with its seed)");
+    for (const char* key : {"logprobs", "top_logprobs"})
+      if (set(key) && !(j[key].is_boolean() && !j[key].get<bool>()) &&
+          !(j[key].is_number() && j[key].get<double>() == 0))
+        throw RequestError(400, key, std::string("[serve] '") + key + "' is not supported yet");
+    for (const char* key : {"frequency_penalty", "presence_penalty"})
+      if (set(key) && !(j[key].is_number() && j[key].get<double>() == 0))
+        throw RequestError(400, key,
+                           std::string("[serve] '") + key + "' is not supported yet; leave it 0 or unset");
+  }
+
+  /// The model a request names: `model`, or LoRAX's `adapter_id` (the same thing), "base" without either.
+  static std::string requested_model(const json& j) {
+    const std::string model = field<std::string>(j, "model", "");
+    const std::string adapter = field<std::string>(j, "adapter_id", "");
+    if (!adapter.empty() && !model.empty() && adapter != model)
+      throw RequestError(
+          400, "adapter_id",
+          "[serve] 'adapter_id' (" + adapter + ") and 'model' (" + model + ") name different modules");
+    return !adapter.empty() ? adapter : model.empty() ? "base" : model;
+  }
+
   void complete(const json& j, std::vector<int64_t> prompt, httplib::Response& res, bool chat_api) {
-    const std::string model = field<std::string>(j, "model", "base");
+    refuse_unsupported(j);
+    const std::string model = requested_model(j);
     CompletionRequest r;
     r.prompt = std::move(prompt);
     r.sampling = sampling(j);
