@@ -190,6 +190,12 @@ std::vector<std::string> fortunes_of(const Context& ctx, const std::string& lang
   return entries;
 }
 
+std::string number(double v, const char* format) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
 at::Tensor labels_of(const Dataset& data) {
   std::vector<int64_t> labels;
   for (const auto& e : data.examples) labels.push_back(e.label);

@@ -111,6 +111,8 @@ std::vector<std::string> fortunes_of(const Context& ctx, const std::string& lang
 double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::vector<int64_t>& classes = {});
 /// The labels (N) of a dataset's examples.
 at::Tensor labels_of(const Dataset& data);
+/// `v` printed with a printf `format` (for the checks' details).
+std::string number(double v, const char* format = "%.3f");
 /// Seconds since `start`.
 double seconds_since(std::chrono::steady_clock::time_point start);
 /// Training losses by step, for a loss curve.

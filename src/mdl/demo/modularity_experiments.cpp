@@ -105,12 +105,6 @@ Run train_and_measure(Context& ctx, const std::string& task, const std::string& 
   return run;
 }
 
-std::string fmt(double v, const char* f = "%.3f") {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), f, v);
-  return buf;
-}
-
 }  // namespace
 
 int64_t planned_modularity_steps(const Sizes& s) {
@@ -252,15 +246,15 @@ void run_modularity(Context& ctx) {
       "modularity: the benefit of modularity grows with R (monolithic minus modular OoD loss larger at R = " +
           std::to_string(hi) + " than at R = " + std::to_string(lo) + ")",
       gain(hi) > gain(lo),
-      "R = " + std::to_string(lo) + ": " + fmt(gain(lo)) + ", R = " + std::to_string(hi) + ": " +
-          fmt(gain(hi)));
+      "R = " + std::to_string(lo) + ": " + number(gain(lo)) + ", R = " + std::to_string(hi) + ": " +
+          number(gain(hi)));
   const SpecialisationMetrics &mlo = mean["modular"][lo].metrics, &mhi = mean["modular"][hi].metrics;
   ctx.check("modularity: specialisation worsens with R (modular's alignment higher at R = " +
                 std::to_string(hi) + ")",
             mhi.alignment > mlo.alignment,
-            "alignment " + fmt(mlo.alignment) + " -> " + fmt(mhi.alignment) + ", inverse MI " +
-                fmt(mlo.inverse_mi) + " -> " + fmt(mhi.inverse_mi) + ", collapse-avg " +
-                fmt(mlo.collapse_avg) + " -> " + fmt(mhi.collapse_avg));
+            "alignment " + number(mlo.alignment) + " -> " + number(mhi.alignment) + ", inverse MI " +
+                number(mlo.inverse_mi) + " -> " + number(mhi.inverse_mi) + ", collapse-avg " +
+                number(mlo.collapse_avg) + " -> " + number(mhi.collapse_avg));
   int op_better = 0, op_compared = 0;
   std::string detail;
   for (const auto& [metric, name] :

@@ -155,12 +155,6 @@ double tokens_per_second(Model& model, const Dataset& data) {
   return best;
 }
 
-std::string fmt(double v, const char* f = "%.3f") {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), f, v);
-  return buf;
-}
-
 }  // namespace
 
 int64_t planned_moduleformer_steps(const Sizes& s) {
@@ -303,10 +297,9 @@ void run_moduleformer(Context& ctx) {
     }
     plot = PlotOptions();
     const bool cond = std::string(key) == "h_e_given_x";
-    plot.title =
-        cond ? "Routing entropy per token H(e|x) (low: each token sure of its experts)"
-             : "Expert-use entropy H(e) (high: experts used evenly; log E = " + fmt(result["log_experts"]) +
-                   ")";
+    plot.title = cond ? "Routing entropy per token H(e|x) (low: each token sure of its experts)"
+                      : "Expert-use entropy H(e) (high: experts used evenly; log E = " +
+                            number(result["log_experts"]) + ")";
     plot.y_label = "nats";
     const std::string file = std::string("figures/moduleformer_") + key + ".svg";
     write_bar_plot((fs::path(ctx.figures_dir) / fs::path(file).filename()).string(), mixtures,
@@ -354,28 +347,31 @@ void run_moduleformer(Context& ctx) {
       mi_row["h_e_given_x"].get<double>() < none["h_e_given_x"].get<double>() &&
           mi_row["h_e_given_x"].get<double>() < sw["h_e_given_x"].get<double>() &&
           mi_row["h_e"].get<double>() >= 0.9 * log_e,
-      "H(e|x) none " + fmt(none["h_e_given_x"]) + ", MI " + fmt(mi_row["h_e_given_x"]) + ", switch " +
-          fmt(sw["h_e_given_x"]) + "; H(e) MI " + fmt(mi_row["h_e"]) + " of log E " + fmt(log_e));
+      "H(e|x) none " + number(none["h_e_given_x"]) + ", MI " + number(mi_row["h_e_given_x"]) + ", switch " +
+          number(sw["h_e_given_x"]) + "; H(e) MI " + number(mi_row["h_e"]) + " of log E " + number(log_e));
   ctx.check(
       "ModuleFormer: switch balances the experts (H(e) at least no aux loss's) but stays soft (H(e|x) "
       "above MI's)",
       sw["h_e"].get<double>() >= none["h_e"].get<double>() - 1e-3 &&
           sw["h_e_given_x"].get<double>() > mi_row["h_e_given_x"].get<double>(),
-      "H(e) none " + fmt(none["h_e"]) + ", switch " + fmt(sw["h_e"]) + "; H(e|x) switch " +
-          fmt(sw["h_e_given_x"]) + " vs MI " + fmt(mi_row["h_e_given_x"]));
-  ctx.check("ModuleFormer: MI routing costs little loss (validation loss within 3% of no aux loss's)",
-            mi_row["valid_loss"].get<double>() <= 1.03 * none["valid_loss"].get<double>(),
-            "MI " + fmt(mi_row["valid_loss"]) + " vs none " + fmt(none["valid_loss"]) + " nats per byte");
+      "H(e) none " + number(none["h_e"]) + ", switch " + number(sw["h_e"]) + "; H(e|x) switch " +
+          number(sw["h_e_given_x"]) + " vs MI " + number(mi_row["h_e_given_x"]));
+  ctx.check(
+      "ModuleFormer: MI routing costs little loss (validation loss within 3% of no aux loss's)",
+      mi_row["valid_loss"].get<double>() <= 1.03 * none["valid_loss"].get<double>(),
+      "MI " + number(mi_row["valid_loss"]) + " vs none " + number(none["valid_loss"]) + " nats per byte");
   ctx.check("ModuleFormer: new experts for German forget less English than fine-tuning a dense model",
             grown_en - mi_en < dense_en_after - dense_en,
-            "English loss rise: new experts " + fmt(grown_en - mi_en) + " (German " + fmt(mi_de_before) +
-                " -> " + fmt(grown_de) + "), dense " + fmt(dense_en_after - dense_en) + " (German " +
-                fmt(dense_de_before) + " -> " + fmt(dense_de_after) + ")");
+            "English loss rise: new experts " + number(grown_en - mi_en) + " (German " +
+                number(mi_de_before) + " -> " + number(grown_de) + "), dense " +
+                number(dense_en_after - dense_en) + " (German " + number(dense_de_before) + " -> " +
+                number(dense_de_after) + ")");
   ctx.check(
       "ModuleFormer: after concentration fine-tuning, keeping the most used experts keeps more than "
       "keeping random ones",
       pruned_de < random_de,
-      "German loss: all " + fmt(tuned_de) + ", most used " + fmt(pruned_de) + ", random " + fmt(random_de));
+      "German loss: all " + number(tuned_de) + ", most used " + number(pruned_de) + ", random " +
+          number(random_de));
 }
 
 }  // namespace mdl::demo
