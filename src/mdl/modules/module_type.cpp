@@ -209,6 +209,9 @@ std::vector<ModuleType> make_types() {
                         SiteKind::linear, true, {"native"});
     options_entry<LoraMixtureOptions, &ModuleConfig::lora_moe, &lora_moe_fields>(t);
     t.default_targets = attention_targets;
+    t.tasks_known = [](const ModuleConfig& c) -> int64_t {
+      return c.lora_moe.router.level == "task" ? c.lora_moe.num_tasks : -1;
+    };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
         return std::make_shared<LoraMixtureImpl>(site.info(), b.config.lora_moe, seed++, b.options);
@@ -220,6 +223,7 @@ std::vector<ModuleType> make_types() {
                         SiteKind::linear, true, {"native"});
     options_entry<PolyLoraOptions, &ModuleConfig::poly, &poly_lora_fields>(t);
     t.default_targets = attention_targets;
+    t.tasks_known = [](const ModuleConfig& c) -> int64_t { return c.poly.num_tasks; };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       std::shared_ptr<SkillAllocationImpl> shared;
       if (b.config.poly.shared_allocation)

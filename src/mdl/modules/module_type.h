@@ -60,6 +60,9 @@ struct ModuleType {
   std::function<void(const nlohmann::json& options, ModuleConfig& config)> options_from_json;
   /// Its options' keys, defaults and meanings (`mdl init-module --type T --help-options`).
   std::function<std::vector<FieldHelp>()> options_help;
+  /// How many tasks a module of this type routes between (its options.num_tasks), or -1 when it does not
+  /// route by task; unset: -1. A trainer refuses data with more tasks before the first step.
+  std::function<int64_t(const ModuleConfig& config)> tasks_known;
   /// Prepares the parts of one module; `seed` is advanced by what it draws.
   std::function<PartFactory(const ModuleBuild& build, uint64_t& seed)> prepare;
 };

@@ -20,6 +20,7 @@
 #include "mdl/distributed/process_group.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_type.h"
 #include "mdl/routing/routing_context.h"
 #include "mdl/routing/routing_log.h"
 #include "mdl/training/trainer_state.h"
@@ -157,11 +158,9 @@ void Trainer::check_task_counts(const Dataset& data) const {
   const int64_t tasks = static_cast<int64_t>(data.tasks.size());
   for (const auto& name : set_.names()) {
     const ModuleConfig& c = set_.config(name);
-    int64_t known = -1;
-    std::string field;
-    if (c.type == "poly_lora") known = c.poly.num_tasks, field = "options.num_tasks";
-    if (c.type == "lora_moe" && c.lora_moe.router.level == "task")
-      known = c.lora_moe.num_tasks, field = "options.num_tasks";
+    const ModuleType& type = module_type(c.type);
+    const int64_t known = type.tasks_known ? type.tasks_known(c) : -1;
+    const std::string field = "options.num_tasks";
     if (known < 0 || tasks <= known) continue;
     std::string list;
     for (size_t t = 0; t < data.tasks.size() && t < 6; ++t) list += (t ? ", " : "") + data.tasks[t];
