@@ -559,10 +559,132 @@ TEST_F(Cli, TrainKilledAndResumedEndsBitIdentical) {
   EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), steps);
 }
 
+// A module moved from a 4-layer teacher to a 2-layer student (skip, avg) and to a narrower one
+// (prune-align on text), in each format it was written in; the refusals name what to do.
+TEST_F(Cli, TransferModuleInEachFormat) {
+  test::TempDir tmp;
+  for (const auto& [name, args] :
+       std::vector<std::pair<std::string, std::string>>{{"teacher", "--layers 4 --seed 5"},
+                                                        {"student", "--layers 2 --seed 6"},
+                                                        {"narrow", "--layers 2 --hidden 48 --seed 7"}}) {
+    Result r = mdl("init-model --arch llama --preset tiny " + args + " --out " + quote(tmp / name));
+    ASSERT_EQ(r.code, 0) << r.err;
+  }
+  EXPECT_EQ(nlohmann::json::parse(test::read_file(tmp / "narrow/config.json"))["hidden_size"], 48);
+  struct Case {
+    std::string name, args, file;
+  };
+  const std::vector<Case> cases = {
+      {"lora-native", "--type lora", "module.safetensors"},
+      {"lora-peft", "--type lora --format peft", "adapter_model.safetensors"},
+      {"lora-hub", "--type lora --format adapterhub", "adapter.safetensors"},
+      {"adapter-native", "--type adapter", "module.safetensors"},
+      {"adapter-hub", "--type adapter --format adapterhub", "adapter.safetensors"}};
+  std::string lines;
+  for (const char* t :
+       {"the cat sat on the mat", "a dog ran in the park", "my bird sings at dawn", "the sun is up"})
+    lines += std::string("{\"text\": \"") + t + "\"}\n";
+  test::write_file(tmp / "text.jsonl", lines);
+  for (const auto& c : cases) {
+    Result r = mdl("init-module --model " + quote(tmp / "teacher") + " " + c.args + " --seed 3 --out " +
+                   quote(tmp / c.name));
+    ASSERT_EQ(r.code, 0) << r.err;
+    for (const char* method : {"skip", "avg"}) {
+      const std::string out = tmp / (c.name + "-" + method);
+      r = mdl("transfer-module --module " + quote(tmp / c.name) + " --teacher " + quote(tmp / "teacher") +
+              " --student " + quote(tmp / "student") + " --method " + method + " --out " + quote(out));
+      ASSERT_EQ(r.code, 0) << c.name << " " << method << ": " << r.err;
+      EXPECT_NE(r.out.find("from 4 to 2 layers"), std::string::npos) << r.out;
+      EXPECT_TRUE(std::filesystem::exists(out + "/" + c.file)) << c.name << ": the input's format";
+      const auto report = nlohmann::json::parse(test::read_file(out + "/transfer.json"));
+      EXPECT_EQ(report["layer_map"],
+                nlohmann::json::parse(method == std::string("skip") ? "[[0], [2]]" : "[[0, 1], [2, 3]]"));
+      r = mdl("forward --model " + quote(tmp / "student") + " --modules " + quote(out) +
+              " --ids 5,6,7 --out " + quote(tmp / "logits.safetensors"));
+      EXPECT_EQ(r.code, 0) << c.name << " " << method << " on the student: " << r.err;
+    }
+    // prune-align onto the narrower student, measured on the text file.
+    const std::string out = tmp / (c.name + "-aligned");
+    r = mdl("transfer-module --module " + quote(tmp / c.name) + " --teacher " + quote(tmp / "teacher") +
+            " --student " + quote(tmp / "narrow") + " --method prune-align --data " +
+            quote(tmp / "text.jsonl") + " --out " + quote(out));
+    ASSERT_EQ(r.code, 0) << c.name << ": " << r.err;
+    EXPECT_NE(r.out.find("hidden 64 -> 48"), std::string::npos) << r.out;
+    r = mdl("forward --model " + quote(tmp / "narrow") + " --modules " + quote(out) + " --ids 5,6,7 --out " +
+            quote(tmp / "logits.safetensors"));
+    EXPECT_EQ(r.code, 0) << c.name << " on the narrow student: " << r.err;
+  }
+  // The native module's layers are the teacher's 0 and 2, and it was made for the student.
+  const auto teacher_t = io::load_safetensors(tmp / "lora-native/module.safetensors");
+  const auto moved_t = io::load_safetensors(tmp / "lora-native-skip/module.safetensors");
+  const std::string a = ".self_attn.q_proj.lora_A";
+  EXPECT_TRUE(at::equal(moved_t.at("model.layers.1" + a), teacher_t.at("model.layers.2" + a)));
+  const auto meta = nlohmann::json::parse(test::read_file(tmp / "lora-native-skip/module.json"));
+  EXPECT_EQ(meta["base"]["n_layer"], 2);
+  // Refusals.
+  const std::string base =
+      "transfer-module --module " + quote(tmp / "lora-native") + " --teacher " + quote(tmp / "teacher");
+  Result r = mdl(base + " --student " + quote(tmp / "narrow") + " --out " + quote(tmp / "x"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("use --method prune-align with --data"), std::string::npos) << r.err;
+  r = mdl(base + " --student " + quote(tmp / "narrow") + " --method prune-align --out " + quote(tmp / "x"));
+  EXPECT_NE(r.err.find("give --data FILE.jsonl (text) or --images FILE"), std::string::npos) << r.err;
+  r = mdl(base + " --student " + quote(tmp / "student") + " --k 4 --out " + quote(tmp / "x"));
+  EXPECT_NE(r.err.find("maps student layer 1 to teacher layer 4, but the teacher has 4 layers"),
+            std::string::npos)
+      << r.err;
+  r = mdl(base + " --student " + quote(tmp / "student") + " --out " + quote(tmp / "lora-native"));
+  EXPECT_NE(r.err.find("is the input"), std::string::npos) << r.err;
+  EXPECT_FALSE(std::filesystem::exists(tmp / "x")) << "a refused transfer writes nothing";
+}
+
+// mdl convert: native -> PEFT -> native and native -> AdapterHub -> native give the same tensors bit for
+// bit; PEFT's file names the base checkpoint; a format the type has not is refused naming those it has.
+TEST_F(Cli, ConvertRoundTripsBetweenFormats) {
+  test::TempDir tmp;
+  const std::string llama = model("llama");
+  struct Case {
+    std::string name, args, via;
+  };
+  for (const Case& c :
+       std::vector<Case>{{"lora", "--type lora --option init_lora_weights=false", "peft"},
+                         {"ia3", "--type ia3 --option init_ia3_weights=false", "peft"},
+                         {"lora-hub", "--type lora --option init_lora_weights=false", "adapterhub"},
+                         {"adapter", "--type adapter", "adapterhub"}}) {
+    Result r =
+        mdl("init-module --model " + quote(llama) + " " + c.args + " --seed 4 --out " + quote(tmp / c.name));
+    ASSERT_EQ(r.code, 0) << c.name << ": " << r.err;
+    r = mdl("convert " + quote(tmp / c.name) + " --model " + quote(llama) + " --to " + c.via + " --out " +
+            quote(tmp / (c.name + "-" + c.via)));
+    ASSERT_EQ(r.code, 0) << c.name << ": " << r.err;
+    EXPECT_NE(r.out.find("(native -> " + c.via + ")"), std::string::npos) << r.out;
+    r = mdl("convert " + quote(tmp / (c.name + "-" + c.via)) + " --model " + quote(llama) +
+            " --to native --out " + quote(tmp / (c.name + "-back")));
+    ASSERT_EQ(r.code, 0) << c.name << ": " << r.err;
+    const auto before = io::load_safetensors(tmp / (c.name + "/module.safetensors"));
+    const auto after = io::load_safetensors(tmp / (c.name + "-back/module.safetensors"));
+    ASSERT_EQ(before.size(), after.size()) << c.name;
+    for (const auto& [k, t] : before)
+      EXPECT_TRUE(after.count(k) && at::equal(after.at(k), t)) << c.name << " " << k;
+    EXPECT_EQ(nlohmann::json::parse(test::read_file(tmp / (c.name + "/module.json")))["config"],
+              nlohmann::json::parse(test::read_file(tmp / (c.name + "-back/module.json")))["config"])
+        << c.name;
+  }
+  const auto peft = nlohmann::json::parse(test::read_file(tmp / "lora-peft/adapter_config.json"));
+  EXPECT_EQ(peft["base_model_name_or_path"], llama) << "the base checkpoint, not its model type";
+  EXPECT_EQ(peft["task_type"], "CAUSAL_LM");
+  Result r = mdl("convert " + quote(tmp / "adapter") + " --model " + quote(llama) + " --to peft --out " +
+                 quote(tmp / "x"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("is a module of type adapter, which can be written as native, adapterhub, not peft"),
+            std::string::npos)
+      << r.err;
+}
+
 TEST_F(Cli, EveryCommandHasHelp) {
-  for (const char* cmd :
-       {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module", "merge-into-base",
-        "upcycle", "moefy", "merge", "train", "eval", "experts add", "experts prune"}) {
+  for (const char* cmd : {"", "init-model", "inspect", "tokenize", "forward", "generate", "init-module",
+                          "merge-into-base", "upcycle", "moefy", "merge", "train", "eval", "experts add",
+                          "experts prune", "analyze-routing", "transfer-module"}) {
     Result r = mdl(std::string(cmd) + " --help");
     EXPECT_EQ(r.code, 0) << cmd;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << cmd << r.out;

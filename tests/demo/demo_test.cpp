@@ -122,8 +122,20 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   // results.json: every experiment, parsed back from the file.
   const json r = json::parse(test::read_file(out + "/results.json"));
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer", "modularity", "checks"})
+                          "crosslingual", "moduleformer", "modularity", "module_transfer", "checks"})
     EXPECT_TRUE(r.contains(key)) << key;
+  // Experiment 10: both module kinds with their six arms, each measured at every evaluation step.
+  for (const char* kind : {"adapter", "lora"}) {
+    const json& k = r["module_transfer"]["vision"]["kinds"][kind];
+    ASSERT_EQ(k["arms"].size(), 6u) << kind;
+    for (const auto& a : k["arms"]) {
+      EXPECT_EQ(a["mean"].size(), 3u) << kind << " " << a["arm"];  // the tiny run's steps 0, 1, 2
+      for (const auto& v : a["mean"]) EXPECT_TRUE(v.get<double>() >= 0 && v.get<double>() <= 1);
+    }
+    EXPECT_TRUE(k["moved"].contains(std::string(kind == std::string("adapter") ? "adapter" : "lora") +
+                                    "/prune-align/incompatible"));
+  }
+  EXPECT_EQ(r["module_transfer"]["text"]["languages"].size(), 8u);
   EXPECT_EQ(r["modularity"]["mean_over_seeds"].size(), 8u);   // 4 families x the tiny run's 2 values of R
   EXPECT_EQ(r["moe"]["specialisation_by_digit"].size(), 2u);  // per layer of the tiny ViT
   EXPECT_TRUE(r["polytropon"].contains("specialisation_by_task"));
@@ -158,18 +170,18 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
     EXPECT_NE(md.find("](" + file + ")"), std::string::npos) << file;
     EXPECT_NE(html.find("src=\"" + file + "\""), std::string::npos) << file;
   }
-  for (const char* title :
-       {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing", "5. Mixture",
-        "6. Merging", "7. Cross-lingual", "8. ModuleFormer", "9. Is a modular", "Expected directions"}) {
+  for (const char* title : {"1. Vision backbone", "2. Transfer", "3. Continual", "4. Multi-task routing",
+                            "5. Mixture", "6. Merging", "7. Cross-lingual", "8. ModuleFormer",
+                            "9. Is a modular", "10. Is modularity transferable", "Expected directions"}) {
     EXPECT_NE(md.find(title), std::string::npos) << title;
     EXPECT_NE(html.find(title), std::string::npos) << title;
   }
   EXPECT_NE(html.find("</html>"), std::string::npos);
   // Modules in the native format, and the checkpoint the serve command names.
-  for (const char* m :
-       {"vision/digits-lora", "vision/digits-adapter", "vision/digits-probe", "vision/digits-lora-head",
-        "vision/fashion-task1", "vision/fashion-task5", "vision/fashion-polytropon",
-        "vision/digits-merged-ties", "text/lang-de", "text/word-order"}) {
+  for (const char* m : {"vision/digits-lora", "vision/digits-adapter", "vision/digits-probe",
+                        "vision/digits-lora-head", "vision/fashion-task1", "vision/fashion-task5",
+                        "vision/fashion-polytropon", "vision/digits-merged-ties", "text/lang-de",
+                        "text/word-order", "transfer/adapter-skip", "transfer/lora-prune-align"}) {
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.json")) << m;
     EXPECT_TRUE(fs::exists(out + "/modules/" + std::string(m) + "/module.safetensors")) << m;
   }
@@ -195,6 +207,10 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   EXPECT_EQ(second["moduleformer"]["continual"]["moduleformer"],
             first["moduleformer"]["continual"]["moduleformer"]);
   EXPECT_EQ(second["vision_backbone"]["test_accuracy"], first["vision_backbone"]["test_accuracy"]);
+  EXPECT_TRUE(second["module_transfer"]["vision"]["teacher"]["cached"].get<bool>());
+  EXPECT_EQ(second["module_transfer"]["vision"]["kinds"]["adapter"]["arms"],
+            first["module_transfer"]["vision"]["kinds"]["adapter"]["arms"]);
+  EXPECT_EQ(second["module_transfer"]["text"]["languages"], first["module_transfer"]["text"]["languages"]);
 
   // --no-cache retrains, to the same weights.
   DemoOptions again = f.options;
@@ -233,9 +249,10 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   const json r = json::parse(test::read_file(f.tmp / "cli/results.json"));
   EXPECT_EQ(r["run"]["processes"], 2);
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer", "modularity"})
+                          "crosslingual", "moduleformer", "modularity", "module_transfer"})
     EXPECT_TRUE(r.contains(key)) << key;
-  EXPECT_EQ(r["checks"].size(), 17u);  // both processes' checks (1-6 and 9 here, 7 and 8 in the second)
+  EXPECT_EQ(r["checks"].size(), 25u);  // both processes' checks (1-6 and 9 here, 7, 10 and 8 in the second)
+  EXPECT_EQ(r["module_transfer"]["text"]["teacher_adapters"], "experiment 7's");
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
   EXPECT_NE(out.find("/mdl serve --model " + (f.tmp / "cli/models/polyglot")), std::string::npos) << out;
@@ -260,7 +277,12 @@ TEST(Demo, PartsAreNamedAloneOrAsAList) {
   f.options.part = "language,bogus";
   EXPECT_THROW_WITH(
       run_demo(f.options),
-      "[demo] part 'bogus' is unknown; expected all, vision, language, moduleformer or modularity");
+      "[demo] part 'bogus' is unknown; expected all, vision, language, moduleformer, modularity or transfer");
+  f.options.part = "transfer";
+  const json t = run_demo(f.options);
+  EXPECT_TRUE(t.contains("module_transfer"));
+  EXPECT_EQ(t["module_transfer"]["text"]["teacher_adapters"], "trained here");  // no experiment 7 in this run
+  EXPECT_EQ(t["checks"].size(), 8u);
 }
 
 TEST(Demo, MissingDataIsAnErrorThatSaysWhereToGetIt) {

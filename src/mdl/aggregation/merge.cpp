@@ -192,12 +192,7 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
   for (const auto& n : names) set.remove(n);
   set.add("merged", config);
   set.load_tensors("merged", tensors, "the merge of " + std::to_string(inputs.size()) + " modules");
-  if (report.format == "native")
-    set.save("merged", out);
-  else if (report.format == "peft")
-    write_peft(set, "merged", out);
-  else
-    write_adapterhub(set, "merged", out);
+  set.save("merged", out, report.format);
   report.tensors = static_cast<int64_t>(tensors.size());
   for (const auto& [k, t] : tensors) report.output_bytes += t.numel() * t.element_size();
   return report;

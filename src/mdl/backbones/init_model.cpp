@@ -149,6 +149,18 @@ InitModelResult init_model(const InitModelOptions& options, const std::string& o
       std::max<int64_t>((tok_vocab + 63) / 64 * 64, options.preset == "small" ? 8192 : 0);
 
   ModelConfig config = preset_config(options.arch, options.preset, model_vocab, head, options.num_labels);
+  MDL_CHECK(options.layers >= 0 && options.hidden_size >= 0, "[init-model] layers and hidden size must be ",
+            "positive (0: the preset's), got ", options.layers, " and ", options.hidden_size);
+  if (options.layers > 0) config.n_layer = options.layers;
+  if (options.hidden_size > 0) {
+    MDL_CHECK(arch != Arch::moduleformer,
+              "[init-model] a ModuleFormer's width is set by its experts' sizes; ",
+              "--hidden applies to the other architectures");
+    MDL_CHECK(options.hidden_size % config.n_head == 0, "[init-model] hidden size ", options.hidden_size,
+              " is not a multiple of the preset's ", config.n_head, " heads");
+    config.hidden_size = options.hidden_size;
+    config.head_dim = options.hidden_size / config.n_head;
+  }
   const SpecialTokens special = special_tokens_of(trainer.kind);
   if (!special.bos.empty()) config.bos_token_id = *tokenizer.token_to_id(special.bos);
   config.eos_token_ids.clear();

@@ -21,6 +21,8 @@ struct InitModelOptions {
   std::vector<std::string> corpus_files;  ///< text to train the tokenizer on; empty: a built-in sample
   int64_t vocab_size = 0;                 ///< tokenizer target size; 0: the preset's
   int64_t max_shard_bytes = 0;            ///< > 0: write sharded safetensors with an index
+  int64_t layers = 0;                     ///< blocks; 0: the preset's
+  int64_t hidden_size = 0;                ///< model width (a multiple of the preset's heads); 0: the preset's
 };
 
 /// The hyper-parameters of a preset for an architecture, with the given vocabulary size and head.

@@ -580,6 +580,7 @@ void check_config_fits_checkpoint(const ModelConfig& c, const io::CheckpointRead
 
 Model load_model(const std::string& dir, const LoadOptions& options) {
   ModelConfig config = load_model_config(dir);
+  config.name_or_path = dir;
   io::CheckpointReader reader(dir);
   check_config_fits_checkpoint(config, reader, (std::filesystem::path(dir) / "config.json").string());
   Model model = create_model(config);

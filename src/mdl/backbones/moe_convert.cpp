@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "mdl/core/error.h"
+#include "mdl/core/site_recorder.h"
 #include "mdl/ops/functional.h"
 #include "mdl/routing/mixture.h"
 
@@ -66,31 +67,6 @@ std::string dense_name(int64_t layer, const std::string& w) {
   const std::string p = "model.layers." + std::to_string(layer) + ".mlp.";
   return p + (w == "w1" ? "gate_proj" : w == "w3" ? "up_proj" : "down_proj") + ".weight";
 }
-
-/// Attaches functions to sites for its lifetime and restores what was attached before (RAII).
-class AttachGuard {
- public:
-  void attach(Site& site, std::shared_ptr<SiteFunction> f) {
-    saved_.push_back({&site, site.function()});
-    site.attach(std::move(f));
-  }
-  ~AttachGuard() {
-    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) it->first->attach(it->second);
-  }
-
- private:
-  std::vector<std::pair<Site*, std::shared_ptr<SiteFunction>>> saved_;
-};
-
-/// Records each layer's MLP input at the `.mlp` sublayer sites during a forward.
-class Recorder : public SiteFunction {
- public:
-  at::Tensor forward(const at::Tensor& input, const at::Tensor& base) override {
-    inputs.push_back(input.detach());
-    return base;
-  }
-  std::vector<at::Tensor> inputs;
-};
 
 /// Balanced k-means: `features` (I, D) rows into E groups of I / E each; returns each row's group.
 std::vector<int64_t> balanced_kmeans(const at::Tensor& features, int64_t E, int64_t iterations,
@@ -186,16 +162,16 @@ Model moefy(ModelImpl& dense, const MoefyOptions& o, const at::Tensor& sample_id
   // The dense MLP inputs on the sample, per layer (for co-activations and the report).
   std::vector<at::Tensor> inputs;
   if (sample_ids.defined()) {
-    auto recorder = std::make_shared<Recorder>();  // returns the dense MLP's own output: a plain dense pass
-    {
-      AttachGuard guard;
-      for (int64_t l = 0; l < dc.n_layer; ++l)
-        guard.attach(dense.site("model.layers." + std::to_string(l) + ".mlp"), recorder);
-      ModelInput in;
-      in.input_ids = sample_ids.to(dense.device());
-      dense.forward(in);
-    }
-    for (const auto& x : recorder->inputs) inputs.push_back(x.reshape({-1, x.size(-1)}).to(at::kFloat));
+    std::vector<Site*> sites;
+    for (int64_t l = 0; l < dc.n_layer; ++l)
+      sites.push_back(&dense.site("model.layers." + std::to_string(l) + ".mlp"));
+    SiteRecorder recorder(sites, {});  // the dense MLPs' own outputs: a plain dense pass
+    ModelInput in;
+    in.input_ids = sample_ids.to(dense.device());
+    dense.forward(in);
+    for (Site* site : sites)
+      for (const auto& x : recorder.inputs(site->name()))
+        inputs.push_back(x.reshape({-1, x.size(-1)}).to(at::kFloat));
   }
   ModelConfig c = mixtral_config(dc, o.experts, o.top_k);
   c.intermediate_size = dc.intermediate_size / o.experts;

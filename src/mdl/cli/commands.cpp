@@ -44,6 +44,7 @@
 #include "mdl/io/safetensors.h"
 #include "mdl/modules/adapterhub_format.h"
 #include "mdl/modules/module_set.h"
+#include "mdl/modules/module_transfer.h"
 #include "mdl/modules/module_type.h"
 #include "mdl/modules/peft_format.h"
 #include "mdl/routing/routing_log.h"
@@ -175,6 +176,9 @@ void register_init_model(CLI::App& app, GlobalOptions& g) {
                   "text file(s) to train the tokenizer on (default: built-in sample)");
   cmd->add_option("--vocab-size", opts->vocab_size, "tokenizer vocabulary target (default: preset's)");
   cmd->add_option("--shard-mb", *shard_mb, "write safetensors shards of at most this many MB (0: one file)");
+  cmd->add_option("--layers", opts->layers, "blocks (0: the preset's)")->capture_default_str();
+  cmd->add_option("--hidden", opts->hidden_size, "model width, a multiple of the heads (0: the preset's)")
+      ->capture_default_str();
   cmd->callback([opts, out, shard_mb, &g] {
     apply(g);
     opts->max_shard_bytes = static_cast<int64_t>(*shard_mb * 1024 * 1024);
@@ -505,12 +509,7 @@ void register_init_module(CLI::App& app, GlobalOptions& g) {
     const std::string name = fs::path(*out).lexically_normal().filename().string();
     set.add(name, config);
     set.freeze_base({name});
-    if (*format == "peft")
-      write_peft(set, name, *out);
-    else if (*format == "adapterhub")
-      write_adapterhub(set, name, *out);
-    else
-      set.save(name, *out);
+    set.save(name, *out, *format);
     std::printf("created %s module '%s' at %zu sites in %s (%s)\n%s\n", config.type.c_str(), name.c_str(),
                 set.sites(name).size(), out->c_str(), format->c_str(), set.summary().to_string().c_str());
   });
@@ -1035,6 +1034,160 @@ void register_analyze_routing(CLI::App& app, GlobalOptions& g) {
   });
 }
 
+// ---- convert ----------------------------------------------------------------------------------------------
+// A module directory in another file format: mdl's own, PEFT's or AdapterHub's (those its type has).
+void register_convert(CLI::App& app, GlobalOptions& g) {
+  auto module = std::make_shared<std::string>();
+  auto model = std::make_shared<std::string>();
+  auto to = std::make_shared<std::string>();
+  auto out = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand(
+      "convert",
+      "write a module in another format: native (mdl), peft (PeftModel.from_pretrained) or adapterhub");
+  cmd->add_option("module", *module, "the module directory (native, PEFT or AdapterHub)")->required();
+  cmd->add_option("--model", *model, "the checkpoint the module is for (its sites and names)")->required();
+  cmd->add_option("--to", *to, "native | peft | adapterhub")
+      ->check(CLI::IsMember({"native", "peft", "adapterhub"}))
+      ->required();
+  cmd->add_option("--out", *out, "output directory")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    MDL_CHECK(!io::same_path(*module, *out), "[convert] --out '", *out, "' is the input module");
+    ModuleSet set(load_model(*model));
+    const ModuleFiles files = set.read(*module);
+    const auto& formats = module_type(files.config.type).formats;
+    std::string can;
+    for (const auto& f : formats) can += (can.empty() ? "" : ", ") + f;
+    MDL_CHECK(std::find(formats.begin(), formats.end(), *to) != formats.end(), "[convert] '", *module,
+              "' is a module of type ", files.config.type, ", which can be written as ", can, ", not ", *to);
+    const std::string name = fs::path(*out).lexically_normal().filename().string();
+    set.attach(files, name, /*force=*/true);
+    set.save(name, *out, *to);
+    std::printf("%s: %s module (%s -> %s), %zu sites\n", out->c_str(), files.config.type.c_str(),
+                files.format.c_str(), to->c_str(), files.sites.size());
+  });
+}
+
+// ---- transfer-module ------------------------------------------------------------------------------
+// A trained module moved from a teacher to a smaller student of its family (modules/module_transfer.h).
+void register_transfer_module(CLI::App& app, GlobalOptions& g) {
+  auto module = std::make_shared<std::string>();
+  auto teacher_dir = std::make_shared<std::string>();
+  auto student_dir = std::make_shared<std::string>();
+  auto data = std::make_shared<std::string>();
+  auto images = std::make_shared<std::string>();
+  auto examples = std::make_shared<int64_t>(100);
+  auto out = std::make_shared<std::string>();
+  auto o = std::make_shared<TransferOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "transfer-module",
+      "move a trained module from a teacher model to a smaller student of its family (skip or average "
+      "layers; prune-align narrower hidden sizes), in the module's own format");
+  cmd->add_option("--module", *module, "the teacher's module directory (native, PEFT or AdapterHub)")
+      ->required();
+  cmd->add_option("--teacher", *teacher_dir, "the checkpoint the module was trained on")->required();
+  cmd->add_option("--student", *student_dir, "the checkpoint to move it to")->required();
+  cmd->add_option("--method", o->method,
+                  "skip: student layer l takes teacher layer k l | avg: the mean of teacher layers k l .. "
+                  "k l + k - 1 | prune-align: skip's layers, features of a narrower student aligned by "
+                  "correlation on --data")
+      ->check(CLI::IsMember({"skip", "avg", "prune-align"}))
+      ->capture_default_str();
+  cmd->add_option("--k", o->k, "teacher layers per student layer (0: the ratio of the layer counts)")
+      ->capture_default_str();
+  cmd->add_flag("--avg-reference", o->avg_reference,
+                "avg as the paper's code computes it: the first k - 1 layers summed, divided by k");
+  cmd->add_option("--data", *data,
+                  "prune-align: JSONL file of {\"text\": ...} records both models read (each with its own "
+                  "tokenizer)");
+  cmd->add_option("--images", *images, "prune-align for vision models: an IDX image file (MNIST's layout)");
+  cmd->add_option("--examples", *examples, "examples of the data to run (prune-align)")
+      ->capture_default_str();
+  cmd->add_option("--out", *out, "output module directory (the input's format)")->required();
+  cmd->callback([=, &g] {
+    apply(g);
+    for (const auto& in : {*module, *teacher_dir, *student_dir})
+      MDL_CHECK(!io::same_path(in, *out), "[transfer-module] --out '", *out, "' is the input '", in, "'");
+    MDL_CHECK(*examples > 0, "[transfer-module] --examples must be positive, got ", *examples);
+    Model teacher = load_model(*teacher_dir), student = load_model(*student_dir);
+    ModuleSet teacher_set(teacher);
+    const ModuleFiles files = teacher_set.read(*module);
+    Alignment alignment;
+    const bool narrower = student->config().hidden_size != teacher->config().hidden_size;
+    MDL_CHECK(o->method == "prune-align" || !narrower, "[transfer-module] the student's hidden size is ",
+              student->config().hidden_size, " and the teacher's ", teacher->config().hidden_size,
+              "; --method ", o->method, " copies weights as they are: use --method prune-align with --data");
+    if (o->method == "prune-align") {
+      MDL_CHECK(data->empty() != images->empty(),
+                "[transfer-module] prune-align runs both models over data: ",
+                "give --data FILE.jsonl (text) or --images FILE (IDX), one of them");
+      std::vector<PairedBatch> batches;
+      const int64_t B = 16;
+      if (!images->empty()) {
+        const at::Tensor x = read_idx(*images);
+        MDL_CHECK(x.dim() == 3 || x.dim() == 4, "[transfer-module] '", *images, "' holds ", x.sizes(),
+                  "; expected images (N, H, W) or (N, C, H, W)");
+        const int64_t n = std::min<int64_t>(*examples, x.size(0));
+        Dataset d = image_dataset(x.narrow(0, 0, n), at::zeros({n}, at::kLong), {"any"});
+        for (int64_t s = 0; s < n; s += B) {
+          PairedBatch b;
+          b.teacher.pixel_values = d.images.narrow(0, s, std::min(B, n - s)).to(teacher->device());
+          b.student.pixel_values = b.teacher.pixel_values.to(student->device());
+          batches.push_back(std::move(b));
+        }
+      } else {
+        DatasetOptions dopt;
+        dopt.kind = "text";
+        const Tokenizer tt = Tokenizer::from_file(*teacher_dir), st = Tokenizer::from_file(*student_dir);
+        const Dataset dt = load_jsonl(*data, tt, dopt), ds = load_jsonl(*data, st, dopt);
+        // The same records in both: paired by line (a text one tokenizer drops is left out).
+        std::map<int64_t, int64_t> student_row;
+        for (size_t i = 0; i < ds.examples.size(); ++i)
+          student_row[ds.examples[i].line] = static_cast<int64_t>(i);
+        std::vector<int64_t> rows_t, rows_s;
+        for (size_t i = 0; i < dt.examples.size() && static_cast<int64_t>(rows_t.size()) < *examples; ++i)
+          if (auto it = student_row.find(dt.examples[i].line); it != student_row.end())
+            rows_t.push_back(static_cast<int64_t>(i)), rows_s.push_back(it->second);
+        MDL_CHECK(!rows_t.empty(), "[transfer-module] '", *data, "' has no text both tokenizers keep");
+        for (size_t s = 0; s < rows_t.size(); s += B) {
+          const size_t e = std::min(rows_t.size(), s + B);
+          const std::vector<int64_t> wt(rows_t.begin() + s, rows_t.begin() + e),
+              ws(rows_s.begin() + s, rows_s.begin() + e);
+          const Batch bt =
+              collate(dt, wt, std::max<int64_t>(0, teacher->config().pad_token_id), teacher->device(), {});
+          const Batch bs =
+              collate(ds, ws, std::max<int64_t>(0, student->config().pad_token_id), student->device(), {});
+          PairedBatch b;
+          b.teacher.input_ids = bt.ids, b.teacher.attention_mask = bt.mask;
+          b.student.input_ids = bs.ids, b.student.attention_mask = bs.mask;
+          b.keep = matching_positions(bt.ids, bt.mask, tt, bs.ids, bs.mask, st);
+          batches.push_back(std::move(b));
+        }
+      }
+      alignment = measure_alignment(*teacher, *student,
+                                    transfer_site_map(*teacher, *student, files.sites, *o), batches);
+    }
+    nlohmann::json report;
+    const ModuleFiles moved = transfer_module(files, *teacher, *student, *o, alignment, &report);
+    ModuleSet student_set(student);
+    const std::string name = fs::path(*out).lexically_normal().filename().string();
+    student_set.attach(moved, name, /*force=*/true);  // checks every site and shape on the student
+    io::AtomicDirectory dir(*out);
+    student_set.save(name, dir.path(), files.format);
+    io::write_text_atomic((fs::path(dir.path()) / "transfer.json").string(), report.dump(2) + "\n");
+    dir.commit();
+    int64_t sliced = 0;
+    for (const auto& s : report["sites"]) sliced += s.contains("sliced");
+    std::printf(
+        "%s: %s module (%s) moved by %s from %lld to %lld layers (hidden %lld -> %lld): %zu of %zu "
+        "teacher sites used, %lld sites sliced; report in transfer.json\n",
+        out->c_str(), files.config.type.c_str(), files.format.c_str(), o->method.c_str(),
+        (long long)teacher->config().n_layer, (long long)student->config().n_layer,
+        (long long)teacher->config().hidden_size, (long long)student->config().hidden_size,
+        files.sites.size() - report["unused_teacher_sites"].size(), files.sites.size(), (long long)sliced);
+  });
+}
+
 // ---- demo ------------------------------------------------------------------------------------------------
 void register_demo(CLI::App& app, GlobalOptions& g) {
   auto o = std::make_shared<demo::DemoOptions>();
@@ -1063,10 +1216,11 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
       ->capture_default_str();
   cmd->add_option("--device", o->device, "cpu | cuda | cuda:N")->capture_default_str();
   cmd->add_option("--seed", o->seed, "seed of every stage")->capture_default_str();
-  cmd->add_option(
-         "--part", o->part,
-         "all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8), or a "
-         "comma-separated list")
+  cmd->add_option("--part", o->part,
+                  "all | vision (experiments 1-6) | language (experiment 7) | moduleformer (experiment 8) | "
+                  "modularity (experiment 9) | transfer (experiment 10; its halves transfer-vision, "
+                  "transfer-text), or a "
+                  "comma-separated list")
       ->capture_default_str();
   cmd->add_flag("--no-progress", *no_progress, "no progress bar");
   auto serial = std::make_shared<bool>(false);
@@ -1116,7 +1270,7 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
       child.push_back(args[i]);
     }
     const std::string progress_file = (fs::path(options.out_dir) / ".language-progress").string();
-    for (const char* a : {"--part", "language,moduleformer", "--no-progress", "--part-results"})
+    for (const char* a : {"--part", "language,transfer-text,moduleformer", "--no-progress", "--part-results"})
       child.push_back(a);
     child.push_back(part_file);
     child.push_back("--progress-file");
@@ -1140,7 +1294,7 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     } reaper{pid};
     configure_threads(budget - budget / 2);
     demo::DemoOptions vision = options;
-    vision.part = "vision,modularity";
+    vision.part = "vision,modularity,transfer-vision";
     vision.write_outputs = false;
     vision.peer_progress_file = progress_file;
     int status = 0;
@@ -1290,6 +1444,8 @@ void register_commands(CLI::App& app, GlobalOptions& globals) {
   register_experts(app, globals);
   register_analyze_routing(app, globals);
   register_moefy(app, globals);
+  register_transfer_module(app, globals);
+  register_convert(app, globals);
   register_init_module(app, globals);
   register_merge_into_base(app, globals);
   register_init_model(app, globals);

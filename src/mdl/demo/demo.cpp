@@ -50,6 +50,12 @@ Sizes sizes_for(DemoSize size) {
     s.mf_keep_experts = 2;
     s.md_rules = {2, 4}, s.md_seeds = 1, s.md_steps = 3, s.md_batch = 16, s.md_eval_batches = 1;
     s.md_sequence_tasks = {"mha", "rnn"}, s.md_sequence_rules = {2};
+    s.tr_hidden = 16, s.tr_layers = 2, s.tr_heads = 2, s.tr_intermediate = 32, s.tr_patch = 14;
+    s.tr_student_layers = 1, s.tr_narrow_hidden = 8, s.tr_narrow_intermediate = 16;
+    s.tr_pretrain_examples = 128, s.tr_pretrain_steps = 3, s.tr_task_train = 64, s.tr_module_steps = 3;
+    s.tr_distill_steps = 2, s.tr_seeds = 1, s.tr_align_examples = 32, s.tr_eval_steps = {0, 1, 2};
+    s.tr_batch = 16, s.tr_test_examples = 64;
+    s.tt_teacher_adapter_steps = 2, s.tt_distill_steps = 2, s.tt_adapter_steps = 2;
   } else if (size == DemoSize::full) {  // 18 minutes on 2 cores (measured)
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
@@ -144,6 +150,29 @@ void Context::figure(const std::string& section, const std::string& file, const 
 
 void Context::check(const std::string& claim, bool holds, const std::string& detail) {
   checks.push_back({claim, holds, detail});
+}
+
+ModelConfig fashion_vit_config(int64_t hidden, int64_t layers, int64_t heads, int64_t intermediate,
+                               int64_t patch) {
+  ModelConfig c;
+  c.arch = Arch::vit;
+  c.model_type = "vit";
+  c.architecture = "ViTForImageClassification";
+  c.head = HeadKind::sequence_classification;
+  c.hidden_size = hidden;
+  c.n_layer = layers;
+  c.n_head = c.n_kv_head = heads;
+  c.head_dim = hidden / heads;
+  c.intermediate_size = intermediate;
+  c.image_size = 28;
+  c.patch_size = patch;
+  c.num_channels = 1;
+  c.max_position = c.num_patches() + 1;
+  c.norm_eps = 1e-12;
+  c.activation = "gelu";
+  c.qkv_bias = c.o_bias = c.mlp_bias = true;
+  c.num_labels = 10;
+  return parse_model_config(model_config_to_json(c), "demo ViT config");
 }
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
@@ -336,20 +365,25 @@ nlohmann::json run_demo(const DemoOptions& options) {
   for (size_t at = 0; at <= options.part.size();) {
     const size_t comma = std::min(options.part.find(',', at), options.part.size());
     const std::string p = options.part.substr(at, comma - at);
-    MDL_CHECK(p == "all" || p == "vision" || p == "language" || p == "moduleformer" || p == "modularity",
-              "[demo] part '", p,
-              "' is unknown; expected all, vision, language, moduleformer or modularity (or a list: "
-              "language,moduleformer)");
+    MDL_CHECK(
+        p == "all" || p == "vision" || p == "language" || p == "moduleformer" || p == "modularity" ||
+            p == "transfer" || p == "transfer-vision" || p == "transfer-text",
+        "[demo] part '", p,
+        "' is unknown; expected all, vision, language, moduleformer, modularity or transfer (its halves: "
+        "transfer-vision, transfer-text), or a list: language,moduleformer");
     parts.insert(p);
     at = comma + 1;
   }
   auto runs = [&](const char* p) { return parts.count("all") > 0 || parts.count(p) > 0; };
   const bool vision = runs("vision"), language = runs("language"), moduleformer = runs("moduleformer"),
-             modularity = runs("modularity");
+             modularity = runs("modularity"),
+             transfer_vision = runs("transfer") || parts.count("transfer-vision"),
+             transfer_text = runs("transfer") || parts.count("transfer-text");
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
                         (language ? planned_language_steps(ctx.sizes) : 0) +
                         (moduleformer ? planned_moduleformer_steps(ctx.sizes) : 0) +
-                        (modularity ? planned_modularity_steps(ctx.sizes) : 0),
+                        (modularity ? planned_modularity_steps(ctx.sizes) : 0) +
+                        planned_transfer_steps(ctx.sizes, transfer_vision, transfer_text),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
   ctx.results["run"] = {
@@ -358,6 +392,7 @@ nlohmann::json run_demo(const DemoOptions& options) {
   ctx.results["figures"] = nlohmann::json::array();
   if (vision) run_vision(ctx);
   if (language) run_language(ctx);
+  if (transfer_vision || transfer_text) run_transfer(ctx, transfer_vision, transfer_text);
   if (moduleformer) run_moduleformer(ctx);
   if (modularity) run_modularity(ctx);
   if (options.wait_for_peer) progress.wait(options.wait_for_peer);
@@ -376,6 +411,9 @@ nlohmann::json merge_results(const nlohmann::json& a, const nlohmann::json& b) {
   for (const auto& [key, value] : b.items()) {
     if ((key == "figures" || key == "checks") && out.contains(key)) {
       for (const auto& v : value) out[key].push_back(v);
+    } else if (key != "run" && out.contains(key) && out[key].is_object() && value.is_object()) {
+      for (const auto& [k, v] : value.items())  // an experiment split over both processes
+        if (!out[key].contains(k)) out[key][k] = v;
     } else if (!out.contains(key)) {
       out[key] = value;
     }

@@ -47,6 +47,15 @@ struct Sizes {
   double md_lr = 1e-3;
   std::vector<std::string> md_sequence_tasks;  ///< --full: mha, rnn
   std::vector<int64_t> md_sequence_rules = {2, 4};
+  // Is modularity transferable? (ViTs on Fashion-MNIST: teacher, matching and incompatible students)
+  int64_t tr_hidden = 64, tr_layers = 4, tr_heads = 4, tr_intermediate = 128, tr_patch = 14, tr_batch = 32;
+  int64_t tr_student_layers = 2, tr_narrow_hidden = 48, tr_narrow_intermediate = 96;
+  int64_t tr_pretrain_examples = 12000, tr_pretrain_steps = 600, tr_task_train = 8000, tr_module_steps = 300;
+  int64_t tr_distill_steps = 300, tr_seeds = 3, tr_align_examples = 512, tr_test_examples = 1000;
+  std::vector<int64_t> tr_eval_steps = {0, 25, 100, 300};  ///< test accuracy at these steps of each arm
+  double tr_lr = 1e-3;
+  // ... and the polyglot decoder's language adapters on a half-depth student
+  int64_t tt_teacher_adapter_steps = 200, tt_distill_steps = 100, tt_adapter_steps = 60;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);
@@ -113,6 +122,9 @@ double accuracy(const at::Tensor& logits, const at::Tensor& labels, const std::v
 at::Tensor labels_of(const Dataset& data);
 /// `v` printed with a printf `format` (for the checks' details).
 std::string number(double v, const char* format = "%.3f");
+/// A ViT for 28x28 grey images and Fashion-MNIST's ten classes (pre-LN blocks, GELU, biases everywhere).
+ModelConfig fashion_vit_config(int64_t hidden, int64_t layers, int64_t heads, int64_t intermediate,
+                               int64_t patch);
 /// Seconds since `start`.
 double seconds_since(std::chrono::steady_clock::time_point start);
 /// Training losses by step, for a loss curve.
@@ -127,6 +139,9 @@ void run_vision(Context& ctx);
 void run_language(Context& ctx);
 void run_moduleformer(Context& ctx);
 void run_modularity(Context& ctx);
+/// Experiment 10: its image study (teacher and students of ViTs) and its text study (the polyglot decoder's
+/// language adapters); `--part transfer` runs both, transfer-vision and transfer-text one each.
+void run_transfer(Context& ctx, bool vision, bool text);
 void write_report(const DemoOptions& options, const nlohmann::json& results);
 /// The cached ViT's directory (keyed by its config and training settings); a cached backbone is complete
 /// when its directory holds `pretrain.json`.
@@ -140,5 +155,8 @@ int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
 int64_t planned_language_steps(const Sizes& s);
 int64_t planned_moduleformer_steps(const Sizes& s);
 int64_t planned_modularity_steps(const Sizes& s);
+/// Experiment 10's steps, and those of its backbones when they are not cached (added when found missing).
+int64_t planned_transfer_steps(const Sizes& s, bool vision, bool text);
+int64_t planned_transfer_backbone_steps(const Sizes& s);
 
 }  // namespace mdl::demo

@@ -1,6 +1,7 @@
 #include "mdl/demo/demo_data.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -34,6 +35,18 @@ bool ends_with(const std::string& s, const std::string& p) {
 
 ImageSet ImageSet::select(const at::Tensor& which) const {
   return {images.index_select(0, which), labels.index_select(0, which)};
+}
+
+ImageSet sample(const ImageSet& set, int64_t n, uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  at::Tensor order = at::randperm(set.size(), gen, at::kLong);
+  return set.select(order.narrow(0, 0, std::min(n, set.size())));
+}
+
+const std::vector<std::string>& fashion_classes() {
+  static const std::vector<std::string> names = {"T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                                                 "Sandal",  "Shirt",   "Sneaker",  "Bag",   "Boot"};
+  return names;
 }
 
 ImageSet read_fashion_mnist(const std::string& dir, bool train) {

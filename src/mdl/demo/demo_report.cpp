@@ -336,6 +336,64 @@ std::vector<Section> sections(const json& r) {
     if (!o.rows.empty()) s.tables.push_back(o);
     out.push_back(s);
   }
+  if (r.contains("module_transfer")) {
+    const json& m = r["module_transfer"];
+    Section s{"module_transfer", "10. Is modularity transferable? Modules moved to a smaller model", {}, {}};
+    if (m.contains("vision")) {
+      const json& v = m["vision"];
+      const json& t = v["teacher"];
+      s.text.push_back(
+          "A ViT teacher pretrained on Fashion-MNIST's classes 0-4 (" + pct(t["teacher_task_a_accuracy"]) +
+          " on them) gets a module and a head trained on all ten classes. Students: a matching one (every "
+          "other "
+          "block of the teacher, distilled to its hidden states) and an incompatible one (narrower, trained "
+          "from "
+          "scratch on classes 0-4: " +
+          pct(t["incompatible_task_a_accuracy"]) +
+          "). Each arm trains the student's module and head with the backbone frozen; test accuracy (mean "
+          "of " +
+          std::to_string(v["seeds"].get<int64_t>()) +
+          " seeds, the range in brackets) at each step. skip copies teacher layer 2l into student layer l, "
+          "avg "
+          "their mean with layer 2l+1, prune-align slices the teacher's module along the features of the "
+          "narrow student that correlate most with the teacher's (Hungarian assignment; mdl "
+          "transfer-module).");
+      for (const auto& [kind, k] : v["kinds"].items()) {
+        std::vector<std::string> header = {kind + " (teacher: " + pct(k["teacher_accuracy"]) + ")"};
+        for (const auto& st : v["eval_steps"]) header.push_back("step " + std::to_string(st.get<int64_t>()));
+        Table tb{header, {}};
+        for (const auto& a : k["arms"]) {
+          std::vector<std::string> cells = {a["arm"].get<std::string>()};
+          for (size_t i = 0; i < a["mean"].size(); ++i)
+            cells.push_back(pct(a["mean"][i]) + " [" + pct(a["min"][i]) + "-" + pct(a["max"][i]) + "]");
+          tb.rows.push_back(cells);
+        }
+        s.tables.push_back(tb);
+        s.text.push_back(kind + ": prune-align's assigned features correlate " +
+                         num(k["prune_align_mean_correlation"], "%.2f") +
+                         " on average between the teacher and the incompatible student.");
+      }
+    }
+    if (m.contains("text")) {
+      const json& x = m["text"];
+      s.text.push_back(
+          "The polyglot decoder's language adapters (" + x["teacher_adapters"].get<std::string>() +
+          ") moved to a " + std::to_string(x["student"]["layers"].get<int64_t>()) +
+          "-layer student (every other block, distilled): held-out perplexity per language, fresh "
+          "and moved adapters each trained " +
+          std::to_string(x["adapter_steps"].get<int64_t>()) + " steps.");
+      Table tb{{"language", "teacher + adapter", "student alone", "moved (skip), untrained",
+                "moved (avg), untrained", "fresh, trained", "moved (skip), trained"},
+               {}};
+      for (const auto& l : x["languages"])
+        tb.rows.push_back({l["language"].get<std::string>(), num(l["teacher_with_adapter"], "%.1f"),
+                           num(l["student_no_adapter"], "%.1f"), num(l["student_skip_untrained"], "%.1f"),
+                           num(l["student_avg_untrained"], "%.1f"), num(l["student_fresh_trained"], "%.1f"),
+                           num(l["student_skip_trained"], "%.1f")});
+      s.tables.push_back(tb);
+    }
+    out.push_back(s);
+  }
   return out;
 }
 

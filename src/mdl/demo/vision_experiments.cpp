@@ -25,43 +25,19 @@ namespace fs = std::filesystem;
 namespace mdl::demo {
 namespace {
 
-const std::vector<std::string> kFashion = {"T-shirt", "Trouser", "Pullover", "Dress", "Coat",
-                                           "Sandal",  "Shirt",   "Sneaker",  "Bag",   "Boot"};
+const std::vector<std::string>& kFashion = fashion_classes();
 const std::vector<std::string> kDigits = {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"};
 constexpr int kTasks = 5;
 
 ModelConfig vit_config(const Sizes& s) {
-  ModelConfig c;
-  c.arch = Arch::vit;
-  c.model_type = "vit";
-  c.architecture = "ViTForImageClassification";
-  c.head = HeadKind::sequence_classification;
-  c.hidden_size = s.vit_hidden;
-  c.n_layer = s.vit_layers;
-  c.n_head = c.n_kv_head = s.vit_heads;
-  c.head_dim = s.vit_hidden / s.vit_heads;
-  c.intermediate_size = s.vit_intermediate;
-  c.image_size = 28;
-  c.patch_size = s.vit_patch;
-  c.num_channels = 1;
-  c.max_position = c.num_patches() + 1;
-  c.norm_eps = 1e-12;
-  c.activation = "gelu";
-  c.qkv_bias = c.o_bias = c.mlp_bias = true;
-  c.num_labels = 10;
+  const ModelConfig c =
+      fashion_vit_config(s.vit_hidden, s.vit_layers, s.vit_heads, s.vit_intermediate, s.vit_patch);
   nlohmann::json j = nlohmann::json::parse(model_config_to_json(c));  // class names in config.json
   for (size_t i = 0; i < kFashion.size(); ++i) {
     j["id2label"][std::to_string(i)] = kFashion[i];
     j["label2id"][kFashion[i]] = i;
   }
   return parse_model_config(j.dump(), "demo ViT config");
-}
-
-/// The first `n` rows of a seeded permutation of `set`.
-ImageSet sample(const ImageSet& set, int64_t n, uint64_t seed) {
-  auto gen = at::detail::createCPUGenerator(seed);
-  at::Tensor order = at::randperm(set.size(), gen, at::kLong);
-  return set.select(order.narrow(0, 0, std::min(n, set.size())));
 }
 
 /// Rows of `set` whose class is a or b, relabelled 0 / 1 when `binary`.

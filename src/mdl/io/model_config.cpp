@@ -230,6 +230,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   Reader r{j, source};
   ModelConfig c;
   c.raw_json = json_text;
+  if (auto it = j.find("_name_or_path"); it != j.end() && it->is_string())
+    c.name_or_path = it->get<std::string>();
   c.model_type = r.str_or("model_type", "");
   MDL_CHECK(!c.model_type.empty(), "[config] '", source, "' is missing required field 'model_type'");
   c.arch = parse_arch(c.model_type);

@@ -63,6 +63,11 @@ struct ModelConfig {
   std::string aux_loss_type = "mi";   ///< mi | switch: the routers' auxiliary loss
   int64_t sample_topk = 0;            ///< of the k experts, this many drawn in training
   std::string raw_json;               ///< the original file, unknown fields included
+  /// Where the model came from: the checkpoint directory load_model read (else config.json's
+  /// "_name_or_path"); what module files name as their base (PEFT's base_model_name_or_path). Not written.
+  std::string name_or_path;
+  /// name_or_path, or the model type when it is unknown.
+  const std::string& base_name() const { return name_or_path.empty() ? model_type : name_or_path; }
 
   /// Body prefix of the full model's tensor names: "transformer", "model", "bert" or "vit".
   std::string body_prefix() const;

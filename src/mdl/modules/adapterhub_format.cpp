@@ -213,7 +213,7 @@ void write_adapterhub(const ModuleSet& set, const std::string& name, const std::
   nlohmann::json j = {{"config", config},
                       {"hidden_size", mc.hidden_size},
                       {"model_type", mc.model_type},
-                      {"model_name", mc.model_type},
+                      {"model_name", mc.base_name()},
                       {"model_class", mc.architecture},
                       {"name", name},
                       {"version", "adapters.1.0.0"}};

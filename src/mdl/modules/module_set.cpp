@@ -192,6 +192,29 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in,
   order_.push_back(name);
 }
 
+ModuleSet::ModuleSet(ModuleSet&& other) noexcept
+    : model_(other.model_),
+      lora_bank_storage_(other.lora_bank_storage_),
+      modules_(std::move(other.modules_)),
+      order_(std::move(other.order_)) {
+  other.modules_.clear(), other.order_.clear();
+}
+
+ModuleSet::~ModuleSet() {
+  // Every part this set attached leaves its site; the site is bare again when nothing else is there.
+  for (const auto& [name, n] : modules_)
+    for (const auto& p : n.parts) {
+      Site* site = model_->find_site(p.site);
+      auto* attached = site ? dynamic_cast<AttachedModules*>(site->function().get()) : nullptr;
+      if (attached == nullptr) continue;
+      auto& entries = attached->entries();
+      entries.erase(std::remove_if(entries.begin(), entries.end(),
+                                   [&, &name = name](const auto& e) { return e.name == name; }),
+                    entries.end());
+      if (entries.empty()) site->attach(nullptr);
+    }
+}
+
 void ModuleSet::remove(const std::string& name) {
   Named& n = get_mutable(name);
   for (const auto& other : order_) {
@@ -434,8 +457,15 @@ BaseFingerprint ModuleSet::fingerprint(const std::string& name) const {
   return f;
 }
 
-void ModuleSet::save(const std::string& name, const std::string& dir) const {
-  write_native(*this, name, dir);
+void ModuleSet::save(const std::string& name, const std::string& dir, const std::string& format) const {
+  if (format == "peft")
+    write_peft(*this, name, dir);
+  else if (format == "adapterhub")
+    write_adapterhub(*this, name, dir);
+  else if (format == "native")
+    write_native(*this, name, dir);
+  else
+    MDL_FAIL("[modules] format '", format, "' is unknown; expected native, peft or adapterhub");
 }
 
 std::string ModuleSet::load(const std::string& dir, const std::string& name, bool force) {

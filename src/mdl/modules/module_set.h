@@ -81,6 +81,13 @@ struct ModuleFiles {
 class ModuleSet {
  public:
   explicit ModuleSet(Model model);
+  /// Detaches this set's modules from the model's sites (what they merged into base weights stays merged).
+  ~ModuleSet();
+  ModuleSet(const ModuleSet&) = delete;
+  ModuleSet& operator=(const ModuleSet&) = delete;
+  /// The modules (and their attachments) move to the new set; the old one holds none.
+  ModuleSet(ModuleSet&& other) noexcept;
+  ModuleSet& operator=(ModuleSet&&) = delete;
   Model model() const { return model_; }
 
   /// Creates module `name` at the sites its targets select; throws if the name is taken. A sparse module
@@ -139,8 +146,9 @@ class ModuleSet {
 
   /// The fingerprint of this model for the sites `name` covers.
   BaseFingerprint fingerprint(const std::string& name) const;
-  /// Writes `name` in the native format to `dir` (atomically, file by file).
-  void save(const std::string& name, const std::string& dir) const;
+  /// Writes `name` to `dir` (atomically, the files of one module or none) in `format`: "native", "peft" or
+  /// "adapterhub" (those the module's type can be written as: ModuleType::formats).
+  void save(const std::string& name, const std::string& dir, const std::string& format = "native") const;
   /// Loads a module directory (native, or PEFT `adapter_config.json`) as `name` (default: the directory's
   /// name): attach(read(dir)). A module for another base model is refused naming the site and shapes; a
   /// fingerprint mismatch with matching shapes is a warning (silenced by `force`).

@@ -1,5 +1,6 @@
 #include "mdl/modules/module_type.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "mdl/backbones/model.h"
@@ -57,6 +58,17 @@ TargetOptions sublayers(const std::string& config) {
                                    : R"(.*\.(mlp|mlpf|output))");
 }
 
+/// The axes of a parameter by its name, from a table; a name the table lacks is an error naming the known.
+std::string axes_of(const std::string& type, const std::string& parameter,
+                    const std::vector<std::pair<std::string, std::string>>& table) {
+  std::string known;
+  for (const auto& [name, axes] : table) {
+    if (name == parameter) return axes;
+    known += (known.empty() ? "" : ", ") + name;
+  }
+  MDL_FAIL("[module] a ", type, " module has no parameter '", parameter, "'; expected one of ", known);
+}
+
 std::vector<ModuleType> make_types() {
   std::vector<ModuleType> types;
   auto add = [&](std::string name, std::string summary, SiteKind kind, bool additive,
@@ -76,6 +88,11 @@ std::vector<ModuleType> make_types() {
                         SiteKind::linear, true, {"native", "peft", "adapterhub"});
     options_entry<LoraOptions, &ModuleConfig::lora, &lora_fields>(t);
     t.default_targets = attention_targets;
+    t.feature_axes = [](const ModuleConfig&, const std::string&, const std::string& p) {
+      return axes_of(
+          "lora", p,
+          {{"lora_A", "-i"}, {"lora_B", "o-"}, {"lora_bias", "o"}, {"lora_magnitude_vector", "o"}});
+    };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
         return std::make_shared<LoraImpl>(b.model.linear(site.name()), b.config.lora, seed++);
@@ -86,6 +103,9 @@ std::vector<ModuleType> make_types() {
     ModuleType& t = add("ia3", "(IA)^3: learned rescaling of a projection's output or input",
                         SiteKind::linear, false, {"native", "peft"});
     options_entry<Ia3Options, &ModuleConfig::ia3, &ia3_fields>(t);
+    t.feature_axes = [](const ModuleConfig& c, const std::string& site, const std::string& p) {
+      return axes_of("ia3", p, {{"ia3_l", c.ia3.is_feedforward(site) ? "-i" : "o-"}});
+    };
     t.default_targets = [](Arch arch, const ModuleConfig&) {
       const ArchTargets a = arch_targets(arch);
       return suffixes(a.ia3, a.ia3_exclude);
@@ -101,6 +121,25 @@ std::vector<ModuleType> make_types() {
                         SiteKind::sublayer, false, {"native", "adapterhub"});
     options_entry<AdapterOptions, &ModuleConfig::adapter, &adapter_fields>(t);
     t.default_targets = [](Arch, const ModuleConfig& c) { return sublayers(c.adapter.config); };
+    // A parallel adapter reads the sublayer's input; the others its output. Both write the output.
+    t.feature_axes = [](const ModuleConfig& c, const std::string&, const std::string& p) {
+      const std::string read = c.adapter.config == "parallel" ? "i" : "o";
+      return axes_of("adapter", p,
+                     {{"adapter_down.0.weight", "-" + read},
+                      {"adapter_down.0.bias", "-"},
+                      {"adapter_up.weight", "o-"},
+                      {"adapter_up.bias", "o"},
+                      {"adapter_norm_before.weight", read},
+                      {"adapter_norm_before.bias", read}});
+    };
+    // The bottleneck (hidden / reduction_factor) stays what it was.
+    t.options_for_width = [](ModuleConfig& c, int64_t from, int64_t to) {
+      const int64_t bottleneck = std::max<int64_t>(1, from / c.adapter.reduction_factor);
+      MDL_CHECK(to % bottleneck == 0, "[adapter] the bottleneck ", bottleneck, " (hidden ", from,
+                " / reduction_factor ", c.adapter.reduction_factor, ") is no whole fraction of hidden size ",
+                to, ", so no reduction_factor keeps it there");
+      c.adapter.reduction_factor = to / bottleneck;
+    };
     t.prepare = [](const ModuleBuild& b, uint64_t& seed) -> PartFactory {
       return [&b, &seed](const Site& site, size_t) {
         return std::make_shared<BottleneckAdapterImpl>(site.info(), b.config.adapter, seed++, b.options);
@@ -123,6 +162,9 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("bitfit", "trains a projection's bias only", SiteKind::linear, true, {"native"});
     no_options(t);
+    t.feature_axes = [](const ModuleConfig&, const std::string&, const std::string& p) {
+      return axes_of("bitfit", p, {{"bias", "o"}});
+    };
     t.default_targets = every_linear;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
       return [&b](const Site& site, size_t) {
@@ -133,6 +175,9 @@ std::vector<ModuleType> make_types() {
   {
     ModuleType& t = add("layernorm", "trains the norms' gains and biases", SiteKind::norm, false, {"native"});
     no_options(t);
+    t.feature_axes = [](const ModuleConfig&, const std::string&, const std::string& p) {
+      return axes_of("layernorm", p, {{"weight", "o"}, {"bias", "o"}});
+    };
     t.default_targets = every_site;
     t.prepare = [](const ModuleBuild& b, uint64_t&) -> PartFactory {
       return [&b](const Site& site, size_t) {

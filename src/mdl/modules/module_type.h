@@ -63,6 +63,17 @@ struct ModuleType {
   /// How many tasks a module of this type routes between (its options.num_tasks), or -1 when it does not
   /// route by task; unset: -1. A trainer refuses data with more tasks before the first step.
   std::function<int64_t(const ModuleConfig& config)> tasks_known;
+  /// For moving a module to a model of other widths (transfer-module's prune-align): one character per
+  /// axis of its parameter `parameter` at `site`, 'i' where the axis runs along the site's input features,
+  /// 'o' along its output features, '-' along neither (a rank, a bottleneck). Unset: the type's parameters
+  /// are not per-site tensors along the features (a prefix encoder, a hypernetwork), and it is not moved
+  /// between widths.
+  std::function<std::string(const ModuleConfig& config, const std::string& site,
+                            const std::string& parameter)>
+      feature_axes;
+  /// Its options for a model of hidden size `to` that keep the sizes they gave at hidden size `from` (an
+  /// adapter's bottleneck), throwing when none can; unset: the options stay as they are.
+  std::function<void(ModuleConfig& config, int64_t from, int64_t to)> options_for_width;
   /// Prepares the parts of one module; `seed` is advanced by what it draws.
   std::function<PartFactory(const ModuleBuild& build, uint64_t& seed)> prepare;
 };

@@ -195,7 +195,7 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"prefix_projection", false},
                          {"encoder_hidden_size", mc.hidden_size},
                          {"task_type", task_type(mc.head)},
-                         {"base_model_name_or_path", mc.model_type},
+                         {"base_model_name_or_path", mc.base_name()},
                          {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
     io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
@@ -214,7 +214,7 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"num_layers", mc.n_layer},
                          {"prompt_tuning_init", "RANDOM"},
                          {"task_type", task_type(mc.head)},
-                         {"base_model_name_or_path", mc.model_type},
+                         {"base_model_name_or_path", mc.base_name()},
                          {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
     io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
@@ -243,7 +243,7 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
   // Exact module list as a regex over full names, so the file targets exactly the sites it holds.
   j["target_modules"] = exact_sites_regex(set.sites(name));
   j["task_type"] = task_type(mc.head);
-  j["base_model_name_or_path"] = mc.model_type;
+  j["base_model_name_or_path"] = mc.base_name();
   j["inference_mode"] = true;
   j["modules_to_save"] = nullptr;
   if (!c.targets.layers_to_transform.empty()) j["layers_to_transform"] = c.targets.layers_to_transform;
