@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <torch/utils.h>
 
+#include <cmath>
 #include <numeric>
 
 #include "backbones/fixtures.h"
@@ -44,6 +45,31 @@ ModuleFiles random_module(const Model& model, const ModuleConfig& config, uint64
   f.sites = set.sites("m");
   for (const auto& [k, t] : set.tensors("m")) f.tensors[k] = t.clone();
   return f;
+}
+
+std::vector<int64_t> iota(int64_t n) {
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
+
+/// Feature maps for each of module `m`'s sites: a side whose widths differ between `teacher` and `student`
+/// takes `keep`; with `keep` empty, every side is the identity.
+Alignment maps_for(const ModuleFiles& m, const ModelImpl& teacher, const ModelImpl& student,
+                   const std::vector<int64_t>& keep) {
+  Alignment a;
+  for (const auto& s : m.sites) {
+    const SiteInfo &ti = teacher.site(s).info(), &si = student.site(s).info();
+    FeatureMap f;
+    if (keep.empty()) {
+      f.input = iota(ti.in_features), f.output = iota(ti.out_features);
+    } else {
+      if (ti.in_features != si.in_features) f.input = keep;
+      if (ti.out_features != si.out_features) f.output = keep;
+    }
+    a[s] = f;
+  }
+  return a;
 }
 
 ModuleConfig lora(std::vector<std::string> targets) {
@@ -129,16 +155,7 @@ TEST(ModuleTransfer, PruneAlignSlicesAlongTheFeatureMaps) {
   for (const ModuleConfig& config : {lora({"q_proj", "o_proj", "down_proj"}), adapter()}) {
     const ModuleFiles m = random_module(teacher, config, 7);
     // The identity map on equal widths is a copy.
-    Alignment identity;
-    for (const auto& s : m.sites) {
-      const SiteInfo& info = teacher->site(s).info();
-      FeatureMap f;
-      f.input.resize(static_cast<size_t>(info.in_features)),
-          f.output.resize(static_cast<size_t>(info.out_features));
-      std::iota(f.input.begin(), f.input.end(), 0), std::iota(f.output.begin(), f.output.end(), 0);
-      identity[s] = f;
-    }
-    const ModuleFiles copied = transfer_module(m, *teacher, *same, pa, identity);
+    const ModuleFiles copied = transfer_module(m, *teacher, *same, pa, maps_for(m, *teacher, *teacher, {}));
     ASSERT_EQ(copied.tensors.size(), m.tensors.size());
     for (const auto& [k, t] : m.tensors) EXPECT_TRUE(at::equal(copied.tensors.at(k), t)) << k;
 
@@ -149,14 +166,7 @@ TEST(ModuleTransfer, PruneAlignSlicesAlongTheFeatureMaps) {
     for (int64_t j = 63; j >= 0; --j)
       if (j % 4 != 1) keep.push_back(j);
     ASSERT_EQ(keep.size(), 48u);
-    Alignment a;
-    for (const auto& s : m.sites) {
-      const SiteInfo &ti = teacher->site(s).info(), &si = narrow->site(s).info();
-      FeatureMap f;
-      if (ti.in_features != si.in_features) f.input = keep;
-      if (ti.out_features != si.out_features) f.output = keep;
-      a[s] = f;
-    }
+    const Alignment a = maps_for(m, *teacher, *narrow, keep);
     nlohmann::json report;
     const ModuleFiles moved = transfer_module(m, *teacher, *narrow, pa, a, &report);
     const at::Tensor idx = at::tensor(keep, at::kLong);
@@ -256,9 +266,7 @@ TEST(ModuleTransfer, AlignmentFindsAPermutedStudentsFeatures) {
     EXPECT_EQ(a.at(p + ".self_attn.q_proj").input, want) << "the hidden features behind q_proj";
     EXPECT_GT(a.at(p + ".self_attn.q_proj").input_r, 0.999);
     EXPECT_EQ(a.at(p + ".mlp.down_proj").output, want) << "the hidden features down_proj writes";
-    std::vector<int64_t> same(64);
-    std::iota(same.begin(), same.end(), 0);
-    EXPECT_EQ(a.at(p + ".self_attn.q_proj").output, same) << "the queries are not permuted";
+    EXPECT_EQ(a.at(p + ".self_attn.q_proj").output, iota(64)) << "the queries are not permuted";
   }
   {
     torch::NoGradGuard g;
@@ -277,6 +285,83 @@ TEST(ModuleTransfer, AlignmentFindsAPermutedStudentsFeatures) {
   EXPECT_CLOSE(got, want_logits, 1e-4);
   ts.set_active("m", false);
   EXPECT_CHANGED(teacher->forward(in), want_logits);  // the module matters
+}
+
+/// `student` (hidden C) placed at teacher features `at` (C of them) of a teacher of hidden `wide`, the other
+/// features dead: zero in the embeddings, in every reader's input columns and every writer's output rows.
+/// The norms' gains are scaled by sqrt(C / wide) and their eps by C / wide, which undoes the wider mean in
+/// RMSNorm (x / sqrt(mean(x^2) + eps)), so the teacher's
+/// hidden states at `at` are the student's and everything else it computes is the student's too.
+Model widened(const Model& student, const at::Tensor& at_features, int64_t wide) {
+  ModelConfig c = student->config();
+  const int64_t C = c.hidden_size;
+  c.hidden_size = wide;  // head_dim and the heads stay: attention widths are the student's
+  c.norm_eps *= static_cast<double>(C) / static_cast<double>(wide);
+  Model t = create_model(c);
+  auto from = student->named_parameters();
+  torch::NoGradGuard g;
+  for (auto& p : t->named_parameters()) {
+    const std::string& n = p.key();
+    const at::Tensor v = from[n];
+    auto ends = [&](const std::string& suffix) {
+      return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+    };
+    at::Tensor w = at::zeros_like(p.value());
+    if (ends("embed_tokens.weight") || ends("q_proj.weight") || ends("k_proj.weight") ||
+        ends("v_proj.weight") || ends("gate_proj.weight") || ends("up_proj.weight") || ends("lm_head.weight"))
+      w.index_copy_(1, at_features, v);
+    else if (ends("o_proj.weight") || ends("down_proj.weight"))
+      w.index_copy_(0, at_features, v);
+    else if (ends("norm.weight") || ends("layernorm.weight"))
+      w.index_copy_(0, at_features, v * std::sqrt(static_cast<double>(C) / static_cast<double>(wide)));
+    else
+      w.copy_(v);
+    p.value().copy_(w);
+  }
+  return t;
+}
+
+TEST(ModuleTransfer, AlignmentFindsANarrowStudentsFeaturesInTheTeacher) {
+  Model student = llama(2, 48, 3);
+  auto gen = at::detail::createCPUGenerator(4);
+  const at::Tensor at_features = at::randperm(64, gen, at::kLong).narrow(0, 0, 48).contiguous();
+  Model teacher = widened(student, at_features, 64);
+  {
+    torch::NoGradGuard g;
+    ModelInput in;
+    in.input_ids = at::randint(5, teacher->config().vocab_size, {2, 10}, gen, at::kLong);
+    EXPECT_CLOSE(teacher->hidden_states(in).index_select(-1, at_features), student->hidden_states(in), 1e-4)
+        << "the construction: the teacher computes the student at those features";
+  }
+  const ModuleFiles m = random_module(teacher, lora({"q_proj", "v_proj", "down_proj"}), 12);
+  TransferOptions pa;
+  pa.method = "prune-align";
+  const auto site_map = transfer_site_map(*teacher, *student, m.sites, pa);
+  std::vector<PairedBatch> batches;
+  for (int b = 0; b < 3; ++b) {
+    PairedBatch p;
+    p.teacher.input_ids = at::randint(5, teacher->config().vocab_size, {8, 24}, gen, at::kLong);
+    p.student = p.teacher;
+    batches.push_back(p);
+  }
+  const Alignment a = measure_alignment(*teacher, *student, site_map, batches);
+  const std::vector<int64_t> want(at_features.data_ptr<int64_t>(), at_features.data_ptr<int64_t>() + 48);
+  for (int64_t l = 0; l < 2; ++l) {
+    const std::string p = "model.layers." + std::to_string(l);
+    EXPECT_EQ(a.at(p + ".self_attn.q_proj").input, want) << "the 48 live of the teacher's 64 features";
+    EXPECT_GT(a.at(p + ".self_attn.q_proj").input_r, 0.999);
+    EXPECT_TRUE(a.at(p + ".self_attn.q_proj").output.empty()) << "equal widths are not aligned";
+    EXPECT_EQ(a.at(p + ".mlp.down_proj").output, want);
+  }
+  // A LoRA on the attention inputs (which read only live features) moves exactly.
+  const ModuleFiles qv = random_module(teacher, lora({"q_proj", "v_proj"}), 13);
+  const ModuleFiles moved = transfer_module(qv, *teacher, *student, pa, a);
+  ModuleSet ts(teacher), ss(student);
+  ts.attach(qv, "m", true), ss.attach(moved, "m", true);
+  torch::NoGradGuard g;
+  ModelInput in;
+  in.input_ids = at::randint(5, teacher->config().vocab_size, {2, 10}, gen, at::kLong);
+  EXPECT_CLOSE(student->forward(in), teacher->forward(in), 1e-4);
 }
 
 TEST(ModuleTransfer, MatchingPositionsCompareTokensWithoutWordMarkers) {

@@ -146,14 +146,8 @@ Model copy_every_kth_block(const ModelImpl& teacher, int64_t k) {
   torch::NoGradGuard g;
   for (auto& p : s->named_parameters()) {
     const std::string& name = p.key();
-    std::string source = name;
-    for (int64_t l = 0; l < c.n_layer; ++l) {
-      const std::string tag = "." + std::to_string(l) + ".";
-      if (const size_t at = name.find(tag); at != std::string::npos && site_in_layer(name, l) == name) {
-        source = site_in_layer(name, k * l);
-        break;
-      }
-    }
+    const int64_t l = layer_in_name(name);
+    const std::string source = l < 0 ? name : site_in_layer(name, k * l);
     p.value().copy_(from[source]);
   }
   for (auto& b : s->named_buffers())
@@ -278,6 +272,12 @@ struct ArmResult {
   double seconds = 0;
 };
 
+/// A fresh module's seed in a run of seed `run`: distinct per run and per module (`module` is the config's
+/// own seed), so that the arms of one run start alike and the runs differ.
+uint64_t arm_seed(uint64_t run, uint64_t module) {
+  return run * 1000 + module;
+}
+
 /// Trains `modules` (name -> a fresh config or moved files) on `student_dir`'s frozen backbone for the
 /// last of the evaluation steps, measuring test accuracy at each of them (0: before training).
 ArmResult run_arm(Context& ctx, const std::string& student_dir,
@@ -291,7 +291,7 @@ ArmResult run_arm(Context& ctx, const std::string& student_dir,
   for (const auto& [name, what] : modules) {
     if (const auto* c = std::get_if<ModuleConfig>(&what)) {
       ModuleConfig fresh = *c;
-      fresh.seed = seed * 1000 + fresh.seed;
+      fresh.seed = arm_seed(seed, fresh.seed);
       set.add(name, fresh);
     } else {
       set.attach(std::get<ModuleFiles>(what), name, /*force=*/true);

@@ -90,15 +90,27 @@ std::vector<std::vector<int64_t>> transfer_layer_map(int64_t teacher_layers, int
   return map;
 }
 
-std::string site_in_layer(const std::string& site, int64_t to) {
+namespace {
+/// Where `name`'s layer component starts and ends (npos, npos when it has none).
+std::pair<size_t, size_t> layer_component(const std::string& name) {
   size_t start = 0;
-  while (start <= site.size()) {
-    const size_t end = std::min(site.find('.', start), site.size());
-    if (all_digits(site.substr(start, end - start)))
-      return site.substr(0, start) + std::to_string(to) + site.substr(end);
+  while (start <= name.size()) {
+    const size_t end = std::min(name.find('.', start), name.size());
+    if (all_digits(name.substr(start, end - start))) return {start, end};
     start = end + 1;
   }
-  return site;
+  return {std::string::npos, std::string::npos};
+}
+}  // namespace
+
+std::string site_in_layer(const std::string& site, int64_t to) {
+  const auto [start, end] = layer_component(site);
+  return start == std::string::npos ? site : site.substr(0, start) + std::to_string(to) + site.substr(end);
+}
+
+int64_t layer_in_name(const std::string& name) {
+  const auto [start, end] = layer_component(name);
+  return start == std::string::npos ? -1 : std::stoll(name.substr(start, end - start));
 }
 
 at::Tensor matching_positions(const at::Tensor& teacher_ids, const at::Tensor& teacher_mask,
@@ -210,13 +222,11 @@ ModuleFiles transfer_module(const ModuleFiles& module, const ModelImpl& teacher,
                             const TransferOptions& o, const Alignment& alignment, nlohmann::json* report) {
   const ModuleType& type = module_type(module.config.type);
   const int64_t dt = teacher.config().hidden_size, ds = student.config().hidden_size;
-  MDL_CHECK(type.feature_axes || dt == ds, "[transfer] a ", type.name,
-            " module's parameters do not lie along its sites' features, so it cannot move from hidden size ",
-            dt, " to ", ds);
-  MDL_CHECK(
-      type.feature_axes, "[transfer] a ", type.name, " module cannot be moved: its parameters are not ",
-      "tensors per site along the site's features (module types that move: lora, ia3, adapter, bitfit, ",
-      "layernorm)");
+  MDL_CHECK(type.feature_axes, "[transfer] a ", type.name,
+            " module's parameters do not lie along its sites' features (teacher hidden size ", dt,
+            ", student ", ds,
+            "), so it cannot be moved; module types that move: lora, ia3, adapter, bitfit, "
+            "layernorm");
   const auto site_map = transfer_site_map(teacher, student, module.sites, o);
   ModuleFiles out;
   out.format = module.format;

@@ -47,6 +47,9 @@ std::vector<std::vector<int64_t>> transfer_layer_map(int64_t teacher_layers, int
 /// `to`; `site` itself when it has none.
 std::string site_in_layer(const std::string& site, int64_t to);
 
+/// The layer index in a site's or parameter's name (its first all-digit component), -1 when it has none.
+int64_t layer_in_name(const std::string& name);
+
 /// Which teacher feature each student feature of a site takes: input[i] is student input feature i's
 /// teacher feature (output likewise); empty: that side is kept in order (equal widths). `*_r`: the mean
 /// correlation of the assigned pairs (NaN when not measured).
@@ -83,6 +86,9 @@ std::vector<std::pair<std::string, std::vector<std::string>>> transfer_site_map(
 /// positions, and every side whose widths differ is aligned (at least 2 paired positions are needed);
 /// with `equal_widths`, sides of equal widths too (a student of the teacher's size trained apart, whose
 /// features are the teacher's in another order at best).
+/// Cost: every listed site's activations are held until the end (paired positions x (input + output
+/// width) floats per site and model, so a few thousand positions are the scale for real widths), and each
+/// aligned side is one Hungarian assignment, O(w^3) in the teacher's width w (~1e9 steps at w = 1024).
 Alignment measure_alignment(ModelImpl& teacher, ModelImpl& student,
                             const std::vector<std::pair<std::string, std::vector<std::string>>>& site_map,
                             const std::vector<PairedBatch>& batches, bool equal_widths = false);
