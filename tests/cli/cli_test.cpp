@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "cli/cli_util.h"
@@ -25,6 +26,7 @@ namespace {
 using test::mdl;
 using test::quote;
 using test::Result;
+namespace fs = std::filesystem;
 
 class Cli : public ::testing::Test {
  protected:
@@ -487,6 +489,73 @@ TEST_F(Cli, TrainResumeAndEval) {
   r = mdl("train --config " + quote(tmp / "bad.json"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.err.find("bad.json"), std::string::npos) << r.err;
+}
+
+// A PEFT user's classifier on a causal base: config.json asks for a classification head the checkpoint
+// lacks, so training trains and saves that head with the LoRA (modules_to_save), eval and a PEFT export use
+// it, and the labels travel with it.
+TEST_F(Cli, ANewHeadIsTrainedSavedAndExported) {
+  test::TempDir tmp;
+  const fs::path base = tmp / "classifier";
+  fs::create_directories(base);
+  for (const auto& e : fs::directory_iterator(model("llama"))) fs::copy(e.path(), base / e.path().filename());
+  auto cfg = nlohmann::json::parse(test::read_file(base / "config.json"));
+  cfg["architectures"] = {"LlamaForSequenceClassification"};
+  cfg["num_labels"] = 2;
+  test::write_file(base / "config.json", cfg.dump());
+  std::string lines;
+  for (const char* s : {"the", "a", "my", "one"})
+    for (const char* animal : {"cat", "dog"})
+      lines += std::string("{\"text\": \"") + s + " " + animal + "\", \"label\": \"" + animal + "\"}\n";
+  test::write_file(tmp / "data.jsonl", lines);
+  const nlohmann::json config = {
+      {"model", base.string()},
+      {"modules", {{"cls", {{"type", "lora"}}}}},
+      {"train_data", tmp / "data.jsonl"},
+      {"options", {{"steps", 4}, {"batch_size", 4}, {"out_dir", tmp / "run"}, {"schedule", {{"lr", 0.01}}}}}};
+  test::write_file(tmp / "run.json", config.dump());
+  Result r = mdl("train --config " + quote(tmp / "run.json"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("module cls trains and saves the new [\"score\"] (modules_to_save)"),
+            std::string::npos)
+      << r.out;
+  const std::string module = tmp / "run/modules/cls";
+  const auto mj = nlohmann::json::parse(test::read_file(module + "/module.json"));
+  EXPECT_EQ(mj["config"]["modules_to_save"], nlohmann::json({"score"}));
+  const auto trained = io::load_safetensors(module + "/module.safetensors");
+  ASSERT_TRUE(trained.count("score.weight"));
+  // The head trained: it moved from the loader's initialisation (seed 0, the same on every load).
+  Model fresh = load_model(base.string());
+  EXPECT_CHANGED(trained.at("score.weight"), fresh->linear("score").weight);
+  r = mdl("eval --model " + quote(base) + " --modules " + quote(module) + " --data " +
+          quote(tmp / "data.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const std::string accuracy = r.out.substr(r.out.find("accuracy: "), 16);
+  // Exported to PEFT and back: the same head, the same labels, the same score.
+  r = mdl("convert " + quote(module) + " --model " + quote(base) + " --to peft --out " + quote(tmp / "peft"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto pj = nlohmann::json::parse(test::read_file(tmp / "peft/adapter_config.json"));
+  EXPECT_EQ(pj["modules_to_save"], nlohmann::json({"score"}));
+  EXPECT_EQ(pj["task_type"], "SEQ_CLS");
+  EXPECT_EQ(pj["target_modules"], nlohmann::json({"q_proj", "v_proj"}));
+  EXPECT_TRUE(
+      io::load_safetensors(tmp / "peft/adapter_model.safetensors").count("base_model.model.score.weight"));
+  r = mdl("eval --model " + quote(base) + " --modules " + quote(tmp / "peft") + " --data " +
+          quote(tmp / "data.jsonl"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.substr(r.out.find("accuracy: "), 16), accuracy) << r.out;
+  r = mdl("convert " + quote(tmp / "peft") + " --model " + quote(base) + " --to native --out " +
+          quote(tmp / "back"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto back = io::load_safetensors(tmp / "back/module.safetensors");
+  ASSERT_EQ(back.size(), trained.size());
+  for (const auto& [k, t] : trained) EXPECT_TRUE(back.count(k) && at::equal(back.at(k), t)) << k;
+  EXPECT_EQ(nlohmann::json::parse(test::read_file(tmp / "back/module.json"))["config"]["labels"],
+            nlohmann::json({"cat", "dog"}));
+  r = mdl("convert " + quote(module) + " --model " + quote(base) + " --to adapterhub --out " +
+          quote(tmp / "hub"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("export to peft or native instead"), std::string::npos) << r.err;
 }
 
 // A training process killed with SIGKILL mid-run (possibly mid-checkpoint) and started again with the

@@ -266,6 +266,155 @@ TEST_F(Serve, AdapterIdIsModelAndNeutralOpenAiParametersAreAccepted) {
   EXPECT_EQ(r["choices"][0]["text"], complete("lora_b", "my fox", 8)["choices"][0]["text"]);
 }
 
+// n choices (choice k sampled with seed + k), a list of prompts (choice i * n + k), penalties and logprobs
+// as OpenAI defines them.
+TEST_F(Serve, NChoicesPromptListsPenaltiesAndLogprobs) {
+  int status = 0;
+  json r = post(server_->port, "/v1/completions",
+                json({{"model", "lora_a"},
+                      {"prompt", {"the cat sat", "my fox"}},
+                      {"n", 2},
+                      {"max_tokens", 6},
+                      {"temperature", 1.0},
+                      {"seed", 5},
+                      {"ignore_eos", true}}),
+                &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  ASSERT_EQ(r["choices"].size(), 4u);
+  const std::vector<std::string> prompts = {"the cat sat", "my fox"};
+  int64_t prompt_tokens = 0;
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(r["choices"][i]["index"], i);
+    EXPECT_EQ(r["choices"][i]["text"], library_text(prompts[i / 2], {"lora_a"}, 6, 1.0, 5 + i % 2, true))
+        << "choice " << i;
+  }
+  for (const auto& p : prompts)
+    prompt_tokens += static_cast<int64_t>(Tokenizer::from_file(model_).encode(p).size());
+  EXPECT_EQ(r["usage"]["prompt_tokens"], prompt_tokens);
+  EXPECT_EQ(r["usage"]["completion_tokens"], 4 * 6);
+
+  // Penalties reach the sampler: the server's tokens are the library's with the same options.
+  r = post(server_->port, "/v1/completions",
+           json({{"prompt", "the cat sat"},
+                 {"max_tokens", 12},
+                 {"temperature", 0},
+                 {"frequency_penalty", 1.5},
+                 {"presence_penalty", 0.5},
+                 {"ignore_eos", true},
+                 {"logprobs", 3}}),
+           &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  Tokenizer tok = Tokenizer::from_file(model_);
+  GenerateOptions o;
+  o.max_tokens = 12;
+  o.frequency_penalty = 1.5;
+  o.presence_penalty = 0.5;
+  o.ignore_eos = true;
+  o.logprobs = 3;
+  Model m = load_model(model_);
+  std::vector<TokenLogprob> want;
+  Sampler reference(o);
+  {
+    // The reference: generate() with the same options, each step's logprobs from its sampler's twin.
+    const GenerateResult g = generate(*m, tok.encode("the cat sat"), o);
+    EXPECT_EQ(r["choices"][0]["text"], tok.decode(g.tokens));
+    GenerateOptions plain = o;
+    plain.frequency_penalty = plain.presence_penalty = 0;
+    EXPECT_NE(tok.decode(generate(*m, tok.encode("the cat sat"), plain).tokens), tok.decode(g.tokens))
+        << "the penalties change this text (else the test shows nothing)";
+    std::vector<int64_t> seq = tok.encode("the cat sat");
+    torch::NoGradGuard ng;
+    for (int64_t t : g.tokens) {
+      ModelInput in;
+      in.input_ids = at::tensor(seq, at::kLong).view({1, -1});
+      const at::Tensor logits = m->forward(in);
+      EXPECT_EQ(reference.sample(logits[0][logits.size(1) - 1]), t);
+      want.push_back(reference.last());
+      seq.push_back(t);
+    }
+  }
+  const json& lp = r["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), want.size()) << lp.dump();
+  std::string joined;
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), want[i].logprob, 1e-3) << i;
+    // Keyed by token text, as OpenAI's: ids whose text is the same (partial characters) share a key.
+    const json& top = lp["top_logprobs"][i];
+    EXPECT_GE(top.size(), 1u);
+    EXPECT_LE(top.size(), 3u);
+    double best = -1e300;
+    for (const auto& [k, v] : top.items()) best = std::max(best, v.get<double>());
+    EXPECT_NEAR(best, want[i].top[0].second, 1e-3) << i;
+    EXPECT_EQ(lp["text_offset"][i], joined.size());
+    joined += lp["tokens"][i].get<std::string>();
+  }
+  // Chat: logprobs true with top_logprobs, as content entries with bytes.
+  r = post(server_->port, "/v1/chat/completions",
+           json({{"messages", {{{"role", "user"}, {"content", "hi"}}}},
+                 {"max_tokens", 4},
+                 {"temperature", 0},
+                 {"ignore_eos", true},
+                 {"logprobs", true},
+                 {"top_logprobs", 2}}),
+           &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  const json& content = r["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 4u) << r.dump();
+  for (const auto& c : content) {
+    EXPECT_LE(c["logprob"].get<double>(), 0.0);
+    EXPECT_EQ(c["top_logprobs"].size(), 2u);
+    EXPECT_NEAR(c["top_logprobs"][0]["logprob"].get<double>(), c["logprob"].get<double>(), 1e-9)
+        << "greedy picks the most likely token";
+    EXPECT_EQ(c["bytes"].size(), c["token"].get<std::string>().size());
+  }
+}
+
+// /v1/models as vLLM lists a base and its LoRAs; vLLM's runtime LoRA endpoints are aliases of mdl's.
+TEST_F(Serve, ModelsListAndVllmLoraEndpoints) {
+  httplib::Client c("127.0.0.1", server_->port);
+  json models = json::parse(c.Get("/v1/models")->body);
+  const json& base = models["data"][0];
+  EXPECT_EQ(base["id"], model_) << "the base is named by its checkpoint";
+  EXPECT_EQ(base["root"], model_);
+  EXPECT_TRUE(base["parent"].is_null());
+  EXPECT_GT(base["created"].get<int64_t>(), 0);
+  bool seen = false;
+  for (const auto& m : models["data"])
+    if (m["id"] == "lora_a") {
+      seen = true;
+      EXPECT_EQ(m["parent"], model_);
+      EXPECT_EQ(m["root"], modules_ + "/lora_a");
+    }
+  EXPECT_TRUE(seen) << models.dump();
+  EXPECT_EQ(complete(model_, "my fox", 6)["choices"][0]["text"],
+            complete("base", "my fox", 6)["choices"][0]["text"]);
+
+  auto r =
+      c.Post("/v1/load_lora_adapter", kAdmin,
+             json({{"lora_name", "vllm_b"}, {"lora_path", modules_ + "/lora_b"}}).dump(), "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200) << r->body;
+  EXPECT_NE(r->body.find("Success: LoRA adapter 'vllm_b' added successfully."), std::string::npos) << r->body;
+  EXPECT_EQ(complete("vllm_b", "my fox", 8)["choices"][0]["text"],
+            complete("lora_b", "my fox", 8)["choices"][0]["text"]);
+  models = json::parse(c.Get("/v1/models")->body);
+  bool listed = false;
+  for (const auto& m : models["data"])
+    if (m["id"] == "vllm_b") {
+      listed = true;
+      EXPECT_EQ(m["root"], fs::canonical(modules_ + "/lora_b").string());
+    }
+  EXPECT_TRUE(listed);
+  r = c.Post("/v1/load_lora_adapter", json({{"lora_name", "x"}, {"lora_path", modules_ + "/lora_b"}}).dump(),
+             "application/json");
+  EXPECT_EQ(r->status, 401) << "the admin token guards it as it does /v1/modules";
+  r = c.Post("/v1/unload_lora_adapter", kAdmin, json({{"lora_name", "vllm_b"}}).dump(), "application/json");
+  EXPECT_EQ(r->status, 200) << r->body;
+  int status = 0;
+  post(server_->port, "/v1/completions", json({{"model", "vllm_b"}, {"prompt", "x"}}), &status);
+  EXPECT_EQ(status, 404);
+}
+
 TEST_F(Serve, StreamingSendsTheSameTextAsEvents) {
   const std::string whole = complete("lora_b", "the cat sat", 16)["choices"][0]["text"];
   httplib::Client c("127.0.0.1", server_->port);
@@ -420,18 +569,24 @@ TEST_F(Serve, EveryErrorIsAJsonStatusAndTheServerKeepsServing) {
        "the context holds"},
       {"/v1/completions", json({{"prompt", "a"}, {"temperature", -1}}).dump(), 400, "temperature",
        "'temperature' must be"},
-      // OpenAI parameters not implemented yet are refused, never ignored.
-      {"/v1/completions", json({{"prompt", "a"}, {"n", 2}}).dump(), 400, "n",
-       "'n' other than 1 is not supported"},
-      {"/v1/completions", json({{"prompt", "a"}, {"logprobs", 3}}).dump(), 400, "logprobs",
-       "not supported yet"},
+      // OpenAI parameters out of range, or in combinations mdl does not serve, are refused, never ignored.
+      {"/v1/completions", json({{"prompt", "a"}, {"n", 17}}).dump(), 400, "n", "'n' must be 1 to 16"},
+      {"/v1/completions", json({{"prompt", "a"}, {"n", 2}, {"stream", true}}).dump(), 400, "n",
+       "a stream carries one choice here"},
+      {"/v1/completions", json({{"prompt", {"a", "b"}}, {"stream", true}}).dump(), 400, "prompt",
+       "a stream carries one choice here"},
+      {"/v1/completions", json({{"prompt", "a"}, {"logprobs", 2}, {"stream", true}}).dump(), 400, "logprobs",
+       "logprobs are returned without streaming"},
+      {"/v1/completions", json({{"prompt", "a"}, {"logprobs", 30}}).dump(), 400, "logprobs",
+       "the number of top tokens to list, 0 to 20"},
       {"/v1/chat/completions",
        json({{"messages", {{{"role", "user"}, {"content", "a"}}}}, {"top_logprobs", 2}}).dump(), 400,
-       "top_logprobs", "not supported yet"},
-      {"/v1/completions", json({{"prompt", "a"}, {"presence_penalty", 0.5}}).dump(), 400, "presence_penalty",
-       "leave it 0 or unset"},
-      {"/v1/completions", json({{"prompt", "a"}, {"frequency_penalty", -1}}).dump(), 400, "frequency_penalty",
-       "not supported yet"},
+       "top_logprobs", "'top_logprobs' needs 'logprobs': true"},
+      {"/v1/completions", json({{"prompt", "a"}, {"presence_penalty", 2.5}}).dump(), 400, "presence_penalty",
+       "must be in [-2, 2]"},
+      {"/v1/completions", json({{"prompt", "a"}, {"frequency_penalty", -3}}).dump(), 400, "frequency_penalty",
+       "must be in [-2, 2]"},
+      {"/v1/completions", json({{"prompt", {"a", 3}}}).dump(), 400, "prompt", "prompt[1] is neither"},
       {"/v1/completions", json({{"prompt", "a"}, {"model", "lora_a"}, {"adapter_id", "lora_b"}}).dump(), 400,
        "adapter_id", "name different modules"},
       {"/v1/completions", json({{"prompt", "a"}, {"top_p", 2}}).dump(), 400, "top_p",

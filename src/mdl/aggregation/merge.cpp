@@ -94,6 +94,32 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
   auto weight = [&](size_t i) { return o.weights.empty() ? 1.0 : o.weights[i]; };
   std::map<std::string, at::Tensor> tensors;
   ModuleConfig config;
+  // Whole layers trained with the modules (modules_to_save: heads) merge as task vectors against the base
+  // layer, whatever the modules' type; every input must have the same ones.
+  auto copies_of = [&](const std::string& n) {
+    std::vector<std::string> out;
+    for (const auto& s : set.sites(n))
+      if (set.module_at(n, s)->type() == "modules_to_save") out.push_back(s);
+    return out;
+  };
+  const std::vector<std::string> copies = copies_of(names[0]);
+  for (size_t i = 1; i < names.size(); ++i)
+    MDL_CHECK(copies_of(names[i]) == copies, "[merge] '", inputs[i], "' trains other whole layers ",
+              "(modules_to_save) than '", inputs[0], "'; merged modules need the same ones");
+  auto is_copy = [&](const std::string& site) {
+    return std::find(copies.begin(), copies.end(), site) != copies.end();
+  };
+  for (const auto& site : copies) {
+    SiteLinearImpl& base = set.model()->linear(site);
+    for (const auto& [param, b] :
+         {std::pair<std::string, at::Tensor>{"weight", base.weight}, {"bias", base.bias}}) {
+      if (!b.defined()) continue;
+      const std::string key = site + "." + param;
+      std::vector<at::Tensor> values;
+      for (const auto& n : names) values.push_back(set.tensors(n).at(key));
+      tensors[key] = merge_tensors(values, b, o, key);
+    }
+  }
   if (first.type == "lora") {
     // Each input's parts by site, and the union of their sites in forward order.
     std::vector<std::map<std::string, std::shared_ptr<LoraImpl>>> parts(names.size());
@@ -102,6 +128,7 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
     for (size_t i = 0; i < names.size(); ++i) {
       dora = dora || set.config(names[i]).lora.use_dora;
       for (const auto& s : set.sites(names[i])) {
+        if (is_copy(s)) continue;
         auto lora = std::dynamic_pointer_cast<LoraImpl>(set.module_at(names[i], s));
         parts[i][s] = lora;
         max_rank = std::max(max_rank, lora->rank);
@@ -173,6 +200,7 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
         config.lora.alpha_pattern[exact_sites_regex({site})] = static_cast<double>(r);
       }
     config.targets.target_regex = exact_sites_regex(sites);
+    config.modules_to_save = first.modules_to_save;
   } else {
     MDL_CHECK(o.method != "cat" && o.method != "svd", "[merge] '", o.method, "' merges LoRA factors; '",
               inputs[0], "' is a ", first.type, " module");
@@ -184,11 +212,13 @@ MergeReport merge_modules(const std::string& model_dir, const std::vector<std::s
     config.targets.target_regex = exact_sites_regex(set.sites(names[0]));
     auto t0 = set.tensors(names[0]);
     for (const auto& [key, value] : t0) {
+      if (tensors.count(key)) continue;  // a whole layer's, merged above
       std::vector<at::Tensor> values;
       for (const auto& n : names) values.push_back(set.tensors(n).at(key));
       tensors[key] = merge_tensors(values, at::Tensor(), o, key);
     }
   }
+  config.labels = set.labels(names);  // the inputs' labels, which must agree
   for (const auto& n : names) set.remove(n);
   set.add("merged", config);
   set.load_tensors("merged", tensors, "the merge of " + std::to_string(inputs.size()) + " modules");

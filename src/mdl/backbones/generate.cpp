@@ -18,6 +18,11 @@ void validate(const GenerateOptions& o) {
             o.temperature);
   MDL_CHECK(o.top_k >= 0, "[generate] top_k must be >= 0 (0 = no limit), got ", o.top_k);
   MDL_CHECK(o.top_p > 0 && o.top_p <= 1, "[generate] top_p must be in (0, 1], got ", o.top_p);
+  MDL_CHECK(std::abs(o.frequency_penalty) <= 2 && std::abs(o.presence_penalty) <= 2,
+            "[generate] frequency_penalty and presence_penalty must be in [-2, 2], got ", o.frequency_penalty,
+            " and ", o.presence_penalty);
+  MDL_CHECK(o.logprobs >= -1 && o.logprobs <= 20, "[generate] logprobs must be 0 to 20 (or -1: none), got ",
+            o.logprobs);
 }
 
 Sampler::Sampler(const GenerateOptions& options) : options_(options), rng_(options.seed) {
@@ -26,6 +31,35 @@ Sampler::Sampler(const GenerateOptions& options) : options_(options), rng_(optio
 
 int64_t Sampler::sample(const at::Tensor& logits) {
   at::Tensor l = logits.detach().to(at::kCPU, at::kDouble).contiguous();  // (V)
+  const int64_t V = l.numel();
+  at::Tensor model_logprobs;
+  if (options_.logprobs >= 0) model_logprobs = at::log_softmax(l, 0);
+  if (options_.frequency_penalty != 0 || options_.presence_penalty != 0) {
+    if (l.data_ptr() == logits.data_ptr()) l = l.clone();  // `to` returned the caller's tensor: not in place
+    double* w = l.data_ptr<double>();
+    for (const auto& [token, n] : counts_)
+      if (token >= 0 && token < V)
+        w[token] -= options_.frequency_penalty * static_cast<double>(n) + options_.presence_penalty;
+  }
+  const int64_t token = pick(l);
+  ++counts_[token];
+  if (model_logprobs.defined()) {
+    const double* lp = model_logprobs.data_ptr<double>();
+    last_.token = token;
+    last_.logprob = lp[token];
+    last_.top.clear();
+    const int64_t k = std::min(options_.logprobs, V);
+    std::vector<int64_t> order(static_cast<size_t>(V));
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return lp[a] != lp[b] ? lp[a] > lp[b] : a < b; });
+    for (int64_t i = 0; i < k; ++i)
+      last_.top.emplace_back(order[static_cast<size_t>(i)], lp[order[static_cast<size_t>(i)]]);
+  }
+  return token;
+}
+
+int64_t Sampler::pick(const at::Tensor& l) {
   const double* data = l.data_ptr<double>();
   const int64_t V = l.numel();
   if (options_.temperature == 0.0) return std::max_element(data, data + V) - data;

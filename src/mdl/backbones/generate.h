@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +26,19 @@ struct GenerateOptions {
   /// no stop token at all: only max_tokens or the context end it (vLLM's ignore_eos)
   bool ignore_eos = false;
   bool use_cache = true;  ///< false recomputes the whole sequence each step (reference path)
+  /// OpenAI's penalties, over the tokens generated so far: a token's logit is lowered by
+  /// frequency_penalty x its count plus presence_penalty once it has appeared; each in [-2, 2]
+  double frequency_penalty = 0.0, presence_penalty = 0.0;
+  /// report each chosen token's log-probability and the `logprobs` most likely ones (0 to 20); -1: none.
+  /// Log-probabilities are the model's (log-softmax of its logits, before penalties and temperature).
+  int64_t logprobs = -1;
+};
+
+/// A chosen token's log-probability and the most likely alternatives at its step (most likely first).
+struct TokenLogprob {
+  int64_t token = -1;
+  double logprob = 0;
+  std::vector<std::pair<int64_t, double>> top;
 };
 
 /// What a generation produced.
@@ -39,12 +53,19 @@ struct GenerateResult {
 class Sampler {
  public:
   explicit Sampler(const GenerateOptions& options);
-  /// logits (V) on any device -> token id; throws on invalid options.
+  /// logits (V) on any device -> token id; throws on invalid options. The token counts toward the
+  /// penalties of later steps.
   int64_t sample(const at::Tensor& logits);
+  /// With options.logprobs >= 0: the last sampled token's log-probability and its step's top tokens.
+  const TokenLogprob& last() const { return last_; }
 
  private:
   GenerateOptions options_;
   std::mt19937_64 rng_;
+  /// The token from (penalised) logits (V, CPU double): greedy, or temperature / top-k / top-p sampling.
+  int64_t pick(const at::Tensor& logits);
+  std::map<int64_t, int64_t> counts_;  // generated token -> times (for the penalties)
+  TokenLogprob last_;
 };
 
 /// Checks sampling options; throws naming the bad field.

@@ -367,6 +367,7 @@ void ModelImpl::load(const io::CheckpointReader& reader, const LoadOptions& opti
               " values that are NaN or infinite; a corrupt or diverged checkpoint");
     param.set_data(t);  // zero-copy view of the mapping until `to` converts it
   }
+  initialised_ = initialised;
   if (!initialised.empty()) {
     std::string names;
     for (const auto& n : initialised) names += (names.empty() ? "" : ", ") + n;

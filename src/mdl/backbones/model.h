@@ -106,6 +106,9 @@ class ModelImpl : public torch::nn::Module {
   /// Copies weights from a checkpoint by their HF names (Conv1D transposed, prefixes with or without the
   /// body name, tied heads); every shape is checked.
   void load(const io::CheckpointReader& reader, const LoadOptions& options);
+  /// The parameters the last load() initialised because the checkpoint lacked them (a new head:
+  /// "score.weight"...), by mdl name; empty when every one was on disk.
+  const std::vector<std::string>& initialised_parameters() const { return initialised_; }
   /// Tensors as the HF checkpoint stores them (Conv1D transposed back, tied copies dropped).
   std::map<std::string, at::Tensor> hf_tensors() const;
   /// HF-style random initialisation: normal(0, initializer_range) for projections and embeddings, ones and
@@ -160,6 +163,7 @@ class ModelImpl : public torch::nn::Module {
   ModelConfig config_;
   std::vector<std::shared_ptr<Site>> sites_;
   std::map<std::string, Site*> site_index_;
+  std::vector<std::string> initialised_;            // see initialised_parameters
   std::map<std::string, SiteLinearImpl*> linears_;  ///< linear sites' projections, owned by the module tree
   std::map<std::string, NormImpl*> norms_;          ///< norm sites' layers
   at::Tensor token_embeddings_;                     ///< set by build_head

@@ -755,7 +755,14 @@ void register_train(CLI::App& app, GlobalOptions& g) {
     Model m = load_model(c.model, lo);
     ModuleSet set(m);
     for (const auto& dir : c.load) set.load(dir);
-    for (const auto& [name, mc] : c.modules) set.add(name, mc);
+    for (const auto& [name, mc] : c.modules) {
+      // A head the checkpoint lacked is trained and saved with the modules trained on it (modules_to_save).
+      const bool trained = std::find(c.train.begin(), c.train.end(), name) != c.train.end();
+      set.add(name, trained ? with_new_heads(mc, *m) : mc);
+      if (rank0 && trained && set.config(name).modules_to_save != mc.modules_to_save)
+        std::printf("module %s trains and saves the new %s (modules_to_save)\n", name.c_str(),
+                    nlohmann::json(set.config(name).modules_to_save).dump().c_str());
+    }
     Tokenizer tok = Tokenizer::from_file(c.model);
     Dataset train = load_jsonl(c.train_data, tok, c.data);
     // The label names belong to the modules trained on them: saved with each, read back by eval and serve.

@@ -150,6 +150,7 @@ PeftModule read_adapterhub(const std::string& dir, const ModelImpl& model) {
     if (std::find(out.sites.begin(), out.sites.end(), s->name()) != out.sites.end())
       ordered.push_back(s->name());
   out.sites = ordered;
+  out.config.labels = labels_in_metadata(io::SafetensorsFile(weights));
   return out;
 }
 
@@ -157,6 +158,10 @@ void write_adapterhub(const ModuleSet& set, const std::string& name, const std::
   const ModuleConfig& c = set.config(name);
   const ModelImpl& model = *set.model();
   const ModelConfig& mc = model.config();
+  MDL_CHECK(c.modules_to_save.empty(), "[adapterhub] module '", name, "' trains whole layers with it (",
+            "modules_to_save: ", nlohmann::json(c.modules_to_save).dump(),
+            "); AdapterHub carries heads as its own prediction-head modules, which mdl does not write, so "
+            "they would be lost: export to peft or native instead");
   nlohmann::json config;
   std::map<std::string, at::Tensor> out;
   if (c.type == "adapter") {
@@ -218,7 +223,8 @@ void write_adapterhub(const ModuleSet& set, const std::string& name, const std::
                       {"name", name},
                       {"version", "adapters.1.0.0"}};
   io::AtomicDirectory staged(dir);  // both files or neither
-  io::save_safetensors((fs::path(staged.path()) / "adapter.safetensors").string(), out);
+  io::save_safetensors((fs::path(staged.path()) / "adapter.safetensors").string(), out,
+                       module_file_metadata(c));
   io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), j.dump(2) + "\n");
   staged.commit();
 }

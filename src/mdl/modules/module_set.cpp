@@ -23,7 +23,9 @@ namespace mdl {
 void to_json(nlohmann::json& j, const ModuleConfig& c) {
   j = {{"type", c.type}, {"targets", c.targets}, {"seed", c.seed}};
   module_type(c.type).options_to_json(c, j["options"]);
-  if (!c.labels.empty()) j["labels"] = c.labels;  // only where there are: other modules' files unchanged
+  // Only where there are: other modules' files unchanged.
+  if (!c.labels.empty()) j["labels"] = c.labels;
+  if (!c.modules_to_save.empty()) j["modules_to_save"] = c.modules_to_save;
 }
 
 void from_json(const nlohmann::json& j, ModuleConfig& c) {
@@ -32,9 +34,10 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
             "[module] config needs a string field 'type'");
   static const nlohmann::json written = ModuleConfig();  // the fields, as to_json lists them
   for (const auto& item : j.items())
-    if (!written.contains(item.key()) && item.key() != "labels") {
+    if (!written.contains(item.key()) && item.key() != "labels" && item.key() != "modules_to_save") {
       std::string known;
       for (const auto& k : written.items()) known += (known.empty() ? "" : ", ") + k.key();
+      known += ", labels, modules_to_save";
       MDL_FAIL("[module] a module config has no field '", item.key().substr(0, 100), "'; its fields are ",
                known);
     }
@@ -48,6 +51,14 @@ void from_json(const nlohmann::json& j, ModuleConfig& c) {
               "[module] field 'labels' must be an array of label names, found ",
               j["labels"].dump().substr(0, 80));
     c.labels = j["labels"].get<std::vector<std::string>>();
+  }
+  if (j.contains("modules_to_save")) {
+    MDL_CHECK(j["modules_to_save"].is_array() &&
+                  std::all_of(j["modules_to_save"].begin(), j["modules_to_save"].end(),
+                              [](const nlohmann::json& v) { return v.is_string(); }),
+              "[module] field 'modules_to_save' must be an array of layer names (e.g. [\"score\"]), found ",
+              j["modules_to_save"].dump().substr(0, 80));
+    c.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
   }
 }
 
@@ -132,6 +143,28 @@ std::vector<std::shared_ptr<Site>> ModuleSet::fusion_sites(const std::string& na
   return out;
 }
 
+std::vector<std::shared_ptr<Site>> ModuleSet::copy_sites(
+    const std::string& name, const std::vector<std::string>& modules_to_save) const {
+  std::vector<std::shared_ptr<Site>> out;  // in forward order
+  for (const auto& s : model_->sites())
+    if (s->info().kind == SiteKind::linear &&
+        std::any_of(modules_to_save.begin(), modules_to_save.end(),
+                    [&](const std::string& m) { return name_matches_suffix(s->name(), m); }))
+      out.push_back(s);
+  for (const auto& entry : modules_to_save) {
+    if (std::any_of(out.begin(), out.end(),
+                    [&](const auto& s) { return name_matches_suffix(s->name(), entry); }))
+      continue;
+    std::string heads;
+    for (const auto& s : model_->sites())
+      if (s->info().kind == SiteKind::linear && s->info().layer < 0)
+        heads += (heads.empty() ? "" : ", ") + s->name();
+    MDL_FAIL("[modules] module '", name, "': modules_to_save names '", entry, "', which is no projection of ",
+             model_->config().architecture, "; its projections outside the blocks are: ", heads);
+  }
+  return out;
+}
+
 AttachedModules& ModuleSet::attached(const std::string& site_name) {
   Site& site = model_->site(site_name);
   if (site.empty()) {
@@ -169,8 +202,13 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in,
                                     config.targets.exclude_modules.end());
     config.targets = defaults;
   }
-  const auto selected = type.on_members_sites ? fusion_sites(name, config.fusion)
-                                              : match_sites(*model_, config.targets, type.site_kind);
+  const auto copies = copy_sites(name, config.modules_to_save);
+  auto selected = type.on_members_sites ? fusion_sites(name, config.fusion)
+                                        : match_sites(*model_, config.targets, type.site_kind);
+  selected.erase(
+      std::remove_if(selected.begin(), selected.end(),
+                     [&](const auto& s) { return std::count(copies.begin(), copies.end(), s) > 0; }),
+      selected.end());  // a copied layer is the copy's alone
   Named named;
   named.config = config;
   uint64_t seed = config.seed;
@@ -184,6 +222,8 @@ void ModuleSet::add(const std::string& name, const ModuleConfig& config_in,
   const PartFactory make = type.prepare(build, seed);  // used only here: it refers to build and seed
   for (size_t i = 0; i < selected.size(); ++i)
     named.parts.push_back({selected[i]->name(), make(*selected[i], i)});
+  for (const auto& site : copies)
+    named.parts.push_back({site->name(), std::make_shared<LayerCopyImpl>(model_->linear(site->name()))});
   for (const auto& p : named.parts) {
     p.module->train(model_->is_training());  // a module attached to a model in eval mode evaluates too
     attached(p.site).entries().push_back({name, p.module, true, false, 1.0});
@@ -518,16 +558,23 @@ void ModuleSet::add_exact(const std::string& name, const ModuleConfig& config_in
                           const std::map<std::string, at::Tensor>& init) {
   MDL_CHECK(!site_names.empty(), "[modules] module '", name, "' covers no site");
   const ModuleType& type = module_type(config_in.type);
+  std::vector<std::string> own;  // the type's sites; the others are copies (modules_to_save)
   for (const auto& s : site_names) {
     MDL_CHECK(model_->find_site(s) != nullptr, "[modules] module '", name, "' needs site '", s, "', which ",
               model_->config().architecture, " does not have; a module for another base model?");
+    const bool copy = std::any_of(config_in.modules_to_save.begin(), config_in.modules_to_save.end(),
+                                  [&](const std::string& m) { return name_matches_suffix(s, m); });
+    if (copy) continue;
     MDL_CHECK(type.on_members_sites || model_->site(s).info().kind == type.site_kind, "[modules] module '",
               name, "': site '", s, "' is not of the kind a ", config_in.type, " module attaches to");
+    own.push_back(s);
   }
+  MDL_CHECK(!own.empty(), "[modules] module '", name, "' has parts only at its modules_to_save sites; a ",
+            config_in.type, " module needs at least one site of its own");
   ModuleConfig config = config_in;
   // Exact sites: a regex of their names, so add() selects exactly these.
   config.targets = TargetOptions();
-  config.targets.target_regex = exact_sites_regex(site_names);
+  config.targets.target_regex = exact_sites_regex(own);
   add(name, config, init);
   modules_[name].config.targets = config_in.targets;  // keep what the user wrote
 }

@@ -18,6 +18,7 @@
 #include "mdl/modules/fusion.h"
 #include "mdl/modules/hyper_lora.h"
 #include "mdl/modules/ia3.h"
+#include "mdl/modules/layer_copy.h"
 #include "mdl/modules/lora.h"
 #include "mdl/modules/lora_mixture.h"
 #include "mdl/modules/poly_lora.h"
@@ -47,6 +48,11 @@ struct ModuleConfig {
   /// the class (or tag) names the module was trained with, in index order (id2label); written by training,
   /// read by mdl eval and the server; empty for modules of other tasks
   std::vector<std::string> labels;
+  /// PEFT's modules_to_save: linear sites (names or their last components, e.g. "score", "classifier")
+  /// that get a trainable full copy of their projection (layer_copy.h), saved with the module and used in
+  /// the base's place while it runs; a site named here gets the copy only, not the type's part. The
+  /// trainer adds the head of a new classification task here (a head the checkpoint did not have).
+  std::vector<std::string> modules_to_save;
 };
 void to_json(nlohmann::json& j, const ModuleConfig& c);
 void from_json(const nlohmann::json& j, ModuleConfig& c);
@@ -176,6 +182,9 @@ class ModuleSet {
   void add_exact(const std::string& name, const ModuleConfig& config, const std::vector<std::string>& sites,
                  const std::map<std::string, at::Tensor>& init = {});
   AttachedModules& attached(const std::string& site);
+  /// The linear sites `modules_to_save` names, in forward order; throws naming an entry that names none.
+  std::vector<std::shared_ptr<Site>> copy_sites(const std::string& name,
+                                                const std::vector<std::string>& modules_to_save) const;
   /// The sites every member of a fusion covers, in forward order (members checked: loaded, fusable).
   std::vector<std::shared_ptr<Site>> fusion_sites(const std::string& name, const FusionOptions& o) const;
   Model model_;

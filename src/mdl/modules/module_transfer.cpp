@@ -10,6 +10,7 @@
 
 #include "mdl/core/error.h"
 #include "mdl/core/site_recorder.h"
+#include "mdl/modules/layer_copy.h"
 #include "mdl/modules/module_type.h"
 #include "mdl/ops/assignment.h"
 #include "mdl/ops/correlation.h"
@@ -262,7 +263,11 @@ ModuleFiles transfer_module(const ModuleFiles& module, const ModelImpl& teacher,
         if (!o.avg_reference || j + 1 < n) v = v + it->second.to(at::kDouble);
       }
       if (n > 1) v = v / static_cast<double>(n);
-      const std::string axes = type.feature_axes(module.config, from.at(0), param);
+      const bool copy =
+          std::any_of(module.config.modules_to_save.begin(), module.config.modules_to_save.end(),
+                      [&](const std::string& m) { return name_matches_suffix(from.at(0), m); });
+      const std::string axes =
+          copy ? layer_copy_axes(param) : type.feature_axes(module.config, from.at(0), param);
       MDL_CHECK(static_cast<int64_t>(axes.size()) == v.dim(), "[transfer] '", from[0], ".", param,
                 "' has shape ", v.sizes(), "; a ", type.name, " module's ", param, " has ", axes.size(),
                 " axes");

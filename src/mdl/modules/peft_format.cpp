@@ -104,6 +104,24 @@ PeftModule read_peft_prefix(const std::string& dir, const ModelImpl& model) {
 
 }  // namespace
 
+const std::string kLabelsMetadata = "mdl.labels";
+
+std::map<std::string, std::string> module_file_metadata(const ModuleConfig& c) {
+  std::map<std::string, std::string> m = {{"format", "pt"}};
+  if (!c.labels.empty()) m[kLabelsMetadata] = nlohmann::json(c.labels).dump();
+  return m;
+}
+
+std::vector<std::string> labels_in_metadata(const io::SafetensorsFile& f) {
+  const auto it = f.metadata().find(kLabelsMetadata);
+  if (it == f.metadata().end()) return {};
+  const nlohmann::json j = nlohmann::json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+  MDL_CHECK(j.is_array() && std::all_of(j.begin(), j.end(), [](const auto& v) { return v.is_string(); }),
+            "[modules] '", f.path(), "': metadata '", kLabelsMetadata,
+            "' must be a JSON array of label names, found '", it->second.substr(0, 80), "'");
+  return j.get<std::vector<std::string>>();
+}
+
 PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   const std::string config_path = (fs::path(dir) / "adapter_config.json").string();
   const nlohmann::json j = io::read_json(config_path);
@@ -120,10 +138,11 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
   } else if (type == "IA3") {
     out.config.type = "ia3";
     out.config.ia3 = ia3_fields().read(j, UnknownKeys::ignore);
-  } else if (type == "PROMPT_TUNING") {
-    return read_peft_prompt(dir, j, model);
-  } else if (type == "PREFIX_TUNING") {
-    return read_peft_prefix(dir, model);
+  } else if (type == "PROMPT_TUNING" || type == "PREFIX_TUNING") {
+    PeftModule m = type == "PROMPT_TUNING" ? read_peft_prompt(dir, j, model) : read_peft_prefix(dir, model);
+    m.config.labels =
+        labels_in_metadata(io::SafetensorsFile((fs::path(dir) / "adapter_model.safetensors").string()));
+    return m;
   } else {
     MDL_FAIL("[peft] '", config_path, "': peft_type '", type,
              "' is not supported; supported: LORA, IA3, PROMPT_TUNING, PREFIX_TUNING");
@@ -135,10 +154,21 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
             fs::exists(fs::path(dir) / "adapter_model.bin")
                 ? " (only adapter_model.bin, a pickle mdl does not read)"
                 : "");
+  if (j.contains("modules_to_save") && !j["modules_to_save"].is_null()) {
+    MDL_CHECK(j["modules_to_save"].is_array() &&
+                  std::all_of(j["modules_to_save"].begin(), j["modules_to_save"].end(),
+                              [](const auto& v) { return v.is_string(); }),
+              "[peft] '", config_path, "': modules_to_save must be a list of module names or null, found ",
+              j["modules_to_save"].dump().substr(0, 80));
+    out.config.modules_to_save = j["modules_to_save"].get<std::vector<std::string>>();
+  }
   const auto& names = type == "LORA" ? kLoraNames : kIa3Names;
   const std::string body = model.config().body_prefix() + ".";
-  std::set<std::string> seen;
-  for (auto& [key, tensor] : io::load_safetensors(weights)) {
+  std::set<std::string> seen, copies;
+  const io::SafetensorsFile file(weights);
+  out.config.labels = labels_in_metadata(file);
+  for (const auto& key : file.names()) {
+    const at::Tensor tensor = file.tensor(key);
     MDL_CHECK(key.rfind(kPrefix, 0) == 0, "[peft] '", weights, "': tensor '", key, "' does not start with '",
               kPrefix, "'");
     std::string rest = key.substr(kPrefix.size()), param;
@@ -149,8 +179,17 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
         break;
       }
     }
+    // A layer PEFT saves whole (modules_to_save): "<module>.weight" / "<module>.bias".
+    for (const std::string whole : {"weight", "bias"}) {
+      const std::string suffix = "." + whole;
+      if (!param.empty() || !ends_with(rest, suffix)) continue;
+      const std::string layer = rest.substr(0, rest.size() - suffix.size());
+      if (std::any_of(out.config.modules_to_save.begin(), out.config.modules_to_save.end(),
+                      [&](const std::string& m) { return name_matches_suffix(layer, m); }))
+        rest = layer, param = whole;
+    }
     MDL_CHECK(!param.empty(), "[peft] '", weights, "': tensor '", key, "' is not a ", type,
-              " tensor mdl knows");
+              " tensor mdl knows (nor a layer that modules_to_save names)");
     // BertModel / GPT2Model / LlamaModel checkpoints name modules without the body prefix.
     std::string site = rest;
     bool known = model.find_site(site) != nullptr;
@@ -158,13 +197,25 @@ PeftModule read_peft(const std::string& dir, const ModelImpl& model) {
     MDL_CHECK(known, "[peft] '", weights, "': tensor '", key, "' targets '", rest, "', which ",
               model.config().architecture, " does not have; an adapter for another base model?");
     if (seen.insert(site).second) out.sites.push_back(site);
+    if (param == "weight" || param == "bias") copies.insert(site);
     out.tensors[site + "." + param] = tensor;
   }
   MDL_CHECK(!out.sites.empty(), "[peft] '", weights, "' holds no tensors");
+  // PEFT lists ["classifier", "score"] for every sequence-classification model: keep the names this file
+  // holds a layer for.
+  auto& saved = out.config.modules_to_save;
+  saved.erase(std::remove_if(saved.begin(), saved.end(),
+                             [&](const std::string& m) {
+                               return std::none_of(copies.begin(), copies.end(), [&](const std::string& s) {
+                                 return name_matches_suffix(s, m);
+                               });
+                             }),
+              saved.end());
   // The config's rank (r, or rank_pattern for the site) sets the scale alpha / r: a tensor of another rank
   // makes the file contradict itself (PEFT refuses it with a size mismatch), so it is refused here too.
   if (out.config.type == "lora")
     for (const auto& site : out.sites) {
+      if (copies.count(site)) continue;
       const auto a = out.tensors.find(site + ".lora_A");
       MDL_CHECK(a != out.tensors.end() && a->second.dim() == 2, "[peft] '", weights, "': site '", site,
                 "' has no 2-D lora_A tensor");
@@ -199,7 +250,7 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
     io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
-                         {{"prompt_embeddings", p}}, {{"format", "pt"}});
+                         {{"prompt_embeddings", p}}, module_file_metadata(c));
     io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
     staged.commit();
     return;
@@ -218,19 +269,22 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
                          {"inference_mode", true}};
     io::AtomicDirectory staged(dir);  // both files or neither
     io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(),
-                         {{"prompt_embeddings", p}}, {{"format", "pt"}});
+                         {{"prompt_embeddings", p}}, module_file_metadata(c));
     io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), pj.dump(2) + "\n");
     staged.commit();
     return;
   }
   nlohmann::json j;
-  std::vector<std::string> targets;
-  for (const auto& s : set.sites(name)) {
-    const std::string last = s.substr(s.rfind('.') + 1);
-    if (std::find(targets.begin(), targets.end(), last) == targets.end()) targets.push_back(last);
-  }
+  std::vector<std::string> own, copies;  // the type's sites; the whole layers (modules_to_save)
+  for (const auto& s : set.sites(name))
+    (set.module_at(name, s)->type() == "modules_to_save" ? copies : own).push_back(s);
   if (c.type == "lora") {
-    j = c.lora;
+    LoraOptions lo = c.lora;  // PEFT lists only the sites whose rank or alpha differs from r and lora_alpha
+    for (auto it = lo.rank_pattern.begin(); it != lo.rank_pattern.end();)
+      it = it->second == lo.r ? lo.rank_pattern.erase(it) : std::next(it);
+    for (auto it = lo.alpha_pattern.begin(); it != lo.alpha_pattern.end();)
+      it = it->second == lo.alpha ? lo.alpha_pattern.erase(it) : std::next(it);
+    j = lo;
     j["peft_type"] = "LORA";
     j["init_lora_weights"] = c.lora.init == "gaussian" ? nlohmann::json("gaussian") : nlohmann::json(true);
     j["bias"] = "none";
@@ -240,13 +294,30 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
     j["peft_type"] = "IA3";
     j["fan_in_fan_out"] = mc.arch == Arch::gpt2;
   }
-  // Exact module list as a regex over full names, so the file targets exactly the sites it holds.
-  j["target_modules"] = exact_sites_regex(set.sites(name));
+  // target_modules as PEFT writes it: the layers' names when they (with layers_to_transform) select
+  // exactly the sites the file holds, else a regex over the full names.
+  TargetOptions by_name;
+  for (const auto& s : own) {
+    const std::string last = s.substr(s.rfind('.') + 1);
+    if (std::find(by_name.target_modules.begin(), by_name.target_modules.end(), last) ==
+        by_name.target_modules.end())
+      by_name.target_modules.push_back(last);
+  }
+  by_name.layers_to_transform = c.targets.layers_to_transform;
+  std::vector<std::string> selected;
+  for (const auto& s : match_sites(*set.model(), by_name, set.model()->site(own.front()).info().kind))
+    if (std::find(copies.begin(), copies.end(), s->name()) == copies.end()) selected.push_back(s->name());
+  if (selected == own) {
+    j["target_modules"] = by_name.target_modules;
+    if (!c.targets.layers_to_transform.empty()) j["layers_to_transform"] = c.targets.layers_to_transform;
+  } else {
+    j["target_modules"] = exact_sites_regex(own);
+  }
   j["task_type"] = task_type(mc.head);
   j["base_model_name_or_path"] = mc.base_name();
   j["inference_mode"] = true;
-  j["modules_to_save"] = nullptr;
-  if (!c.targets.layers_to_transform.empty()) j["layers_to_transform"] = c.targets.layers_to_transform;
+  j["modules_to_save"] =
+      c.modules_to_save.empty() ? nlohmann::json(nullptr) : nlohmann::json(c.modules_to_save);
 
   std::map<std::string, at::Tensor> out;
   for (const auto& [key, t] : set.tensors(name)) {
@@ -263,13 +334,16 @@ void write_peft(const ModuleSet& set, const std::string& name, const std::string
       suffix = ".lora_magnitude_vector";
     else if (param == "ia3_l")
       suffix = ".ia3_l";
+    else if ((param == "weight" || param == "bias") &&
+             std::find(copies.begin(), copies.end(), site) != copies.end())
+      suffix = "." + param;  // PEFT saves a modules_to_save layer under its own name
     else
       MDL_FAIL("[peft] parameter '", key, "' has no PEFT name");
     out[kPrefix + site + suffix] = t.detach();
   }
   io::AtomicDirectory staged(dir);  // both files or neither
   io::save_safetensors((fs::path(staged.path()) / "adapter_model.safetensors").string(), out,
-                       {{"format", "pt"}});
+                       module_file_metadata(c));
   io::write_text_atomic((fs::path(staged.path()) / "adapter_config.json").string(), j.dump(2) + "\n");
   staged.commit();
 }

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "mdl/io/safetensors.h"
 #include "mdl/modules/module_set.h"
 
 namespace mdl {
@@ -21,6 +22,14 @@ struct PeftModule {
   std::vector<std::string> sites;             ///< mdl site names, in file order
   std::map<std::string, at::Tensor> tensors;  ///< "<site>.<mdl parameter>" -> tensor
 };
+
+/// The weights file's `__metadata__` for module config `c`: {"format": "pt"} and, for a module with labels,
+/// "mdl.labels" (a JSON array of the label names in index order): PEFT's and AdapterHub's files have no
+/// field for them and their readers look only at the tensors, so they travel there.
+std::map<std::string, std::string> module_file_metadata(const ModuleConfig& c);
+/// The labels module_file_metadata wrote into `file` (empty when absent); throws naming the file when the
+/// entry is not an array of strings.
+std::vector<std::string> labels_in_metadata(const io::SafetensorsFile& file);
 
 /// Reads `dir` for `model` (site names are resolved against it: HF paths with or without the body prefix).
 PeftModule read_peft(const std::string& dir, const ModelImpl& model);

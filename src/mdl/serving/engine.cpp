@@ -209,11 +209,19 @@ void Engine::load_module(const std::string& name, const std::string& path) {
   }
   std::lock_guard<std::mutex> lk(model_mu_);
   cache_->load(name, files);
+  roots_[name] = real.string();
+}
+
+std::string Engine::module_root(const std::string& name) {
+  std::lock_guard<std::mutex> lk(model_mu_);
+  if (const auto it = roots_.find(name); it != roots_.end()) return it->second;
+  return options_.modules_dir.empty() ? name : (fs::path(options_.modules_dir) / name).string();
 }
 
 void Engine::unload_module(const std::string& name) {
   std::lock_guard<std::mutex> lk(model_mu_);
   cache_->unload(name);
+  roots_.erase(name);
 }
 
 std::vector<std::string> Engine::modules() {
@@ -436,6 +444,7 @@ void Engine::decode() {
 bool Engine::emit(Sequence& s, int64_t token) {
   s.last_token = token;
   s.result.tokens.push_back(token);
+  if (s.req.sampling.logprobs >= 0) s.result.logprobs.push_back(s.sampler->last());
   {
     const auto now = std::chrono::steady_clock::now();
     std::lock_guard<std::mutex> lk(queue_mu_);

@@ -71,6 +71,8 @@ struct CompletionResult {
   std::string finish_reason;  ///< stop | length | cancelled | error
   int64_t prompt_tokens = 0;
   std::string error;  ///< set when finish_reason is "error"
+  /// with sampling.logprobs >= 0: one entry per token of `tokens`
+  std::vector<TokenLogprob> logprobs;
 };
 
 /// Counters for /metrics.
@@ -137,6 +139,9 @@ class Engine {
   /// files are read without the lock that decoding holds. Throws RequestError naming the field.
   void load_module(const std::string& name, const std::string& path);
   void unload_module(const std::string& name);
+  /// The directory module `name` was loaded from (load_module's path, resolved), or where the modules
+  /// directory offers it.
+  std::string module_root(const std::string& name);
   /// Loaded modules and those the modules directory offers.
   std::vector<std::string> modules();
 
@@ -164,7 +169,8 @@ class Engine {
   at::ScalarType lora_dtype_ = at::kHalf;  // options_.lora_bank_dtype, parsed
   std::unique_ptr<ModuleSet> set_;
   std::unique_ptr<ModuleCache> cache_;
-  std::mutex model_mu_;  // the model, module set and cache
+  std::map<std::string, std::string> roots_;  // module -> directory, for modules loaded at run time
+  std::mutex model_mu_;                       // the model, module set and cache
 
   std::mutex queue_mu_;  // waiting_, stats_, draining_
   std::condition_variable wake_;

@@ -22,6 +22,7 @@
 #include "mdl/serving/chat_template.h"
 #include "mdl/serving/engine.h"
 #include "mdl/serving/request_error.h"
+#include "mdl/tokenizers/unicode.h"
 
 namespace mdl {
 namespace {
@@ -139,6 +140,14 @@ GenerateOptions sampling(const json& j) {
   o.top_k = field<int64_t>(j, "top_k", 0);
   o.seed = static_cast<uint64_t>(field<int64_t>(j, "seed", 0));
   o.ignore_eos = field<bool>(j, "ignore_eos", false);
+  o.frequency_penalty = field<double>(j, "frequency_penalty", 0.0);
+  o.presence_penalty = field<double>(j, "presence_penalty", 0.0);
+  for (const char* key : {"frequency_penalty", "presence_penalty"}) {
+    const double v = std::string(key) == "frequency_penalty" ? o.frequency_penalty : o.presence_penalty;
+    if (!(std::abs(v) <= 2))
+      throw RequestError(400, key,
+                         std::string("[serve] '") + key + "' must be in [-2, 2], got " + std::to_string(v));
+  }
   if (o.max_tokens < 1)
     throw RequestError(400, "max_tokens",
                        "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
@@ -230,7 +239,8 @@ struct Server::Impl {
   std::vector<std::string> labels;  // config.json id2label, by id
   std::atomic<int64_t> http_errors{0}, next_id{0};
   OpenStreams streams;
-  int listen_socket = -1;  // httplib's, seen through its socket-options hook
+  int listen_socket = -1;                 // httplib's, seen through its socket-options hook
+  const int64_t started = now_seconds();  // /v1/models' "created"
 
   Impl(Engine& e, ServerOptions o) : engine(e), options(std::move(o)) {
     chat = options.model_dir.empty() ? ChatFormat::none : chat_format(options.model_dir);
@@ -331,11 +341,46 @@ struct Server::Impl {
     http.Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content(R"({"status":"ok"})", "application/json");
     });
+    // As vLLM lists a base and its LoRAs: the base under its checkpoint's name (requests may name it, or
+    // "base"), each module with its directory as root and the base as parent.
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-      json data = json::array({{{"id", "base"}, {"object", "model"}, {"owned_by", "mdl"}}});
+      const std::string base = engine.config().base_name();
+      json data = json::array({{{"id", base},
+                                {"object", "model"},
+                                {"created", started},
+                                {"owned_by", "mdl"},
+                                {"root", options.model_dir.empty() ? base : options.model_dir},
+                                {"parent", nullptr},
+                                {"max_model_len", engine.config().max_position}}});
       for (const auto& m : engine.modules())
-        data.push_back({{"id", m}, {"object", "model"}, {"owned_by", "mdl"}, {"parent", "base"}});
+        data.push_back({{"id", m},
+                        {"object", "model"},
+                        {"created", started},
+                        {"owned_by", "mdl"},
+                        {"root", engine.module_root(m)},
+                        {"parent", base}});
       res.set_content(body_text(json({{"object", "list"}, {"data", data}})), "application/json");
+    });
+    // vLLM's runtime LoRA endpoints, as aliases of POST /v1/modules and DELETE /v1/modules/NAME (the same
+    // admin token guards them, as VLLM_ALLOW_RUNTIME_LORA_UPDATING does vLLM's).
+    http.Post("/v1/load_lora_adapter", [this](const httplib::Request& req, httplib::Response& res) {
+      check_admin(req);
+      const json j = parse_body(req);
+      const std::string name = field<std::string>(j, "lora_name", ""),
+                        path = field<std::string>(j, "lora_path", "");
+      if (name.empty() || path.empty())
+        throw RequestError(400, name.empty() ? "lora_name" : "lora_path",
+                           "[serve] give 'lora_name' and 'lora_path'");
+      engine.load_module(name, path);
+      res.set_content("Success: LoRA adapter '" + name + "' added successfully.", "text/plain");
+    });
+    http.Post("/v1/unload_lora_adapter", [this](const httplib::Request& req, httplib::Response& res) {
+      check_admin(req);
+      const json j = parse_body(req);
+      const std::string name = field<std::string>(j, "lora_name", "");
+      if (name.empty()) throw RequestError(400, "lora_name", "[serve] give 'lora_name'");
+      engine.unload_module(name);
+      res.set_content("Success: LoRA adapter '" + name + "' removed successfully.", "text/plain");
     });
     http.Post("/v1/modules", [this](const httplib::Request& req, httplib::Response& res) {
       check_admin(req);
@@ -357,25 +402,7 @@ struct Server::Impl {
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       if (!j.contains("prompt")) throw RequestError(400, "prompt", "[serve] missing field 'prompt'");
-      const json& p = j["prompt"];
-      std::vector<int64_t> prompt;
-      if (p.is_string()) {
-        prompt = engine.tokenizer().encode(p.get<std::string>());
-      } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
-        for (const auto& t : p) {
-          if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
-              t.get<int64_t>() >= engine.config().vocab_size)
-            throw RequestError(400, "prompt",
-                               "[serve] 'prompt' token ids must be integers in [0, " +
-                                   std::to_string(engine.config().vocab_size) + ")");
-          prompt.push_back(t.get<int64_t>());
-        }
-      } else {
-        throw RequestError(
-            400, "prompt",
-            "[serve] 'prompt' must be a string or an array of token ids (one prompt per request)");
-      }
-      complete(j, std::move(prompt), res, false);
+      complete(j, prompts(j["prompt"]), res, false);
     });
     http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
@@ -403,12 +430,12 @@ struct Server::Impl {
               "[serve] messages[" + std::to_string(i) + "] must be {\"role\": str, \"content\": str}");
         messages.emplace_back(m["role"].get<std::string>(), m["content"].get<std::string>());
       }
-      complete(j, engine.tokenizer().encode(render_chat(chat, messages), false), res, true);
+      complete(j, {engine.tokenizer().encode(render_chat(chat, messages), false)}, res, true);
     });
     http.Post("/v1/classify", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      const auto chosen = engine.resolve(requested_model(j), module_list(j));
+      const auto chosen = engine.resolve(requested_module(j), module_list(j));
       at::Tensor logits = engine.classify(texts, chosen);
       // The names the modules were trained with; without any, the base's config.json id2label.
       const std::vector<std::string> trained = engine.labels(chosen);
@@ -430,7 +457,7 @@ struct Server::Impl {
     http.Post("/v1/embeddings", [this](const httplib::Request& req, httplib::Response& res) {
       const json j = parse_body(req);
       const auto texts = inputs(j);
-      at::Tensor e = engine.embed(texts, engine.resolve(requested_model(j), module_list(j))).contiguous();
+      at::Tensor e = engine.embed(texts, engine.resolve(requested_module(j), module_list(j))).contiguous();
       json data = json::array();
       for (int64_t i = 0; i < e.size(0); ++i) {
         const float* row = e[i].data_ptr<float>();
@@ -445,21 +472,103 @@ struct Server::Impl {
     });
   }
 
-  /// OpenAI and LoRAX parameters mdl does not implement yet are refused (400, naming the field), never
-  /// ignored: a client relying on them would get other answers than it asked for without knowing.
-  static void refuse_unsupported(const json& j) {
+  /// A completion's prompts: a string, token ids, or a list of either (one choice set per prompt).
+  std::vector<std::vector<int64_t>> prompts(const json& p) const {
+    auto ids = [&](const json& a, const std::string& where) {
+      std::vector<int64_t> out;
+      for (const auto& t : a) {
+        if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= engine.config().vocab_size)
+          throw RequestError(400, "prompt",
+                             "[serve] " + where + " token ids must be integers in [0, " +
+                                 std::to_string(engine.config().vocab_size) + ")");
+        out.push_back(t.get<int64_t>());
+      }
+      return out;
+    };
+    const std::string shapes =
+        "[serve] 'prompt' must be a string, an array of token ids, or a non-empty array of "
+        "strings or of token-id arrays";
+    if (p.is_string()) return {engine.tokenizer().encode(p.get<std::string>())};
+    if (!p.is_array() || p.empty()) throw RequestError(400, "prompt", shapes);
+    if (p[0].is_number_integer()) return {ids(p, "'prompt'")};
+    std::vector<std::vector<int64_t>> out;
+    for (size_t i = 0; i < p.size(); ++i) {
+      const std::string where = "prompt[" + std::to_string(i) + "]";
+      if (p[i].is_string())
+        out.push_back(engine.tokenizer().encode(p[i].get<std::string>()));
+      else if (p[i].is_array() && !p[i].empty())
+        out.push_back(ids(p[i], where));
+      else
+        throw RequestError(400, "prompt", shapes + "; " + where + " is neither");
+    }
+    return out;
+  }
+
+  /// How many log-probabilities a request asks for (-1: none). Completions: `logprobs` = the number of
+  /// top tokens (0 to 20); chat: `logprobs` true, with `top_logprobs` (0 to 20).
+  static int64_t logprobs_wanted(const json& j, bool chat_api) {
     auto set = [&](const char* key) { return j.contains(key) && !j[key].is_null(); };
-    if (set("n") && !(j["n"].is_number_integer() && j["n"].get<int64_t>() == 1))
+    if (chat_api) {
+      const bool on = field<bool>(j, "logprobs", false);
+      const int64_t top = field<int64_t>(j, "top_logprobs", 0);
+      if (top < 0 || top > 20)
+        throw RequestError(400, "top_logprobs",
+                           "[serve] 'top_logprobs' must be 0 to 20, got " + std::to_string(top));
+      if (set("top_logprobs") && !on)
+        throw RequestError(400, "top_logprobs", "[serve] 'top_logprobs' needs 'logprobs': true");
+      return on ? top : -1;
+    }
+    if (!set("logprobs")) return -1;
+    if (j["logprobs"].is_boolean()) return j["logprobs"].get<bool>() ? 0 : -1;  // as chat's flag
+    if (!j["logprobs"].is_number_integer() || j["logprobs"].get<int64_t>() < 0 ||
+        j["logprobs"].get<int64_t>() > 20)
       throw RequestError(
-          400, "n", "[serve] 'n' other than 1 is not supported yet; send n requests (each with its seed)");
-    for (const char* key : {"logprobs", "top_logprobs"})
-      if (set(key) && !(j[key].is_boolean() && !j[key].get<bool>()) &&
-          !(j[key].is_number() && j[key].get<double>() == 0))
-        throw RequestError(400, key, std::string("[serve] '") + key + "' is not supported yet");
-    for (const char* key : {"frequency_penalty", "presence_penalty"})
-      if (set(key) && !(j[key].is_number() && j[key].get<double>() == 0))
-        throw RequestError(400, key,
-                           std::string("[serve] '") + key + "' is not supported yet; leave it 0 or unset");
+          400, "logprobs",
+          "[serve] 'logprobs' (completions) is the number of top tokens to list, 0 to 20, found " +
+              j["logprobs"].dump().substr(0, 40));
+    return j["logprobs"].get<int64_t>();
+  }
+
+  /// A token's text for logprobs (its bytes may be part of a character: repaired to valid UTF-8).
+  std::string piece(int64_t token) const { return unicode::valid_utf8(engine.tokenizer().decode({token})); }
+
+  /// OpenAI's logprobs object of one choice: completions' parallel lists or chat's content entries. A
+  /// final end-of-sequence token is not listed (it has no text).
+  json logprobs_object(const CompletionResult& out, bool chat_api) const {
+    std::vector<TokenLogprob> shown = out.logprobs;
+    const auto& eos = engine.config().eos_token_ids;
+    if (!shown.empty() && out.finish_reason == "stop" &&
+        std::find(eos.begin(), eos.end(), shown.back().token) != eos.end())
+      shown.pop_back();
+    auto bytes = [](const std::string& t) {
+      json b = json::array();
+      for (unsigned char c : t) b.push_back(static_cast<int>(c));
+      return b;
+    };
+    if (chat_api) {
+      json content = json::array();
+      for (const auto& t : shown) {
+        json top = json::array();
+        for (const auto& [id, lp] : t.top)
+          top.push_back({{"token", piece(id)}, {"logprob", lp}, {"bytes", bytes(piece(id))}});
+        const std::string text = piece(t.token);
+        content.push_back(
+            {{"token", text}, {"logprob", t.logprob}, {"bytes", bytes(text)}, {"top_logprobs", top}});
+      }
+      return {{"content", content}};
+    }
+    json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+    int64_t offset = 0;
+    for (const auto& t : shown) {
+      const std::string text = piece(t.token);
+      tokens.push_back(text), lps.push_back(t.logprob), offsets.push_back(offset);
+      offset += static_cast<int64_t>(text.size());
+      json top = json::object();
+      for (const auto& [id, lp] : t.top)  // most likely first: a text two ids share keeps the larger
+        if (!top.contains(piece(id))) top[piece(id)] = lp;
+      tops.push_back(top);
+    }
+    return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
   }
 
   /// The model a request names: `model`, or LoRAX's `adapter_id` (the same thing), "base" without either.
@@ -470,25 +579,43 @@ struct Server::Impl {
       throw RequestError(
           400, "adapter_id",
           "[serve] 'adapter_id' (" + adapter + ") and 'model' (" + model + ") name different modules");
-    return !adapter.empty() ? adapter : model.empty() ? "base" : model;
+    const std::string named = !adapter.empty() ? adapter : model;
+    return named.empty() ? "base" : named;
   }
 
-  void complete(const json& j, std::vector<int64_t> prompt, httplib::Response& res, bool chat_api) {
-    refuse_unsupported(j);
+  /// requested_model with the base's own name (as /v1/models lists it) read as "base".
+  std::string requested_module(const json& j) const {
+    const std::string m = requested_model(j);
+    return m == engine.config().base_name() ? "base" : m;
+  }
+
+  void complete(const json& j, std::vector<std::vector<int64_t>> prompts, httplib::Response& res,
+                bool chat_api) {
     const std::string model = requested_model(j);
-    CompletionRequest r;
-    r.prompt = std::move(prompt);
-    r.sampling = sampling(j);
-    r.stop = stop_list(j);
-    r.modules = engine.resolve(model, module_list(j));
     const bool stream = field<bool>(j, "stream", false);
+    const int64_t n = field<int64_t>(j, "n", 1);
+    if (n < 1 || n > 16)
+      throw RequestError(400, "n", "[serve] 'n' must be 1 to 16, got " + std::to_string(n));
+    CompletionRequest r;
+    r.sampling = sampling(j);
+    r.sampling.logprobs = logprobs_wanted(j, chat_api);
+    r.stop = stop_list(j);
+    r.modules = engine.resolve(requested_module(j), module_list(j));
+    if (stream && (n > 1 || prompts.size() > 1))
+      throw RequestError(400, n > 1 ? "n" : "prompt",
+                         "[serve] a stream carries one choice here: with \"stream\": true give n = 1 and one "
+                         "prompt (or send the choices as separate requests)");
+    if (stream && r.sampling.logprobs >= 0)
+      throw RequestError(400, "logprobs",
+                         "[serve] logprobs are returned without streaming here; set \"stream\": false");
     const std::string rid = id(chat_api ? "chatcmpl-" : "cmpl-");
     const int64_t created = now_seconds();
     // Captured by value: the streaming provider runs after this function has returned.
     // A chat stream names the role in its first chunk only, as OpenAI's does.
     auto first_chunk = std::make_shared<std::atomic<bool>>(true);
-    auto choice = [chat_api, stream, first_chunk](const std::string& text, const json& finish) {
-      json c = {{"index", 0}, {"finish_reason", finish}, {"logprobs", nullptr}};
+    auto choice = [chat_api, stream, first_chunk](int64_t index, const std::string& text,
+                                                  const json& finish) {
+      json c = {{"index", index}, {"finish_reason", finish}, {"logprobs", nullptr}};
       if (chat_api && !stream) {
         c["message"] = {{"role", "assistant"}, {"content", text}};
       } else if (chat_api) {
@@ -502,22 +629,41 @@ struct Server::Impl {
     const std::string object =
         chat_api ? (stream ? "chat.completion.chunk" : "chat.completion") : "text_completion";
     if (!stream) {
-      CompletionResult out = engine.submit(std::move(r)).get();
-      if (out.finish_reason == "error")
-        throw RequestError(500, "", "[serve] generation failed: " + out.error);
-      const auto n = static_cast<int64_t>(out.tokens.size());
+      // Choice i * n + k: prompt i's k-th sample, each with its own seed (seed + k), all in one batch.
+      std::vector<CompletionRequest> all;
+      for (auto& p : prompts)
+        for (int64_t k = 0; k < n; ++k) {
+          CompletionRequest one = r;
+          one.prompt = p;
+          one.sampling.seed = r.sampling.seed + static_cast<uint64_t>(k);
+          all.push_back(std::move(one));
+        }
+      auto futures = engine.submit(std::move(all));
+      json choices = json::array();
+      int64_t prompt_tokens = 0, completion_tokens = 0;
+      for (size_t i = 0; i < futures.size(); ++i) {
+        CompletionResult out = futures[i].get();
+        if (out.finish_reason == "error")
+          throw RequestError(500, "", "[serve] generation failed: " + out.error);
+        json c = choice(static_cast<int64_t>(i), out.text, out.finish_reason);
+        if (r.sampling.logprobs >= 0) c["logprobs"] = logprobs_object(out, chat_api);
+        choices.push_back(std::move(c));
+        if (i % static_cast<size_t>(n) == 0) prompt_tokens += out.prompt_tokens;  // each prompt once
+        completion_tokens += static_cast<int64_t>(out.tokens.size());
+      }
       res.set_content(body_text(json({{"id", rid},
                                       {"object", object},
                                       {"created", created},
                                       {"model", model},
-                                      {"choices", json::array({choice(out.text, out.finish_reason)})},
+                                      {"choices", choices},
                                       {"usage",
-                                       {{"prompt_tokens", out.prompt_tokens},
-                                        {"completion_tokens", n},
-                                        {"total_tokens", out.prompt_tokens + n}}}})),
+                                       {{"prompt_tokens", prompt_tokens},
+                                        {"completion_tokens", completion_tokens},
+                                        {"total_tokens", prompt_tokens + completion_tokens}}}})),
                       "application/json");
       return;
     }
+    r.prompt = std::move(prompts.front());
     auto s = std::make_shared<Stream>();
     r.on_text = [s](const std::string& text) {
       if (s->gone) return false;
@@ -536,7 +682,7 @@ struct Server::Impl {
                              {"object", object},
                              {"created", created},
                              {"model", model},
-                             {"choices", json::array({choice(text, finish)})}})) +
+                             {"choices", json::array({choice(0, text, finish)})}})) +
              "\n\n";
     };
     res.set_chunked_content_provider(

@@ -33,7 +33,7 @@ void train_branches(const TrainConfig& c, ProcessGroup* group) {
     Model m = load_model(c.model, lo);
     ModuleSet set(m);
     for (const auto& d : c.load) set.load(d);
-    set.add(branch.name, module);
+    set.add(branch.name, with_new_heads(module, *m));
     Dataset data = load_jsonl(branch.train_data, Tokenizer::from_file(c.model), c.data);
     TrainOptions o = c.options;
     o.out_dir = dir;

@@ -50,7 +50,9 @@ const FieldList<TrainConfig>& train_config_fields() {
                 MDL_CHECK(v.is_object(), "field 'modules' must be an object {\"name\": {module config}}");
                 for (const auto& [name, m] : v.items()) c.modules[name] = m.get<ModuleConfig>();
               },
-              "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}}}")
+              "new modules by name: {\"name\": {\"type\": \"lora\", \"options\": {...}, \"targets\": {...}, "
+              "\"modules_to_save\": [\"score\"]}}; modules_to_save: layers trained whole with the module and "
+              "saved in it (default: a head the checkpoint lacks)")
           .add("load", &C::load, "existing module directories to load first (mdl, PEFT, AdapterHub)")
           .add("train", &C::train, "names of the modules to train; default: every module under 'modules'")
           .add("train_data", &C::train_data, "JSONL training file")
@@ -119,6 +121,20 @@ TrainConfig parse_train_config(const std::string& text, const std::string& sourc
   MDL_CHECK(!c.train.empty() || c.options.train_base, "[train] '", source,
             "': nothing to train: add 'modules', list loaded ones in 'train', or set options.train_base");
   return c;
+}
+
+ModuleConfig with_new_heads(ModuleConfig module, const ModelImpl& model) {
+  if (!module.modules_to_save.empty()) return module;
+  for (const auto& p : model.initialised_parameters()) {
+    const size_t dot = p.rfind('.');
+    const std::string layer = p.substr(0, dot);
+    const Site* site = model.find_site(layer);
+    if (dot == std::string::npos || site == nullptr || site->info().kind != SiteKind::linear) continue;
+    if (std::find(module.modules_to_save.begin(), module.modules_to_save.end(), layer) ==
+        module.modules_to_save.end())
+      module.modules_to_save.push_back(layer);
+  }
+  return module;
 }
 
 std::string train_config_help() {

@@ -41,6 +41,12 @@ struct TrainConfig {
 /// Parses a config; unknown top-level fields and bad values are errors naming the field and the file.
 TrainConfig parse_train_config(const std::string& json_text, const std::string& source);
 
+/// `module` to be trained on `model` with the layers the checkpoint lacked (a new task's classification
+/// head, initialised at load) added to its modules_to_save, so they are trained and saved with it, as PEFT
+/// does for a sequence-classification task; unchanged when modules_to_save is already given or nothing
+/// was initialised.
+ModuleConfig with_new_heads(ModuleConfig module, const ModelImpl& model);
+
 /// Every field as "path  default  description" lines.
 std::string train_config_help();
 
