@@ -122,7 +122,7 @@ TEST(Demo, TinyRunProducesEveryArtefactAndRerunsFromTheCache) {
   // results.json: every experiment, parsed back from the file.
   const json r = json::parse(test::read_file(out + "/results.json"));
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer", "modularity", "module_transfer", "checks"})
+                          "crosslingual", "moduleformer", "modularity", "module_transfer", "s2rm", "checks"})
     EXPECT_TRUE(r.contains(key)) << key;
   // Experiment 10: both module kinds with their six arms, each measured at every evaluation step.
   for (const char* kind : {"adapter", "lora"}) {
@@ -249,9 +249,9 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   const json r = json::parse(test::read_file(f.tmp / "cli/results.json"));
   EXPECT_EQ(r["run"]["processes"], 2);
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
-                          "crosslingual", "moduleformer", "modularity", "module_transfer"})
+                          "crosslingual", "moduleformer", "modularity", "module_transfer", "s2rm"})
     EXPECT_TRUE(r.contains(key)) << key;
-  EXPECT_EQ(r["checks"].size(), 25u);  // both processes' checks (1-6 and 9 here, 7, 10 and 8 in the second)
+  EXPECT_EQ(r["checks"].size(), 29u);  // both processes' checks (1-6, 9, 11 here, 7, 10 and 8 in the second)
   EXPECT_EQ(r["module_transfer"]["text"]["teacher_adapters"], "experiment 7's");
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
@@ -277,12 +277,22 @@ TEST(Demo, PartsAreNamedAloneOrAsAList) {
   f.options.part = "language,bogus";
   EXPECT_THROW_WITH(
       run_demo(f.options),
-      "[demo] part 'bogus' is unknown; expected all, vision, language, moduleformer, modularity or transfer");
+      "[demo] part 'bogus' is unknown; expected all, vision, language, moduleformer, modularity, s2rm or "
+      "transfer");
   f.options.part = "transfer";
   const json t = run_demo(f.options);
   EXPECT_TRUE(t.contains("module_transfer"));
   EXPECT_EQ(t["module_transfer"]["text"]["teacher_adapters"], "trained here");  // no experiment 7 in this run
   EXPECT_EQ(t["checks"].size(), 8u);
+  // Experiment 11 alone: three models, each measured at V = 1, 2, 4, 8 with 2 and 4 balls; its 4 checks.
+  f.options.part = "s2rm";
+  const json s2 = run_demo(f.options);
+  ASSERT_TRUE(s2.contains("s2rm"));
+  for (const char* kind : {"s2rm", "rims", "gru"})
+    for (const char* balls : {"balls_2", "balls_4"})
+      EXPECT_EQ(s2["s2rm"]["models"][kind]["test_mse"][balls].size(), 4u) << kind << " " << balls;
+  EXPECT_EQ(s2["s2rm"]["kernel"]["matrix"].size(), 4u);  // the tiny run's 4 modules
+  EXPECT_EQ(s2["checks"].size(), 4u);
 }
 
 TEST(Demo, MissingDataIsAnErrorThatSaysWhereToGetIt) {

@@ -1301,7 +1301,7 @@ void register_demo(CLI::App& app, GlobalOptions& g) {
     } reaper{pid};
     configure_threads(budget - budget / 2);
     demo::DemoOptions vision = options;
-    vision.part = "vision,modularity,transfer-vision";
+    vision.part = "vision,modularity,transfer-vision,s2rm";
     vision.write_outputs = false;
     vision.peer_progress_file = progress_file;
     int status = 0;

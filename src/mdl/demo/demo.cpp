@@ -56,6 +56,9 @@ Sizes sizes_for(DemoSize size) {
     s.tr_distill_steps = 2, s.tr_seeds = 1, s.tr_align_examples = 32, s.tr_eval_steps = {0, 1, 2};
     s.tr_batch = 16, s.tr_test_examples = 64;
     s.tt_teacher_adapter_steps = 2, s.tt_distill_steps = 2, s.tt_adapter_steps = 2;
+    s.s2_cells = 16, s.s2_modules = 4, s.s2_hidden = 8, s.s2_steps = 10, s.s2_batch = 4,
+    s.s2_episode_steps = 4;
+    s.s2_test_episodes = 4;
   } else if (size == DemoSize::full) {  // 18 minutes on 2 cores (measured)
     s.vit_hidden = 96, s.vit_layers = 5, s.vit_heads = 4, s.vit_intermediate = 192, s.vit_patch = 7;
     s.pretrain_steps = 3000, s.test_examples = 10000;
@@ -68,6 +71,7 @@ Sizes sizes_for(DemoSize size) {
     s.mf_steps = 800, s.mf_continual_steps = 500, s.mf_prune_steps = 300, s.mf_train_chunks = 12000;
     s.md_rules = {2, 4, 8, 16}, s.md_seeds = 2, s.md_steps = 3000;  // the paper trains 100k (500k) steps
     s.md_sequence_tasks = {"mha", "rnn"};
+    s.s2_steps = 1500, s.s2_test_episodes = 512;
   }
   return s;
 }
@@ -365,24 +369,25 @@ nlohmann::json run_demo(const DemoOptions& options) {
   for (size_t at = 0; at <= options.part.size();) {
     const size_t comma = std::min(options.part.find(',', at), options.part.size());
     const std::string p = options.part.substr(at, comma - at);
-    MDL_CHECK(
-        p == "all" || p == "vision" || p == "language" || p == "moduleformer" || p == "modularity" ||
-            p == "transfer" || p == "transfer-vision" || p == "transfer-text",
-        "[demo] part '", p,
-        "' is unknown; expected all, vision, language, moduleformer, modularity or transfer (its halves: "
-        "transfer-vision, transfer-text), or a list: language,moduleformer");
+    MDL_CHECK(p == "all" || p == "vision" || p == "language" || p == "moduleformer" || p == "modularity" ||
+                  p == "transfer" || p == "transfer-vision" || p == "transfer-text" || p == "s2rm",
+              "[demo] part '", p,
+              "' is unknown; expected all, vision, language, moduleformer, modularity, s2rm or transfer (its "
+              "halves: "
+              "transfer-vision, transfer-text), or a list: language,moduleformer");
     parts.insert(p);
     at = comma + 1;
   }
   auto runs = [&](const char* p) { return parts.count("all") > 0 || parts.count(p) > 0; };
   const bool vision = runs("vision"), language = runs("language"), moduleformer = runs("moduleformer"),
-             modularity = runs("modularity"),
+             modularity = runs("modularity"), s2rm = runs("s2rm"),
              transfer_vision = runs("transfer") || parts.count("transfer-vision"),
              transfer_text = runs("transfer") || parts.count("transfer-text");
   Progress progress((vision ? planned_vision_steps(ctx.sizes, vit_cached) : 0) +
                         (language ? planned_language_steps(ctx.sizes) : 0) +
                         (moduleformer ? planned_moduleformer_steps(ctx.sizes) : 0) +
                         (modularity ? planned_modularity_steps(ctx.sizes) : 0) +
+                        (s2rm ? planned_s2rm_steps(ctx.sizes) : 0) +
                         planned_transfer_steps(ctx.sizes, transfer_vision, transfer_text),
                     options.progress, options.progress_file, options.peer_progress_file);
   ctx.progress = &progress;
@@ -395,6 +400,7 @@ nlohmann::json run_demo(const DemoOptions& options) {
   if (transfer_vision || transfer_text) run_transfer(ctx, transfer_vision, transfer_text);
   if (moduleformer) run_moduleformer(ctx);
   if (modularity) run_modularity(ctx);
+  if (s2rm) run_s2rm(ctx);
   if (options.wait_for_peer) progress.wait(options.wait_for_peer);
   progress.finish();
   ctx.results["run"]["seconds"] = seconds_since(start);

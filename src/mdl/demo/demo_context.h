@@ -56,6 +56,10 @@ struct Sizes {
   double tr_lr = 1e-3;
   // ... and the polyglot decoder's language adapters on a half-depth student
   int64_t tt_teacher_adapter_steps = 200, tt_distill_steps = 100, tt_adapter_steps = 60;
+  // S2RMs (bouncing balls on a ring, seen through crops): S2RMs, RIMs and a GRU
+  int64_t s2_cells = 16, s2_modules = 8, s2_hidden = 32, s2_steps = 800, s2_batch = 32, s2_episode_steps = 10;
+  int64_t s2_test_episodes = 128;
+  double s2_lr = 5e-3;
 };
 Sizes sizes_for(DemoSize size);
 const char* size_name(DemoSize size);
@@ -139,6 +143,8 @@ void run_vision(Context& ctx);
 void run_language(Context& ctx);
 void run_moduleformer(Context& ctx);
 void run_modularity(Context& ctx);
+/// Experiment 11: S2RMs against a monolithic GRU and RIMs on bouncing balls (s2rm_experiments.cpp).
+void run_s2rm(Context& ctx);
 /// Experiment 10: its image study (teacher and students of ViTs) and its text study (the polyglot decoder's
 /// language adapters); `--part transfer` runs both, transfer-vision and transfer-text one each.
 void run_transfer(Context& ctx, bool vision, bool text);
@@ -155,6 +161,7 @@ int64_t planned_vision_steps(const Sizes& s, bool backbone_cached);
 int64_t planned_language_steps(const Sizes& s);
 int64_t planned_moduleformer_steps(const Sizes& s);
 int64_t planned_modularity_steps(const Sizes& s);
+int64_t planned_s2rm_steps(const Sizes& s);
 /// Experiment 10's steps, and those of its backbones when they are not cached (added when found missing).
 int64_t planned_transfer_steps(const Sizes& s, bool vision, bool text);
 int64_t planned_transfer_backbone_steps(const Sizes& s);

@@ -394,6 +394,42 @@ std::vector<Section> sections(const json& r) {
     }
     out.push_back(s);
   }
+  if (r.contains("s2rm")) {
+    const json& m = r["s2rm"];
+    Section s{"s2rm", "11. S2RMs: recurrent modules in a learned space, seen through local views", {}, {}};
+    s.text.push_back(
+        "Balls on a ring of " + std::to_string(m["cells"].get<int64_t>()) +
+        " cells bounce off each other; a model sees V random 5-cell crops per step (located by their "
+        "centre's "
+        "angle) and predicts the next whole frame at every cell. S2RMs (" +
+        std::to_string(m["modules"].get<int64_t>()) +
+        " GRU modules placed in a learned 2-D space, a truncated kernel deciding which views and which other "
+        "modules each one meets; a module with no view near it keeps its state), RIMs (top-k of the modules "
+        "take input, all-to-all communication) and one monolithic GRU over the pooled views; " +
+        std::to_string(m["steps"].get<int64_t>()) + " Adam steps of " +
+        std::to_string(m["batch"].get<int64_t>()) + " episodes of " +
+        std::to_string(m["episode_steps"].get<int64_t>()) +
+        " steps with V = 4 and 2 balls, then tested with V = 1, 2, 4, 8 and with 4 balls (next-frame MSE "
+        "after "
+        "2 warm-up steps). The cell is a reconstruction: the paper's equations could not be read (see "
+        "docs/ARCHITECTURE.md).");
+    Table t{{"model", "parameters", "V=1", "V=2", "V=4", "V=8", "4 balls V=1", "4 balls V=4", "4 balls V=8"},
+            {}};
+    for (const auto& [kind, v] : m["models"].items()) {
+      const json& e = v["test_mse"];
+      t.rows.push_back({kind, std::to_string(v["parameters"].get<int64_t>()), num(e["balls_2"]["1"], "%.4f"),
+                        num(e["balls_2"]["2"], "%.4f"), num(e["balls_2"]["4"], "%.4f"),
+                        num(e["balls_2"]["8"], "%.4f"), num(e["balls_4"]["1"], "%.4f"),
+                        num(e["balls_4"]["4"], "%.4f"), num(e["balls_4"]["8"], "%.4f")});
+    }
+    s.tables.push_back(t);
+    const json& k = m["kernel"];
+    s.text.push_back(
+        "The learned kernel between modules: mean K " + num(k["near_mean"], "%.3f") +
+        " over pairs within a quarter ring of each other, " + num(k["far_mean"], "%.3f") +
+        " over farther pairs (each module placed at the cell whose encoded location is nearest).");
+    out.push_back(s);
+  }
   return out;
 }
 
