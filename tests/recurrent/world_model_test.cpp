@@ -130,5 +130,31 @@ TEST(WorldModels, ShapesForAnyViewsAndModulesPaddingChangesNothingGradientsFlow)
   EXPECT_THROW_WITH(model->step(v, model->initial_state(2)), "views.locations must be (2, 3, 2)");
 }
 
+TEST(WorldModels, SavedAndLoadedInSafetensors) {
+  test::TempDir tmp;
+  for (const std::string kind : {"s2rm", "rims", "gru"}) {
+    WorldModelOptions o;
+    o.kind = kind;
+    o.modules = 3;
+    o.top_k = 2;
+    o.seed = 4;
+    auto model = make_world_model(o);
+    const Views v = random_views(2, 3, o, 8);
+    auto gen = at::detail::createCPUGenerator(2);
+    const at::Tensor q = at::rand({2, 4, o.location_dim}, gen);
+    torch::NoGradGuard g;
+    const at::Tensor want = model->decode(model->step(v, model->initial_state(2)), q);
+    save_world_model(*model, tmp / kind);
+    auto back = load_world_model(tmp / kind);
+    EXPECT_EQ(back->options().kind, kind);
+    EXPECT_TRUE(at::equal(back->decode(back->step(v, back->initial_state(2)), q), want)) << kind;
+  }
+  // A file of another size or with a field it does not know is refused, naming it.
+  test::write_file(tmp / "gru/world_model.json", "{\"kind\": \"gru\", \"hidden\": 8}");
+  EXPECT_THROW_WITH(load_world_model(tmp / "gru"), "has shape");
+  test::write_file(tmp / "gru/world_model.json", "{\"kind\": \"gru\", \"layers\": 2}");
+  EXPECT_THROW_WITH(load_world_model(tmp / "gru"), "has an unknown field 'layers'");
+}
+
 }  // namespace
 }  // namespace mdl

@@ -1,8 +1,15 @@
 #include "mdl/recurrent/world_model.h"
 
 #include <ATen/ATen.h>
+#include <torch/utils.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/io/atomic_file.h"
+#include "mdl/io/json_file.h"
+#include "mdl/io/safetensors.h"
 #include "mdl/recurrent/monolithic_gru.h"
 #include "mdl/recurrent/rims.h"
 #include "mdl/recurrent/s2rm.h"
@@ -14,6 +21,82 @@ std::shared_ptr<WorldModelImpl> make_world_model(const WorldModelOptions& o) {
   if (o.kind == "rims") return std::make_shared<RimsImpl>(o);
   if (o.kind == "gru") return std::make_shared<MonolithicGruImpl>(o);
   MDL_FAIL("[world_model] kind '", o.kind, "' is unknown; expected s2rm, rims or gru");
+}
+
+namespace {
+
+nlohmann::json options_json(const WorldModelOptions& o) {
+  return {{"kind", o.kind},
+          {"modules", o.modules},
+          {"feature_dim", o.feature_dim},
+          {"location_dim", o.location_dim},
+          {"output_dim", o.output_dim},
+          {"hidden", o.hidden},
+          {"key_dim", o.key_dim},
+          {"value_dim", o.value_dim},
+          {"space_dim", o.space_dim},
+          {"bandwidth", o.bandwidth},
+          {"epsilon", o.epsilon},
+          {"top_k", o.top_k},
+          {"seed", o.seed}};
+}
+
+WorldModelOptions options_from(const nlohmann::json& j, const std::string& file) {
+  const nlohmann::json known = options_json(WorldModelOptions());
+  MDL_CHECK(j.is_object(), "[world_model] '", file, "' must hold a JSON object of options");
+  for (const auto& [k, v] : j.items()) {
+    MDL_CHECK(known.contains(k), "[world_model] '", file, "' has an unknown field '", k.substr(0, 80), "'");
+    MDL_CHECK(v.type() == known[k].type() || (v.is_number() && known[k].is_number()), "[world_model] '", file,
+              "': field '", k, "' must be a ", known[k].type_name(), ", found ", v.type_name());
+  }
+  WorldModelOptions o;
+  o.kind = j.value("kind", o.kind);
+  o.modules = j.value("modules", o.modules);
+  o.feature_dim = j.value("feature_dim", o.feature_dim);
+  o.location_dim = j.value("location_dim", o.location_dim);
+  o.output_dim = j.value("output_dim", o.output_dim);
+  o.hidden = j.value("hidden", o.hidden);
+  o.key_dim = j.value("key_dim", o.key_dim);
+  o.value_dim = j.value("value_dim", o.value_dim);
+  o.space_dim = j.value("space_dim", o.space_dim);
+  o.bandwidth = j.value("bandwidth", o.bandwidth);
+  o.epsilon = j.value("epsilon", o.epsilon);
+  o.top_k = j.value("top_k", o.top_k);
+  o.seed = j.value("seed", o.seed);
+  return o;
+}
+
+}  // namespace
+
+void save_world_model(const WorldModelImpl& model, const std::string& dir) {
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& p : model.named_parameters()) tensors[p.key()] = p.value().detach().cpu().contiguous();
+  io::AtomicDirectory staged(dir);
+  io::save_safetensors((std::filesystem::path(staged.path()) / "world_model.safetensors").string(), tensors);
+  io::write_text_atomic((std::filesystem::path(staged.path()) / "world_model.json").string(),
+                        options_json(model.options()).dump(2) + "\n");
+  staged.commit();
+}
+
+std::shared_ptr<WorldModelImpl> load_world_model(const std::string& dir) {
+  const std::string config = (std::filesystem::path(dir) / "world_model.json").string();
+  const std::string weights = (std::filesystem::path(dir) / "world_model.safetensors").string();
+  auto model = make_world_model(options_from(io::read_json(config), config));
+  const auto tensors = io::load_safetensors(weights);
+  torch::NoGradGuard g;
+  auto params = model->named_parameters();
+  for (auto& p : params) {
+    const auto it = tensors.find(p.key());
+    MDL_CHECK(it != tensors.end(), "[world_model] '", weights, "' has no tensor '", p.key(), "' (expected ",
+              p.value().sizes(), ")");
+    MDL_CHECK(it->second.sizes() == p.value().sizes(), "[world_model] '", weights, "': tensor '", p.key(),
+              "' has shape ", it->second.sizes(), " but ", config, " makes it ", p.value().sizes());
+    p.value().copy_(it->second);
+  }
+  for (const auto& [k, t] : tensors)
+    MDL_CHECK(params.find(k) != nullptr, "[world_model] '", weights, "': tensor '", k.substr(0, 100),
+              "' belongs to no parameter of a ", model->options().kind, " model");
+  return model;
 }
 
 void check_views(const Views& v, const at::Tensor& state, const WorldModelOptions& o, int64_t modules,

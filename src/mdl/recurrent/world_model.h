@@ -63,6 +63,13 @@ class WorldModelImpl : public torch::nn::Module {
 /// A world model of `options.kind`; throws naming the kind when it is unknown.
 std::shared_ptr<WorldModelImpl> make_world_model(const WorldModelOptions& options);
 
+/// Writes `model` to directory `dir` atomically (both files or neither): `world_model.json` (its options)
+/// and `world_model.safetensors` (its parameters by name).
+void save_world_model(const WorldModelImpl& model, const std::string& dir);
+/// Reads what save_world_model wrote; throws naming the file and the field or tensor that is missing,
+/// unknown or of another shape.
+std::shared_ptr<WorldModelImpl> load_world_model(const std::string& dir);
+
 /// Checks a views/state pair against a model's sizes; throws naming the tensor, its shape and the expected.
 void check_views(const Views& views, const at::Tensor& state, const WorldModelOptions& options,
                  int64_t modules, const char* where);
