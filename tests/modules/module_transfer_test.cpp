@@ -219,6 +219,22 @@ TEST(ModuleTransfer, TypesThatDoNotMoveAreRefused) {
                     "modules move between models of one family");
 }
 
+/// How a Llama parameter meets the residual stream's features: read along its columns (embeddings,
+/// projections from the hidden state, the LM head), written along its rows (o_proj, down_proj), a norm's
+/// gain, or not at all.
+enum class Side { reads, writes, gain, none };
+Side side_of(const std::string& n) {
+  auto ends = [&](const std::string& suffix) {
+    return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
+  for (const char* r : {"embed_tokens.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                        "gate_proj.weight", "up_proj.weight", "lm_head.weight"})
+    if (ends(r)) return Side::reads;
+  if (ends("o_proj.weight") || ends("down_proj.weight")) return Side::writes;
+  if (ends("norm.weight") || ends("layernorm.weight")) return Side::gain;
+  return Side::none;
+}
+
 /// `teacher` with its hidden features permuted by `perm` (a new basis of the residual stream): the
 /// embeddings' and every reader's input columns, every writer's output rows and the norms' gains. RMSNorm
 /// commutes with the permutation, so the student computes what the teacher does with permuted hidden states.
@@ -229,14 +245,10 @@ Model permuted(const Model& teacher, const at::Tensor& perm) {
   for (auto& p : s->named_parameters()) {
     const std::string& n = p.key();
     at::Tensor v = from[n].clone();
-    auto ends = [&](const std::string& suffix) {
-      return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
-    };
-    if (ends("embed_tokens.weight") || ends("q_proj.weight") || ends("k_proj.weight") ||
-        ends("v_proj.weight") || ends("gate_proj.weight") || ends("up_proj.weight") || ends("lm_head.weight"))
+    const Side side = side_of(n);
+    if (side == Side::reads)
       v = v.index_select(1, perm);
-    else if (ends("o_proj.weight") || ends("down_proj.weight") || ends("norm.weight") ||
-             ends("layernorm.weight"))
+    else if (side != Side::none)
       v = v.index_select(0, perm);
     p.value().copy_(v);
   }
@@ -303,16 +315,13 @@ Model widened(const Model& student, const at::Tensor& at_features, int64_t wide)
   for (auto& p : t->named_parameters()) {
     const std::string& n = p.key();
     const at::Tensor v = from[n];
-    auto ends = [&](const std::string& suffix) {
-      return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0;
-    };
     at::Tensor w = at::zeros_like(p.value());
-    if (ends("embed_tokens.weight") || ends("q_proj.weight") || ends("k_proj.weight") ||
-        ends("v_proj.weight") || ends("gate_proj.weight") || ends("up_proj.weight") || ends("lm_head.weight"))
+    const Side side = side_of(n);
+    if (side == Side::reads)
       w.index_copy_(1, at_features, v);
-    else if (ends("o_proj.weight") || ends("down_proj.weight"))
+    else if (side == Side::writes)
       w.index_copy_(0, at_features, v);
-    else if (ends("norm.weight") || ends("layernorm.weight"))
+    else if (side == Side::gain)
       w.index_copy_(0, at_features, v * std::sqrt(static_cast<double>(C) / static_cast<double>(wide)));
     else
       w.copy_(v);

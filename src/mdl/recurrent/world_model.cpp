@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mdl/core/error.h"
+#include "mdl/core/fields.h"
 #include "mdl/io/atomic_file.h"
 #include "mdl/io/json_file.h"
 #include "mdl/io/safetensors.h"
@@ -23,50 +24,24 @@ std::shared_ptr<WorldModelImpl> make_world_model(const WorldModelOptions& o) {
   MDL_FAIL("[world_model] kind '", o.kind, "' is unknown; expected s2rm, rims or gru");
 }
 
-namespace {
-
-nlohmann::json options_json(const WorldModelOptions& o) {
-  return {{"kind", o.kind},
-          {"modules", o.modules},
-          {"feature_dim", o.feature_dim},
-          {"location_dim", o.location_dim},
-          {"output_dim", o.output_dim},
-          {"hidden", o.hidden},
-          {"key_dim", o.key_dim},
-          {"value_dim", o.value_dim},
-          {"space_dim", o.space_dim},
-          {"bandwidth", o.bandwidth},
-          {"epsilon", o.epsilon},
-          {"top_k", o.top_k},
-          {"seed", o.seed}};
+const FieldList<WorldModelOptions>& world_model_fields() {
+  using O = WorldModelOptions;
+  static const FieldList<O> f = FieldList<O>("world_model")
+                                    .add("kind", &O::kind, "s2rm | rims | gru")
+                                    .add("modules", &O::modules, "M, recurrent modules (gru: 1)")
+                                    .add("feature_dim", &O::feature_dim, "F, a view's features")
+                                    .add("location_dim", &O::location_dim, "P, a location's coordinates")
+                                    .add("output_dim", &O::output_dim, "a prediction's width at a query")
+                                    .add("hidden", &O::hidden, "H per module (gru: the cell's width)")
+                                    .add("key_dim", &O::key_dim, "attention keys and queries")
+                                    .add("value_dim", &O::value_dim, "what a module reads from a view")
+                                    .add("space_dim", &O::space_dim, "s2rm: the modules' embedding space")
+                                    .add("bandwidth", &O::bandwidth, "s2rm: the kernel's tau")
+                                    .add("epsilon", &O::epsilon, "s2rm: the kernel is 0 below this")
+                                    .add("top_k", &O::top_k, "rims: modules active per step")
+                                    .add("seed", &O::seed, "initialisation seed");
+  return f;
 }
-
-WorldModelOptions options_from(const nlohmann::json& j, const std::string& file) {
-  const nlohmann::json known = options_json(WorldModelOptions());
-  MDL_CHECK(j.is_object(), "[world_model] '", file, "' must hold a JSON object of options");
-  for (const auto& [k, v] : j.items()) {
-    MDL_CHECK(known.contains(k), "[world_model] '", file, "' has an unknown field '", k.substr(0, 80), "'");
-    MDL_CHECK(v.type() == known[k].type() || (v.is_number() && known[k].is_number()), "[world_model] '", file,
-              "': field '", k, "' must be a ", known[k].type_name(), ", found ", v.type_name());
-  }
-  WorldModelOptions o;
-  o.kind = j.value("kind", o.kind);
-  o.modules = j.value("modules", o.modules);
-  o.feature_dim = j.value("feature_dim", o.feature_dim);
-  o.location_dim = j.value("location_dim", o.location_dim);
-  o.output_dim = j.value("output_dim", o.output_dim);
-  o.hidden = j.value("hidden", o.hidden);
-  o.key_dim = j.value("key_dim", o.key_dim);
-  o.value_dim = j.value("value_dim", o.value_dim);
-  o.space_dim = j.value("space_dim", o.space_dim);
-  o.bandwidth = j.value("bandwidth", o.bandwidth);
-  o.epsilon = j.value("epsilon", o.epsilon);
-  o.top_k = j.value("top_k", o.top_k);
-  o.seed = j.value("seed", o.seed);
-  return o;
-}
-
-}  // namespace
 
 void save_world_model(const WorldModelImpl& model, const std::string& dir) {
   std::map<std::string, at::Tensor> tensors;
@@ -74,14 +49,20 @@ void save_world_model(const WorldModelImpl& model, const std::string& dir) {
   io::AtomicDirectory staged(dir);
   io::save_safetensors((std::filesystem::path(staged.path()) / "world_model.safetensors").string(), tensors);
   io::write_text_atomic((std::filesystem::path(staged.path()) / "world_model.json").string(),
-                        options_json(model.options()).dump(2) + "\n");
+                        world_model_fields().write(model.options()).dump(2) + "\n");
   staged.commit();
 }
 
 std::shared_ptr<WorldModelImpl> load_world_model(const std::string& dir) {
   const std::string config = (std::filesystem::path(dir) / "world_model.json").string();
   const std::string weights = (std::filesystem::path(dir) / "world_model.safetensors").string();
-  auto model = make_world_model(options_from(io::read_json(config), config));
+  WorldModelOptions o;
+  try {
+    o = world_model_fields().read(io::read_json(config));
+  } catch (const Error& e) {
+    MDL_FAIL("[world_model] '", config, "': ", e.what());
+  }
+  auto model = make_world_model(o);
   const auto tensors = io::load_safetensors(weights);
   torch::NoGradGuard g;
   auto params = model->named_parameters();

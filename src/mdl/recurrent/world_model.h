@@ -13,6 +13,8 @@
 #include <memory>
 #include <string>
 
+#include "mdl/core/fields.h"
+
 namespace mdl {
 
 /// A set of local views: V feature vectors with their locations; `mask` (B, V) marks the real ones when
@@ -47,6 +49,9 @@ struct WorldModelOptions {
   int64_t top_k = 4;          ///< rims: modules active per step
   uint64_t seed = 0;
 };
+
+/// The options' JSON fields (world_model.json), declared once.
+const FieldList<WorldModelOptions>& world_model_fields();
 
 /// The interface every world model implements.
 class WorldModelImpl : public torch::nn::Module {

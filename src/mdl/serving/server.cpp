@@ -140,14 +140,15 @@ GenerateOptions sampling(const json& j) {
   o.top_k = field<int64_t>(j, "top_k", 0);
   o.seed = static_cast<uint64_t>(field<int64_t>(j, "seed", 0));
   o.ignore_eos = field<bool>(j, "ignore_eos", false);
-  o.frequency_penalty = field<double>(j, "frequency_penalty", 0.0);
-  o.presence_penalty = field<double>(j, "presence_penalty", 0.0);
-  for (const char* key : {"frequency_penalty", "presence_penalty"}) {
-    const double v = std::string(key) == "frequency_penalty" ? o.frequency_penalty : o.presence_penalty;
+  auto penalty = [&](const char* key) {
+    const double v = field<double>(j, key, 0.0);
     if (!(std::abs(v) <= 2))
       throw RequestError(400, key,
                          std::string("[serve] '") + key + "' must be in [-2, 2], got " + std::to_string(v));
-  }
+    return v;
+  };
+  o.frequency_penalty = penalty("frequency_penalty");
+  o.presence_penalty = penalty("presence_penalty");
   if (o.max_tokens < 1)
     throw RequestError(400, "max_tokens",
                        "[serve] 'max_tokens' must be >= 1, got " + std::to_string(o.max_tokens));
