@@ -251,7 +251,7 @@ TEST(Demo, CommandRunsBothPartsInTwoProcesses) {
   for (const char* key : {"vision_backbone", "transfer", "continual", "polytropon", "moe", "merging",
                           "crosslingual", "moduleformer", "modularity", "module_transfer", "s2rm"})
     EXPECT_TRUE(r.contains(key)) << key;
-  EXPECT_EQ(r["checks"].size(), 29u);  // both processes' checks (1-6, 9, 11 here, 7, 10 and 8 in the second)
+  EXPECT_EQ(r["checks"].size(), 30u);  // both processes' checks (1-6, 9, 11 here, 7, 10 and 8 in the second)
   EXPECT_EQ(r["module_transfer"]["text"]["teacher_adapters"], "experiment 7's");
   EXPECT_FALSE(fs::exists(f.tmp / "cli/.language-results.json"));
   EXPECT_NE(out.find("Cross-lingual word order"), std::string::npos) << out;
@@ -292,7 +292,8 @@ TEST(Demo, PartsAreNamedAloneOrAsAList) {
     for (const char* balls : {"balls_2", "balls_4"})
       EXPECT_EQ(s2["s2rm"]["models"][kind]["test_mse"][balls].size(), 4u) << kind << " " << balls;
   EXPECT_EQ(s2["s2rm"]["kernel"]["matrix"].size(), 4u);  // the tiny run's 4 modules
-  EXPECT_EQ(s2["checks"].size(), 4u);
+  EXPECT_TRUE(s2["s2rm"]["view_routing"]["s2rm"].contains("inverse_mi"));
+  EXPECT_EQ(s2["checks"].size(), 5u);
 }
 
 TEST(Demo, MissingDataIsAnErrorThatSaysWhereToGetIt) {

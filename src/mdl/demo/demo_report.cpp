@@ -428,6 +428,18 @@ std::vector<Section> sections(const json& r) {
         "The learned kernel between modules: mean K " + num(k["near_mean"], "%.3f") +
         " over pairs within a quarter ring of each other, " + num(k["far_mean"], "%.3f") +
         " over farther pairs (each module placed at the cell whose encoded location is nearest).");
+    if (m.contains("view_routing")) {
+      const json& v = m["view_routing"];
+      Table rt{
+          {"which modules read which views", "collapse-avg", "collapse-worst", "inverse MI", "alignment"},
+          {}};
+      for (const auto& [name, key] : std::vector<std::pair<std::string, std::string>>{
+               {"S2RMs", "s2rm"}, {"RIMs", "rims"}, {"random routing", "random"}})
+        rt.rows.push_back({name + ", against the view's ring quarter", num(v[key]["collapse_avg"], "%.2f"),
+                           num(v[key]["collapse_worst"], "%.2f"), num(v[key]["inverse_mi"], "%.2f"),
+                           num(v[key]["alignment"], "%.2f")});
+      s.tables.push_back(rt);
+    }
     out.push_back(s);
   }
   return out;

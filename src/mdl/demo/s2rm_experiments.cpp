@@ -15,6 +15,7 @@
 #include "mdl/recurrent/s2rm.h"
 #include "mdl/recurrent/world_model.h"
 #include "mdl/report/plot.h"
+#include "mdl/routing/specialisation.h"
 
 namespace fs = std::filesystem;
 
@@ -68,6 +69,27 @@ std::vector<int64_t> module_places(S2rmImpl& m, BouncingBalls& world) {
   const at::Tensor d = (m.embeddings.unsqueeze(1) - e.unsqueeze(0)).pow(2).sum(-1);     // (M, C)
   const at::Tensor best = d.argmin(1);
   return std::vector<int64_t>(best.data_ptr<int64_t>(), best.data_ptr<int64_t>() + best.numel());
+}
+
+/// Which modules take which views: each view's share of its attention over the modules (a view no module
+/// reads is left out), labelled by the quarter of the ring the view is centred in; the specialisation
+/// metrics of that routing against the quarters (routing/specialisation.h).
+SpecialisationMetrics view_routing(WorldModelImpl& m, const BallsEpisodes& e) {
+  torch::NoGradGuard g;
+  std::vector<at::Tensor> probs, quarters;
+  at::Tensor h = m.initial_state(e.frames.size(0));
+  for (const auto& v : e.views) {
+    StepTrace trace;
+    h = m.step(v, h, &trace);
+    const at::Tensor a = trace.input_attention.transpose(1, 2).reshape({-1, trace.input_attention.size(1)});
+    const at::Tensor total = a.sum(-1, /*keepdim=*/true);  // (B V, 1)
+    const at::Tensor read = total.squeeze(-1) > 0;
+    const at::Tensor angle = at::atan2(v.locations.select(-1, 1), v.locations.select(-1, 0)).reshape({-1});
+    const at::Tensor quarter = ((angle + M_PI) / (M_PI / 2)).floor().clamp(0, 3).to(at::kLong);
+    probs.push_back((a / total.clamp_min(1e-12)).index({read}));
+    quarters.push_back(quarter.index({read}));
+  }
+  return specialisation(at::cat(probs), at::cat(quarters), 4);
 }
 
 }  // namespace
@@ -201,6 +223,15 @@ void run_s2rm(Context& ctx) {
   const double near = near_n ? near_sum / near_n : 0, far = far_n ? far_sum / far_n : 0;
   out["kernel"] = {{"matrix", kernel}, {"module_cells", places}, {"near_mean", near},
                    {"far_mean", far},  {"near_pairs", near_n},   {"far_pairs", far_n}};
+  BouncingBalls routing_probe(
+      BouncingBallsOptions{wo.cells, wo.crop, wo.width, wo.min_speed, wo.max_speed, 77});
+  const BallsEpisodes routed = routing_probe.sample(s.s2_test_episodes, s.s2_episode_steps, 4, 2);
+  const SpecialisationMetrics s2_routing = view_routing(*trained["s2rm"], routed);
+  const SpecialisationMetrics rims_routing = view_routing(*trained["rims"], routed);
+  out["view_routing"] = {{"s2rm", s2_routing},
+                         {"rims", rims_routing},
+                         {"random", random_routing(4, s.s2_modules)},
+                         {"labels", "the ring quarter of each view's centre"}};
   out["seconds"] = seconds_since(start);
   ctx.results["s2rm"] = out;
 
@@ -232,6 +263,13 @@ void run_s2rm(Context& ctx) {
   auto balls_ratio = [&](const std::string& k) { return err4[k][4] / err2[k][4]; };
   ctx.check("s2rm: S2RMs degrade least with 4 balls (trained with 2; error ratio at V = 4)",
             balls_ratio("s2rm") < std::min(balls_ratio("rims"), balls_ratio("gru")), ratios(balls_ratio));
+  ctx.check(
+      "s2rm: S2RMs route views by where they are (inverse MI between a view's ring quarter and the "
+      "modules that read it lower than RIMs')",
+      s2_routing.inverse_mi < rims_routing.inverse_mi,
+      "inverse MI " + number(s2_routing.inverse_mi) + " vs " + number(rims_routing.inverse_mi) +
+          ", alignment " + number(s2_routing.alignment) + " vs " + number(rims_routing.alignment) +
+          ", collapse-avg " + number(s2_routing.collapse_avg) + " vs " + number(rims_routing.collapse_avg));
   ctx.check(
       "s2rm: the learned kernel is local (modules near each other on the ring interact more: mean K "
       "of pairs within a quarter ring above that of farther pairs)",
