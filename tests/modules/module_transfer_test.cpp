@@ -219,6 +219,18 @@ TEST(ModuleTransfer, TypesThatDoNotMoveAreRefused) {
                     "modules move between models of one family");
 }
 
+/// Three batches of 8 random 24-token texts that both models read in the same tokens.
+std::vector<PairedBatch> same_tokens(const ModelImpl& teacher, at::Generator& gen) {
+  std::vector<PairedBatch> batches;
+  for (int b = 0; b < 3; ++b) {
+    PairedBatch p;
+    p.teacher.input_ids = at::randint(5, teacher.config().vocab_size, {8, 24}, gen, at::kLong);
+    p.student = p.teacher;
+    batches.push_back(p);
+  }
+  return batches;
+}
+
 /// How a Llama parameter meets the residual stream's features: read along its columns (embeddings,
 /// projections from the hidden state, the LM head), written along its rows (o_proj, down_proj), a norm's
 /// gain, or not at all.
@@ -264,13 +276,7 @@ TEST(ModuleTransfer, AlignmentFindsAPermutedStudentsFeatures) {
   TransferOptions pa;
   pa.method = "prune-align";
   const auto site_map = transfer_site_map(*teacher, *student, m.sites, pa);
-  std::vector<PairedBatch> batches;
-  for (int b = 0; b < 3; ++b) {
-    PairedBatch p;
-    p.teacher.input_ids = at::randint(5, teacher->config().vocab_size, {8, 24}, gen, at::kLong);
-    p.student = p.teacher;
-    batches.push_back(p);
-  }
+  const std::vector<PairedBatch> batches = same_tokens(*teacher, gen);
   const Alignment a = measure_alignment(*teacher, *student, site_map, batches, /*equal_widths=*/true);
   const std::vector<int64_t> want(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + 64);
   for (int64_t l = 0; l < 2; ++l) {
@@ -346,13 +352,7 @@ TEST(ModuleTransfer, AlignmentFindsANarrowStudentsFeaturesInTheTeacher) {
   TransferOptions pa;
   pa.method = "prune-align";
   const auto site_map = transfer_site_map(*teacher, *student, m.sites, pa);
-  std::vector<PairedBatch> batches;
-  for (int b = 0; b < 3; ++b) {
-    PairedBatch p;
-    p.teacher.input_ids = at::randint(5, teacher->config().vocab_size, {8, 24}, gen, at::kLong);
-    p.student = p.teacher;
-    batches.push_back(p);
-  }
+  const std::vector<PairedBatch> batches = same_tokens(*teacher, gen);
   const Alignment a = measure_alignment(*teacher, *student, site_map, batches);
   const std::vector<int64_t> want(at_features.data_ptr<int64_t>(), at_features.data_ptr<int64_t>() + 48);
   for (int64_t l = 0; l < 2; ++l) {
